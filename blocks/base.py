@@ -1,0 +1,172 @@
+"""The provider interface: what every image provider Block does, in provider-neutral types.
+
+A provider is one module in `blocks/` with one Block class implementing `ImageProvider`:
+validate a request offline, upload an input image, estimate credits, submit a job, poll it,
+download its results. `run_job` chains submit, poll and fetch the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, ClassVar, Literal
+
+import httpx
+from prefect.blocks.core import Block
+from pydantic import BaseModel, Field
+
+from blocks.errors import TransientError
+
+
+class GenerationRequest(BaseModel):
+    """One provider job: a prompt and settings, for `count` images."""
+
+    request_id: str = Field(description="Deterministic id; the same id must never be paid twice.")
+    prompt: str
+    negative_prompt: str = ""
+    seed: int
+    count: int = 1
+    width: int
+    height: int
+    model: str | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    cfg_scale: float | None = None
+    vae: str | None = None
+    denoising_strength: float | None = None
+    input_ref: str | None = Field(None, description="What `upload` returned for the input image.")
+    upscale_factor: int | None = Field(None, description="Provider-side upscale in the same job.")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        factor = self.upscale_factor or 1
+        return self.width * factor, self.height * factor
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
+
+
+class JobStatus(BaseModel):
+    """A job as the provider last reported it."""
+
+    job_id: str
+    state: JobState
+    provider_status: str = Field(description="The provider's own status word.")
+    progress: float | None = None
+    result_urls: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+
+class CreditEstimate(BaseModel):
+    """What a request will cost, and where the number came from."""
+
+    credits: float
+    source: Literal["api", "formula"]
+    money: float | None = None
+    currency: str | None = None
+
+
+class JobResult(BaseModel):
+    """A finished job with its images downloaded."""
+
+    job_id: str
+    images: list[bytes]
+    credits: float
+    credits_source: Literal["api", "formula"]
+    polls: int
+
+
+class ImageProvider(Block, ABC):
+    """A provider account: subclasses hold credentials and speak one wire protocol."""
+
+    provider_name: ClassVar[str]
+
+    @abstractmethod
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise `BadRequest` naming the field when the provider would refuse `request`."""
+
+    @abstractmethod
+    def upload(self, data: bytes, content_type: str) -> str:
+        """Upload an input image; return the reference to put in `input_ref`."""
+
+    @abstractmethod
+    def estimate(self, request: GenerationRequest) -> CreditEstimate:
+        """Credits `request` will cost."""
+
+    @abstractmethod
+    def submit(self, request: GenerationRequest) -> str:
+        """Start the job; return the provider's job id."""
+
+    @abstractmethod
+    def poll(self, job_id: str) -> JobStatus:
+        """The job's current status."""
+
+    @abstractmethod
+    def fetch(self, status: JobStatus) -> list[bytes]:
+        """Download the result images of a succeeded job (their URLs expire)."""
+
+    def run_job(
+        self,
+        request: GenerationRequest,
+        *,
+        poll_interval: float,
+        timeout: float,
+        on_submitted: Callable[[str], None] | None = None,
+        job_id: str | None = None,
+    ) -> JobResult:
+        """Estimate, submit (unless `job_id` resumes one), poll to a final state, fetch."""
+        from blocks.errors import JobFailed
+
+        estimate = self.estimate(request)
+        if job_id is None:
+            job_id = self.submit(request)
+        if on_submitted is not None:
+            on_submitted(job_id)
+        deadline = time.monotonic() + timeout
+        polls = 0
+        while True:
+            status = self.poll(job_id)
+            polls += 1
+            if status.state.final:
+                break
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"job {job_id} not finished after {timeout:.0f}s (last: {status.provider_status})",
+                    provider=self.provider_name, code="JobTimeout",
+                )
+            time.sleep(poll_interval)
+        if status.state is not JobState.SUCCEEDED:
+            raise JobFailed(
+                f"job {job_id} ended {status.provider_status}: {status.reason or 'no reason given'}",
+                provider=self.provider_name, code=status.provider_status,
+            )
+        return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
+                         credits_source=estimate.source, polls=polls)
+
+
+def backoff_delay(attempt: int, retry_after: float | None, *, base: float = 0.5, cap: float = 20.0) -> float:
+    """Exponential backoff with full jitter, never sooner than the provider's Retry-After."""
+    delay = random.uniform(0, min(cap, base * 2**attempt))
+    return max(delay, retry_after or 0.0)
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """A Retry-After header in seconds, if the response has a numeric one."""
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

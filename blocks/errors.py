@@ -1,0 +1,55 @@
+"""Errors of provider calls, as types the flow can act on.
+
+    ProviderError
+     ├── TransientError     retry with backoff, never sooner than `retry_after`
+     ├── ContentRejected    record on the item with the provider's reason; never retry
+     ├── AccountStop        no balance, arrears, auth failure, service stopped: stop spending
+     └── BadRequest         a bug or a bad spec: fail the item with the message
+          └── JobFailed     the provider ran the job and it ended failed
+
+Messages are built from provider codes and texts only, never from request objects, so a
+secret cannot end up in an exception.
+"""
+
+from __future__ import annotations
+
+
+class ProviderError(Exception):
+    """Base of every provider error; `provider` and `code` say who and what."""
+
+    def __init__(self, message: str, *, provider: str, code: str | None = None) -> None:
+        self.provider = provider
+        self.code = code
+        self.message = message
+        prefix = f"{provider}: {code}: " if code else f"{provider}: "
+        super().__init__(prefix + message)
+
+
+class TransientError(ProviderError):
+    """A fault that may pass: rate limit, 5xx, timeout, dropped connection."""
+
+    def __init__(self, message: str, *, provider: str, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, provider=provider, code=code)
+        self.retry_after = retry_after
+
+
+class ContentRejected(ProviderError):
+    """The provider refused the prompt or image on content grounds."""
+
+
+class AccountStop(ProviderError):
+    """The account cannot be used until a person acts (credentials, balance, service state)."""
+
+
+class BadRequest(ProviderError):
+    """The request is wrong; sending it again will fail again."""
+
+
+class JobFailed(BadRequest):
+    """The provider accepted the job and reported it failed."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors worth another attempt (transient provider faults)."""
+    return isinstance(exc, TransientError)

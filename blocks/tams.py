@@ -1,0 +1,306 @@
+"""Tensor.Art TAMS (Tensor Art Model Service) provider Block.
+
+Wire protocol as in `shared/providers/tams.md`: JSON over HTTPS under `/v1`, every request
+signed `TAMS-SHA256-RSA` with the app's RSA private key, a two-step input upload (ask for a
+`resourceId` and presigned `putUrl`, then PUT the bytes with the returned headers), staged
+jobs (INPUT_INITIALIZE, DIFFUSION, IMAGE_TO_UPSCALER), polling, and `/v1/jobs/credits` for
+estimates. Published limit: 5 requests per second per app, polls included.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator
+from typing import Any, ClassVar
+
+import httpx
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pydantic import Field, PrivateAttr, SecretStr
+
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus,
+                         backoff_delay, retry_after_seconds)
+from blocks.errors import AccountStop, BadRequest, ProviderError, TransientError
+
+PROVIDER = "tams"
+USD_PER_CREDIT = 0.003
+SAMPLERS = frozenset({
+    "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
+    "DPM++ 2M SDE", "DPM fast", "LMS Karras", "DPM2 Karras", "DPM2 a Karras", "DPM++ 2S a Karras",
+    "DPM++ 2M Karras", "DPM++ SDE Karras", "DPM++ 2M SDE Karras",
+})
+MIN_PIXELS, MAX_PIXELS, MAX_SIDE = 262_144, 2_073_600, 1536
+UPSCALER = "R-ESRGAN 4x+"
+
+# gRPC status code -> our error type. Codes the gateway may return; 0 (OK) never is an error.
+GRPC_ERRORS: dict[int, type[ProviderError]] = {
+    1: TransientError,   # CANCELLED (by the server side)
+    2: TransientError,   # UNKNOWN
+    3: BadRequest,       # INVALID_ARGUMENT
+    4: TransientError,   # DEADLINE_EXCEEDED
+    5: BadRequest,       # NOT_FOUND
+    6: BadRequest,       # ALREADY_EXISTS
+    7: AccountStop,      # PERMISSION_DENIED
+    8: TransientError,   # RESOURCE_EXHAUSTED (over 5 QPS)
+    9: BadRequest,       # FAILED_PRECONDITION (AccountStop when about credits)
+    10: TransientError,  # ABORTED
+    11: BadRequest,      # OUT_OF_RANGE
+    12: BadRequest,      # UNIMPLEMENTED
+    13: TransientError,  # INTERNAL
+    14: TransientError,  # UNAVAILABLE
+    15: TransientError,  # DATA_LOSS
+    16: AccountStop,     # UNAUTHENTICATED
+}
+HTTP_TO_GRPC = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 429: 8, 500: 13, 501: 12, 502: 14, 503: 14, 504: 4}
+STATES = {
+    "DEFAULT": JobState.QUEUED, "CREATED": JobState.QUEUED, "PENDING": JobState.QUEUED,
+    "WAITING": JobState.QUEUED, "RUNNING": JobState.RUNNING, "SUCCESS": JobState.SUCCEEDED,
+    "FAILED": JobState.FAILED, "CANCELED": JobState.CANCELED,
+}
+
+
+def load_private_key(pem: str) -> rsa.RSAPrivateKey:
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < 2048:
+        raise AccountStop("private key must be an RSA key of at least 2048 bits", provider=PROVIDER)
+    return key
+
+
+def string_to_sign(method: str, path: str, timestamp: str, nonce: str, body: str) -> str:
+    """`METHOD\\nPATH?QUERY\\nTIMESTAMP\\nNONCE\\nBODY`, no trailing newline."""
+    return f"{method.upper()}\n{path}\n{timestamp}\n{nonce}\n{body}"
+
+
+class TamsSigner(httpx.Auth):
+    """Signs each request `TAMS-SHA256-RSA` (RSASSA-PKCS1-v1_5 over SHA-256, base64)."""
+
+    requires_request_body = True
+
+    def __init__(self, app_id: str, private_key: SecretStr,
+                 clock: Callable[[], float] = time.time,
+                 nonce: Callable[[], str] = lambda: uuid.uuid4().hex) -> None:
+        self._app_id = app_id
+        self._key = load_private_key(private_key.get_secret_value())
+        self._clock = clock
+        self._nonce = nonce
+
+    def sign(self, method: str, path: str, body: str) -> str:
+        """The Authorization header value for one request."""
+        timestamp, nonce = str(int(self._clock())), self._nonce()
+        message = string_to_sign(method, path, timestamp, nonce, body).encode("utf-8")
+        signature = base64.b64encode(self._key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
+        return (f"TAMS-SHA256-RSA app_id={self._app_id},nonce_str={nonce},"
+                f"timestamp={timestamp},signature={signature}")
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        path = request.url.raw_path.decode("ascii")
+        request.headers["Authorization"] = self.sign(request.method, path, request.content.decode("utf-8"))
+        yield request
+
+
+def map_error(status_code: int, body: Any, retry_after: float | None = None) -> ProviderError:
+    """Turn a non-200 answer into our error type, from the gRPC code in the body or the HTTP status."""
+    code = body.get("code") if isinstance(body, dict) else None
+    message = str(body.get("message") or "") if isinstance(body, dict) else ""
+    if not isinstance(code, int) or code not in GRPC_ERRORS:
+        code = HTTP_TO_GRPC.get(status_code, 13 if status_code >= 500 else 3)
+    kind = GRPC_ERRORS[code]
+    lowered = message.lower()
+    if code in (7, 9) and ("credit" in lowered or "balance" in lowered):
+        kind = AccountStop
+    text = f"HTTP {status_code}: {message or 'no message'}"
+    if kind is TransientError:
+        return TransientError(text, provider=PROVIDER, code=str(code), retry_after=retry_after)
+    return kind(text, provider=PROVIDER, code=str(code))
+
+
+class TamsProvider(ImageProvider):
+    """Tensor.Art TAMS account: app id, RSA private key and endpoint.
+
+    Example:
+        ```python
+        from blocks.tams import TamsProvider
+        provider = TamsProvider.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "TAMS Provider"
+    _block_type_slug = "tams-provider"
+    _documentation_url = "https://tams-docs.tensor.art/docs/api/guide/integration-faq"
+    provider_name: ClassVar[str] = PROVIDER
+
+    app_id: str = Field(description="The app id shown on the TAMS console.")
+    private_key: SecretStr = Field(description="PEM of the app's RSA private key (2048 bits or more).")
+    endpoint: str = Field("https://ap-east-1.tensorart.cloud", description="The app's endpoint URL.")
+    timeout: float = Field(30.0, description="Seconds for one HTTP request.")
+    max_attempts: int = Field(5, description="Attempts per call on transient errors (429, 5xx, network).")
+
+    _client: httpx.Client | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(
+                    base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
+                    auth=TamsSigner(self.app_id, self.private_key),
+                    headers={"Accept": "application/json"},
+                )
+            return self._client
+
+    # --- HTTP with retries and error mapping -------------------------------------------------
+    def _call(self, method: str, path: str, payload: dict | None = None) -> dict:
+        # Serialise once: the signed text must be exactly the bytes sent.
+        body = b"" if payload is None else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        return self._with_retries(lambda: self._send(method, path, body, headers))
+
+    def _send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> dict:
+        try:
+            response = self.client().request(method, path, content=body, headers=headers)
+        except httpx.TransportError as exc:
+            raise TransientError(f"{method} {path}: {type(exc).__name__}", provider=PROVIDER) from None
+        if response.status_code != 200:
+            try:
+                err_body = response.json()
+            except ValueError:
+                err_body = None
+            raise map_error(response.status_code, err_body, retry_after_seconds(response))
+        try:
+            return response.json()
+        except ValueError:
+            raise TransientError(f"{method} {path}: answer is not JSON", provider=PROVIDER) from None
+
+    def _with_retries(self, call: Callable[[], Any]) -> Any:
+        for attempt in range(self.max_attempts):
+            try:
+                return call()
+            except TransientError as exc:
+                if attempt + 1 >= self.max_attempts:
+                    raise
+                time.sleep(backoff_delay(attempt, exc.retry_after))
+        raise AssertionError("unreachable")
+
+    # --- the provider interface -------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        def bad(field: str, why: str) -> BadRequest:
+            return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
+
+        w, h = request.width, request.height
+        for field, value in (("width", w), ("height", h)):
+            if value % 64:
+                raise bad(f"generate.{field}", f"{value} is not a multiple of 64")
+            if value > MAX_SIDE:
+                raise bad(f"generate.{field}", f"{value} is above {MAX_SIDE}")
+        if not MIN_PIXELS <= w * h <= MAX_PIXELS:
+            raise bad("generate.width/height", f"{w}x{h} = {w * h} pixels, allowed {MIN_PIXELS}..{MAX_PIXELS}")
+        if request.steps is not None and not 10 <= request.steps <= 50:
+            raise bad("generate.steps", f"{request.steps} is outside 10..50")
+        if request.sampler is not None and request.sampler not in SAMPLERS:
+            raise bad("generate.sampler", f"unknown sampler {request.sampler!r}")
+        if request.cfg_scale is not None and request.cfg_scale > 35:
+            raise bad("generate.cfg_scale", f"{request.cfg_scale} is above 35")
+        if not 1 <= request.count <= 4:
+            raise bad("items.count", f"{request.count} is outside 1..4 images per job")
+        if not request.prompt.strip():
+            raise bad("items.prompt", "empty prompt")
+        if request.upscale_factor:
+            uw, uh = request.output_size
+            if not MIN_PIXELS <= uw * uh <= MAX_PIXELS:
+                raise bad("upscale.factor", f"upscaled size {uw}x{uh} = {uw * uh} pixels is above "
+                                            f"the provider cap of {MAX_PIXELS}")
+
+    def stages(self, request: GenerationRequest) -> list[dict[str, Any]]:
+        """The job's stages in TAMS form."""
+        init: dict[str, Any] = {"seed": str(request.seed), "count": request.count}
+        if request.input_ref:
+            init["imageResourceId"] = request.input_ref
+        diffusion: dict[str, Any] = {
+            "width": request.width, "height": request.height,
+            "prompts": [{"text": request.prompt}],
+            "negativePrompts": [{"text": request.negative_prompt}] if request.negative_prompt else [],
+            "sampler": request.sampler or "Euler a",
+            "sdVae": request.vae or "Automatic",
+            "steps": request.steps or 20,
+            "cfgScale": request.cfg_scale if request.cfg_scale is not None else 7,
+        }
+        if request.model:
+            diffusion["sdModel"] = request.model
+        if request.denoising_strength is not None:
+            diffusion["denoisingStrength"] = request.denoising_strength
+        diffusion.update(request.options)
+        stages: list[dict[str, Any]] = [
+            {"type": "INPUT_INITIALIZE", "inputInitialize": init},
+            {"type": "DIFFUSION", "diffusion": diffusion},
+        ]
+        if request.upscale_factor:
+            stages.append({"type": "IMAGE_TO_UPSCALER", "imageToUpscaler": {
+                "hrUpscaler": UPSCALER, "hrScale": request.upscale_factor,
+                "hrSecondPassSteps": 10, "denoisingStrength": 0.3,
+            }})
+        return stages
+
+    def upload(self, data: bytes, content_type: str) -> str:
+        grant = self._call("POST", "/v1/resource/image", {"expireSec": 3600, "term": 1})
+        resource_id, put_url = grant.get("resourceId"), grant.get("putUrl")
+        if not resource_id or not put_url:
+            raise TransientError("upload grant without resourceId/putUrl", provider=PROVIDER)
+        headers = {str(k): str(v) for k, v in (grant.get("headers") or {}).items()}
+
+        def put() -> None:
+            try:  # A presigned object-store URL: no TAMS signature.
+                response = httpx.put(put_url, content=data, headers=headers, timeout=self.timeout)
+            except httpx.TransportError as exc:
+                raise TransientError(f"upload PUT: {type(exc).__name__}", provider=PROVIDER) from None
+            if response.status_code >= 500 or response.status_code == 429:
+                raise TransientError(f"upload PUT: HTTP {response.status_code}", provider=PROVIDER,
+                                     retry_after=retry_after_seconds(response))
+            if response.status_code != 200:
+                raise BadRequest(f"upload PUT: HTTP {response.status_code}", provider=PROVIDER)
+
+        self._with_retries(put)
+        return str(resource_id)
+
+    def estimate(self, request: GenerationRequest) -> CreditEstimate:
+        answer = self._call("POST", "/v1/jobs/credits", {"stages": self.stages(request)})
+        credits = float(answer.get("credits", 0))
+        return CreditEstimate(credits=credits, source="api", money=round(credits * USD_PER_CREDIT, 6),
+                              currency="USD")
+
+    def submit(self, request: GenerationRequest) -> str:
+        # TAMS treats requestId as the idempotency key: a retried submit returns the same job.
+        answer = self._call("POST", "/v1/jobs", {"requestId": request.request_id, "stages": self.stages(request)})
+        job = answer.get("job") or {}
+        if not job.get("id"):
+            raise TransientError("job created without an id", provider=PROVIDER)
+        return str(job["id"])
+
+    def poll(self, job_id: str) -> JobStatus:
+        job = self._call("GET", f"/v1/jobs/{job_id}").get("job") or {}
+        status = str(job.get("status", "DEFAULT"))
+        state = STATES.get(status, JobState.QUEUED)
+        urls = [img["url"] for img in (job.get("successInfo") or {}).get("images", []) if img.get("url")]
+        reason = (job.get("failedInfo") or {}).get("reason")
+        return JobStatus(job_id=job_id, state=state, provider_status=status, result_urls=urls, reason=reason)
+
+    def fetch(self, status: JobStatus) -> list[bytes]:
+        def get(url: str) -> bytes:
+            try:
+                response = httpx.get(url, timeout=self.timeout)
+            except httpx.TransportError as exc:
+                raise TransientError(f"result download: {type(exc).__name__}", provider=PROVIDER) from None
+            if response.status_code != 200:
+                kind = TransientError if response.status_code >= 500 else BadRequest
+                raise kind(f"result download: HTTP {response.status_code}", provider=PROVIDER)
+            return response.content
+
+        if not status.result_urls:
+            raise BadRequest(f"job {status.job_id} succeeded without images", provider=PROVIDER)
+        return [self._with_retries(lambda u=url: get(u)) for url in status.result_urls]
+
+    def cancel(self, job_id: str) -> None:
+        self._call("DELETE", f"/v1/jobs/{job_id}")
