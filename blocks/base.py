@@ -94,9 +94,12 @@ class ImageProvider(Block, ABC):
 
     provider_name: ClassVar[str]
 
+    @classmethod
     @abstractmethod
-    def validate(self, request: GenerationRequest) -> None:
-        """Raise `BadRequest` naming the field when the provider would refuse `request`."""
+    def validate(cls, request: GenerationRequest) -> None:
+        """Raise `BadRequest` naming the field when the provider would refuse `request`.
+
+        Offline and credential-free, so a spec can be checked before any paid call."""
 
     @abstractmethod
     def upload(self, data: bytes, content_type: str) -> str:

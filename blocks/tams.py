@@ -186,7 +186,8 @@ class TamsProvider(ImageProvider):
         raise AssertionError("unreachable")
 
     # --- the provider interface -------------------------------------------------------------
-    def validate(self, request: GenerationRequest) -> None:
+    @classmethod
+    def validate(cls, request: GenerationRequest) -> None:
         def bad(field: str, why: str) -> BadRequest:
             return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
 

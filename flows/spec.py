@@ -78,6 +78,18 @@ class ArchiveSettings(_Strict):
     quarantine_prefix: str = Field(
         "quarantine", description="Prefix put before the key of images the review rejected."
     )
+    manifest_template: str = Field(
+        "{pipeline}/{run_date}/manifest.json", description="Object key of the run manifest."
+    )
+
+    @field_validator("manifest_template")
+    @classmethod
+    def _manifest(cls, value: str) -> str:
+        try:
+            render_manifest_key(value, pipeline="p", run_date=date(2026, 1, 31))
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"manifest template must use only {{pipeline}} and {{run_date}}: {exc}") from None
+        return value
 
     @field_validator("key_template")
     @classmethod
@@ -183,6 +195,11 @@ def render_key(
     return template.format(
         pipeline=pipeline, run_date=_IsoDate(run_date), item=item, index=index, provider=provider
     )
+
+
+def render_manifest_key(template: str, *, pipeline: str, run_date: date) -> str:
+    """Fill the manifest key template (fields pipeline and run_date)."""
+    return template.format(pipeline=pipeline, run_date=_IsoDate(run_date))
 
 
 class _IsoDate:

@@ -1,0 +1,115 @@
+"""`imagegen`: validate and run pipeline specs, and start or stop the local sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+
+from flows.spec import SpecError, load_spec, resolve_spec_path
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check each spec, including every provider's offline rules; print all problems."""
+    from flows.pipeline import plan_items, preflight
+
+    status = 0
+    for name in args.specs:
+        path = resolve_spec_path(name)
+        try:
+            spec = load_spec(path)
+            preflight(plan_items(spec, "", date.today(), ""), path)
+        except SpecError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        images = sum(item.count for item in spec.items)
+        print(f"OK {path}: pipeline {spec.name!r}, {len(spec.items)} item(s), {images} image(s)")
+    return status
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_pipeline
+    from flows.report import PipelineIncomplete, format_table, summary_rows
+
+    try:
+        load_spec(args.spec)  # refuse a bad spec before starting Prefect at all
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    state = run_pipeline(spec=args.spec, run_date=args.run_date, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    manifest = outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
+    if not isinstance(manifest, dict):
+        print(f"run failed: {outcome}", file=sys.stderr)
+        return 1
+    print(format_table(summary_rows(manifest)))
+    totals = manifest["totals"]
+    print(f"\n{manifest['status']}: {totals['images']} image(s) archived ({totals['approved']} approved, "
+          f"{totals['rejected']} rejected), {totals['failed_items']} failed item(s), "
+          f"{totals['credits']} credits; manifest {manifest.get('manifest_uri')}")
+    return 0 if manifest["status"] == "complete" else 1
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from sandbox import launcher
+
+    state_dir = Path(args.state_dir)
+    if args.action == "down":
+        print("sandbox stopped" if launcher.down(state_dir) else "no sandbox state found")
+        return 0
+    if args.action == "status":
+        state = launcher.SandboxState.load(state_dir)
+        running = bool(state and state.pids and all(launcher._alive(p) for p in state.pids.values()))
+        print(f"sandbox {'running' if running else 'stopped'}" + (f": TAMS {state.tams_url}, S3 {state.s3_url}"
+                                                                  if state and running else ""))
+        return 0 if running else 1
+    state = launcher.up(state_dir, tams_port=args.tams_port, s3_port=args.s3_port, latency=args.latency,
+                        buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
+    print(f"sandbox up: TAMS emulator {state.tams_url}, S3 (SeaweedFS) {state.s3_url}, "
+          f"buckets {', '.join(state.buckets)}")
+    if not args.no_register:
+        try:
+            names = launcher.register_blocks(state)
+        except Exception:
+            launcher.down(state_dir)
+            raise
+        print(f"registered Blocks: {', '.join(names)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagegen", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check spec files; exit 1 on any error")
+    v.add_argument("specs", nargs="+", metavar="SPEC")
+    v.set_defaults(func=cmd_validate)
+    r = sub.add_parser("run", help="run a pipeline spec now")
+    r.add_argument("spec", metavar="SPEC", help="a path, or a name in pipelines/")
+    r.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("sandbox", help="local provider emulators and S3 server")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--state-dir", default=".sandbox")
+    s.add_argument("--tams-port", type=int, default=8700)
+    s.add_argument("--s3-port", type=int, default=8333)
+    s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
+    s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")
+    s.add_argument("--no-register", action="store_true", help="do not save Prefect Blocks")
+    s.set_defaults(func=cmd_sandbox)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def console() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Image helpers of the pipeline steps: reading inputs, local resizing, quality measures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageStat
+
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+class InputImageError(ValueError):
+    """An input image that cannot be read or is not an image."""
+
+
+def read_input(source: str, *, s3_credentials: str, timeout: float) -> tuple[bytes, str]:
+    """The bytes and MIME type of a local path, `s3://` object or http(s) URL."""
+    if source.startswith(("http://", "https://")):
+        try:
+            response = httpx.get(source, timeout=timeout, follow_redirects=True)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise InputImageError(f"cannot download input image {source}: {type(exc).__name__}") from None
+        data = response.content
+    elif source.startswith("s3://"):
+        from blocks.archive import read_uri
+
+        data = read_uri(source, s3_credentials)
+    else:
+        data = Path(source).read_bytes()
+    return data, mime_of(data, source)
+
+
+def mime_of(data: bytes, name: str = "image") -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            fmt = image.format or ""
+    except Exception:
+        raise InputImageError(f"{name} is not a readable image") from None
+    if fmt not in MIME:
+        raise InputImageError(f"{name}: unsupported image format {fmt}")
+    return MIME[fmt]
+
+
+def lanczos(data: bytes, factor: int) -> bytes:
+    """Resize by `factor` with Pillow's Lanczos filter (no new detail, no cost)."""
+    with Image.open(io.BytesIO(data)) as image:
+        bigger = image.resize((image.width * factor, image.height * factor), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    bigger.save(out, format="PNG")
+    return out.getvalue()
+
+
+def measure(data: bytes) -> dict[str, float | int | str | None]:
+    """Format, size and luminance standard deviation of an image; `error` when unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            stddev = ImageStat.Stat(image.convert("L")).stddev[0]
+            return {"format": image.format, "width": image.width, "height": image.height,
+                    "stddev": round(stddev, 3), "error": None}
+    except Exception as exc:
+        return {"format": None, "width": 0, "height": 0, "stddev": 0.0, "error": type(exc).__name__}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,143 @@
+"""The `run-pipeline` flow: one spec, one run date, every item through the five steps.
+
+Order of events: load and validate the spec, plan every item (seed, request id, sizes),
+validate every request against its provider offline, and only then start paid calls. Items
+run concurrently (at most `run.max_parallel` at a time); a failed item is recorded with its
+step and reason while the others go on. The run ends with a manifest in S3 and a table
+artifact, and fails (after writing both) when any item did not archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+
+from blocks import PROVIDERS
+from blocks.base import GenerationRequest
+from blocks.errors import ProviderError
+from flows.report import PipelineIncomplete, build_manifest, publish
+from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, resolve_spec_path
+from flows.tasks import ItemPlan, archive, generate, review, upload, upscale
+from flows.yamlpos import closest_position, load_with_positions, snippet
+
+STEPS = ("upload", "generate", "upscale", "review", "archive")
+
+
+def derived_seed(pipeline: str, item_id: str, run_date: date) -> int:
+    """A stable seed for items that give none, so reruns ask for the same image."""
+    digest = hashlib.sha256(f"{pipeline}|{item_id}|{run_date.isoformat()}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") or 1
+
+
+def request_id(pipeline: str, item_id: str, run_date: date, step: str, fields: dict[str, Any]) -> str:
+    """The deterministic idempotency key of one paid step of one item on one run date."""
+    material = json.dumps({"pipeline": pipeline, "item": item_id, "run_date": run_date.isoformat(),
+                           "step": step, "request": fields}, sort_keys=True, default=str)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: str) -> list[ItemPlan]:
+    """Every item's plan; pure, no I/O."""
+    plans = []
+    gen = spec.generate
+    provider_upscale = spec.upscale.factor if spec.upscale and spec.upscale.engine == "provider" else None
+    for index, item in enumerate(spec.items):
+        item_id = spec.item_id(index)
+        provider = spec.provider_of(item)
+        fields = {
+            "prompt": item.prompt, "negative_prompt": item.negative_prompt,
+            "seed": item.seed if item.seed is not None else derived_seed(spec.name, item_id, run_date),
+            "count": item.count, "width": gen.width, "height": gen.height, "model": gen.model,
+            "steps": gen.steps, "sampler": gen.sampler, "cfg_scale": gen.cfg_scale, "vae": gen.vae,
+            "denoising_strength": gen.denoising_strength, "upscale_factor": provider_upscale,
+            "options": gen.options, "input": item.input_image,
+        }
+        rid = request_id(spec.name, item_id, run_date, "generate", {**fields, "provider": provider})
+        fields.pop("input")
+        plans.append(ItemPlan(
+            pipeline=spec.name, spec_sha256=spec_sha256, run_date=run_date, item_id=item_id,
+            provider=provider, block=spec.block_name(provider),
+            request=GenerationRequest(request_id=rid, **fields),
+            input_image=item.input_image, upscale=spec.upscale, review=spec.review, archive=spec.archive,
+            work_dir=work_dir, http_timeout=spec.run.http_timeout, poll_interval=spec.run.poll_interval,
+            job_timeout=spec.run.job_timeout,
+        ))
+    return plans
+
+
+def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
+    """Validate every request against its provider's rules, offline; raise `SpecError`."""
+    text = spec_file.read_text(encoding="utf-8")
+    _, positions = load_with_positions(text)
+    issues = []
+    for index, plan in enumerate(plans):
+        try:
+            PROVIDERS[plan.provider].validate(plan.request)
+        except ProviderError as exc:
+            pos = closest_position(("items", index), positions)
+            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, f"items[{index}] ({plan.item_id})",
+                                    f"{plan.provider} would refuse it: {exc.message}", snippet(text, pos)))
+    if issues:
+        raise SpecError(issues)
+
+
+def _default_run_date() -> date:
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time
+    return scheduled.astimezone(timezone.utc).date() if scheduled else datetime.now(timezone.utc).date()
+
+
+def _outcome(chain: list[tuple[str, PrefectFuture]]) -> tuple[Any, dict[str, str] | None]:
+    """The last result of a chain, or the first step that did not complete and why."""
+    for step, future in chain:
+        future.wait()
+        state = future.state
+        if not state.is_completed():
+            error = state.result(raise_on_failure=False)
+            if isinstance(error, BaseException):
+                return None, {"step": step, "error": type(error).__name__, "message": str(error)}
+            return None, {"step": step, "error": state.type.value, "message": state.message or state.name}
+    return chain[-1][1].result(), None
+
+
+@flow(name="run-pipeline", log_prints=True)
+def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
+    """Run one pipeline spec (a path, or a name in `pipelines/`) for one run date."""
+    logger = get_run_logger()
+    path = resolve_spec_path(spec)
+    parsed = load_spec(path)
+    run_date = run_date or _default_run_date()
+    spec_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    started = datetime.now(timezone.utc)
+    work_dir = tempfile.mkdtemp(prefix=f"imagegen-{parsed.name}-")
+    try:
+        plans = plan_items(parsed, spec_sha256, run_date, work_dir)
+        preflight(plans, path)
+        logger.info("run %s for %s: %d item(s)", parsed.name, run_date, len(plans))
+        chains: list[list[tuple[str, PrefectFuture]]] = []
+        for plan in plans:
+            while sum(not c[-1][1].wrapped_future.done() for c in chains) >= parsed.run.max_parallel:
+                time.sleep(0.05)
+            up = upload.submit(plan)
+            gen = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
+            big = upscale.submit(plan, gen)
+            verdicts = review.submit(plan, big)
+            chains.append(list(zip(STEPS, (up, gen, big, verdicts, archive.submit(plan, big, verdicts)))))
+        outcomes = [_outcome(chain) for chain in chains]
+        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started)
+        publish(parsed, run_date, manifest)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if manifest["status"] != "complete":
+        raise PipelineIncomplete(manifest)
+    return manifest

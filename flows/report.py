@@ -1,0 +1,103 @@
+"""What a run leaves behind: the run manifest in S3, a table artifact, a printed summary."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timezone
+from typing import Any
+
+from flows.spec import PipelineSpec, render_manifest_key
+from flows.tasks import ArchivedItem, ItemPlan
+
+
+class PipelineIncomplete(RuntimeError):
+    """Some items did not archive; `manifest` says which, at which step and why."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        failed = [i["item"] for i in manifest["items"] if i.get("error")]
+        super().__init__(f"{len(failed)} of {len(manifest['items'])} item(s) did not archive: {', '.join(failed)}")
+
+
+def artifact_key(name: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
+def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_date: date,
+                   plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]],
+                   started: datetime) -> dict[str, Any]:
+    """The run manifest: one entry per item, totals, and `complete` or `partial`."""
+    from prefect.runtime import flow_run
+
+    items = []
+    for plan, (result, error) in zip(plans, outcomes, strict=True):
+        entry: dict[str, Any] = {"item": plan.item_id, "provider": plan.provider,
+                                 "request_id": plan.request.request_id, "seed": plan.request.seed}
+        if isinstance(result, ArchivedItem):
+            entry.update(job_id=result.job_id, credits=result.credits, credits_source=result.credits_source,
+                         objects=result.objects)
+        else:
+            entry.update(credits=0.0, objects=[], error=error)
+        items.append(entry)
+    objects = [o for i in items for o in i["objects"]]
+    return {
+        "pipeline": spec.name, "spec_file": spec_file, "spec_sha256": spec_sha256,
+        "run_date": run_date.isoformat(), "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+        "status": "complete" if all("error" not in i for i in items) else "partial",
+        "totals": {
+            "items": len(items), "failed_items": sum("error" in i for i in items),
+            "images": len(objects), "approved": sum(o["verdict"] == "approved" for o in objects),
+            "rejected": sum(o["verdict"] == "rejected" for o in objects),
+            "credits": round(sum(i["credits"] for i in items), 4),
+        },
+        "items": items,
+    }
+
+
+def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per image (or per failed item): the table shown in the UI and the terminal."""
+    rows = []
+    for item in manifest["items"]:
+        for obj in item["objects"]:
+            rows.append({"item": item["item"], "index": obj["index"], "provider": item["provider"],
+                         "credits": item["credits"], "verdict": obj["verdict"], "s3_uri": obj["s3_uri"]})
+        if item.get("error"):
+            err = item["error"]
+            rows.append({"item": item["item"], "index": "-", "provider": item["provider"], "credits": 0.0,
+                         "verdict": f"failed at {err['step']}: {err['error']}", "s3_uri": err["message"][:200]})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no images)"
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str:
+    """Write the manifest to S3, create the summary table artifact, log the table."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_table_artifact
+
+    from blocks.archive import archive_bucket, write_json
+
+    bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
+    key = render_manifest_key(spec.archive.manifest_template, pipeline=spec.name, run_date=run_date)
+    uri = write_json(bucket, key, manifest)
+    manifest["manifest_uri"] = uri
+    rows = summary_rows(manifest)
+    totals = manifest["totals"]
+    create_table_artifact(
+        rows, key=artifact_key(f"{spec.name}-summary"),
+        description=(f"**{spec.name}** {run_date}: {manifest['status']}, {totals['images']} image(s), "
+                     f"{totals['approved']} approved, {totals['rejected']} rejected, "
+                     f"{totals['failed_items']} failed item(s), {totals['credits']} credits. Manifest: `{uri}`"),
+    )
+    get_run_logger().info("manifest %s\n%s", uri, format_table(rows))
+    return uri

@@ -1,0 +1,196 @@
+"""The tasks one item goes through: upload -> generate -> upscale -> review -> archive.
+
+Each task takes an `ItemPlan` (everything the item needs, decided before any paid call) and
+what the previous task returned. Images travel between tasks as files in the run's work
+directory, not in memory, so a large run does not hold every image at once.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, Field
+
+from blocks import load_provider
+from blocks.archive import archive_bucket, write_bytes, write_json
+from blocks.base import GenerationRequest, ImageProvider
+from blocks.errors import is_retryable
+from flows import images
+from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key
+
+
+class ItemPlan(BaseModel):
+    """One item of one run, fully decided before any paid call."""
+
+    pipeline: str
+    spec_sha256: str
+    run_date: date
+    item_id: str
+    provider: str
+    block: str
+    request: GenerationRequest
+    input_image: str | None
+    upscale: UpscaleSettings | None
+    review: ReviewSettings
+    archive: ArchiveSettings
+    work_dir: str
+    http_timeout: float
+    poll_interval: float
+    job_timeout: float
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        factor = self.upscale.factor if self.upscale else 1
+        return self.request.width * factor, self.request.height * factor
+
+
+class Generated(BaseModel):
+    """Images of one item on local disk, with where they came from."""
+
+    job_id: str
+    request_id: str
+    credits: float
+    credits_source: Literal["api", "formula"]
+    files: list[str]
+    submitted_at: datetime
+    finished_at: datetime
+    upscaled_by: str | None = None
+
+
+class Verdict(BaseModel):
+    """The review of one image: each check with its value and threshold."""
+
+    index: int
+    approved: bool
+    reasons: list[str] = Field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class ArchivedItem(BaseModel):
+    """What landed in S3 for one item."""
+
+    item_id: str
+    provider: str
+    job_id: str
+    credits: float
+    credits_source: str
+    objects: list[dict[str, Any]]
+
+
+@lru_cache(maxsize=32)
+def provider_for(name: str, block: str) -> ImageProvider:
+    """The provider Block, loaded once per process (its HTTP client is shared by threads)."""
+    return load_provider(name, block)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only transient provider faults; rejections and bad requests fail at once."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we classify, not handle
+        return is_retryable(exc)
+    return False
+
+
+@task(task_run_name="upload-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(2),
+      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def upload(plan: ItemPlan) -> str | None:
+    """Send the item's input image to the provider; None when the item has none."""
+    if plan.input_image is None:
+        return None
+    data, mime = images.read_input(plan.input_image, s3_credentials=plan.archive.credentials,
+                                   timeout=plan.http_timeout)
+    return provider_for(plan.provider, plan.block).upload(data, mime)
+
+
+@task(task_run_name="generate-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
+      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
+    """Run the provider job to its end and save its images in the work directory."""
+    provider = provider_for(plan.provider, plan.block)
+    request = plan.request.model_copy(update={"input_ref": input_ref})
+    submitted = datetime.now(timezone.utc)
+    result = provider.run_job(request, poll_interval=plan.poll_interval, timeout=plan.job_timeout)
+    files = []
+    for index, data in enumerate(result.images, start=1):
+        path = Path(plan.work_dir) / f"{plan.item_id}-{index}.png"
+        path.write_bytes(data)
+        files.append(str(path))
+    upscaled = "provider" if request.upscale_factor else None
+    return Generated(job_id=result.job_id, request_id=request.request_id, credits=result.credits,
+                     credits_source=result.credits_source, files=files, submitted_at=submitted,
+                     finished_at=datetime.now(timezone.utc), upscaled_by=upscaled)
+
+
+@task(task_run_name="upscale-{plan.item_id}")
+def upscale(plan: ItemPlan, generated: Generated) -> Generated:
+    """Apply the local engine; a provider upscale already happened inside the job."""
+    if plan.upscale is None or plan.upscale.engine == "provider":
+        return generated
+    files = []
+    for name in generated.files:
+        path = Path(name).with_name(Path(name).stem + f"-x{plan.upscale.factor}.png")
+        path.write_bytes(images.lanczos(Path(name).read_bytes(), plan.upscale.factor))
+        files.append(str(path))
+    return generated.model_copy(update={"files": files, "upscaled_by": plan.upscale.engine})
+
+
+@task(task_run_name="review-{plan.item_id}")
+def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
+    """Quality checks: the file reads as an image, has the size asked, and is not blank."""
+    verdicts = []
+    want_w, want_h = plan.final_size
+    for index, name in enumerate(generated.files, start=1):
+        m = images.measure(Path(name).read_bytes())
+        checks: dict[str, dict[str, Any]] = {"readable": {"value": m["error"] is None, "threshold": True}}
+        reasons = [] if m["error"] is None else [f"unreadable image ({m['error']})"]
+        if m["error"] is None:
+            checks["stddev"] = {"value": m["stddev"], "threshold": plan.review.min_stddev}
+            if float(m["stddev"] or 0) < plan.review.min_stddev:
+                reasons.append(f"blank or near-uniform (stddev {m['stddev']} < {plan.review.min_stddev})")
+            if plan.review.check_size:
+                checks["size"] = {"value": f"{m['width']}x{m['height']}", "threshold": f"{want_w}x{want_h}"}
+                if (m["width"], m["height"]) != (want_w, want_h):
+                    reasons.append(f"size {m['width']}x{m['height']} is not {want_w}x{want_h}")
+        verdicts.append(Verdict(index=index, approved=not reasons, reasons=reasons, checks=checks))
+    return verdicts
+
+
+@task(task_run_name="archive-{plan.item_id}", retries=3, retry_delay_seconds=exponential_backoff(2),
+      retry_jitter_factor=0.5)
+def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> ArchivedItem:
+    """Write each image and its JSON sidecar; rejected images go under the quarantine prefix."""
+    bucket = archive_bucket(plan.archive.bucket, plan.archive.credentials)
+    request = plan.request
+    objects = []
+    for name, verdict in zip(generated.files, verdicts, strict=True):
+        data = Path(name).read_bytes()
+        key = render_key(plan.archive.key_template, pipeline=plan.pipeline, run_date=plan.run_date,
+                         item=plan.item_id, index=verdict.index, provider=plan.provider)
+        if not verdict.approved:
+            key = f"{plan.archive.quarantine_prefix.strip('/')}/{key}"
+        digest = images.sha256_hex(data)
+        uri = write_bytes(bucket, key, data)
+        sidecar_key = key.rsplit(".", 1)[0] + ".json" if "." in key.rsplit("/", 1)[-1] else key + ".json"
+        sidecar = {
+            "pipeline": plan.pipeline, "spec_sha256": plan.spec_sha256, "run_date": plan.run_date.isoformat(),
+            "item": plan.item_id, "index": verdict.index, "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt, "seed": request.seed, "provider": plan.provider,
+            "provider_job_id": generated.job_id, "request_id": generated.request_id,
+            "job_credits": generated.credits, "credits_source": generated.credits_source,
+            "images_in_job": len(generated.files), "upscaled_by": generated.upscaled_by,
+            "review": verdict.model_dump(), "verdict": "approved" if verdict.approved else "rejected",
+            "sha256": digest, "bytes": len(data), "s3_uri": uri,
+            "submitted_at": generated.submitted_at, "finished_at": generated.finished_at,
+            "archived_at": datetime.now(timezone.utc),
+        }
+        sidecar_uri = write_json(bucket, sidecar_key, sidecar)
+        objects.append({"index": verdict.index, "s3_uri": uri, "sidecar": sidecar_uri, "sha256": digest,
+                        "verdict": sidecar["verdict"], "reasons": verdict.reasons})
+    return ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
+                        credits=generated.credits, credits_source=generated.credits_source, objects=objects)

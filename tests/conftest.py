@@ -1,0 +1,61 @@
+"""Shared fixtures: a Prefect test harness (real API on temp SQLite) and a real sandbox
+(TAMS emulator process + SeaweedFS process) on free loopback ports, one per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="imagegen-test-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+
+from sandbox import launcher  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+TEST_BUCKET = "imagegen-test"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.SandboxState]:
+    state_dir = tmp_path_factory.mktemp("sandbox")
+    state = launcher.up(state_dir, tams_port=launcher.free_port(), s3_port=launcher.free_port(),
+                        latency=0.6, buckets=(TEST_BUCKET,))
+    try:
+        yield state
+    finally:
+        launcher.down(state_dir)
+
+
+@pytest.fixture(scope="session")
+def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launcher.SandboxState:
+    launcher.register_blocks(sandbox)
+    return sandbox
+
+
+def tams_stats(state: launcher.SandboxState) -> dict:
+    return httpx.get(f"{state.tams_url}/_sandbox/stats").json()
+
+
+def s3_client(state: launcher.SandboxState):  # noqa: ANN201
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=state.s3_url, aws_access_key_id=state.s3_access_key,
+                        aws_secret_access_key=state.s3_secret_key, region_name="us-east-1",
+                        config=Config(signature_version="s3v4"))

@@ -1,0 +1,129 @@
+"""The flow end to end: a spec runs on a real Prefect API against the sandbox processes and
+lands in SeaweedFS; checked through S3 and the emulator's own counters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows.report import PipelineIncomplete
+from flows.spec import SpecError
+from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+
+ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
+
+
+def spec_text(name: str, items: str, upscale: str = "provider") -> str:
+    return f"""\
+version: 1
+name: {name}
+provider: tams
+blocks: {{tams: sandbox}}
+generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
+upscale: {{engine: {upscale}, factor: 2}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 3}}
+items:
+{items}"""
+
+
+ITEMS = f"""\
+  - {{id: shoe, prompt: a red shoe, seed: 11}}
+  - {{id: sketch, prompt: render this sketch, input_image: {ASSET}, seed: 12}}
+  - {{id: bag, prompt: a blue bag}}
+  - {{id: lamp, prompt: a brass lamp, count: 2}}
+"""
+
+
+def read_json(s3, key: str) -> dict:
+    return json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
+
+
+@pytest.fixture()
+def run(sandbox_blocks, tmp_path: Path):
+    from flows.pipeline import run_pipeline
+
+    def go(text: str, run_date: date):
+        path = tmp_path / "spec.yaml"
+        path.write_text(text)
+        before = tams_stats(sandbox_blocks)
+        state = run_pipeline(spec=str(path), run_date=run_date, return_state=True)
+        return state, before, tams_stats(sandbox_blocks)
+    return go
+
+
+def test_pipeline_archives_images_sidecars_and_manifest(run, sandbox_blocks) -> None:
+    state, before, after = run(spec_text("e2e", ITEMS), date(2026, 1, 15))
+    assert state.is_completed(), state.message
+    manifest = state.result()
+    s3 = s3_client(sandbox_blocks)
+    stored = read_json(s3, "e2e/2026-01-15/manifest.json")
+    assert stored["status"] == "complete" and stored["totals"]["images"] == 5
+    assert stored["totals"]["credits"] == manifest["totals"]["credits"]
+    # Credits in the manifest are what the emulator charged, no more, no less.
+    charged = after["charged_credits"] - before["charged_credits"]
+    assert stored["totals"]["credits"] == pytest.approx(charged) and charged > 0
+    assert after["submits"] - before["submits"] == 4 and after["uploads"] - before["uploads"] == 1
+    for item in stored["items"]:
+        for obj in item["objects"]:
+            key = obj["s3_uri"].removeprefix(f"s3://{TEST_BUCKET}/")
+            data = s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read()
+            sidecar = read_json(s3, key.removesuffix(".png") + ".json")
+            assert hashlib.sha256(data).hexdigest() == obj["sha256"] == sidecar["sha256"]
+            assert sidecar["provider_job_id"] == item["job_id"] and sidecar["verdict"] == "approved"
+            assert sidecar["provider"] == "tams" and sidecar["run_date"] == "2026-01-15"
+            assert sidecar["review"]["checks"]["size"]["value"] == "1024x1024"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="e2e/")["Contents"]}
+    assert "e2e/2026-01-15/lamp-2.png" in keys and "e2e/2026-01-15/sketch-1.json" in keys
+
+
+def test_rerun_of_the_same_date_pays_nothing(run) -> None:
+    first, _, _ = run(spec_text("rerun", ITEMS), date(2026, 1, 16))
+    assert first.is_completed()
+    second, before, after = run(spec_text("rerun", ITEMS), date(2026, 1, 16))
+    assert second.is_completed()
+    assert after["submits"] == before["submits"] and after["charges"] == before["charges"]
+    assert after["duplicate_submits"] - before["duplicate_submits"] == 4
+    assert [i["job_id"] for i in first.result()["items"]] == [i["job_id"] for i in second.result()["items"]]
+
+
+def test_failed_item_is_recorded_and_the_rest_archive(run, sandbox_blocks) -> None:
+    items = "  - {id: good, prompt: a cat}\n  - {id: doomed, prompt: \"a dog [[fail]]\"}\n"
+    state, before, after = run(spec_text("partial", items, upscale="lanczos"), date(2026, 1, 17))
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PipelineIncomplete)
+    stored = read_json(s3_client(sandbox_blocks), "partial/2026-01-17/manifest.json")
+    assert stored["status"] == "partial" and stored["totals"]["failed_items"] == 1
+    doomed = next(i for i in stored["items"] if i["item"] == "doomed")
+    assert doomed["error"]["step"] == "generate" and doomed["error"]["error"] == "JobFailed"
+    assert "[[fail]] marker" in doomed["error"]["message"]
+    good = next(i for i in stored["items"] if i["item"] == "good")
+    assert good["objects"][0]["verdict"] == "approved"
+    # A failed job is neither retried (it would fail again) nor charged.
+    assert after["submits"] - before["submits"] == 2 and after["charges"] - before["charges"] == 1
+
+
+def test_spec_the_provider_would_refuse_makes_no_call(run) -> None:
+    text = spec_text("refused", "  - {id: a, prompt: a cat}\n").replace("width: 512", "width: 500")
+    state, before, after = run(text, date(2026, 1, 18))
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, SpecError) and "not a multiple of 64" in str(error)
+    assert after["requests"] == before["requests"]  # the emulator saw nothing at all
+
+
+def test_summary_table_artifact(run) -> None:
+    from prefect.client.orchestration import get_client
+
+    state, _, _ = run(spec_text("artifacted", "  - {id: a, prompt: a cat}\n"), date(2026, 1, 19))
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+        table = [a for a in artifact if a.key == "artifacted-summary"]
+    assert table and table[0].type == "table"
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    assert rows[0]["item"] == "a" and rows[0]["verdict"] == "approved"

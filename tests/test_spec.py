@@ -1,0 +1,118 @@
+"""Spec loading: every error names file, line and field, with a snippet."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows.spec import SpecError, load_spec, render_key
+
+GOOD = """\
+version: 1
+name: shots
+provider: tams
+generate:
+  width: 512
+  height: 512
+archive:
+  bucket: imagegen-test
+items:
+  - id: one
+    prompt: a cat
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def issue_of(tmp_path: Path, text: str):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, text))
+    return caught.value.issues
+
+
+def test_good_spec_loads(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.name == "shots" and spec.items[0].prompt == "a cat"
+    assert spec.archive.key_template == "{pipeline}/{run_date}/{item}-{index}.png"
+
+
+@pytest.mark.parametrize(("text", "line", "field", "message"), [
+    pytest.param(GOOD.replace("  - id: one\n", "  - id: [one\n"), 11, "", "invalid YAML", id="bad-yaml"),
+    pytest.param(GOOD.replace("  width: 512\n", "  widht: 512\n"), 5, "generate.widht", "unknown key",
+                 id="unknown-key"),
+    pytest.param(GOOD.replace("  height: 512\n", "  height: tall\n"), 6, "generate.height", "integer",
+                 id="wrong-type"),
+    pytest.param(GOOD.replace("    prompt: a cat\n", "    seed: 3\n"), 10, "items[0].prompt", "Field required",
+                 id="missing-prompt"),
+    pytest.param(GOOD.replace("  width: 512\n", "  width: -512\n"), 5, "generate.width", "greater than 0",
+                 id="negative-size"),
+    pytest.param(GOOD.replace("provider: tams\n", "provider: midjourney\n"), 3, "provider", "'tams'",
+                 id="unknown-provider"),
+    pytest.param(GOOD.replace("  bucket: imagegen-test\n",
+                              "  bucket: imagegen-test\n  key_template: \"{pipeline}/{date}/{item}.png\"\n"),
+                 9, "archive.key_template", "unknown field(s) {date}", id="bad-date-template"),
+    pytest.param(GOOD.replace("  - id: one\n    prompt: a cat\n", "  []\n").replace("items:\n", "items:"),
+                 9, "items", "at least 1 item", id="empty-items"),
+    pytest.param(GOOD + "  - id: one\n    prompt: a dog\n", 12, "items[1].id", "duplicate item id",
+                 id="duplicate-id"),
+    pytest.param(GOOD.replace("    prompt: a cat\n", "    prompt: a cat\n    input_image: missing.png\n"), 12,
+                 "items[0].input_image", "input image not found", id="missing-input-image"),
+    pytest.param(GOOD.replace("    prompt: a cat\n", "    prompt: a cat\n    count: 2\n").replace(
+        "  bucket: imagegen-test\n", "  bucket: imagegen-test\n  key_template: \"{item}.png\"\n"),
+        9, "archive.key_template", "needs {index}", id="count-without-index"),
+    pytest.param("- just\n- a list\n", 1, "", "must be a YAML mapping", id="not-a-mapping"),
+])
+def test_bad_spec_names_file_line_and_field(tmp_path: Path, text: str, line: int, field: str, message: str) -> None:
+    issues = issue_of(tmp_path, text)
+    assert issues, "no issue reported"
+    first = issues[0]
+    assert first.file.endswith("spec.yaml")
+    assert (first.line, first.field) == (line, field), str(first)
+    assert message in first.message
+    rendered = str(first)
+    assert rendered.startswith(f"{first.file}:{line}:")
+    if line > 0 and field:
+        assert f"{line} |" in first.snippet and "^" in first.snippet
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("  width: 512\n", "  width: -1\n  colour: red\n").replace("provider: tams\n", "provider: x\n")
+    fields = {i.field for i in issue_of(tmp_path, text)}
+    assert {"generate.width", "generate.colour", "provider"} <= fields
+
+
+def test_key_template_renders_dates() -> None:
+    key = render_key("{pipeline}/{run_date:%Y/%m/%d}/{item}-{index}.png", pipeline="p", run_date=date(2026, 3, 4),
+                     item="a", index=2, provider="tams")
+    assert key == "p/2026/03/04/a-2.png"
+
+
+def test_demo_specs_are_valid() -> None:
+    for path in Path(__file__).parent.parent.joinpath("pipelines").glob("*.yaml"):
+        assert load_spec(path).items
+
+
+def test_cli_validate(tmp_path: Path) -> None:
+    bad = write(tmp_path, GOOD.replace("  height: 512\n", "  height: tall\n"))
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert f"{bad}:6:11: generate.height:" in run.stderr
+    good = write(tmp_path, GOOD)
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(good)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("OK ")
+
+
+def test_cli_validate_applies_provider_rules(tmp_path: Path) -> None:
+    bad = write(tmp_path, GOOD.replace("  width: 512\n", "  width: 500\n"))
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "items[0] (one): tams would refuse it: generate.width: 500 is not a multiple of 64" in run.stderr
+    assert f"{bad}:10:" in run.stderr
