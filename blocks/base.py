@@ -7,18 +7,19 @@ download its results. `run_job` chains submit, poll and fetch the same way for a
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Iterator
 from enum import Enum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
-from blocks.errors import TransientError
+from blocks.errors import JobFailed, ProviderError, SubmitUnknown, TransientError
 
 
 class GenerationRequest(BaseModel):
@@ -89,10 +90,46 @@ class JobResult(BaseModel):
     polls: int
 
 
+class Limiter(Protocol):
+    """Where a provider's published limits are held (the flow plugs in Prefect's server)."""
+
+    def request(self, action: str) -> None:
+        """Block until one more API request of `action` is allowed."""
+
+    def job(self, action: str) -> contextlib.AbstractContextManager[None]:
+        """Hold one in-flight job slot of `action` for the whole job, submit to result."""
+
+
+class NoLimits:
+    """No limits: for unit tests and one-off scripts. The flow never uses it."""
+
+    def request(self, action: str) -> None:
+        return None
+
+    def job(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
 class ImageProvider(Block, ABC):
     """A provider account: subclasses hold credentials and speak one wire protocol."""
 
     provider_name: ClassVar[str]
+    idempotent_submit: ClassVar[bool] = False
+    """True when submitting the same request id twice returns the first job (no second charge)."""
+
+    _limiter: Limiter = PrivateAttr(default_factory=NoLimits)
+
+    def use_limiter(self, limiter: Limiter) -> None:
+        """Take every request and job slot from `limiter` from now on."""
+        self._limiter = limiter
+
+    def job_action(self, request: GenerationRequest) -> str:
+        """The provider action a request runs as (limits may differ per action)."""
+        return "job"
+
+    def estimate_key(self, request: GenerationRequest) -> str:
+        """Requests with the same key cost the same; by default every request is its own."""
+        return request.model_dump_json(exclude={"request_id"})
 
     @classmethod
     @abstractmethod
@@ -127,17 +164,39 @@ class ImageProvider(Block, ABC):
         *,
         poll_interval: float,
         timeout: float,
-        on_submitted: Callable[[str], None] | None = None,
+        estimate: CreditEstimate | None = None,
         job_id: str | None = None,
+        on_submitted: Any = None,
     ) -> JobResult:
-        """Estimate, submit (unless `job_id` resumes one), poll to a final state, fetch."""
-        from blocks.errors import JobFailed
+        """Submit (unless `job_id` resumes a job), poll to a final state and fetch, holding
+        one in-flight slot throughout. `on_submitted(job_id)` runs before the first poll."""
+        estimate = estimate or self.estimate(request)
+        with self._limiter.job(self.job_action(request)):
+            if job_id is None:
+                job_id = self.submit(request)
+            if on_submitted is not None:
+                on_submitted(job_id)
+            return self._finish(request, job_id, estimate, poll_interval=poll_interval, timeout=timeout)
 
-        estimate = self.estimate(request)
-        if job_id is None:
-            job_id = self.submit(request)
-        if on_submitted is not None:
-            on_submitted(job_id)
+    def reconcile(self, request: GenerationRequest) -> str:
+        """The job of a submit whose answer was lost (timeout, dropped connection).
+
+        Where the provider dedupes request ids, submitting again returns that job at no extra
+        cost. Elsewhere the job cannot be found, and resubmitting could pay twice: refuse."""
+        if self.idempotent_submit:
+            return self.submit(request)
+        raise SubmitUnknown(
+            f"an earlier submit of request {request.request_id} may have reached the provider and "
+            "it cannot be looked up; check the provider console before running this item again",
+            provider=self.provider_name, code="SubmitUnknown")
+
+    def job_failure(self, status: JobStatus) -> ProviderError:
+        """The error a job that ended without success stands for (providers may refine it)."""
+        return JobFailed(f"job {status.job_id} ended {status.provider_status}: {status.reason or 'no reason given'}",
+                         provider=self.provider_name, code=status.provider_status)
+
+    def _finish(self, request: GenerationRequest, job_id: str, estimate: CreditEstimate, *,
+                poll_interval: float, timeout: float) -> JobResult:
         deadline = time.monotonic() + timeout
         polls = 0
         while True:
@@ -152,10 +211,7 @@ class ImageProvider(Block, ABC):
                 )
             time.sleep(poll_interval)
         if status.state is not JobState.SUCCEEDED:
-            raise JobFailed(
-                f"job {job_id} ended {status.provider_status}: {status.reason or 'no reason given'}",
-                provider=self.provider_name, code=status.provider_status,
-            )
+            raise self.job_failure(status)
         return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
                          credits_source=estimate.source, polls=polls)
 

@@ -5,7 +5,8 @@
      ├── ContentRejected    record on the item with the provider's reason; never retry
      ├── AccountStop        no balance, arrears, auth failure, service stopped: stop spending
      └── BadRequest         a bug or a bad spec: fail the item with the message
-          └── JobFailed     the provider ran the job and it ended failed
+          ├── JobFailed     the provider ran the job and it ended failed
+          └── SubmitUnknown a lost submit answer that cannot be reconciled: a person checks
 
 Messages are built from provider codes and texts only, never from request objects, so a
 secret cannot end up in an exception.
@@ -48,6 +49,11 @@ class BadRequest(ProviderError):
 
 class JobFailed(BadRequest):
     """The provider accepted the job and reported it failed."""
+
+
+class SubmitUnknown(BadRequest):
+    """A submit may have reached the provider and the job cannot be looked up; submitting again
+    could pay twice, so the item stops until a person checks."""
 
 
 def is_retryable(exc: BaseException) -> bool:

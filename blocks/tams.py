@@ -132,6 +132,7 @@ class TamsProvider(ImageProvider):
     _block_type_slug = "tams-provider"
     _documentation_url = "https://tams-docs.tensor.art/docs/api/guide/integration-faq"
     provider_name: ClassVar[str] = PROVIDER
+    idempotent_submit: ClassVar[bool] = True  # the same requestId returns the same job
 
     app_id: str = Field(description="The app id shown on the TAMS console.")
     private_key: SecretStr = Field(description="PEM of the app's RSA private key (2048 bits or more).")
@@ -160,6 +161,7 @@ class TamsProvider(ImageProvider):
         return self._with_retries(lambda: self._send(method, path, body, headers))
 
     def _send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> dict:
+        self._limiter.request("api")  # 5 QPS per app, every call counts (polls included)
         try:
             response = self.client().request(method, path, content=body, headers=headers)
         except httpx.TransportError as exc:
@@ -214,6 +216,12 @@ class TamsProvider(ImageProvider):
             if not MIN_PIXELS <= uw * uh <= MAX_PIXELS:
                 raise bad("upscale.factor", f"upscaled size {uw}x{uh} = {uw * uh} pixels is above "
                                             f"the provider cap of {MAX_PIXELS}")
+
+    def estimate_key(self, request: GenerationRequest) -> str:
+        """Credits depend on the stages' shape, not on prompt, seed or input image (assumed:
+        TAMS does not publish its formula; `/v1/jobs/credits` prices stages)."""
+        shape = request.model_dump(exclude={"request_id", "prompt", "negative_prompt", "seed", "input_ref"})
+        return json.dumps(shape, sort_keys=True)
 
     def stages(self, request: GenerationRequest) -> list[dict[str, Any]]:
         """The job's stages in TAMS form."""

@@ -52,6 +52,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if manifest["status"] == "complete" else 1
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Credits (and money where published) per provider and in total, before any paid call."""
+    from flows.pipeline import estimate_plans, plan_items, preflight
+
+    path = resolve_spec_path(args.spec)
+    try:
+        spec = load_spec(path)
+        plans = plan_items(spec, "", args.run_date or date.today(), "")
+        preflight(plans, path)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    estimate_plans(plans)
+    rows: dict[str, dict] = {}
+    for plan in plans:
+        est = plan.estimate
+        row = rows.setdefault(plan.provider, {"items": 0, "credits": 0.0, "money": 0.0, "currency": est.currency,
+                                              "sources": set()})
+        row["items"] += 1
+        row["credits"] += est.credits
+        row["money"] += est.money or 0.0
+        row["sources"].add(est.source)
+    for provider, row in sorted(rows.items()):
+        money = f", {row['money']:.4f} {row['currency']}" if row["currency"] else ""
+        print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} credits{money} "
+              f"(from the provider's {'/'.join(sorted(row['sources']))} estimate)")
+    total = sum(r["credits"] for r in rows.values())
+    budget = spec.run.max_credits
+    print(f"total: {total:.2f} credits" + (f" (run.max_credits {budget}: {'OVER' if total > budget else 'within'})"
+                                            if budget is not None else ""))
+    return 1 if budget is not None and total > budget else 0
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from deployments.limits import apply_limits, show_limits
+
+    if args.action == "apply":
+        accounts = None
+        if args.account:
+            accounts = {}
+            for pair in args.account:
+                provider, _, block = pair.partition("=")
+                accounts.setdefault(provider, []).append(block)
+        for name, (limit, decay) in apply_limits(accounts).items():
+            print(f"applied {name}: " + (f"rate {decay}/s" if decay else f"{limit} in flight"))
+        return 0
+    for row in show_limits():
+        kind = f"rate {row['slot_decay_per_second']}/s" if row["slot_decay_per_second"] else f"limit {row['limit']}"
+        print(f"{row['name']}: {kind}, active slots {row['active_slots']}" + ("" if row["active"] else " (inactive)"))
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from sandbox import launcher
 
@@ -76,6 +128,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             launcher.down(state_dir)
             raise
         print(f"registered Blocks: {', '.join(names)}")
+        from deployments.limits import apply_limits
+
+        applied = apply_limits({"tams": [launcher.BLOCK_NAME]})
+        print(f"applied provider limits: {', '.join(applied)}")
     return 0
 
 
@@ -89,6 +145,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("spec", metavar="SPEC", help="a path, or a name in pipelines/")
     r.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("estimate", help="print the credits a spec will cost, per provider")
+    e.add_argument("spec", metavar="SPEC")
+    e.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
+    e.set_defaults(func=cmd_estimate)
+    lim = sub.add_parser("limits", help="provider limits on the Prefect server")
+    lim.add_argument("action", choices=["apply", "show"])
+    lim.add_argument("--account", action="append", metavar="PROVIDER=BLOCK",
+                     help="apply for these accounts instead of those in deployments/limits.yaml")
+    lim.set_defaults(func=cmd_limits)
     s = sub.add_parser("sandbox", help="local provider emulators and S3 server")
     s.add_argument("action", choices=["up", "down", "status"])
     s.add_argument("--state-dir", default=".sandbox")

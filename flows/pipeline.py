@@ -22,11 +22,11 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
-from blocks.base import GenerationRequest
-from blocks.errors import ProviderError
+from blocks.base import CreditEstimate, GenerationRequest
+from blocks.errors import AccountStop, ProviderError
 from flows.report import PipelineIncomplete, build_manifest, publish
 from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, resolve_spec_path
-from flows.tasks import ItemPlan, archive, generate, review, upload, upscale
+from flows.tasks import ArchivedItem, ItemPlan, archive, generate, ledger_of, provider_for, review, upload, upscale
 from flows.yamlpos import closest_position, load_with_positions, snippet
 
 STEPS = ("upload", "generate", "upscale", "review", "archive")
@@ -110,6 +110,44 @@ def _outcome(chain: list[tuple[str, PrefectFuture]]) -> tuple[Any, dict[str, str
     return chain[-1][1].result(), None
 
 
+class BudgetExceeded(RuntimeError):
+    """The run's estimated credits are above the spec's `run.max_credits`."""
+
+
+def estimate_plans(plans: list[ItemPlan]) -> dict[str, float]:
+    """Attach each plan's credit estimate (one provider call per distinct price shape);
+    return the credits per provider."""
+    cache: dict[tuple[str, str, str], CreditEstimate] = {}
+    per_provider: dict[str, float] = {}
+    for plan in plans:
+        provider = provider_for(plan.provider, plan.block)
+        key = (plan.provider, plan.block, provider.estimate_key(plan.request))
+        if key not in cache:
+            cache[key] = provider.estimate(plan.request)
+        plan.estimate = cache[key]
+        per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits
+    return per_provider
+
+
+def archived_before(plan: ItemPlan) -> ArchivedItem | None:
+    """The item as an earlier run of this date archived it, if the request is unchanged."""
+    record = ledger_of(plan).get(plan.item_id)
+    if record and record.get("state") == "archived" and record.get("base_request_id") == plan.request.request_id:
+        return ArchivedItem.model_validate(record["archived"])
+    return None
+
+
+def _stop_reason(chains: list[list[tuple[str, PrefectFuture]]]) -> str | None:
+    """Why no more items may be submitted: an account stop seen in a finished generate step."""
+    for chain in chains:
+        future = dict(chain).get("generate")
+        if future is not None and future.wrapped_future.done() and future.state.is_failed():
+            error = future.state.result(raise_on_failure=False)
+            if isinstance(error, AccountStop):
+                return str(error)
+    return None
+
+
 @flow(name="run-pipeline", log_prints=True)
 def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
     """Run one pipeline spec (a path, or a name in `pipelines/`) for one run date."""
@@ -123,18 +161,46 @@ def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
     try:
         plans = plan_items(parsed, spec_sha256, run_date, work_dir)
         preflight(plans, path)
-        logger.info("run %s for %s: %d item(s)", parsed.name, run_date, len(plans))
-        chains: list[list[tuple[str, PrefectFuture]]] = []
-        for plan in plans:
-            while sum(not c[-1][1].wrapped_future.done() for c in chains) >= parsed.run.max_parallel:
+        reused = {p.item_id: a for p in plans if (a := archived_before(p)) is not None}
+        todo = [p for p in plans if p.item_id not in reused]
+        per_provider = estimate_plans(todo)
+        estimated = round(sum(per_provider.values()), 4)
+        budget = parsed.run.max_credits
+        if budget is not None and estimated > budget:
+            raise BudgetExceeded(f"estimated {estimated} credits {per_provider} for {len(todo)} item(s) "
+                                 f"is above run.max_credits {budget}; nothing was submitted")
+        logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
+                    parsed.name, run_date, len(plans), len(reused), estimated)
+        chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
+        skipped: dict[str, dict[str, str]] = {}
+        committed = 0.0
+        for plan in todo:
+            while sum(not c[-1][1].wrapped_future.done() for c in chains.values()) >= parsed.run.max_parallel:
                 time.sleep(0.05)
+            cost = plan.estimate.credits if plan.estimate else 0.0
+            stop = _stop_reason(list(chains.values()))
+            if stop is None and budget is not None and committed + cost > budget:
+                stop = f"run.max_credits {budget} reached ({committed} committed)"
+            if stop is not None:
+                skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
+                continue
+            committed += cost
             up = upload.submit(plan)
             gen = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
             big = upscale.submit(plan, gen)
             verdicts = review.submit(plan, big)
-            chains.append(list(zip(STEPS, (up, gen, big, verdicts, archive.submit(plan, big, verdicts)))))
-        outcomes = [_outcome(chain) for chain in chains]
-        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started)
+            chains[plan.item_id] = list(zip(STEPS, (up, gen, big, verdicts, archive.submit(plan, big, verdicts))))
+        outcomes = []
+        for plan in plans:
+            if plan.item_id in reused:
+                outcomes.append((reused[plan.item_id], None))
+            elif plan.item_id in skipped:
+                outcomes.append((None, skipped[plan.item_id]))
+            else:
+                outcomes.append(_outcome(chains[plan.item_id]))
+        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
+                                  frozenset(reused))
+        manifest["estimated_credits"] = estimated
         publish(parsed, run_date, manifest)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

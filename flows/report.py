@@ -26,7 +26,7 @@ def artifact_key(name: str) -> str:
 
 def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_date: date,
                    plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]],
-                   started: datetime) -> dict[str, Any]:
+                   started: datetime, reused: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The run manifest: one entry per item, totals, and `complete` or `partial`."""
     from prefect.runtime import flow_run
 
@@ -36,7 +36,7 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
                                  "request_id": plan.request.request_id, "seed": plan.request.seed}
         if isinstance(result, ArchivedItem):
             entry.update(job_id=result.job_id, credits=result.credits, credits_source=result.credits_source,
-                         objects=result.objects)
+                         objects=result.objects, reused=plan.item_id in reused)
         else:
             entry.update(credits=0.0, objects=[], error=error)
         items.append(entry)
@@ -51,6 +51,8 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
             "images": len(objects), "approved": sum(o["verdict"] == "approved" for o in objects),
             "rejected": sum(o["verdict"] == "rejected" for o in objects),
             "credits": round(sum(i["credits"] for i in items), 4),
+            "credits_this_run": round(sum(i["credits"] for i in items if not i.get("reused")), 4),
+            "reused_items": sum(bool(i.get("reused")) for i in items),
         },
         "items": items,
     }
@@ -62,10 +64,10 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     for item in manifest["items"]:
         for obj in item["objects"]:
             rows.append({"item": item["item"], "index": obj["index"], "provider": item["provider"],
-                         "credits": item["credits"], "verdict": obj["verdict"], "s3_uri": obj["s3_uri"]})
+                         "job_credits": item["credits"], "verdict": obj["verdict"], "s3_uri": obj["s3_uri"]})
         if item.get("error"):
             err = item["error"]
-            rows.append({"item": item["item"], "index": "-", "provider": item["provider"], "credits": 0.0,
+            rows.append({"item": item["item"], "index": "-", "provider": item["provider"], "job_credits": 0.0,
                          "verdict": f"failed at {err['step']}: {err['error']}", "s3_uri": err["message"][:200]})
     return rows
 
@@ -99,5 +101,5 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
                      f"{totals['approved']} approved, {totals['rejected']} rejected, "
                      f"{totals['failed_items']} failed item(s), {totals['credits']} credits. Manifest: `{uri}`"),
     )
-    get_run_logger().info("manifest %s\n%s", uri, format_table(rows))
+    get_run_logger().info("manifest %s: %s", uri, totals)
     return uri

@@ -122,6 +122,9 @@ class RunSettings(_Strict):
     poll_interval: float = Field(2.0, gt=0, le=60, description="Seconds between job status polls.")
     job_timeout: float = Field(900, gt=0, description="Seconds a provider job may take in all.")
     http_timeout: float = Field(30, gt=0, le=300, description="Seconds for one HTTP request.")
+    max_credits: float | None = Field(
+        None, gt=0, description="Refuse a run estimated above this; stop submitting when reached."
+    )
 
 
 class Item(_Strict):

@@ -18,9 +18,11 @@ from pydantic import BaseModel, Field
 
 from blocks import load_provider
 from blocks.archive import archive_bucket, write_bytes, write_json
-from blocks.base import GenerationRequest, ImageProvider
-from blocks.errors import is_retryable
+from blocks.base import CreditEstimate, GenerationRequest, ImageProvider
+from blocks.errors import JobFailed, is_retryable
+from deployments.limits import PrefectLimiter
 from flows import images
+from flows.ledger import JobLedger
 from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key
 
 
@@ -39,6 +41,7 @@ class ItemPlan(BaseModel):
     review: ReviewSettings
     archive: ArchiveSettings
     work_dir: str
+    estimate: CreditEstimate | None = None
     http_timeout: float
     poll_interval: float
     job_timeout: float
@@ -84,8 +87,15 @@ class ArchivedItem(BaseModel):
 
 @lru_cache(maxsize=32)
 def provider_for(name: str, block: str) -> ImageProvider:
-    """The provider Block, loaded once per process (its HTTP client is shared by threads)."""
-    return load_provider(name, block)
+    """The provider Block, loaded once per process (its HTTP client is shared by threads),
+    taking every request and job slot from the account's limits on the Prefect server."""
+    provider = load_provider(name, block)
+    provider.use_limiter(PrefectLimiter(name, block))
+    return provider
+
+
+def ledger_of(plan: ItemPlan) -> JobLedger:
+    return JobLedger(plan.archive, plan.pipeline, plan.run_date)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -111,11 +121,37 @@ def upload(plan: ItemPlan) -> str | None:
 @task(task_run_name="generate-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
       retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
-    """Run the provider job to its end and save its images in the work directory."""
+    """Run the provider job to its end and save its images in the work directory.
+
+    The ledger decides first: a job this item already submitted is resumed by id; a submit
+    whose answer was lost is reconciled by the provider; a job that failed is tried again
+    under a new attempt number (failed jobs are not charged). Only then is anything paid."""
     provider = provider_for(plan.provider, plan.block)
-    request = plan.request.model_copy(update={"input_ref": input_ref})
+    ledger = ledger_of(plan)
+    record = ledger.get(plan.item_id) or {}
+    mine = record.get("base_request_id") == plan.request.request_id  # same item, same request
+    attempt = int(record.get("attempt", 1)) + (record.get("state") == "failed") if mine else 1
+    rid = plan.request.request_id if attempt == 1 else f"{plan.request.request_id}-{attempt}"
+    request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
+    base = {"base_request_id": plan.request.request_id, "request_id": rid, "attempt": attempt,
+            "provider": plan.provider, "block": plan.block}
+    job_id = None
+    if mine and record.get("request_id") == rid and record.get("job_id"):
+        job_id = record["job_id"]  # resume: poll the job we already paid for
+    elif mine and record.get("request_id") == rid and record.get("state") == "submitting":
+        job_id = provider.reconcile(request)  # the answer to our submit was lost
+        ledger.put(plan.item_id, {**base, "state": "submitted", "job_id": job_id})
+    else:
+        ledger.put(plan.item_id, {**base, "state": "submitting"})
     submitted = datetime.now(timezone.utc)
-    result = provider.run_job(request, poll_interval=plan.poll_interval, timeout=plan.job_timeout)
+    try:
+        result = provider.run_job(
+            request, poll_interval=plan.poll_interval, timeout=plan.job_timeout, estimate=plan.estimate,
+            job_id=job_id, on_submitted=lambda jid: ledger.put(plan.item_id, {**base, "state": "submitted",
+                                                                               "job_id": jid}))
+    except JobFailed as exc:
+        ledger.put(plan.item_id, {**base, "state": "failed", "reason": exc.message})
+        raise
     files = []
     for index, data in enumerate(result.images, start=1):
         path = Path(plan.work_dir) / f"{plan.item_id}-{index}.png"
@@ -192,5 +228,9 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
         sidecar_uri = write_json(bucket, sidecar_key, sidecar)
         objects.append({"index": verdict.index, "s3_uri": uri, "sidecar": sidecar_uri, "sha256": digest,
                         "verdict": sidecar["verdict"], "reasons": verdict.reasons})
-    return ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
-                        credits=generated.credits, credits_source=generated.credits_source, objects=objects)
+    archived = ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
+                            credits=generated.credits, credits_source=generated.credits_source, objects=objects)
+    ledger_of(plan).put(plan.item_id, {"base_request_id": plan.request.request_id,
+                                       "request_id": generated.request_id, "state": "archived",
+                                       "job_id": generated.job_id, "archived": archived.model_dump()})
+    return archived

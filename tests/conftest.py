@@ -44,7 +44,10 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Sandb
 
 @pytest.fixture(scope="session")
 def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launcher.SandboxState:
+    from deployments.limits import apply_limits
+
     launcher.register_blocks(sandbox)
+    apply_limits({"tams": [launcher.BLOCK_NAME]})
     return sandbox
 
 

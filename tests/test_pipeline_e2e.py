@@ -86,9 +86,11 @@ def test_rerun_of_the_same_date_pays_nothing(run) -> None:
     assert first.is_completed()
     second, before, after = run(spec_text("rerun", ITEMS), date(2026, 1, 16))
     assert second.is_completed()
-    assert after["submits"] == before["submits"] and after["charges"] == before["charges"]
-    assert after["duplicate_submits"] - before["duplicate_submits"] == 4
-    assert [i["job_id"] for i in first.result()["items"]] == [i["job_id"] for i in second.result()["items"]]
+    # Every item was archived by the first run: the ledger reuses it without any provider call.
+    assert after["requests"] == before["requests"]
+    manifest = second.result()
+    assert manifest["totals"]["reused_items"] == 4 and manifest["totals"]["credits_this_run"] == 0
+    assert [i["job_id"] for i in first.result()["items"]] == [i["job_id"] for i in manifest["items"]]
 
 
 def test_failed_item_is_recorded_and_the_rest_archive(run, sandbox_blocks) -> None:

@@ -1,0 +1,114 @@
+"""Provider limits as code, held on the Prefect server.
+
+`load_limits()` reads `limits.yaml`; `apply_limits()` upserts one Prefect global concurrency
+limit per declared rate (a limit of 1 whose slot decays `rate x safety` times a second, so
+requests are spaced, not burst) and per declared in-flight cap; `PrefectLimiter` is what the
+flow plugs into a provider Block so every request and every job takes its slot, strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+LIMITS_FILE = Path(__file__).with_name("limits.yaml")
+JOB_LEASE_SECONDS = 60  # a crashed holder frees its slot after about this long
+
+
+class ProviderLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate: dict[str, float] = Field(default_factory=dict, description="requests/second per action")
+    jobs: dict[str, int] = Field(default_factory=dict, description="jobs in flight per action")
+
+
+class LimitsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate_safety: float = Field(0.9, gt=0, le=1)
+    providers: dict[str, ProviderLimits]
+    accounts: dict[str, list[str]] = Field(default_factory=dict)
+
+
+def load_limits(path: Path = LIMITS_FILE) -> LimitsFile:
+    return LimitsFile.model_validate(yaml.safe_load(path.read_text()))
+
+
+def rate_name(provider: str, block: str, action: str) -> str:
+    return f"imagegen:{provider}:{block}:rate:{action}"
+
+
+def jobs_name(provider: str, block: str, action: str) -> str:
+    return f"imagegen:{provider}:{block}:jobs:{action}"
+
+
+def wanted_limits(limits: LimitsFile, accounts: dict[str, list[str]] | None = None) -> dict[str, tuple[int, float | None]]:
+    """Every limit name with (limit, slot decay per second or None)."""
+    out: dict[str, tuple[int, float | None]] = {}
+    for provider, blocks in (accounts or limits.accounts).items():
+        declared = limits.providers[provider]
+        for block in blocks:
+            for action, per_second in declared.rate.items():
+                out[rate_name(provider, block, action)] = (1, round(per_second * limits.rate_safety, 4))
+            for action, cap in declared.jobs.items():
+                out[jobs_name(provider, block, action)] = (cap, None)
+    return out
+
+
+def apply_limits(accounts: dict[str, list[str]] | None = None, path: Path = LIMITS_FILE) -> dict[str, tuple[int, float | None]]:
+    """Create or update the limits on the current Prefect API; return what was applied."""
+    from prefect.client.orchestration import get_client
+
+    wanted = wanted_limits(load_limits(path), accounts)
+    with get_client(sync_client=True) as client:
+        for name, (limit, decay) in wanted.items():
+            client.upsert_global_concurrency_limit_by_name(name, limit, decay if decay is not None else 0.0)
+    return wanted
+
+
+def show_limits() -> list[dict[str, object]]:
+    """The imagegen limits on the current Prefect API with their current usage."""
+    from prefect.client.orchestration import get_client
+
+    rows, offset = [], 0
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_global_concurrency_limits(limit=200, offset=offset)
+            rows += [{"name": l.name, "limit": l.limit, "active_slots": l.active_slots,
+                      "slot_decay_per_second": l.slot_decay_per_second, "active": l.active}
+                     for l in page if l.name.startswith("imagegen:")]
+            if len(page) < 200:
+                return sorted(rows, key=lambda r: str(r["name"]))
+            offset += 200
+
+
+class PrefectLimiter:
+    """Takes a provider account's limits from the Prefect server, strictly (missing = error)."""
+
+    def __init__(self, provider: str, block: str, limits: LimitsFile | None = None) -> None:
+        self.provider, self.block = provider, block
+        self.declared = (limits or load_limits()).providers.get(provider, ProviderLimits())
+
+    def _rate_action(self, action: str) -> str | None:
+        return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
+
+    def request(self, action: str) -> None:
+        from prefect.concurrency.sync import rate_limit
+
+        key = self._rate_action(action)
+        if key is not None:
+            rate_limit(rate_name(self.provider, self.block, key), strict=True)
+
+    @contextlib.contextmanager
+    def job(self, action: str) -> Iterator[None]:
+        from prefect.concurrency.sync import concurrency
+
+        cap_action = action if action in self.declared.jobs else ("default" if "default" in self.declared.jobs else None)
+        if cap_action is None:
+            yield
+            return
+        with concurrency(jobs_name(self.provider, self.block, cap_action), occupy=1, strict=True,
+                         lease_duration=JOB_LEASE_SECONDS):
+            yield
