@@ -11,11 +11,21 @@ The credit formula of the real service is not published; this one is ours and fa
 one credit per 512x512 image at 20 steps, scaled by pixels and steps, plus the hires pass.
 A prompt containing ``[[fail]]`` makes the job fail, for tests.
 
-Test hooks (no auth, not part of TAMS): ``GET /_sandbox/stats``, ``POST /_sandbox/reset``.
+Test hooks (no auth, not part of TAMS): ``GET /_sandbox/stats``; ``POST /_sandbox/config``
+(``latency``, ``balance``); ``POST /_sandbox/faults`` with ``{"kind", "count", "method",
+"path", "delay"}`` queues faults for the next matching API requests, ``DELETE`` clears them:
+
+- ``rate_limit``: HTTP 429, gRPC 8, ``Retry-After: 1``;
+- ``http_500``: HTTP 503, gRPC 14 UNAVAILABLE;
+- ``slow``: the request is handled only after ``delay`` seconds (beyond a client timeout,
+  a submit then succeeds although the client saw a timeout);
+- ``drop``: the request is handled, then the connection is cut mid-response;
+- ``job_fail``: the next created job ends FAILED.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -72,6 +82,16 @@ def camel(data: Any) -> Any:
     return data
 
 
+class DroppedResponse(Response):
+    """Starts a 200 answer and cuts the connection mid-body, as a dropped connection looks."""
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        await send({"type": "http.response.body", "body": b'{"job": {', "more_body": True})
+        raise ConnectionAbortedError("connection dropped (injected fault)")
+
+
 class ApiError(Exception):
     def __init__(self, http: int, code: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -109,7 +129,8 @@ class TamsState:
     upload_tokens: dict[str, str] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "auth_failures": 0, "submits": 0, "duplicate_submits": 0,
-        "charges": 0, "polls": 0, "estimates": 0, "uploads": 0, "failed_jobs": 0})
+        "charges": 0, "polls": 0, "estimates": 0, "uploads": 0, "failed_jobs": 0, "injected_faults": 0})
+    faults: list[dict[str, Any]] = field(default_factory=list)
     charged_credits: float = 0.0
     window: SlidingWindow = field(default_factory=lambda: SlidingWindow(QPS))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -134,6 +155,8 @@ class TamsEmulator:
             Route("/_storage/{resource_id}", self.put_resource, methods=["PUT"]),
             Route("/_results/{job_id}/{index:int}.png", self.result_image, methods=["GET"]),
             Route("/_sandbox/stats", self.stats, methods=["GET"]),
+            Route("/_sandbox/config", self.config, methods=["POST"]),
+            Route("/_sandbox/faults", self.set_faults, methods=["POST", "DELETE"]),
             Route("/_sandbox/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
         ])
 
@@ -154,7 +177,29 @@ class TamsEmulator:
             wait = max(1, round(st.window.retry_after(app_id) + 0.5))
             raise ApiError(429, 8, f"rate limit exceeded: {QPS} requests per second",
                            {"Retry-After": str(wait)})
+        fault = self._take_fault(request.method, request.url.path, ("rate_limit", "http_500", "slow", "drop"))
+        if fault is not None:
+            if fault["kind"] == "rate_limit":
+                raise ApiError(429, 8, "rate limit exceeded (injected)", {"Retry-After": "1"})
+            if fault["kind"] == "http_500":
+                raise ApiError(503, 14, "service unavailable (injected)")
+            if fault["kind"] == "slow":
+                await asyncio.sleep(float(fault.get("delay", 5)))
+            if fault["kind"] == "drop":
+                request.state.drop = True
         return app_id, body
+
+    def _take_fault(self, method: str, path: str, kinds: tuple[str, ...]) -> dict[str, Any] | None:
+        st = self.state
+        with st.lock:
+            for fault in st.faults:
+                if fault["kind"] in kinds and fault["count"] > 0 \
+                        and fault.get("method", method).upper() == method.upper() \
+                        and path.startswith(fault.get("path", "")):
+                    fault["count"] -= 1
+                    st.counters["injected_faults"] += 1
+                    return fault
+        return None
 
     def _verify(self, request: Request, header: str, body: bytes) -> str | None:
         st = self.state
@@ -194,9 +239,10 @@ class TamsEmulator:
     def _handle(fn):  # noqa: ANN001, ANN205
         async def wrapper(self: "TamsEmulator", request: Request) -> Response:
             try:
-                return await fn(self, request)
+                response = await fn(self, request)
             except ApiError as exc:
                 return exc.response()
+            return DroppedResponse() if getattr(request.state, "drop", False) else response
         return wrapper
 
     # --- validation ----------------------------------------------------------------------------
@@ -303,9 +349,16 @@ class TamsEmulator:
         with st.lock:
             if st.balance[app_id] < cost:
                 raise ApiError(400, 9, f"insufficient credits: balance {st.balance[app_id]}, need {cost}")
+            fail = "generation failed: [[fail]] marker in prompt" if "[[fail]]" in prompt else None
+        if fail is None and self._take_fault("POST", "/v1/jobs", ("job_fail",)) is not None:
+            fail = "generation failed: out of GPU memory (injected)"
+        with st.lock:
+            existing = st.by_request.get((app_id, request_id))
+            if existing is not None:  # a concurrent submit of the same requestId got here first
+                st.counters["duplicate_submits"] += 1
+                return JSONResponse({"job": self._job_info(st.jobs[existing], request)})
             job = Job(id=str(next(st.ids)), app_id=app_id, request_id=request_id, stages=stages,
-                      created=time.monotonic(), credits=cost,
-                      fail_reason="generation failed: [[fail]] marker in prompt" if "[[fail]]" in prompt else None)
+                      created=time.monotonic(), credits=cost, fail_reason=fail)
             st.jobs[job.id] = job
             st.by_request[(app_id, request_id)] = job.id
             st.counters["submits"] += 1
@@ -347,6 +400,29 @@ class TamsEmulator:
         if job is None:
             return Response(status_code=404)
         return Response(self._render(job, index), media_type="image/png")
+
+    async def config(self, request: Request) -> Response:
+        data = await request.json()
+        st = self.state
+        with st.lock:
+            if "latency" in data:
+                st.latency = float(data["latency"])
+            if "balance" in data:
+                st.balance = {app: float(data["balance"]) for app in st.balance}
+        return JSONResponse({"latency": st.latency, "balance": st.balance})
+
+    async def set_faults(self, request: Request) -> Response:
+        st = self.state
+        if request.method == "DELETE":
+            with st.lock:
+                st.faults.clear()
+            return JSONResponse({"faults": []})
+        fault = await request.json()
+        if fault.get("kind") not in ("rate_limit", "http_500", "slow", "drop", "job_fail"):
+            return JSONResponse({"error": f"unknown fault kind {fault.get('kind')!r}"}, status_code=400)
+        with st.lock:
+            st.faults.append({"count": 1, **fault})
+            return JSONResponse({"faults": st.faults})
 
     async def stats(self, request: Request) -> Response:
         st = self.state

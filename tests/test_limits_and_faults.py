@@ -1,0 +1,238 @@
+"""Limits held on the Prefect server, faults survived, nothing paid twice: checked against
+the emulator's own counters, with real processes where the guarantee is about processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deployments.limits import apply_limits, load_limits, show_limits, wanted_limits
+from flows.report import PipelineIncomplete
+from sandbox import launcher
+from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+
+ROOT = Path(__file__).parent.parent
+SHORT = "sandbox-short"  # the sandbox account with a 2 s HTTP timeout, for slow-response faults
+
+
+def spec_text(name: str, n: int, block: str = "sandbox", extra_run: str = "", prefix: str = "x") -> str:
+    items = "".join(f"  - {{id: {prefix}{i}, prompt: item {i} of {name}}}\n" for i in range(n))
+    return f"""\
+version: 1
+name: {name}
+provider: tams
+blocks: {{tams: {block}}}
+generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4{extra_run}}}
+items:
+{items}"""
+
+
+@pytest.fixture()
+def emulator(sandbox_blocks):
+    """The emulator, with faults cleared and latency and balance restored after each test."""
+    yield sandbox_blocks
+    httpx.delete(f"{sandbox_blocks.tams_url}/_sandbox/faults")
+    httpx.post(f"{sandbox_blocks.tams_url}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
+
+
+def inject(state, **fault) -> None:
+    httpx.post(f"{state.tams_url}/_sandbox/faults", json=fault).raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def short_timeout_account(sandbox_blocks):
+    from blocks.tams import TamsProvider
+
+    TamsProvider(app_id=sandbox_blocks.tams_app_id, private_key=sandbox_blocks.tams_private_key(),
+                 endpoint=sandbox_blocks.tams_url, timeout=2.0).save(SHORT, overwrite=True)
+    apply_limits({"tams": [SHORT]})
+    return SHORT
+
+
+def run_flow(tmp_path: Path, text: str, run_date: date):
+    from flows.pipeline import run_pipeline
+
+    path = tmp_path / f"spec-{run_date}.yaml"
+    path.write_text(text)
+    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
+
+
+def manifest_of(state) -> dict:
+    outcome = state.result(raise_on_failure=False)
+    return outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
+
+
+def cli_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+# --- limits as code ----------------------------------------------------------------------------
+
+def test_every_provider_declares_its_limits() -> None:
+    from blocks import PROVIDERS
+
+    limits = load_limits()
+    assert set(PROVIDERS) <= set(limits.providers)
+    assert limits.providers["tams"].rate == {"api": 5}
+
+
+def test_limits_apply_is_idempotent_and_shows_usage(sandbox_blocks) -> None:
+    first = apply_limits({"tams": ["acct-a"]})
+    again = apply_limits({"tams": ["acct-a"]})
+    assert first == again == {"imagegen:tams:acct-a:rate:api": (1, 4.5)}
+    shown = [r for r in show_limits() if r["name"] == "imagegen:tams:acct-a:rate:api"]
+    assert len(shown) == 1 and shown[0]["slot_decay_per_second"] == 4.5 and shown[0]["limit"] == 1
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "limits", "show"], capture_output=True, text=True,
+                         env=cli_env(), cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "imagegen:tams:acct-a:rate:api: rate 4.5/s, active slots" in out.stdout
+
+
+def test_a_missing_limit_is_an_error_not_a_silent_pass(sandbox_blocks) -> None:
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    from deployments.limits import PrefectLimiter
+
+    with pytest.raises(ConcurrencySlotAcquisitionError):
+        PrefectLimiter("tams", "account-without-limits").request("api")
+
+
+def test_declared_limits_cover_in_flight_caps() -> None:
+    wanted = wanted_limits(load_limits(), {"tams": ["b"]})
+    assert all(decay for _, decay in wanted.values())  # TAMS publishes a rate only
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fault", "use_short"), [
+    ({"kind": "rate_limit", "count": 3}, False),
+    ({"kind": "http_500", "count": 3}, False),
+    ({"kind": "drop", "count": 2, "method": "POST", "path": "/v1/jobs"}, False),
+    ({"kind": "drop", "count": 2, "method": "GET", "path": "/v1/jobs/"}, False),
+    ({"kind": "slow", "count": 1, "method": "POST", "path": "/v1/jobs", "delay": 3}, True),
+], ids=["rate-limit", "5xx", "drop-on-submit", "drop-on-poll", "slow-submit"])
+def test_transient_faults_are_survived_without_paying_twice(emulator, short_timeout_account, tmp_path, fault,
+                                                            use_short) -> None:
+    name = f"fault-{fault['kind']}-{fault.get('method', 'any').lower()}"
+    inject(emulator, **fault)
+    before = tams_stats(emulator)
+    state = run_flow(tmp_path, spec_text(name, 3, block=SHORT if use_short else "sandbox"), date(2026, 2, 1))
+    after = tams_stats(emulator)
+    assert state.is_completed(), manifest_of(state)
+    assert after["injected_faults"] - before["injected_faults"] == fault["count"]
+    assert after["submits"] - before["submits"] == 3  # one job per item, whatever was retried
+    assert after["charges"] - before["charges"] == 3
+    assert manifest_of(state)["totals"]["images"] == 3
+
+
+def test_failed_job_is_recorded_and_retried_only_on_rerun(emulator, tmp_path) -> None:
+    inject(emulator, kind="job_fail", count=1)
+    before = tams_stats(emulator)
+    state = run_flow(tmp_path, spec_text("fault-job-fail", 3), date(2026, 2, 2))
+    manifest = manifest_of(state)
+    assert state.is_failed() and manifest["totals"]["failed_items"] == 1 and manifest["totals"]["images"] == 2
+    failed = next(i for i in manifest["items"] if i.get("error"))
+    assert failed["error"]["step"] == "generate" and "out of GPU memory" in failed["error"]["message"]
+    mid = tams_stats(emulator)
+    assert mid["submits"] - before["submits"] == 3 and mid["charges"] - before["charges"] == 2
+    # The rerun submits the failed item once more (a new attempt; failed jobs cost nothing),
+    # and reuses the two archived ones.
+    again = run_flow(tmp_path, spec_text("fault-job-fail", 3), date(2026, 2, 2))
+    after = tams_stats(emulator)
+    assert again.is_completed()
+    assert after["submits"] - mid["submits"] == 1 and after["charges"] - mid["charges"] == 1
+    assert manifest_of(again)["totals"]["reused_items"] == 2
+
+
+def test_empty_balance_stops_the_run_and_says_why(emulator, tmp_path) -> None:
+    httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"balance": 0})
+    before = tams_stats(emulator)
+    state = run_flow(tmp_path, spec_text("fault-balance", 6, extra_run=", max_parallel: 1"), date(2026, 2, 3))
+    after = tams_stats(emulator)
+    manifest = manifest_of(state)
+    assert state.is_failed() and manifest["totals"]["images"] == 0
+    errors = [i["error"] for i in manifest["items"]]
+    assert errors[0]["error"] == "AccountStop" and "insufficient credits" in errors[0]["message"]
+    # After the first account stop, later items are not submitted at all.
+    assert any(e["error"] == "RunStopped" and "insufficient credits" in e["message"] for e in errors[1:])
+    assert after["charges"] == before["charges"] and after["submits"] == before["submits"]
+
+
+def test_spec_over_budget_makes_no_paid_call(emulator, tmp_path) -> None:
+    before = tams_stats(emulator)
+    state = run_flow(tmp_path, spec_text("budget", 4, extra_run=", max_credits: 3"), date(2026, 2, 4))
+    after = tams_stats(emulator)
+    assert state.is_failed() and "above run.max_credits 3" in str(state.result(raise_on_failure=False))
+    assert after["submits"] == before["submits"] and after["uploads"] == before["uploads"]
+    assert after["charges"] == before["charges"]
+
+
+def test_estimate_command(emulator, tmp_path) -> None:
+    path = tmp_path / "estimate.yaml"
+    path.write_text(spec_text("estimate", 4, extra_run=", max_credits: 3"))
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "estimate", str(path)], capture_output=True,
+                         text=True, env=cli_env(), cwd=ROOT, timeout=120)
+    assert "tams: 4 item(s), 4.00 credits, 0.0120 USD (from the provider's api estimate)" in out.stdout
+    assert "total: 4.00 credits (run.max_credits 3.0: OVER)" in out.stdout and out.returncode == 1
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def test_two_processes_on_one_account_never_exceed_the_rate(emulator, tmp_path) -> None:
+    before = tams_stats(emulator)
+    procs = []
+    for name in ("proc-a", "proc-b"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(spec_text(name, 6, prefix=name))
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date",
+                                       "2026-02-05"], env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    after = tams_stats(emulator)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert after["submits"] - before["submits"] == 12
+    assert after["rate_limited"] == before["rate_limited"], "the emulator refused requests over 5/s"
+    assert after["peak_requests_per_second"] <= 5
+    print(f"two processes: {after['requests'] - before['requests']} requests, 0 over the limit, "
+          f"peak {after['peak_requests_per_second']} in 1 s")
+
+
+def test_killed_run_resumes_without_paying_twice(emulator, tmp_path) -> None:
+    httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"latency": 8})
+    path = tmp_path / "killed.yaml"
+    path.write_text(spec_text("killed", 4))
+    before = tams_stats(emulator)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", "2026-02-06"],
+                            env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while tams_stats(emulator)["submits"] - before["submits"] < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before submitting"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = tams_stats(emulator)
+    assert killed["charges"] == before["charges"], "the jobs were not finished when the run was killed"
+    httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"latency": 0.6})
+    state = run_flow(tmp_path, path.read_text(), date(2026, 2, 6))
+    after = tams_stats(emulator)
+    assert state.is_completed()
+    assert after["submits"] - before["submits"] == 4, "an item was submitted twice"
+    assert after["charges"] - before["charges"] == 4
+    keys = {o["Key"] for o in s3_client(emulator).list_objects_v2(Bucket=TEST_BUCKET, Prefix="killed/")["Contents"]}
+    assert {f"killed/2026-02-06/x{i}-1.png" for i in range(4)} <= keys
+    print(f"kill and rerun: submits {after['submits'] - before['submits']}, charges "
+          f"{after['charges'] - before['charges']}, duplicate submits "
+          f"{after['duplicate_submits'] - before['duplicate_submits']}, over-limit {after['rate_limited'] - before['rate_limited']}")
