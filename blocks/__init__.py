@@ -5,9 +5,10 @@ S3 archive on prefect-aws. Importing this package registers every Block class, s
 from __future__ import annotations
 
 from blocks.base import ImageProvider
+from blocks.chuzhan import ChuzhanProvider
 from blocks.tams import TamsProvider
 
-PROVIDERS: dict[str, type[ImageProvider]] = {cls.provider_name: cls for cls in (TamsProvider,)}
+PROVIDERS: dict[str, type[ImageProvider]] = {cls.provider_name: cls for cls in (TamsProvider, ChuzhanProvider)}
 
 
 def load_provider(name: str, block_name: str) -> ImageProvider:
@@ -19,4 +20,4 @@ def load_provider(name: str, block_name: str) -> ImageProvider:
     return cls.load(block_name)
 
 
-__all__ = ["PROVIDERS", "ImageProvider", "TamsProvider", "load_provider"]
+__all__ = ["PROVIDERS", "ChuzhanProvider", "ImageProvider", "TamsProvider", "load_provider"]

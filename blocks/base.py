@@ -38,6 +38,7 @@ class GenerationRequest(BaseModel):
     cfg_scale: float | None = None
     vae: str | None = None
     denoising_strength: float | None = None
+    has_input: bool = Field(False, description="The item has an input image (image-to-image).")
     input_ref: str | None = Field(None, description="What `upload` returned for the input image.")
     upscale_factor: int | None = Field(None, description="Provider-side upscale in the same job.")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -126,6 +127,16 @@ class ImageProvider(Block, ABC):
     def job_action(self, request: GenerationRequest) -> str:
         """The provider action a request runs as (limits may differ per action)."""
         return "job"
+
+    @classmethod
+    def output_size(cls, request: GenerationRequest) -> tuple[int, int]:
+        """Width and height of the images the job returns."""
+        return request.output_size
+
+    @classmethod
+    def estimate_offline(cls, request: GenerationRequest) -> CreditEstimate | None:
+        """Credits by the provider's published formula, or None where none is published."""
+        return None
 
     def estimate_key(self, request: GenerationRequest) -> str:
         """Requests with the same key cost the same; by default every request is its own."""

@@ -64,10 +64,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
-    estimate_plans(plans)
+    _, rejected = estimate_plans(plans)
+    for item, error in rejected.items():
+        print(f"{item}: refused by the provider while pricing: {error['message']}", file=sys.stderr)
     rows: dict[str, dict] = {}
     for plan in plans:
         est = plan.estimate
+        if est is None:
+            continue
         row = rows.setdefault(plan.provider, {"items": 0, "credits": 0.0, "money": 0.0, "currency": est.currency,
                                               "sources": set()})
         row["items"] += 1
@@ -114,12 +118,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if args.action == "status":
         state = launcher.SandboxState.load(state_dir)
         running = bool(state and state.pids and all(launcher._alive(p) for p in state.pids.values()))
-        print(f"sandbox {'running' if running else 'stopped'}" + (f": TAMS {state.tams_url}, S3 {state.s3_url}"
+        print(f"sandbox {'running' if running else 'stopped'}" + (f": TAMS {state.tams_url}, 触站AI "
+                                                                  f"{state.chuzhan_url}, S3 {state.s3_url}"
                                                                   if state and running else ""))
         return 0 if running else 1
-    state = launcher.up(state_dir, tams_port=args.tams_port, s3_port=args.s3_port, latency=args.latency,
+    state = launcher.up(state_dir, tams_port=args.tams_port, chuzhan_port=args.chuzhan_port, s3_port=args.s3_port,
+                        latency=args.latency,
                         buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
-    print(f"sandbox up: TAMS emulator {state.tams_url}, S3 (SeaweedFS) {state.s3_url}, "
+    print(f"sandbox up: TAMS emulator {state.tams_url}, 触站AI emulator {state.chuzhan_url}, "
+          f"S3 (SeaweedFS) {state.s3_url}, "
           f"buckets {', '.join(state.buckets)}")
     if not args.no_register:
         try:
@@ -130,7 +137,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print(f"registered Blocks: {', '.join(names)}")
         from deployments.limits import apply_limits
 
-        applied = apply_limits({"tams": [launcher.BLOCK_NAME]})
+        applied = apply_limits({provider: [launcher.BLOCK_NAME] for provider in ("tams", "chuzhan")})
         print(f"applied provider limits: {', '.join(applied)}")
     return 0
 
@@ -158,6 +165,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["up", "down", "status"])
     s.add_argument("--state-dir", default=".sandbox")
     s.add_argument("--tams-port", type=int, default=8700)
+    s.add_argument("--chuzhan-port", type=int, default=8702)
     s.add_argument("--s3-port", type=int, default=8333)
     s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
     s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")

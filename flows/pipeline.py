@@ -23,7 +23,7 @@ from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
 from blocks.base import CreditEstimate, GenerationRequest
-from blocks.errors import AccountStop, ProviderError
+from blocks.errors import AccountStop, ContentRejected, ProviderError
 from flows.report import PipelineIncomplete, build_manifest, publish
 from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, resolve_spec_path
 from flows.tasks import ArchivedItem, ItemPlan, archive, generate, ledger_of, provider_for, review, upload, upscale
@@ -38,11 +38,19 @@ def derived_seed(pipeline: str, item_id: str, run_date: date) -> int:
     return int.from_bytes(digest[:4], "big") or 1
 
 
-def request_id(pipeline: str, item_id: str, run_date: date, step: str, fields: dict[str, Any]) -> str:
-    """The deterministic idempotency key of one paid step of one item on one run date."""
-    material = json.dumps({"pipeline": pipeline, "item": item_id, "run_date": run_date.isoformat(),
-                           "step": step, "request": fields}, sort_keys=True, default=str)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+def request_id(spec: PipelineSpec, index: int, run_date: date, step: str) -> str:
+    """The deterministic idempotency key of one paid step of one item on one run date.
+
+    It hashes only what the user wrote (defaults excluded), never internal request fields, so
+    it stays the same across imagegen upgrades: a rerun after an upgrade does not pay again."""
+    item = spec.items[index]
+    material = {
+        "pipeline": spec.name, "item": spec.item_id(index), "run_date": run_date.isoformat(), "step": step,
+        "provider": spec.provider_of(item), "spec_item": item.model_dump(exclude_defaults=True, exclude={"id"}),
+        "generate": spec.generate.model_dump(exclude_defaults=True),
+        "upscale": spec.upscale.model_dump(exclude_defaults=True) if spec.upscale else None,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: str) -> list[ItemPlan]:
@@ -59,14 +67,15 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
             "count": item.count, "width": gen.width, "height": gen.height, "model": gen.model,
             "steps": gen.steps, "sampler": gen.sampler, "cfg_scale": gen.cfg_scale, "vae": gen.vae,
             "denoising_strength": gen.denoising_strength, "upscale_factor": provider_upscale,
-            "options": gen.options, "input": item.input_image,
+            "options": gen.options, "has_input": item.input_image is not None,
         }
-        rid = request_id(spec.name, item_id, run_date, "generate", {**fields, "provider": provider})
-        fields.pop("input")
+        request = GenerationRequest(request_id=request_id(spec, index, run_date, "generate"), **fields)
+        width, height = PROVIDERS[provider].output_size(request)
+        local = spec.upscale.factor if spec.upscale and spec.upscale.engine != "provider" else 1
         plans.append(ItemPlan(
             pipeline=spec.name, spec_sha256=spec_sha256, run_date=run_date, item_id=item_id,
             provider=provider, block=spec.block_name(provider),
-            request=GenerationRequest(request_id=rid, **fields),
+            request=request, final_size=(width * local, height * local),
             input_image=item.input_image, upscale=spec.upscale, review=spec.review, archive=spec.archive,
             work_dir=work_dir, http_timeout=spec.run.http_timeout, poll_interval=spec.run.poll_interval,
             job_timeout=spec.run.job_timeout,
@@ -114,19 +123,26 @@ class BudgetExceeded(RuntimeError):
     """The run's estimated credits are above the spec's `run.max_credits`."""
 
 
-def estimate_plans(plans: list[ItemPlan]) -> dict[str, float]:
-    """Attach each plan's credit estimate (one provider call per distinct price shape);
-    return the credits per provider."""
+def estimate_plans(plans: list[ItemPlan]) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
+    """Attach each plan's credit estimate (one provider call per distinct price shape).
+
+    Returns the credits per provider, and the items the provider already rejected on content
+    while pricing them (recorded on the item, never submitted; the others go on)."""
     cache: dict[tuple[str, str, str], CreditEstimate] = {}
     per_provider: dict[str, float] = {}
+    rejected: dict[str, dict[str, str]] = {}
     for plan in plans:
         provider = provider_for(plan.provider, plan.block)
         key = (plan.provider, plan.block, provider.estimate_key(plan.request))
         if key not in cache:
-            cache[key] = provider.estimate(plan.request)
+            try:
+                cache[key] = provider.estimate(plan.request)
+            except ContentRejected as exc:
+                rejected[plan.item_id] = {"step": "estimate", "error": "ContentRejected", "message": str(exc)}
+                continue
         plan.estimate = cache[key]
         per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits
-    return per_provider
+    return per_provider, rejected
 
 
 def archived_before(plan: ItemPlan) -> ArchivedItem | None:
@@ -163,7 +179,7 @@ def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
         preflight(plans, path)
         reused = {p.item_id: a for p in plans if (a := archived_before(p)) is not None}
         todo = [p for p in plans if p.item_id not in reused]
-        per_provider = estimate_plans(todo)
+        per_provider, skipped = estimate_plans(todo)
         estimated = round(sum(per_provider.values()), 4)
         budget = parsed.run.max_credits
         if budget is not None and estimated > budget:
@@ -172,9 +188,8 @@ def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
         logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
                     parsed.name, run_date, len(plans), len(reused), estimated)
         chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
-        skipped: dict[str, dict[str, str]] = {}
         committed = 0.0
-        for plan in todo:
+        for plan in (p for p in todo if p.item_id not in skipped):
             while sum(not c[-1][1].wrapped_future.done() for c in chains.values()) >= parsed.run.max_parallel:
                 time.sleep(0.05)
             cost = plan.estimate.credits if plan.estimate else 0.0

@@ -36,6 +36,7 @@ class ItemPlan(BaseModel):
     provider: str
     block: str
     request: GenerationRequest
+    final_size: tuple[int, int] = Field(description="Size of the archived images, after every upscale.")
     input_image: str | None
     upscale: UpscaleSettings | None
     review: ReviewSettings
@@ -45,11 +46,6 @@ class ItemPlan(BaseModel):
     http_timeout: float
     poll_interval: float
     job_timeout: float
-
-    @property
-    def final_size(self) -> tuple[int, int]:
-        factor = self.upscale.factor if self.upscale else 1
-        return self.request.width * factor, self.request.height * factor
 
 
 class Generated(BaseModel):

@@ -34,7 +34,8 @@ def prefect_api() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.SandboxState]:
     state_dir = tmp_path_factory.mktemp("sandbox")
-    state = launcher.up(state_dir, tams_port=launcher.free_port(), s3_port=launcher.free_port(),
+    state = launcher.up(state_dir, tams_port=launcher.free_port(), chuzhan_port=launcher.free_port(),
+                        s3_port=launcher.free_port(),
                         latency=0.6, buckets=(TEST_BUCKET,))
     try:
         yield state
@@ -47,12 +48,16 @@ def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launche
     from deployments.limits import apply_limits
 
     launcher.register_blocks(sandbox)
-    apply_limits({"tams": [launcher.BLOCK_NAME]})
+    apply_limits({"tams": [launcher.BLOCK_NAME], "chuzhan": [launcher.BLOCK_NAME]})
     return sandbox
 
 
 def tams_stats(state: launcher.SandboxState) -> dict:
     return httpx.get(f"{state.tams_url}/_sandbox/stats").json()
+
+
+def chuzhan_stats(state: launcher.SandboxState) -> dict:
+    return httpx.get(f"{state.chuzhan_url}/_sandbox/stats").json()
 
 
 def s3_client(state: launcher.SandboxState):  # noqa: ANN201

@@ -1,0 +1,370 @@
+"""触站AI (Chuzhan AI, huashi6 open platform) provider Block and its published credit formula.
+
+Wire protocol as in `shared/providers/chuzhan.md`: every endpoint is `POST` with a JSON body,
+the API token goes in the `Auth-Token` header, answers come in a `{code, msg, success, data}`
+envelope (`code == 0` is success, business errors are HTTP 200). A drawing task is submitted
+with `/v1/draw` (which **charges at submit**) and polled with `/v1/task/detail` until
+`success` or `fail`. `predictConsume: true` prices a request without drawing or charging.
+
+The provider is the least documented of the three; every path and field name is in the
+constants below, so a correction from a live account is a one-line change.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import threading
+import time
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+import httpx
+from pydantic import Field, PrivateAttr, SecretStr
+
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus,
+                         backoff_delay, retry_after_seconds)
+from blocks.errors import (AccountStop, BadRequest, ContentRejected, ProviderError, SubmitUnknown,
+                           TransientError)
+
+PROVIDER = "chuzhan"
+PATH_DRAW = "/v1/draw"
+PATH_DETAIL = "/v1/task/detail"
+PATH_CUSTOMER = "/v1/customer/detail"  # [A] path not published; balance in data.balance
+STATES = {"in_queue": JobState.QUEUED, "running": JobState.RUNNING, "success": JobState.SUCCEEDED,
+          "fail": JobState.FAILED}
+
+# The credit page's constants.
+BASE_RATE = 0.000000763    # credits per pixel per step (base and hires fix)
+UPSCALE_RATE = 0.0000038   # credits per pixel per upscale factor
+MIN_BASE_SIDE, MIN_UPSCALE_SIDE = 512, 256
+MAX_AREA = 2048 * 2048     # w * h * hrScale^2
+MAX_SIDE, MIN_SIDE = 2048, 64
+MAX_HR_SCALE, MAX_HR_STEPS, MAX_UPSCALE, MAX_BATCH, MAX_UNITS = 3, 50, 3, 6, 3
+EXTRAS = {"removeBackground": 2, "redrawBackground": 2, "facePreservation": 2, "genderDetect": 1}
+FACE_FIX, PER_UNIT, MULTI_IMAGE_FACTOR = 2, 2, Decimal("0.9")
+
+# Error codes. The provider's own table is not published; these are the sandbox's, kept in one
+# place so the real ones can replace them. Messages are matched too (the real service's texts).
+ERRORS: dict[int, type[ProviderError]] = {
+    400: BadRequest,        # invalid parameter
+    401: AccountStop,       # bad or missing Auth-Token
+    402: AccountStop,       # not enough credits
+    403: ContentRejected,   # sensitive words in the prompt
+    404: BadRequest,        # unknown taskId
+    423: AccountStop,       # account disabled
+    429: TransientError,    # the account's taskLimitCount reached: wait for a task to end
+    500: TransientError,    # internal error
+    503: TransientError,    # service busy
+}
+MESSAGE_HINTS: tuple[tuple[str, type[ProviderError]], ...] = (
+    ("敏感", ContentRejected), ("违规", ContentRejected), ("余额不足", AccountStop), ("积分不足", AccountStop),
+)
+
+
+def _half_up(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def credit_terms(params: dict[str, Any]) -> dict[str, Decimal]:
+    """Each term of the formula for one image, unrounded (Decimal, so .5 rounds as written)."""
+    w, h = int(params.get("width") or 512), int(params.get("height") or 512)
+    steps = int(params.get("steps") or 20)
+    hr = Decimal(str(params.get("hrScale") or 1))
+    hr_steps = int(params.get("hrSteps") or 20)
+    up = int(params.get("upscale") or 1)
+    terms = {"base": Decimal(max(w, MIN_BASE_SIDE) * max(h, MIN_BASE_SIDE)) * Decimal(str(BASE_RATE)) * steps}
+    if hr > 1:
+        terms["hires"] = Decimal(w * h) * hr * hr * Decimal(str(BASE_RATE)) * hr_steps
+    if up > 1:
+        uw, uh = Decimal(w) * hr, Decimal(h) * hr
+        terms["upscale"] = (max(uw, Decimal(MIN_UPSCALE_SIDE)) * max(uh, Decimal(MIN_UPSCALE_SIDE))
+                            * Decimal(str(UPSCALE_RATE)) * up)
+    units = len((params.get("controlnet") or {}).get("units") or [])
+    if units:
+        terms["controlnet"] = Decimal(PER_UNIT * units)
+    options = params.get("imgOptions") or {}
+    for name, cost in EXTRAS.items():
+        if options.get(name):
+            terms[name] = Decimal(cost)
+    if params.get("faceFix"):
+        terms["faceFix"] = Decimal(FACE_FIX)
+    return terms
+
+
+def credits_for(params: dict[str, Any]) -> int:
+    """Credits of a drawing task by the provider's published formula.
+
+    Rounding (the page shows whole numbers and does not say how): its three worked examples
+    (12.00095 -> 12, 20.0016 -> 20, 5.9926 -> 6) rule out floor and ceiling, so one image
+    costs the sum of its terms rounded half up; several images cost that whole number
+    x 0.9 x count, rounded half up again. Unverified against the live service: compare with
+    `predictConsume`, which the Block uses whenever it is online.
+    """
+    single = _half_up(sum(credit_terms(params).values(), Decimal(0)))
+    count = int(params.get("batchSize") or 1)
+    return single if count == 1 else _half_up(Decimal(single) * MULTI_IMAGE_FACTOR * count)
+
+
+def output_size(params: dict[str, Any]) -> tuple[int, int]:
+    """Final size: (w x hrScale x upscale) by (h x hrScale x upscale)."""
+    factor = float(params.get("hrScale") or 1) * int(params.get("upscale") or 1)
+    return int(int(params.get("width") or 512) * factor), int(int(params.get("height") or 512) * factor)
+
+
+def check_caps(params: dict[str, Any]) -> None:
+    """Raise `BadRequest` naming the field for every cap of the credit page and the schema."""
+    def bad(field: str, why: str) -> BadRequest:
+        return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
+
+    w, h = int(params.get("width") or 512), int(params.get("height") or 512)
+    for name, value in (("width", w), ("height", h)):
+        if not MIN_SIDE <= value <= MAX_SIDE:
+            raise bad(f"generate.{name}", f"{value} is outside {MIN_SIDE}..{MAX_SIDE}")
+    steps = params.get("steps")
+    if steps is not None and not 1 <= int(steps) <= 50:
+        raise bad("generate.steps", f"{steps} is outside 1..50")
+    if not str(params.get("prompt") or "").strip():
+        raise bad("items.prompt", "empty prompt")
+    batch = int(params.get("batchSize") or 1)
+    if not 1 <= batch <= MAX_BATCH:
+        raise bad("items.count", f"{batch} is outside 1..{MAX_BATCH} images per task")
+    hr = float(params.get("hrScale") or 1)
+    if hr != 1:
+        if not 1 <= hr <= MAX_HR_SCALE:
+            raise bad("generate.options.hrScale", f"{hr} is outside 1..{MAX_HR_SCALE}")
+        if params.get("img"):
+            raise bad("generate.options.hrScale", "hires fix is for text-to-image only (the item has an input image)")
+    if params.get("hrSteps") is not None and not 1 <= int(params["hrSteps"]) <= MAX_HR_STEPS:
+        raise bad("generate.options.hrSteps", f"{params['hrSteps']} is outside 1..{MAX_HR_STEPS}")
+    if w * h * hr * hr > MAX_AREA:
+        raise bad("generate.options.hrScale", f"drawing area {w}x{h}x{hr}^2 = {int(w * h * hr * hr)} pixels is above "
+                                              f"{MAX_AREA} (2048x2048)")
+    if max(w, h) * hr > MAX_SIDE:
+        raise bad("generate.options.hrScale", f"a side after hires fix ({int(max(w, h) * hr)}) is above {MAX_SIDE}")
+    up = int(params.get("upscale") or 1)
+    if not 1 <= up <= MAX_UPSCALE:
+        raise bad("upscale.factor", f"{up} is above the provider's AI upscale cap of {MAX_UPSCALE}")
+    units = (params.get("controlnet") or {}).get("units") or []
+    if len(units) > MAX_UNITS:
+        raise bad("generate.options.controlnet.units", f"{len(units)} units, at most {MAX_UNITS}")
+    cfg = params.get("cfgScale")
+    if cfg is not None and not 1 <= float(cfg) <= 30:
+        raise bad("generate.cfg_scale", f"{cfg} is outside 1..30")
+    strength = params.get("denoisingStrength")
+    if strength is not None and not params.get("img"):
+        raise bad("generate.denoising_strength", "only applies with an input image")
+    options = params.get("imgOptions") or {}
+    if options.get("removeBackground") and not params.get("img"):
+        raise bad("generate.options.imgOptions.removeBackground", "needs an input image")
+    if len(str(params.get("nonce") or "")) > 32:
+        raise bad("nonce", "at most 32 characters")
+    callback = params.get("callback")
+    if callback and not public_url(callback):
+        raise bad("callback", "must be a public http(s) URL (the provider refuses localhost and LAN addresses)")
+
+
+def public_url(url: str) -> bool:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.hostname == "localhost":
+        return False
+    try:
+        address = ipaddress.ip_address(parsed.hostname)
+    except ValueError:
+        return True
+    return address.is_global
+
+
+def map_error(code: int, message: str) -> ProviderError:
+    """Our error type for an envelope with `success: false`."""
+    kind = ERRORS.get(code, TransientError if code >= 500 else BadRequest)
+    for hint, hinted in MESSAGE_HINTS:
+        if hint in message:
+            kind = hinted
+    return kind(f"code {code}: {message or 'no message'}", provider=PROVIDER, code=str(code))
+
+
+class ChuzhanProvider(ImageProvider):
+    """触站AI open-platform account: API token and endpoint.
+
+    Example:
+        ```python
+        from blocks.chuzhan import ChuzhanProvider
+        provider = ChuzhanProvider.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "Chuzhan Provider"
+    _block_type_slug = "chuzhan-provider"
+    _documentation_url = "https://chuzhanai.apifox.cn/"
+    provider_name: ClassVar[str] = PROVIDER
+    idempotent_submit: ClassVar[bool] = False  # charged at submit; a repeat is a second charge
+
+    api_token: SecretStr = Field(description="API token from the open-platform console (sent as Auth-Token).")
+    endpoint: str = Field("https://ai.huashi6.com/aiapi", description="API base URL.")
+    callback: str | None = Field(None, description="Public URL the provider POSTs results to (optional).")
+    timeout: float = Field(30.0, description="Seconds for one HTTP request.")
+    max_attempts: int = Field(5, description="Attempts per call on transient errors.")
+
+    _client: httpx.Client | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
+                                            headers={"Auth-Token": self.api_token.get_secret_value()})
+            return self._client
+
+    # --- HTTP --------------------------------------------------------------------------------
+    def _post(self, path: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> Any:
+        """POST and unwrap the envelope. A request that may have been acted on (a submit whose
+        answer was lost) is never repeated: it raises `SubmitUnknown`."""
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+        def once() -> Any:
+            self._limiter.request(path.strip("/").replace("/", "."))
+            try:
+                response = self.client().post(path, content=body, headers={"Content-Type": "application/json"})
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the provider
+                raise TransientError(f"{path}: {type(exc).__name__}", provider=PROVIDER) from None
+            except httpx.TransportError as exc:
+                if safe_to_repeat:
+                    raise TransientError(f"{path}: {type(exc).__name__}", provider=PROVIDER) from None
+                raise SubmitUnknown(f"{path}: {type(exc).__name__} after the request was sent; it may have "
+                                    "been charged, so it is not repeated", provider=PROVIDER) from None
+            if response.status_code != 200:
+                kind = TransientError if response.status_code >= 500 or response.status_code == 429 else BadRequest
+                if kind is TransientError and not safe_to_repeat and response.status_code >= 500:
+                    raise SubmitUnknown(f"{path}: HTTP {response.status_code}; the task may exist",
+                                        provider=PROVIDER)
+                raise kind(f"{path}: HTTP {response.status_code}", provider=PROVIDER,
+                           **({"retry_after": retry_after_seconds(response)} if kind is TransientError else {}))
+            envelope = response.json()
+            if envelope.get("success") and envelope.get("code") == 0:
+                return envelope.get("data")
+            raise map_error(int(envelope.get("code") or -1), str(envelope.get("msg") or ""))
+
+        for attempt in range(self.max_attempts):
+            try:
+                return once()
+            except TransientError as exc:
+                if attempt + 1 >= self.max_attempts:
+                    raise
+                time.sleep(backoff_delay(attempt, exc.retry_after))
+        raise AssertionError("unreachable")
+
+    # --- requests ------------------------------------------------------------------------------
+    @classmethod
+    def draw_params(cls, request: GenerationRequest) -> dict[str, Any]:
+        """The `/v1/draw` body for a request (without callback and predictConsume)."""
+        params: dict[str, Any] = {
+            "prompt": request.prompt, "width": request.width, "height": request.height,
+            "modelStyleId": int(request.model) if request.model and request.model.isdigit() else 1,
+            "batchSize": request.count, "seed": request.seed, "nonce": request.request_id[:32],
+        }
+        if request.negative_prompt:
+            params["negativePrompt"] = request.negative_prompt
+        for field, value in (("steps", request.steps), ("cfgScale", request.cfg_scale),
+                             ("denoisingStrength", request.denoising_strength)):
+            if value is not None:
+                params[field] = value
+        if request.input_ref or request.has_input:
+            params["img"] = request.input_ref or "<input image, uploaded at run time>"
+        if request.upscale_factor:
+            params["upscale"] = request.upscale_factor
+        params.update(request.options)
+        return params
+
+    def job_action(self, request: GenerationRequest) -> str:
+        return "draw"  # held against the account's taskLimitCount, submit to result
+
+    @classmethod
+    def validate(cls, request: GenerationRequest) -> None:
+        check_caps(cls.draw_params(request))
+
+    @classmethod
+    def output_size(cls, request: GenerationRequest) -> tuple[int, int]:
+        return output_size(cls.draw_params(request))
+
+    @classmethod
+    def estimate_offline(cls, request: GenerationRequest) -> CreditEstimate:
+        return CreditEstimate(credits=credits_for(cls.draw_params(request)), source="formula")
+
+    def estimate_key(self, request: GenerationRequest) -> str:
+        params = self.draw_params(request)
+        for volatile in ("prompt", "negativePrompt", "seed", "nonce", "img"):
+            params.pop(volatile, None)
+        return json.dumps({**params, "has_img": request.has_input}, sort_keys=True)
+
+    def estimate(self, request: GenerationRequest) -> CreditEstimate:
+        """`predictConsume` when the service answers (free), the published formula otherwise."""
+        try:
+            data = self._post(PATH_DRAW, {**self.draw_params(request), "predictConsume": True})
+        except TransientError:
+            return self.estimate_offline(request)
+        return CreditEstimate(credits=float(data["estimateUsed"]), source="api")
+
+    def upload(self, data: bytes, content_type: str) -> str:
+        """No upload endpoint: `img` takes base64 (or a public URL), so the reference is the data."""
+        return base64.b64encode(data).decode()
+
+    def submit(self, request: GenerationRequest) -> str:
+        payload = self.draw_params(request)
+        if self.callback:
+            payload["callback"] = self.callback
+        data = self._post(PATH_DRAW, payload, safe_to_repeat=False)
+        if not data or not data.get("paintingSign"):
+            raise SubmitUnknown("draw answered without a paintingSign", provider=PROVIDER)
+        return str(data["paintingSign"])
+
+    def poll(self, job_id: str) -> JobStatus:
+        data = self._post(PATH_DETAIL, {"taskId": job_id, "preview": False, "imgFormat": "png"}) or {}
+        state = str(data.get("state", "in_queue"))
+        urls = [img["imageUrl"] for img in data.get("images") or [] if img.get("imageUrl")]
+        if not urls and data.get("imgUrl"):
+            urls = [data["imgUrl"]]
+        audits = [img.get("audit") for img in data.get("images") or []]
+        reason = data.get("failReason")
+        if state == "success" and audits and all(a is not None and int(a) != 1 for a in audits):
+            state, reason = "fail", "every image failed the provider's audit"
+        return JobStatus(job_id=job_id, state=STATES.get(state, JobState.QUEUED), provider_status=state,
+                         progress=data.get("progress"), result_urls=urls, reason=reason)
+
+    def job_failure(self, status: JobStatus) -> ProviderError:
+        if status.reason and "audit" in status.reason:
+            return ContentRejected(status.reason, provider=PROVIDER, code="audit")
+        return super().job_failure(status)
+
+    def fetch(self, status: JobStatus) -> list[bytes]:
+        def get(url: str) -> bytes:
+            try:
+                response = httpx.get(url, timeout=self.timeout)
+            except httpx.TransportError as exc:
+                raise TransientError(f"result download: {type(exc).__name__}", provider=PROVIDER) from None
+            if response.status_code != 200:
+                kind = TransientError if response.status_code >= 500 else BadRequest
+                raise kind(f"result download: HTTP {response.status_code} (URLs expire after 30 minutes)",
+                           provider=PROVIDER)
+            return response.content
+
+        if not status.result_urls:
+            raise BadRequest(f"task {status.job_id} succeeded without images", provider=PROVIDER)
+        results: list[bytes] = []
+        for url in status.result_urls:
+            for attempt in range(self.max_attempts):
+                try:
+                    results.append(get(url))
+                    break
+                except TransientError:
+                    if attempt + 1 >= self.max_attempts:
+                        raise
+                    time.sleep(backoff_delay(attempt, None))
+        return results
+
+    def balance(self) -> float:
+        """The account's credit balance."""
+        return float((self._post(PATH_CUSTOMER, {}) or {}).get("balance", 0))
+

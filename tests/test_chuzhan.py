@@ -1,0 +1,242 @@
+"""触站AI: the published credit formula, caps refused before any call, envelope errors (respx),
+and pipelines against the emulator process: estimate equals charge, hires fix and upscale land
+in S3 at the right size, a content rejection is recorded and not retried, in-flight cap held."""
+
+from __future__ import annotations
+
+from datetime import date
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from blocks.base import GenerationRequest
+from blocks.chuzhan import ChuzhanProvider, check_caps, credits_for, map_error, output_size
+from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
+from flows.report import PipelineIncomplete
+from tests.conftest import TEST_BUCKET, chuzhan_stats, s3_client
+
+ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
+
+
+@pytest.mark.parametrize(("params", "credits"), [
+    # The provider page's worked examples.
+    ({"width": 768, "height": 1024, "steps": 20}, 12),
+    ({"width": 512, "height": 512, "hrScale": 2, "hrSteps": 20}, 20),
+    ({"width": 512, "height": 512, "upscale": 2}, 6),
+    # Defaults: steps 20, hrSteps 20.
+    ({"width": 768, "height": 1024}, 12),
+    ({"width": 512, "height": 512, "hrScale": 2}, 20),
+    # Clamps: base sides below 512 count as 512 (1.0 credit unclamped, 4.0 clamped) ...
+    ({"width": 256, "height": 256, "steps": 20}, 4),
+    # ... upscale sides below 256 count as 256 (4.456 unclamped -> 4; 4.747 clamped -> 5).
+    ({"width": 200, "height": 200, "upscale": 3}, 5),
+    # Upscale is priced on the hires-fixed size: 4.0003 + 16.0013 + 7.9692 = 27.97 (22 if not).
+    ({"width": 512, "height": 512, "hrScale": 2, "upscale": 2}, 28),
+    # Flat extras.
+    ({"width": 768, "height": 1024, "controlnet": {"units": [{"type": "canny"}, {"type": "depth"}]}}, 16),
+    ({"width": 768, "height": 1024, "imgOptions": {"removeBackground": True}}, 14),
+    ({"width": 768, "height": 1024, "imgOptions": {"redrawBackground": True}}, 14),
+    ({"width": 768, "height": 1024, "imgOptions": {"facePreservation": True}}, 14),
+    ({"width": 768, "height": 1024, "imgOptions": {"genderDetect": True}}, 13),
+    ({"width": 768, "height": 1024, "faceFix": True}, 14),
+    # Several images: whole single-image credits x 0.9 x n, rounded half up.
+    ({"width": 768, "height": 1024, "batchSize": 3}, 32),   # 12 x 2.7 = 32.4
+    ({"width": 768, "height": 1024, "batchSize": 2}, 22),   # 12 x 1.8 = 21.6
+    # The rounding choice: the single image is rounded first (4.498 -> 4; 4 x 5.4 = 21.6 -> 22),
+    # where rounding only the total would give 24.29 -> 24.
+    ({"width": 128, "height": 128, "upscale": 2, "batchSize": 6}, 22),
+    # Numbers as numeric strings, as the page's own examples send them.
+    ({"width": "768", "height": "1024", "steps": "20"}, 12),
+])
+def test_credit_formula(params: dict, credits: int) -> None:
+    assert credits_for(params) == credits
+
+
+def test_final_size() -> None:
+    assert output_size({"width": 512, "height": 768, "hrScale": 2, "upscale": 2}) == (2048, 3072)
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"width": 4096}, "generate.width"), ({"height": 32}, "generate.height"), ({"steps": 60}, "generate.steps"),
+    ({"hrScale": 4}, "generate.options.hrScale"), ({"hrSteps": 51}, "generate.options.hrSteps"),
+    ({"width": 1536, "height": 1536, "hrScale": 2}, "generate.options.hrScale"),      # area 9.4M > 4.19M
+    ({"width": 2048, "height": 512, "hrScale": 1.5}, "generate.options.hrScale"),     # a side 3072 > 2048
+    ({"hrScale": 2, "img": "aGk="}, "generate.options.hrScale"),                       # text-to-image only
+    ({"upscale": 4}, "upscale.factor"), ({"batchSize": 7}, "items.count"),
+    ({"controlnet": {"units": [{}, {}, {}, {}]}}, "generate.options.controlnet.units"),
+    ({"imgOptions": {"removeBackground": True}}, "generate.options.imgOptions.removeBackground"),
+    ({"cfgScale": 31}, "generate.cfg_scale"), ({"denoisingStrength": 0.5}, "generate.denoising_strength"),
+    ({"callback": "http://127.0.0.1:9000/cb"}, "callback"), ({"nonce": "x" * 33}, "nonce"),
+    ({"prompt": "  "}, "items.prompt"),
+])
+def test_caps_name_the_field(params: dict, field: str) -> None:
+    with pytest.raises(BadRequest, match=field.replace(".", r"\.")):
+        check_caps({"prompt": "a cat", "width": 512, "height": 512, **params})
+
+
+@pytest.mark.parametrize(("code", "msg", "kind"), [
+    (400, "参数错误", BadRequest), (401, "无效的 Auth-Token", AccountStop), (402, "积分余额不足", AccountStop),
+    (403, "词条中涉及敏感词，请调整后再生成图片", ContentRejected), (429, "任务数已达上限", TransientError),
+    (500, "内部错误", TransientError), (999, "词条中涉及敏感词", ContentRejected), (998, "余额不足", AccountStop),
+])
+def test_envelope_errors(code: int, msg: str, kind: type) -> None:
+    assert type(map_error(code, msg)) is kind
+
+
+def request(**overrides) -> GenerationRequest:
+    return GenerationRequest(**{"request_id": "c" * 40, "prompt": "a cat", "seed": 3, "width": 512, "height": 512,
+                                **overrides})
+
+
+@respx.mock
+def test_a_submit_whose_answer_is_lost_is_never_repeated() -> None:
+    route = respx.post("https://cz.test/v1/draw").mock(side_effect=httpx.ReadTimeout("slow"))
+    provider = ChuzhanProvider(api_token="t0k", endpoint="https://cz.test")
+    with pytest.raises(SubmitUnknown, match="may have been charged"):
+        provider.submit(request())
+    assert route.call_count == 1
+    sent = route.calls[0].request
+    assert sent.headers["Auth-Token"] == "t0k" and b'"nonce":"cccccccccccccccccccccccccccccccc"' in sent.content
+
+
+@respx.mock
+def test_estimate_falls_back_to_the_formula_offline() -> None:
+    respx.post("https://cz.test/v1/draw").mock(side_effect=httpx.ConnectError("down"))
+    provider = ChuzhanProvider(api_token="t", endpoint="https://cz.test", max_attempts=1)
+    estimate = provider.estimate(request(width=768, height=1024))
+    assert (estimate.credits, estimate.source) == (12, "formula")
+
+
+def test_secret_is_not_in_errors_or_repr() -> None:
+    provider = ChuzhanProvider(api_token="very-secret-token", endpoint="http://127.0.0.1:9")
+    assert "very-secret-token" not in repr(provider) and "very-secret-token" not in str(provider.model_dump())
+
+
+# --- against the emulator ----------------------------------------------------------------------
+
+def spec_text(name: str, items: str, *, options: str = "{}", upscale: str = "", size: int = 512) -> str:
+    return f"""\
+version: 1
+name: {name}
+provider: chuzhan
+blocks: {{chuzhan: sandbox}}
+generate: {{width: {size}, height: {size}, steps: 20, model: "1", options: {options}}}
+{upscale}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 5}}
+items:
+{items}"""
+
+
+@pytest.fixture()
+def chuzhan(sandbox_blocks):
+    yield sandbox_blocks
+    httpx.post(f"{sandbox_blocks.chuzhan_url}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
+
+
+def run_spec(tmp_path: Path, text: str, run_date: date):
+    from flows.pipeline import run_pipeline
+
+    path = tmp_path / f"chuzhan-{run_date}.yaml"
+    path.write_text(text)
+    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
+
+
+def manifest_of(state) -> dict:
+    outcome = state.result(raise_on_failure=False)
+    return outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
+
+
+def test_hires_fix_and_upscale_land_in_s3_and_estimate_equals_charge(chuzhan, tmp_path) -> None:
+    items = "  - {id: one, prompt: a castle, count: 1}\n  - {id: two, prompt: a lake, count: 2}\n"
+    text = spec_text("cz-hires", items, options="{hrScale: 2, hrSteps: 20}",
+                     upscale="upscale: {engine: provider, factor: 2}")
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, text, date(2026, 3, 1))
+    after = chuzhan_stats(chuzhan)
+    manifest = manifest_of(state)
+    assert state.is_completed(), manifest
+    charged = after["charged_credits"] - before["charged_credits"]
+    # one: 28; two: 28 x 0.9 x 2 = 50.4 -> 50
+    assert charged == manifest["totals"]["credits"] == manifest["estimated_credits"] == 78
+    assert after["submits"] - before["submits"] == 2 and after["estimates"] - before["estimates"] == 2
+    s3 = s3_client(chuzhan)
+    body = s3.get_object(Bucket=TEST_BUCKET, Key="cz-hires/2026-03-01/two-2.png")["Body"].read()
+    assert Image.open(BytesIO(body)).size == (2048, 2048)
+
+
+def test_mixed_run_estimate_equals_charge(chuzhan, tmp_path) -> None:
+    items = (f"  - {{id: sketch, prompt: render it, input_image: {ASSET}}}\n"
+             "  - {id: plain, prompt: a bird, count: 3}\n  - {id: small, prompt: a fish, seed: 5}\n")
+    text = spec_text("cz-mixed", items, options="{imgOptions: {genderDetect: true}}", size=768)
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, text, date(2026, 3, 2))
+    after = chuzhan_stats(chuzhan)
+    manifest = manifest_of(state)
+    assert state.is_completed(), manifest
+    # 768x768: 9.0 + 1 = 10 a task; x0.9x3 = 27 for the three-image item.
+    assert after["charged_credits"] - before["charged_credits"] == manifest["totals"]["credits"] == 47
+
+
+def test_cap_is_refused_before_any_request(chuzhan, tmp_path) -> None:
+    text = spec_text("cz-cap", "  - {id: a, prompt: a cat}\n", options="{hrScale: 2}", size=1536)
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, text, date(2026, 3, 3))
+    assert state.is_failed() and "drawing area" in str(state.result(raise_on_failure=False))
+    assert chuzhan_stats(chuzhan)["requests"] == before["requests"]
+
+
+def test_content_rejection_is_recorded_not_retried_and_others_complete(chuzhan, tmp_path) -> None:
+    items = ("  - {id: fine, prompt: a garden}\n  - {id: banned, prompt: \"a [[nsfw]] thing\"}\n"
+             "  - {id: also-fine, prompt: a river}\n")
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, spec_text("cz-reject", items), date(2026, 3, 4))
+    after = chuzhan_stats(chuzhan)
+    manifest = manifest_of(state)
+    banned = next(i for i in manifest["items"] if i["item"] == "banned")
+    assert banned["error"]["error"] == "ContentRejected" and "敏感词" in banned["error"]["message"]
+    # Priced once per shape (the first, fine item), then one refused submit: never retried.
+    assert after["sensitive_rejections"] - before["sensitive_rejections"] == 1
+    assert manifest["totals"]["images"] == 2 and after["submits"] - before["submits"] == 2
+
+
+def test_content_rejection_while_pricing_is_recorded_and_others_complete(chuzhan, tmp_path) -> None:
+    items = "  - {id: banned, prompt: \"a [[nsfw]] thing\"}\n  - {id: fine, prompt: a garden}\n"
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, spec_text("cz-reject-estimate", items), date(2026, 3, 8))
+    after = chuzhan_stats(chuzhan)
+    manifest = manifest_of(state)
+    banned = next(i for i in manifest["items"] if i["item"] == "banned")
+    assert banned["error"]["step"] == "estimate" and banned["error"]["error"] == "ContentRejected"
+    assert manifest["totals"]["images"] == 1 and after["submits"] - before["submits"] == 1
+    assert after["sensitive_rejections"] - before["sensitive_rejections"] == 1
+
+
+def test_provider_audit_failure_is_a_content_rejection(chuzhan, tmp_path) -> None:
+    state = run_spec(tmp_path, spec_text("cz-audit", "  - {id: a, prompt: \"x [[audit]]\"}\n"), date(2026, 3, 5))
+    error = manifest_of(state)["items"][0]["error"]
+    assert error["error"] == "ContentRejected" and "audit" in error["message"]
+
+
+def test_in_flight_cap_is_held_by_prefect(chuzhan, tmp_path) -> None:
+    httpx.post(f"{chuzhan.chuzhan_url}/_sandbox/config", json={"latency": 1.0})
+    items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(5))
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, spec_text("cz-cap-flight", items), date(2026, 3, 6))
+    after = chuzhan_stats(chuzhan)
+    assert state.is_completed()
+    assert after["peak_in_flight"] <= after["task_limit"] == 2
+    assert after["limit_rejections"] == before["limit_rejections"]
+
+
+def test_empty_balance_is_an_account_stop(chuzhan, tmp_path) -> None:
+    httpx.post(f"{chuzhan.chuzhan_url}/_sandbox/config", json={"balance": 1})
+    before = chuzhan_stats(chuzhan)
+    state = run_spec(tmp_path, spec_text("cz-broke", "  - {id: a, prompt: a cat}\n"), date(2026, 3, 7))
+    error = manifest_of(state)["items"][0]["error"]
+    assert error["error"] == "AccountStop" and "积分余额不足" in error["message"]
+    assert chuzhan_stats(chuzhan)["charges"] == before["charges"]
