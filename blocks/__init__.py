@@ -7,8 +7,9 @@ from __future__ import annotations
 from blocks.base import ImageProvider
 from blocks.chuzhan import ChuzhanProvider
 from blocks.tams import TamsProvider
+from blocks.tencent import TencentAiArtProvider
 
-PROVIDERS: dict[str, type[ImageProvider]] = {cls.provider_name: cls for cls in (TamsProvider, ChuzhanProvider)}
+PROVIDERS: dict[str, type[ImageProvider]] = {cls.provider_name: cls for cls in (TamsProvider, ChuzhanProvider, TencentAiArtProvider)}
 
 
 def load_provider(name: str, block_name: str) -> ImageProvider:
@@ -20,4 +21,4 @@ def load_provider(name: str, block_name: str) -> ImageProvider:
     return cls.load(block_name)
 
 
-__all__ = ["PROVIDERS", "ChuzhanProvider", "ImageProvider", "TamsProvider", "load_provider"]
+__all__ = ["PROVIDERS", "ChuzhanProvider", "ImageProvider", "TamsProvider", "TencentAiArtProvider", "load_provider"]

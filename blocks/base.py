@@ -19,7 +19,7 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, PrivateAttr
 
-from blocks.errors import JobFailed, ProviderError, SubmitUnknown, TransientError
+from blocks.errors import BadRequest, JobFailed, ProviderError, SubmitUnknown, TransientError
 
 
 class GenerationRequest(BaseModel):
@@ -115,6 +115,8 @@ class ImageProvider(Block, ABC):
     """A provider account: subclasses hold credentials and speak one wire protocol."""
 
     provider_name: ClassVar[str]
+    upscale_in_job: ClassVar[bool] = True
+    """True when the provider's upscaler is part of the generation job; else `refine` is a call."""
     idempotent_submit: ClassVar[bool] = False
     """True when submitting the same request id twice returns the first job (no second charge)."""
 
@@ -129,9 +131,19 @@ class ImageProvider(Block, ABC):
         return "job"
 
     @classmethod
-    def output_size(cls, request: GenerationRequest) -> tuple[int, int]:
-        """Width and height of the images the job returns."""
+    def output_size(cls, request: GenerationRequest) -> tuple[int, int] | None:
+        """Width and height of the images the job returns; None when only the run can tell."""
         return request.output_size
+
+    @classmethod
+    def refine_check(cls, width: int, height: int, factor: int) -> None:
+        """Raise `BadRequest` when the provider's separate upscaler cannot give `factor`."""
+        raise BadRequest(f"upscale.engine: {cls.provider_name} has no separate upscaler; its upscale is part of "
+                         "the job", provider=cls.provider_name, code="validation")
+
+    def refine(self, data: bytes) -> bytes:
+        """Upscale one image with the provider's separate upscaler (where `upscale_in_job` is False)."""
+        raise BadRequest(f"{self.provider_name} has no separate upscaler", provider=self.provider_name)
 
     @classmethod
     def estimate_offline(cls, request: GenerationRequest) -> CreditEstimate | None:

@@ -92,6 +92,7 @@ class PrefectLimiter:
         self.declared = (limits or load_limits()).providers.get(provider, ProviderLimits())
 
     def _rate_action(self, action: str) -> str | None:
+        """The rate an action counts against: its own, else the account-wide `api` one."""
         return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
 
     def request(self, action: str) -> None:

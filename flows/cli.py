@@ -122,10 +122,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                                                                   f"{state.chuzhan_url}, S3 {state.s3_url}"
                                                                   if state and running else ""))
         return 0 if running else 1
-    state = launcher.up(state_dir, tams_port=args.tams_port, chuzhan_port=args.chuzhan_port, s3_port=args.s3_port,
+    state = launcher.up(state_dir, tams_port=args.tams_port, chuzhan_port=args.chuzhan_port,
+                        tencent_port=args.tencent_port, s3_port=args.s3_port,
                         latency=args.latency,
                         buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
     print(f"sandbox up: TAMS emulator {state.tams_url}, 触站AI emulator {state.chuzhan_url}, "
+          f"Tencent AI Art emulator {state.tencent_url}, "
           f"S3 (SeaweedFS) {state.s3_url}, "
           f"buckets {', '.join(state.buckets)}")
     if not args.no_register:
@@ -137,7 +139,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print(f"registered Blocks: {', '.join(names)}")
         from deployments.limits import apply_limits
 
-        applied = apply_limits({provider: [launcher.BLOCK_NAME] for provider in ("tams", "chuzhan")})
+        applied = apply_limits({provider: [launcher.BLOCK_NAME] for provider in ("tams", "chuzhan", "tencent")})
         print(f"applied provider limits: {', '.join(applied)}")
     return 0
 
@@ -166,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", default=".sandbox")
     s.add_argument("--tams-port", type=int, default=8700)
     s.add_argument("--chuzhan-port", type=int, default=8702)
+    s.add_argument("--tencent-port", type=int, default=8703)
     s.add_argument("--s3-port", type=int, default=8333)
     s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
     s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")

@@ -23,7 +23,7 @@ from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
 from blocks.base import CreditEstimate, GenerationRequest
-from blocks.errors import AccountStop, ContentRejected, ProviderError
+from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
 from flows.report import PipelineIncomplete, build_manifest, publish
 from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, resolve_spec_path
 from flows.tasks import ArchivedItem, ItemPlan, archive, generate, ledger_of, provider_for, review, upload, upscale
@@ -57,7 +57,6 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
     """Every item's plan; pure, no I/O."""
     plans = []
     gen = spec.generate
-    provider_upscale = spec.upscale.factor if spec.upscale and spec.upscale.engine == "provider" else None
     for index, item in enumerate(spec.items):
         item_id = spec.item_id(index)
         provider = spec.provider_of(item)
@@ -66,16 +65,18 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
             "seed": item.seed if item.seed is not None else derived_seed(spec.name, item_id, run_date),
             "count": item.count, "width": gen.width, "height": gen.height, "model": gen.model,
             "steps": gen.steps, "sampler": gen.sampler, "cfg_scale": gen.cfg_scale, "vae": gen.vae,
-            "denoising_strength": gen.denoising_strength, "upscale_factor": provider_upscale,
+            "denoising_strength": gen.denoising_strength,
+            "upscale_factor": (spec.upscale.factor if spec.upscale and spec.upscale.engine == "provider"
+                               and PROVIDERS[provider].upscale_in_job else None),
             "options": gen.options, "has_input": item.input_image is not None,
         }
         request = GenerationRequest(request_id=request_id(spec, index, run_date, "generate"), **fields)
-        width, height = PROVIDERS[provider].output_size(request)
-        local = spec.upscale.factor if spec.upscale and spec.upscale.engine != "provider" else 1
+        size = PROVIDERS[provider].output_size(request)
+        after = spec.upscale.factor if spec.upscale and not request.upscale_factor else 1
         plans.append(ItemPlan(
             pipeline=spec.name, spec_sha256=spec_sha256, run_date=run_date, item_id=item_id,
             provider=provider, block=spec.block_name(provider),
-            request=request, final_size=(width * local, height * local),
+            request=request, final_size=(size[0] * after, size[1] * after) if size else None,
             input_image=item.input_image, upscale=spec.upscale, review=spec.review, archive=spec.archive,
             work_dir=work_dir, http_timeout=spec.run.http_timeout, poll_interval=spec.run.poll_interval,
             job_timeout=spec.run.job_timeout,
@@ -89,8 +90,15 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
     _, positions = load_with_positions(text)
     issues = []
     for index, plan in enumerate(plans):
+        provider = PROVIDERS[plan.provider]
         try:
-            PROVIDERS[plan.provider].validate(plan.request)
+            provider.validate(plan.request)
+            if plan.upscale and plan.upscale.engine == "provider" and not provider.upscale_in_job:
+                size = provider.output_size(plan.request)
+                if size is None:
+                    raise BadRequest("upscale.factor: the provider's upscaler gives a fixed size, and this item's "
+                                     "size is only known at run time; set a fixed Resolution", provider=plan.provider)
+                provider.refine_check(*size, plan.upscale.factor)
         except ProviderError as exc:
             pos = closest_position(("items", index), positions)
             issues.append(SpecIssue(str(spec_file), pos.line, pos.column, f"items[{index}] ({plan.item_id})",

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from flows.yamlpos import Position, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
-ProviderName = Literal["tams", "chuzhan"]
+ProviderName = Literal["tams", "chuzhan", "tencent"]
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 KEY_FIELDS = {"pipeline", "run_date", "item", "index", "provider"}
 

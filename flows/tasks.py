@@ -36,7 +36,8 @@ class ItemPlan(BaseModel):
     provider: str
     block: str
     request: GenerationRequest
-    final_size: tuple[int, int] = Field(description="Size of the archived images, after every upscale.")
+    final_size: tuple[int, int] | None = Field(
+        description="Size of the archived images after every upscale; None when only the run can tell.")
     input_image: str | None
     upscale: UpscaleSettings | None
     review: ReviewSettings
@@ -159,15 +160,19 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                      finished_at=datetime.now(timezone.utc), upscaled_by=upscaled)
 
 
-@task(task_run_name="upscale-{plan.item_id}")
+@task(task_run_name="upscale-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
+      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def upscale(plan: ItemPlan, generated: Generated) -> Generated:
-    """Apply the local engine; a provider upscale already happened inside the job."""
-    if plan.upscale is None or plan.upscale.engine == "provider":
+    """Upscale: locally (`lanczos`), or with the provider's separate upscaler (a paid call, e.g.
+    Tencent RefineImage); where the provider upscales inside the job it already happened."""
+    if plan.upscale is None or generated.upscaled_by == "provider":
         return generated
+    provider = provider_for(plan.provider, plan.block) if plan.upscale.engine == "provider" else None
     files = []
     for name in generated.files:
+        data = Path(name).read_bytes()
         path = Path(name).with_name(Path(name).stem + f"-x{plan.upscale.factor}.png")
-        path.write_bytes(images.lanczos(Path(name).read_bytes(), plan.upscale.factor))
+        path.write_bytes(provider.refine(data) if provider else images.lanczos(data, plan.upscale.factor))
         files.append(str(path))
     return generated.model_copy(update={"files": files, "upscaled_by": plan.upscale.engine})
 
@@ -176,7 +181,6 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
 def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
     """Quality checks: the file reads as an image, has the size asked, and is not blank."""
     verdicts = []
-    want_w, want_h = plan.final_size
     for index, name in enumerate(generated.files, start=1):
         m = images.measure(Path(name).read_bytes())
         checks: dict[str, dict[str, Any]] = {"readable": {"value": m["error"] is None, "threshold": True}}
@@ -185,7 +189,8 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
             checks["stddev"] = {"value": m["stddev"], "threshold": plan.review.min_stddev}
             if float(m["stddev"] or 0) < plan.review.min_stddev:
                 reasons.append(f"blank or near-uniform (stddev {m['stddev']} < {plan.review.min_stddev})")
-            if plan.review.check_size:
+            if plan.review.check_size and plan.final_size is not None:
+                want_w, want_h = plan.final_size
                 checks["size"] = {"value": f"{m['width']}x{m['height']}", "threshold": f"{want_w}x{want_h}"}
                 if (m["width"], m["height"]) != (want_w, want_h):
                     reasons.append(f"size {m['width']}x{m['height']} is not {want_w}x{want_h}")

@@ -40,6 +40,9 @@ class SandboxState:
     tams_private_key_file: str
     chuzhan_url: str
     chuzhan_token_file: str
+    tencent_url: str
+    tencent_secret_id: str
+    tencent_secret_key_file: str
     s3_url: str
     s3_access_key: str
     s3_secret_key: str
@@ -61,6 +64,9 @@ class SandboxState:
 
     def chuzhan_token(self) -> str:
         return Path(self.chuzhan_token_file).read_text().strip()
+
+    def tencent_secret_key(self) -> str:
+        return Path(self.tencent_secret_key_file).read_text().strip()
 
 
 def free_port() -> int:
@@ -101,7 +107,8 @@ def _wait_http(url: str, pid: int, log: Path, timeout: float = 60.0) -> None:
     raise RuntimeError(f"sandbox service at {url} not ready after {timeout:.0f}s; log {log}")
 
 
-def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_port: int = 8702, s3_port: int = 8333,
+def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_port: int = 8702,
+       tencent_port: int = 8703, s3_port: int = 8333,
        latency: float = 2.0, buckets: tuple[str, ...] = DEFAULT_BUCKETS) -> SandboxState:
     """Start the emulators and SeaweedFS; return their state (also written to `state.json`)."""
     state_dir = Path(state_dir).resolve()
@@ -121,16 +128,23 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_po
     token_file = state_dir / "chuzhan_token"
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o600)
+    tencent_id, tencent_key_file = "AKIDsandbox" + secrets.token_hex(8), state_dir / "tencent_secret_key"
+    tencent_key_file.write_text(secrets.token_urlsafe(24))
+    tencent_key_file.chmod(0o600)
     access_key, secret_key = "sandbox" + secrets.token_hex(6), secrets.token_urlsafe(24)
     s3_config = state_dir / "s3-identity.json"
     write_identity(s3_config, access_key, secret_key)
     (state_dir / "s3-data").mkdir(exist_ok=True)
 
     tams_log, chuzhan_log, s3_log = state_dir / "tams.log", state_dir / "chuzhan.log", state_dir / "s3.log"
+    tencent_log = state_dir / "tencent.log"
     tams_pid = _spawn([sys.executable, "-m", "sandbox.serve", "tams", "--port", str(tams_port),
                        "--latency", str(latency), "--app-id", app_id, "--public-key", str(public_file)], tams_log)
     chuzhan_pid = _spawn([sys.executable, "-m", "sandbox.serve", "chuzhan", "--port", str(chuzhan_port),
                           "--latency", str(latency), "--token-file", str(token_file)], chuzhan_log)
+    tencent_pid = _spawn([sys.executable, "-m", "sandbox.serve", "tencent", "--port", str(tencent_port),
+                          "--latency", str(latency), "--secret-id", tencent_id, "--token-file", str(tencent_key_file)],
+                         tencent_log)
     ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                             "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
                                             "admin.port.grpc")}
@@ -138,13 +152,16 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_po
     s3_pid = _spawn(weed_command(state_dir / "s3-data", s3_config, ports), s3_log)
     state = SandboxState(state_dir=str(state_dir), tams_url=f"http://127.0.0.1:{tams_port}", tams_app_id=app_id,
                          tams_private_key_file=str(private_file), chuzhan_url=f"http://127.0.0.1:{chuzhan_port}",
-                         chuzhan_token_file=str(token_file), s3_url=f"http://127.0.0.1:{s3_port}",
+                         chuzhan_token_file=str(token_file), tencent_url=f"http://127.0.0.1:{tencent_port}",
+                         tencent_secret_id=tencent_id, tencent_secret_key_file=str(tencent_key_file),
+                         s3_url=f"http://127.0.0.1:{s3_port}",
                          s3_access_key=access_key, s3_secret_key=secret_key, buckets=list(buckets),
-                         pids={"tams": tams_pid, "chuzhan": chuzhan_pid, "s3": s3_pid})
+                         pids={"tams": tams_pid, "chuzhan": chuzhan_pid, "tencent": tencent_pid, "s3": s3_pid})
     state.save()
     try:
         _wait_http(f"{state.tams_url}/_sandbox/health", tams_pid, tams_log)
         _wait_http(f"{state.chuzhan_url}/_sandbox/health", chuzhan_pid, chuzhan_log)
+        _wait_http(f"{state.tencent_url}/_sandbox/health", tencent_pid, tencent_log)
         _wait_http(state.s3_url, s3_pid, s3_log)
         _create_buckets(state)
     except Exception:
@@ -202,11 +219,15 @@ def register_blocks(state: SandboxState, name: str = BLOCK_NAME) -> list[str]:
 
     from blocks.chuzhan import ChuzhanProvider
     from blocks.tams import TamsProvider
+    from blocks.tencent import TencentAiArtProvider
 
     TamsProvider(app_id=state.tams_app_id, private_key=state.tams_private_key(),
                  endpoint=state.tams_url).save(name, overwrite=True)
     ChuzhanProvider(api_token=state.chuzhan_token(), endpoint=state.chuzhan_url).save(name, overwrite=True)
+    TencentAiArtProvider(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(),
+                         endpoint=state.tencent_url).save(name, overwrite=True)
     AwsCredentials(aws_access_key_id=state.s3_access_key, aws_secret_access_key=state.s3_secret_key,
                    region_name="us-east-1",
                    aws_client_parameters=AwsClientParameters(endpoint_url=state.s3_url)).save(name, overwrite=True)
-    return [f"tams-provider/{name}", f"chuzhan-provider/{name}", f"aws-credentials/{name}"]
+    return [f"tams-provider/{name}", f"chuzhan-provider/{name}", f"tencent-aiart-provider/{name}",
+            f"aws-credentials/{name}"]

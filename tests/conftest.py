@@ -35,6 +35,7 @@ def prefect_api() -> Iterator[None]:
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.SandboxState]:
     state_dir = tmp_path_factory.mktemp("sandbox")
     state = launcher.up(state_dir, tams_port=launcher.free_port(), chuzhan_port=launcher.free_port(),
+                        tencent_port=launcher.free_port(),
                         s3_port=launcher.free_port(),
                         latency=0.6, buckets=(TEST_BUCKET,))
     try:
@@ -48,7 +49,7 @@ def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launche
     from deployments.limits import apply_limits
 
     launcher.register_blocks(sandbox)
-    apply_limits({"tams": [launcher.BLOCK_NAME], "chuzhan": [launcher.BLOCK_NAME]})
+    apply_limits({p: [launcher.BLOCK_NAME] for p in ("tams", "chuzhan", "tencent")})
     return sandbox
 
 
@@ -58,6 +59,10 @@ def tams_stats(state: launcher.SandboxState) -> dict:
 
 def chuzhan_stats(state: launcher.SandboxState) -> dict:
     return httpx.get(f"{state.chuzhan_url}/_sandbox/stats").json()
+
+
+def tencent_stats(state: launcher.SandboxState) -> dict:
+    return httpx.get(f"{state.tencent_url}/_sandbox/stats").json()
 
 
 def s3_client(state: launcher.SandboxState):  # noqa: ANN201

@@ -1,0 +1,387 @@
+"""Tencent Cloud AI Art (`aiart`, version 2022-12-29) provider Block.
+
+Wire protocol as in `shared/providers/tencent-aiart.md`: every action is `POST /` with a JSON
+body, named by `X-TC-Action`, signed TC3-HMAC-SHA256 (service `aiart`); answers are HTTP 200
+`{"Response": {...}}`, errors included (`Response.Error.Code`). Text-to-image runs as the
+asynchronous `SubmitTextToImageJob` / `QueryTextToImageJob` pair (status codes are strings:
+"1" queued, "2" running, "4" failed, "5" done); image-to-image is the synchronous
+`ImageToImage`; the provider's upscaler is the synchronous `RefineImage` (long side -> 2048).
+Result URLs expire after an hour, so they are downloaded at once.
+
+Published limits: 20 requests a second per action; 3 jobs in flight for ImageToImage and 1
+for the other actions (per account). No per-call price is published: estimates count
+billable calls (one per image) and say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import httpx
+from PIL import Image
+from pydantic import Field, PrivateAttr, SecretStr
+
+from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, backoff_delay
+from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
+                           TransientError)
+
+PROVIDER = "tencent"
+SERVICE, VERSION = "aiart", "2022-12-29"
+TEXT_JOB, TEXT_QUERY, IMAGE_TO_IMAGE, REFINE = ("SubmitTextToImageJob", "QueryTextToImageJob", "ImageToImage",
+                                                "RefineImage")
+STATUS = {"1": JobState.QUEUED, "2": JobState.RUNNING, "4": JobState.FAILED, "5": JobState.SUCCEEDED}
+I2I_RESOLUTIONS = ("origin", "768:768", "768:1024", "1024:768")
+I2I_PROMPT_MAX, TEXT_PROMPT_MAX = 256, 1024
+IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}
+MAX_BASE64 = 8 * 1024 * 1024  # the page says 8 MB; an error message says 10 MB: the stricter one
+SYNC_PREFIX = "sync:"
+
+# Every code the official SDK lists (tencentcloud.aiart.v20221229.errorcodes) and the common
+# platform codes, each mapped to exactly one of our four kinds.
+ERROR_CODES: dict[str, type[ProviderError]] = {
+    # transient: retried with backoff
+    "RequestLimitExceeded": TransientError, "RequestLimitExceeded.JobNumExceed": TransientError,
+    "RequestLimitExceeded.UinLimitExceeded": TransientError, "RequestLimitExceeded.IPLimitExceeded": TransientError,
+    "RequestLimitExceeded.GlobalRegionUinLimitExceeded": TransientError,
+    "InternalError": TransientError, "ServiceUnavailable": TransientError,
+    "FailedOperation.InnerError": TransientError, "FailedOperation.ServerError": TransientError,
+    "FailedOperation.RpcFail": TransientError, "FailedOperation.RequestTimeout": TransientError,
+    "FailedOperation.Unknown": TransientError, "FailedOperation.ConsoleServerError": TransientError,
+    "FailedOperation.ImageDownloadError": TransientError, "ResourceUnavailable.Delivering": TransientError,
+    # content rejection: recorded, never retried
+    "OperationDenied.TextIllegalDetected": ContentRejected, "OperationDenied.ImageIllegalDetected": ContentRejected,
+    "FailedOperation.ModerationFailed": ContentRejected, "FailedOperation.GenerateImageFailed": ContentRejected,
+    # account stop: credentials, balance or service state; a person must act
+    "AuthFailure.SignatureFailure": AccountStop, "AuthFailure.SignatureExpire": AccountStop,
+    "AuthFailure.SecretIdNotFound": AccountStop, "AuthFailure.InvalidSecretId": AccountStop,
+    "AuthFailure.InvalidAuthorization": AccountStop, "AuthFailure.TokenFailure": AccountStop,
+    "AuthFailure.MFAFailure": AccountStop, "AuthFailure.UnauthorizedOperation": AccountStop,
+    "UnauthorizedOperation": AccountStop, "IpInBlacklist": AccountStop, "IpNotInWhitelist": AccountStop,
+    "ResourceUnavailable.InArrears": AccountStop, "ResourceUnavailable.LowBalance": AccountStop,
+    "ResourceUnavailable.NotExist": AccountStop, "ResourceUnavailable.StopUsing": AccountStop,
+    "ResourcesSoldOut.ChargeStatusException": AccountStop, "LimitExceeded": AccountStop,
+    # bad request: a bug or a bad spec
+    "InvalidParameter": BadRequest, "InvalidParameter.InvalidParameter": BadRequest,
+    "InvalidParameterValue": BadRequest, "InvalidParameterValue.ParameterValueError": BadRequest,
+    "InvalidParameterValue.ImageEmpty": BadRequest, "InvalidParameterValue.TextLengthExceed": BadRequest,
+    "InvalidParameterValue.UrlIllegal": BadRequest, "InvalidParameterValue.StyleConflict": BadRequest,
+    "InvalidParameterValue.LogoParamErr": BadRequest, "MissingParameter": BadRequest, "UnknownParameter": BadRequest,
+    "FailedOperation.ImageDecodeFailed": BadRequest, "FailedOperation.ImageResolutionExceed": BadRequest,
+    "FailedOperation.ImageSizeExceed": BadRequest, "FailedOperation.RequestEntityTooLarge": BadRequest,
+    "RequestSizeLimitExceeded": BadRequest, "FailedOperation.JobNotExist": BadRequest, "InvalidAction": BadRequest,
+    "NoSuchVersion": BadRequest, "UnsupportedRegion": BadRequest, "UnsupportedOperation": BadRequest,
+    "ActionOffline": BadRequest,
+}
+
+
+def map_error(code: str, message: str) -> ProviderError:
+    """Our error type for a `Response.Error`; an unknown code falls back on its prefix."""
+    kind = ERROR_CODES.get(code) or ERROR_CODES.get(code.split(".")[0], BadRequest)
+    return kind(message or "no message", provider=PROVIDER, code=code)
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+
+
+def tc3_signature(secret_key: str, date: str, string_to_sign: str, service: str = SERVICE) -> str:
+    """Derive the signing key from the date and service, and sign (lowercase hex)."""
+    k_signing = _hmac(_hmac(_hmac(("TC3" + secret_key).encode("utf-8"), date), service), "tc3_request")
+    return hmac.new(k_signing, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def canonical_request(method: str, path: str, query: str, headers: dict[str, str], signed: list[str],
+                      body: bytes) -> str:
+    canonical_headers = "".join(f"{name}:{headers[name].strip().lower() if name == 'host' else headers[name].strip()}\n"
+                                for name in signed)
+    return "\n".join([method, path, query, canonical_headers, ";".join(signed), _sha256_hex(body)])
+
+
+def string_to_sign(timestamp: int, scope: str, canonical: str) -> str:
+    return f"TC3-HMAC-SHA256\n{timestamp}\n{scope}\n{_sha256_hex(canonical.encode('utf-8'))}"
+
+
+class TC3Signer(httpx.Auth):
+    """TC3-HMAC-SHA256 over `content-type;host` and the exact body, with the X-TC headers."""
+
+    requires_request_body = True
+
+    def __init__(self, secret_id: SecretStr, secret_key: SecretStr, region: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._id, self._key, self._region, self._clock = secret_id, secret_key, region, clock
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        timestamp = int(self._clock())
+        date = datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d")  # UTC, never local
+        scope = f"{date}/{SERVICE}/tc3_request"
+        headers = {"content-type": request.headers["content-type"], "host": request.headers["host"]}
+        signed = ["content-type", "host"]
+        canonical = canonical_request(request.method, request.url.raw_path.decode().split("?")[0] or "/",
+                                      request.url.query.decode(), headers, signed, request.content)
+        signature = tc3_signature(self._key.get_secret_value(), date, string_to_sign(timestamp, scope, canonical))
+        request.headers.update({
+            "X-TC-Timestamp": str(timestamp), "X-TC-Version": VERSION, "X-TC-Region": self._region,
+            "Authorization": (f"TC3-HMAC-SHA256 Credential={self._id.get_secret_value()}/{scope}, "
+                              f"SignedHeaders={';'.join(signed)}, Signature={signature}"),
+        })
+        yield request
+
+
+def check_image(data: bytes, field: str = "items.input_image") -> None:
+    """The input-image rules of ImageToImage and RefineImage, before any call."""
+    def bad(why: str) -> BadRequest:
+        return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (w, h) = image.format, image.size
+    except Exception:
+        raise bad("not a readable image") from None
+    if fmt not in IMAGE_FORMATS:
+        raise bad(f"format {fmt} not accepted (JPG, PNG, BMP, TIFF, WEBP)")
+    if not (50 < w < 5000 and 50 < h < 5000):
+        raise bad(f"{w}x{h}: each side must be between 50 and 5000 pixels")
+    if len(base64.b64encode(data)) >= MAX_BASE64:
+        raise bad("base64 size must be under 8 MB")
+
+
+class TencentAiArtProvider(ImageProvider):
+    """Tencent Cloud AI Art account: SecretId, SecretKey, region and endpoint.
+
+    Example:
+        ```python
+        from blocks.tencent import TencentAiArtProvider
+        provider = TencentAiArtProvider.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "Tencent AI Art Provider"
+    _block_type_slug = "tencent-aiart-provider"
+    _documentation_url = "https://www.tencentcloud.com/document/product/1238"
+    provider_name: ClassVar[str] = PROVIDER
+    upscale_in_job: ClassVar[bool] = False  # RefineImage is a call of its own
+
+    secret_id: SecretStr = Field(description="The API key's SecretId.")
+    secret_key: SecretStr = Field(description="The API key's SecretKey.")
+    region: str = Field("ap-singapore", description="Region; ImageToImage is served in ap-singapore (intl).")
+    endpoint: str = Field("https://aiart.tencentcloudapi.com", description="API endpoint.")
+    timeout: float = Field(60.0, description="Seconds for one HTTP request (sync actions take a while).")
+    max_attempts: int = Field(5, description="Attempts per call on transient errors.")
+
+    _client: httpx.Client | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _sync_results: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
+                                            auth=TC3Signer(self.secret_id, self.secret_key, self.region))
+            return self._client
+
+    def call(self, action: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> dict[str, Any]:
+        """One action; returns `Response` without `RequestId`, or raises our error type."""
+        body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()  # as the SDK
+
+        def once() -> dict[str, Any]:
+            self._limiter.request(action)
+            try:
+                response = self.client().post("/", content=body, headers={
+                    "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US"})
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise TransientError(f"{action}: {type(exc).__name__}", provider=PROVIDER) from None
+            except httpx.TransportError as exc:
+                if safe_to_repeat:
+                    raise TransientError(f"{action}: {type(exc).__name__}", provider=PROVIDER) from None
+                raise SubmitUnknown(f"{action}: {type(exc).__name__} after sending; it may have been charged",
+                                    provider=PROVIDER) from None
+            if response.status_code != 200:  # the SDK's ServerNetworkError: not an API answer
+                raise TransientError(f"{action}: HTTP {response.status_code}", provider=PROVIDER)
+            answer = response.json().get("Response", {})
+            if "Error" in answer:
+                raise map_error(str(answer["Error"].get("Code")), str(answer["Error"].get("Message", "")))
+            answer.pop("RequestId", None)
+            return answer
+
+        for attempt in range(self.max_attempts):
+            try:
+                return once()
+            except TransientError as exc:
+                if attempt + 1 >= self.max_attempts:
+                    raise
+                # JobNumExceed: a running job must finish first, so wait longer than a rate blip.
+                time.sleep(backoff_delay(attempt + (2 if exc.code == "RequestLimitExceeded.JobNumExceed" else 0),
+                                         exc.retry_after))
+        raise AssertionError("unreachable")
+
+    # --- requests -------------------------------------------------------------------------------
+    @staticmethod
+    def _options(request: GenerationRequest) -> dict[str, Any]:
+        return dict(request.options)
+
+    @classmethod
+    def validate(cls, request: GenerationRequest) -> None:
+        def bad(field: str, why: str) -> BadRequest:
+            return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
+
+        opts = cls._options(request)
+        if "LogoAdd" not in opts:
+            raise bad("generate.options.LogoAdd", "say whether to add the provider's 'AI generated' mark: "
+                                                  "1 (Tencent's default) or 0")
+        if int(opts["LogoAdd"]) not in (0, 1):
+            raise bad("generate.options.LogoAdd", "must be 0 or 1")
+        if request.count != 1:
+            raise bad("items.count", "Tencent AI Art returns one image a call; use several items")
+        limit = I2I_PROMPT_MAX if request.has_input else TEXT_PROMPT_MAX
+        if len(request.prompt) > limit:
+            raise bad("items.prompt", f"{len(request.prompt)} characters, at most {limit}")
+        if len(request.negative_prompt) > I2I_PROMPT_MAX:
+            raise bad("items.negative_prompt", f"{len(request.negative_prompt)} characters, at most {I2I_PROMPT_MAX}")
+        if request.has_input:
+            strength = opts.get("Strength", request.denoising_strength)
+            if strength is not None and not 0 < float(strength) <= 1:
+                raise bad("generate.denoising_strength", f"{strength} must be in (0, 1]")
+            if not 0 <= int(opts.get("RestoreFace", 0)) <= 6:
+                raise bad("generate.options.RestoreFace", "must be 0..6")
+            resolution = opts.get("Resolution", "origin")
+            if resolution not in I2I_RESOLUTIONS:
+                raise bad("generate.options.Resolution", f"{resolution!r} not one of {', '.join(I2I_RESOLUTIONS)}")
+            styles = [str(s) for s in opts.get("Styles", ["201"])]
+            if any(s.startswith("1") for s in styles) and len(styles) > 1:
+                raise bad("generate.options.Styles", "1xx styles cannot be mixed with other styles")
+            if opts.get("RspImgType", "url") not in ("url", "base64"):
+                raise bad("generate.options.RspImgType", "must be url or base64")
+        else:
+            w, h = request.width, request.height
+            if not (512 <= w <= 2048 and 512 <= h <= 2048 and w * h <= 1024 * 1024):
+                raise bad("generate.width/height", f"{w}x{h}: sides 512..2048 and at most 1024x1024 pixels")
+            if request.seed and not 1 <= request.seed <= 4294967295:
+                raise bad("items.seed", "must be 1..4294967295")
+        if request.upscale_factor:
+            raise bad("upscale.engine", "Tencent upscales with RefineImage after the job, not inside it")
+
+    @classmethod
+    def output_size(cls, request: GenerationRequest) -> tuple[int, int] | None:
+        if not request.has_input:
+            return request.width, request.height
+        resolution = str(request.options.get("Resolution", "origin"))
+        return None if resolution == "origin" else tuple(int(x) for x in resolution.split(":"))  # type: ignore[return-value]
+
+    @classmethod
+    def refine_check(cls, width: int, height: int, factor: int) -> None:
+        """RefineImage always makes the long side 2048: the spec's factor must say so."""
+        if max(width, height) * factor != 2048:
+            raise BadRequest(f"upscale.factor: RefineImage makes the long side 2048, so from {width}x{height} "
+                             f"the factor is {2048 / max(width, height):g}, not {factor}", provider=PROVIDER,
+                             code="validation")
+
+    def job_action(self, request: GenerationRequest) -> str:
+        return IMAGE_TO_IMAGE if request.has_input else TEXT_JOB
+
+    @classmethod
+    def estimate_offline(cls, request: GenerationRequest) -> CreditEstimate:
+        return CreditEstimate(credits=1.0, source="formula")  # one billable call; no price published
+
+    def estimate(self, request: GenerationRequest) -> CreditEstimate:
+        return self.estimate_offline(request)
+
+    def estimate_key(self, request: GenerationRequest) -> str:
+        return "one-call"
+
+    def upload(self, data: bytes, content_type: str) -> str:
+        """ImageToImage takes the image inline: check it and return it as base64."""
+        check_image(data)
+        return base64.b64encode(data).decode()
+
+    def submit(self, request: GenerationRequest) -> str:
+        opts = self._options(request)
+        if request.has_input:
+            payload: dict[str, Any] = {
+                "Prompt": request.prompt, "NegativePrompt": request.negative_prompt or None,
+                "Styles": [str(s) for s in opts.get("Styles", ["201"])],
+                "ResultConfig": {"Resolution": opts.get("Resolution", "origin")},
+                "LogoAdd": int(opts["LogoAdd"]), "LogoParam": opts.get("LogoParam"),
+                "Strength": opts.get("Strength", request.denoising_strength),
+                "RspImgType": opts.get("RspImgType", "url"), "EnhanceImage": opts.get("EnhanceImage"),
+                "RestoreFace": opts.get("RestoreFace"),
+            }
+            if str(request.input_ref or "").startswith(("http://", "https://")):
+                payload["InputUrl"] = request.input_ref
+            else:
+                payload["InputImage"] = request.input_ref
+            answer = self.call(IMAGE_TO_IMAGE, payload, safe_to_repeat=False)
+            job_id = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
+            self._sync_results[job_id] = [answer["ResultImage"]]
+            return job_id
+        payload = {"Prompt": request.prompt, "Resolution": f"{request.width}:{request.height}",
+                   "Seed": request.seed or None, "LogoAdd": int(opts["LogoAdd"]), "LogoParam": opts.get("LogoParam"),
+                   "Revise": int(opts.get("Revise", 0))}
+        return str(self.call(TEXT_JOB, payload, safe_to_repeat=False)["JobId"])
+
+    def poll(self, job_id: str) -> JobStatus:
+        if job_id.startswith(SYNC_PREFIX):
+            results = self._sync_results.get(job_id)
+            if results is None:  # a sync answer lives only in the process that got it
+                raise SubmitUnknown(f"the result of synchronous call {job_id} was lost with its process",
+                                    provider=PROVIDER)
+            return JobStatus(job_id=job_id, state=JobState.SUCCEEDED, provider_status="sync", result_urls=results)
+        answer = self.call(TEXT_QUERY, {"JobId": job_id})
+        code = str(answer.get("JobStatusCode", "1"))
+        reason = answer.get("JobErrorMsg") or None
+        if answer.get("JobErrorCode"):
+            reason = f"{answer['JobErrorCode']}: {reason or ''}"
+        return JobStatus(job_id=job_id, state=STATUS.get(code, JobState.QUEUED), provider_status=code,
+                         result_urls=list(answer.get("ResultImage") or []), reason=reason)
+
+    def job_failure(self, status: JobStatus) -> ProviderError:
+        code = (status.reason or "").split(":", 1)[0]
+        if code in ERROR_CODES:
+            return map_error(code, status.reason or "")
+        return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,
+                         code=status.provider_status)
+
+    def fetch(self, status: JobStatus) -> list[bytes]:
+        out = []
+        for value in status.result_urls:
+            if not value.startswith(("http://", "https://")):
+                out.append(base64.b64decode(value))
+                continue
+            for attempt in range(self.max_attempts):
+                try:
+                    response = httpx.get(value, timeout=self.timeout)
+                except httpx.TransportError as exc:
+                    error: ProviderError = TransientError(f"result download: {type(exc).__name__}", provider=PROVIDER)
+                else:
+                    if response.status_code == 200:
+                        out.append(response.content)
+                        break
+                    error = (TransientError if response.status_code >= 500 else BadRequest)(
+                        f"result download: HTTP {response.status_code} (URLs expire after an hour)", provider=PROVIDER)
+                if not isinstance(error, TransientError) or attempt + 1 >= self.max_attempts:
+                    raise error
+                time.sleep(backoff_delay(attempt, None))
+        self._sync_results.pop(status.job_id, None)
+        return out
+
+    def refine(self, data: bytes) -> bytes:
+        """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot."""
+        check_image(data, "upscale input")
+        with self._limiter.job(REFINE):
+            answer = self.call(REFINE, {"InputImage": base64.b64encode(data).decode(), "RspImgType": "url"},
+                               safe_to_repeat=False)
+        return self.fetch(JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync",
+                                    result_urls=[answer["ResultImage"]]))[0]

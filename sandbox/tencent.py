@@ -1,0 +1,391 @@
+"""Tencent Cloud AI Art emulator: `POST /` routed by `X-TC-Action`, on loopback.
+
+As in `shared/providers/tencent-aiart.md`: TC3-HMAC-SHA256 verified over the signed headers
+and the raw body (unknown SecretId -> `AuthFailure.SecretIdNotFound`, wrong secret ->
+`AuthFailure.SignatureFailure`, clock off by more than 5 minutes -> `AuthFailure.SignatureExpire`);
+HTTP 200 for every answer, errors inside `Response.Error`; `X-TC-Version` must be 2022-12-29;
+ImageToImage only in `ap-singapore`; 20 requests a second per action (`RequestLimitExceeded`);
+jobs in flight per action and account, 3 for ImageToImage and 1 for the others
+(`RequestLimitExceeded.JobNumExceed`); async text-to-image jobs with string status codes;
+one charge per successful image.
+
+Markers for tests: ``[[nsfw]]`` in a prompt -> `OperationDenied.TextIllegalDetected`;
+``[[fail]]`` -> the async job ends "4" with `FailedOperation.GenerateImageFailed`. Hooks:
+``GET /_sandbox/stats``, ``POST /_sandbox/config`` (latency), ``POST /_sandbox/faults``
+``{"code", "count", "action"}`` (the next matching calls answer that error code),
+``DELETE /_sandbox/faults``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from blocks.tencent import (ERROR_CODES, I2I_RESOLUTIONS, IMAGE_FORMATS, canonical_request, string_to_sign,
+                            tc3_signature)
+from sandbox.images import render_png
+from sandbox.limits import SlidingWindow
+
+RATE = 20
+IN_FLIGHT = {"ImageToImage": 3, "SubmitTextToImageJob": 1, "RefineImage": 1}
+AUTH_RE = re.compile(r"^TC3-HMAC-SHA256 Credential=([^/]+)/(\d{4}-\d{2}-\d{2})/aiart/tc3_request, "
+                     r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})$")
+STATUS_MSG = {"1": "排队中", "2": "处理中", "4": "处理失败", "5": "处理完成"}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class TextJob:
+    id: str
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    created: float
+    fail: bool
+    charged: bool = False
+
+
+@dataclass
+class TencentState:
+    secrets: dict[str, str]
+    latency: float
+    jobs: dict[str, TextJob] = field(default_factory=dict)
+    sync_in_flight: dict[str, int] = field(default_factory=dict)
+    windows: dict[str, SlidingWindow] = field(default_factory=dict)
+    results: dict[str, bytes] = field(default_factory=dict)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=lambda: {
+        "requests": 0, "auth_failures": 0, "submits": 0, "charges": 0, "rate_limited": 0,
+        "job_num_exceeded": 0, "content_rejections": 0, "injected_faults": 0, "validation_errors": 0})
+    by_action: dict[str, int] = field(default_factory=dict)
+    peak_in_flight: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+
+class TencentEmulator:
+    """The Starlette app and its state."""
+
+    def __init__(self, credentials: dict[str, str], *, latency: float = 2.0) -> None:
+        self.state = TencentState(secrets=dict(credentials), latency=latency)
+        self.app = Starlette(routes=[
+            Route("/", self.dispatch, methods=["POST"]),
+            Route("/_results/{rid}.png", self.result_image, methods=["GET"]),
+            Route("/_sandbox/stats", self.stats, methods=["GET"]),
+            Route("/_sandbox/config", self.config, methods=["POST"]),
+            Route("/_sandbox/faults", self.set_faults, methods=["POST", "DELETE"]),
+            Route("/_sandbox/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
+        ])
+
+    # --- envelope, auth and limits ---------------------------------------------------------------
+    async def dispatch(self, request: Request) -> Response:
+        request_id = str(uuid.uuid4())
+        st = self.state
+        body = await request.body()
+        action = request.headers.get("x-tc-action", "")
+        try:
+            with st.lock:
+                st.counters["requests"] += 1
+                st.by_action[action] = st.by_action.get(action, 0) + 1
+            secret_id = self._verify(request, body)
+            if request.headers.get("x-tc-version") != "2022-12-29":
+                raise ApiError("NoSuchVersion", "The API version does not exist.")
+            region = request.headers.get("x-tc-region")
+            if not region:
+                raise ApiError("MissingParameter", "The request is missing a required parameter `Region`.")
+            handler = {"ImageToImage": self.image_to_image, "SubmitTextToImageJob": self.submit_job,
+                       "QueryTextToImageJob": self.query_job, "RefineImage": self.refine}.get(action)
+            if handler is None:
+                raise ApiError("InvalidAction", f"The action `{action}` does not exist.")
+            if action == "ImageToImage" and region != "ap-singapore":
+                raise ApiError("UnsupportedRegion", "ImageToImage is only available in ap-singapore.")
+            window = st.windows.setdefault(f"{secret_id}/{action}", SlidingWindow(RATE))
+            if not window.allow(secret_id):
+                with st.lock:
+                    st.counters["rate_limited"] += 1
+                raise ApiError("RequestLimitExceeded", "The number of requests exceeds the frequency limit.")
+            self._take_fault(action)
+            try:
+                params = json.loads(body or b"{}")
+            except ValueError:
+                raise ApiError("InvalidParameter", "The body is not JSON.") from None
+            result = await handler(params, request)
+        except ApiError as exc:
+            with st.lock:
+                if exc.code.startswith("AuthFailure"):
+                    st.counters["auth_failures"] += 1
+                if exc.code.startswith(("OperationDenied", "FailedOperation.GenerateImageFailed")):
+                    st.counters["content_rejections"] += 1
+                if exc.code.startswith("InvalidParameter"):
+                    st.counters["validation_errors"] += 1
+            return JSONResponse({"Response": {"Error": {"Code": exc.code, "Message": exc.message},
+                                              "RequestId": request_id}})
+        return JSONResponse({"Response": {**result, "RequestId": request_id}})
+
+    def _verify(self, request: Request, body: bytes) -> str:
+        match = AUTH_RE.match(request.headers.get("authorization", ""))
+        if not match:
+            raise ApiError("AuthFailure.InvalidAuthorization", "The Authorization header is malformed.")
+        secret_id, date, signed, signature = match.groups()
+        if secret_id not in self.state.secrets:
+            raise ApiError("AuthFailure.SecretIdNotFound", "The SecretId is not found.")
+        try:
+            timestamp = int(request.headers.get("x-tc-timestamp", ""))
+        except ValueError:
+            raise ApiError("AuthFailure.InvalidAuthorization", "X-TC-Timestamp is missing.") from None
+        if abs(time.time() - timestamp) > 300:
+            raise ApiError("AuthFailure.SignatureExpire", "The signature expired (timestamp off by over 5 minutes).")
+        if datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d") != date:
+            raise ApiError("AuthFailure.SignatureFailure", "The credential date is not the timestamp's UTC date.")
+        names = signed.split(";")
+        headers = {name: request.headers.get(name, "") for name in names}
+        canonical = canonical_request(request.method, request.scope["raw_path"].decode() or "/",
+                                      request.url.query, headers, names, body)
+        expected = tc3_signature(self.state.secrets[secret_id], date,
+                                 string_to_sign(timestamp, f"{date}/aiart/tc3_request", canonical))
+        if not hmac.compare_digest(expected, signature):
+            raise ApiError("AuthFailure.SignatureFailure", "The provided credentials could not be validated.")
+        return secret_id
+
+    def _take_fault(self, action: str) -> None:
+        st = self.state
+        with st.lock:
+            for fault in st.faults:
+                if fault["count"] > 0 and fault.get("action", action) == action:
+                    fault["count"] -= 1
+                    st.counters["injected_faults"] += 1
+                    raise ApiError(fault["code"], f"injected fault {fault['code']}")
+
+    def _enter(self, action: str) -> None:
+        st = self.state
+        with st.lock:
+            running = st.sync_in_flight.get(action, 0)
+            if action == "SubmitTextToImageJob":
+                running = sum(self._status(j) in ("1", "2") for j in st.jobs.values())
+            if running >= IN_FLIGHT[action]:
+                st.counters["job_num_exceeded"] += 1
+                raise ApiError("RequestLimitExceeded.JobNumExceed", "The number of concurrent jobs exceeds the limit.")
+            st.peak_in_flight[action] = max(st.peak_in_flight.get(action, 0), running + 1)
+            if action != "SubmitTextToImageJob":
+                st.sync_in_flight[action] = running + 1
+
+    def _leave(self, action: str) -> None:
+        with self.state.lock:
+            self.state.sync_in_flight[action] -= 1
+
+    # --- validation and images -------------------------------------------------------------------
+    @staticmethod
+    def _text(params: dict[str, Any], name: str, limit: int, required: bool = False) -> str:
+        value = params.get(name)
+        if value is None:
+            if required:
+                raise ApiError("InvalidParameterValue.ParameterValueError", f"{name} is required.")
+            return ""
+        if len(str(value)) > limit:
+            raise ApiError("InvalidParameterValue.TextLengthExceed", f"{name} is longer than {limit} characters.")
+        if "[[nsfw]]" in str(value):
+            raise ApiError("OperationDenied.TextIllegalDetected", "The text contains illegal content.")
+        return str(value)
+
+    @staticmethod
+    async def _image(params: dict[str, Any], max_b64: int) -> bytes:
+        if params.get("InputUrl"):  # the URL wins over InputImage, as on the real service
+            try:
+                async with httpx.AsyncClient(timeout=10) as client:
+                    response = await client.get(params["InputUrl"])
+                response.raise_for_status()
+            except httpx.HTTPError:
+                raise ApiError("FailedOperation.ImageDownloadError", "The image could not be downloaded.") from None
+            params = {"InputImage": base64.b64encode(response.content).decode()}
+        data = params.get("InputImage")
+        if not data:
+            raise ApiError("InvalidParameterValue.ImageEmpty", "InputImage or InputUrl is required.")
+        if len(data) >= max_b64:
+            raise ApiError("FailedOperation.ImageSizeExceed", "The image is larger than allowed.")
+        try:
+            raw = base64.b64decode(data, validate=True)
+            with Image.open(io.BytesIO(raw)) as image:
+                fmt, (w, h) = image.format, image.size
+        except Exception:
+            raise ApiError("FailedOperation.ImageDecodeFailed", "The image could not be decoded.") from None
+        if fmt not in IMAGE_FORMATS:
+            raise ApiError("FailedOperation.ImageDecodeFailed", f"Format {fmt} is not supported.")
+        if not (50 < w < 5000 and 50 < h < 5000):
+            raise ApiError("FailedOperation.ImageResolutionExceed", "Each side must be between 50 and 5000 pixels.")
+        return raw
+
+    def _answer_image(self, data: bytes, params: dict[str, Any], request: Request) -> str:
+        if params.get("RspImgType", "base64") != "url":
+            return base64.b64encode(data).decode()
+        rid = uuid.uuid4().hex
+        with self.state.lock:
+            self.state.results[rid] = data
+        expires = str(int(time.time()) + 3600)
+        sig = hmac.new(self.state.secret, f"{rid}/{expires}".encode(), hashlib.sha256).hexdigest()
+        return f"{str(request.base_url).rstrip('/')}/_results/{rid}.png?expires={expires}&sig={sig}"
+
+    def _charge(self) -> None:
+        self.state.counters["charges"] += 1  # one successful image (lock held)
+
+    # --- actions ---------------------------------------------------------------------------------
+    async def image_to_image(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
+        prompt = self._text(params, "Prompt", 256)
+        self._text(params, "NegativePrompt", 256)
+        styles = [str(s) for s in params.get("Styles") or ["201"]]
+        if any(s.startswith("1") for s in styles) and len(styles) > 1:
+            raise ApiError("InvalidParameterValue.StyleConflict", "1xx styles cannot be combined with others.")
+        resolution = (params.get("ResultConfig") or {}).get("Resolution", "origin")
+        if resolution not in I2I_RESOLUTIONS:
+            raise ApiError("InvalidParameterValue.ParameterValueError", f"Resolution {resolution} is not supported.")
+        strength = params.get("Strength")
+        if strength is not None and not 0 < float(strength) <= 1:
+            raise ApiError("InvalidParameterValue.ParameterValueError", "Strength must be in (0, 1].")
+        if not 0 <= int(params.get("RestoreFace") or 0) <= 6:
+            raise ApiError("InvalidParameterValue.ParameterValueError", "RestoreFace must be 0..6.")
+        if params.get("LogoAdd", 1) not in (0, 1):
+            params["LogoAdd"] = 1  # other values mean 1
+        raw = await self._image(params, 8 * 1024 * 1024)
+        self._enter("ImageToImage")
+        try:
+            await asyncio.sleep(self.state.latency / 2)
+            with Image.open(io.BytesIO(raw)) as image:
+                w, h = image.size
+            if resolution == "origin":
+                scale = min(1.0, 2000 / max(w, h))
+                w, h = int(w * scale), int(h * scale)
+            else:
+                w, h = (int(x) for x in resolution.split(":"))
+            data = render_png(prompt, 0, w, h, 0, raw)
+            with self.state.lock:
+                self.state.counters["submits"] += 1
+                self._charge()
+        finally:
+            self._leave("ImageToImage")
+        return {"ResultImage": self._answer_image(data, params, request)}
+
+    async def submit_job(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
+        prompt = self._text(params, "Prompt", 1024, required=True)
+        resolution = str(params.get("Resolution") or "1024:1024")
+        try:
+            w, h = (int(x) for x in resolution.split(":"))
+        except ValueError:
+            raise ApiError("InvalidParameterValue.ParameterValueError", "Resolution must be W:H.") from None
+        if not (512 <= w <= 2048 and 512 <= h <= 2048 and w * h <= 1024 * 1024):
+            raise ApiError("InvalidParameterValue.ParameterValueError", f"Resolution {resolution} is not supported.")
+        seed = int(params.get("Seed") or 0)
+        if seed and not 1 <= seed <= 4294967295:
+            raise ApiError("InvalidParameterValue.ParameterValueError", "Seed must be 1..4294967295.")
+        self._enter("SubmitTextToImageJob")
+        with self.state.lock:
+            job = TextJob(id=f"{int(time.time())}{secrets.randbelow(10**9):09d}", prompt=prompt, width=w, height=h,
+                          seed=seed, created=time.monotonic(), fail="[[fail]]" in prompt)
+            self.state.jobs[job.id] = job
+            self.state.counters["submits"] += 1
+        return {"JobId": job.id}
+
+    async def query_job(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
+        with self.state.lock:
+            job = self.state.jobs.get(str(params.get("JobId")))
+            if job is None:
+                raise ApiError("FailedOperation.JobNotExist", "The job does not exist.")
+            status = self._status(job)
+        answer: dict[str, Any] = {"JobStatusCode": status, "JobStatusMsg": STATUS_MSG[status], "JobErrorCode": "",
+                                  "JobErrorMsg": "", "ResultImage": [], "ResultDetails": [], "RevisedPrompt": []}
+        if status == "5":
+            data = render_png(job.prompt, job.seed, job.width, job.height)
+            answer.update(ResultImage=[self._answer_image(data, {"RspImgType": "url"}, request)],
+                          ResultDetails=["Success"], RevisedPrompt=[job.prompt])
+        if status == "4":
+            answer.update(JobErrorCode="FailedOperation.GenerateImageFailed", JobErrorMsg="处理失败")
+        return answer
+
+    async def refine(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
+        raw = await self._image(params, 6 * 1024 * 1024)
+        self._enter("RefineImage")
+        try:
+            await asyncio.sleep(self.state.latency / 2)
+            with Image.open(io.BytesIO(raw)) as image:
+                w, h = image.size
+                scale = 2048 / max(w, h)
+                out = io.BytesIO()
+                image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS).save(
+                    out, format="PNG")
+            with self.state.lock:
+                self._charge()
+        finally:
+            self._leave("RefineImage")
+        return {"ResultImage": self._answer_image(out.getvalue(), params, request)}
+
+    def _status(self, job: TextJob) -> str:
+        elapsed = time.monotonic() - job.created
+        if elapsed < 0.3 * self.state.latency:
+            return "1"
+        if elapsed < self.state.latency:
+            return "2"
+        if job.fail:
+            return "4"
+        if not job.charged:
+            job.charged = True
+            self._charge()
+        return "5"
+
+    # --- hooks -----------------------------------------------------------------------------------
+    async def result_image(self, request: Request) -> Response:
+        rid, expires = request.path_params["rid"], request.query_params.get("expires", "0")
+        sig = hmac.new(self.state.secret, f"{rid}/{expires}".encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(sig, request.query_params.get("sig", "")) or int(expires) < time.time():
+            return Response(status_code=403)
+        data = self.state.results.get(rid)
+        return Response(data, media_type="image/png") if data else Response(status_code=404)
+
+    async def config(self, request: Request) -> Response:
+        data = await request.json()
+        with self.state.lock:
+            self.state.latency = float(data.get("latency", self.state.latency))
+        return JSONResponse({"latency": self.state.latency})
+
+    async def set_faults(self, request: Request) -> Response:
+        st = self.state
+        if request.method == "DELETE":
+            with st.lock:
+                st.faults.clear()
+            return JSONResponse({"faults": []})
+        fault = await request.json()
+        if fault.get("code") not in ERROR_CODES:
+            return JSONResponse({"error": f"unknown code {fault.get('code')!r}"}, status_code=400)
+        with st.lock:
+            st.faults.append({"count": 1, **fault})
+            return JSONResponse({"faults": st.faults})
+
+    async def stats(self, request: Request) -> Response:
+        st = self.state
+        with st.lock:
+            for job in st.jobs.values():
+                self._status(job)
+            return JSONResponse({**st.counters, "by_action": st.by_action, "peak_in_flight": st.peak_in_flight,
+                                 "peak_requests_per_second": max((w.peak for w in st.windows.values()), default=0)})

@@ -1,0 +1,260 @@
+"""Tencent AI Art: the TC3 signer against the official SDK and the published vector, the error
+map complete against the SDK's list, validation before any call, and the client and pipelines
+against the emulator process."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import date, datetime, timezone
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from blocks.base import GenerationRequest
+from blocks.errors import AccountStop, BadRequest, ContentRejected, TransientError
+from blocks.tencent import (ERROR_CODES, TC3Signer, TencentAiArtProvider, canonical_request, map_error,
+                            string_to_sign, tc3_signature)
+from flows.report import PipelineIncomplete
+from sandbox.images import render_png
+from tests.conftest import TEST_BUCKET, s3_client, tencent_stats
+
+ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
+
+
+def test_published_signature_vector() -> None:
+    """The signature document's CVM example, byte for byte."""
+    body = b'{"Limit": 1, "Filters": [{"Values": ["\\u672a\\u547d\\u540d"], "Name": "instance-name"}]}'
+    headers = {"content-type": "application/json; charset=utf-8", "host": "cvm.tencentcloudapi.com"}
+    canonical = canonical_request("POST", "/", "", headers, ["content-type", "host"], body)
+    assert hashlib.sha256(body).hexdigest() == "35e9c5b0e3ae67532d3c9f17ead6c90222632e5b1ff7f6e89887f1398934f064"
+    assert hashlib.sha256(canonical.encode()).hexdigest() == \
+        "5ffe6a04c0664d6b969fab9a13bdab201d63ee709638e2749d62a09ca18d7031"
+    sts = string_to_sign(1551113065, "2019-02-25/cvm/tc3_request", canonical)
+    assert tc3_signature("Gu5t9xGARNpq86cd98joQYCN3EXAMPLE", "2019-02-25", sts, service="cvm") == \
+        "72e494ea809ad7a8c8f7a4507b9bddcbaa8e581f516e8da2f66e2c5a96525168"
+
+
+@pytest.mark.parametrize("payload", [
+    {"Prompt": "a red fox"},
+    {"Prompt": "雨中的江南小镇，水墨风格", "Resolution": "1024:1024", "LogoAdd": 0},
+    {"Prompt": "émoji 🦊 and ümlauts", "Styles": ["201"], "ResultConfig": {"Resolution": "origin"}},
+    {},
+])
+def test_signer_matches_the_official_sdk(payload: dict) -> None:
+    from tencentcloud.common.sign import Sign
+
+    secret_key, timestamp = "AKsecretKEYexample123", 1767225600 + 3600 * 23 + 59 * 60  # 23:59 UTC, a date edge
+    body = json.dumps(payload).encode()  # the SDK's serialisation
+    signer = TC3Signer(SecretStr("AKIDexample"), SecretStr(secret_key), "ap-singapore", clock=lambda: timestamp)
+    request = httpx.Request("POST", "https://aiart.tencentcloudapi.com/", content=body,
+                            headers={"Content-Type": "application/json", "X-TC-Action": "ImageToImage"})
+    signed = next(signer.auth_flow(request))
+    # The canonical request, written out from the documentation, independently of our code.
+    date_utc = datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d")
+    canonical = ("POST\n/\n\ncontent-type:application/json\nhost:aiart.tencentcloudapi.com\n\n"
+                 "content-type;host\n" + hashlib.sha256(body).hexdigest())
+    sts = (f"TC3-HMAC-SHA256\n{timestamp}\n{date_utc}/aiart/tc3_request\n"
+           + hashlib.sha256(canonical.encode()).hexdigest())
+    expected = Sign.sign_tc3(secret_key, date_utc, "aiart", sts)
+    assert signed.headers["Authorization"] == (
+        f"TC3-HMAC-SHA256 Credential=AKIDexample/{date_utc}/aiart/tc3_request, "
+        f"SignedHeaders=content-type;host, Signature={expected}")
+    assert signed.headers["X-TC-Timestamp"] == str(timestamp) and signed.headers["X-TC-Version"] == "2022-12-29"
+    assert signed.headers["X-TC-Region"] == "ap-singapore"
+
+
+def test_every_sdk_error_code_is_mapped() -> None:
+    from tencentcloud.aiart.v20221229 import errorcodes
+
+    sdk_codes = {v for k, v in vars(errorcodes).items() if k.isupper() and isinstance(v, str)}
+    assert len(sdk_codes) >= 30
+    assert sdk_codes - set(ERROR_CODES) == set()
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    ("RequestLimitExceeded.JobNumExceed", TransientError), ("FailedOperation.InnerError", TransientError),
+    ("OperationDenied.ImageIllegalDetected", ContentRejected), ("FailedOperation.GenerateImageFailed", ContentRejected),
+    ("ResourceUnavailable.LowBalance", AccountStop), ("ResourceUnavailable.InArrears", AccountStop),
+    ("ResourceUnavailable.StopUsing", AccountStop), ("InvalidParameterValue.StyleConflict", BadRequest),
+    ("InvalidParameterValue.SomethingNew", BadRequest), ("AuthFailure.SignatureFailure", AccountStop),
+])
+def test_error_taxonomy(code: str, kind: type) -> None:
+    assert type(map_error(code, "m")) is kind
+
+
+def request(**overrides) -> GenerationRequest:
+    fields = {"request_id": "t" * 32, "prompt": "a fox", "seed": 9, "width": 1024, "height": 1024,
+              "options": {"LogoAdd": 0}}
+    return GenerationRequest(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"options": {}}, "generate.options.LogoAdd"),
+    ({"prompt": "x" * 257, "has_input": True}, "items.prompt"),
+    ({"prompt": "x" * 1025}, "items.prompt"),
+    ({"negative_prompt": "x" * 257}, "items.negative_prompt"),
+    ({"has_input": True, "denoising_strength": 0.0001, "options": {"LogoAdd": 1, "Strength": 0}},
+     "generate.denoising_strength"),
+    ({"has_input": True, "options": {"LogoAdd": 1, "RestoreFace": 7}}, "generate.options.RestoreFace"),
+    ({"has_input": True, "options": {"LogoAdd": 1, "Resolution": "1024:1024"}}, "generate.options.Resolution"),
+    ({"has_input": True, "options": {"LogoAdd": 1, "Styles": ["104", "201"]}}, "generate.options.Styles"),
+    ({"width": 2048, "height": 2048}, "generate.width/height"),
+    ({"count": 2}, "items.count"),
+])
+def test_validation_names_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(BadRequest, match=field.replace(".", r"\.").replace("/", "/")):
+        TencentAiArtProvider.validate(request(**overrides))
+
+
+@pytest.mark.parametrize(("size", "why"), [((40, 400), "between 50 and 5000"), ((400, 5001), "between 50 and 5000")])
+def test_input_image_rules_before_any_call(size: tuple[int, int], why: str) -> None:
+    out = BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(out, format="PNG")
+    provider = TencentAiArtProvider(secret_id="i", secret_key="k", endpoint="http://127.0.0.1:9")
+    with pytest.raises(BadRequest, match=why):
+        provider.upload(out.getvalue(), "image/png")
+
+
+def test_gif_is_refused() -> None:
+    out = BytesIO()
+    Image.new("RGB", (100, 100)).save(out, format="GIF")
+    with pytest.raises(BadRequest, match="format GIF"):
+        TencentAiArtProvider(secret_id="i", secret_key="k").upload(out.getvalue(), "image/gif")
+
+
+# --- against the emulator ----------------------------------------------------------------------
+
+@pytest.fixture()
+def tencent(sandbox_blocks):
+    yield sandbox_blocks
+    httpx.delete(f"{sandbox_blocks.tencent_url}/_sandbox/faults")
+
+
+def client(state, **overrides) -> TencentAiArtProvider:
+    fields = dict(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(), endpoint=state.tencent_url)
+    return TencentAiArtProvider(**{**fields, **overrides})
+
+
+def test_wrong_secret_and_unknown_id_are_refused(tencent) -> None:
+    before = tencent_stats(tencent)
+    with pytest.raises(AccountStop, match="AuthFailure.SignatureFailure"):
+        client(tencent, secret_key="wrong").poll("123")
+    with pytest.raises(AccountStop, match="AuthFailure.SecretIdNotFound"):
+        client(tencent, secret_id="AKIDnobody").poll("123")
+    assert tencent_stats(tencent)["auth_failures"] - before["auth_failures"] == 2
+
+
+def test_image_to_image_with_base64_and_with_url(tencent) -> None:
+    provider = client(tencent)
+    ref = provider.upload(ASSET.read_bytes(), "image/png")
+    req = request(has_input=True, options={"LogoAdd": 1, "Resolution": "768:1024"})
+    by_b64 = provider.run_job(req.model_copy(update={"input_ref": ref}), poll_interval=0.1, timeout=30)
+    assert Image.open(BytesIO(by_b64.images[0])).size == (768, 1024)
+    s3 = s3_client(tencent)
+    s3.put_object(Bucket=TEST_BUCKET, Key="inputs/sketch.png", Body=ASSET.read_bytes())
+    from botocore.config import Config
+
+    import boto3
+    url = boto3.client("s3", endpoint_url=tencent.s3_url, aws_access_key_id=tencent.s3_access_key,
+                       aws_secret_access_key=tencent.s3_secret_key, region_name="us-east-1",
+                       config=Config(signature_version="s3v4")).generate_presigned_url(
+        "get_object", Params={"Bucket": TEST_BUCKET, "Key": "inputs/sketch.png"}, ExpiresIn=600)
+    by_url = provider.run_job(req.model_copy(update={"input_ref": url, "request_id": "u" * 32}),
+                              poll_interval=0.1, timeout=30)
+    assert Image.open(BytesIO(by_url.images[0])).size == (768, 1024)
+
+
+def test_async_job_succeeds_and_a_failing_one_is_rejected(tencent) -> None:
+    provider = client(tencent)
+    result = provider.run_job(request(), poll_interval=0.1, timeout=30)
+    assert Image.open(BytesIO(result.images[0])).size == (1024, 1024) and result.polls >= 2
+    with pytest.raises(ContentRejected, match="GenerateImageFailed"):
+        provider.run_job(request(prompt="a fox [[fail]]"), poll_interval=0.1, timeout=30)
+
+
+def test_injected_transient_code_is_retried(tencent) -> None:
+    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+               json={"code": "FailedOperation.InnerError", "count": 2, "action": "SubmitTextToImageJob"})
+    before = tencent_stats(tencent)
+    client(tencent).run_job(request(), poll_interval=0.1, timeout=30)
+    after = tencent_stats(tencent)
+    assert after["injected_faults"] - before["injected_faults"] == 2 and after["submits"] - before["submits"] == 1
+
+
+def spec_text(name: str, items: str, extra: str = "") -> str:
+    return f"""\
+version: 1
+name: {name}
+provider: tencent
+blocks: {{tencent: sandbox}}
+generate: {{width: 1024, height: 1024, options: {{LogoAdd: 0, Resolution: "768:1024"}}}}
+upscale: {{engine: provider, factor: 2}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4{extra}}}
+items:
+{items}"""
+
+
+def run_spec(tmp_path: Path, text: str, run_date: date):
+    from flows.pipeline import run_pipeline
+
+    path = tmp_path / f"tencent-{run_date}.yaml"
+    path.write_text(text)
+    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
+
+
+def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tencent, tmp_path) -> None:
+    items = (f"  - {{id: fox, prompt: a red fox in snow}}\n  - {{id: owl, prompt: an owl at night}}\n"
+             f"  - {{id: sketch, prompt: render this sneaker, input_image: {ASSET}}}\n")
+    before = tencent_stats(tencent)
+    state = run_spec(tmp_path, spec_text("tc-e2e", items), date(2026, 4, 1))
+    after = tencent_stats(tencent)
+    assert state.is_completed(), state.result(raise_on_failure=False)
+    s3 = s3_client(tencent)
+    sizes = {key: Image.open(BytesIO(s3.get_object(Bucket=TEST_BUCKET, Key=f"tc-e2e/2026-04-01/{key}-1.png")
+                                     ["Body"].read())).size for key in ("fox", "owl", "sketch")}
+    assert sizes == {"fox": (2048, 2048), "owl": (2048, 2048), "sketch": (1536, 2048)}
+    # 3 generations + 3 RefineImage upscales, each one charge; never over the published limits.
+    assert after["charges"] - before["charges"] == 6
+    assert after["job_num_exceeded"] == before["job_num_exceeded"]
+    assert after["rate_limited"] == before["rate_limited"]
+    assert after["peak_in_flight"].get("SubmitTextToImageJob", 0) <= 1
+    assert after["peak_in_flight"].get("RefineImage", 0) <= 1
+
+
+def test_content_rejection_is_recorded_not_retried(tencent, tmp_path) -> None:
+    items = "  - {id: ok, prompt: a calm lake}\n  - {id: bad, prompt: \"a [[nsfw]] scene\"}\n"
+    before = tencent_stats(tencent)
+    state = run_spec(tmp_path, spec_text("tc-reject", items), date(2026, 4, 2))
+    after = tencent_stats(tencent)
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, PipelineIncomplete)
+    bad = next(i for i in outcome.manifest["items"] if i["item"] == "bad")
+    assert bad["error"]["error"] == "ContentRejected" and "TextIllegalDetected" in bad["error"]["message"]
+    assert after["content_rejections"] - before["content_rejections"] == 1  # one call, no retry
+    assert outcome.manifest["totals"]["images"] == 1
+
+
+def test_validation_errors_make_no_call(tencent, tmp_path) -> None:
+    text = spec_text("tc-invalid", "  - {id: a, prompt: a cat}\n").replace("LogoAdd: 0, ", "")
+    before = tencent_stats(tencent)
+    state = run_spec(tmp_path, text, date(2026, 4, 3))
+    assert state.is_failed() and "generate.options.LogoAdd" in str(state.result(raise_on_failure=False))
+    assert tencent_stats(tencent)["requests"] == before["requests"]
+
+
+def test_low_balance_stops_the_run(tencent, tmp_path) -> None:
+    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+               json={"code": "ResourceUnavailable.LowBalance", "count": 1, "action": "SubmitTextToImageJob"})
+    items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(3))
+    state = run_spec(tmp_path, spec_text("tc-broke", items, ", max_parallel: 1"), date(2026, 4, 4))
+    manifest = state.result(raise_on_failure=False).manifest
+    errors = [i.get("error") or {} for i in manifest["items"]]
+    assert errors[0]["error"] == "AccountStop" and "LowBalance" in errors[0]["message"]
+    assert any(e.get("error") == "RunStopped" for e in errors[1:])
