@@ -8,14 +8,27 @@ STAMP  := $(VENV)/.installed-stamp
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test clean sandbox-up sandbox-down
+# Real-ESRGAN (the `realesrgan` upscale engine) needs these Debian libraries. As root, make
+# installs them; otherwise, or where apt cannot, the engine reports what is missing and its
+# tests skip with that reason.
+SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1
+
+.PHONY: setup system-libs demo test clean sandbox-up sandbox-down
 
 setup: $(STAMP)
 
+system-libs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(SYSTEM_LIBS) >/dev/null 2>&1; then \
+	  echo "installing $(SYSTEM_LIBS) for Real-ESRGAN"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_LIBS) >/dev/null) \
+	    || echo "could not install $(SYSTEM_LIBS): the realesrgan engine and its tests will be skipped"; \
+	fi
+
 $(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory system-libs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan]'
 	touch $@
 
 demo: $(STAMP)

