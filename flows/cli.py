@@ -108,6 +108,35 @@ def cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Run a spec for every date of a range; dates already complete are skipped."""
+    from flows.backfill import BackfillRefused, backfill
+    from flows.report import format_table
+
+    try:
+        load_spec(args.spec)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    state = backfill(spec=args.spec, start=args.start, end=args.end, max_parallel=args.max_parallel,
+                     max_credits=args.max_credits, deployment=None if args.local else args.deployment,
+                     return_state=True)
+    rows = state.result(raise_on_failure=False)
+    if isinstance(rows, BaseException):
+        print(f"backfill failed: {rows}", file=sys.stderr)
+        return 1
+    print(format_table(rows))
+    return 0 if all(r["status"] != "failed" for r in rows) else 1
+
+
+def cmd_setup_server(args: argparse.Namespace) -> int:
+    from deployments.setup import setup_server
+
+    for line in setup_server(args.pool):
+        print(line)
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from sandbox import launcher
 
@@ -122,6 +151,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                                                                   f"{state.chuzhan_url}, S3 {state.s3_url}"
                                                                   if state and running else ""))
         return 0 if running else 1
+    if args.action == "register":
+        state = launcher.SandboxState.load(state_dir)
+        if state is None:
+            print("no sandbox state found; run `imagegen sandbox up` first", file=sys.stderr)
+            return 1
+        print(f"registered Blocks: {', '.join(launcher.register_blocks(state))}")
+        from deployments.limits import apply_limits
+
+        print(f"applied provider limits: {', '.join(apply_limits({p: [launcher.BLOCK_NAME] for p in ('tams', 'chuzhan', 'tencent')}))}")
+        return 0
     state = launcher.up(state_dir, tams_port=args.tams_port, chuzhan_port=args.chuzhan_port,
                         tencent_port=args.tencent_port, s3_port=args.s3_port,
                         latency=args.latency,
@@ -163,8 +202,22 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--account", action="append", metavar="PROVIDER=BLOCK",
                      help="apply for these accounts instead of those in deployments/limits.yaml")
     lim.set_defaults(func=cmd_limits)
+    b = sub.add_parser("backfill", help="run a spec for every date of a range, skipping complete dates")
+    b.add_argument("spec", metavar="SPEC")
+    b.add_argument("--start", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+    b.add_argument("--end", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+    b.add_argument("--max-parallel", type=int, default=2, metavar="N", help="dates running at once")
+    b.add_argument("--max-credits", type=float, default=None, metavar="C", help="refuse if the range costs more")
+    b.add_argument("--deployment", default="run-pipeline/run-pipeline",
+                   help="run each date through this deployment when it exists (default %(default)s)")
+    b.add_argument("--local", action="store_true", help="run each date as a subflow here, even if deployed")
+    b.set_defaults(func=cmd_backfill)
+    ss = sub.add_parser("setup-server", help="create the work pool and apply provider limits on a Prefect server")
+    ss.add_argument("--pool", default="imagegen-process")
+    ss.set_defaults(func=cmd_setup_server)
     s = sub.add_parser("sandbox", help="local provider emulators and S3 server")
-    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("action", choices=["up", "down", "status", "register"],
+                   help="register: save the Blocks and limits of a running sandbox on the current Prefect API")
     s.add_argument("--state-dir", default=".sandbox")
     s.add_argument("--tams-port", type=int, default=8700)
     s.add_argument("--chuzhan-port", type=int, default=8702)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
@@ -162,12 +162,12 @@ class BudgetExceeded(RuntimeError):
     """The run's estimated credits are above the spec's `run.max_credits`."""
 
 
-def estimate_plans(plans: list[ItemPlan]) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
+def estimate_plans(plans: list[ItemPlan], cache: dict | None = None) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
     """Attach each plan's credit estimate (one provider call per distinct price shape).
 
     Returns the credits per provider, and the items the provider already rejected on content
     while pricing them (recorded on the item, never submitted; the others go on)."""
-    cache: dict[tuple[str, str, str], CreditEstimate] = {}
+    cache = {} if cache is None else cache  # (provider, block, estimate key) -> CreditEstimate
     per_provider: dict[str, float] = {}
     rejected: dict[str, dict[str, str]] = {}
     for plan in plans:
@@ -254,11 +254,19 @@ def _stop_reason(chains: list[list[tuple[str, PrefectFuture]]]) -> str | None:
 
 
 @flow(name="run-pipeline", log_prints=True)
-def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
-    """Run one pipeline spec (a path, or a name in `pipelines/`) for one run date."""
+def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, Any] | None = None,
+                 dry_run: bool = False) -> dict[str, Any]:
+    """Run one pipeline spec for one run date.
+
+    Args:
+        spec: A pipeline name from `pipelines/` (e.g. `demo`) or a path to a spec file.
+        run_date: The date the run is for (keys, manifest, seeds); the scheduled date if empty.
+        overrides: Spec fields to change for this run, e.g. `{"run": {"max_credits": 50}}`.
+        dry_run: Validate and estimate only; no paid call is made.
+    """
     logger = get_run_logger()
     path = resolve_spec_path(spec)
-    parsed = load_spec(path)
+    parsed = load_spec(path, overrides)
     run_date = run_date or _default_run_date()
     spec_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     started = datetime.now(timezone.utc)
@@ -276,6 +284,12 @@ def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
                                  f"is above run.max_credits {budget}; nothing was submitted")
         logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
                     parsed.name, run_date, len(plans), len(reused), estimated)
+        if dry_run:
+            return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",
+                    "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),
+                    "already_archived": sorted(reused), "refused_while_pricing": skipped}
+        progress = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
+                                            description=f"{parsed.name} {run_date}: items reviewed")
         chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
         committed = 0.0
         for plan in (p for p in todo if p.item_id not in skipped):
@@ -293,7 +307,10 @@ def run_pipeline(spec: str, run_date: date | None = None) -> dict[str, Any]:
             gen = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
             big = upscale.submit(plan, gen)
             chains[plan.item_id] = list(zip(STEPS, (up, gen, big, review.submit(plan, big))))
-        reviewed = {item: _outcome(chain) for item, chain in chains.items()}
+        reviewed = {}
+        for n, (item, chain) in enumerate(chains.items(), start=1):
+            reviewed[item] = _outcome(chain)
+            update_progress_artifact(progress, 100.0 * n / len(chains))
         ready = {p.item_id: (p, chains[p.item_id][2][1].result(), verdicts)
                  for p in todo if (verdicts := reviewed.get(p.item_id, (None, None))[0]) is not None}
         staged = decide(parsed, run_date, list(ready.values()))

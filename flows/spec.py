@@ -282,18 +282,27 @@ def resolve_spec_path(spec: str | Path) -> Path:
     return path
 
 
-def load_spec(spec: str | Path) -> PipelineSpec:
-    """Read and validate a spec file; raise `SpecError` naming file, line and field."""
+def merge(base: Any, overrides: Any) -> Any:
+    """`overrides` deep-merged over `base` (mappings merge, anything else replaces)."""
+    if isinstance(base, dict) and isinstance(overrides, dict):
+        return {**base, **{k: merge(base.get(k), v) for k, v in overrides.items()}}
+    return overrides
+
+
+def load_spec(spec: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
+    """Read and validate a spec file, with `overrides` merged over it; raise `SpecError`
+    naming file, line and field."""
     path = resolve_spec_path(spec)
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError([SpecIssue(name, 1, 1, "", f"cannot read spec: {exc.strerror}", "")]) from None
-    return parse_spec(text, name=name, base_dir=path.resolve().parent)
+    return parse_spec(text, name=name, base_dir=path.resolve().parent, overrides=overrides)
 
 
-def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None) -> PipelineSpec:
+def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
+               overrides: dict[str, Any] | None = None) -> PipelineSpec:
     """Validate spec text; `name` is what errors call the file."""
     try:
         data, positions = load_with_positions(text)
@@ -305,6 +314,8 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None)
     if not isinstance(data, dict):
         pos = Position(1, 1)
         raise SpecError([SpecIssue(name, 1, 1, "", "a spec must be a YAML mapping", snippet(text, pos))])
+    if overrides:
+        data = merge(data, overrides)
     try:
         spec = PipelineSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:

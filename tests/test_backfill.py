@@ -1,0 +1,88 @@
+"""Backfill: dates already complete are skipped, missing and partly failed ones run, the credit
+cap refuses up front, a table artifact reports each date. Here without a deployment (subflows);
+through a deployment and workers in test_server_e2e.py."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows.backfill import BackfillRefused, backfill, dates_between
+from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+
+
+def spec(tmp_path: Path, name: str, items: str = "  - {id: a, prompt: a cat}\n  - {id: b, prompt: a dog}\n") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""\
+version: 1
+name: {name}
+provider: tams
+blocks: {{tams: sandbox}}
+generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60}}
+items:
+{items}""")
+    return str(path)
+
+
+def test_dates_between() -> None:
+    assert dates_between(date(2026, 1, 30), date(2026, 2, 2))[-1] == date(2026, 2, 2)
+    with pytest.raises(ValueError):
+        dates_between(date(2026, 2, 2), date(2026, 1, 30))
+
+
+def test_backfill_runs_only_the_missing_dates_then_none(sandbox_blocks, tmp_path) -> None:
+    from flows.pipeline import run_pipeline
+
+    path = spec(tmp_path, "bf")
+    for done in (date(2026, 6, 2), date(2026, 6, 4)):
+        assert run_pipeline(spec=path, run_date=done, return_state=True).is_completed()
+    before = tams_stats(sandbox_blocks)
+    rows = backfill(spec=path, start=date(2026, 6, 1), end=date(2026, 6, 5), max_parallel=2)
+    after = tams_stats(sandbox_blocks)
+    assert [r["status"] for r in rows] == ["done", "skipped", "done", "skipped", "done"]
+    assert after["submits"] - before["submits"] == 3 * 2  # three dates, two items each
+    assert sum(r["credits"] for r in rows) == pytest.approx(after["charged_credits"] - before["charged_credits"])
+    keys = {o["Key"] for o in s3_client(sandbox_blocks).list_objects_v2(Bucket=TEST_BUCKET, Prefix="bf/")["Contents"]}
+    assert {f"bf/2026-06-0{d}/manifest.json" for d in range(1, 6)} <= keys
+    # The same backfill again: every date is complete, nothing runs, nothing is paid.
+    again = backfill(spec=path, start=date(2026, 6, 1), end=date(2026, 6, 5), max_parallel=2)
+    assert [r["status"] for r in again] == ["skipped"] * 5
+    assert tams_stats(sandbox_blocks)["requests"] == after["requests"]
+
+
+def test_a_partly_failed_date_is_run_again(sandbox_blocks, tmp_path) -> None:
+    from flows.pipeline import run_pipeline
+
+    path = spec(tmp_path, "bf-partial")
+    run_pipeline(spec=path, run_date=date(2026, 6, 10), return_state=True)
+    # Make the date partial: one item fails this time (a new item with a failing prompt).
+    failing = spec(tmp_path, "bf-partial", "  - {id: a, prompt: a cat}\n  - {id: c, prompt: \"x [[fail]]\"}\n")
+    assert run_pipeline(spec=failing, run_date=date(2026, 6, 10), return_state=True).is_failed()
+    fixed = spec(tmp_path, "bf-partial", "  - {id: a, prompt: a cat}\n  - {id: c, prompt: a cow}\n")
+    before = tams_stats(sandbox_blocks)
+    rows = backfill(spec=fixed, start=date(2026, 6, 10), end=date(2026, 6, 10))
+    assert rows[0]["status"] == "done"
+    assert tams_stats(sandbox_blocks)["submits"] - before["submits"] == 1  # only the item that was missing
+
+
+def test_backfill_over_its_credit_cap_runs_nothing(sandbox_blocks, tmp_path) -> None:
+    path = spec(tmp_path, "bf-cap")
+    before = tams_stats(sandbox_blocks)
+    state = backfill(spec=path, start=date(2026, 7, 1), end=date(2026, 7, 3), max_credits=5, return_state=True)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BackfillRefused) and "above the cap of 5" in str(error)
+    assert tams_stats(sandbox_blocks)["submits"] == before["submits"]
+
+
+def test_backfill_table_artifact(sandbox_blocks, tmp_path) -> None:
+    from prefect.client.orchestration import get_client
+
+    backfill(spec=spec(tmp_path, "bf-art"), start=date(2026, 8, 1), end=date(2026, 8, 2))
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_latest_artifacts()}
+    assert arts["bf-art-backfill"].type == "table" and "2 done" in arts["bf-art-backfill"].description
+    assert arts["bf-art-backfill-progress"].type == "progress" and float(arts["bf-art-backfill-progress"].data) == 100.0
