@@ -1,0 +1,172 @@
+"""On a real `prefect server start` (SQLite in a temp dir) with process workers: the project's
+deployments from `prefect deploy --all`, a run triggered through the API as the UI does, a
+schedule that fires by itself, and a backfill spread over two workers, all on the sandbox."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sandbox import launcher
+from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(sandbox, tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = launcher.free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_V2_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                  home / "server.log")
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield env, home
+    _stop(proc)
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployed(server, sandbox, tmp_path_factory):
+    env, home = server
+    cli(env, str(BIN / "imagegen"), "sandbox", "register", "--state-dir", sandbox.state_dir)
+    setup = cli(env, str(BIN / "imagegen"), "setup-server")
+    assert "work pool imagegen-process created (type process)" in setup.stdout
+    deploy = cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
+    assert "run-pipeline" in deploy.stdout
+    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], env,
+                      home / f"worker-{n}.log") for n in (1, 2)]
+    spec = tmp_path_factory.mktemp("specs") / "server.yaml"
+    spec.write_text(f"""\
+version: 1
+name: server-e2e
+provider: tams
+blocks: {{tams: sandbox}}
+generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.3, job_timeout: 60}}
+items:
+  - {{id: a, prompt: a cat}}
+  - {{id: b, prompt: a dog}}
+""")
+    yield env, str(spec)
+    for worker in workers:
+        _stop(worker)
+
+
+def client_for(env: dict[str, str]):  # noqa: ANN201
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api=env["PREFECT_API_URL"])
+
+
+def wait_final(client, flow_run_id, timeout: float = 240):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.read_flow_run(flow_run_id)
+        if run.state and run.state.is_final():
+            return run
+        assert time.monotonic() < deadline, f"flow run still {run.state.name if run.state else None}"
+        time.sleep(1)
+
+
+def test_deployments_from_prefect_yaml(deployed) -> None:
+    env, _ = deployed
+    with client_for(env) as client:
+        names = {d.name for d in client.read_deployments()}
+        nightly = client.read_deployment_by_name("run-pipeline/nightly-demo")
+    assert {"run-pipeline", "nightly-demo", "backfill"} <= names
+    assert nightly.schedules[0].schedule.cron == "0 3 * * *"
+    assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+
+
+def test_run_triggered_through_the_api_lands_in_s3(deployed, sandbox) -> None:
+    env, spec = deployed
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
+        created = datetime.now(timezone.utc)
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"spec": spec, "run_date": "2026-09-01"})
+        final = wait_final(client, flow_run.id)
+        tasks = client.read_task_runs()
+    assert final.state.is_completed(), final.state.message
+    starts = [t.start_time for t in tasks if t.flow_run_id == flow_run.id and t.start_time]
+    print(f"trigger to flow start {(final.start_time - created).total_seconds():.1f} s, "
+          f"to first task start {(min(starts) - created).total_seconds():.1f} s (worker query every 2 s)")
+    keys = {o["Key"] for o in s3_client(sandbox).list_objects_v2(Bucket=TEST_BUCKET, Prefix="server-e2e/2026-09-01/")
+            ["Contents"]}
+    assert {"server-e2e/2026-09-01/a-1.png", "server-e2e/2026-09-01/b-1.png"} <= keys
+
+
+def test_a_schedule_produces_a_run_by_itself(deployed) -> None:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    env, spec = deployed
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
+        anchor = datetime.now(timezone.utc) + timedelta(seconds=5)
+        client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
+            schedule=IntervalSchedule(interval=timedelta(hours=1), anchor_date=anchor), active=True,
+            parameters={"spec": spec}, slug="soon")])
+        deadline = time.monotonic() + 120
+        scheduled = []
+        while not scheduled:
+            scheduled = [r for r in client.read_flow_runs() if r.deployment_id == deployment.id and r.auto_scheduled]
+            assert time.monotonic() < deadline, "the scheduler created no run"
+            time.sleep(1)
+        first = min(scheduled, key=lambda r: r.expected_start_time)
+        final = wait_final(client, first.id)
+    assert final.state.is_completed(), final.state.message
+
+
+def test_backfill_through_the_deployment_on_two_workers(deployed, sandbox) -> None:
+    env, spec = deployed
+    before = tams_stats(sandbox)
+    out = cli(env, str(BIN / "imagegen"), "backfill", spec, "--start", "2026-09-10", "--end", "2026-09-13",
+              "--max-parallel", "4", timeout=600)
+    after = tams_stats(sandbox)
+    assert out.stdout.count(" done ") == 4, out.stdout
+    assert after["submits"] - before["submits"] == 8
+    assert after["rate_limited"] == before["rate_limited"]  # two workers, one account, limit held
+    with client_for(env) as client:
+        runs = [r for r in client.read_flow_runs() if "backfill" in r.tags and r.name.startswith("backfill-2026-09-1")]
+    assert len(runs) == 4 and all(r.deployment_id for r in runs)  # each date its own deployment run
