@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed-stamp
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-# Real-ESRGAN (the `realesrgan` upscale engine) needs these Debian libraries. As root, make
-# installs them; otherwise, or where apt cannot, the engine reports what is missing and its
-# tests skip with that reason.
-SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1
+# Debian packages: Real-ESRGAN (the `realesrgan` upscale engine) needs the three libraries;
+# the UI test drives Chromium. As root, make installs them; otherwise, or where apt cannot,
+# the engine reports what is missing and the tests that need them skip with that reason.
+SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1 chromium
 
 .PHONY: setup system-libs demo test clean sandbox-up sandbox-down
 
@@ -19,9 +19,9 @@ setup: $(STAMP)
 
 system-libs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(SYSTEM_LIBS) >/dev/null 2>&1; then \
-	  echo "installing $(SYSTEM_LIBS) for Real-ESRGAN"; \
+	  echo "installing $(SYSTEM_LIBS) (Real-ESRGAN, UI test)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_LIBS) >/dev/null) \
-	    || echo "could not install $(SYSTEM_LIBS): the realesrgan engine and its tests will be skipped"; \
+	    || echo "could not install $(SYSTEM_LIBS): the tests that need them will be skipped"; \
 	fi
 
 $(STAMP): pyproject.toml constraints.txt

@@ -19,6 +19,7 @@ from sandbox import launcher
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
 
 ROOT = Path(__file__).parent.parent
+TRIGGERED: dict = {}
 BIN = Path(sys.executable).parent
 
 
@@ -40,6 +41,7 @@ def server(sandbox, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = launcher.free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_V2_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_WORKER_QUERY_SECONDS": "2",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -128,6 +130,7 @@ def test_run_triggered_through_the_api_lands_in_s3(deployed, sandbox) -> None:
         final = wait_final(client, flow_run.id)
         tasks = client.read_task_runs()
     assert final.state.is_completed(), final.state.message
+    TRIGGERED["run"] = final
     starts = [t.start_time for t in tasks if t.flow_run_id == flow_run.id and t.start_time]
     print(f"trigger to flow start {(final.start_time - created).total_seconds():.1f} s, "
           f"to first task start {(min(starts) - created).total_seconds():.1f} s (worker query every 2 s)")
@@ -170,3 +173,24 @@ def test_backfill_through_the_deployment_on_two_workers(deployed, sandbox) -> No
     with client_for(env) as client:
         runs = [r for r in client.read_flow_runs() if "backfill" in r.tags and r.name.startswith("backfill-2026-09-1")]
     assert len(runs) == 4 and all(r.deployment_id for r in runs)  # each date its own deployment run
+
+
+def test_the_run_and_its_summary_render_in_the_prefect_ui(deployed, tmp_path) -> None:
+    """What a person sees: the flow run page and its summary table, in headless Chromium."""
+    from tests.browser import chromium, page_text
+
+    if chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package chromium; make installs it when run as root)")
+    run = TRIGGERED.get("run")
+    assert run is not None, "the triggered run test did not run first"
+    env, _ = deployed
+    ui = env["PREFECT_UI_URL"]
+    text = page_text(f"{ui}/runs/flow-run/{run.id}", [run.name, "Completed"], launcher.free_port(),
+                     screenshot=tmp_path / "flow-run.png")
+    assert run.name in text and "Completed" in text, text[:2000]
+    with client_for(env) as client:
+        artifact = next(a for a in client.read_artifacts() if a.key == "server-e2e-summary" and a.flow_run_id == run.id)
+    wanted = ["s3://imagegen-test/server-e2e/2026-09-01/a-1.png", "approved"]
+    text = page_text(f"{ui}/artifacts/artifact/{artifact.id}", wanted, launcher.free_port(),
+                     screenshot=tmp_path / "summary.png")
+    assert all(w in text for w in wanted), text[:2000]
