@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import httpx
 from prefect.blocks.core import Block
@@ -121,6 +122,19 @@ class ImageProvider(Block, ABC):
     """True when submitting the same request id twice returns the first job (no second charge)."""
 
     _limiter: Limiter = PrivateAttr(default_factory=NoLimits)
+    _http: httpx.Client | None = PrivateAttr(default=None)
+    _http_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def client(self) -> httpx.Client:
+        """The account's HTTP client, built once and shared by every thread."""
+        with self._http_lock:
+            if self._http is None:
+                self._http = self.new_client()
+            return self._http
+
+    def new_client(self) -> httpx.Client:
+        """Build the HTTP client (base URL, timeout, signing); providers override it."""
+        raise NotImplementedError(f"{type(self).__name__} does not build an HTTP client")
 
     def use_limiter(self, limiter: Limiter) -> None:
         """Take every request and job slot from `limiter` from now on."""
@@ -237,6 +251,39 @@ class ImageProvider(Block, ABC):
             raise self.job_failure(status)
         return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
                          credits_source=estimate.source, polls=polls)
+
+
+T = TypeVar("T")
+
+
+def with_retries(call: Callable[[], T], attempts: int, *, extra_wait: Callable[[TransientError], int] | None = None) -> T:
+    """Call, retrying `TransientError` up to `attempts` times with backoff (and Retry-After);
+    `extra_wait` may add backoff steps for errors that need a longer pause."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except TransientError as exc:
+            if attempt + 1 >= attempts:
+                raise
+            time.sleep(backoff_delay(attempt + (extra_wait(exc) if extra_wait else 0), exc.retry_after))
+    raise AssertionError("unreachable")
+
+
+def download(url: str, *, provider: str, timeout: float, attempts: int, expiry: str) -> bytes:
+    """GET a result URL (no provider auth: it is presigned), retrying transient faults.
+    `expiry` says how long such URLs live, for the error a late download gets."""
+    def get() -> bytes:
+        try:
+            response = httpx.get(url, timeout=timeout)
+        except httpx.TransportError as exc:
+            raise TransientError(f"result download: {type(exc).__name__}", provider=provider) from None
+        if response.status_code != 200:
+            kind = TransientError if response.status_code >= 500 or response.status_code == 429 else BadRequest
+            raise kind(f"result download: HTTP {response.status_code} (result URLs expire after {expiry})",
+                       provider=provider)
+        return response.content
+
+    return with_retries(get, attempts)
 
 
 def backoff_delay(attempt: int, retry_after: float | None, *, base: float = 0.5, cap: float = 20.0) -> float:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import threading
-import time
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import httpx
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, SecretStr
 
-from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus,
-                         backoff_delay, retry_after_seconds)
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
+                         retry_after_seconds, with_retries)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, ProviderError, SubmitUnknown,
                            TransientError)
 
@@ -208,15 +206,9 @@ class ChuzhanProvider(ImageProvider):
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
 
-    _client: httpx.Client | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-
-    def client(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
-                                            headers={"Auth-Token": self.api_token.get_secret_value()})
-            return self._client
+    def new_client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
+                            headers={"Auth-Token": self.api_token.get_secret_value()})
 
     # --- HTTP --------------------------------------------------------------------------------
     def _post(self, path: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> Any:
@@ -247,14 +239,7 @@ class ChuzhanProvider(ImageProvider):
                 return envelope.get("data")
             raise map_error(int(envelope.get("code") or -1), str(envelope.get("msg") or ""))
 
-        for attempt in range(self.max_attempts):
-            try:
-                return once()
-            except TransientError as exc:
-                if attempt + 1 >= self.max_attempts:
-                    raise
-                time.sleep(backoff_delay(attempt, exc.retry_after))
-        raise AssertionError("unreachable")
+        return with_retries(once, self.max_attempts)
 
     # --- requests ------------------------------------------------------------------------------
     @classmethod
@@ -339,30 +324,10 @@ class ChuzhanProvider(ImageProvider):
         return super().job_failure(status)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
-        def get(url: str) -> bytes:
-            try:
-                response = httpx.get(url, timeout=self.timeout)
-            except httpx.TransportError as exc:
-                raise TransientError(f"result download: {type(exc).__name__}", provider=PROVIDER) from None
-            if response.status_code != 200:
-                kind = TransientError if response.status_code >= 500 else BadRequest
-                raise kind(f"result download: HTTP {response.status_code} (URLs expire after 30 minutes)",
-                           provider=PROVIDER)
-            return response.content
-
         if not status.result_urls:
             raise BadRequest(f"task {status.job_id} succeeded without images", provider=PROVIDER)
-        results: list[bytes] = []
-        for url in status.result_urls:
-            for attempt in range(self.max_attempts):
-                try:
-                    results.append(get(url))
-                    break
-                except TransientError:
-                    if attempt + 1 >= self.max_attempts:
-                        raise
-                    time.sleep(backoff_delay(attempt, None))
-        return results
+        return [download(url, provider=PROVIDER, timeout=self.timeout, attempts=self.max_attempts,
+                         expiry="30 minutes") for url in status.result_urls]
 
     def balance(self) -> float:
         """The account's credit balance."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Generator
@@ -20,10 +19,10 @@ from typing import Any, ClassVar
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, SecretStr
 
-from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus,
-                         backoff_delay, retry_after_seconds)
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
+                         retry_after_seconds, with_retries)
 from blocks.errors import AccountStop, BadRequest, ProviderError, TransientError
 
 PROVIDER = "tams"
@@ -140,25 +139,16 @@ class TamsProvider(ImageProvider):
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
     max_attempts: int = Field(5, description="Attempts per call on transient errors (429, 5xx, network).")
 
-    _client: httpx.Client | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-
-    def client(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(
-                    base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
-                    auth=TamsSigner(self.app_id, self.private_key),
-                    headers={"Accept": "application/json"},
-                )
-            return self._client
+    def new_client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
+                            auth=TamsSigner(self.app_id, self.private_key), headers={"Accept": "application/json"})
 
     # --- HTTP with retries and error mapping -------------------------------------------------
     def _call(self, method: str, path: str, payload: dict | None = None) -> dict:
         # Serialise once: the signed text must be exactly the bytes sent.
         body = b"" if payload is None else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        return self._with_retries(lambda: self._send(method, path, body, headers))
+        return with_retries(lambda: self._send(method, path, body, headers), self.max_attempts)
 
     def _send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> dict:
         self._limiter.request("api")  # 5 QPS per app, every call counts (polls included)
@@ -176,16 +166,6 @@ class TamsProvider(ImageProvider):
             return response.json()
         except ValueError:
             raise TransientError(f"{method} {path}: answer is not JSON", provider=PROVIDER) from None
-
-    def _with_retries(self, call: Callable[[], Any]) -> Any:
-        for attempt in range(self.max_attempts):
-            try:
-                return call()
-            except TransientError as exc:
-                if attempt + 1 >= self.max_attempts:
-                    raise
-                time.sleep(backoff_delay(attempt, exc.retry_after))
-        raise AssertionError("unreachable")
 
     # --- the provider interface -------------------------------------------------------------
     @classmethod
@@ -271,7 +251,7 @@ class TamsProvider(ImageProvider):
             if response.status_code != 200:
                 raise BadRequest(f"upload PUT: HTTP {response.status_code}", provider=PROVIDER)
 
-        self._with_retries(put)
+        with_retries(put, self.max_attempts)
         return str(resource_id)
 
     def estimate(self, request: GenerationRequest) -> CreditEstimate:
@@ -297,19 +277,10 @@ class TamsProvider(ImageProvider):
         return JobStatus(job_id=job_id, state=state, provider_status=status, result_urls=urls, reason=reason)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
-        def get(url: str) -> bytes:
-            try:
-                response = httpx.get(url, timeout=self.timeout)
-            except httpx.TransportError as exc:
-                raise TransientError(f"result download: {type(exc).__name__}", provider=PROVIDER) from None
-            if response.status_code != 200:
-                kind = TransientError if response.status_code >= 500 else BadRequest
-                raise kind(f"result download: HTTP {response.status_code}", provider=PROVIDER)
-            return response.content
-
         if not status.result_urls:
             raise BadRequest(f"job {status.job_id} succeeded without images", provider=PROVIDER)
-        return [self._with_retries(lambda u=url: get(u)) for url in status.result_urls]
+        return [download(url, provider=PROVIDER, timeout=self.timeout, attempts=self.max_attempts,
+                         expiry="their expiredIn") for url in status.result_urls]
 
     def cancel(self, job_id: str) -> None:
         self._call("DELETE", f"/v1/jobs/{job_id}")

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import io
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Generator
@@ -31,7 +30,8 @@ import httpx
 from PIL import Image
 from pydantic import Field, PrivateAttr, SecretStr
 
-from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, backoff_delay
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
+                         with_retries)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
                            TransientError)
 
@@ -182,16 +182,11 @@ class TencentAiArtProvider(ImageProvider):
     timeout: float = Field(60.0, description="Seconds for one HTTP request (sync actions take a while).")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
 
-    _client: httpx.Client | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _sync_results: dict[str, list[str]] = PrivateAttr(default_factory=dict)
 
-    def client(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
-                                            auth=TC3Signer(self.secret_id, self.secret_key, self.region))
-            return self._client
+    def new_client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
+                            auth=TC3Signer(self.secret_id, self.secret_key, self.region))
 
     def call(self, action: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> dict[str, Any]:
         """One action; returns `Response` without `RequestId`, or raises our error type."""
@@ -217,16 +212,9 @@ class TencentAiArtProvider(ImageProvider):
             answer.pop("RequestId", None)
             return answer
 
-        for attempt in range(self.max_attempts):
-            try:
-                return once()
-            except TransientError as exc:
-                if attempt + 1 >= self.max_attempts:
-                    raise
-                # JobNumExceed: a running job must finish first, so wait longer than a rate blip.
-                time.sleep(backoff_delay(attempt + (2 if exc.code == "RequestLimitExceeded.JobNumExceed" else 0),
-                                         exc.retry_after))
-        raise AssertionError("unreachable")
+        # JobNumExceed: a running job must finish first, so wait longer than a rate blip.
+        return with_retries(once, self.max_attempts,
+                            extra_wait=lambda exc: 2 if exc.code == "RequestLimitExceeded.JobNumExceed" else 0)
 
     # --- requests -------------------------------------------------------------------------------
     @staticmethod
@@ -355,25 +343,9 @@ class TencentAiArtProvider(ImageProvider):
                          code=status.provider_status)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
-        out = []
-        for value in status.result_urls:
-            if not value.startswith(("http://", "https://")):
-                out.append(base64.b64decode(value))
-                continue
-            for attempt in range(self.max_attempts):
-                try:
-                    response = httpx.get(value, timeout=self.timeout)
-                except httpx.TransportError as exc:
-                    error: ProviderError = TransientError(f"result download: {type(exc).__name__}", provider=PROVIDER)
-                else:
-                    if response.status_code == 200:
-                        out.append(response.content)
-                        break
-                    error = (TransientError if response.status_code >= 500 else BadRequest)(
-                        f"result download: HTTP {response.status_code} (URLs expire after an hour)", provider=PROVIDER)
-                if not isinstance(error, TransientError) or attempt + 1 >= self.max_attempts:
-                    raise error
-                time.sleep(backoff_delay(attempt, None))
+        out = [base64.b64decode(value) if not value.startswith(("http://", "https://")) else
+               download(value, provider=PROVIDER, timeout=self.timeout, attempts=self.max_attempts, expiry="an hour")
+               for value in status.result_urls]
         self._sync_results.pop(status.job_id, None)
         return out
 

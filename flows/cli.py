@@ -110,7 +110,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
-    from flows.backfill import BackfillRefused, backfill
+    from flows.backfill import backfill
     from flows.report import format_table
 
     try:

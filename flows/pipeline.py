@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
-from blocks.base import CreditEstimate, GenerationRequest
+from blocks.base import GenerationRequest
 from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
 from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
@@ -114,7 +114,7 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
 
 def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, positions: dict, text: str) -> list[SpecIssue]:
     """A spec that asks for moderation, duplicates or Real-ESRGAN needs their packages."""
-    from flows.images import REALESRGAN_EXTRA, _realesrgan
+    from flows.images import _realesrgan
     from flows.review import REVIEW_EXTRA, MissingDependency, require
 
     if not plans:

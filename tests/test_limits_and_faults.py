@@ -3,7 +3,6 @@ the emulator's own counters, with real processes where the guarantee is about pr
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 
 from deployments.limits import apply_limits, load_limits, show_limits, wanted_limits
 from flows.report import PipelineIncomplete
-from sandbox import launcher
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
 
 ROOT = Path(__file__).parent.parent

@@ -4,7 +4,6 @@ against the emulator process."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from datetime import date, datetime, timezone
@@ -21,7 +20,6 @@ from blocks.errors import AccountStop, BadRequest, ContentRejected, TransientErr
 from blocks.tencent import (ERROR_CODES, TC3Signer, TencentAiArtProvider, canonical_request, map_error,
                             string_to_sign, tc3_signature)
 from flows.report import PipelineIncomplete
-from sandbox.images import render_png
 from tests.conftest import TEST_BUCKET, s3_client, tencent_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
