@@ -240,3 +240,10 @@ def test_empty_balance_is_an_account_stop(chuzhan, tmp_path) -> None:
     error = manifest_of(state)["items"][0]["error"]
     assert error["error"] == "AccountStop" and "积分余额不足" in error["message"]
     assert chuzhan_stats(chuzhan)["charges"] == before["charges"]
+
+
+def test_balance_is_read_from_the_account(chuzhan) -> None:
+    provider = ChuzhanProvider(api_token=chuzhan.chuzhan_token(), endpoint=chuzhan.chuzhan_url)
+    assert provider.balance() == chuzhan_stats(chuzhan)["balance"] > 0
+    with pytest.raises(AccountStop, match="Auth-Token"):
+        ChuzhanProvider(api_token="wrong", endpoint=chuzhan.chuzhan_url).balance()
