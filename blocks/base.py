@@ -155,6 +155,10 @@ class ImageProvider(Block, ABC):
         raise BadRequest(f"upscale.engine: {cls.provider_name} has no separate upscaler; its upscale is part of "
                          "the job", provider=cls.provider_name, code="validation")
 
+    def refine_cost(self) -> float:
+        """Credits of one `refine` call (0 where the upscale is part of the job)."""
+        return 0.0
+
     def refine(self, data: bytes) -> bytes:
         """Upscale one image with the provider's separate upscaler (where `upscale_in_job` is False)."""
         raise BadRequest(f"{self.provider_name} has no separate upscaler", provider=self.provider_name)

@@ -349,6 +349,9 @@ class TencentAiArtProvider(ImageProvider):
         self._sync_results.pop(status.job_id, None)
         return out
 
+    def refine_cost(self) -> float:
+        return 1.0  # one billable call, as every estimate of this provider counts
+
     def refine(self, data: bytes) -> bytes:
         """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot."""
         check_image(data, "upscale input")

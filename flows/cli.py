@@ -75,7 +75,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         row = rows.setdefault(plan.provider, {"items": 0, "credits": 0.0, "money": 0.0, "currency": est.currency,
                                               "sources": set()})
         row["items"] += 1
-        row["credits"] += est.credits
+        row["credits"] += est.credits + plan.refine_credits  # with a separate paid upscale
         row["money"] += est.money or 0.0
         row["sources"].add(est.source)
     for provider, row in sorted(rows.items()):

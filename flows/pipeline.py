@@ -180,7 +180,9 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None) -> tuple[di
                 rejected[plan.item_id] = {"step": "estimate", "error": "ContentRejected", "message": str(exc)}
                 continue
         plan.estimate = cache[key]
-        per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits
+        if plan.upscale and plan.upscale.engine == "provider" and not provider.upscale_in_job:
+            plan.refine_credits = provider.refine_cost() * plan.request.count  # separate paid upscale calls
+        per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits + plan.refine_credits
     return per_provider, rejected
 
 
@@ -295,7 +297,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
         for plan in (p for p in todo if p.item_id not in skipped):
             while sum(not c[-1][1].wrapped_future.done() for c in chains.values()) >= parsed.run.max_parallel:
                 time.sleep(0.05)
-            cost = plan.estimate.credits if plan.estimate else 0.0
+            cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
             stop = _stop_reason(list(chains.values()))
             if stop is None and budget is not None and committed + cost > budget:
                 stop = f"run.max_credits {budget} reached ({committed} committed)"

@@ -44,6 +44,7 @@ class ItemPlan(BaseModel):
     archive: ArchiveSettings
     work_dir: str
     estimate: CreditEstimate | None = None
+    refine_credits: float = Field(0.0, description="Estimated credits of a separate paid upscale.")
     http_timeout: float
     poll_interval: float
     job_timeout: float
@@ -178,7 +179,8 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
         else:
             path.write_bytes(images.realesrgan(data, factor) if engine == "realesrgan" else images.lanczos(data, factor))
         files.append(str(path))
-    return generated.model_copy(update={"files": files, "upscaled_by": plan.upscale.engine})
+    credits = generated.credits + (provider.refine_cost() * len(files) if provider else 0.0)
+    return generated.model_copy(update={"files": files, "upscaled_by": engine, "credits": credits})
 
 
 @task(task_run_name="review-{plan.item_id}")

@@ -218,8 +218,10 @@ def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tence
     sizes = {key: Image.open(BytesIO(s3.get_object(Bucket=TEST_BUCKET, Key=f"tc-e2e/2026-04-01/{key}-1.png")
                                      ["Body"].read())).size for key in ("fox", "owl", "sketch")}
     assert sizes == {"fox": (2048, 2048), "owl": (2048, 2048), "sketch": (1536, 2048)}
-    # 3 generations + 3 RefineImage upscales, each one charge; never over the published limits.
-    assert after["charges"] - before["charges"] == 6
+    # 3 generations + 3 RefineImage upscales, each one charge, all in the estimate and the manifest;
+    # never over the published limits.
+    manifest = state.result()
+    assert after["charges"] - before["charges"] == 6 == manifest["totals"]["credits"] == manifest["estimated_credits"]
     assert after["job_num_exceeded"] == before["job_num_exceeded"]
     assert after["rate_limited"] == before["rate_limited"]
     assert after["peak_in_flight"].get("SubmitTextToImageJob", 0) <= 1
