@@ -97,7 +97,7 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
         provider = PROVIDERS[plan.provider]
         try:
             provider.validate(plan.request)
-            if plan.upscale and plan.upscale.engine == "provider" and not provider.upscale_in_job:
+            if plan.provider_refines:
                 size = provider.output_size(plan.request)
                 if size is None:
                     raise BadRequest("upscale.factor: the provider's upscaler gives a fixed size, and this item's "
@@ -180,7 +180,7 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None) -> tuple[di
                 rejected[plan.item_id] = {"step": "estimate", "error": "ContentRejected", "message": str(exc)}
                 continue
         plan.estimate = cache[key]
-        if plan.upscale and plan.upscale.engine == "provider" and not provider.upscale_in_job:
+        if plan.provider_refines:
             plan.refine_credits = provider.refine_cost() * plan.request.count  # separate paid upscale calls
         per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits + plan.refine_credits
     return per_provider, rejected
@@ -201,10 +201,7 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
     images = [(f"{plan.item_id}#{v.index}", v) for plan, _, verdicts in ready for v in verdicts]
     if spec.review.duplicates is not None:
         archived = archived_hashes(spec, run_date) if spec.review.duplicates.against_archive else {}
-        as_dicts = [(image_id, v.model_dump()) for image_id, v in images]
-        mark_duplicates(as_dicts, spec.review.duplicates, archived)
-        for (_, verdict), (_, changed) in zip(images, as_dicts, strict=True):
-            verdict.approved, verdict.reasons, verdict.checks = changed["approved"], changed["reasons"], changed["checks"]
+        mark_duplicates(images, spec.review.duplicates, archived)
     human = spec.review.human
     candidates = [(plan, gen, v) for plan, gen, verdicts in ready for v in verdicts if v.approved]
     if human is None or not candidates:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 from pydantic import Field, create_model
 
 from flows.spec import DuplicateSettings, HumanSettings
+
+if TYPE_CHECKING:
+    from flows.tasks import Verdict
 
 REVIEW_EXTRA = "pip install 'imagegen-pipelines[review]'"
 
@@ -58,25 +61,25 @@ def distance(a: str, b: str) -> int:
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
-def mark_duplicates(images: list[tuple[str, dict[str, Any]]], settings: DuplicateSettings,
+def mark_duplicates(images: list[tuple[str, Verdict]], settings: DuplicateSettings,
                     archived: dict[str, str]) -> None:
     """Reject each image within `max_distance` of an earlier image of the run or of the archive.
 
-    `images` are (image id, verdict dict) in run order; verdicts are changed in place."""
+    `images` are (image id, verdict) in run order; verdicts are changed in place."""
     seen: dict[str, str] = dict(archived)
     for image_id, verdict in images:
-        mine = (verdict["checks"].get("phash") or {}).get("value")
+        mine = (verdict.checks.get("phash") or {}).get("value")
         if mine is None:
             continue
         nearest = min(((distance(mine, h), other) for other, h in seen.items()), default=None)
         check: dict[str, Any] = {"value": nearest[0] if nearest else None, "threshold": settings.max_distance,
                                  "nearest": nearest[1] if nearest else None}
-        verdict["checks"]["duplicate"] = check
+        verdict.checks["duplicate"] = check
         if nearest and nearest[0] <= settings.max_distance:
-            verdict["approved"] = False
-            verdict["reasons"].append(f"duplicate of {nearest[1]} (phash distance {nearest[0]} <= "
-                                      f"{settings.max_distance})")
-        elif verdict["approved"]:
+            verdict.approved = False
+            verdict.reasons.append(f"duplicate of {nearest[1]} (phash distance {nearest[0]} <= "
+                                   f"{settings.max_distance})")
+        elif verdict.approved:
             seen[image_id] = mine
 
 

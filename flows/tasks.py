@@ -49,6 +49,12 @@ class ItemPlan(BaseModel):
     poll_interval: float
     job_timeout: float
 
+    @property
+    def provider_refines(self) -> bool:
+        """The provider upscales in a separate paid call after the job (e.g. Tencent RefineImage)."""
+        return (self.upscale is not None and self.upscale.engine == "provider"
+                and not self.request.upscale_factor)
+
 
 class Generated(BaseModel):
     """Images of one item on local disk, with where they came from."""
@@ -197,10 +203,10 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
         checks: dict[str, dict[str, Any]] = {"readable": {"value": m["error"] is None, "threshold": True}}
         reasons = [] if m["error"] is None else [f"unreadable image ({m['error']})"]
         if m["error"] is None:
-            checks["stddev"] = {"value": m["stddev"], "threshold": plan.review.min_stddev}
-            if float(m["stddev"] or 0) < plan.review.min_stddev:
-                reasons.append(f"blank or near-uniform (stddev {m['stddev']} < {plan.review.min_stddev})")
-            if plan.review.check_size and plan.final_size is not None:
+            checks["stddev"] = {"value": m["stddev"], "threshold": settings.min_stddev}
+            if float(m["stddev"] or 0) < settings.min_stddev:
+                reasons.append(f"blank or near-uniform (stddev {m['stddev']} < {settings.min_stddev})")
+            if settings.check_size and plan.final_size is not None:
                 want_w, want_h = plan.final_size
                 checks["size"] = {"value": f"{m['width']}x{m['height']}", "threshold": f"{want_w}x{want_h}"}
                 if (m["width"], m["height"]) != (want_w, want_h):
