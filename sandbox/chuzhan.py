@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import io
 import json
@@ -40,6 +39,7 @@ from starlette.routing import Route
 from blocks.chuzhan import check_caps, credit_terms, credits_for, output_size
 from blocks.errors import BadRequest
 from sandbox.images import render_png
+from sandbox.urls import SignedUrls
 
 RESULT_TTL = 1800
 NUMERIC = ("width", "height", "steps", "batchSize", "modelStyleId", "hrSteps", "upscale", "seed")
@@ -80,7 +80,7 @@ class ChuzhanState:
     charged_credits: float = 0.0
     peak_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    results: SignedUrls = field(default_factory=lambda: SignedUrls(RESULT_TTL))
 
 
 class ChuzhanEmulator:
@@ -188,9 +188,7 @@ class ChuzhanEmulator:
 
     async def result_image(self, request: Request) -> Response:
         sign, index = request.path_params["sign"], request.path_params["index"]
-        expires = request.query_params.get("expires", "0")
-        if not hmac.compare_digest(request.query_params.get("sig", ""), self._sig(sign, index, expires)) \
-                or int(expires) < time.time():
+        if self.state.results.check(request.url.path, request.query_params) is not None:
             return Response(status_code=403)
         task = self.state.tasks.get(sign)
         if task is None:
@@ -232,9 +230,6 @@ class ChuzhanEmulator:
             return "fail"
         return "success"
 
-    def _sig(self, sign: str, index: int, expires: str) -> str:
-        return hmac.new(self.state.secret, f"{sign}/{index}/{expires}".encode(), hashlib.sha256).hexdigest()
-
     def _detail(self, task: Task, request: Request, preview: bool) -> dict[str, Any]:
         state = self._state_of(task)
         progress = min(1.0, (time.monotonic() - task.created) / self.state.latency) if state != "in_queue" else 0.0
@@ -244,9 +239,7 @@ class ChuzhanEmulator:
             Image.new("RGB", (64, 64), (128, 128, 128)).save(thumb, format="JPEG")
             data["current_image"] = base64.b64encode(thumb.getvalue()).decode()
         if state == "success":
-            expires = str(int(time.time()) + RESULT_TTL)
-            base = str(request.base_url).rstrip("/")
-            urls = [f"{base}/_results/{task.sign}/{i}.png?expires={expires}&sig={self._sig(task.sign, i, expires)}"
+            urls = [self.state.results.sign(str(request.base_url), f"/_results/{task.sign}/{i}.png")[0]
                     for i in range(int(task.params.get("batchSize") or 1))]
             audit = 0 if task.audit_fail else 1
             data.update(images=[{"imageUrl": u, "audit": audit} for u in urls], imgUrl=urls[0], audit=audit)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import io
 import itertools
@@ -49,6 +48,7 @@ from starlette.routing import Route
 
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
+from sandbox.urls import SignedUrls
 
 QPS = 5
 CLOCK_SKEW = 300
@@ -135,7 +135,7 @@ class TamsState:
     window: SlidingWindow = field(default_factory=lambda: SlidingWindow(QPS))
     lock: threading.Lock = field(default_factory=threading.Lock)
     ids: itertools.count = field(default_factory=lambda: itertools.count(700_000_000_000_000_001))
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    results: SignedUrls = field(default_factory=lambda: SignedUrls(RESULT_TTL, "Expires", "Signature"))
 
 
 class TamsEmulator:
@@ -390,10 +390,10 @@ class TamsEmulator:
     async def result_image(self, request: Request) -> Response:
         job_id, index = request.path_params["job_id"], request.path_params["index"]
         st = self.state
-        expires = request.query_params.get("Expires", "0")
-        if not hmac.compare_digest(request.query_params.get("Signature", ""), self._url_sig(job_id, index, expires)):
+        problem = st.results.check(request.url.path, request.query_params)
+        if problem == "signature":
             return Response("<Error><Code>AccessDenied</Code></Error>", status_code=403)
-        if int(expires) < time.time():
+        if problem == "expired":
             return Response("<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
                             status_code=403)
         job = st.jobs.get(job_id)
@@ -461,9 +461,6 @@ class TamsEmulator:
             self.state.counters["charges"] += 1
         return "SUCCESS"
 
-    def _url_sig(self, job_id: str, index: int, expires: str) -> str:
-        return hmac.new(self.state.secret, f"{job_id}/{index}/{expires}".encode(), hashlib.sha256).hexdigest()
-
     def _job_info(self, job: Job, request: Request) -> dict[str, Any]:
         status = self._status(job)
         info: dict[str, Any] = {"id": job.id, "status": status}
@@ -474,13 +471,10 @@ class TamsEmulator:
             progress = int(100 * min(1.0, elapsed / self.state.latency))
             info["runningInfo"] = {"stages": [{"stageIndex": "1", "processingImages": [{"progress": progress}]}]}
         elif status == "SUCCESS":
-            expires = str(int(time.time()) + RESULT_TTL)
-            base = str(request.base_url).rstrip("/")
             images = []
             for index in range(self._count(job)):
-                sig = self._url_sig(job.id, index, expires)
-                images.append({"id": f"{job.id}{index}", "expiredIn": expires,
-                               "url": f"{base}/_results/{job.id}/{index}.png?Expires={expires}&Signature={sig}"})
+                url, expires = self.state.results.sign(str(request.base_url), f"/_results/{job.id}/{index}.png")
+                images.append({"id": f"{job.id}{index}", "expiredIn": expires, "url": url})
             info["successInfo"] = {"images": images, "stages": []}
         elif status == "FAILED":
             info["failedInfo"] = {"reason": job.fail_reason, "stages": []}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import io
 import json
@@ -44,6 +43,7 @@ from blocks.tencent import (ERROR_CODES, I2I_RESOLUTIONS, IMAGE_FORMATS, canonic
                             tc3_signature)
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
+from sandbox.urls import SignedUrls
 
 RATE = 20
 IN_FLIGHT = {"ImageToImage": 3, "SubmitTextToImageJob": 1, "RefineImage": 1}
@@ -85,7 +85,7 @@ class TencentState:
     by_action: dict[str, int] = field(default_factory=dict)
     peak_in_flight: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    urls: SignedUrls = field(default_factory=lambda: SignedUrls(3600))  # result URLs live an hour
 
 
 class TencentEmulator:
@@ -245,9 +245,7 @@ class TencentEmulator:
         rid = uuid.uuid4().hex
         with self.state.lock:
             self.state.results[rid] = data
-        expires = str(int(time.time()) + 3600)
-        sig = hmac.new(self.state.secret, f"{rid}/{expires}".encode(), hashlib.sha256).hexdigest()
-        return f"{str(request.base_url).rstrip('/')}/_results/{rid}.png?expires={expires}&sig={sig}"
+        return self.state.urls.sign(str(request.base_url), f"/_results/{rid}.png")[0]
 
     def _charge(self) -> None:
         self.state.counters["charges"] += 1  # one successful image (lock held)
@@ -356,10 +354,9 @@ class TencentEmulator:
 
     # --- hooks -----------------------------------------------------------------------------------
     async def result_image(self, request: Request) -> Response:
-        rid, expires = request.path_params["rid"], request.query_params.get("expires", "0")
-        sig = hmac.new(self.state.secret, f"{rid}/{expires}".encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(sig, request.query_params.get("sig", "")) or int(expires) < time.time():
+        if self.state.urls.check(request.url.path, request.query_params) is not None:
             return Response(status_code=403)
+        rid = request.path_params["rid"]
         data = self.state.results.get(rid)
         return Response(data, media_type="image/png") if data else Response(status_code=404)
 

@@ -178,3 +178,21 @@ def test_upload_put_requires_the_granted_headers(sandbox) -> None:
     provider = sandbox_provider(sandbox)
     grant = provider._call("POST", "/v1/resource/image", {"expireSec": 3600, "term": 1})
     assert httpx.put(grant["putUrl"], content=b"x").status_code == 403
+
+
+def test_result_urls_refuse_tampering_and_expiry() -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    from sandbox.urls import SignedUrls
+
+    def params(url: str) -> dict[str, str]:
+        return dict(parse_qsl(urlsplit(url).query))
+
+    urls = SignedUrls(60, "Expires", "Signature")
+    url, _ = urls.sign("http://127.0.0.1:1/", "/_results/7/0.png")
+    assert urls.check("/_results/7/0.png", params(url)) is None
+    assert urls.check("/_results/7/1.png", params(url)) == "signature"
+    assert urls.check("/_results/7/0.png", {**params(url), "Expires": "9999999999"}) == "signature"
+    stale = SignedUrls(-1)
+    old, _ = stale.sign("http://h", "/x.png")
+    assert stale.check("/x.png", params(old)) == "expired"
