@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
-from flows.spec import load_spec, render_manifest_key, resolve_spec_path
+from flows.spec import PipelineSpec, load_spec, render_manifest_key, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
@@ -34,18 +34,16 @@ def dates_between(start: date, end: date) -> list[date]:
     return [start + timedelta(days=n) for n in range((end - start).days + 1)]
 
 
-def manifest_status(spec_path: str, run_date: date) -> dict[str, Any] | None:
+def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None:
     """The run manifest of one date, if any run of it wrote one."""
-    spec = load_spec(spec_path)
     key = render_manifest_key(spec.archive.manifest_template, pipeline=spec.name, run_date=run_date)
     return read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials), key)
 
 
-def estimate_range(spec_path: str, dates: list[date]) -> float:
+def estimate_range(spec: PipelineSpec, dates: list[date]) -> float:
     """Credits the dates would cost (items already archived on a date cost nothing)."""
     from flows.pipeline import archived_before, estimate_plans, plan_items
 
-    spec = load_spec(spec_path)
     total, cache = 0.0, {}
     for run_date in dates:
         plans = [p for p in plan_items(spec, "", run_date, "") if archived_before(p) is None]
@@ -80,7 +78,7 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
         state = run_pipeline.with_options(flow_run_name=f"backfill-{run_date}")(
             spec=spec, run_date=run_date, return_state=True)
         run_id, state_name = str(state.state_details.flow_run_id), state.name
-    manifest = manifest_status(spec, run_date) or {}
+    manifest = manifest_status(load_spec(spec), run_date) or {}
     return {"date": run_date.isoformat(), "status": "done" if manifest.get("status") == "complete" else "failed",
             "credits": manifest.get("totals", {}).get("credits_this_run", 0.0), "flow_run_id": run_id,
             "state": state_name}
@@ -94,18 +92,19 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
 
     logger = get_run_logger()
     spec_path = str(resolve_spec_path(spec))
-    name = load_spec(spec_path).name
+    parsed = load_spec(spec_path)
+    name = parsed.name
     dates = dates_between(start, end)
     rows: dict[date, dict[str, Any]] = {}
     todo = []
     for run_date in dates:
-        manifest = manifest_status(spec_path, run_date)
+        manifest = manifest_status(parsed, run_date)
         if manifest and manifest.get("status") == "complete":
             rows[run_date] = {"date": run_date.isoformat(), "status": "skipped", "credits": 0.0,
                               "flow_run_id": manifest.get("flow_run_id"), "state": "already complete"}
         else:
             todo.append(run_date)
-    estimated = estimate_range(spec_path, todo) if todo else 0.0
+    estimated = estimate_range(parsed, todo) if todo else 0.0
     if max_credits is not None and estimated > max_credits:
         raise BackfillRefused(f"{len(todo)} date(s) to run are estimated at {estimated} credits, above the cap "
                               f"of {max_credits}; nothing was run")
