@@ -72,7 +72,7 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
             "denoising_strength": gen.denoising_strength,
             "upscale_factor": (spec.upscale.factor if spec.upscale and spec.upscale.engine == "provider"
                                and PROVIDERS[provider].upscale_in_job else None),
-            "options": gen.options, "has_input": item.input_image is not None,
+            "options": gen.options_for(provider), "has_input": item.input_image is not None,
         }
         request = GenerationRequest(request_id=request_id(spec, index, run_date, "generate"), **fields)
         size = PROVIDERS[provider].output_size(request)

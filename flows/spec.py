@@ -45,6 +45,14 @@ class GenerateSettings(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Provider-specific extra request fields, sent as given."
     )
+    provider_options: dict[ProviderName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra request fields for one provider's items only, over `options` (mixed-provider specs).",
+    )
+
+    def options_for(self, provider: str) -> dict[str, Any]:
+        """The extra fields sent to `provider`: `options`, then that provider's own."""
+        return {**self.options, **self.provider_options.get(provider, {})}  # type: ignore[call-overload]
 
 
 class UpscaleSettings(_Strict):

@@ -116,3 +116,16 @@ def test_cli_validate_applies_provider_rules(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "items[0] (one): tams would refuse it: generate.width: 500 is not a multiple of 64" in run.stderr
     assert f"{bad}:10:" in run.stderr
+
+
+def test_provider_options_reach_only_that_providers_items(tmp_path: Path) -> None:
+    from flows.pipeline import plan_items
+
+    text = GOOD.replace("  height: 512\n", "  height: 512\n  options: {steps_hint: 1}\n"
+                        "  provider_options:\n    tencent: {LogoAdd: 0}\n") + "  - id: two\n    prompt: a dog\n    provider: tencent\n"
+    spec = load_spec(write(tmp_path, text))
+    tams, tencent = plan_items(spec, "sha", date(2026, 1, 2), str(tmp_path))
+    assert tams.request.options == {"steps_hint": 1}
+    assert tencent.request.options == {"steps_hint": 1, "LogoAdd": 0}
+    bad = issue_of(tmp_path, text.replace("    tencent: {LogoAdd: 0}", "    tencnet: {LogoAdd: 0}"))
+    assert bad[0].field.startswith("generate.provider_options")
