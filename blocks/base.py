@@ -213,11 +213,13 @@ class ImageProvider(Block, ABC):
         one in-flight slot throughout. `on_submitted(job_id)` runs before the first poll."""
         estimate = estimate or self.estimate(request)
         with self._limiter.job(self.job_action(request)):
+            fresh = job_id is None
             if job_id is None:
                 job_id = self.submit(request)
             if on_submitted is not None:
                 on_submitted(job_id)
-            return self._finish(request, job_id, estimate, poll_interval=poll_interval, timeout=timeout)
+            return self._finish(request, job_id, estimate, poll_interval=poll_interval, timeout=timeout,
+                                first_wait=poll_interval if fresh else 0.0)
 
     def reconcile(self, request: GenerationRequest) -> str:
         """The job of a submit whose answer was lost (timeout, dropped connection).
@@ -237,9 +239,13 @@ class ImageProvider(Block, ABC):
                          provider=self.provider_name, code=status.provider_status)
 
     def _finish(self, request: GenerationRequest, job_id: str, estimate: CreditEstimate, *,
-                poll_interval: float, timeout: float) -> JobResult:
+                poll_interval: float, timeout: float, first_wait: float = 0.0) -> JobResult:
+        """Poll to a final state and fetch. A job just submitted is first polled after
+        `first_wait` (no job finishes at once, and every poll counts against rate limits);
+        a resumed one at once."""
         deadline = time.monotonic() + timeout
         polls = 0
+        time.sleep(first_wait)
         while True:
             status = self.poll(job_id)
             polls += 1

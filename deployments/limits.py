@@ -85,31 +85,41 @@ def show_limits() -> list[dict[str, object]]:
 
 
 class PrefectLimiter:
-    """Takes a provider account's limits from the Prefect server, strictly (missing = error)."""
+    """Takes a provider account's limits from the Prefect server, strictly (missing = error).
+
+    Rate slots are paced at the rate `limits.yaml` declares (times `rate_safety`), the same
+    decay `apply_limits` sets on the server; see `deployments/slots.py` for how slots are
+    asked for and held."""
 
     def __init__(self, provider: str, block: str, limits: LimitsFile | None = None) -> None:
         self.provider, self.block = provider, block
-        self.declared = (limits or load_limits()).providers.get(provider, ProviderLimits())
+        self.limits = limits or load_limits()
+        self.declared = self.limits.providers.get(provider, ProviderLimits())
 
     def _rate_action(self, action: str) -> str | None:
         """The rate an action counts against: its own, else the account-wide `api` one."""
         return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
 
     def request(self, action: str) -> None:
-        from prefect.concurrency.sync import rate_limit
+        from deployments.slots import take_rate
 
         key = self._rate_action(action)
         if key is not None:
-            rate_limit(rate_name(self.provider, self.block, key), strict=True)
+            take_rate(rate_name(self.provider, self.block, key), self.declared.rate[key] * self.limits.rate_safety)
+
+    def job_cap(self, action: str) -> tuple[str, int] | None:
+        """The declared in-flight cap an action counts against, and its size."""
+        key = action if action in self.declared.jobs else ("default" if "default" in self.declared.jobs else None)
+        return (key, self.declared.jobs[key]) if key is not None else None
 
     @contextlib.contextmanager
     def job(self, action: str) -> Iterator[None]:
-        from prefect.concurrency.sync import concurrency
+        """Hold one in-flight slot on the server for the whole job (a lease renewed while held)."""
+        from deployments.slots import hold
 
-        cap_action = action if action in self.declared.jobs else ("default" if "default" in self.declared.jobs else None)
-        if cap_action is None:
+        cap = self.job_cap(action)
+        if cap is None:
             yield
             return
-        with concurrency(jobs_name(self.provider, self.block, cap_action), occupy=1, strict=True,
-                         lease_duration=JOB_LEASE_SECONDS):
+        with hold(jobs_name(self.provider, self.block, cap[0]), JOB_LEASE_SECONDS):
             yield

@@ -156,10 +156,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         if state is None:
             print("no sandbox state found; run `imagegen sandbox up` first", file=sys.stderr)
             return 1
-        print(f"registered Blocks: {', '.join(launcher.register_blocks(state))}")
+        print(f"registered Blocks: {', '.join(launcher.register_blocks(state, args.block_name))}")
         from deployments.limits import apply_limits
 
-        print(f"applied provider limits: {', '.join(apply_limits({p: [launcher.BLOCK_NAME] for p in ('tams', 'chuzhan', 'tencent')}))}")
+        print(f"applied provider limits: {', '.join(apply_limits({p: [args.block_name] for p in ('tams', 'chuzhan', 'tencent')}))}")
         return 0
     state = launcher.up(state_dir, tams_port=args.tams_port, chuzhan_port=args.chuzhan_port,
                         tencent_port=args.tencent_port, s3_port=args.s3_port,
@@ -219,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["up", "down", "status", "register"],
                    help="register: save the Blocks and limits of a running sandbox on the current Prefect API")
     s.add_argument("--state-dir", default=".sandbox")
+    s.add_argument("--block-name", default="sandbox", help="name of the Blocks `register` saves (and their limits)")
     s.add_argument("--tams-port", type=int, default=8700)
     s.add_argument("--chuzhan-port", type=int, default=8702)
     s.add_argument("--tencent-port", type=int, default=8703)

@@ -14,6 +14,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,10 @@ from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
 from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, render_key, resolve_spec_path
-from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, ledger_of, provider_for, review,
-                         upload, upscale)
+from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, lane_of, ledger_of, provider_for,
+                         review, upload, upscale)
 from flows.yamlpos import closest_position, load_with_positions, snippet
 
-STEPS = ("upload", "generate", "upscale", "review")
 
 
 def derived_seed(pipeline: str, item_id: str, run_date: date) -> int:
@@ -252,6 +253,58 @@ def _stop_reason(chains: list[list[tuple[str, PrefectFuture]]]) -> str | None:
     return None
 
 
+def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFuture]]:
+    """Submit an item's steps, each waiting on the one before: upload (only with an input
+    image), generate, upscale (only when the spec upscales after the job), review, and
+    archive when no run-level review has to see every image first. Each task run is a few
+    writes on the Prefect server, so steps with nothing to do are not tasks at all."""
+    chain: list[tuple[str, PrefectFuture]] = []
+    up = upload.submit(plan) if plan.input_image is not None else None
+    if up is not None:
+        chain.append(("upload", up))
+    made = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
+    chain.append(("generate", made))
+    if plan.upscale is not None and not plan.request.upscale_factor:
+        made = upscale.submit(plan, made)
+        chain.append(("upscale", made))
+    chain.append(("review", review.submit(plan, made)))
+    if archive_now:
+        chain.append(("archive", archive.submit(plan, made, chain[-1][1])))
+    return chain
+
+
+def _in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, PrefectFuture]]],
+                   max_parallel: int) -> Iterator[ItemPlan]:
+    """Yield plans in spec order as room frees up: at most `max_parallel` items in flight, and
+    per lane (provider account and job action) no more than its declared in-flight cap plus
+    one waiting. So items waiting for a provider's few job slots do not fill the window and
+    starve the other providers; the limit itself is still held on the server."""
+    order = {plan.item_id: n for n, plan in enumerate(plans)}
+    lanes: dict[tuple[str, str, str], deque[ItemPlan]] = {}
+    caps: dict[tuple[str, str, str], int] = {}
+    for plan in plans:
+        key, cap = lane_of(plan)
+        lanes.setdefault(key, deque()).append(plan)
+        caps[key] = max_parallel if cap is None else min(max_parallel, cap + 1)
+    busy: dict[tuple[str, str, str], list[str]] = {key: [] for key in lanes}
+
+    def in_flight(item_id: str) -> bool:
+        return not chains[item_id][-1][1].wrapped_future.done()
+
+    while any(lanes.values()):
+        for key in busy:
+            busy[key] = [item for item in busy[key] if in_flight(item)]
+        ready = [key for key, queue in lanes.items() if queue and len(busy[key]) < caps[key]]
+        if not ready or sum(map(len, busy.values())) >= max_parallel:
+            time.sleep(0.05)
+            continue
+        key = min(ready, key=lambda k: order[lanes[k][0].item_id])
+        plan = lanes[key].popleft()
+        yield plan  # the caller submits it (or records why not) before asking for the next
+        if plan.item_id in chains:
+            busy[key].append(plan.item_id)
+
+
 @flow(name="run-pipeline", log_prints=True)
 def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, Any] | None = None,
                  dry_run: bool = False) -> dict[str, Any]:
@@ -288,12 +341,13 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
                     "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),
                     "already_archived": sorted(reused), "refused_while_pricing": skipped}
         progress = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
-                                            description=f"{parsed.name} {run_date}: items reviewed")
+                                            description=f"{parsed.name} {run_date}: items done")
+        # Duplicates across the run and a person's approval need every image first; without
+        # them each item archives as soon as it is reviewed.
+        run_level = parsed.review.duplicates is not None or parsed.review.human is not None
         chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
         committed = 0.0
-        for plan in (p for p in todo if p.item_id not in skipped):
-            while sum(not c[-1][1].wrapped_future.done() for c in chains.values()) >= parsed.run.max_parallel:
-                time.sleep(0.05)
+        for plan in _in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
             cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
             stop = _stop_reason(list(chains.values()))
             if stop is None and budget is not None and committed + cost > budget:
@@ -302,28 +356,26 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
                 skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
                 continue
             committed += cost
-            up = upload.submit(plan)
-            gen = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
-            big = upscale.submit(plan, gen)
-            chains[plan.item_id] = list(zip(STEPS, (up, gen, big, review.submit(plan, big))))
-        reviewed = {}
+            chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
+        done = {}
         for n, (item, chain) in enumerate(chains.items(), start=1):
-            reviewed[item] = _outcome(chain)
+            done[item] = _outcome(chain)
             update_progress_artifact(progress, 100.0 * n / len(chains))
-        ready = {p.item_id: (p, chains[p.item_id][2][1].result(), verdicts)
-                 for p in todo if (verdicts := reviewed.get(p.item_id, (None, None))[0]) is not None}
-        staged = decide(parsed, run_date, list(ready.values()))
-        archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
+        staged: list[str] = []
+        if run_level:
+            ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
+                     for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
+            staged = decide(parsed, run_date, list(ready.values()))
+            archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
+            done.update({item: _outcome([("archive", future)]) for item, future in archived.items()})
         outcomes = []
         for plan in plans:
             if plan.item_id in reused:
                 outcomes.append((reused[plan.item_id], None))
             elif plan.item_id in skipped:
                 outcomes.append((None, skipped[plan.item_id]))
-            elif plan.item_id in archived:
-                outcomes.append(_outcome([("archive", archived[plan.item_id])]))
             else:
-                outcomes.append(reviewed[plan.item_id])
+                outcomes.append(done[plan.item_id])
         unstage(parsed, staged)
         manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
                                   frozenset(reused))

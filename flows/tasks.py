@@ -98,6 +98,15 @@ def provider_for(name: str, block: str) -> ImageProvider:
     return provider
 
 
+def lane_of(plan: ItemPlan) -> tuple[tuple[str, str, str], int | None]:
+    """The provider account and job action an item's generate step waits on, and the
+    in-flight cap declared for it (None: no cap, only request rates)."""
+    provider = provider_for(plan.provider, plan.block)
+    action = provider.job_action(plan.request)
+    cap = PrefectLimiter(plan.provider, plan.block).job_cap(action)
+    return (plan.provider, plan.block, action), (cap[1] if cap else None)
+
+
 def ledger_of(plan: ItemPlan) -> JobLedger:
     return JobLedger(plan.archive, plan.pipeline, plan.run_date)
 

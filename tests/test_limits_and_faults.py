@@ -99,12 +99,13 @@ def test_limits_apply_is_idempotent_and_shows_usage(sandbox_blocks) -> None:
 
 
 def test_a_missing_limit_is_an_error_not_a_silent_pass(sandbox_blocks) -> None:
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-
     from deployments.limits import PrefectLimiter
+    from deployments.slots import LimitMissing
 
-    with pytest.raises(ConcurrencySlotAcquisitionError):
+    with pytest.raises(LimitMissing, match="imagegen limits apply"):
         PrefectLimiter("tams", "account-without-limits").request("api")
+    with pytest.raises(LimitMissing), PrefectLimiter("chuzhan", "account-without-limits").job("draw"):
+        pass
 
 
 def test_declared_limits_cover_in_flight_caps() -> None:

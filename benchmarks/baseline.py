@@ -1,0 +1,235 @@
+"""The baseline: the same workload as a plain asyncio + httpx script, as a user might write it
+instead of the flow. Limits are held in this process (a spaced token bucket per rate, a
+semaphore per in-flight cap, from the same `deployments/limits.yaml` and safety factor), so
+they hold for one process only. No ledger, no Prefect, no manifest: generate, review
+(readable, not blank, size, moderation) and archive each image with its JSON sidecar.
+
+It borrows the wire details from the provider Blocks (request signing, request bodies), so
+both ways send the same requests; the orchestration around them is its own.
+
+    python -m benchmarks.baseline SPEC --sandbox-state DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+from botocore.config import Config
+from pydantic import SecretStr
+
+from blocks.chuzhan import PATH_DETAIL, PATH_DRAW, ChuzhanProvider
+from blocks.tams import TamsProvider, TamsSigner
+from blocks.tencent import TEXT_JOB, TEXT_QUERY, TC3Signer, TencentAiArtProvider
+from deployments.limits import load_limits
+from flows.images import measure
+from flows.pipeline import plan_items
+from flows.review import nsfw_score
+from flows.spec import load_spec, render_key
+from flows.tasks import ItemPlan
+from sandbox.launcher import SandboxState
+
+
+class Spaced:
+    """At most `rate` acquisitions a second, evenly spaced (like a limit of 1 decaying at `rate`)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval, self.next_free, self.lock = 1.0 / rate, 0.0, asyncio.Lock()
+
+    async def take(self) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            wait = self.next_free - now
+            self.next_free = max(now, self.next_free) + self.interval
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class Limits:
+    """One provider account's limits, in process."""
+
+    def __init__(self, provider: str) -> None:
+        limits = load_limits()
+        declared = limits.providers[provider]
+        self.rates = {a: Spaced(r * limits.rate_safety) for a, r in declared.rate.items()}
+        self.jobs = {a: asyncio.Semaphore(c) for a, c in declared.jobs.items()}
+
+    async def request(self, action: str) -> None:
+        bucket = self.rates.get(action) or self.rates.get("api")
+        if bucket is not None:
+            await bucket.take()
+
+    @contextlib.asynccontextmanager
+    async def job(self, action: str) -> AsyncIterator[None]:
+        sem = self.jobs.get(action)
+        if sem is None:
+            yield
+            return
+        async with sem:
+            yield
+
+
+class Client:
+    """Submit, poll and download for one provider; returns result URLs and the polls it took."""
+
+    def __init__(self, provider: str, state: SandboxState, timeout: float) -> None:
+        self.provider, self.limits = provider, Limits(provider)
+        if provider == "tams":
+            self.block: Any = TamsProvider(app_id=state.tams_app_id, private_key=state.tams_private_key(),
+                                           endpoint=state.tams_url)
+            self.http = httpx.AsyncClient(base_url=state.tams_url, timeout=timeout,
+                                          auth=TamsSigner(state.tams_app_id, SecretStr(state.tams_private_key())))
+        elif provider == "chuzhan":
+            self.block = ChuzhanProvider(api_token=state.chuzhan_token(), endpoint=state.chuzhan_url)
+            self.http = httpx.AsyncClient(base_url=state.chuzhan_url, timeout=timeout,
+                                          headers={"Auth-Token": state.chuzhan_token()})
+        else:
+            self.block = TencentAiArtProvider(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(),
+                                              endpoint=state.tencent_url)
+            self.http = httpx.AsyncClient(base_url=state.tencent_url, timeout=timeout, auth=TC3Signer(
+                SecretStr(state.tencent_secret_id), SecretStr(state.tencent_secret_key()), self.block.region))
+        self.downloads = httpx.AsyncClient(timeout=timeout)
+
+    async def _call(self, action: str, method: str, path: str, body: dict | None = None,
+                    headers: dict[str, str] | None = None) -> dict:
+        for attempt in range(6):
+            await self.limits.request(action)
+            response = await self.http.request(method, path, headers=headers, content=None if body is None else
+                                               json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+            if response.status_code == 429 or response.status_code >= 500:
+                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+                continue
+            response.raise_for_status()
+            return response.json()
+        raise RuntimeError(f"{self.provider} {action}: still refused after 6 attempts")
+
+    async def _tencent(self, action: str, payload: dict) -> dict:
+        answer = (await self._call(action, "POST", "/", {k: v for k, v in payload.items() if v is not None},
+                                   {"Content-Type": "application/json", "X-TC-Action": action}))["Response"]
+        if "Error" in answer:
+            raise RuntimeError(f"tencent {action}: {answer['Error']}")
+        return answer
+
+    async def submit(self, plan: ItemPlan) -> str:
+        r = plan.request
+        if self.provider == "tams":
+            answer = await self._call("api", "POST", "/v1/jobs", {"requestId": r.request_id,
+                                                                  "stages": self.block.stages(r)},
+                                      {"Content-Type": "application/json"})
+            return answer["job"]["id"]
+        if self.provider == "chuzhan":
+            answer = await self._call("draw", "POST", PATH_DRAW, self.block.draw_params(r),
+                                      {"Content-Type": "application/json"})
+            return answer["data"]["paintingSign"]
+        answer = await self._tencent(TEXT_JOB, {"Prompt": r.prompt, "Resolution": f"{r.width}:{r.height}",
+                                                "Seed": r.seed, "LogoAdd": int(r.options["LogoAdd"]), "Revise": 0})
+        return answer["JobId"]
+
+    async def poll(self, job_id: str) -> tuple[str, list[str]]:
+        """("done" | "failed" | "running", result URLs)."""
+        if self.provider == "tams":
+            job = (await self._call("api", "GET", f"/v1/jobs/{job_id}"))["job"]
+            status = job["status"]
+            urls = [i["url"] for i in (job.get("successInfo") or {}).get("images", [])]
+            return ("done" if status == "SUCCESS" else "failed" if status in ("FAILED", "CANCELED") else "running"), urls
+        if self.provider == "chuzhan":
+            data = (await self._call("detail", "POST", PATH_DETAIL, {"taskId": job_id, "preview": False,
+                                                                      "imgFormat": "png"},
+                                     {"Content-Type": "application/json"}))["data"]
+            urls = [i["imageUrl"] for i in data.get("images") or []]
+            return {"success": "done", "fail": "failed"}.get(data["state"], "running"), urls
+        answer = await self._tencent(TEXT_QUERY, {"JobId": job_id})
+        code = str(answer.get("JobStatusCode"))
+        return {"5": "done", "4": "failed"}.get(code, "running"), list(answer.get("ResultImage") or [])
+
+    async def run(self, plan: ItemPlan) -> tuple[list[bytes], int]:
+        """Submit, poll every `poll_interval` (first after one interval), download."""
+        polls = 0
+        async with self.limits.job(JOB_ACTIONS[self.provider]):
+            job_id = await self.submit(plan)
+            while True:
+                await asyncio.sleep(plan.poll_interval)
+                state, urls = await self.poll(job_id)
+                polls += 1
+                if state != "running":
+                    break
+            if state == "failed":
+                raise RuntimeError(f"{self.provider} job {job_id} failed")
+            images = [(await self.downloads.get(u)).content for u in urls]
+        return images, polls
+
+
+JOB_ACTIONS = {"tams": "job", "chuzhan": "draw", "tencent": TEXT_JOB}
+
+
+def review(plan: ItemPlan, data: bytes) -> dict[str, Any]:
+    m = measure(data)
+    reasons = []
+    if m["error"] is not None:
+        return {"approved": False, "reasons": [f"unreadable ({m['error']})"]}
+    if float(m["stddev"] or 0) < plan.review.min_stddev:
+        reasons.append("blank")
+    if plan.final_size and (m["width"], m["height"]) != tuple(plan.final_size):
+        reasons.append("size")
+    score = nsfw_score(data) if plan.review.moderation is not None else None
+    if score is not None and score >= plan.review.moderation.threshold:
+        reasons.append("moderation")
+    return {"approved": not reasons, "reasons": reasons, "nsfw": score, "stddev": m["stddev"]}
+
+
+async def process(plan: ItemPlan, client: Client, s3: Any, window: asyncio.Semaphore) -> dict[str, Any]:
+    async with window:
+        images, polls = await client.run(plan)
+        for index, data in enumerate(images, start=1):
+            verdict = await asyncio.to_thread(review, plan, data)
+            key = render_key(plan.archive.key_template, pipeline=plan.pipeline, run_date=plan.run_date,
+                             item=plan.item_id, index=index, provider=plan.provider)
+            await asyncio.to_thread(s3.put_object, Bucket=plan.archive.bucket, Key=key, Body=data)
+            sidecar = {"item": plan.item_id, "provider": plan.provider, "prompt": plan.request.prompt,
+                       "seed": plan.request.seed, "review": verdict}
+            await asyncio.to_thread(s3.put_object, Bucket=plan.archive.bucket, Key=key.rsplit(".", 1)[0] + ".json",
+                                    Body=json.dumps(sidecar).encode())
+        return {"item": plan.item_id, "provider": plan.provider, "images": len(images), "polls": polls}
+
+
+async def run(spec_path: Path, state: SandboxState, run_date: date) -> dict[str, Any]:
+    spec = load_spec(spec_path)
+    plans = plan_items(spec, "", run_date, "")
+    clients = {p: Client(p, state, spec.run.http_timeout) for p in {plan.provider for plan in plans}}
+    s3 = boto3.client("s3", endpoint_url=state.s3_url, aws_access_key_id=state.s3_access_key,
+                      aws_secret_access_key=state.s3_secret_key, region_name="us-east-1",
+                      config=Config(signature_version="s3v4", max_pool_connections=32))
+    window = asyncio.Semaphore(spec.run.max_parallel)
+    results = await asyncio.gather(*(process(p, clients[p.provider], s3, window) for p in plans),
+                                   return_exceptions=True)
+    failed = [repr(r) for r in results if isinstance(r, BaseException)]
+    for client in clients.values():
+        await client.http.aclose()
+        await client.downloads.aclose()
+    return {"items": len(plans), "failed": len(failed), "errors": failed[:5],
+            "images": sum(r["images"] for r in results if isinstance(r, dict))}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="benchmarks.baseline")
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--sandbox-state", type=Path, required=True)
+    parser.add_argument("--run-date", type=date.fromisoformat, default=date(2026, 1, 1))
+    args = parser.parse_args(argv)
+    state = SandboxState.load(args.sandbox_state)
+    if state is None:
+        parser.error(f"no sandbox state in {args.sandbox_state}")
+    return asyncio.run(run(args.spec, state, args.run_date))
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))

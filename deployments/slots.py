@@ -1,0 +1,170 @@
+"""Slots of Prefect server limits, taken through the API client with our own waiting.
+
+Prefect's `concurrency()` and `rate_limit()` wait as long as the server's Retry-After says.
+For a provider cap of 1-3 jobs lasting seconds that hint is a whole job or more, and grows
+with every refusal (PrefectHQ/prefect#23183), so a freed slot sits idle; and asking with
+`max_retries=0` to wait our own way logs an ERROR per refusal. Here:
+
+- `take_rate(name, per_second)`: one thread per process at a time asks for a rate slot, and
+  not before the limit's spacing since the last slot this process got, so a single process
+  gets every slot on its first ask; another process's slot costs one short wait.
+- `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
+  while full, renewed by one background thread per process, released however the job ends.
+
+The limits themselves are the server's: every slot is granted by it, so they hold across
+processes and machines. A missing limit is an error (strict), never a silent pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import httpx
+
+RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
+
+
+class LimitMissing(RuntimeError):
+    """The limit does not exist on the Prefect server (run `imagegen limits apply`)."""
+
+
+_client_lock = threading.Lock()
+_client: Any = None
+
+
+def _api() -> Any:
+    """One open sync Prefect client for the process (its httpx client is thread-safe)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            from prefect.client.orchestration import get_client
+
+            client = get_client(sync_client=True)
+            client.__enter__()
+            _client = client
+        return _client
+
+
+def _locked(exc: httpx.HTTPStatusError) -> float | None:
+    """The Retry-After of a 423 (limit full), or None for any other refusal."""
+    if exc.response.status_code != 423:
+        return None
+    try:
+        return float(exc.response.headers.get("Retry-After", RETRY_SECONDS))
+    except ValueError:
+        return RETRY_SECONDS
+
+
+class _Pacer:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.next_at = 0.0
+
+
+_pacers: dict[str, _Pacer] = {}
+_pacers_lock = threading.Lock()
+
+
+def take_rate(name: str, per_second: float) -> None:
+    """Block until the rate limit `name` (decaying `per_second`) grants this process a slot."""
+    with _pacers_lock:
+        pacer = _pacers.setdefault(name, _Pacer())
+    spacing = 1.0 / per_second
+    with pacer.lock:
+        while True:
+            time.sleep(max(0.0, pacer.next_at - time.monotonic()))
+            try:
+                answer = _api().increment_concurrency_slots([name], 1, "rate_limit")
+            except httpx.HTTPStatusError as exc:
+                wait = _locked(exc)
+                if wait is None:
+                    raise
+                pacer.next_at = time.monotonic() + min(wait, spacing)  # another process took it
+                continue
+            if not answer.json():
+                raise LimitMissing(f"rate limit {name!r} does not exist on the Prefect server; "
+                                   "run `imagegen limits apply`")
+            pacer.next_at = time.monotonic() + spacing
+            return
+
+
+class _Renewer:
+    """Renews the leases this process holds, every third of their duration."""
+
+    def __init__(self) -> None:
+        self.leases: dict[UUID, float] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, lease_id: UUID, duration: float) -> None:
+        with self.lock:
+            self.leases[lease_id] = duration
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="imagegen-lease-renewer", daemon=True)
+                self.thread.start()
+
+    def remove(self, lease_id: UUID) -> None:
+        with self.lock:
+            self.leases.pop(lease_id, None)
+
+    def _run(self) -> None:
+        from prefect.logging import get_logger
+
+        while True:
+            with self.lock:
+                leases = dict(self.leases)
+            if not leases:
+                time.sleep(1.0)
+                continue
+            for lease_id, duration in leases.items():
+                try:
+                    _api().renew_concurrency_lease(lease_id, duration)
+                except Exception as exc:  # noqa: BLE001 - keep renewing the others
+                    get_logger("imagegen.slots").warning("could not renew lease %s: %s", lease_id,
+                                                         type(exc).__name__)
+            time.sleep(min(leases.values()) / 3)
+
+
+_renewer = _Renewer()
+
+
+def _holder() -> Any:
+    """The task run holding the slot, shown with the lease on the server, if in one."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None
+
+
+@contextlib.contextmanager
+def hold(name: str, lease_seconds: float) -> Iterator[None]:
+    """Hold one slot of the concurrency limit `name` for the duration of the block."""
+    holder = _holder()
+    while True:
+        try:
+            answer = _api().increment_concurrency_slots_with_lease([name], 1, "concurrency", lease_seconds, holder)
+        except httpx.HTTPStatusError as exc:
+            if _locked(exc) is None:
+                raise
+            time.sleep(RETRY_SECONDS * random.uniform(0.75, 1.25))
+            continue
+        body = answer.json()
+        if not body.get("limits"):
+            raise LimitMissing(f"concurrency limit {name!r} does not exist on the Prefect server; "
+                               "run `imagegen limits apply`")
+        lease_id = UUID(body["lease_id"])
+        break
+    _renewer.add(lease_id, lease_seconds)
+    try:
+        yield
+    finally:
+        _renewer.remove(lease_id)
+        _api().release_concurrency_slots_with_lease(lease_id)
+
