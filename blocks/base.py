@@ -218,8 +218,13 @@ class ImageProvider(Block, ABC):
                 job_id = self.submit(request)
             if on_submitted is not None:
                 on_submitted(job_id)
-            return self._finish(request, job_id, estimate, poll_interval=poll_interval, timeout=timeout,
-                                first_wait=poll_interval if fresh else 0.0)
+            status, polls = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
+                                       first_wait=poll_interval if fresh else 0.0)
+        # The job is over at the provider: its slot is free while the results download.
+        if status.state is not JobState.SUCCEEDED:
+            raise self.job_failure(status)
+        return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
+                         credits_source=estimate.source, polls=polls)
 
     def reconcile(self, request: GenerationRequest) -> str:
         """The job of a submit whose answer was lost (timeout, dropped connection).
@@ -238,11 +243,11 @@ class ImageProvider(Block, ABC):
         return JobFailed(f"job {status.job_id} ended {status.provider_status}: {status.reason or 'no reason given'}",
                          provider=self.provider_name, code=status.provider_status)
 
-    def _finish(self, request: GenerationRequest, job_id: str, estimate: CreditEstimate, *,
-                poll_interval: float, timeout: float, first_wait: float = 0.0) -> JobResult:
-        """Poll to a final state and fetch. A job just submitted is first polled after
-        `first_wait` (no job finishes at once, and every poll counts against rate limits);
-        a resumed one at once."""
+    def _wait(self, job_id: str, *, poll_interval: float, timeout: float,
+              first_wait: float = 0.0) -> tuple[JobStatus, int]:
+        """Poll to a final state; return it and the polls it took. A job just submitted is
+        first polled after `first_wait` (no job finishes at once, and every poll counts
+        against rate limits); a resumed one at once."""
         deadline = time.monotonic() + timeout
         polls = 0
         time.sleep(first_wait)
@@ -250,17 +255,13 @@ class ImageProvider(Block, ABC):
             status = self.poll(job_id)
             polls += 1
             if status.state.final:
-                break
+                return status, polls
             if time.monotonic() > deadline:
                 raise TransientError(
                     f"job {job_id} not finished after {timeout:.0f}s (last: {status.provider_status})",
                     provider=self.provider_name, code="JobTimeout",
                 )
             time.sleep(poll_interval)
-        if status.state is not JobState.SUCCEEDED:
-            raise self.job_failure(status)
-        return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
-                         credits_source=estimate.source, polls=polls)
 
 
 T = TypeVar("T")

@@ -6,8 +6,10 @@ with every refusal (PrefectHQ/prefect#23183), so a freed slot sits idle; and ask
 `max_retries=0` to wait our own way logs an ERROR per refusal. Here:
 
 - `take_rate(name, per_second)`: one thread per process at a time asks for a rate slot, and
-  not before the limit's spacing since the last slot this process got, so a single process
-  gets every slot on its first ask; another process's slot costs one short wait.
+  not before the limit's spacing (plus a small margin) since the last slot this process got,
+  so a single process gets every slot on its first ask. That matters: the server restarts a
+  rate limit's decay on every refusal (the denied count's write moves `updated`), so asking
+  early pushes the next free slot back. Another process's slot costs one short wait.
 - `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
   while full, renewed by one background thread per process, released however the job ends.
 
@@ -28,6 +30,7 @@ from uuid import UUID
 import httpx
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
+PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
 
 
 class LimitMissing(RuntimeError):
@@ -79,6 +82,7 @@ def take_rate(name: str, per_second: float) -> None:
     with pacer.lock:
         while True:
             time.sleep(max(0.0, pacer.next_at - time.monotonic()))
+            asked = time.monotonic()
             try:
                 answer = _api().increment_concurrency_slots([name], 1, "rate_limit")
             except httpx.HTTPStatusError as exc:
@@ -90,7 +94,9 @@ def take_rate(name: str, per_second: float) -> None:
             if not answer.json():
                 raise LimitMissing(f"rate limit {name!r} does not exist on the Prefect server; "
                                    "run `imagegen limits apply`")
-            pacer.next_at = time.monotonic() + spacing
+            # The slot decays from when the server took it, a little after we asked; asking too
+            # early costs a whole spacing, because a refusal restarts the decay on the server.
+            pacer.next_at = asked + spacing + PACING_MARGIN
             return
 
 
@@ -143,17 +149,26 @@ def _holder() -> Any:
     return ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None
 
 
+_released: dict[str, threading.Condition] = {}
+
+
 @contextlib.contextmanager
 def hold(name: str, lease_seconds: float) -> Iterator[None]:
-    """Hold one slot of the concurrency limit `name` for the duration of the block."""
+    """Hold one slot of the concurrency limit `name` for the duration of the block.
+
+    While the limit is full, ask again when a holder in this process releases a slot, or
+    after `RETRY_SECONDS` (a holder elsewhere may have released one)."""
     holder = _holder()
+    with _pacers_lock:
+        released = _released.setdefault(name, threading.Condition())
     while True:
         try:
             answer = _api().increment_concurrency_slots_with_lease([name], 1, "concurrency", lease_seconds, holder)
         except httpx.HTTPStatusError as exc:
             if _locked(exc) is None:
                 raise
-            time.sleep(RETRY_SECONDS * random.uniform(0.75, 1.25))
+            with released:
+                released.wait(RETRY_SECONDS * random.uniform(0.75, 1.25))
             continue
         body = answer.json()
         if not body.get("limits"):
@@ -167,4 +182,6 @@ def hold(name: str, lease_seconds: float) -> Iterator[None]:
     finally:
         _renewer.remove(lease_id)
         _api().release_concurrency_slots_with_lease(lease_id)
+        with released:
+            released.notify()
 
