@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # the engine reports what is missing and the tests that need them skip with that reason.
 SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1 chromium
 
-.PHONY: setup system-libs demo test clean sandbox-up sandbox-down
+.PHONY: setup system-libs bench-libs demo test bench clean sandbox-up sandbox-down
 
 setup: $(STAMP)
 
@@ -30,6 +30,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan]'
 	touch $@
+
+# The benchmark's Prefect server runs on a throwaway PostgreSQL cluster when Debian's
+# postgresql is installed (as root, make installs it); otherwise on SQLite, which is slower
+# under load. See README "Performance".
+bench-libs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s postgresql >/dev/null 2>&1; then \
+	  echo "installing postgresql (the benchmark's Prefect server database)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	    || echo "could not install postgresql: the benchmark will use SQLite"; \
+	fi
+
+bench: $(STAMP) bench-libs
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/imagegen sandbox up

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from benchmarks.measure import MARK
-from benchmarks.postgres import Cluster
+from benchmarks.postgres import Cluster, binaries
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
 
@@ -162,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--max-parallel", type=int, default=64, help="items in flight (both ways)")
     parser.add_argument("--no-moderation", action="store_true", help="review without the open_nsfw model")
-    parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres",
-                        help="the database of the Prefect server it starts (postgres: a throwaway "
-                             "cluster of Debian's postgresql)")
+    parser.add_argument("--database", choices=["auto", "postgres", "sqlite"], default="auto",
+                        help="the database of the Prefect server it starts: postgres is a throwaway cluster "
+                             "of Debian's postgresql; auto takes it when installed, else SQLite")
     parser.add_argument("--api-url", help="use this Prefect API instead of starting a server")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, specs) for inspection")
     args = parser.parse_args(argv)
+    if args.database == "auto":
+        args.database = "postgres" if binaries() is not None else "sqlite"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the sandbox and server on kill
 
     work = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))

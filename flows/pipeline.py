@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -273,20 +273,22 @@ def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFu
     return chain
 
 
-def _in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, PrefectFuture]]],
-                   max_parallel: int) -> Iterator[ItemPlan]:
+def in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, PrefectFuture]]], max_parallel: int,
+                  lane: Callable[[ItemPlan], tuple[Any, int | None]] = lane_of) -> Iterator[ItemPlan]:
     """Yield plans in spec order as room frees up: at most `max_parallel` items in flight, and
     per lane (provider account and job action) no more than its declared in-flight cap plus
     one waiting. So items waiting for a provider's few job slots do not fill the window and
-    starve the other providers; the limit itself is still held on the server."""
+    starve the other providers; the limit itself is still held on the server. An item counts
+    as in flight until the last step in its chain is done; `lane(plan)` gives its lane key
+    and declared cap."""
     order = {plan.item_id: n for n, plan in enumerate(plans)}
-    lanes: dict[tuple[str, str, str], deque[ItemPlan]] = {}
-    caps: dict[tuple[str, str, str], int] = {}
+    lanes: dict[Any, deque[ItemPlan]] = {}
+    caps: dict[Any, int] = {}
     for plan in plans:
-        key, cap = lane_of(plan)
+        key, cap = lane(plan)
         lanes.setdefault(key, deque()).append(plan)
         caps[key] = max_parallel if cap is None else min(max_parallel, cap + 1)
-    busy: dict[tuple[str, str, str], list[str]] = {key: [] for key in lanes}
+    busy: dict[Any, list[str]] = {key: [] for key in lanes}
 
     def in_flight(item_id: str) -> bool:
         return not chains[item_id][-1][1].wrapped_future.done()
@@ -347,7 +349,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
         run_level = parsed.review.duplicates is not None or parsed.review.human is not None
         chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
         committed = 0.0
-        for plan in _in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
+        for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
             cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
             stop = _stop_reason(list(chains.values()))
             if stop is None and budget is not None and committed + cost > budget:

@@ -235,3 +235,73 @@ def test_killed_run_resumes_without_paying_twice(emulator, tmp_path) -> None:
     print(f"kill and rerun: submits {after['submits'] - before['submits']}, charges "
           f"{after['charges'] - before['charges']}, duplicate submits "
           f"{after['duplicate_submits'] - before['duplicate_submits']}, over-limit {after['rate_limited'] - before['rate_limited']}")
+
+
+# --- how the flow waits for limits ---------------------------------------------------------------
+
+def test_lanes_keep_a_capped_provider_from_filling_the_window() -> None:
+    """Items waiting for a provider's single job slot take at most one extra place in the
+    window, so the other provider's items are submitted meanwhile, in spec order."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from flows.pipeline import in_lane_order
+
+    plans = [SimpleNamespace(item_id=f"{p}{n}", provider=p) for n in range(4) for p in ("slow", "fast")]
+    chains: dict = {}
+    futures: dict[str, Future] = {}
+    lanes = {"slow": 1, "fast": None}
+    order = in_lane_order(plans, chains, max_parallel=4, lane=lambda plan: (plan.provider, lanes[plan.provider]))
+    submitted = []
+    for _ in range(4):  # nothing finishes: the window fills
+        plan = next(order)
+        futures[plan.item_id] = Future()
+        chains[plan.item_id] = [("review", SimpleNamespace(wrapped_future=futures[plan.item_id]))]
+        submitted.append(plan.item_id)
+    assert submitted == ["slow0", "fast0", "slow1", "fast1"]  # slow: its cap of 1 plus one waiting
+    futures["fast0"].set_result(None)
+    plan = next(order)
+    assert plan.item_id == "fast2"  # slow2 must wait for a slow item to finish, fast2 need not
+
+
+def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_blocks) -> None:
+    import threading
+
+    from deployments.limits import PrefectLimiter
+
+    apply_limits({"tencent": ["slots-test"]})  # SubmitTextToImageJob: 1 in flight
+    limiter = PrefectLimiter("tencent", "slots-test")
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def job(fail: bool) -> None:
+        try:
+            with limiter.job("SubmitTextToImageJob"):
+                with lock:
+                    inside[0] += 1
+                    peak[0] = max(peak[0], inside[0])
+                time.sleep(0.3)
+                with lock:
+                    inside[0] -= 1
+                if fail:
+                    raise RuntimeError("job failed")
+        except RuntimeError:
+            pass
+
+    threads = [threading.Thread(target=job, args=(n % 2 == 0,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert peak[0] == 1
+    slots = {r["name"]: r["active_slots"] for r in show_limits()}
+    assert slots["imagegen:tencent:slots-test:jobs:SubmitTextToImageJob"] == 0
+
+
+def test_rate_slots_are_never_taken_faster_than_the_limit(sandbox_blocks) -> None:
+    from deployments.slots import take_rate
+
+    apply_limits({"tams": ["rate-test"]})  # api: 5/s x 0.9 safety = 4.5/s on the server
+    started = time.monotonic()
+    for _ in range(6):
+        take_rate("imagegen:tams:rate-test:rate:api", 4.5)
+    assert time.monotonic() - started >= 5 / 4.5
