@@ -95,8 +95,8 @@ class JobResult(BaseModel):
 class Limiter(Protocol):
     """Where a provider's published limits are held (the flow plugs in Prefect's server)."""
 
-    def request(self, action: str) -> None:
-        """Block until one more API request of `action` is allowed."""
+    def request(self, action: str) -> contextlib.AbstractContextManager[None]:
+        """Around one API request of `action`: enter when it may be sent, exit once answered."""
 
     def job(self, action: str) -> contextlib.AbstractContextManager[None]:
         """Hold one in-flight job slot of `action` for the whole job, submit to result."""
@@ -105,8 +105,8 @@ class Limiter(Protocol):
 class NoLimits:
     """No limits: for unit tests and one-off scripts. The flow never uses it."""
 
-    def request(self, action: str) -> None:
-        return None
+    def request(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def job(self, action: str) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

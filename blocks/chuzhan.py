@@ -217,9 +217,9 @@ class ChuzhanProvider(ImageProvider):
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
         def once() -> Any:
-            self._limiter.request(path.strip("/").replace("/", "."))
             try:
-                response = self.client().post(path, content=body, headers={"Content-Type": "application/json"})
+                with self._limiter.request(path.strip("/").replace("/", ".")):
+                    response = self.client().post(path, content=body, headers={"Content-Type": "application/json"})
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the provider
                 raise TransientError(f"{path}: {type(exc).__name__}", provider=PROVIDER) from None
             except httpx.TransportError as exc:

@@ -151,9 +151,9 @@ class TamsProvider(ImageProvider):
         return with_retries(lambda: self._send(method, path, body, headers), self.max_attempts)
 
     def _send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> dict:
-        self._limiter.request("api")  # 5 QPS per app, every call counts (polls included)
         try:
-            response = self.client().request(method, path, content=body, headers=headers)
+            with self._limiter.request("api"):  # 5 QPS per app, every call counts (polls included)
+                response = self.client().request(method, path, content=body, headers=headers)
         except httpx.TransportError as exc:
             raise TransientError(f"{method} {path}: {type(exc).__name__}", provider=PROVIDER) from None
         if response.status_code != 200:

@@ -193,10 +193,10 @@ class TencentAiArtProvider(ImageProvider):
         body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()  # as the SDK
 
         def once() -> dict[str, Any]:
-            self._limiter.request(action)
             try:
-                response = self.client().post("/", content=body, headers={
-                    "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US"})
+                with self._limiter.request(action):
+                    response = self.client().post("/", content=body, headers={
+                        "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US"})
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise TransientError(f"{action}: {type(exc).__name__}", provider=PROVIDER) from None
             except httpx.TransportError as exc:

@@ -100,12 +100,20 @@ class PrefectLimiter:
         """The rate an action counts against: its own, else the account-wide `api` one."""
         return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
 
-    def request(self, action: str) -> None:
+    @contextlib.contextmanager
+    def request(self, action: str) -> Iterator[None]:
+        """A rate slot for one request, held until it is answered (see `slots.take_rate`)."""
         from deployments.slots import take_rate
 
         key = self._rate_action(action)
-        if key is not None:
-            take_rate(rate_name(self.provider, self.block, key), self.declared.rate[key] * self.limits.rate_safety)
+        if key is None:
+            yield
+            return
+        answered = take_rate(rate_name(self.provider, self.block, key), self.declared.rate[key] * self.limits.rate_safety)
+        try:
+            yield
+        finally:
+            answered()
 
     def job_cap(self, action: str) -> tuple[str, int] | None:
         """The declared in-flight cap an action counts against, and its size."""

@@ -23,7 +23,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -68,18 +68,27 @@ class _Pacer:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.next_at = 0.0
+        self.answered = threading.Event()
+        self.answered.set()
 
 
 _pacers: dict[str, _Pacer] = {}
 _pacers_lock = threading.Lock()
 
 
-def take_rate(name: str, per_second: float) -> None:
-    """Block until the rate limit `name` (decaying `per_second`) grants this process a slot."""
+def take_rate(name: str, per_second: float) -> Callable[[], None]:
+    """Block until the rate limit `name` (decaying `per_second`) grants this process a slot;
+    return the function to call once the request it was for is answered.
+
+    The next slot is not asked for before that answer (or two spacings, if it never comes):
+    a thread held up between its slot and its send (a busy process) would otherwise send
+    late, right beside the next one, and two arrivals that close can exceed the provider's
+    count over a sliding second even though the slots were spaced."""
     with _pacers_lock:
         pacer = _pacers.setdefault(name, _Pacer())
     spacing = 1.0 / per_second
     with pacer.lock:
+        pacer.answered.wait(2 * spacing)
         while True:
             time.sleep(max(0.0, pacer.next_at - time.monotonic()))
             asked = time.monotonic()
@@ -97,7 +106,8 @@ def take_rate(name: str, per_second: float) -> None:
             # The slot decays from when the server took it, a little after we asked; asking too
             # early costs a whole spacing, because a refusal restarts the decay on the server.
             pacer.next_at = asked + spacing + PACING_MARGIN
-            return
+            pacer.answered.clear()
+            return pacer.answered.set
 
 
 class _Renewer:

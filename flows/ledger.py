@@ -31,6 +31,12 @@ class JobLedger:
     def get(self, item_id: str) -> dict[str, Any] | None:
         return read_json(self.bucket, self.key(item_id))
 
+    def recorded(self) -> set[str]:
+        """The items that have a record, from one listing instead of a read per item."""
+        client = self.bucket.credentials.get_s3_client()
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket.bucket_name, Prefix=self.prefix)
+        return {obj["Key"][len(self.prefix):].removesuffix(".json") for page in pages for obj in page.get("Contents", [])}
+
     def put(self, item_id: str, record: dict[str, Any]) -> dict[str, Any]:
         record = {**record, "updated_at": datetime.now(timezone.utc).isoformat()}
         write_json(self.bucket, self.key(item_id), record)

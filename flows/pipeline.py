@@ -242,11 +242,15 @@ def unstage(spec: PipelineSpec, keys: list[str]) -> None:
             client.delete_object(Bucket=spec.archive.bucket, Key=key)
 
 
-def _stop_reason(chains: list[list[tuple[str, PrefectFuture]]]) -> str | None:
-    """Why no more items may be submitted: an account stop seen in a finished generate step."""
-    for chain in chains:
-        future = dict(chain).get("generate")
-        if future is not None and future.wrapped_future.done() and future.state.is_failed():
+def _account_stop(watch: list[PrefectFuture]) -> str | None:
+    """An account stop seen in a finished generate step: no more items may be submitted.
+
+    `watch` holds the generate futures not yet seen finished; finished ones leave it, so
+    each is looked at once. Their final state comes from the local future, not the API."""
+    for future in [f for f in watch if f.wrapped_future.done()]:
+        watch.remove(future)
+        future.wait(0)  # records the final state locally
+        if future.state.is_failed():
             error = future.state.result(raise_on_failure=False)
             if isinstance(error, AccountStop):
                 return str(error)
@@ -328,7 +332,8 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
     try:
         plans = plan_items(parsed, spec_sha256, run_date, work_dir)
         preflight(plans, path)
-        reused = {p.item_id: a for p in plans if (a := archived_before(p)) is not None}
+        recorded = ledger_of(plans[0]).recorded() if plans else set()  # one ledger per pipeline and date
+        reused = {p.item_id: a for p in plans if p.item_id in recorded and (a := archived_before(p)) is not None}
         todo = [p for p in plans if p.item_id not in reused]
         per_provider, skipped = estimate_plans(todo)
         estimated = round(sum(per_provider.values()), 4)
@@ -348,10 +353,10 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
         # them each item archives as soon as it is reviewed.
         run_level = parsed.review.duplicates is not None or parsed.review.human is not None
         chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
-        committed = 0.0
+        committed, watch, account_stop = 0.0, [], None
         for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
             cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
-            stop = _stop_reason(list(chains.values()))
+            stop = account_stop = account_stop or _account_stop(watch)
             if stop is None and budget is not None and committed + cost > budget:
                 stop = f"run.max_credits {budget} reached ({committed} committed)"
             if stop is not None:
@@ -359,10 +364,13 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
                 continue
             committed += cost
             chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
-        done = {}
+            watch.append(dict(chains[plan.item_id])["generate"])
+        done, shown = {}, 0
         for n, (item, chain) in enumerate(chains.items(), start=1):
             done[item] = _outcome(chain)
-            update_progress_artifact(progress, 100.0 * n / len(chains))
+            if (percent := 100 * n // len(chains)) > shown:  # at most 100 updates, not one per item
+                update_progress_artifact(progress, float(percent))
+                shown = percent
         staged: list[str] = []
         if run_level:
             ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)

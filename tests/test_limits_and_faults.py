@@ -102,8 +102,9 @@ def test_a_missing_limit_is_an_error_not_a_silent_pass(sandbox_blocks) -> None:
     from deployments.limits import PrefectLimiter
     from deployments.slots import LimitMissing
 
-    with pytest.raises(LimitMissing, match="imagegen limits apply"):
-        PrefectLimiter("tams", "account-without-limits").request("api")
+    with pytest.raises(LimitMissing, match="imagegen limits apply"), \
+            PrefectLimiter("tams", "account-without-limits").request("api"):
+        pass
     with pytest.raises(LimitMissing), PrefectLimiter("chuzhan", "account-without-limits").job("draw"):
         pass
 
@@ -303,5 +304,6 @@ def test_rate_slots_are_never_taken_faster_than_the_limit(sandbox_blocks) -> Non
     apply_limits({"tams": ["rate-test"]})  # api: 5/s x 0.9 safety = 4.5/s on the server
     started = time.monotonic()
     for _ in range(6):
-        take_rate("imagegen:tams:rate-test:rate:api", 4.5)
+        answered = take_rate("imagegen:tams:rate-test:rate:api", 4.5)
+        answered()  # the request it was for got its answer
     assert time.monotonic() - started >= 5 / 4.5
