@@ -31,6 +31,10 @@ class LimitsFile(BaseModel):
     providers: dict[str, ProviderLimits]
     accounts: dict[str, list[str]] = Field(default_factory=dict)
 
+    def applied_rate(self, per_second: float) -> float:
+        """The rate a limit is held at: the published one times `rate_safety`."""
+        return round(per_second * self.rate_safety, 4)
+
 
 def load_limits(path: Path = LIMITS_FILE) -> LimitsFile:
     return LimitsFile.model_validate(yaml.safe_load(path.read_text()))
@@ -51,7 +55,7 @@ def wanted_limits(limits: LimitsFile, accounts: dict[str, list[str]] | None = No
         declared = limits.providers[provider]
         for block in blocks:
             for action, per_second in declared.rate.items():
-                out[rate_name(provider, block, action)] = (1, round(per_second * limits.rate_safety, 4))
+                out[rate_name(provider, block, action)] = (1, limits.applied_rate(per_second))
             for action, cap in declared.jobs.items():
                 out[jobs_name(provider, block, action)] = (cap, None)
     return out
@@ -96,7 +100,7 @@ class PrefectLimiter:
         self.limits = limits or load_limits()
         self.declared = self.limits.providers.get(provider, ProviderLimits())
 
-    def _rate_action(self, action: str) -> str | None:
+    def rate_action(self, action: str) -> str | None:
         """The rate an action counts against: its own, else the account-wide `api` one."""
         return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
 
@@ -105,11 +109,11 @@ class PrefectLimiter:
         """A rate slot for one request, held until it is answered (see `slots.take_rate`)."""
         from deployments.slots import take_rate
 
-        key = self._rate_action(action)
+        key = self.rate_action(action)
         if key is None:
             yield
             return
-        answered = take_rate(rate_name(self.provider, self.block, key), self.declared.rate[key] * self.limits.rate_safety)
+        answered = take_rate(rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key]))
         try:
             yield
         finally:

@@ -29,6 +29,8 @@ from uuid import UUID
 
 import httpx
 
+from blocks.base import retry_after_seconds
+
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
 
@@ -58,10 +60,8 @@ def _locked(exc: httpx.HTTPStatusError) -> float | None:
     """The Retry-After of a 423 (limit full), or None for any other refusal."""
     if exc.response.status_code != 423:
         return None
-    try:
-        return float(exc.response.headers.get("Retry-After", RETRY_SECONDS))
-    except ValueError:
-        return RETRY_SECONDS
+    wait = retry_after_seconds(exc.response)
+    return RETRY_SECONDS if wait is None else wait
 
 
 class _Pacer:

@@ -268,7 +268,7 @@ def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFu
         chain.append(("upload", up))
     made = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
     chain.append(("generate", made))
-    if plan.upscale is not None and not plan.request.upscale_factor:
+    if plan.upscales_after_job:
         made = upscale.submit(plan, made)
         chain.append(("upscale", made))
     chain.append(("review", review.submit(plan, made)))

@@ -50,10 +50,14 @@ class ItemPlan(BaseModel):
     job_timeout: float
 
     @property
+    def upscales_after_job(self) -> bool:
+        """The item has an upscale step of its own (not one inside the provider's job)."""
+        return self.upscale is not None and not self.request.upscale_factor
+
+    @property
     def provider_refines(self) -> bool:
         """The provider upscales in a separate paid call after the job (e.g. Tencent RefineImage)."""
-        return (self.upscale is not None and self.upscale.engine == "provider"
-                and not self.request.upscale_factor)
+        return self.upscales_after_job and self.upscale.engine == "provider"  # type: ignore[union-attr]
 
 
 class Generated(BaseModel):
@@ -90,11 +94,17 @@ class ArchivedItem(BaseModel):
 
 
 @lru_cache(maxsize=32)
+def limiter_for(name: str, block: str) -> PrefectLimiter:
+    """The account's limits on the Prefect server, read from `limits.yaml` once per process."""
+    return PrefectLimiter(name, block)
+
+
+@lru_cache(maxsize=32)
 def provider_for(name: str, block: str) -> ImageProvider:
     """The provider Block, loaded once per process (its HTTP client is shared by threads),
     taking every request and job slot from the account's limits on the Prefect server."""
     provider = load_provider(name, block)
-    provider.use_limiter(PrefectLimiter(name, block))
+    provider.use_limiter(limiter_for(name, block))
     return provider
 
 
@@ -103,7 +113,7 @@ def lane_of(plan: ItemPlan) -> tuple[tuple[str, str, str], int | None]:
     in-flight cap declared for it (None: no cap, only request rates)."""
     provider = provider_for(plan.provider, plan.block)
     action = provider.job_action(plan.request)
-    cap = PrefectLimiter(plan.provider, plan.block).job_cap(action)
+    cap = limiter_for(plan.provider, plan.block).job_cap(action)
     return (plan.provider, plan.block, action), (cap[1] if cap else None)
 
 
@@ -181,9 +191,9 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
 def upscale(plan: ItemPlan, generated: Generated) -> Generated:
     """Upscale: locally (`lanczos`), or with the provider's separate upscaler (a paid call, e.g.
     Tencent RefineImage); where the provider upscales inside the job it already happened."""
-    if plan.upscale is None or generated.upscaled_by == "provider":
+    if not plan.upscales_after_job:
         return generated
-    engine, factor = plan.upscale.engine, plan.upscale.factor
+    engine, factor = plan.upscale.engine, plan.upscale.factor  # type: ignore[union-attr]
     provider = provider_for(plan.provider, plan.block) if engine == "provider" else None
     files = []
     for name in generated.files:
