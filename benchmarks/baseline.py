@@ -29,8 +29,9 @@ from pydantic import SecretStr
 
 from blocks.chuzhan import PATH_DETAIL, PATH_DRAW, ChuzhanProvider
 from blocks.tams import TamsProvider, TamsSigner
-from blocks.tencent import TEXT_JOB, TEXT_QUERY, TC3Signer, TencentAiArtProvider
-from deployments.limits import load_limits
+from benchmarks.workload import JOB_ACTION, POLL_ACTION, SUBMIT_ACTION
+from blocks.tencent import TC3Signer, TencentAiArtProvider
+from deployments.limits import PrefectLimiter
 from flows.images import measure
 from flows.pipeline import plan_items
 from flows.review import nsfw_score
@@ -55,22 +56,24 @@ class Spaced:
 
 
 class Limits:
-    """One provider account's limits, in process."""
+    """One provider account's limits, in process: which action counts against which limit is
+    the flow's own rule (`PrefectLimiter`), only the waiting is local."""
 
     def __init__(self, provider: str) -> None:
-        limits = load_limits()
-        declared = limits.providers[provider]
-        self.rates = {a: Spaced(r * limits.rate_safety) for a, r in declared.rate.items()}
+        self.rule = PrefectLimiter(provider, "baseline")  # only read, never asks the Prefect server
+        declared = self.rule.declared
+        self.rates = {a: Spaced(self.rule.limits.applied_rate(r)) for a, r in declared.rate.items()}
         self.jobs = {a: asyncio.Semaphore(c) for a, c in declared.jobs.items()}
 
     async def request(self, action: str) -> None:
-        bucket = self.rates.get(action) or self.rates.get("api")
-        if bucket is not None:
-            await bucket.take()
+        key = self.rule.rate_action(action)
+        if key is not None:
+            await self.rates[key].take()
 
     @contextlib.asynccontextmanager
     async def job(self, action: str) -> AsyncIterator[None]:
-        sem = self.jobs.get(action)
+        cap = self.rule.job_cap(action)
+        sem = self.jobs[cap[0]] if cap else None
         if sem is None:
             yield
             return
@@ -122,39 +125,39 @@ class Client:
     async def submit(self, plan: ItemPlan) -> str:
         r = plan.request
         if self.provider == "tams":
-            answer = await self._call("api", "POST", "/v1/jobs", {"requestId": r.request_id,
+            answer = await self._call(SUBMIT_ACTION["tams"], "POST", "/v1/jobs", {"requestId": r.request_id,
                                                                   "stages": self.block.stages(r)},
                                       {"Content-Type": "application/json"})
             return answer["job"]["id"]
         if self.provider == "chuzhan":
-            answer = await self._call("draw", "POST", PATH_DRAW, self.block.draw_params(r),
+            answer = await self._call(SUBMIT_ACTION["chuzhan"], "POST", PATH_DRAW, self.block.draw_params(r),
                                       {"Content-Type": "application/json"})
             return answer["data"]["paintingSign"]
-        answer = await self._tencent(TEXT_JOB, {"Prompt": r.prompt, "Resolution": f"{r.width}:{r.height}",
+        answer = await self._tencent(SUBMIT_ACTION["tencent"], {"Prompt": r.prompt, "Resolution": f"{r.width}:{r.height}",
                                                 "Seed": r.seed, "LogoAdd": int(r.options["LogoAdd"]), "Revise": 0})
         return answer["JobId"]
 
     async def poll(self, job_id: str) -> tuple[str, list[str]]:
         """("done" | "failed" | "running", result URLs)."""
         if self.provider == "tams":
-            job = (await self._call("api", "GET", f"/v1/jobs/{job_id}"))["job"]
+            job = (await self._call(POLL_ACTION["tams"], "GET", f"/v1/jobs/{job_id}"))["job"]
             status = job["status"]
             urls = [i["url"] for i in (job.get("successInfo") or {}).get("images", [])]
             return ("done" if status == "SUCCESS" else "failed" if status in ("FAILED", "CANCELED") else "running"), urls
         if self.provider == "chuzhan":
-            data = (await self._call("detail", "POST", PATH_DETAIL, {"taskId": job_id, "preview": False,
+            data = (await self._call(POLL_ACTION["chuzhan"], "POST", PATH_DETAIL, {"taskId": job_id, "preview": False,
                                                                       "imgFormat": "png"},
                                      {"Content-Type": "application/json"}))["data"]
             urls = [i["imageUrl"] for i in data.get("images") or []]
             return {"success": "done", "fail": "failed"}.get(data["state"], "running"), urls
-        answer = await self._tencent(TEXT_QUERY, {"JobId": job_id})
+        answer = await self._tencent(POLL_ACTION["tencent"], {"JobId": job_id})
         code = str(answer.get("JobStatusCode"))
         return {"5": "done", "4": "failed"}.get(code, "running"), list(answer.get("ResultImage") or [])
 
     async def run(self, plan: ItemPlan) -> tuple[list[bytes], int]:
         """Submit, poll every `poll_interval` (first after one interval), download."""
         polls = 0
-        async with self.limits.job(JOB_ACTIONS[self.provider]):
+        async with self.limits.job(JOB_ACTION[self.provider]):
             job_id = await self.submit(plan)
             while True:
                 await asyncio.sleep(plan.poll_interval)
@@ -166,9 +169,6 @@ class Client:
                 raise RuntimeError(f"{self.provider} job {job_id} failed")
             images = [(await self.downloads.get(u)).content for u in urls]
         return images, polls
-
-
-JOB_ACTIONS = {"tams": "job", "chuzhan": "draw", "tencent": TEXT_JOB}
 
 
 def review(plan: ItemPlan, data: bytes) -> dict[str, Any]:

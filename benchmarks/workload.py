@@ -13,17 +13,18 @@ bound is about the same, and interleaved so each provider is busy from the start
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from deployments.limits import LimitsFile, load_limits
+from deployments.limits import LimitsFile, PrefectLimiter, load_limits
 
 PROVIDERS = ("tams", "chuzhan", "tencent")
-# Requests one text-to-image job makes, per action (the rate they count against): submit, then polls.
-SUBMIT_ACTION = {"tams": "api", "chuzhan": "draw", "tencent": "SubmitTextToImageJob"}
-POLL_ACTION = {"tams": "api", "chuzhan": "detail", "tencent": "QueryTextToImageJob"}
+# The actions one text-to-image job's requests count against, as the provider Blocks name them
+# to their limiter (a submit, then polls), and the action its in-flight slot is held for.
+SUBMIT_ACTION = {"tams": "api", "chuzhan": "v1.draw", "tencent": "SubmitTextToImageJob"}
+POLL_ACTION = {"tams": "api", "chuzhan": "v1.task.detail", "tencent": "QueryTextToImageJob"}
 JOB_ACTION = {"tams": "job", "chuzhan": "draw", "tencent": "SubmitTextToImageJob"}
 
 
@@ -36,15 +37,15 @@ def polls_needed(latency: float, poll_interval: float) -> int:
 def seconds_per_job(provider: str, latency: float, polls: float, limits: LimitsFile) -> float:
     """Seconds of the provider's published capacity one job uses: the tighter of its rate and
     in-flight bounds."""
-    declared = limits.providers[provider]
+    limiter = PrefectLimiter(provider, "published", limits)  # which action counts against which limit
     requests: dict[str, float] = {}
     for action, count in ((SUBMIT_ACTION[provider], 1.0), (POLL_ACTION[provider], polls)):
-        key = action if action in declared.rate else ("api" if "api" in declared.rate else None)
+        key = limiter.rate_action(action)
         if key is not None:
             requests[key] = requests.get(key, 0.0) + count
-    rate_bound = max((n / declared.rate[a] for a, n in requests.items()), default=0.0)
-    cap = declared.jobs.get(JOB_ACTION[provider])
-    return max(rate_bound, latency / cap if cap else 0.0)
+    rate_bound = max((n / limiter.declared.rate[a] for a, n in requests.items()), default=0.0)
+    cap = limiter.job_cap(JOB_ACTION[provider])
+    return max(rate_bound, latency / cap[1] if cap else 0.0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Workload:
     poll_interval: float
     split: dict[str, int]
     per_job: dict[str, float]
+    limits: LimitsFile = field(repr=False, compare=False)
 
     @classmethod
     def build(cls, items: int, latency: float, poll_interval: float, limits: LimitsFile | None = None) -> Workload:
@@ -67,16 +69,15 @@ class Workload:
         split = {p: int(items * weights[p] / total) for p in PROVIDERS}
         for p in sorted(PROVIDERS, key=lambda p: -weights[p])[: items - sum(split.values())]:
             split[p] += 1  # the remainder goes to the providers with the most capacity
-        return cls(items, latency, poll_interval, split, per_job)
+        return cls(items, latency, poll_interval, split, per_job, limits)
 
     def ceiling(self, polls: dict[str, float] | None = None) -> dict[str, float]:
         """Seconds each provider needs at best, and `overall` (they run side by side). With
         `polls` (measured polls per job), the rate bound uses those instead of the minimum."""
-        limits = load_limits()
         out = {}
         for p in PROVIDERS:
             per_job = self.per_job[p] if polls is None or p not in polls else \
-                seconds_per_job(p, self.latency, polls[p], limits)
+                seconds_per_job(p, self.latency, polls[p], self.limits)
             out[p] = round(self.split[p] * per_job, 3)
         out["overall"] = max(out[p] for p in PROVIDERS)
         return out
