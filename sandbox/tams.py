@@ -46,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.faults import fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
 from sandbox.urls import SignedUrls
@@ -412,17 +413,11 @@ class TamsEmulator:
         return JSONResponse({"latency": st.latency, "balance": st.balance})
 
     async def set_faults(self, request: Request) -> Response:
-        st = self.state
-        if request.method == "DELETE":
-            with st.lock:
-                st.faults.clear()
-            return JSONResponse({"faults": []})
-        fault = await request.json()
-        if fault.get("kind") not in ("rate_limit", "http_500", "slow", "drop", "job_fail"):
-            return JSONResponse({"error": f"unknown fault kind {fault.get('kind')!r}"}, status_code=400)
-        with st.lock:
-            st.faults.append({"count": 1, **fault})
-            return JSONResponse({"faults": st.faults})
+        def refuse(fault: dict[str, Any]) -> str | None:
+            known = fault.get("kind") in ("rate_limit", "http_500", "slow", "drop", "job_fail")
+            return None if known else f"unknown fault kind {fault.get('kind')!r}"
+
+        return await fault_hook(request, self.state.lock, self.state.faults, refuse)
 
     async def stats(self, request: Request) -> Response:
         st = self.state

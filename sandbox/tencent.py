@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from blocks.tencent import (ERROR_CODES, I2I_RESOLUTIONS, IMAGE_FORMATS, canonical_request, string_to_sign,
                             tc3_signature)
+from sandbox.faults import fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
 from sandbox.urls import SignedUrls
@@ -367,17 +368,10 @@ class TencentEmulator:
         return JSONResponse({"latency": self.state.latency})
 
     async def set_faults(self, request: Request) -> Response:
-        st = self.state
-        if request.method == "DELETE":
-            with st.lock:
-                st.faults.clear()
-            return JSONResponse({"faults": []})
-        fault = await request.json()
-        if fault.get("code") not in ERROR_CODES:
-            return JSONResponse({"error": f"unknown code {fault.get('code')!r}"}, status_code=400)
-        with st.lock:
-            st.faults.append({"count": 1, **fault})
-            return JSONResponse({"faults": st.faults})
+        def refuse(fault: dict[str, Any]) -> str | None:
+            return None if fault.get("code") in ERROR_CODES else f"unknown code {fault.get('code')!r}"
+
+        return await fault_hook(request, self.state.lock, self.state.faults, refuse)
 
     async def stats(self, request: Request) -> Response:
         st = self.state
