@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="imagegen-test-prefect-"))
@@ -51,6 +52,15 @@ def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launche
     launcher.register_blocks(sandbox)
     apply_limits({p: [launcher.BLOCK_NAME] for p in ("tams", "chuzhan", "tencent")})
     return sandbox
+
+
+def run_spec(tmp_path: Path, text: str, run_date: date):  # noqa: ANN201 - a Prefect State
+    """Write a spec and run the flow on it for `run_date`; returns the flow run's final state."""
+    from flows.pipeline import run_pipeline
+
+    path = tmp_path / f"spec-{run_date}.yaml"
+    path.write_text(text)
+    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 
 
 def tams_stats(state: launcher.SandboxState) -> dict:

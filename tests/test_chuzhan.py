@@ -17,7 +17,7 @@ from blocks.base import GenerationRequest
 from blocks.chuzhan import ChuzhanProvider, check_caps, credits_for, map_error, output_size
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
 from flows.report import PipelineIncomplete
-from tests.conftest import TEST_BUCKET, chuzhan_stats, s3_client
+from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -136,14 +136,6 @@ items:
 def chuzhan(sandbox_blocks):
     yield sandbox_blocks
     httpx.post(f"{sandbox_blocks.chuzhan_url}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
-
-
-def run_spec(tmp_path: Path, text: str, run_date: date):
-    from flows.pipeline import run_pipeline
-
-    path = tmp_path / f"chuzhan-{run_date}.yaml"
-    path.write_text(text)
-    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 
 
 def manifest_of(state) -> dict:

@@ -16,7 +16,7 @@ import pytest
 
 from deployments.limits import apply_limits, load_limits, show_limits, wanted_limits
 from flows.report import PipelineIncomplete
-from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, run_spec, s3_client, tams_stats
 
 ROOT = Path(__file__).parent.parent
 SHORT = "sandbox-short"  # the sandbox account with a 2 s HTTP timeout, for slow-response faults
@@ -56,14 +56,6 @@ def short_timeout_account(sandbox_blocks):
                  endpoint=sandbox_blocks.tams_url, timeout=2.0).save(SHORT, overwrite=True)
     apply_limits({"tams": [SHORT]})
     return SHORT
-
-
-def run_flow(tmp_path: Path, text: str, run_date: date):
-    from flows.pipeline import run_pipeline
-
-    path = tmp_path / f"spec-{run_date}.yaml"
-    path.write_text(text)
-    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 
 
 def manifest_of(state) -> dict:
@@ -128,7 +120,7 @@ def test_transient_faults_are_survived_without_paying_twice(emulator, short_time
     name = f"fault-{fault['kind']}-{fault.get('method', 'any').lower()}"
     inject(emulator, **fault)
     before = tams_stats(emulator)
-    state = run_flow(tmp_path, spec_text(name, 3, block=SHORT if use_short else "sandbox"), date(2026, 2, 1))
+    state = run_spec(tmp_path, spec_text(name, 3, block=SHORT if use_short else "sandbox"), date(2026, 2, 1))
     after = tams_stats(emulator)
     assert state.is_completed(), manifest_of(state)
     assert after["injected_faults"] - before["injected_faults"] == fault["count"]
@@ -140,7 +132,7 @@ def test_transient_faults_are_survived_without_paying_twice(emulator, short_time
 def test_failed_job_is_recorded_and_retried_only_on_rerun(emulator, tmp_path) -> None:
     inject(emulator, kind="job_fail", count=1)
     before = tams_stats(emulator)
-    state = run_flow(tmp_path, spec_text("fault-job-fail", 3), date(2026, 2, 2))
+    state = run_spec(tmp_path, spec_text("fault-job-fail", 3), date(2026, 2, 2))
     manifest = manifest_of(state)
     assert state.is_failed() and manifest["totals"]["failed_items"] == 1 and manifest["totals"]["images"] == 2
     failed = next(i for i in manifest["items"] if i.get("error"))
@@ -149,7 +141,7 @@ def test_failed_job_is_recorded_and_retried_only_on_rerun(emulator, tmp_path) ->
     assert mid["submits"] - before["submits"] == 3 and mid["charges"] - before["charges"] == 2
     # The rerun submits the failed item once more (a new attempt; failed jobs cost nothing),
     # and reuses the two archived ones.
-    again = run_flow(tmp_path, spec_text("fault-job-fail", 3), date(2026, 2, 2))
+    again = run_spec(tmp_path, spec_text("fault-job-fail", 3), date(2026, 2, 2))
     after = tams_stats(emulator)
     assert again.is_completed()
     assert after["submits"] - mid["submits"] == 1 and after["charges"] - mid["charges"] == 1
@@ -159,7 +151,7 @@ def test_failed_job_is_recorded_and_retried_only_on_rerun(emulator, tmp_path) ->
 def test_empty_balance_stops_the_run_and_says_why(emulator, tmp_path) -> None:
     httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"balance": 0})
     before = tams_stats(emulator)
-    state = run_flow(tmp_path, spec_text("fault-balance", 6, extra_run=", max_parallel: 1"), date(2026, 2, 3))
+    state = run_spec(tmp_path, spec_text("fault-balance", 6, extra_run=", max_parallel: 1"), date(2026, 2, 3))
     after = tams_stats(emulator)
     manifest = manifest_of(state)
     assert state.is_failed() and manifest["totals"]["images"] == 0
@@ -172,7 +164,7 @@ def test_empty_balance_stops_the_run_and_says_why(emulator, tmp_path) -> None:
 
 def test_spec_over_budget_makes_no_paid_call(emulator, tmp_path) -> None:
     before = tams_stats(emulator)
-    state = run_flow(tmp_path, spec_text("budget", 4, extra_run=", max_credits: 3"), date(2026, 2, 4))
+    state = run_spec(tmp_path, spec_text("budget", 4, extra_run=", max_credits: 3"), date(2026, 2, 4))
     after = tams_stats(emulator)
     assert state.is_failed() and "above run.max_credits 3" in str(state.result(raise_on_failure=False))
     assert after["submits"] == before["submits"] and after["uploads"] == before["uploads"]
@@ -226,7 +218,7 @@ def test_killed_run_resumes_without_paying_twice(emulator, tmp_path) -> None:
     killed = tams_stats(emulator)
     assert killed["charges"] == before["charges"], "the jobs were not finished when the run was killed"
     httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"latency": 0.6})
-    state = run_flow(tmp_path, path.read_text(), date(2026, 2, 6))
+    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 6))
     after = tams_stats(emulator)
     assert state.is_completed()
     assert after["submits"] - before["submits"] == 4, "an item was submitted twice"

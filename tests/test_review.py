@@ -15,7 +15,7 @@ from PIL import Image
 
 from flows.report import PipelineIncomplete
 from flows.review import REVIEW_EXTRA, MissingDependency, distance, nsfw_score, require
-from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, run_spec, s3_client, tams_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -33,14 +33,6 @@ archive: {{bucket: {TEST_BUCKET}, credentials: sandbox{archive}}}
 run: {{poll_interval: 0.2, job_timeout: 60}}
 items:
 {items}"""
-
-
-def run_spec(tmp_path: Path, text: str, run_date: date):
-    from flows.pipeline import run_pipeline
-
-    path = tmp_path / f"review-{run_date}.yaml"
-    path.write_text(text)
-    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 
 
 def manifest_of(state) -> dict:

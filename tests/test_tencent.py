@@ -20,7 +20,7 @@ from blocks.errors import AccountStop, BadRequest, ContentRejected, TransientErr
 from blocks.tencent import (ERROR_CODES, TC3Signer, TencentAiArtProvider, canonical_request, map_error,
                             string_to_sign, tc3_signature)
 from flows.report import PipelineIncomplete
-from tests.conftest import TEST_BUCKET, s3_client, tencent_stats
+from tests.conftest import TEST_BUCKET, run_spec, s3_client, tencent_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -197,14 +197,6 @@ archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
 run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4{extra}}}
 items:
 {items}"""
-
-
-def run_spec(tmp_path: Path, text: str, run_date: date):
-    from flows.pipeline import run_pipeline
-
-    path = tmp_path / f"tencent-{run_date}.yaml"
-    path.write_text(text)
-    return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 
 
 def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tencent, tmp_path) -> None:
