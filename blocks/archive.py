@@ -40,6 +40,12 @@ def read_json(bucket: S3Bucket, key: str) -> Any | None:
     return json.loads(body)
 
 
+def read_bytes(bucket: S3Bucket, key: str) -> bytes:
+    """The bytes of the object at `key` (raises when there is none)."""
+    client = bucket.credentials.get_s3_client()
+    return client.get_object(Bucket=bucket.bucket_name, Key=key)["Body"].read()
+
+
 def read_uri(uri: str, credentials: str) -> bytes:
     """The bytes of an `s3://bucket/key` object."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")

@@ -71,6 +71,8 @@ class JobStatus(BaseModel):
     progress: float | None = None
     result_urls: list[str] = Field(default_factory=list)
     reason: str | None = None
+    rejected: dict[int, str] = Field(default_factory=dict,
+                                     description="Images (1-based) the provider's own audit failed, with why.")
 
 
 class CreditEstimate(BaseModel):
@@ -90,6 +92,36 @@ class JobResult(BaseModel):
     credits: float
     credits_source: Literal["api", "formula"]
     polls: int
+    rejected: dict[int, str] = Field(default_factory=dict)
+
+
+class Journal(Protocol):
+    """Where `run_job` records a paid job's progress as it happens (the flow plugs in its ledger)."""
+
+    def sending(self) -> None:
+        """The submit is about to go on the wire (inside the job slot)."""
+
+    def refused(self, error: BaseException) -> None:
+        """The provider definitively created nothing; the same request may be sent again."""
+
+    def unknown(self, error: BaseException) -> None:
+        """The submit may have reached the provider."""
+
+    def submitted(self, job_id: str) -> None:
+        """The provider's job id is known."""
+
+    def done(self, job_id: str, images: list[bytes]) -> None:
+        """A synchronous answer's images, which the provider cannot give again."""
+
+
+class NoJournal:
+    """Records nothing: for unit tests and one-off scripts. The flow never uses it."""
+
+    def sending(self) -> None: ...
+    def refused(self, error: BaseException) -> None: ...
+    def unknown(self, error: BaseException) -> None: ...
+    def submitted(self, job_id: str) -> None: ...
+    def done(self, job_id: str, images: list[bytes]) -> None: ...
 
 
 class Limiter(Protocol):
@@ -199,6 +231,11 @@ class ImageProvider(Block, ABC):
     def fetch(self, status: JobStatus) -> list[bytes]:
         """Download the result images of a succeeded job (their URLs expire)."""
 
+    def can_fetch_again(self, job_id: str) -> bool:
+        """False when the job's results came with the submit answer and cannot be asked for
+        again (a synchronous call): they must be kept before anything else happens."""
+        return True
+
     def run_job(
         self,
         request: GenerationRequest,
@@ -207,36 +244,56 @@ class ImageProvider(Block, ABC):
         timeout: float,
         estimate: CreditEstimate | None = None,
         job_id: str | None = None,
-        on_submitted: Any = None,
+        journal: Journal | None = None,
+        unknown_hold: float = 0.0,
     ) -> JobResult:
         """Submit (unless `job_id` resumes a job), poll to a final state and fetch, holding
-        one in-flight slot throughout. `on_submitted(job_id)` runs before the first poll."""
+        one in-flight slot throughout and telling `journal` each step as it happens.
+
+        A submit that may have reached the provider is never repeated blindly: where the
+        provider dedupes request ids it is asked again with the same id; elsewhere it raises
+        `SubmitUnknown` after keeping the job slot `unknown_hold` seconds (the job may be
+        running and count against the provider's cap)."""
+        journal = journal or NoJournal()
         estimate = estimate or self.estimate(request)
         with self._limiter.job(self.job_action(request)):
             fresh = job_id is None
             if job_id is None:
-                job_id = self.submit(request)
-            if on_submitted is not None:
-                on_submitted(job_id)
+                job_id = self._submit_recorded(request, journal, unknown_hold)
+            if not self.can_fetch_again(job_id):  # its images exist only in this process
+                images = self.fetch(self.poll(job_id))
+                journal.done(job_id, images)
+                return JobResult(job_id=job_id, images=images, credits=estimate.credits,
+                                 credits_source=estimate.source, polls=0)
             status, polls = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
                                        first_wait=poll_interval if fresh else 0.0)
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
         return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
-                         credits_source=estimate.source, polls=polls)
+                         credits_source=estimate.source, polls=polls, rejected=status.rejected)
 
-    def reconcile(self, request: GenerationRequest) -> str:
-        """The job of a submit whose answer was lost (timeout, dropped connection).
-
-        Where the provider dedupes request ids, submitting again returns that job at no extra
-        cost. Elsewhere the job cannot be found, and resubmitting could pay twice: refuse."""
-        if self.idempotent_submit:
-            return self.submit(request)
-        raise SubmitUnknown(
-            f"an earlier submit of request {request.request_id} may have reached the provider and "
-            "it cannot be looked up; check the provider console before running this item again",
-            provider=self.provider_name, code="SubmitUnknown")
+    def _submit_recorded(self, request: GenerationRequest, journal: Journal, unknown_hold: float) -> str:
+        """One submit, recorded: sending, then submitted, refused or unknown."""
+        for ask in range(2 if self.idempotent_submit else 1):
+            journal.sending()
+            try:
+                job_id = self.submit(request)
+            except (SubmitUnknown, TransientError) as exc:
+                maybe_sent = isinstance(exc, SubmitUnknown) or self.idempotent_submit
+                (journal.unknown if maybe_sent else journal.refused)(exc)
+                if self.idempotent_submit and ask == 0:
+                    continue  # the same request id finds the job, or creates it once
+                if isinstance(exc, SubmitUnknown):
+                    time.sleep(unknown_hold)
+                raise
+            except BaseException as exc:
+                journal.refused(exc)
+                raise
+            if self.can_fetch_again(job_id):  # else `run_job` records the images themselves at once
+                journal.submitted(job_id)
+            return job_id
+        raise AssertionError("unreachable")
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         """The error a job that ended without success stands for (providers may refine it)."""

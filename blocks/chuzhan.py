@@ -164,6 +164,15 @@ def check_caps(params: dict[str, Any]) -> None:
         raise bad("callback", "must be a public http(s) URL (the provider refuses localhost and LAN addresses)")
 
 
+def nonce(request_id: str) -> str:
+    """The request id in the 32 characters `nonce` allows, keeping its attempt suffix
+    (`<32 hex>-<n>`): a cut from the right would make every attempt's nonce the same."""
+    base, dash, attempt = request_id.rpartition("-")
+    if not dash or not attempt.isdigit():
+        return request_id[:32]
+    return base[:32 - len(attempt) - 1] + "-" + attempt
+
+
 def public_url(url: str) -> bool:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.hostname == "localhost":
@@ -229,15 +238,23 @@ class ChuzhanProvider(ImageProvider):
                                     "been charged, so it is not repeated", provider=PROVIDER) from None
             if response.status_code != 200:
                 kind = TransientError if response.status_code >= 500 or response.status_code == 429 else BadRequest
-                if kind is TransientError and not safe_to_repeat and response.status_code >= 500:
+                if kind is TransientError and not safe_to_repeat and response.status_code not in (429, 503):
                     raise SubmitUnknown(f"{path}: HTTP {response.status_code}; the task may exist",
                                         provider=PROVIDER)
                 raise kind(f"{path}: HTTP {response.status_code}", provider=PROVIDER,
                            **({"retry_after": retry_after_seconds(response)} if kind is TransientError else {}))
-            envelope = response.json()
+            try:
+                envelope = response.json()
+            except ValueError:
+                kind = TransientError if safe_to_repeat else SubmitUnknown
+                raise kind(f"{path}: the answer is not JSON", provider=PROVIDER) from None
             if envelope.get("success") and envelope.get("code") == 0:
                 return envelope.get("data")
-            raise map_error(int(envelope.get("code") or -1), str(envelope.get("msg") or ""))
+            code = int(envelope.get("code") or -1)
+            if not safe_to_repeat and code >= 500:  # an internal error says nothing of the task
+                raise SubmitUnknown(f"{path}: code {code} does not say whether the task was created "
+                                    "(and charged)", provider=PROVIDER, code=str(code))
+            raise map_error(code, str(envelope.get("msg") or ""))
 
         return with_retries(once, self.max_attempts)
 
@@ -248,7 +265,7 @@ class ChuzhanProvider(ImageProvider):
         params: dict[str, Any] = {
             "prompt": request.prompt, "width": request.width, "height": request.height,
             "modelStyleId": int(request.model) if request.model and request.model.isdigit() else 1,
-            "batchSize": request.count, "seed": request.seed, "nonce": request.request_id[:32],
+            "batchSize": request.count, "seed": request.seed, "nonce": nonce(request.request_id),
         }
         if request.negative_prompt:
             params["negativePrompt"] = request.negative_prompt
@@ -313,10 +330,12 @@ class ChuzhanProvider(ImageProvider):
             urls = [data["imgUrl"]]
         audits = [img.get("audit") for img in data.get("images") or []]
         reason = data.get("failReason")
-        if state == "success" and audits and all(a is not None and int(a) != 1 for a in audits):
-            state, reason = "fail", "every image failed the provider's audit"
+        rejected = {n: f"failed the provider's audit (audit={a})" for n, a in enumerate(audits, start=1)
+                    if a is not None and int(a) != 1}
+        if state == "success" and audits and len(rejected) == len(audits):
+            state, reason, rejected = "fail", "every image failed the provider's audit", {}
         return JobStatus(job_id=job_id, state=STATES.get(state, JobState.QUEUED), provider_status=state,
-                         progress=data.get("progress"), result_urls=urls, reason=reason)
+                         progress=data.get("progress"), result_urls=urls, reason=reason, rejected=rejected)
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         if status.reason and "audit" in status.reason:

@@ -6,7 +6,10 @@
      ├── AccountStop        no balance, arrears, auth failure, service stopped: stop spending
      └── BadRequest         a bug or a bad spec: fail the item with the message
           ├── JobFailed     the provider ran the job and it ended failed
-          └── SubmitUnknown a lost submit answer that cannot be reconciled: a person checks
+          └── SubmitUnknown a submit that may have reached the provider: never sent blindly again
+
+    LimiterError            ours, not the provider's: a slot on the Prefect server could not be
+                            taken (nothing was sent); retried like a transient fault
 
 Messages are built from provider codes and texts only, never from request objects, so a
 secret cannot end up in an exception.
@@ -52,10 +55,16 @@ class JobFailed(BadRequest):
 
 
 class SubmitUnknown(BadRequest):
-    """A submit may have reached the provider and the job cannot be looked up; submitting again
-    could pay twice, so the item stops until a person checks."""
+    """A submit may have reached the provider (timeout after sending, answer cut off, an error
+    answer that does not say whether the job was created). Submitting again could pay twice:
+    the ledger records the item `unknown` until the job is found or a person settles it."""
+
+
+class LimiterError(RuntimeError):
+    """Taking a slot of a provider limit on the Prefect server failed (API down, timeout):
+    the request it guarded was never sent."""
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """True for errors worth another attempt (transient provider faults)."""
-    return isinstance(exc, TransientError)
+    """True for errors worth another attempt (transient provider faults, limiter faults)."""
+    return isinstance(exc, TransientError | LimiterError)

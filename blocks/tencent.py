@@ -30,8 +30,8 @@ import httpx
 from PIL import Image
 from pydantic import Field, PrivateAttr, SecretStr
 
-from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
-                         with_retries)
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, Journal, JobState, JobStatus,
+                         NoJournal, download, with_retries)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
                            TransientError)
 
@@ -82,6 +82,13 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
     "NoSuchVersion": BadRequest, "UnsupportedRegion": BadRequest, "UnsupportedOperation": BadRequest,
     "ActionOffline": BadRequest,
 }
+
+
+# Answers to a paid action that do not tell whether it was acted on: the error came from
+# behind the gateway (the job may exist), so the call is `SubmitUnknown`, never repeated.
+AMBIGUOUS_CODES = frozenset({"InternalError", "FailedOperation.InnerError", "FailedOperation.ServerError",
+                             "FailedOperation.RpcFail", "FailedOperation.RequestTimeout", "FailedOperation.Unknown"})
+REFUSED_STATUS = frozenset({429, 503})  # HTTP answers that say the request was turned away
 
 
 def map_error(code: str, message: str) -> ProviderError:
@@ -189,7 +196,11 @@ class TencentAiArtProvider(ImageProvider):
                             auth=TC3Signer(self.secret_id, self.secret_key, self.region))
 
     def call(self, action: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> dict[str, Any]:
-        """One action; returns `Response` without `RequestId`, or raises our error type."""
+        """One action; returns `Response` without `RequestId`, or raises our error type.
+
+        A paid action (`safe_to_repeat=False`) is never repeated after an answer that does not
+        say whether it was acted on (a cut connection, a gateway error, `InternalError`): that
+        is `SubmitUnknown`. Refusals (rate and job limits, 503, 429) are retried."""
         body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()  # as the SDK
 
         def once() -> dict[str, Any]:
@@ -205,10 +216,21 @@ class TencentAiArtProvider(ImageProvider):
                 raise SubmitUnknown(f"{action}: {type(exc).__name__} after sending; it may have been charged",
                                     provider=PROVIDER) from None
             if response.status_code != 200:  # the SDK's ServerNetworkError: not an API answer
+                if not safe_to_repeat and response.status_code not in REFUSED_STATUS:
+                    raise SubmitUnknown(f"{action}: HTTP {response.status_code}; the job may have been created",
+                                        provider=PROVIDER)
                 raise TransientError(f"{action}: HTTP {response.status_code}", provider=PROVIDER)
-            answer = response.json().get("Response", {})
+            try:
+                answer = response.json().get("Response", {})
+            except ValueError:
+                kind = TransientError if safe_to_repeat else SubmitUnknown
+                raise kind(f"{action}: the answer is not JSON", provider=PROVIDER) from None
             if "Error" in answer:
-                raise map_error(str(answer["Error"].get("Code")), str(answer["Error"].get("Message", "")))
+                code = str(answer["Error"].get("Code"))
+                if not safe_to_repeat and code in AMBIGUOUS_CODES:
+                    raise SubmitUnknown(f"{action}: {code} does not say whether the job was created",
+                                        provider=PROVIDER, code=code)
+                raise map_error(code, str(answer["Error"].get("Message", "")))
             answer.pop("RequestId", None)
             return answer
 
@@ -320,6 +342,9 @@ class TencentAiArtProvider(ImageProvider):
                    "Revise": int(opts.get("Revise", 0))}
         return str(self.call(TEXT_JOB, payload, safe_to_repeat=False)["JobId"])
 
+    def can_fetch_again(self, job_id: str) -> bool:
+        return not job_id.startswith(SYNC_PREFIX)  # ImageToImage answers once, with the image
+
     def poll(self, job_id: str) -> JobStatus:
         if job_id.startswith(SYNC_PREFIX):
             results = self._sync_results.get(job_id)
@@ -352,11 +377,29 @@ class TencentAiArtProvider(ImageProvider):
     def refine_cost(self) -> float:
         return 1.0  # one billable call, as every estimate of this provider counts
 
-    def refine(self, data: bytes) -> bytes:
-        """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot."""
-        check_image(data, "upscale input")
-        with self._limiter.job(REFINE):
-            answer = self.call(REFINE, {"InputImage": base64.b64encode(data).decode(), "RspImgType": "url"},
-                               safe_to_repeat=False)
-        return self.fetch(JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync",
-                                    result_urls=[answer["ResultImage"]]))[0]
+    def refine(self, data: bytes, journal: Journal | None = None, result_url: str | None = None) -> bytes:
+        """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot.
+
+        `journal` hears `sending` right before the paid call, `submitted(<result URL>)` once it
+        answered, and `done` with the image; `result_url` resumes a paid call whose download
+        failed (the URL lives an hour), paying nothing."""
+        journal = journal or NoJournal()
+        if result_url is None:
+            check_image(data, "upscale input")
+            with self._limiter.job(REFINE):
+                journal.sending()
+                try:
+                    answer = self.call(REFINE, {"InputImage": base64.b64encode(data).decode(), "RspImgType": "url"},
+                                       safe_to_repeat=False)
+                except SubmitUnknown as exc:
+                    journal.unknown(exc)
+                    raise
+                except BaseException as exc:
+                    journal.refused(exc)
+                    raise
+            result_url = str(answer["ResultImage"])
+            journal.submitted(result_url)
+        image = self.fetch(JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync",
+                                     result_urls=[result_url]))[0]
+        journal.done("refine", [image])
+        return image

@@ -127,11 +127,11 @@ class PrefectLimiter:
     @contextlib.contextmanager
     def job(self, action: str) -> Iterator[None]:
         """Hold one in-flight slot on the server for the whole job (a lease renewed while held)."""
-        from deployments.slots import hold
+        from deployments.slots import configured_lease, hold
 
         cap = self.job_cap(action)
         if cap is None:
             yield
             return
-        with hold(jobs_name(self.provider, self.block, cap[0]), JOB_LEASE_SECONDS):
+        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(JOB_LEASE_SECONDS)):
             yield

@@ -1,25 +1,34 @@
 """Slots of Prefect server limits, taken through the API client with our own waiting.
 
-Prefect's `concurrency()` and `rate_limit()` wait as long as the server's Retry-After says.
-For a provider cap of 1-3 jobs lasting seconds that hint is a whole job or more, and grows
-with every refusal (PrefectHQ/prefect#23183), so a freed slot sits idle; and asking with
-`max_retries=0` to wait our own way logs an ERROR per refusal. Here:
+Prefect's `concurrency()` and `rate_limit()` wait as long as the server's Retry-After says,
+in one queue per process that never wakes same-process waiters (PrefectHQ/prefect#23183); for
+a provider cap of 1-3 jobs lasting seconds that hint is a whole job or more, so a freed slot
+sits idle; and asking with `max_retries=0` to wait our own way logs an ERROR per refusal. Here:
 
 - `take_rate(name, per_second)`: one thread per process at a time asks for a rate slot, and
   not before the limit's spacing (plus a small margin) since the last slot this process got,
-  so a single process gets every slot on its first ask. That matters: the server restarts a
-  rate limit's decay on every refusal (the denied count's write moves `updated`), so asking
-  early pushes the next free slot back. Another process's slot costs one short wait.
+  so a single process gets every slot on its first ask. A refusal does not move the limit's
+  decay (the server rolls the denied-slot write back with its 423); asking early only costs
+  the ~one-spacing Retry-After the refusal carries, which is the wait another process's slot
+  gets here.
 - `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
   while full, renewed by one background thread per process, released however the job ends.
+  A release that fails is logged and left to the lease; it never replaces the job's outcome.
+- `reclaim_expired()`: frees the slots of leases that expired (their holder died). Prefect's
+  repossessor does that on `prefect server start`, but never in an ephemeral server (the
+  temporary one every `imagegen run` without `PREFECT_API_URL` starts, and the test harness):
+  there, with the filesystem lease storage in `PREFECT_HOME` that `flows` selects, a dead run's
+  leases outlive it and are freed here, by whichever run waits for the slot next.
 
 The limits themselves are the server's: every slot is granted by it, so they hold across
-processes and machines. A missing limit is an error (strict), never a silent pass.
+processes and machines. A missing limit is an error (strict), never a silent pass; an API
+fault while taking a slot is a `LimiterError` (nothing was sent), never a provider error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import time
@@ -30,9 +39,13 @@ from uuid import UUID
 import httpx
 
 from blocks.base import retry_after_seconds
+from blocks.errors import LimiterError
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
+API_ATTEMPTS = 4  # attempts of one slot call through API faults before it is a LimiterError
+RECLAIM_EVERY = 2.0  # seconds between two looks for expired leases while a waiter waits
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 
 
 class LimitMissing(RuntimeError):
@@ -54,6 +67,25 @@ def _api() -> Any:
             client.__enter__()
             _client = client
         return _client
+
+
+def _slot_call(what: str, call: Callable[[], Any]) -> Any:
+    """One slot call through the API, retried through API faults; a 423 (full) is returned to
+    the caller as the `HTTPStatusError` it is; anything else that persists is a `LimiterError`."""
+    for attempt in range(API_ATTEMPTS):
+        try:
+            return call()
+        except httpx.HTTPStatusError as exc:
+            code = exc.response.status_code
+            if code == 423 or (code < 500 and code != 429):
+                raise
+            error: Exception = exc
+        except httpx.HTTPError as exc:  # timeouts, refused connections: the API, not the provider
+            error = exc
+        if attempt + 1 < API_ATTEMPTS:
+            time.sleep(min(4.0, 0.25 * 2**attempt) * random.uniform(0.8, 1.2))
+    raise LimiterError(f"{what}: the Prefect API did not answer ({type(error).__name__}); nothing was sent "
+                       "to the provider") from None
 
 
 def _locked(exc: httpx.HTTPStatusError) -> float | None:
@@ -93,18 +125,20 @@ def take_rate(name: str, per_second: float) -> Callable[[], None]:
             time.sleep(max(0.0, pacer.next_at - time.monotonic()))
             asked = time.monotonic()
             try:
-                answer = _api().increment_concurrency_slots([name], 1, "rate_limit")
+                answer = _slot_call(f"rate slot {name}",
+                                    lambda: _api().increment_concurrency_slots([name], 1, "rate_limit"))
             except httpx.HTTPStatusError as exc:
                 wait = _locked(exc)
                 if wait is None:
-                    raise
+                    raise LimiterError(f"rate slot {name}: HTTP {exc.response.status_code} from the Prefect "
+                                       "API") from None
                 pacer.next_at = time.monotonic() + min(wait, spacing)  # another process took it
                 continue
             if not answer.json():
                 raise LimitMissing(f"rate limit {name!r} does not exist on the Prefect server; "
                                    "run `imagegen limits apply`")
             # The slot decays from when the server took it, a little after we asked; asking too
-            # early costs a whole spacing, because a refusal restarts the decay on the server.
+            # early costs the refusal's Retry-After (about a spacing).
             pacer.next_at = asked + spacing + PACING_MARGIN
             pacer.answered.clear()
             return pacer.answered.set
@@ -162,21 +196,74 @@ def _holder() -> Any:
 _released: dict[str, threading.Condition] = {}
 
 
+def configured_lease(default: float) -> float:
+    """The lease of held slots: `IMAGEGEN_LEASE_SECONDS` if set, else `default`. A holder that
+    dies frees its slots about this long after its last renewal."""
+    value = os.environ.get("IMAGEGEN_LEASE_SECONDS")
+    return float(value) if value else default
+
+
+_reclaimed_at = [0.0]
+_reclaim_lock = threading.Lock()
+
+
+def reclaim_expired(force: bool = False) -> int:
+    """Free the slots of expired leases kept in this machine's filesystem lease storage (see
+    the module docstring); returns how many were freed. A no-op with any other lease storage,
+    where the server's own repossessor does it. At most one look every `RECLAIM_EVERY` s."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().server.concurrency.lease_storage != FILESYSTEM_LEASES:
+        return 0
+    with _reclaim_lock:
+        if not force and time.monotonic() - _reclaimed_at[0] < RECLAIM_EVERY:
+            return 0
+        _reclaimed_at[0] = time.monotonic()
+    from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    storage = ConcurrencyLeaseStorage()
+    if not storage.storage_path.exists():
+        return 0
+    expired = run_coro_as_sync(storage.read_expired_lease_ids(limit=1000)) or []
+    freed = 0
+    for lease_id in expired:
+        try:
+            _api().release_concurrency_slots_with_lease(lease_id)
+            freed += 1
+        except httpx.HTTPError:
+            continue  # another process freed it first, or the API is busy: the next look retries
+    if freed:
+        from prefect.logging import get_logger
+
+        get_logger("imagegen.slots").warning("freed the slots of %d expired lease(s) whose holder had died", freed)
+    return freed
+
+
 @contextlib.contextmanager
-def hold(name: str, lease_seconds: float) -> Iterator[None]:
+def hold(name: str, lease_seconds: float, holder: Any = None,
+         on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold one slot of the concurrency limit `name` for the duration of the block.
 
     While the limit is full, ask again when a holder in this process releases a slot, or
-    after `RETRY_SECONDS` (a holder elsewhere may have released one)."""
-    holder = _holder()
+    after `RETRY_SECONDS` (a holder elsewhere may have released one, or died: expired leases
+    are reclaimed meanwhile). `on_wait()` runs once when the first ask is refused. `holder`
+    (default: the current task run) is shown with the lease on the server."""
+    holder = holder if holder is not None else _holder()
     with _pacers_lock:
         released = _released.setdefault(name, threading.Condition())
+    waited = False
     while True:
         try:
-            answer = _api().increment_concurrency_slots_with_lease([name], 1, "concurrency", lease_seconds, holder)
+            answer = _slot_call(f"slot of {name}", lambda: _api().increment_concurrency_slots_with_lease(
+                [name], 1, "concurrency", lease_seconds, holder))
         except httpx.HTTPStatusError as exc:
             if _locked(exc) is None:
-                raise
+                raise LimiterError(f"slot of {name}: HTTP {exc.response.status_code} from the Prefect API") from None
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            reclaim_expired()
             with released:
                 released.wait(RETRY_SECONDS * random.uniform(0.75, 1.25))
             continue
@@ -191,7 +278,12 @@ def hold(name: str, lease_seconds: float) -> Iterator[None]:
         yield
     finally:
         _renewer.remove(lease_id)
-        _api().release_concurrency_slots_with_lease(lease_id)
+        try:
+            _slot_call(f"release of {name}", lambda: _api().release_concurrency_slots_with_lease(lease_id))
+        except Exception as exc:  # noqa: BLE001 - the lease frees it; the job's own outcome stands
+            from prefect.logging import get_logger
+
+            get_logger("imagegen.slots").warning("could not release slot of %s (%s); it frees itself when its "
+                                                 "lease expires", name, exc)
         with released:
             released.notify()
-

@@ -1,20 +1,136 @@
-"""The job ledger: each item's provider job, persisted in S3 beside the outputs.
+"""The job ledger: the life of every paid step, persisted in S3 beside the outputs.
 
-One small JSON object per item at `<manifest dir>/_jobs/<item>.json`, written before a
-submit ("submitting"), right after it with the provider's job id ("submitted", before the
-first poll), and when the item is archived ("archived", with what landed where). A retried
-task or a rerun reads it first: an archived item is reused without any provider call, a
-submitted job is resumed by id instead of submitted again, and a submit that may or may not
-have reached the provider is reconciled, never blindly repeated.
+One JSON record per item and paid step at `<manifest dir>/_jobs/<item>.json` (generate) and
+`<item>.refine-<n>.json` (a separate paid upscale of image n, e.g. Tencent RefineImage). A
+retried task or a rerun reads it before anything is paid, and `move()` is the only way a
+record changes state:
+
+    state       meaning                                          may move to
+    (none)      never tried                                      sending
+    sending     written inside the job slot right before the     submitted, refused, unknown,
+                request; found later, the process died while it   done
+                may have been on the wire
+    refused     the provider definitively created nothing (a     sending
+                refusal, a connection never made, our limiter)
+    unknown     the request may have reached the provider        sending (only where the
+                (timeout after sending, answer cut off, an        provider dedupes), submitted,
+                ambiguous error answer); never sent blindly       refused (a person or the
+                again                                             provider says: not sent)
+    submitted   the provider's job id is known                   submitted, done, failed,
+                                                                 archived, unknown
+    failed      the job ran and ended failed (not charged)       sending (a new attempt)
+    done        results safe: kept in S3 when the provider        done, archived
+                cannot give them again (synchronous answers)
+    archived    the item's images and sidecars are in S3          (final for this request)
+
+A record of another request (the spec changed what is paid for) is replaced by a new one.
+Writes are retried with backoff; `LedgerUnavailable` says they still failed.
 """
 
 from __future__ import annotations
 
+import random
+import re
+import time
 from datetime import date, datetime, timezone
+from enum import StrEnum
 from typing import Any
 
-from blocks.archive import archive_bucket, read_json, write_json
+from pydantic import BaseModel, Field, field_validator
+
+from blocks.archive import archive_bucket, read_bytes, read_json, write_bytes, write_json
 from flows.spec import ArchiveSettings, render_manifest_key
+
+PER_IMAGE = re.compile(r"\.[a-z]+-\d+\.json$")  # `<item>.refine-<n>.json`
+WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
+
+
+class State(StrEnum):
+    SENDING = "sending"
+    REFUSED = "refused"
+    UNKNOWN = "unknown"
+    SUBMITTED = "submitted"
+    FAILED = "failed"
+    DONE = "done"
+    ARCHIVED = "archived"
+
+
+class Step(StrEnum):
+    GENERATE = "generate"
+    REFINE = "refine"
+
+
+TRANSITIONS: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.SENDING}),
+    State.SENDING: frozenset({State.SUBMITTED, State.REFUSED, State.UNKNOWN, State.DONE}),
+    State.REFUSED: frozenset({State.SENDING}),
+    State.UNKNOWN: frozenset({State.SENDING, State.SUBMITTED, State.REFUSED}),
+    State.SUBMITTED: frozenset({State.SUBMITTED, State.DONE, State.FAILED, State.ARCHIVED, State.UNKNOWN}),
+    State.FAILED: frozenset({State.SENDING}),
+    State.DONE: frozenset({State.DONE, State.ARCHIVED}),
+    State.ARCHIVED: frozenset(),
+}
+
+
+class BadTransition(RuntimeError):
+    """A record was asked to move where the table does not allow (a bug, never a provider fault)."""
+
+
+class LedgerUnavailable(RuntimeError):
+    """The ledger could not be written after every retry (S3 unreachable)."""
+
+
+class JobRecord(BaseModel):
+    """One paid step of one item, as the ledger keeps it."""
+
+    item_id: str
+    step: Step = Step.GENERATE
+    index: int | None = Field(None, description="The image a per-image step (refine) is for.")
+    base_request_id: str = Field(description="The step's request id before attempt numbers.")
+    request_id: str = Field(description="The id sent (`<base>-<n>` from the second attempt on).")
+    attempt: int = 1
+    provider: str
+    block: str
+    state: State
+    job_id: str | None = None
+    reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
+    results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
+    archived: dict[str, Any] | None = None
+    flow_run_id: str | None = None
+    updated_at: datetime | None = None
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _legacy(cls, value: Any) -> Any:
+        return "sending" if value == "submitting" else value  # records written before the state machine
+
+
+def move(record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
+    """The record in state `to`, with `changes`; refuses a move the table does not allow.
+    A first record needs `changes` with its identity (item_id, request ids, provider, block)."""
+    here = record.state if record is not None else None
+    if to not in TRANSITIONS[here]:
+        raise BadTransition(f"ledger: {here} -> {to} is not allowed"
+                            + (f" ({record.item_id}, {record.step})" if record else ""))
+    from prefect.runtime import flow_run
+
+    stamp = {"state": to, "updated_at": datetime.now(timezone.utc),
+             "flow_run_id": str(flow_run.id) if flow_run.id else None}
+    if record is None:
+        return JobRecord(**{**changes, **stamp})
+    return record.model_copy(update={**changes, **stamp})
+
+
+def with_backoff(call: Any, what: str, attempts: int = WRITE_ATTEMPTS) -> Any:
+    """Call, retrying any exception with exponential backoff; `LedgerUnavailable` at the end."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - S3 and network faults alike
+            if attempt + 1 >= attempts:
+                raise LedgerUnavailable(f"{what}: {type(exc).__name__} after {attempts} attempts") from None
+            time.sleep(min(8.0, 0.5 * 2**attempt) * random.uniform(0.8, 1.2))
+    raise AssertionError("unreachable")
 
 
 class JobLedger:
@@ -25,19 +141,61 @@ class JobLedger:
         manifest = render_manifest_key(archive.manifest_template, pipeline=pipeline, run_date=run_date)
         self.prefix = (manifest.rsplit("/", 1)[0] + "/" if "/" in manifest else "") + "_jobs/"
 
-    def key(self, item_id: str) -> str:
-        return f"{self.prefix}{item_id}.json"
+    def key(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> str:
+        suffix = "" if step is Step.GENERATE else f".{step.value}-{index}"
+        return f"{self.prefix}{item_id}{suffix}.json"
 
-    def get(self, item_id: str) -> dict[str, Any] | None:
-        return read_json(self.bucket, self.key(item_id))
+    def get(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> JobRecord | None:
+        raw = with_backoff(lambda: read_json(self.bucket, self.key(item_id, step, index)), "ledger read")
+        return JobRecord.model_validate(raw) if raw is not None else None
 
-    def recorded(self) -> set[str]:
-        """The items that have a record, from one listing instead of a read per item."""
+    def _record_names(self) -> list[str]:
+        """Names (under the prefix) of every record, from one listing."""
         client = self.bucket.credentials.get_s3_client()
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket.bucket_name, Prefix=self.prefix)
-        return {obj["Key"][len(self.prefix):].removesuffix(".json") for page in pages for obj in page.get("Contents", [])}
+        names = (obj["Key"][len(self.prefix):] for page in pages for obj in page.get("Contents", []))
+        return sorted(n for n in names if n.endswith(".json") and "/" not in n and not n.startswith("_"))
 
-    def put(self, item_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        record = {**record, "updated_at": datetime.now(timezone.utc).isoformat()}
-        write_json(self.bucket, self.key(item_id), record)
+    def recorded(self) -> set[str]:
+        """The items that have a generate record, from one listing instead of a read per item."""
+        return {n.removesuffix(".json") for n in self._record_names() if not PER_IMAGE.search(n)}
+
+    def records(self) -> list[JobRecord]:
+        """Every record of the run date, per-image steps included (for `imagegen ledger show`)."""
+        return [JobRecord.model_validate(read_json(self.bucket, self.prefix + n)) for n in self._record_names()]
+
+    def put(self, record: JobRecord) -> JobRecord:
+        """Write `record`, retried with backoff (`LedgerUnavailable` when S3 stays away)."""
+        key = self.key(record.item_id, record.step, record.index)
+        with_backoff(lambda: write_json(self.bucket, key, record.model_dump(mode="json")), f"ledger write {key}")
         return record
+
+    def move(self, record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
+        """`move()` the record and write it."""
+        return self.put(move(record, to, **changes))
+
+    def keep_results(self, record: JobRecord, images: list[bytes]) -> list[str]:
+        """Store results the provider cannot give again; return their keys."""
+        keys = []
+        for n, data in enumerate(images, start=1):
+            key = f"{self.prefix}{record.item_id}/{record.request_id}-{record.step.value}-{n}.png"
+            with_backoff(lambda k=key, d=data: write_bytes(self.bucket, k, d), f"ledger result {key}")
+            keys.append(key)
+        return keys
+
+    def read_results(self, record: JobRecord) -> list[bytes]:
+        return [with_backoff(lambda k=key: read_bytes(self.bucket, k), f"ledger result {key}")
+                for key in record.results]
+
+    # --- the run claim's note: who holds the date (for the message a waiting run logs) --------------
+    def claim_note_key(self) -> str:
+        return f"{self.prefix}_run.json"
+
+    def write_claim_note(self, note: dict[str, Any]) -> None:
+        with_backoff(lambda: write_json(self.bucket, self.claim_note_key(), note), "run claim note")
+
+    def read_claim_note(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.bucket, self.claim_note_key())
+        except Exception:  # noqa: BLE001 - only used for a log line
+            return None

@@ -31,6 +31,8 @@ from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
 from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, render_key, resolve_spec_path
+from flows.claim import run_claim
+from flows.ledger import State
 from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, lane_of, ledger_of, provider_for,
                          review, upload, upscale)
 from flows.yamlpos import closest_position, load_with_positions, snippet
@@ -58,7 +60,8 @@ def request_id(spec: PipelineSpec, index: int, run_date: date, step: str) -> str
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: str) -> list[ItemPlan]:
+def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: str,
+               spec_file: str = "") -> list[ItemPlan]:
     """Every item's plan; pure, no I/O."""
     plans = []
     gen = spec.generate
@@ -84,7 +87,7 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
             request=request, final_size=(size[0] * after, size[1] * after) if size else None,
             input_image=item.input_image, upscale=spec.upscale, review=spec.review, archive=spec.archive,
             work_dir=work_dir, http_timeout=spec.run.http_timeout, poll_interval=spec.run.poll_interval,
-            job_timeout=spec.run.job_timeout,
+            job_timeout=spec.run.job_timeout, unknown_hold=spec.run.unknown_hold, spec_file=spec_file,
         ))
     return plans
 
@@ -190,8 +193,9 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None) -> tuple[di
 def archived_before(plan: ItemPlan) -> ArchivedItem | None:
     """The item as an earlier run of this date archived it, if the request is unchanged."""
     record = ledger_of(plan).get(plan.item_id)
-    if record and record.get("state") == "archived" and record.get("base_request_id") == plan.request.request_id:
-        return ArchivedItem.model_validate(record["archived"])
+    if (record is not None and record.state is State.ARCHIVED and record.archived
+            and record.base_request_id == plan.request.request_id):
+        return ArchivedItem.model_validate(record.archived)
     return None
 
 
@@ -327,72 +331,87 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
     parsed = load_spec(path, overrides)
     run_date = run_date or _default_run_date()
     spec_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    started = datetime.now(timezone.utc)
     work_dir = tempfile.mkdtemp(prefix=f"imagegen-{parsed.name}-")
     try:
-        plans = plan_items(parsed, spec_sha256, run_date, work_dir)
+        plans = plan_items(parsed, spec_sha256, run_date, work_dir, str(path))
         preflight(plans, path)
-        recorded = ledger_of(plans[0]).recorded() if plans else set()  # one ledger per pipeline and date
-        reused = {p.item_id: a for p in plans if p.item_id in recorded and (a := archived_before(p)) is not None}
-        todo = [p for p in plans if p.item_id not in reused]
-        per_provider, skipped = estimate_plans(todo)
-        estimated = round(sum(per_provider.values()), 4)
-        budget = parsed.run.max_credits
-        if budget is not None and estimated > budget:
-            raise BudgetExceeded(f"estimated {estimated} credits {per_provider} for {len(todo)} item(s) "
-                                 f"is above run.max_credits {budget}; nothing was submitted")
-        logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
-                    parsed.name, run_date, len(plans), len(reused), estimated)
         if dry_run:
-            return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",
-                    "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),
-                    "already_archived": sorted(reused), "refused_while_pricing": skipped}
-        progress = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
-                                            description=f"{parsed.name} {run_date}: items done")
-        # Duplicates across the run and a person's approval need every image first; without
-        # them each item archives as soon as it is reviewed.
-        run_level = parsed.review.duplicates is not None or parsed.review.human is not None
-        chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
-        committed, watch, account_stop = 0.0, [], None
-        for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
-            cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
-            stop = account_stop = account_stop or _account_stop(watch)
-            if stop is None and budget is not None and committed + cost > budget:
-                stop = f"run.max_credits {budget} reached ({committed} committed)"
-            if stop is not None:
-                skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
-                continue
-            committed += cost
-            chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
-            watch.append(dict(chains[plan.item_id])["generate"])
-        done, shown = {}, 0
-        for n, (item, chain) in enumerate(chains.items(), start=1):
-            done[item] = _outcome(chain)
-            if (percent := 100 * n // len(chains)) > shown:  # at most 100 updates, not one per item
-                update_progress_artifact(progress, float(percent))
-                shown = percent
-        staged: list[str] = []
-        if run_level:
-            ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
-                     for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
-            staged = decide(parsed, run_date, list(ready.values()))
-            archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
-            done.update({item: _outcome([("archive", future)]) for item, future in archived.items()})
-        outcomes = []
-        for plan in plans:
-            if plan.item_id in reused:
-                outcomes.append((reused[plan.item_id], None))
-            elif plan.item_id in skipped:
-                outcomes.append((None, skipped[plan.item_id]))
-            else:
-                outcomes.append(done[plan.item_id])
-        unstage(parsed, staged)
-        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
-                                  frozenset(reused))
-        manifest["estimated_credits"] = estimated
-        publish(parsed, run_date, manifest)
+            return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True)
+        # One run of this pipeline and date at a time: a second one waits, then reuses.
+        with run_claim(parsed.name, run_date, ledger_of(plans[0])):
+            manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if manifest["status"] != "complete":
         raise PipelineIncomplete(manifest)
+    return manifest
+
+
+def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, plans: list[ItemPlan],
+         dry_run: bool) -> dict[str, Any]:
+    """Everything after planning: reuse, estimate, budget, submit, review, archive, manifest."""
+    logger = get_run_logger()
+    started = datetime.now(timezone.utc)
+    recorded = ledger_of(plans[0]).recorded() if plans else set()  # one ledger per pipeline and date
+    reused = {p.item_id: a for p in plans if p.item_id in recorded and (a := archived_before(p)) is not None}
+    todo = [p for p in plans if p.item_id not in reused]
+    per_provider, skipped = estimate_plans(todo)
+    estimated = round(sum(per_provider.values()), 4)
+    budget = parsed.run.max_credits
+    if budget is not None and estimated > budget:
+        raise BudgetExceeded(f"estimated {estimated} credits {per_provider} for {len(todo)} item(s) "
+                             f"is above run.max_credits {budget}; nothing was submitted")
+    logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
+                parsed.name, run_date, len(plans), len(reused), estimated)
+    if dry_run:
+        return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",
+                "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),
+                "already_archived": sorted(reused), "refused_while_pricing": skipped}
+    progress = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
+                                        description=f"{parsed.name} {run_date}: items done")
+    # Duplicates across the run and a person's approval need every image first; without
+    # them each item archives as soon as it is reviewed.
+    run_level = parsed.review.duplicates is not None or parsed.review.human is not None
+    chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
+    committed, watch, account_stop = 0.0, [], None
+    for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
+        cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
+        stop = account_stop = account_stop or _account_stop(watch)
+        if stop is None and budget is not None and committed + cost > budget:
+            stop = f"run.max_credits {budget} reached ({committed} committed)"
+        if stop is not None:
+            skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
+            continue
+        committed += cost
+        chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
+        watch.append(dict(chains[plan.item_id])["generate"])
+    done, shown = {}, 0
+    for n, (item, chain) in enumerate(chains.items(), start=1):
+        done[item] = _outcome(chain)
+        if (percent := 100 * n // len(chains)) > shown:  # at most 100 updates, not one per item
+            update_progress_artifact(progress, float(percent))
+            shown = percent
+    staged: list[str] = []
+    if run_level:
+        ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
+                 for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
+        staged = decide(parsed, run_date, list(ready.values()))
+        archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
+        done.update({item: _outcome([("archive", future)]) for item, future in archived.items()})
+    outcomes = []
+    for plan in plans:
+        if plan.item_id in reused:
+            outcomes.append((reused[plan.item_id], None))
+        elif plan.item_id in skipped:
+            outcomes.append((None, skipped[plan.item_id]))
+        else:
+            outcomes.append(done[plan.item_id])
+    for plan, (_, error) in zip(plans, outcomes, strict=True):
+        if error and error.get("error") == "SubmitUnknown":
+            logger.error("%s", error["message"])  # what a person checks, and the command that settles it
+    unstage(parsed, staged)
+    manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
+                              frozenset(reused))
+    manifest["estimated_credits"] = estimated
+    publish(parsed, run_date, manifest)
     return manifest

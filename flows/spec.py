@@ -157,6 +157,9 @@ class RunSettings(_Strict):
     poll_interval: float = Field(2.0, gt=0, le=60, description="Seconds between job status polls.")
     job_timeout: float = Field(900, gt=0, description="Seconds a provider job may take in all.")
     http_timeout: float = Field(30, gt=0, le=300, description="Seconds for one HTTP request.")
+    unknown_hold: float = Field(
+        60, ge=0, le=3600,
+        description="Seconds a job slot stays held after an ambiguous submit answer (the job may be running).")
     max_credits: float | None = Field(
         None, gt=0, description="Refuse a run estimated above this; stop submitting when reached."
     )

@@ -7,22 +7,23 @@ directory, not in memory, so a large run does not hold every image at once.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import date, datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from blocks import load_provider
 from blocks.archive import archive_bucket, write_bytes, write_json
-from blocks.base import CreditEstimate, GenerationRequest, ImageProvider
-from blocks.errors import JobFailed, is_retryable
+from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult
+from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
 from deployments.limits import PrefectLimiter
 from flows import images
-from flows.ledger import JobLedger
+from flows.ledger import JobLedger, JobRecord, LedgerUnavailable, State, Step, move
 from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key
 
 
@@ -48,6 +49,8 @@ class ItemPlan(BaseModel):
     http_timeout: float
     poll_interval: float
     job_timeout: float
+    unknown_hold: float = Field(60.0, description="Seconds a job slot stays held after an ambiguous submit answer.")
+    spec_file: str = Field("", description="The spec's path, for the commands an error names.")
 
     @property
     def upscales_after_job(self) -> bool:
@@ -71,6 +74,7 @@ class Generated(BaseModel):
     submitted_at: datetime
     finished_at: datetime
     upscaled_by: str | None = None
+    rejected: dict[int, str] = Field(default_factory=dict, description="Images the provider's own audit failed.")
 
 
 class Verdict(BaseModel):
@@ -122,12 +126,75 @@ def ledger_of(plan: ItemPlan) -> JobLedger:
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only transient provider faults; rejections and bad requests fail at once."""
+    """Retry only transient faults (provider, limiter, ledger); rejections and bad requests
+    fail at once."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - we classify, not handle
-        return is_retryable(exc)
+        return is_retryable(exc) or isinstance(exc, LedgerUnavailable)
     return False
+
+
+class ItemJournal:
+    """The ledger as a provider's `Journal` for one paid step of one item.
+
+    A record that cannot be written after its retries stops the step before `sending` (nothing
+    is sent unrecorded); after that the job goes on, its id is logged, and the record is
+    written again at the end of the step (`flush`)."""
+
+    def __init__(self, ledger: JobLedger, record: JobRecord | None, identity: dict[str, Any]) -> None:
+        self.ledger, self.record, self.identity = ledger, record, identity
+        self.unsaved = False
+
+    def _move(self, to: State, **changes: Any) -> None:
+        self.record = move(self.record, to, **{**self.identity, **changes})
+        try:
+            self.ledger.put(self.record)
+        except LedgerUnavailable as exc:
+            if to is State.SENDING:
+                raise
+            self.unsaved = True
+            get_run_logger().error("ledger write failed (%s): %s %s is %s%s; it is recorded again at the end of "
+                                   "the step", exc, self.identity["item_id"], self.identity["step"], to.value,
+                                   f", job {self.record.job_id}" if self.record.job_id else "")
+
+    def flush(self) -> None:
+        if self.unsaved and self.record is not None:
+            self.ledger.put(self.record)
+            self.unsaved = False
+
+    def sending(self) -> None:
+        self._move(State.SENDING, reason=None)
+
+    def refused(self, error: BaseException) -> None:
+        self._move(State.REFUSED, reason=f"{type(error).__name__}: {error}")
+
+    def unknown(self, error: BaseException) -> None:
+        self._move(State.UNKNOWN, reason=f"{type(error).__name__}: {error}")
+
+    def submitted(self, job_id: str) -> None:
+        if self.identity["step"] is Step.GENERATE:
+            get_run_logger().info("%s: %s accepted request %s as job %s", self.identity["item_id"],
+                                  self.identity["provider"], self.identity["request_id"], job_id)
+        self._move(State.SUBMITTED, job_id=job_id)
+
+    def done(self, job_id: str, images: list[bytes]) -> None:
+        keys = self.ledger.keep_results(self.record, images) if self.record is not None else []
+        self._move(State.DONE, job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id,
+                   results=keys)
+
+    def failed(self, reason: str) -> None:
+        self._move(State.FAILED, reason=reason)
+
+
+def unknown_help(plan: ItemPlan, record: JobRecord) -> str:
+    """What a person does about an `unknown` record: the command that settles it."""
+    where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
+    return (f"{plan.item_id}: the {record.step.value} request {record.request_id} may have reached {plan.provider} "
+            f"({record.reason or 'the run stopped while sending it'}), and {plan.provider} cannot be asked for it, "
+            f"so it is not sent again. Look for it in the provider console (prompt and seed are in the ledger), "
+            f"then run `imagegen ledger resolve {where} --job-id <id>` if it exists, or `--not-sent` if it does "
+            f"not; the next run resumes or submits it")
 
 
 @task(task_run_name="upload-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(2),
@@ -141,49 +208,94 @@ def upload(plan: ItemPlan) -> str | None:
     return provider_for(plan.provider, plan.block).upload(data, mime)
 
 
+def _current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
+    """The record if it is of this request; a record of another request does not count."""
+    return record if record is not None and record.base_request_id == base_request_id else None
+
+
 @task(task_run_name="generate-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
       retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
     """Run the provider job to its end and save its images in the work directory.
 
-    The ledger decides first: a job this item already submitted is resumed by id; a submit
-    whose answer was lost is reconciled by the provider; a job that failed is tried again
-    under a new attempt number (failed jobs are not charged). Only then is anything paid."""
+    The ledger decides first (see `flows.ledger`): a job already submitted is resumed by id;
+    results already kept are read back; a submit that may have reached the provider is asked
+    again only where the provider dedupes request ids, and otherwise stops the item as
+    `unknown` with the command that settles it; a refused submit is sent again; a failed job
+    is tried under a new attempt number (failed jobs are not charged). Only then is anything paid."""
     provider = provider_for(plan.provider, plan.block)
     ledger = ledger_of(plan)
-    record = ledger.get(plan.item_id) or {}
-    mine = record.get("base_request_id") == plan.request.request_id  # same item, same request
-    attempt = int(record.get("attempt", 1)) + (record.get("state") == "failed") if mine else 1
-    rid = plan.request.request_id if attempt == 1 else f"{plan.request.request_id}-{attempt}"
+    base = plan.request.request_id
+    record = _current(ledger.get(plan.item_id), base)
+    attempt = 1 if record is None else record.attempt + (record.state is State.FAILED)
+    rid = base if attempt == 1 else f"{base}-{attempt}"
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
-    base = {"base_request_id": plan.request.request_id, "request_id": rid, "attempt": attempt,
-            "provider": plan.provider, "block": plan.block}
+    journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base,
+                                           "request_id": rid, "attempt": attempt, "provider": plan.provider,
+                                           "block": plan.block})
+    state = record.state if record else None
     job_id = None
-    if mine and record.get("request_id") == rid and record.get("job_id"):
-        job_id = record["job_id"]  # resume: poll the job we already paid for
-    elif mine and record.get("request_id") == rid and record.get("state") == "submitting":
-        job_id = provider.reconcile(request)  # the answer to our submit was lost
-        ledger.put(plan.item_id, {**base, "state": "submitted", "job_id": job_id})
-    else:
-        ledger.put(plan.item_id, {**base, "state": "submitting"})
     submitted = datetime.now(timezone.utc)
-    try:
-        result = provider.run_job(
-            request, poll_interval=plan.poll_interval, timeout=plan.job_timeout, estimate=plan.estimate,
-            job_id=job_id, on_submitted=lambda jid: ledger.put(plan.item_id, {**base, "state": "submitted",
-                                                                               "job_id": jid}))
-    except JobFailed as exc:
-        ledger.put(plan.item_id, {**base, "state": "failed", "reason": exc.message})
-        raise
+    result: JobResult | None = None
+    if state is State.DONE and record.results:  # type: ignore[union-attr]
+        result = JobResult(job_id=record.job_id or "", images=ledger.read_results(record),  # type: ignore[union-attr]
+                           credits=plan.estimate.credits if plan.estimate else 0.0,
+                           credits_source=plan.estimate.source if plan.estimate else "formula", polls=0)
+    elif state in (State.SUBMITTED, State.DONE, State.ARCHIVED) and record.job_id:  # type: ignore[union-attr]
+        job_id = record.job_id  # type: ignore[union-attr]  # resume: poll the job we already paid for
+    elif state in (State.SENDING, State.UNKNOWN) and not provider.idempotent_submit:
+        if state is State.SENDING:  # the process that was sending it died before the answer was recorded
+            journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
+        raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
+                            code="SubmitUnknown")
+    if result is None:
+        if job_id is not None and not provider.can_fetch_again(job_id):
+            raise SubmitUnknown(unknown_help(plan, record), provider=plan.provider,  # type: ignore[arg-type]
+                                code="SubmitUnknown")
+        try:
+            result = provider.run_job(request, poll_interval=plan.poll_interval, timeout=plan.job_timeout,
+                                      estimate=plan.estimate, job_id=job_id, journal=journal,
+                                      unknown_hold=plan.unknown_hold)
+        except (JobFailed, ContentRejected) as exc:
+            if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
+                journal.failed(exc.message)
+            raise
+        finally:
+            journal.flush()
     files = []
     for index, data in enumerate(result.images, start=1):
         path = Path(plan.work_dir) / f"{plan.item_id}-{index}.png"
         path.write_bytes(data)
         files.append(str(path))
     upscaled = "provider" if request.upscale_factor else None
-    return Generated(job_id=result.job_id, request_id=request.request_id, credits=result.credits,
-                     credits_source=result.credits_source, files=files, submitted_at=submitted,
-                     finished_at=datetime.now(timezone.utc), upscaled_by=upscaled)
+    return Generated(job_id=result.job_id, request_id=journal.record.request_id if journal.record else rid,
+                     credits=result.credits, credits_source=result.credits_source, files=files,
+                     submitted_at=submitted, finished_at=datetime.now(timezone.utc), upscaled_by=upscaled,
+                     rejected=result.rejected)
+
+
+def _refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, generated: Generated, index: int,
+             data: bytes) -> bytes:
+    """One image through the provider's separate paid upscaler, through the ledger: a call
+    already answered is downloaded again or read back, never paid twice."""
+    base = hashlib.sha256(f"{generated.request_id}:refine:{index}".encode()).hexdigest()[:32]
+    record = _current(ledger.get(plan.item_id, Step.REFINE, index), base)
+    state = record.state if record else None
+    journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
+                                           "base_request_id": base, "request_id": base, "attempt": 1,
+                                           "provider": plan.provider, "block": plan.block})
+    if state is State.DONE and record.results:  # type: ignore[union-attr]
+        return ledger.read_results(record)[0]  # type: ignore[arg-type]
+    if state in (State.SENDING, State.UNKNOWN):
+        if state is State.SENDING:
+            journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
+        raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
+                            code="SubmitUnknown")
+    resume = record.job_id if state is State.SUBMITTED and record is not None else None
+    try:
+        return provider.refine(data, journal, result_url=resume)  # type: ignore[call-arg]
+    finally:
+        journal.flush()
 
 
 @task(task_run_name="upscale-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
@@ -195,12 +307,13 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
         return generated
     engine, factor = plan.upscale.engine, plan.upscale.factor  # type: ignore[union-attr]
     provider = provider_for(plan.provider, plan.block) if engine == "provider" else None
+    ledger = ledger_of(plan) if provider is not None else None
     files = []
-    for name in generated.files:
+    for index, name in enumerate(generated.files, start=1):
         data = Path(name).read_bytes()
         path = Path(name).with_name(Path(name).stem + f"-x{factor}.png")
         if provider is not None:
-            path.write_bytes(provider.refine(data))
+            path.write_bytes(_refined(plan, provider, ledger, generated, index, data))  # type: ignore[arg-type]
         else:
             path.write_bytes(images.realesrgan(data, factor) if engine == "realesrgan" else images.lanczos(data, factor))
         files.append(str(path))
@@ -221,6 +334,9 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
         m = images.measure(data)
         checks: dict[str, dict[str, Any]] = {"readable": {"value": m["error"] is None, "threshold": True}}
         reasons = [] if m["error"] is None else [f"unreadable image ({m['error']})"]
+        if index in generated.rejected:
+            checks["provider_audit"] = {"value": "failed", "threshold": "passed"}
+            reasons.append(f"{plan.provider}: {generated.rejected[index]}")
         if m["error"] is None:
             checks["stddev"] = {"value": m["stddev"], "threshold": settings.min_stddev}
             if float(m["stddev"] or 0) < settings.min_stddev:
@@ -280,7 +396,19 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
                         "phash": phash, "verdict": sidecar["verdict"], "reasons": verdict.reasons})
     archived = ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
                             credits=generated.credits, credits_source=generated.credits_source, objects=objects)
-    ledger_of(plan).put(plan.item_id, {"base_request_id": plan.request.request_id,
-                                       "request_id": generated.request_id, "state": "archived",
-                                       "job_id": generated.job_id, "archived": archived.model_dump()})
+    ledger = ledger_of(plan)
+    record = _current(ledger.get(plan.item_id), plan.request.request_id)
+    if record is not None and record.state is not State.ARCHIVED:
+        ledger.move(record, State.ARCHIVED, job_id=generated.job_id, archived=archived.model_dump(mode="json"))
+        _forget_kept_results(ledger, record)
     return archived
+
+
+def _forget_kept_results(ledger: JobLedger, record: JobRecord) -> None:
+    """Results kept in the ledger are archived now: delete the copies (best effort)."""
+    client = ledger.bucket.credentials.get_s3_client()
+    for key in record.results:
+        try:
+            client.delete_object(Bucket=ledger.bucket.bucket_name, Key=key)
+        except Exception:  # noqa: BLE001 - a leftover copy costs storage, not money
+            pass

@@ -16,7 +16,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from blocks.base import GenerationRequest
-from blocks.errors import AccountStop, BadRequest, ContentRejected, TransientError
+from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
 from blocks.tencent import (ERROR_CODES, TC3Signer, TencentAiArtProvider, canonical_request, map_error,
                             string_to_sign, tc3_signature)
 from flows.report import PipelineIncomplete
@@ -176,13 +176,21 @@ def test_async_job_succeeds_and_a_failing_one_is_rejected(tencent) -> None:
         provider.run_job(request(prompt="a fox [[fail]]"), poll_interval=0.1, timeout=30)
 
 
-def test_injected_transient_code_is_retried(tencent) -> None:
+def test_refusals_are_retried_but_an_ambiguous_submit_answer_is_not(tencent) -> None:
     httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
-               json={"code": "FailedOperation.InnerError", "count": 2, "action": "SubmitTextToImageJob"})
+               json={"code": "RequestLimitExceeded", "count": 2, "action": "SubmitTextToImageJob"})
+    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+               json={"code": "FailedOperation.InnerError", "count": 2, "action": "QueryTextToImageJob"})
     before = tencent_stats(tencent)
     client(tencent).run_job(request(), poll_interval=0.1, timeout=30)
     after = tencent_stats(tencent)
-    assert after["injected_faults"] - before["injected_faults"] == 2 and after["submits"] - before["submits"] == 1
+    assert after["injected_faults"] - before["injected_faults"] == 4 and after["submits"] - before["submits"] == 1
+    # InternalError on a paid submit does not say whether the job exists: never sent again.
+    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+               json={"code": "InternalError", "count": 1, "action": "SubmitTextToImageJob"})
+    with pytest.raises(SubmitUnknown, match="does not say whether the job was created"):
+        client(tencent).run_job(request(), poll_interval=0.1, timeout=30)
+    assert tencent_stats(tencent)["requests"] - after["requests"] == 1
 
 
 def spec_text(name: str, items: str, extra: str = "") -> str:

@@ -1,0 +1,63 @@
+"""One run per pipeline and run date at a time, across processes and machines.
+
+The claim is a Prefect global concurrency limit of 1 named `imagegen:run:<pipeline>:<date>`,
+held on a lease for the whole run (renewed while the run lives, freed within one lease period
+when its process dies, see `deployments.slots`). A second run of the same date waits for the
+first to finish, logging which flow run it waits for, and then reuses what the first archived:
+it never pays for the same item. Held where the provider limits already live, so it needs no
+conditional writes from the S3 server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import date, datetime, timezone
+
+from deployments.slots import _api, configured_lease, hold
+from flows.ledger import JobLedger
+
+CLAIM_LEASE_SECONDS = 60
+
+
+def claim_name(pipeline: str, run_date: date) -> str:
+    return f"imagegen:run:{pipeline}:{run_date.isoformat()}"
+
+
+def _ensure_limit(name: str) -> None:
+    """Create the claim's limit of 1 if it does not exist (two runs may race to create it)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    client = _api()
+    try:
+        client.read_global_concurrency_limit_by_name(name)
+        return
+    except ObjectNotFound:
+        pass
+    with contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+@contextlib.contextmanager
+def run_claim(pipeline: str, run_date: date, ledger: JobLedger) -> Iterator[None]:
+    """Hold the claim of `pipeline` on `run_date` for the block; wait while another run has it."""
+    from prefect import get_run_logger
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.runtime import flow_run
+
+    name = claim_name(pipeline, run_date)
+    _ensure_limit(name)
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
+
+    def waiting() -> None:
+        note = ledger.read_claim_note() or {}
+        get_run_logger().warning(
+            "another run of %s for %s is in progress (flow run %s %s, started %s); waiting for it to finish, then "
+            "items it archived are reused, not paid again", pipeline, run_date, note.get("flow_run_name", "?"),
+            note.get("flow_run_id", "?"), note.get("started_at", "?"))
+
+    with hold(name, configured_lease(CLAIM_LEASE_SECONDS), holder=holder, on_wait=waiting):
+        ledger.write_claim_note({"flow_run_id": str(flow_run.id) if flow_run.id else None,
+                                 "flow_run_name": flow_run.name, "started_at": datetime.now(timezone.utc).isoformat()})
+        yield
