@@ -197,10 +197,11 @@ _released: dict[str, threading.Condition] = {}
 
 
 def configured_lease(default: float) -> float:
-    """The lease of held slots: `IMAGEGEN_LEASE_SECONDS` if set, else `default`. A holder that
-    dies frees its slots about this long after its last renewal."""
+    """The lease of held slots: `IMAGEGEN_LEASE_SECONDS` if set, else `default`, within Prefect's
+    bounds (60 s to a day). A holder that dies frees its slots at most this long after its last
+    renewal (renewals come every third of it)."""
     value = os.environ.get("IMAGEGEN_LEASE_SECONDS")
-    return float(value) if value else default
+    return min(86400.0, max(60.0, float(value) if value else default))
 
 
 _reclaimed_at = [0.0]

@@ -89,6 +89,47 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 1 if budget is not None and total > budget else 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """Show a run date's ledger, or settle an item whose submit may have reached the provider."""
+    from flows.ledger import JobLedger, State, Step
+    from flows.report import format_table
+
+    try:
+        spec = load_spec(resolve_spec_path(args.spec))
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    ledger = JobLedger(spec.archive, spec.name, args.run_date)
+    if args.action == "show":
+        rows = [{"item": r.item_id, "step": r.step.value + (f" #{r.index}" if r.index else ""), "state": r.state.value,
+                 "attempt": r.attempt, "request_id": r.request_id, "job_id": r.job_id or "-",
+                 "reason": (r.reason or "")[:100]} for r in ledger.records()]
+        print(format_table(rows) if rows else f"no ledger records for {spec.name} on {args.run_date}")
+        return 0
+    if args.item is None or (args.job_id is None) == (not args.not_sent):
+        print("resolve needs ITEM and exactly one of --job-id J or --not-sent", file=sys.stderr)
+        return 2
+    step = Step(args.step)
+    record = ledger.get(args.item, step, args.index if step is Step.REFINE else None)
+    if record is None or record.state not in (State.UNKNOWN, State.SENDING):
+        state = record.state.value if record else "no record"
+        print(f"{args.item} ({step.value}) is {state}: only an unknown (or interrupted sending) record is "
+              "resolved by hand", file=sys.stderr)
+        return 1
+    if record.state is State.SENDING:
+        record = ledger.move(record, State.UNKNOWN, reason="the run stopped while sending it")
+    if args.not_sent:
+        ledger.move(record, State.REFUSED, reason="resolved by a person: the provider has no such job")
+        print(f"{args.item}: marked not sent; the next run submits it")
+    elif step is Step.REFINE:
+        print("a paid upscale has no job id to resume; resolve it with --not-sent, or leave it", file=sys.stderr)
+        return 2
+    else:
+        ledger.move(record, State.SUBMITTED, job_id=args.job_id, reason="resolved by a person: job found")
+        print(f"{args.item}: job {args.job_id} recorded; the next run polls it and archives its images")
+    return 0
+
+
 def cmd_limits(args: argparse.Namespace) -> int:
     from deployments.limits import apply_limits, show_limits
 
@@ -197,6 +238,17 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("spec", metavar="SPEC")
     e.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
     e.set_defaults(func=cmd_estimate)
+    led = sub.add_parser("ledger", help="a run date's job ledger: show it, or settle an unknown item")
+    led.add_argument("action", choices=["show", "resolve"])
+    led.add_argument("spec", metavar="SPEC")
+    led.add_argument("item", nargs="?", metavar="ITEM", help="resolve: the item id")
+    led.add_argument("--run-date", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+    how = led.add_mutually_exclusive_group()
+    how.add_argument("--job-id", metavar="J", help="resolve: the provider job the submit created")
+    how.add_argument("--not-sent", action="store_true", help="resolve: the provider has no job for it")
+    led.add_argument("--step", choices=["generate", "refine"], default="generate")
+    led.add_argument("--index", type=int, default=1, help="resolve --step refine: the image number")
+    led.set_defaults(func=cmd_ledger)
     lim = sub.add_parser("limits", help="provider limits on the Prefect server")
     lim.add_argument("action", choices=["apply", "show"])
     lim.add_argument("--account", action="append", metavar="PROVIDER=BLOCK",

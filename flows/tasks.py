@@ -256,6 +256,11 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
             result = provider.run_job(request, poll_interval=plan.poll_interval, timeout=plan.job_timeout,
                                       estimate=plan.estimate, job_id=job_id, journal=journal,
                                       unknown_hold=plan.unknown_hold)
+        except SubmitUnknown as exc:
+            if journal.record is None or journal.record.state is not State.UNKNOWN:
+                raise
+            raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,
+                                code="SubmitUnknown") from exc
         except (JobFailed, ContentRejected) as exc:
             if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
                 journal.failed(exc.message)
@@ -294,6 +299,10 @@ def _refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, generat
     resume = record.job_id if state is State.SUBMITTED and record is not None else None
     try:
         return provider.refine(data, journal, result_url=resume)  # type: ignore[call-arg]
+    except SubmitUnknown as exc:
+        if journal.record is None or journal.record.state is not State.UNKNOWN:
+            raise
+        raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider, code="SubmitUnknown") from exc
     finally:
         journal.flush()
 

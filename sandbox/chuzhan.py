@@ -3,32 +3,46 @@
 As in `shared/providers/chuzhan.md`: `Auth-Token` (or `Authorization: Bearer`) checked; every
 answer in the `{code, subCode, msg, success, data}` envelope with HTTP 200, business errors
 included; numbers accepted as numeric strings; credits charged **at submit** by the published
-formula (`blocks.chuzhan.credits_for`, so estimate and charge can be compared) and refunded
-when a task fails [A]; `predictConsume` prices without drawing or charging; at most
+formula (`price`) and refunded when a task fails [A]; `predictConsume` prices without drawing or charging; at most
 `task_limit` tasks in flight per account (returned as `taskLimitCount`); tasks walk
 `in_queue -> running -> success|fail` over the latency; `waitUtilEnd` holds the answer until
 the task ends; result URLs expire after 30 minutes.
 
+The credit formula and the caps are this module's own, written from the provider's credit
+page (never imported from the client, so a misreading in one cannot hide behind the other).
 Error codes are the sandbox's own (the provider's table is not published), the same table the
 Block maps: 400 parameter, 401 token, 402 credits, 403 sensitive words, 404 task, 429 task
-limit. Markers for tests: a prompt with ``[[fail]]`` fails its task, ``[[nsfw]]`` is refused as
-sensitive, ``[[audit]]`` succeeds with every image failing the audit. Callbacks are checked
-(public URLs only, as the real service demands) but not delivered: the sandbox cannot reach
-a public URL. Hooks: ``GET /_sandbox/stats``, ``POST /_sandbox/config``.
+limit, 500 internal. Markers for tests: a prompt with ``[[fail]]`` fails its task, ``[[nsfw]]``
+is refused as sensitive, ``[[audit]]`` succeeds with every image failing the audit,
+``[[audit1]]`` with only the first image failing it. Callbacks are checked (public URLs only,
+as the real service demands) but not delivered: the sandbox cannot reach a public URL.
+
+Hooks: ``GET /_sandbox/stats`` (counters, and ``paid``: charges per request, keyed by a
+fingerprint of the paid fields, see `sandbox.paid`), ``POST /_sandbox/config``, ``POST
+/_sandbox/faults`` ``{"kind", "count", "delay"}`` for the next draw submits, ``DELETE`` clears:
+
+- ``error_before``: code 500, no task created;
+- ``error_after``: the task is created and charged, then the answer is code 500;
+- ``drop_after``: the task is created and charged, then the connection is cut mid-answer;
+- ``slow``: the task is created and charged, and the answer comes ``delay`` s later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+from urllib.parse import urlparse
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -36,13 +50,101 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from blocks.chuzhan import check_caps, credit_terms, credits_for, output_size
-from blocks.errors import BadRequest
+from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
+from sandbox.paid import PaidLog, fingerprint
 from sandbox.urls import SignedUrls
 
 RESULT_TTL = 1800
 NUMERIC = ("width", "height", "steps", "batchSize", "modelStyleId", "hrSteps", "upscale", "seed")
+FAULTS = ("error_before", "error_after", "drop_after", "slow")
+
+# The credit page: base W*H*0.000000763*steps (sides at least 512); hires w*h*r^2*0.000000763*
+# hrSteps (text-to-image only); AI upscale W'*H'*0.0000038*u over the size after hires (sides at
+# least 256); flat extras; several images x0.9 each. Rounding is not stated: the page's three
+# examples (12.00095 -> 12, 20.0016 -> 20, 5.9926 -> 6) fit half-up rounding; the sandbox rounds
+# one image's sum, then the multi-image total (an assumption, flagged as such by the page notes).
+RATE, UP_RATE = Decimal("0.000000763"), Decimal("0.0000038")
+FLAT = {"removeBackground": 2, "redrawBackground": 2, "facePreservation": 2, "genderDetect": 1}
+
+
+def _half_up(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _num(params: dict[str, Any], name: str, default: float) -> Decimal:
+    value = params.get(name)
+    return Decimal(str(value)) if value not in (None, "") else Decimal(str(default))
+
+
+def price(params: dict[str, Any]) -> tuple[int, dict[str, Decimal]]:
+    """Credits of a draw request by the published page, and its terms for `consumeDetail`."""
+    w, h, steps = _num(params, "width", 512), _num(params, "height", 512), _num(params, "steps", 20)
+    r = Decimal(1) if params.get("img") else _num(params, "hrScale", 1)  # hires: text-to-image only
+    u = _num(params, "upscale", 1)
+    terms = {"base": max(w, Decimal(512)) * max(h, Decimal(512)) * RATE * steps}
+    if r > 1:
+        terms["hires"] = w * h * r * r * RATE * _num(params, "hrSteps", 20)
+    if u > 1:
+        terms["upscale"] = max(w * r, Decimal(256)) * max(h * r, Decimal(256)) * UP_RATE * u
+    units = len((params.get("controlnet") or {}).get("units") or [])
+    if units:
+        terms["controlnet"] = Decimal(2 * units)
+    for name, cost in FLAT.items():
+        if (params.get("imgOptions") or {}).get(name):
+            terms[name] = Decimal(cost)
+    if params.get("faceFix"):
+        terms["faceFix"] = Decimal(2)
+    single = _half_up(sum(terms.values(), Decimal(0)))
+    n = int(params.get("batchSize") or 1)
+    return (single if n == 1 else _half_up(Decimal(single) * Decimal("0.9") * n)), terms
+
+
+def refusal(params: dict[str, Any]) -> str | None:
+    """Why the provider refuses the request's parameters (the page's and schema's caps), or None."""
+    w, h = int(params.get("width") or 512), int(params.get("height") or 512)
+    if not (64 <= w <= 2048 and 64 <= h <= 2048):
+        return "width/height must be 64..2048"
+    if not 1 <= int(params.get("steps") or 20) <= 50:
+        return "steps must be 1..50"
+    if not 1 <= int(params.get("batchSize") or 1) <= 6:
+        return "batchSize must be 1..6"
+    if not str(params.get("prompt") or "").strip():
+        return "prompt is required"
+    r = float(params.get("hrScale") or 1) if not params.get("img") else 1.0
+    if not 1 <= r <= 3 or w * h * r * r > 2048 * 2048 or max(w, h) * r > 2048:
+        return "hrScale: at most 3, drawing area at most 2048x2048, each side after hires at most 2048"
+    if int(params.get("hrSteps") or 20) > 50:
+        return "hrSteps must be at most 50"
+    if not 1 <= float(params.get("upscale") or 1) <= 3:
+        return "upscale must be at most 3"
+    if len((params.get("controlnet") or {}).get("units") or []) > 3:
+        return "controlnet: at most 3 units"
+    if len(str(params.get("nonce") or "")) > 32:
+        return "nonce: at most 32 characters"
+    callback = params.get("callback")
+    if callback:
+        host = urlparse(str(callback)).hostname or ""
+        try:
+            private = not ipaddress.ip_address(host).is_global
+        except ValueError:
+            private = host in ("", "localhost")
+        if private:
+            return "callback must be a public URL (localhost and LAN addresses are refused)"
+    return None
+
+
+def size_of(params: dict[str, Any]) -> tuple[int, int]:
+    """The image size a task returns: (w x hrScale x upscale) by (h x hrScale x upscale)."""
+    r = 1.0 if params.get("img") else float(params.get("hrScale") or 1)
+    factor = r * float(params.get("upscale") or 1)
+    return int(int(params.get("width") or 512) * factor), int(int(params.get("height") or 512) * factor)
+
+
+def paid_key(params: dict[str, Any]) -> str:
+    """What a draw is paid for: the same prompt, seed, size and options are the same request."""
+    paid = {k: v for k, v in params.items() if k not in ("nonce", "callback", "predictConsume", "img")}
+    return fingerprint(paid, hashlib.sha256(str(params.get("img") or "").encode()).hexdigest())
 
 
 class Refused(Exception):
@@ -65,6 +167,8 @@ class Task:
     fail_reason: str | None
     audit_fail: bool
     refunded: bool = False
+    audit_fail_first: bool = False
+    key: str = ""
 
 
 @dataclass
@@ -79,6 +183,8 @@ class ChuzhanState:
         "refunds": 0, "limit_rejections": 0, "sensitive_rejections": 0, "param_rejections": 0})
     charged_credits: float = 0.0
     peak_in_flight: int = 0
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    paid: PaidLog = field(default_factory=PaidLog)
     lock: threading.Lock = field(default_factory=threading.Lock)
     results: SignedUrls = field(default_factory=lambda: SignedUrls(RESULT_TTL))
 
@@ -95,6 +201,7 @@ class ChuzhanEmulator:
             Route("/_results/{sign}/{index:int}.png", self.result_image, methods=["GET"]),
             Route("/_sandbox/stats", self.stats, methods=["GET"]),
             Route("/_sandbox/config", self.config, methods=["POST"]),
+            Route("/_sandbox/faults", self.set_faults, methods=["POST", "DELETE"]),
             Route("/_sandbox/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
         ])
 
@@ -122,23 +229,25 @@ class ChuzhanEmulator:
         st = self.state
         try:
             params = await self._body(request)
-            try:
-                check_caps(params)
-            except BadRequest as exc:
+            why = refusal(params)
+            if why is not None:
                 with st.lock:
                     st.counters["param_rejections"] += 1
-                raise Refused(400, f"参数错误: {exc.message}") from None
+                raise Refused(400, f"参数错误: {why}")
             if "[[nsfw]]" in str(params.get("prompt")):
                 with st.lock:
                     st.counters["sensitive_rejections"] += 1
                 raise Refused(403, "词条中涉及敏感词，请调整后再生成图片")
-            cost = credits_for(params)
+            cost, terms = price(params)
             if params.get("predictConsume"):
                 with st.lock:
                     st.counters["estimates"] += 1
-                detail = [{"count": round(float(v), 4), "desc": k} for k, v in credit_terms(params).items()]
+                detail = [{"count": round(float(v), 4), "desc": k} for k, v in terms.items()]
                 return envelope({"estimateUsed": cost, "consumeDetail": detail, "balance": st.balance,
                                  "taskLimitCount": st.task_limit})
+            fault = self._take_fault()
+            if fault is not None and fault["kind"] == "error_before":
+                raise Refused(500, "系统繁忙 (injected fault, no task created)")
             with st.lock:
                 in_flight = sum(self._state_of(t) in ("in_queue", "running") for t in st.tasks.values())
                 if in_flight >= st.task_limit:
@@ -149,17 +258,42 @@ class ChuzhanEmulator:
                 prompt = str(params.get("prompt"))
                 task = Task(sign=secrets.token_hex(16), params=params, created=time.monotonic(), credits=cost,
                             fail_reason="绘画失败 ([[fail]] marker)" if "[[fail]]" in prompt else None,
-                            audit_fail="[[audit]]" in prompt)
+                            audit_fail="[[audit]]" in prompt, audit_fail_first="[[audit1]]" in prompt,
+                            key=paid_key(params))
                 st.tasks[task.sign] = task
                 st.balance -= cost
                 st.charged_credits += cost
                 st.counters["submits"] += 1
                 st.counters["charges"] += 1
+                st.paid.charge(task.key, prompt)
                 st.peak_in_flight = max(st.peak_in_flight, in_flight + 1)
-                return envelope({"paintingSign": task.sign, "used": cost, "balance": st.balance,
-                                 "taskLimitCount": st.task_limit})
+                answer = {"paintingSign": task.sign, "used": cost, "balance": st.balance,
+                          "taskLimitCount": st.task_limit}
+            if fault is not None and fault["kind"] == "error_after":
+                raise Refused(500, "系统繁忙 (injected fault after the task was created)")
+            if fault is not None and fault["kind"] == "drop_after":
+                return DroppedResponse()
+            if fault is not None and fault["kind"] == "slow":
+                await asyncio.sleep(float(fault.get("delay", 5)))
+            return envelope(answer)
         except Refused as exc:
             return envelope(None, exc.code, exc.msg)
+
+    def _take_fault(self) -> dict[str, Any] | None:
+        st = self.state
+        with st.lock:
+            for fault in st.faults:
+                if fault["count"] > 0:
+                    fault["count"] -= 1
+                    st.counters["injected_faults"] = st.counters.get("injected_faults", 0) + 1
+                    return fault
+        return None
+
+    async def set_faults(self, request: Request) -> Response:
+        def refuse(fault: dict[str, Any]) -> str | None:
+            return None if fault.get("kind") in FAULTS else f"unknown fault kind {fault.get('kind')!r}"
+
+        return await fault_hook(request, self.state.lock, self.state.faults, refuse)
 
     async def detail(self, request: Request) -> Response:
         st = self.state
@@ -209,10 +343,12 @@ class ChuzhanEmulator:
         with st.lock:
             for task in st.tasks.values():
                 self._state_of(task)
-            return JSONResponse({**st.counters, "charged_credits": st.charged_credits, "balance": st.balance,
+            return JSONResponse({**st.counters, **st.paid.snapshot(), "charged_credits": st.charged_credits,
+                                 "balance": st.balance,
                                  "peak_in_flight": st.peak_in_flight, "task_limit": st.task_limit,
                                  "tasks": {t.sign: {"state": self._state_of(t), "credits": t.credits,
-                                                    "nonce": t.params.get("nonce")} for t in st.tasks.values()}})
+                                                    "nonce": t.params.get("nonce"),
+                                                    "prompt": t.params.get("prompt")} for t in st.tasks.values()}})
 
     # --- task timeline -------------------------------------------------------------------------
     def _state_of(self, task: Task) -> str:
@@ -227,6 +363,7 @@ class ChuzhanEmulator:
                 self.state.balance += task.credits
                 self.state.charged_credits -= task.credits
                 self.state.counters["refunds"] += 1
+                self.state.paid.refund(task.key)
             return "fail"
         return "success"
 
@@ -241,14 +378,15 @@ class ChuzhanEmulator:
         if state == "success":
             urls = [self.state.results.sign(str(request.base_url), f"/_results/{task.sign}/{i}.png")[0]
                     for i in range(int(task.params.get("batchSize") or 1))]
-            audit = 0 if task.audit_fail else 1
-            data.update(images=[{"imageUrl": u, "audit": audit} for u in urls], imgUrl=urls[0], audit=audit)
+            audits = [0 if task.audit_fail or (task.audit_fail_first and i == 0) else 1 for i in range(len(urls))]
+            data.update(images=[{"imageUrl": u, "audit": a} for u, a in zip(urls, audits, strict=True)],
+                        imgUrl=urls[0], audit=min(audits))
         if state == "fail":
             data["failReason"] = task.fail_reason
         return data
 
     def _render(self, task: Task, index: int) -> bytes:
-        width, height = output_size(task.params)
+        width, height = size_of(task.params)
         img = task.params.get("img")
         init = None
         if isinstance(img, str) and not img.startswith("http"):

@@ -13,7 +13,8 @@ A prompt containing ``[[fail]]`` makes the job fail, for tests.
 
 Test hooks (no auth, not part of TAMS): ``GET /_sandbox/stats``; ``POST /_sandbox/config``
 (``latency``, ``balance``); ``POST /_sandbox/faults`` with ``{"kind", "count", "method",
-"path", "delay"}`` queues faults for the next matching API requests, ``DELETE`` clears them:
+"path", "exact", "delay"}`` queues faults for the next matching API requests (``path`` a prefix,
+or the whole path with ``"exact": true``), ``DELETE`` clears them:
 
 - ``rate_limit``: HTTP 429, gRPC 8, ``Retry-After: 1``;
 - ``http_500``: HTTP 503, gRPC 14 UNAVAILABLE;
@@ -46,9 +47,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.faults import fault_hook
+from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
+from sandbox.paid import PaidLog
 from sandbox.urls import SignedUrls
 
 QPS = 5
@@ -81,16 +83,6 @@ def camel(data: Any) -> Any:
     if isinstance(data, list):
         return [camel(v) for v in data]
     return data
-
-
-class DroppedResponse(Response):
-    """Starts a 200 answer and cuts the connection mid-body, as a dropped connection looks."""
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
-        await send({"type": "http.response.body", "body": b'{"job": {', "more_body": True})
-        raise ConnectionAbortedError("connection dropped (injected fault)")
 
 
 class ApiError(Exception):
@@ -132,6 +124,7 @@ class TamsState:
         "requests": 0, "auth_failures": 0, "submits": 0, "duplicate_submits": 0,
         "charges": 0, "polls": 0, "estimates": 0, "uploads": 0, "failed_jobs": 0, "injected_faults": 0})
     faults: list[dict[str, Any]] = field(default_factory=list)
+    paid: PaidLog = field(default_factory=PaidLog)
     charged_credits: float = 0.0
     window: SlidingWindow = field(default_factory=lambda: SlidingWindow(QPS))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -196,7 +189,7 @@ class TamsEmulator:
             for fault in st.faults:
                 if fault["kind"] in kinds and fault["count"] > 0 \
                         and fault.get("method", method).upper() == method.upper() \
-                        and path.startswith(fault.get("path", "")):
+                        and (path == fault["path"] if fault.get("exact") else path.startswith(fault.get("path", ""))):
                     fault["count"] -= 1
                     st.counters["injected_faults"] += 1
                     return fault
@@ -425,7 +418,8 @@ class TamsEmulator:
             for job in st.jobs.values():
                 self._status(job)  # settles charges of jobs that finished unobserved
             return JSONResponse({
-                **st.counters, "rate_limited": st.window.rejected, "peak_requests_per_second": st.window.peak,
+                **st.counters, **st.paid.snapshot(),
+                "rate_limited": st.window.rejected, "peak_requests_per_second": st.window.peak,
                 "charged_credits": round(st.charged_credits, 2), "balance": st.balance,
                 "jobs": {j.id: {"requestId": j.request_id, "status": self._status(j), "credits": j.credits,
                                 "charged": j.charged} for j in st.jobs.values()},
@@ -454,6 +448,9 @@ class TamsEmulator:
             self.state.balance[job.app_id] -= job.credits
             self.state.charged_credits += job.credits
             self.state.counters["charges"] += 1
+            self.state.paid.charge(job.request_id, " ".join(
+                str(p.get("text", "")) for st in job.stages if st.get("type") == "DIFFUSION"
+                for p in st["diffusion"].get("prompts", [])))
         return "SUCCESS"
 
     def _job_info(self, job: Job, request: Request) -> dict[str, Any]:

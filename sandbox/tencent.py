@@ -9,17 +9,28 @@ jobs in flight per action and account, 3 for ImageToImage and 1 for the others
 (`RequestLimitExceeded.JobNumExceed`); async text-to-image jobs with string status codes;
 one charge per successful image.
 
+The signature check and the parameter rules are this module's own, from the document (never
+imported from the client, so a misreading in one cannot hide behind the other).
+
 Markers for tests: ``[[nsfw]]`` in a prompt -> `OperationDenied.TextIllegalDetected`;
 ``[[fail]]`` -> the async job ends "4" with `FailedOperation.GenerateImageFailed`. Hooks:
-``GET /_sandbox/stats``, ``POST /_sandbox/config`` (latency), ``POST /_sandbox/faults``
-``{"code", "count", "action"}`` (the next matching calls answer that error code),
-``DELETE /_sandbox/faults``.
+``GET /_sandbox/stats`` (counters, and ``paid``: charges per request keyed by a fingerprint of
+the paid fields, see `sandbox.paid`), ``POST /_sandbox/config`` (latency), ``DELETE
+/_sandbox/faults``, and ``POST /_sandbox/faults`` ``{"code" | "kind", "count", "action",
+"after", "delay"}`` for the next matching calls:
+
+- ``code``: answer that error code; with ``"after": true`` only once the action was carried
+  out (the job created, a synchronous image made and charged), as an ambiguous answer looks;
+- ``kind: "drop"`` (with ``after``): carried out, then the connection is cut mid-answer;
+- ``kind: "http_502"`` (with ``after``): carried out, then a gateway error;
+- ``kind: "slow"``: carried out, then answered ``delay`` s later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
 import json
@@ -39,11 +50,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from blocks.tencent import (ERROR_CODES, I2I_RESOLUTIONS, IMAGE_FORMATS, canonical_request, string_to_sign,
-                            tc3_signature)
-from sandbox.faults import fault_hook
+from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
+from sandbox.paid import PaidLog, fingerprint
 from sandbox.urls import SignedUrls
 
 RATE = 20
@@ -51,6 +61,28 @@ IN_FLIGHT = {"ImageToImage": 3, "SubmitTextToImageJob": 1, "RefineImage": 1}
 AUTH_RE = re.compile(r"^TC3-HMAC-SHA256 Credential=([^/]+)/(\d{4}-\d{2}-\d{2})/aiart/tc3_request, "
                      r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})$")
 STATUS_MSG = {"1": "排队中", "2": "处理中", "4": "处理失败", "5": "处理完成"}
+I2I_RESOLUTIONS = ("origin", "768:768", "768:1024", "1024:768")  # ImageToImage ResultConfig.Resolution
+IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}  # jpg/jpeg/png/bmp/tiff/webp
+CODE_RE = re.compile(r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)*$")  # the shape of Tencent error codes
+FAULT_KINDS = ("drop", "http_502", "slow")
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tc3_expected(secret_key: str, *, method: str, path: str, query: str, headers: dict[str, str],
+                 signed: list[str], body: bytes, timestamp: int, date: str, service: str = "aiart") -> str:
+    """The TC3-HMAC-SHA256 signature a request must carry, computed as the signature document
+    says: canonical request (method, URI, query, `name:value` lines of the signed headers,
+    their names, the body's SHA-256), string to sign, key derived from date and service."""
+    lines = "".join(f"{name}:{headers[name].strip()}\n" for name in signed)
+    canonical = "\n".join([method, path, query, lines, ";".join(signed), _sha256_hex(body)])
+    to_sign = f"TC3-HMAC-SHA256\n{timestamp}\n{date}/{service}/tc3_request\n{_sha256_hex(canonical.encode())}"
+    key = ("TC3" + secret_key).encode()
+    for part in (date, service, "tc3_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 class ApiError(Exception):
@@ -68,6 +100,7 @@ class TextJob:
     seed: int
     created: float
     fail: bool
+    key: str = ""
     charged: bool = False
 
 
@@ -80,6 +113,7 @@ class TencentState:
     windows: dict[str, SlidingWindow] = field(default_factory=dict)
     results: dict[str, bytes] = field(default_factory=dict)
     faults: list[dict[str, Any]] = field(default_factory=list)
+    paid: PaidLog = field(default_factory=PaidLog)
     counters: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "auth_failures": 0, "submits": 0, "charges": 0, "rate_limited": 0,
         "job_num_exceeded": 0, "content_rejections": 0, "injected_faults": 0, "validation_errors": 0})
@@ -130,12 +164,23 @@ class TencentEmulator:
                 with st.lock:
                     st.counters["rate_limited"] += 1
                 raise ApiError("RequestLimitExceeded", "The number of requests exceeds the frequency limit.")
-            self._take_fault(action)
+            before = self._take_fault(action, after=False)
+            if before is not None:
+                raise ApiError(before["code"], f"injected fault {before['code']}")
             try:
                 params = json.loads(body or b"{}")
             except ValueError:
                 raise ApiError("InvalidParameter", "The body is not JSON.") from None
             result = await handler(params, request)
+            after = self._take_fault(action, after=True)  # the action was carried out
+            if after is not None:
+                if after.get("code"):
+                    raise ApiError(after["code"], f"injected fault {after['code']} after the action ran")
+                if after["kind"] == "drop":
+                    return DroppedResponse()
+                if after["kind"] == "http_502":
+                    return Response("bad gateway", status_code=502)
+                await asyncio.sleep(float(after.get("delay", 5)))
         except ApiError as exc:
             with st.lock:
                 if exc.code.startswith("AuthFailure"):
@@ -165,22 +210,24 @@ class TencentEmulator:
             raise ApiError("AuthFailure.SignatureFailure", "The credential date is not the timestamp's UTC date.")
         names = signed.split(";")
         headers = {name: request.headers.get(name, "") for name in names}
-        canonical = canonical_request(request.method, request.scope["raw_path"].decode() or "/",
-                                      request.url.query, headers, names, body)
-        expected = tc3_signature(self.state.secrets[secret_id], date,
-                                 string_to_sign(timestamp, f"{date}/aiart/tc3_request", canonical))
+        expected = tc3_expected(self.state.secrets[secret_id], method=request.method,
+                                path=request.scope["raw_path"].decode() or "/", query=request.url.query,
+                                headers=headers, signed=names, body=body, timestamp=timestamp, date=date)
         if not hmac.compare_digest(expected, signature):
             raise ApiError("AuthFailure.SignatureFailure", "The provided credentials could not be validated.")
         return secret_id
 
-    def _take_fault(self, action: str) -> None:
+    def _take_fault(self, action: str, after: bool) -> dict[str, Any] | None:
+        """The next queued fault for `action` that fires before (or after) the action runs."""
         st = self.state
         with st.lock:
             for fault in st.faults:
-                if fault["count"] > 0 and fault.get("action", action) == action:
+                if fault["count"] > 0 and fault.get("action", action) == action \
+                        and bool(fault.get("after") or fault.get("kind") == "slow") == after:
                     fault["count"] -= 1
                     st.counters["injected_faults"] += 1
-                    raise ApiError(fault["code"], f"injected fault {fault['code']}")
+                    return fault
+        return None
 
     def _enter(self, action: str) -> None:
         st = self.state
@@ -248,8 +295,9 @@ class TencentEmulator:
             self.state.results[rid] = data
         return self.state.urls.sign(str(request.base_url), f"/_results/{rid}.png")[0]
 
-    def _charge(self) -> None:
+    def _charge(self, key: str, label: str) -> None:
         self.state.counters["charges"] += 1  # one successful image (lock held)
+        self.state.paid.charge(key, label)
 
     # --- actions ---------------------------------------------------------------------------------
     async def image_to_image(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
@@ -282,7 +330,7 @@ class TencentEmulator:
             data = render_png(prompt, 0, w, h, 0, raw)
             with self.state.lock:
                 self.state.counters["submits"] += 1
-                self._charge()
+                self._charge(fingerprint("ImageToImage", prompt, styles, resolution, strength, _sha256_hex(raw)), prompt)
         finally:
             self._leave("ImageToImage")
         return {"ResultImage": self._answer_image(data, params, request)}
@@ -302,7 +350,8 @@ class TencentEmulator:
         self._enter("SubmitTextToImageJob")
         with self.state.lock:
             job = TextJob(id=f"{int(time.time())}{secrets.randbelow(10**9):09d}", prompt=prompt, width=w, height=h,
-                          seed=seed, created=time.monotonic(), fail="[[fail]]" in prompt)
+                          seed=seed, created=time.monotonic(), fail="[[fail]]" in prompt,
+                          key=fingerprint("SubmitTextToImageJob", prompt, resolution, seed, params.get("LogoAdd")))
             self.state.jobs[job.id] = job
             self.state.counters["submits"] += 1
         return {"JobId": job.id}
@@ -335,7 +384,7 @@ class TencentEmulator:
                 image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS).save(
                     out, format="PNG")
             with self.state.lock:
-                self._charge()
+                self._charge(fingerprint("RefineImage", _sha256_hex(raw)), f"RefineImage {w}x{h}")
         finally:
             self._leave("RefineImage")
         return {"ResultImage": self._answer_image(out.getvalue(), params, request)}
@@ -350,7 +399,7 @@ class TencentEmulator:
             return "4"
         if not job.charged:
             job.charged = True
-            self._charge()
+            self._charge(job.key, job.prompt)
         return "5"
 
     # --- hooks -----------------------------------------------------------------------------------
@@ -369,7 +418,9 @@ class TencentEmulator:
 
     async def set_faults(self, request: Request) -> Response:
         def refuse(fault: dict[str, Any]) -> str | None:
-            return None if fault.get("code") in ERROR_CODES else f"unknown code {fault.get('code')!r}"
+            if fault.get("kind") in FAULT_KINDS:
+                return None if fault["kind"] == "slow" or fault.get("after") else f"{fault['kind']} needs after: true"
+            return None if CODE_RE.match(str(fault.get("code") or "")) else f"not an error code: {fault.get('code')!r}"
 
         return await fault_hook(request, self.state.lock, self.state.faults, refuse)
 
@@ -378,5 +429,7 @@ class TencentEmulator:
         with st.lock:
             for job in st.jobs.values():
                 self._status(job)
-            return JSONResponse({**st.counters, "by_action": st.by_action, "peak_in_flight": st.peak_in_flight,
+            return JSONResponse({**st.counters, **st.paid.snapshot(), "by_action": st.by_action,
+                                 "jobs": {j.id: {"status": self._status(j), "prompt": j.prompt} for j in st.jobs.values()},
+                                 "peak_in_flight": st.peak_in_flight,
                                  "peak_requests_per_second": max((w.peak for w in st.windows.values()), default=0)})

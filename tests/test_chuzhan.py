@@ -56,6 +56,25 @@ def test_credit_formula(params: dict, credits: int) -> None:
     assert credits_for(params) == credits
 
 
+@pytest.mark.parametrize(("params", "credits"), [
+    ({"width": 768, "height": 1024, "steps": 20}, 12),        # the page's three worked examples
+    ({"width": 512, "height": 512, "hrScale": 2, "hrSteps": 20}, 20),
+    ({"width": 512, "height": 512, "upscale": 2}, 6),
+])
+def test_the_emulator_prices_from_the_page_itself(params: dict, credits: int) -> None:
+    """The emulator's formula is its own (sandbox/chuzhan.py imports nothing of the client):
+    it passes the published examples, and where client and emulator both compute a price,
+    two independent readings of the page agree."""
+    from sandbox.chuzhan import price
+
+    assert price(params)[0] == credits
+    grid = [{"width": w, "height": h, "steps": st, "batchSize": n, **extra}
+            for w, h in ((512, 512), (768, 1024), (128, 128), (1024, 640)) for st in (10, 20, 33) for n in (1, 3, 6)
+            for extra in ({}, {"upscale": 2}, {"hrScale": 1.5, "hrSteps": 30}, {"faceFix": True},
+                          {"controlnet": {"units": [{"type": "canny"}]}, "imgOptions": {"genderDetect": True}})]
+    assert [price(g)[0] for g in grid] == [credits_for(g) for g in grid]
+
+
 def test_final_size() -> None:
     assert output_size({"width": 512, "height": 768, "hrScale": 2, "upscale": 2}) == (2048, 3072)
 

@@ -38,6 +38,18 @@ def test_published_signature_vector() -> None:
         "72e494ea809ad7a8c8f7a4507b9bddcbaa8e581f516e8da2f66e2c5a96525168"
 
 
+def test_the_emulator_checks_signatures_with_its_own_code() -> None:
+    """The emulator verifies TC3 with code of its own (it imports nothing of the client), and
+    that code reproduces the published vector too."""
+    from sandbox.tencent import tc3_expected
+
+    body = b'{"Limit": 1, "Filters": [{"Values": ["\\u672a\\u547d\\u540d"], "Name": "instance-name"}]}'
+    headers = {"content-type": "application/json; charset=utf-8", "host": "cvm.tencentcloudapi.com"}
+    assert tc3_expected("Gu5t9xGARNpq86cd98joQYCN3EXAMPLE", method="POST", path="/", query="", headers=headers,
+                        signed=["content-type", "host"], body=body, timestamp=1551113065, date="2019-02-25",
+                        service="cvm") == "72e494ea809ad7a8c8f7a4507b9bddcbaa8e581f516e8da2f66e2c5a96525168"
+
+
 @pytest.mark.parametrize("payload", [
     {"Prompt": "a red fox"},
     {"Prompt": "雨中的江南小镇，水墨风格", "Resolution": "1024:1024", "LogoAdd": 0},

@@ -1,0 +1,257 @@
+"""Pay once, on every provider: refusals, ambiguous answers, kills and two runs of one date.
+
+Every assertion about money is on what the emulators charged (`paid`: charges per request,
+summed per image by its prompt), never on our own ledger alone. TAMS dedupes request ids for
+us; 触站AI and Tencent do not, so these are the tests that would catch a double charge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deployments.limits import show_limits
+from flows.ledger import JobLedger
+from flows.spec import load_spec
+from tests.conftest import TEST_BUCKET, run_spec, s3_client
+from tests.test_limits_and_faults import cli_env, manifest_of
+
+ROOT = Path(__file__).parent.parent
+PROVIDERS = ("tams", "chuzhan", "tencent")
+GENERATE = {"tams": '{width: 512, height: 512, steps: 20, sampler: "Euler a"}',
+            "chuzhan": "{width: 512, height: 512}",
+            "tencent": "{width: 1024, height: 1024, options: {LogoAdd: 0}}"}
+
+
+def spec_text(provider: str, name: str, n: int, run: str = "") -> str:
+    items = "".join(f"  - {{id: i{k}, prompt: 'item {k} of {name}'}}\n" for k in range(n))
+    return f"""\
+version: 1
+name: {name}
+provider: {provider}
+blocks: {{{provider}: sandbox}}
+generate: {GENERATE[provider]}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4, unknown_hold: 1{run}}}
+items:
+{items}"""
+
+
+def url(state, provider: str) -> str:
+    return {"tams": state.tams_url, "chuzhan": state.chuzhan_url, "tencent": state.tencent_url}[provider]
+
+
+def stats(state, provider: str) -> dict:
+    return httpx.get(f"{url(state, provider)}/_sandbox/stats").json()
+
+
+def charges(state, provider: str, name: str) -> dict[str, int]:
+    """What the emulator charged for each image of spec `name`, summed over every request."""
+    out: dict[str, int] = {}
+    for entry in stats(state, provider)["paid"].values():
+        if entry["label"].endswith(f" of {name}"):
+            out[entry["label"]] = out.get(entry["label"], 0) + entry["charges"]
+    return {label: n for label, n in out.items() if n}
+
+
+def once_each(name: str, n: int) -> dict[str, int]:
+    return {f"item {k} of {name}": 1 for k in range(n)}
+
+
+def inject(state, provider: str, **fault) -> None:
+    httpx.post(f"{url(state, provider)}/_sandbox/faults", json=fault).raise_for_status()
+
+
+def configure(state, provider: str, **settings) -> None:
+    httpx.post(f"{url(state, provider)}/_sandbox/config", json=settings).raise_for_status()
+
+
+@pytest.fixture()
+def emulators(sandbox_blocks):
+    """The sandbox, with every emulator's faults, latency and balance restored after each test."""
+    yield sandbox_blocks
+    for provider in PROVIDERS:
+        httpx.delete(f"{url(sandbox_blocks, provider)}/_sandbox/faults")
+        configure(sandbox_blocks, provider, latency=0.6, **({} if provider == "tencent" else {"balance": 100000}))
+
+
+def ledger_states(path: Path, run_date: date) -> dict[str, str]:
+    spec = load_spec(path)
+    return {r.item_id: r.state.value for r in JobLedger(spec.archive, spec.name, run_date).records()}
+
+
+def write_spec(tmp_path: Path, text: str, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def imagegen(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          env=env or cli_env(), cwd=ROOT, timeout=300)
+
+
+# --- a refused submit: nothing was created, so the rerun sends it and pays once -----------------------
+
+def refuse_next_submit(state, provider: str) -> None:
+    if provider == "tencent":  # an account error code answers the submit: no job, no charge
+        inject(state, provider, code="ResourceUnavailable.InArrears", count=1, action="SubmitTextToImageJob")
+    else:  # an empty balance
+        configure(state, provider, balance=0)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_refused_submit_is_sent_again_by_the_rerun_and_paid_once(emulators, tmp_path, provider) -> None:
+    name, day = f"refused-{provider}", date(2026, 7, 1)
+    path = write_spec(tmp_path, spec_text(provider, name, 3, ", max_parallel: 1"), name)
+    refuse_next_submit(emulators, provider)
+    first = run_spec(tmp_path, path.read_text(), day)
+    manifest = manifest_of(first)
+    assert first.is_failed() and manifest["totals"]["images"] == 0
+    assert manifest["items"][0]["error"]["error"] == "AccountStop"
+    assert charges(emulators, provider, name) == {}
+    assert ledger_states(path, day) == {"i0": "refused"}  # the others were never sent: no record at all
+    httpx.delete(f"{url(emulators, provider)}/_sandbox/faults")
+    if provider != "tencent":
+        configure(emulators, provider, balance=100000)
+    again = run_spec(tmp_path, path.read_text(), day)
+    assert again.is_completed(), manifest_of(again)
+    assert charges(emulators, provider, name) == once_each(name, 3)
+    assert set(ledger_states(path, day).values()) == {"archived"}
+
+
+# --- an ambiguous answer after the job was created -----------------------------------------------------
+
+AMBIGUOUS = {
+    "tams": {"kind": "drop", "count": 1, "method": "POST", "path": "/v1/jobs", "exact": True},  # created, cut off
+    "chuzhan": {"kind": "error_after", "count": 1},  # created and charged, then code 500
+    "tencent": {"code": "InternalError", "after": True, "count": 1, "action": "SubmitTextToImageJob"},
+}
+
+
+def job_of(state, provider: str, prompt: str) -> str:
+    """The job the provider created for `prompt`, as a person finds it in the provider console."""
+    found = stats(state, provider)["tasks" if provider == "chuzhan" else "jobs"]
+    return next(job_id for job_id, job in found.items() if job["prompt"] == prompt)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_ambiguous_answer_after_the_job_was_created_is_never_paid_twice(emulators, tmp_path, provider) -> None:
+    name, day = f"ambiguous-{provider}", date(2026, 7, 2)
+    path = write_spec(tmp_path, spec_text(provider, name, 3, ", max_parallel: 1"), name)
+    inject(emulators, provider, **AMBIGUOUS[provider])
+    first = run_spec(tmp_path, path.read_text(), day)
+    if provider == "tams":  # asked again with the same request id: the provider returns the job it made
+        assert first.is_completed(), manifest_of(first)
+        assert charges(emulators, provider, name) == once_each(name, 3)
+        assert stats(emulators, provider)["duplicate_submits"] >= 1
+        return
+    manifest = manifest_of(first)
+    assert first.is_failed() and manifest["totals"]["images"] == 2
+    error = manifest["items"][0]["error"]
+    assert error["error"] == "SubmitUnknown" and "imagegen ledger resolve" in error["message"]
+    assert ledger_states(path, day)["i0"] == "unknown"
+    assert charges(emulators, provider, name) == once_each(name, 3)  # the provider made and charged it once
+    # A rerun does not send it blindly again.
+    submits = stats(emulators, provider)["submits"]
+    second = run_spec(tmp_path, path.read_text(), day)
+    assert second.is_failed() and stats(emulators, provider)["submits"] == submits
+    # A person finds the job in the console and records it; the next run polls it and archives.
+    job_id = job_of(emulators, provider, f"item 0 of {name}")
+    settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", job_id)
+    assert settled.returncode == 0, settled.stderr
+    third = run_spec(tmp_path, path.read_text(), day)
+    assert third.is_completed(), manifest_of(third)
+    assert stats(emulators, provider)["submits"] == submits
+    assert charges(emulators, provider, name) == once_each(name, 3)
+    assert manifest_of(third)["items"][0]["job_id"] == job_id
+
+
+def test_a_person_can_say_not_sent_and_the_next_run_submits_it(emulators, tmp_path) -> None:
+    """触站AI answered code 500 before creating anything; the person checks the console, finds
+    nothing, says so, and the next run pays for the image once."""
+    name, day = "not-sent-chuzhan", date(2026, 7, 3)
+    path = write_spec(tmp_path, spec_text("chuzhan", name, 1), name)
+    inject(emulators, "chuzhan", kind="error_before", count=1)
+    assert run_spec(tmp_path, path.read_text(), day).is_failed()
+    assert charges(emulators, "chuzhan", name) == {}
+    shown = imagegen("ledger", "show", str(path), "--run-date", day.isoformat())
+    assert shown.returncode == 0 and "unknown" in shown.stdout and "i0" in shown.stdout
+    settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
+    assert settled.returncode == 0, settled.stderr
+    assert run_spec(tmp_path, path.read_text(), day).is_completed()
+    assert charges(emulators, "chuzhan", name) == once_each(name, 1)
+
+
+# --- two runs of one date at once -------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_two_runs_of_one_date_at_once_pay_once_and_agree_with_the_bucket(emulators, tmp_path, provider) -> None:
+    name, day = f"twice-{provider}", date(2026, 7, 4)
+    path = write_spec(tmp_path, spec_text(provider, name, 4), name)
+    runs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
+                             env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert charges(emulators, provider, name) == once_each(name, 4)
+    assert any("another run of" in out and "waiting for it to finish" in out for out in outputs), outputs
+    listed = s3_client(emulators).list_objects_v2(Bucket=TEST_BUCKET, Prefix=f"{name}/{day}/")["Contents"]
+    images = sorted(o["Key"] for o in listed if o["Key"].endswith(".png") and "/_jobs/" not in o["Key"])
+    assert images == [f"{name}/{day}/i{k}-1.png" for k in range(4)]
+    body = s3_client(emulators).get_object(Bucket=TEST_BUCKET, Key=f"{name}/{day}/manifest.json")["Body"].read()
+    manifest = json.loads(body)
+    assert manifest["status"] == "complete" and manifest["totals"]["images"] == 4
+
+
+# --- a killed run -------------------------------------------------------------------------------------
+
+def wait_for(check, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("provider", ["chuzhan", "tencent"])
+def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_path, provider) -> None:
+    """Killed with one job submitted and the others waiting for the provider's job slots (触站AI
+    2 in flight, Tencent 1): the rerun gets the dead run's slots (and its claim on the date)
+    back within one lease period, though the Prefect API has no repossessor running,
+    resumes the submitted job by id and submits the rest, without a person. (TAMS: the same in
+    test_limits_and_faults.)"""
+    name, day = f"killed-{provider}", date(2026, 7, 5)
+    path = write_spec(tmp_path, spec_text(provider, name, 3), name)
+    configure(emulators, provider, latency=8)
+    env = cli_env()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
+                            env=env, cwd=ROOT, stdout=(tmp_path / "killed.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and "submitted" in ledger_states(path, day).values(),
+                 "a submitted job")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    configure(emulators, provider, latency=0.6)
+    started = time.monotonic()
+    again = run_spec(tmp_path, path.read_text(), day)
+    waited = time.monotonic() - started
+    assert again.is_completed(), manifest_of(again)
+    assert charges(emulators, provider, name) == once_each(name, 3)
+    # The dead run's leases (60 s, Prefect's minimum, renewed every 20 s) expire and are reclaimed
+    # by the waiting rerun: within one lease period of the kill, plus the run itself.
+    assert waited < 100, f"the rerun waited {waited:.0f}s for the dead run's slots"
+    print(f"{provider} kill and rerun: the rerun took {waited:.0f}s, charges {charges(emulators, provider, name)}")
+    slots = {r["name"]: r["active_slots"] for r in show_limits()}
+    assert all(v == 0 for k, v in slots.items() if f":{provider}:sandbox:jobs:" in k), slots
