@@ -30,7 +30,8 @@ from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderErro
 from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
-from flows.spec import PipelineSpec, SpecError, SpecIssue, load_spec, render_key, resolve_spec_path
+from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, load_spec, render_key,
+                        resolve_spec_path)
 from flows.claim import run_claim
 from flows.ledger import State
 from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, lane_of, ledger_of, provider_for,
@@ -45,17 +46,18 @@ def derived_seed(pipeline: str, item_id: str, run_date: date) -> int:
     return int.from_bytes(digest[:4], "big") or 1
 
 
-def request_id(spec: PipelineSpec, index: int, run_date: date, step: str) -> str:
+def request_id(pipeline: str, item_id: str, run_date: date, step: str, block: str,
+               request: GenerationRequest, input_image: str | None) -> str:
     """The deterministic idempotency key of one paid step of one item on one run date.
 
-    It hashes only what the user wrote (defaults excluded), never internal request fields, so
-    it stays the same across imagegen upgrades: a rerun after an upgrade does not pay again."""
-    item = spec.items[index]
+    It hashes exactly what the provider is paid for: the provider-effective request (its own
+    options, never another provider's; no local upscale setting), the input image's content
+    (not its path), the item's identity and the account (`block`). Fields left at their
+    defaults are left out, so a new optional field in an upgrade changes no id."""
     material = {
-        "pipeline": spec.name, "item": spec.item_id(index), "run_date": run_date.isoformat(), "step": step,
-        "provider": spec.provider_of(item), "spec_item": item.model_dump(exclude_defaults=True, exclude={"id"}),
-        "generate": spec.generate.model_dump(exclude_defaults=True),
-        "upscale": spec.upscale.model_dump(exclude_defaults=True) if spec.upscale else None,
+        "pipeline": pipeline, "item": item_id, "run_date": run_date.isoformat(), "step": step, "block": block,
+        "request": request.model_dump(exclude_defaults=True, exclude={"request_id", "input_ref"}),
+        "input": input_digest(input_image),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -78,7 +80,9 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
                                and PROVIDERS[provider].upscale_in_job else None),
             "options": gen.options_for(provider), "has_input": item.input_image is not None,
         }
-        request = GenerationRequest(request_id=request_id(spec, index, run_date, "generate"), **fields)
+        draft = GenerationRequest(request_id="", **fields)
+        rid = request_id(spec.name, item_id, run_date, "generate", spec.block_name(provider), draft, item.input_image)
+        request = draft.model_copy(update={"request_id": rid})
         size = PROVIDERS[provider].output_size(request)
         after = spec.upscale.factor if spec.upscale and not request.upscale_factor else 1
         plans.append(ItemPlan(

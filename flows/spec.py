@@ -7,6 +7,8 @@ this module talks to a provider or to Prefect, so a bad spec is refused before a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import string
 from dataclasses import dataclass
 from datetime import date
@@ -23,6 +25,16 @@ PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 ProviderName = Literal["tams", "chuzhan", "tencent"]
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 KEY_FIELDS = {"pipeline", "run_date", "item", "index", "provider"}
+
+
+def input_digest(input_image: str | None) -> str | None:
+    """What an input image is, for identities and request ids: a local file's content (so
+    moving the checkout changes nothing), or the URI of a remote one."""
+    if input_image is None:
+        return None
+    if "://" in input_image:
+        return input_image
+    return "sha256:" + hashlib.sha256(Path(input_image).read_bytes()).hexdigest()
 
 
 class _Strict(BaseModel):
@@ -219,8 +231,15 @@ class PipelineSpec(_Strict):
     items: list[Item] = Field(min_length=1)
 
     def item_id(self, index: int) -> str:
-        """The id of item `index`: its own, or `item-<n>` counted from 1."""
-        return self.items[index].id or f"item-{index + 1}"
+        """The id of item `index`: its own, or one made from what it asks for (`item-<8 hex>`),
+        so inserting or reordering items renames none of them and re-pays nothing."""
+        item = self.items[index]
+        if item.id:
+            return item.id
+        content = item.model_dump(exclude_defaults=True, exclude={"id", "input_image"})
+        content["input"] = input_digest(item.input_image)
+        content["provider"] = self.provider_of(item)
+        return "item-" + hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def provider_of(self, item: Item) -> str:
         return item.provider or self.provider
@@ -355,7 +374,9 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
             pos = closest_position(("items", index, "id"), positions, value=True)
             issues.append(
                 SpecIssue(name, pos.line, pos.column, f"items[{index}].id",
-                          f"duplicate item id {item_id!r} (also items[{seen[item_id]}])", snippet(text, pos))
+                          f"duplicate item id {item_id!r} (also items[{seen[item_id]}])" if spec.items[index].id else
+                          f"asks for exactly what items[{seen[item_id]}] asks for; give the two an `id` each "
+                          "(or a different seed) if both are meant", snippet(text, pos))
             )
         seen.setdefault(item_id, index)
     fields = {f for _, f, _, _ in string.Formatter().parse(spec.archive.key_template) if f}
