@@ -152,6 +152,8 @@ class ImageProvider(Block, ABC):
     """True when the provider's upscaler is part of the generation job; else `refine` is a call."""
     idempotent_submit: ClassVar[bool] = False
     """True when submitting the same request id twice returns the first job (no second charge)."""
+    credit_unit: ClassVar[str] = "credits"
+    """What the provider's estimates and `run.max_credits` count."""
 
     _limiter: Limiter = PrivateAttr(default_factory=NoLimits)
     _http: httpx.Client | None = PrivateAttr(default=None)

@@ -181,6 +181,7 @@ class TencentAiArtProvider(ImageProvider):
     _documentation_url = "https://www.tencentcloud.com/document/product/1238"
     provider_name: ClassVar[str] = PROVIDER
     upscale_in_job: ClassVar[bool] = False  # RefineImage is a call of its own
+    credit_unit: ClassVar[str] = "billable calls"  # no per-call price is published
 
     secret_id: SecretStr = Field(description="The API key's SecretId.")
     secret_key: SecretStr = Field(description="The API key's SecretKey.")

@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Credits (and money where published) per provider and in total, before any paid call."""
+    from blocks import PROVIDERS
     from flows.pipeline import estimate_plans, plan_items, preflight
 
     path = resolve_spec_path(args.spec)
@@ -78,15 +79,23 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         row["credits"] += est.credits + plan.refine_credits  # with a separate paid upscale
         row["money"] += est.money or 0.0
         row["sources"].add(est.source)
+    budget = spec.budget()
+    over = False
     for provider, row in sorted(rows.items()):
         money = f", {row['money']:.4f} {row['currency']}" if row["currency"] else ""
-        print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} credits{money} "
-              f"(from the provider's {'/'.join(sorted(row['sources']))} estimate)")
-    total = sum(r["credits"] for r in rows.values())
-    budget = spec.run.max_credits
-    print(f"total: {total:.2f} credits" + (f" (run.max_credits {budget}: {'OVER' if total > budget else 'within'})"
-                                            if budget is not None else ""))
-    return 1 if budget is not None and total > budget else 0
+        cap = budget.get(provider)
+        over = over or (cap is not None and row["credits"] > cap)
+        verdict = f"; run.max_credits {cap}: {'OVER' if row['credits'] > cap else 'within'}" if cap is not None else ""
+        print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} {PROVIDERS[provider].credit_unit}{money} "
+              f"(from the provider's {'/'.join(sorted(row['sources']))} estimate{verdict})")
+    if len(rows) == 1:
+        (provider, row), = rows.items()
+        cap = budget.get(provider)
+        print(f"total: {row['credits']:.2f} {PROVIDERS[provider].credit_unit}"
+              + (f" (run.max_credits {cap}: {'OVER' if row['credits'] > cap else 'within'})" if cap is not None else ""))
+    elif rows:
+        print("no total: each provider counts in its own unit")
+    return 1 if over else 0
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:

@@ -361,10 +361,11 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     todo = [p for p in plans if p.item_id not in reused]
     per_provider, skipped = estimate_plans(todo)
     estimated = round(sum(per_provider.values()), 4)
-    budget = parsed.run.max_credits
-    if budget is not None and estimated > budget:
-        raise BudgetExceeded(f"estimated {estimated} credits {per_provider} for {len(todo)} item(s) "
-                             f"is above run.max_credits {budget}; nothing was submitted")
+    budget = parsed.budget()
+    over = {p: round(per_provider[p], 4) for p, cap in budget.items() if per_provider.get(p, 0.0) > cap}
+    if over:
+        raise BudgetExceeded(f"estimated {over} for {len(todo)} item(s) is above run.max_credits "
+                             f"{ {p: budget[p] for p in over} }; nothing was submitted")
     logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
                 parsed.name, run_date, len(plans), len(reused), estimated)
     if dry_run:
@@ -377,16 +378,18 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     # them each item archives as soon as it is reviewed.
     run_level = parsed.review.duplicates is not None or parsed.review.human is not None
     chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
-    committed, watch, account_stop = 0.0, [], None
+    committed: dict[str, float] = {}
+    watch, account_stop = [], None
     for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
         cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
         stop = account_stop = account_stop or _account_stop(watch)
-        if stop is None and budget is not None and committed + cost > budget:
-            stop = f"run.max_credits {budget} reached ({committed} committed)"
+        spent = committed.get(plan.provider, 0.0)
+        if stop is None and plan.provider in budget and spent + cost > budget[plan.provider]:
+            stop = f"run.max_credits for {plan.provider} ({budget[plan.provider]}) reached ({spent} committed)"
         if stop is not None:
             skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
             continue
-        committed += cost
+        committed[plan.provider] = spent + cost
         chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
         watch.append(dict(chains[plan.item_id])["generate"])
     done, shown = {}, 0

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
+                      field_validator)
 
 from flows.yamlpos import Position, closest_position, load_with_positions, snippet
 
@@ -172,9 +173,10 @@ class RunSettings(_Strict):
     unknown_hold: float = Field(
         60, ge=0, le=3600,
         description="Seconds a job slot stays held after an ambiguous submit answer (the job may be running).")
-    max_credits: float | None = Field(
-        None, gt=0, description="Refuse a run estimated above this; stop submitting when reached."
-    )
+    max_credits: PositiveFloat | dict[ProviderName, PositiveFloat] | None = Field(
+        None, description=("Per provider, in its own unit (e.g. {tams: 500, chuzhan: 300, tencent: 50}: TAMS and "
+                           "触站AI credits, Tencent billable calls): refuse a run estimated above it, stop submitting "
+                           "that provider's items when reached. A single number only where the spec uses one provider."))
 
 
 class Item(_Strict):
@@ -246,6 +248,18 @@ class PipelineSpec(_Strict):
 
     def block_name(self, provider: str) -> str:
         return self.blocks.get(provider, "default")  # type: ignore[call-overload]
+
+    def providers_used(self) -> list[str]:
+        return sorted({self.provider_of(item) for item in self.items})
+
+    def budget(self) -> dict[str, float]:
+        """`run.max_credits` per provider (the cross-checks allow a single number only for one)."""
+        cap = self.run.max_credits
+        if cap is None:
+            return {}
+        if isinstance(cap, dict):
+            return dict(cap)
+        return {provider: float(cap) for provider in self.providers_used()}
 
 
 def render_key(
@@ -379,6 +393,13 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
                           "(or a different seed) if both are meant", snippet(text, pos))
             )
         seen.setdefault(item_id, index)
+    used = spec.providers_used()
+    if isinstance(spec.run.max_credits, float | int) and len(used) > 1:
+        pos = closest_position(("run", "max_credits"), positions, value=True)
+        issues.append(SpecIssue(
+            name, pos.line, pos.column, "run.max_credits",
+            f"this spec uses {', '.join(used)}, whose credits are different units (Tencent counts billable calls); "
+            f"give one per provider, e.g. {{{', '.join(f'{p}: 100' for p in used)}}}", snippet(text, pos)))
     fields = {f for _, f, _, _ in string.Formatter().parse(spec.archive.key_template) if f}
     if "index" not in fields and any(item.count > 1 for item in spec.items):
         pos = closest_position(("archive", "key_template"), positions, value=True)

@@ -166,7 +166,7 @@ def test_spec_over_budget_makes_no_paid_call(emulator, tmp_path) -> None:
     before = tams_stats(emulator)
     state = run_spec(tmp_path, spec_text("budget", 4, extra_run=", max_credits: 3"), date(2026, 2, 4))
     after = tams_stats(emulator)
-    assert state.is_failed() and "above run.max_credits 3" in str(state.result(raise_on_failure=False))
+    assert state.is_failed() and "above run.max_credits {'tams': 3.0}" in str(state.result(raise_on_failure=False))
     assert after["submits"] == before["submits"] and after["uploads"] == before["uploads"]
     assert after["charges"] == before["charges"]
 
@@ -176,8 +176,31 @@ def test_estimate_command(emulator, tmp_path) -> None:
     path.write_text(spec_text("estimate", 4, extra_run=", max_credits: 3"))
     out = subprocess.run([sys.executable, "-m", "flows.cli", "estimate", str(path)], capture_output=True,
                          text=True, env=cli_env(), cwd=ROOT, timeout=120)
-    assert "tams: 4 item(s), 4.00 credits, 0.0120 USD (from the provider's api estimate)" in out.stdout
+    assert ("tams: 4 item(s), 4.00 credits, 0.0120 USD (from the provider's api estimate; run.max_credits 3.0: "
+            "OVER)") in out.stdout
     assert "total: 4.00 credits (run.max_credits 3.0: OVER)" in out.stdout and out.returncode == 1
+
+
+def test_budget_is_per_provider_in_its_own_unit(emulator, tmp_path) -> None:
+    """Two providers' credits are never added up: a single number is refused for a mixed spec
+    at file:line, and a per-provider cap stops only that provider's items."""
+    from flows.spec import SpecError, load_spec
+
+    mixed = spec_text("budget-mixed", 4, extra_run=", max_credits: 3").replace(
+        "  - {id: x3, prompt: item 3 of budget-mixed}",
+        "  - {id: x3, prompt: item 3 of budget-mixed, provider: chuzhan}").replace(
+        "blocks: {tams: sandbox}", "blocks: {tams: sandbox, chuzhan: sandbox}")
+    path = tmp_path / "mixed.yaml"
+    path.write_text(mixed)
+    with pytest.raises(SpecError, match=r"mixed.yaml:7:74: run.max_credits: .*different units.*{chuzhan: 100, tams: 100}"):
+        load_spec(path)
+    path.write_text(mixed.replace("max_credits: 3", "max_credits: {tams: 2, chuzhan: 1000}"))
+    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7))
+    assert state.is_failed() and "{'tams': 3.0}" in str(state.result(raise_on_failure=False))  # 3 TAMS items, cap 2
+    path.write_text(mixed.replace("max_credits: 3", "max_credits: {tams: 3, chuzhan: 1000}"))
+    before = tams_stats(emulator)
+    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7))
+    assert state.is_completed() and tams_stats(emulator)["submits"] - before["submits"] == 3
 
 
 # --- processes ---------------------------------------------------------------------------------
