@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
-from blocks.base import GenerationRequest
+from blocks.base import GenerationRequest, with_retries
 from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
 from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
@@ -166,6 +166,9 @@ def _outcome(chain: list[tuple[str, PrefectFuture]]) -> tuple[Any, dict[str, str
     return chain[-1][1].result(), None
 
 
+ESTIMATE_ROUNDS = 3  # an outage at run start: each round is a provider call's own retries
+
+
 class BudgetExceeded(RuntimeError):
     """The run's estimated credits are above the spec's `run.max_credits`."""
 
@@ -183,7 +186,8 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None) -> tuple[di
         key = (plan.provider, plan.block, provider.estimate_key(plan.request))
         if key not in cache:
             try:
-                cache[key] = provider.estimate(plan.request)
+                cache[key] = with_retries(lambda p=provider, r=plan.request: p.estimate(r), ESTIMATE_ROUNDS,
+                                          extra_wait=lambda exc: 3)
             except ContentRejected as exc:
                 rejected[plan.item_id] = {"step": "estimate", "error": "ContentRejected", "message": str(exc)}
                 continue
@@ -343,12 +347,32 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
             return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True)
         # One run of this pipeline and date at a time: a second one waits, then reuses.
         with run_claim(parsed.name, run_date, ledger_of(plans[0])):
-            manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False)
+            started = datetime.now(timezone.utc)
+            try:
+                manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False)
+            except Exception as exc:
+                _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
+                raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if manifest["status"] != "complete":
         raise PipelineIncomplete(manifest)
     return manifest
+
+
+def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date,
+                           plans: list[ItemPlan], started: datetime, error: Exception) -> None:
+    """A run that stopped on an error still leaves a true manifest: what the ledger says is
+    archived, and every other item with the error that stopped the run."""
+    logger = get_run_logger()
+    reason = {"step": "run", "error": type(error).__name__, "message": str(error)}
+    try:
+        outcomes = [(archived, None) if (archived := archived_before(plan)) is not None else (None, reason)
+                    for plan in plans]
+        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started)
+        publish(parsed, run_date, manifest)
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        logger.error("could not write the manifest after %s: %s", type(error).__name__, exc)
 
 
 def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, plans: list[ItemPlan],

@@ -181,6 +181,21 @@ def test_estimate_command(emulator, tmp_path) -> None:
     assert "total: 4.00 credits (run.max_credits 3.0: OVER)" in out.stdout and out.returncode == 1
 
 
+def test_an_outage_at_run_start_is_retried_and_a_fatal_error_still_leaves_a_true_manifest(emulator, tmp_path) -> None:
+    import json
+
+    inject(emulator, kind="http_500", count=6, method="POST", path="/v1/jobs/credits", exact=True)
+    state = run_spec(tmp_path, spec_text("outage-start", 2), date(2026, 2, 8))
+    assert state.is_completed(), manifest_of(state)
+    # A run stopped by an error (here the budget) still says so in S3, item by item.
+    state = run_spec(tmp_path, spec_text("fatal-manifest", 2, extra_run=", max_credits: 1"), date(2026, 2, 8))
+    assert state.is_failed()
+    body = s3_client(emulator).get_object(Bucket=TEST_BUCKET, Key="fatal-manifest/2026-02-08/manifest.json")["Body"]
+    manifest = json.loads(body.read())
+    assert manifest["status"] == "partial" and manifest["totals"]["images"] == 0
+    assert {i["error"]["error"] for i in manifest["items"]} == {"BudgetExceeded"}
+
+
 def test_budget_is_per_provider_in_its_own_unit(emulator, tmp_path) -> None:
     """Two providers' credits are never added up: a single number is refused for a mixed spec
     at file:line, and a per-provider cap stops only that provider's items."""
