@@ -25,10 +25,18 @@ record changes state:
 
 A record of another request (the spec changed what is paid for) is replaced by a new one.
 Writes are retried with backoff; `LedgerUnavailable` says they still failed.
+
+Every write is conditional on what this ledger last read (`If-Match` on the record's ETag, or
+`If-None-Match: *` for a new one): if another run moved the record meanwhile, the write fails
+with `LedgerConflict` instead of overwriting it, so a second writer stops before it sends. The
+run claim (`flows.claim`) keeps two runs of a date apart; this holds even if it did not. Where
+an S3 server does not implement conditional writes (HTTP 501), writes fall back to plain ones
+with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -36,10 +44,23 @@ from datetime import date, datetime, timezone
 from enum import StrEnum
 from typing import Any
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, field_validator
 
 from blocks.archive import archive_bucket, read_bytes, read_json, write_bytes, write_json
 from flows.spec import ArchiveSettings, render_manifest_key
+
+_warned: list[bool] = []
+
+
+def _warn_unconditional() -> None:
+    if not _warned:
+        _warned.append(True)
+        from prefect.logging import get_logger
+
+        get_logger("imagegen.ledger").warning("this S3 server does not implement conditional writes; the ledger "
+                                              "relies on the run claim alone to keep two runs apart")
+
 
 PER_IMAGE = re.compile(r"\.[a-z]+-\d+\.json$")  # `<item>.refine-<n>.json`
 WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
@@ -78,6 +99,10 @@ class BadTransition(RuntimeError):
 
 class LedgerUnavailable(RuntimeError):
     """The ledger could not be written after every retry (S3 unreachable)."""
+
+
+class LedgerConflict(RuntimeError):
+    """Another run changed the record since this one read it; nothing is sent on its behalf."""
 
 
 class JobRecord(BaseModel):
@@ -126,6 +151,8 @@ def with_backoff(call: Any, what: str, attempts: int = WRITE_ATTEMPTS) -> Any:
     for attempt in range(attempts):
         try:
             return call()
+        except LedgerConflict:
+            raise
         except Exception as exc:  # noqa: BLE001 - S3 and network faults alike
             if attempt + 1 >= attempts:
                 raise LedgerUnavailable(f"{what}: {type(exc).__name__} after {attempts} attempts") from None
@@ -140,15 +167,25 @@ class JobLedger:
         self.bucket = archive_bucket(archive.bucket, archive.credentials)
         manifest = render_manifest_key(archive.manifest_template, pipeline=pipeline, run_date=run_date)
         self.prefix = (manifest.rsplit("/", 1)[0] + "/" if "/" in manifest else "") + "_jobs/"
+        self._etags: dict[str, str | None] = {}  # key -> ETag last read or written (None: absent)
 
     def key(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> str:
         suffix = "" if step is Step.GENERATE else f".{step.value}-{index}"
         return f"{self.prefix}{item_id}{suffix}.json"
 
-    def get(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> JobRecord | None:
-        raw = with_backoff(lambda: read_json(self.bucket, self.key(item_id, step, index)), "ledger read")
-        return JobRecord.model_validate(raw) if raw is not None else None
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        client = self.bucket.credentials.get_s3_client()
+        try:
+            answer = client.get_object(Bucket=self.bucket.bucket_name, Key=key)
+        except client.exceptions.NoSuchKey:
+            return None
+        return answer["Body"].read(), answer["ETag"]
 
+    def get(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> JobRecord | None:
+        key = self.key(item_id, step, index)
+        found = with_backoff(lambda: self._read(key), "ledger read")
+        self._etags[key] = found[1] if found else None
+        return JobRecord.model_validate_json(found[0]) if found else None
     def _record_names(self) -> list[str]:
         """Names (under the prefix) of every record, from one listing."""
         client = self.bucket.credentials.get_s3_client()
@@ -162,13 +199,37 @@ class JobLedger:
 
     def records(self) -> list[JobRecord]:
         """Every record of the run date, per-image steps included (for `imagegen ledger show`)."""
-        return [JobRecord.model_validate(read_json(self.bucket, self.prefix + n)) for n in self._record_names()]
+        return [JobRecord.model_validate_json(found[0]) for n in self._record_names()
+                if (found := self._read(self.prefix + n)) is not None]
 
     def put(self, record: JobRecord) -> JobRecord:
-        """Write `record`, retried with backoff (`LedgerUnavailable` when S3 stays away)."""
+        """Write `record` if nobody changed it since this ledger read it (`LedgerConflict`
+        otherwise), retried with backoff (`LedgerUnavailable` when S3 stays away)."""
         key = self.key(record.item_id, record.step, record.index)
-        with_backoff(lambda: write_json(self.bucket, key, record.model_dump(mode="json")), f"ledger write {key}")
+        body = json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        self._etags[key] = with_backoff(lambda: self._put_if_unchanged(key, body), f"ledger write {key}")
         return record
+
+    def _put_if_unchanged(self, key: str, body: bytes) -> str:
+        client = self.bucket.credentials.get_s3_client()
+        known = self._etags.get(key)
+        condition = {"IfMatch": known} if known else {"IfNoneMatch": "*"}
+        try:
+            return client.put_object(Bucket=self.bucket.bucket_name, Key=key, Body=body,
+                                     ContentType="application/json", **condition)["ETag"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed":
+                now = self._read(key)
+                if now is not None and now[0] == body:  # our own earlier attempt landed after all
+                    return now[1]
+                raise LedgerConflict(f"{key} was changed by another run since this one read it") from None
+            if status == 501 or code == "NotImplemented":
+                _warn_unconditional()
+                return client.put_object(Bucket=self.bucket.bucket_name, Key=key, Body=body,
+                                         ContentType="application/json")["ETag"]
+            raise
 
     def move(self, record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
         """`move()` the record and write it."""

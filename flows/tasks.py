@@ -23,7 +23,7 @@ from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobRes
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
 from deployments.limits import PrefectLimiter
 from flows import images
-from flows.ledger import JobLedger, JobRecord, LedgerUnavailable, State, Step, move
+from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key
 
 
@@ -150,6 +150,12 @@ class ItemJournal:
         self.record = move(self.record, to, **{**self.identity, **changes})
         try:
             self.ledger.put(self.record)
+        except LedgerConflict:
+            if to is State.SENDING:
+                raise  # another run has this item: nothing is sent from here
+            get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
+                                   self.identity["item_id"], self.identity["step"], to.value,
+                                   f" (job {self.record.job_id})" if self.record.job_id else "")
         except LedgerUnavailable as exc:
             if to is State.SENDING:
                 raise

@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from deployments.limits import show_limits
-from flows.ledger import JobLedger
+from flows.ledger import JobLedger, LedgerConflict, State
+from flows.spec import ArchiveSettings
 from flows.spec import load_spec
 from tests.conftest import TEST_BUCKET, run_spec, s3_client
 from tests.test_limits_and_faults import cli_env, manifest_of
@@ -255,3 +256,21 @@ def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_pat
     print(f"{provider} kill and rerun: the rerun took {waited:.0f}s, charges {charges(emulators, provider, name)}")
     slots = {r["name"]: r["active_slots"] for r in show_limits()}
     assert all(v == 0 for k, v in slots.items() if f":{provider}:sandbox:jobs:" in k), slots
+
+
+def test_ledger_writes_are_conditional_so_a_second_writer_stops_before_sending(sandbox_blocks) -> None:
+    """Two writers that read the same record: the first move wins, the second gets
+    LedgerConflict (SeaweedFS honours If-None-Match and If-Match) and sends nothing."""
+    archive = ArchiveSettings(bucket=TEST_BUCKET, credentials="sandbox")
+    one, two = (JobLedger(archive, "conditional", date(2026, 7, 6)) for _ in range(2))
+    identity = {"item_id": "x", "base_request_id": "r", "request_id": "r", "provider": "chuzhan", "block": "sandbox"}
+    assert one.get("x") is None and two.get("x") is None
+    first = one.move(None, State.SENDING, **identity)
+    with pytest.raises(LedgerConflict):
+        two.move(None, State.SENDING, **identity)
+    seen = two.get("x")  # read again: the table decides from what is there
+    assert seen is not None and seen.state is State.SENDING
+    two.move(seen, State.UNKNOWN, reason="the run stopped while sending it")
+    with pytest.raises(LedgerConflict):  # the first writer's view is stale now
+        one.move(first, State.SUBMITTED, job_id="j-1")
+    assert one.get("x").state is State.UNKNOWN
