@@ -8,8 +8,8 @@ record changes state:
     state       meaning                                          may move to
     (none)      never tried                                      sending
     sending     written inside the job slot right before the     submitted, refused, unknown,
-                request; found later, the process died while it   done
-                may have been on the wire
+                request; found later, the process died while it   done, archived (when every
+                may have been on the wire                         write between was lost)
     refused     the provider definitively created nothing (a     sending
                 refusal, a connection never made, our limiter)
     unknown     the request may have reached the provider        sending (only where the
@@ -83,7 +83,7 @@ class Step(StrEnum):
 
 TRANSITIONS: dict[State | None, frozenset[State]] = {
     None: frozenset({State.SENDING}),
-    State.SENDING: frozenset({State.SUBMITTED, State.REFUSED, State.UNKNOWN, State.DONE}),
+    State.SENDING: frozenset({State.SUBMITTED, State.REFUSED, State.UNKNOWN, State.DONE, State.ARCHIVED}),
     State.REFUSED: frozenset({State.SENDING}),
     State.UNKNOWN: frozenset({State.SENDING, State.SUBMITTED, State.REFUSED}),
     State.SUBMITTED: frozenset({State.SUBMITTED, State.DONE, State.FAILED, State.ARCHIVED, State.UNKNOWN}),

@@ -193,6 +193,19 @@ class ItemJournal:
         self._move(State.FAILED, reason=reason)
 
 
+def _flush_or_log(journal: ItemJournal) -> None:
+    """Record what a step's unsaved writes said; if S3 is still away, log it (the job id is in
+    the log) and go on: the archive step records the item once its images are in S3."""
+    try:
+        journal.flush()
+    except LedgerUnavailable as exc:
+        record = journal.record
+        get_run_logger().error("ledger still unavailable (%s): %s %s stays unrecorded as %s%s", exc,
+                               journal.identity["item_id"], journal.identity["step"],
+                               record.state.value if record else "?",
+                               f", job {record.job_id}" if record and record.job_id else "")
+
+
 def unknown_help(plan: ItemPlan, record: JobRecord) -> str:
     """What a person does about an `unknown` record: the command that settles it."""
     where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
@@ -272,7 +285,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                 journal.failed(exc.message)
             raise
         finally:
-            journal.flush()
+            _flush_or_log(journal)
     files = []
     for index, data in enumerate(result.images, start=1):
         path = Path(plan.work_dir) / f"{plan.item_id}-{index}.png"
@@ -310,7 +323,7 @@ def _refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, generat
             raise
         raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider, code="SubmitUnknown") from exc
     finally:
-        journal.flush()
+        _flush_or_log(journal)
 
 
 @task(task_run_name="upscale-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
@@ -415,14 +428,18 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
     record = _current(ledger.get(plan.item_id), plan.request.request_id)
     if record is not None and record.state is not State.ARCHIVED:
         ledger.move(record, State.ARCHIVED, job_id=generated.job_id, archived=archived.model_dump(mode="json"))
-        _forget_kept_results(ledger, record)
+        kept = list(record.results)
+        if plan.provider_refines:
+            kept += [key for index in range(1, len(generated.files) + 1)
+                     if (refined := ledger.get(plan.item_id, Step.REFINE, index)) is not None for key in refined.results]
+        _forget(ledger, kept)
     return archived
 
 
-def _forget_kept_results(ledger: JobLedger, record: JobRecord) -> None:
+def _forget(ledger: JobLedger, keys: list[str]) -> None:
     """Results kept in the ledger are archived now: delete the copies (best effort)."""
     client = ledger.bucket.credentials.get_s3_client()
-    for key in record.results:
+    for key in keys:
         try:
             client.delete_object(Bucket=ledger.bucket.bucket_name, Key=key)
         except Exception:  # noqa: BLE001 - a leftover copy costs storage, not money

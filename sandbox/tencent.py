@@ -23,7 +23,8 @@ the paid fields, see `sandbox.paid`), ``POST /_sandbox/config`` (latency), ``DEL
   out (the job created, a synchronous image made and charged), as an ambiguous answer looks;
 - ``kind: "drop"`` (with ``after``): carried out, then the connection is cut mid-answer;
 - ``kind: "http_502"`` (with ``after``): carried out, then a gateway error;
-- ``kind: "slow"``: carried out, then answered ``delay`` s later.
+- ``kind: "slow"``: carried out, then answered ``delay`` s later;
+- ``kind: "result_503"``: downloading a result URL the action gave answers 503.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ STATUS_MSG = {"1": "排队中", "2": "处理中", "4": "处理失败", "5": "处
 I2I_RESOLUTIONS = ("origin", "768:768", "768:1024", "1024:768")  # ImageToImage ResultConfig.Resolution
 IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}  # jpg/jpeg/png/bmp/tiff/webp
 CODE_RE = re.compile(r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)*$")  # the shape of Tencent error codes
-FAULT_KINDS = ("drop", "http_502", "slow")
+FAULT_KINDS = ("drop", "http_502", "slow", "result_503")
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -112,6 +113,7 @@ class TencentState:
     sync_in_flight: dict[str, int] = field(default_factory=dict)
     windows: dict[str, SlidingWindow] = field(default_factory=dict)
     results: dict[str, bytes] = field(default_factory=dict)
+    result_actions: dict[str, str] = field(default_factory=dict)
     faults: list[dict[str, Any]] = field(default_factory=list)
     paid: PaidLog = field(default_factory=PaidLog)
     counters: dict[str, int] = field(default_factory=lambda: {
@@ -217,12 +219,14 @@ class TencentEmulator:
             raise ApiError("AuthFailure.SignatureFailure", "The provided credentials could not be validated.")
         return secret_id
 
-    def _take_fault(self, action: str, after: bool) -> dict[str, Any] | None:
-        """The next queued fault for `action` that fires before (or after) the action runs."""
+    def _take_fault(self, action: str, after: bool, kind: str | None = None) -> dict[str, Any] | None:
+        """The next queued fault for `action` that fires before (or after) the action runs;
+        `kind="result_503"` asks for a fault on downloading a result of `action` instead."""
         st = self.state
         with st.lock:
             for fault in st.faults:
                 if fault["count"] > 0 and fault.get("action", action) == action \
+                        and (fault.get("kind") == "result_503") == (kind == "result_503") \
                         and bool(fault.get("after") or fault.get("kind") == "slow") == after:
                     fault["count"] -= 1
                     st.counters["injected_faults"] += 1
@@ -287,12 +291,13 @@ class TencentEmulator:
             raise ApiError("FailedOperation.ImageResolutionExceed", "Each side must be between 50 and 5000 pixels.")
         return raw
 
-    def _answer_image(self, data: bytes, params: dict[str, Any], request: Request) -> str:
+    def _answer_image(self, data: bytes, params: dict[str, Any], request: Request, action: str) -> str:
         if params.get("RspImgType", "base64") != "url":
             return base64.b64encode(data).decode()
         rid = uuid.uuid4().hex
         with self.state.lock:
             self.state.results[rid] = data
+            self.state.result_actions[rid] = action
         return self.state.urls.sign(str(request.base_url), f"/_results/{rid}.png")[0]
 
     def _charge(self, key: str, label: str) -> None:
@@ -333,7 +338,7 @@ class TencentEmulator:
                 self._charge(fingerprint("ImageToImage", prompt, styles, resolution, strength, _sha256_hex(raw)), prompt)
         finally:
             self._leave("ImageToImage")
-        return {"ResultImage": self._answer_image(data, params, request)}
+        return {"ResultImage": self._answer_image(data, params, request, "ImageToImage")}
 
     async def submit_job(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
         prompt = self._text(params, "Prompt", 1024, required=True)
@@ -366,7 +371,7 @@ class TencentEmulator:
                                   "JobErrorMsg": "", "ResultImage": [], "ResultDetails": [], "RevisedPrompt": []}
         if status == "5":
             data = render_png(job.prompt, job.seed, job.width, job.height)
-            answer.update(ResultImage=[self._answer_image(data, {"RspImgType": "url"}, request)],
+            answer.update(ResultImage=[self._answer_image(data, {"RspImgType": "url"}, request, "QueryTextToImageJob")],
                           ResultDetails=["Success"], RevisedPrompt=[job.prompt])
         if status == "4":
             answer.update(JobErrorCode="FailedOperation.GenerateImageFailed", JobErrorMsg="处理失败")
@@ -384,10 +389,10 @@ class TencentEmulator:
                 image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS).save(
                     out, format="PNG")
             with self.state.lock:
-                self._charge(fingerprint("RefineImage", _sha256_hex(raw)), f"RefineImage {w}x{h}")
+                self._charge(fingerprint("RefineImage", _sha256_hex(raw)), f"RefineImage of {_sha256_hex(raw)[:16]}")
         finally:
             self._leave("RefineImage")
-        return {"ResultImage": self._answer_image(out.getvalue(), params, request)}
+        return {"ResultImage": self._answer_image(out.getvalue(), params, request, "RefineImage")}
 
     def _status(self, job: TextJob) -> str:
         elapsed = time.monotonic() - job.created
@@ -407,6 +412,9 @@ class TencentEmulator:
         if self.state.urls.check(request.url.path, request.query_params) is not None:
             return Response(status_code=403)
         rid = request.path_params["rid"]
+        fault = self._take_fault(self.state.result_actions.get(rid, ""), after=False, kind="result_503")
+        if fault is not None:
+            return Response("busy", status_code=503)
         data = self.state.results.get(rid)
         return Response(data, media_type="image/png") if data else Response(status_code=404)
 
@@ -419,7 +427,8 @@ class TencentEmulator:
     async def set_faults(self, request: Request) -> Response:
         def refuse(fault: dict[str, Any]) -> str | None:
             if fault.get("kind") in FAULT_KINDS:
-                return None if fault["kind"] == "slow" or fault.get("after") else f"{fault['kind']} needs after: true"
+                ok = fault["kind"] in ("slow", "result_503") or fault.get("after")
+                return None if ok else f"{fault['kind']} needs after: true"
             return None if CODE_RE.match(str(fault.get("code") or "")) else f"not an error code: {fault.get('code')!r}"
 
         return await fault_hook(request, self.state.lock, self.state.faults, refuse)

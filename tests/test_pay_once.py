@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -274,3 +275,90 @@ def test_ledger_writes_are_conditional_so_a_second_writer_stops_before_sending(s
     with pytest.raises(LedgerConflict):  # the first writer's view is stale now
         one.move(first, State.SUBMITTED, job_id="j-1")
     assert one.get("x").state is State.UNKNOWN
+
+
+# --- S3 goes away right after a paid submit --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_cut(sandbox_blocks):
+    """An AwsCredentials Block `s3-cut` reaching SeaweedFS through a proxy the test can cut,
+    with botocore's own retries off so our ledger's backoff is what is measured."""
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from tests.netcut import CuttableProxy
+
+    proxy = CuttableProxy(int(sandbox_blocks.s3_url.rsplit(":", 1)[1]))
+    AwsCredentials(aws_access_key_id=sandbox_blocks.s3_access_key, aws_secret_access_key=sandbox_blocks.s3_secret_key,
+                   region_name="us-east-1", aws_client_parameters=AwsClientParameters(
+                       endpoint_url=proxy.url, config={"retries": {"max_attempts": 1}, "connect_timeout": 1,
+                                                       "read_timeout": 3})).save("s3-cut", overwrite=True)
+    yield proxy
+    proxy.close()
+
+
+SLOW_ANSWER = {  # the submit is carried out, and its answer comes 4 s later
+    "tams": {"kind": "slow", "count": 1, "method": "POST", "path": "/v1/jobs", "exact": True, "delay": 4},
+    "chuzhan": {"kind": "slow", "count": 1, "delay": 4},
+    "tencent": {"kind": "slow", "count": 1, "action": "SubmitTextToImageJob", "delay": 4},
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_s3_gone_right_after_a_paid_submit_loses_no_job(emulators, s3_cut, tmp_path, provider, caplog) -> None:
+    """S3 goes away while the provider is answering a submit, and stays away longer than the
+    ledger's write retries: the job id is logged, the job is polled to its end meanwhile, and
+    it is recorded and archived once S3 is back. One charge, one image."""
+    name, day = f"s3-cut-{provider}", date(2026, 7, 7)
+    text = spec_text(provider, name, 1).replace("credentials: sandbox}", "credentials: s3-cut}")
+    before = stats(emulators, provider)
+    inject(emulators, provider, **SLOW_ANSWER[provider])
+
+    def submit_arrived() -> bool:
+        now = stats(emulators, provider)
+        if provider == "tams":  # the estimate, then the submit, which waits before it is handled
+            return now["requests"] - before["requests"] >= 2
+        return now["submits"] > before["submits"]
+
+    def cut_s3_while_the_answer_is_on_its_way() -> None:
+        wait_for(submit_arrived, "the submit")
+        s3_cut.cut()
+        time.sleep(24)  # longer than every retry of the write after the submit (about 15 s)
+        s3_cut.restore()
+
+    cutter = threading.Thread(target=cut_s3_while_the_answer_is_on_its_way)
+    cutter.start()
+    state = run_spec(tmp_path, text, day)
+    cutter.join()
+    assert state.is_completed(), manifest_of(state)
+    assert charges(emulators, provider, name) == once_each(name, 1)
+    job_id = manifest_of(state)["items"][0]["job_id"]
+    assert "ledger write failed" in caplog.text and f"job {job_id}" in caplog.text
+    spec = load_spec(write_spec(tmp_path, text, name))
+    (record,) = JobLedger(spec.archive, spec.name, day).records()
+    assert record.state is State.ARCHIVED and record.job_id == job_id
+
+
+# --- the provider's separate paid upscale --------------------------------------------------------------
+
+def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulators, tmp_path) -> None:
+    """Tencent RefineImage is a paid call of its own with its own ledger record: when its
+    result cannot be downloaded (the URL answers 503 past every retry), the retried task
+    downloads again from the recorded URL, and a rerun reads everything back; it pays once."""
+    name, day = "refine-tencent", date(2026, 7, 8)
+    text = spec_text("tencent", name, 2).replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
+    before = stats(emulators, "tencent")
+    inject(emulators, "tencent", kind="result_503", count=6, action="RefineImage")
+    state = run_spec(tmp_path, text, day)
+    after = stats(emulators, "tencent")
+    assert state.is_completed(), manifest_of(state)
+    assert after["injected_faults"] - before["injected_faults"] == 6
+    refined = {k: v["charges"] for k, v in after["paid"].items()
+               if v["label"].startswith("RefineImage") and k not in before["paid"]}
+    assert len(refined) == 2 and set(refined.values()) == {1}, refined
+    assert charges(emulators, "tencent", name) == once_each(name, 2)
+    assert after["by_action"]["RefineImage"] - before["by_action"].get("RefineImage", 0) == 2
+    assert run_spec(tmp_path, text, day).is_completed()  # the rerun reuses all: no call at all
+    assert stats(emulators, "tencent")["requests"] == after["requests"]
+    listed = s3_client(emulators).list_objects_v2(Bucket=TEST_BUCKET, Prefix=f"{name}/{day}/_jobs/")["Contents"]
+    assert not [o["Key"] for o in listed if o["Key"].endswith(".png")], "kept results are deleted once archived"
