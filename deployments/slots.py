@@ -18,7 +18,8 @@ sits idle; and asking with `max_retries=0` to wait our own way logs an ERROR per
   repossessor does that on `prefect server start`, but never in an ephemeral server (the
   temporary one every `imagegen run` without `PREFECT_API_URL` starts, and the test harness):
   there, with the filesystem lease storage in `PREFECT_HOME` that `flows` selects, a dead run's
-  leases outlive it and are freed here, by whichever run waits for the slot next.
+  leases outlive it and are freed here, by whichever run waits for the slot next. Only there
+  (`reclaim_here`): never beside a real server's repossessor.
 
 The limits themselves are the server's: every slot is granted by it, so they hold across
 processes and machines. A missing limit is an error (strict), never a silent pass; an API
@@ -208,32 +209,48 @@ _reclaimed_at = [0.0]
 _reclaim_lock = threading.Lock()
 
 
-def reclaim_expired(force: bool = False) -> int:
-    """Free the slots of expired leases kept in this machine's filesystem lease storage (see
-    the module docstring); returns how many were freed. A no-op with any other lease storage,
-    where the server's own repossessor does it. At most one look every `RECLAIM_EVERY` s."""
+def reclaim_here() -> bool:
+    """Whether this process frees expired leases itself: only with the filesystem lease storage
+    and where no repossessor runs, i.e. an ephemeral server (no `PREFECT_API_URL`).
+    `IMAGEGEN_RECLAIM_LEASES=1` says so for an ephemeral server reached by URL (the test
+    harness); `0` turns it off. Never beside a real server's repossessor: two that free the
+    same expired lease at once could count its slot free twice."""
     from prefect.settings import get_current_settings
 
-    if get_current_settings().server.concurrency.lease_storage != FILESYSTEM_LEASES:
+    settings = get_current_settings()
+    if settings.server.concurrency.lease_storage != FILESYSTEM_LEASES:
+        return False
+    flag = os.environ.get("IMAGEGEN_RECLAIM_LEASES")
+    return flag == "1" if flag is not None else settings.api.url is None
+
+
+def reclaim_expired(force: bool = False) -> int:
+    """Free the slots of expired leases kept in this machine's filesystem lease storage (see
+    the module docstring and `reclaim_here`); returns how many were freed. At most one look
+    every `RECLAIM_EVERY` s per process, and one process at a time (a file lock)."""
+    if not reclaim_here():
         return 0
     with _reclaim_lock:
         if not force and time.monotonic() - _reclaimed_at[0] < RECLAIM_EVERY:
             return 0
         _reclaimed_at[0] = time.monotonic()
+    import fcntl
+
     from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     storage = ConcurrencyLeaseStorage()
     if not storage.storage_path.exists():
         return 0
-    expired = run_coro_as_sync(storage.read_expired_lease_ids(limit=1000)) or []
     freed = 0
-    for lease_id in expired:
-        try:
-            _api().release_concurrency_slots_with_lease(lease_id)
-            freed += 1
-        except httpx.HTTPError:
-            continue  # another process freed it first, or the API is busy: the next look retries
+    with open(storage.storage_path / ".imagegen-reclaim.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process of ours may be freeing the same leases
+        for lease_id in run_coro_as_sync(storage.read_expired_lease_ids(limit=1000)) or []:
+            try:
+                _api().release_concurrency_slots_with_lease(lease_id)
+                freed += 1
+            except httpx.HTTPError:
+                continue  # the API is busy: the next look retries
     if freed:
         from prefect.logging import get_logger
 

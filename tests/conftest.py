@@ -14,6 +14,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # As `imagegen run` does on its own server: leases on disk, so a killed run's slots can be reclaimed.
 os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
+# The test harness is an ephemeral server (no repossessor runs) that is reached by URL.
+os.environ.setdefault("IMAGEGEN_RECLAIM_LEASES", "1")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402

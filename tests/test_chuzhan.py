@@ -233,6 +233,32 @@ def test_provider_audit_failure_is_a_content_rejection(chuzhan, tmp_path) -> Non
     assert error["error"] == "ContentRejected" and "audit" in error["message"]
 
 
+def test_images_that_fail_the_providers_audit_are_archived_as_rejected(chuzhan, tmp_path) -> None:
+    """One task, two images, the first failing 触站AI's own audit: that one is quarantined with
+    the provider's reason, the other approved; the task is not retried (it was paid once)."""
+    before = chuzhan_stats(chuzhan)
+    text = spec_text("cz-audit-part", "  - {id: a, prompt: \"x [[audit1]]\", count: 2}\n")
+    state = run_spec(tmp_path, text, date(2026, 3, 9))
+    after = chuzhan_stats(chuzhan)
+    manifest = manifest_of(state)
+    assert state.is_completed(), manifest
+    first, second = manifest["items"][0]["objects"]
+    assert first["verdict"] == "rejected" and "failed the provider's audit" in first["reasons"][0]
+    assert first["s3_uri"].startswith("s3://imagegen-test/quarantine/")
+    assert second["verdict"] == "approved"
+    assert after["submits"] - before["submits"] == 1
+
+
+def test_the_nonce_keeps_the_attempt_within_32_characters() -> None:
+    from blocks.chuzhan import nonce
+
+    base = "0123456789abcdef0123456789abcdef"
+    assert nonce(base) == base
+    assert nonce(base + "-2") == base[:30] + "-2" and len(nonce(base + "-2")) == 32
+    assert nonce(base + "-12") == base[:29] + "-12"
+    assert len({nonce(f"{base}-{n}") for n in range(2, 40)}) == 38  # every attempt its own nonce
+
+
 def test_in_flight_cap_is_held_by_prefect(chuzhan, tmp_path) -> None:
     httpx.post(f"{chuzhan.chuzhan_url}/_sandbox/config", json={"latency": 1.0})
     items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(5))

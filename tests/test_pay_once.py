@@ -362,3 +362,36 @@ def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulato
     assert stats(emulators, "tencent")["requests"] == after["requests"]
     listed = s3_client(emulators).list_objects_v2(Bucket=TEST_BUCKET, Prefix=f"{name}/{day}/_jobs/")["Contents"]
     assert not [o["Key"] for o in listed if o["Key"].endswith(".png")], "kept results are deleted once archived"
+
+
+def test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good(emulators, tmp_path) -> None:
+    """The case measured in the issue: `imagegen run` with no PREFECT_API_URL (its own
+    temporary server on SQLite in PREFECT_HOME) killed while holding Tencent's single text job
+    slot. Its server dies with it; the next run on that home gets the lane back (the leases
+    were on disk, and the next run frees the expired ones) and completes, paying once."""
+    home = tmp_path / "home"
+    home.mkdir()
+    drop = ("PREFECT_API_URL", "IMAGEGEN_RECLAIM_LEASES", "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE")
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "PREFECT_HOME": str(home),
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    registered = imagegen("sandbox", "register", "--state-dir", emulators.state_dir, env=env)
+    assert registered.returncode == 0, registered.stderr
+    name, day = "embedded-killed-tencent", date(2026, 7, 9)
+    path = write_spec(tmp_path, spec_text("tencent", name, 2), name)
+    configure(emulators, "tencent", latency=8)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and "submitted" in ledger_states(path, day).values(), "a submitted job")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert list((home / "concurrency_leases").glob("*.json")), "the leases were not kept on disk"
+    configure(emulators, "tencent", latency=0.6)
+    started = time.monotonic()
+    again = imagegen("run", str(path), "--run-date", day.isoformat(), env=env)
+    waited = time.monotonic() - started
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert charges(emulators, "tencent", name) == once_each(name, 2)
+    print(f"embedded server, kill and rerun: the rerun took {waited:.0f}s")
