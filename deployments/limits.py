@@ -73,8 +73,13 @@ def apply_limits(accounts: dict[str, list[str]] | None = None, path: Path = LIMI
 
 
 def show_limits() -> list[dict[str, object]]:
-    """The imagegen limits on the current Prefect API with their current usage."""
+    """The imagegen limits on the current Prefect API with their current usage (the slots of
+    expired leases freed first, where this process is the one to do it)."""
     from prefect.client.orchestration import get_client
+
+    from deployments.slots import reclaim_expired
+
+    reclaim_expired(force=True)
 
     rows, offset = [], 0
     with get_client(sync_client=True) as client:

@@ -28,6 +28,7 @@ from blocks import PROVIDERS
 from blocks.base import GenerationRequest, with_retries
 from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
 from blocks.archive import archive_bucket, presigned_url, write_bytes
+from deployments.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
 from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, load_spec, render_key,
@@ -345,6 +346,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
         preflight(plans, path)
         if dry_run:
             return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True)
+        reclaim_expired(force=True)  # slots a dead run left behind, before waiting on any
         # One run of this pipeline and date at a time: a second one waits, then reuses.
         with run_claim(parsed.name, run_date, ledger_of(plans[0])):
             started = datetime.now(timezone.utc)
@@ -353,6 +355,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
             except Exception as exc:
                 _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
                 raise
+        reclaim_expired(force=True)  # a dead run's leases that expired while this one ran
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if manifest["status"] != "complete":
