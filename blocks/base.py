@@ -90,7 +90,7 @@ class JobResult(BaseModel):
     job_id: str
     images: list[bytes]
     credits: float
-    credits_source: Literal["api", "formula"]
+    credits_source: Literal["api", "formula", "charged"]
     polls: int
     rejected: dict[int, str] = Field(default_factory=dict)
 
@@ -107,8 +107,8 @@ class Journal(Protocol):
     def unknown(self, error: BaseException) -> None:
         """The submit may have reached the provider."""
 
-    def submitted(self, job_id: str) -> None:
-        """The provider's job id is known."""
+    def submitted(self, job_id: str, charged: float | None = None) -> None:
+        """The provider's job id is known (and what it said it charged, where it says so)."""
 
     def done(self, job_id: str, images: list[bytes]) -> None:
         """A synchronous answer's images, which the provider cannot give again."""
@@ -120,7 +120,7 @@ class NoJournal:
     def sending(self) -> None: ...
     def refused(self, error: BaseException) -> None: ...
     def unknown(self, error: BaseException) -> None: ...
-    def submitted(self, job_id: str) -> None: ...
+    def submitted(self, job_id: str, charged: float | None = None) -> None: ...
     def done(self, job_id: str, images: list[bytes]) -> None: ...
 
 
@@ -233,6 +233,11 @@ class ImageProvider(Block, ABC):
     def fetch(self, status: JobStatus) -> list[bytes]:
         """Download the result images of a succeeded job (their URLs expire)."""
 
+    def charged(self, job_id: str) -> float | None:
+        """What the provider said it charged for a job this process submitted, where its submit
+        answer says so (触站AI's `used`); None elsewhere (the estimate stands)."""
+        return None
+
     def can_fetch_again(self, job_id: str) -> bool:
         """False when the job's results came with the submit answer and cannot be asked for
         again (a synchronous call): they must be kept before anything else happens."""
@@ -272,8 +277,11 @@ class ImageProvider(Block, ABC):
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
-        return JobResult(job_id=job_id, images=self.fetch(status), credits=estimate.credits,
-                         credits_source=estimate.source, polls=polls, rejected=status.rejected)
+        charged = self.charged(job_id)
+        return JobResult(job_id=job_id, images=self.fetch(status),
+                         credits=estimate.credits if charged is None else charged,
+                         credits_source=estimate.source if charged is None else "charged", polls=polls,
+                         rejected=status.rejected)
 
     def _submit_recorded(self, request: GenerationRequest, journal: Journal, unknown_hold: float) -> str:
         """One submit, recorded: sending, then submitted, refused or unknown."""
@@ -293,7 +301,7 @@ class ImageProvider(Block, ABC):
                 journal.refused(exc)
                 raise
             if self.can_fetch_again(job_id):  # else `run_job` records the images themselves at once
-                journal.submitted(job_id)
+                journal.submitted(job_id, self.charged(job_id))
             return job_id
         raise AssertionError("unreachable")
 

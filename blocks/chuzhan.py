@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import httpx
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr
 
 from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
                          retry_after_seconds, with_retries)
@@ -215,6 +215,8 @@ class ChuzhanProvider(ImageProvider):
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
 
+    _charged: dict[str, float] = PrivateAttr(default_factory=dict)  # job id -> `used` of its submit
+
     def new_client(self) -> httpx.Client:
         return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
                             headers={"Auth-Token": self.api_token.get_secret_value()})
@@ -320,7 +322,13 @@ class ChuzhanProvider(ImageProvider):
         data = self._post(PATH_DRAW, payload, safe_to_repeat=False)
         if not data or not data.get("paintingSign"):
             raise SubmitUnknown("draw answered without a paintingSign", provider=PROVIDER)
-        return str(data["paintingSign"])
+        job_id = str(data["paintingSign"])
+        if data.get("used") is not None:
+            self._charged[job_id] = float(data["used"])  # charged now, at submit
+        return job_id
+
+    def charged(self, job_id: str) -> float | None:
+        return self._charged.get(job_id)
 
     def poll(self, job_id: str) -> JobStatus:
         data = self._post(PATH_DETAIL, {"taskId": job_id, "preview": False, "imgFormat": "png"}) or {}

@@ -118,6 +118,7 @@ class JobRecord(BaseModel):
     block: str
     state: State
     job_id: str | None = None
+    charged: float | None = Field(None, description="What the provider said it charged at submit, where it says so.")
     reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
     results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
     archived: dict[str, Any] | None = None

@@ -363,6 +363,25 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
     return manifest
 
 
+def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]]
+                       ) -> dict[str, tuple[float | None, str]]:
+    """What the items that did not archive may have cost, from their ledger records: a job
+    that ran and failed after the provider charged at submit (触站AI) counts as charged, since
+    no refund is seen; a submit whose answer was never seen may have been charged."""
+    out: dict[str, tuple[float | None, str]] = {}
+    for plan, (_, error) in zip(plans, outcomes, strict=True):
+        if error is None or error.get("step") in ("not submitted", "estimate"):
+            continue
+        record = ledger_of(plan).get(plan.item_id)
+        if record is None or record.base_request_id != plan.request.request_id:
+            continue
+        if record.state is State.FAILED and record.charged:
+            out[plan.item_id] = (record.charged, "charged at submit; the provider reports no refund")
+        elif record.state in (State.UNKNOWN, State.SENDING):
+            out[plan.item_id] = (None, "may have been charged: the answer to its submit was not seen")
+    return out
+
+
 def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date,
                            plans: list[ItemPlan], started: datetime, error: Exception) -> None:
     """A run that stopped on an error still leaves a true manifest: what the ledger says is
@@ -445,7 +464,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
             logger.error("%s", error["message"])  # what a person checks, and the command that settles it
     unstage(parsed, staged)
     manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
-                              frozenset(reused))
+                              frozenset(reused), charges=_charges_of_failed(plans, outcomes))
     manifest["estimated_credits"] = estimated
     publish(parsed, run_date, manifest)
     return manifest

@@ -26,8 +26,11 @@ def artifact_key(name: str) -> str:
 
 def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_date: date,
                    plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]],
-                   started: datetime, reused: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The run manifest: one entry per item, totals, and `complete` or `partial`."""
+                   started: datetime, reused: frozenset[str] = frozenset(),
+                   charges: dict[str, tuple[float | None, str]] | None = None) -> dict[str, Any]:
+    """The run manifest: one entry per item, totals, and `complete` or `partial`. `charges`
+    says what items that did not archive cost anyway (None: may have been charged)."""
+    charges = charges or {}
     from prefect.runtime import flow_run
 
     items = []
@@ -38,7 +41,10 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
             entry.update(job_id=result.job_id, credits=result.credits, credits_source=result.credits_source,
                          objects=result.objects, reused=plan.item_id in reused)
         else:
-            entry.update(credits=0.0, objects=[], error=error)
+            cost, note = charges.get(plan.item_id, (0.0, None))
+            entry.update(credits=cost or 0.0, objects=[], error=error)
+            if note:
+                entry.update(charge=note, credits_unknown=cost is None)
         items.append(entry)
     objects = [o for i in items for o in i["objects"]]
     return {
@@ -53,6 +59,7 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
             "credits": round(sum(i["credits"] for i in items), 4),
             "credits_this_run": round(sum(i["credits"] for i in items if not i.get("reused")), 4),
             "reused_items": sum(bool(i.get("reused")) for i in items),
+            "items_maybe_charged": sum(bool(i.get("credits_unknown")) for i in items),
         },
         "items": items,
     }

@@ -69,7 +69,7 @@ class Generated(BaseModel):
     job_id: str
     request_id: str
     credits: float
-    credits_source: Literal["api", "formula"]
+    credits_source: Literal["api", "formula", "charged"]
     files: list[str]
     submitted_at: datetime
     finished_at: datetime
@@ -178,11 +178,11 @@ class ItemJournal:
     def unknown(self, error: BaseException) -> None:
         self._move(State.UNKNOWN, reason=f"{type(error).__name__}: {error}")
 
-    def submitted(self, job_id: str) -> None:
+    def submitted(self, job_id: str, charged: float | None = None) -> None:
         if self.identity["step"] is Step.GENERATE:
             get_run_logger().info("%s: %s accepted request %s as job %s", self.identity["item_id"],
                                   self.identity["provider"], self.identity["request_id"], job_id)
-        self._move(State.SUBMITTED, job_id=job_id)
+        self._move(State.SUBMITTED, job_id=job_id, **({"charged": charged} if charged is not None else {}))
 
     def done(self, job_id: str, images: list[bytes]) -> None:
         keys = self.ledger.keep_results(self.record, images) if self.record is not None else []
@@ -292,8 +292,10 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
         path.write_bytes(data)
         files.append(str(path))
     upscaled = "provider" if request.upscale_factor else None
+    charged = journal.record.charged if journal.record is not None else None  # said at submit, maybe a run ago
     return Generated(job_id=result.job_id, request_id=journal.record.request_id if journal.record else rid,
-                     credits=result.credits, credits_source=result.credits_source, files=files,
+                     credits=result.credits if charged is None else charged,
+                     credits_source=result.credits_source if charged is None else "charged", files=files,
                      submitted_at=submitted, finished_at=datetime.now(timezone.utc), upscaled_by=upscaled,
                      rejected=result.rejected)
 
