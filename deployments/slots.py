@@ -57,7 +57,7 @@ _client_lock = threading.Lock()
 _client: Any = None
 
 
-def _api() -> Any:
+def api_client() -> Any:
     """One open sync Prefect client for the process (its httpx client is thread-safe)."""
     global _client
     with _client_lock:
@@ -127,7 +127,7 @@ def take_rate(name: str, per_second: float) -> Callable[[], None]:
             asked = time.monotonic()
             try:
                 answer = _slot_call(f"rate slot {name}",
-                                    lambda: _api().increment_concurrency_slots([name], 1, "rate_limit"))
+                                    lambda: api_client().increment_concurrency_slots([name], 1, "rate_limit"))
             except httpx.HTTPStatusError as exc:
                 wait = _locked(exc)
                 if wait is None:
@@ -175,7 +175,7 @@ class _Renewer:
                 continue
             for lease_id, duration in leases.items():
                 try:
-                    _api().renew_concurrency_lease(lease_id, duration)
+                    api_client().renew_concurrency_lease(lease_id, duration)
                 except Exception as exc:  # noqa: BLE001 - keep renewing the others
                     get_logger("imagegen.slots").warning("could not renew lease %s: %s", lease_id,
                                                          type(exc).__name__)
@@ -247,7 +247,7 @@ def reclaim_expired(force: bool = False) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process of ours may be freeing the same leases
         for lease_id in run_coro_as_sync(storage.read_expired_lease_ids(limit=1000)) or []:
             try:
-                _api().release_concurrency_slots_with_lease(lease_id)
+                api_client().release_concurrency_slots_with_lease(lease_id)
                 freed += 1
             except httpx.HTTPError:
                 continue  # the API is busy: the next look retries
@@ -273,7 +273,7 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
     waited = False
     while True:
         try:
-            answer = _slot_call(f"slot of {name}", lambda: _api().increment_concurrency_slots_with_lease(
+            answer = _slot_call(f"slot of {name}", lambda: api_client().increment_concurrency_slots_with_lease(
                 [name], 1, "concurrency", lease_seconds, holder))
         except httpx.HTTPStatusError as exc:
             if _locked(exc) is None:
@@ -297,7 +297,7 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
     finally:
         _renewer.remove(lease_id)
         try:
-            _slot_call(f"release of {name}", lambda: _api().release_concurrency_slots_with_lease(lease_id))
+            _slot_call(f"release of {name}", lambda: api_client().release_concurrency_slots_with_lease(lease_id))
         except Exception as exc:  # noqa: BLE001 - the lease frees it; the job's own outcome stands
             from prefect.logging import get_logger
 

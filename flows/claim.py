@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
 
-from deployments.slots import _api, configured_lease, hold
+from deployments.slots import api_client, configured_lease, hold
 from flows.ledger import JobLedger
 
 CLAIM_LEASE_SECONDS = 60
@@ -29,7 +29,7 @@ def _ensure_limit(name: str) -> None:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    client = _api()
+    client = api_client()
     try:
         client.read_global_concurrency_limit_by_name(name)
         return

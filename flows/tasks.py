@@ -185,7 +185,12 @@ class ItemJournal:
         self._move(State.SUBMITTED, job_id=job_id, **({"charged": charged} if charged is not None else {}))
 
     def done(self, job_id: str, images: list[bytes]) -> None:
-        keys = self.ledger.keep_results(self.record, images) if self.record is not None else []
+        try:
+            keys = self.ledger.keep_results(self.record, images) if self.record is not None else []
+        except LedgerUnavailable as exc:  # the images are in memory: the step goes on and archives them
+            get_run_logger().error("could not keep the results of %s %s (%s); they are archived from memory",
+                                   self.identity["item_id"], self.identity["step"], exc)
+            keys = []
         self._move(State.DONE, job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id,
                    results=keys)
 
