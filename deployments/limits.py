@@ -74,7 +74,8 @@ def apply_limits(accounts: dict[str, list[str]] | None = None, path: Path = LIMI
 
 def show_limits() -> list[dict[str, object]]:
     """The imagegen limits on the current Prefect API with their current usage (the slots of
-    expired leases freed first, where this process is the one to do it)."""
+    expired leases freed first, where this process is the one to do it). Run claims
+    (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held."""
     from prefect.client.orchestration import get_client
 
     from deployments.slots import reclaim_expired
@@ -87,7 +88,8 @@ def show_limits() -> list[dict[str, object]]:
             page = client.read_global_concurrency_limits(limit=200, offset=offset)
             rows += [{"name": l.name, "limit": l.limit, "active_slots": l.active_slots,
                       "slot_decay_per_second": l.slot_decay_per_second, "active": l.active}
-                     for l in page if l.name.startswith("imagegen:")]
+                     for l in page if l.name.startswith("imagegen:")
+                     and not (l.name.startswith("imagegen:run:") and not l.active_slots)]  # claims: only held
             if len(page) < 200:
                 return sorted(rows, key=lambda r: str(r["name"]))
             offset += 200
