@@ -224,23 +224,49 @@ def wait_for(check, what: str, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("provider", ["chuzhan", "tencent"])
-def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_path, provider) -> None:
-    """Killed with one job submitted and the others waiting for the provider's job slots (触站AI
-    2 in flight, Tencent 1): the rerun gets the dead run's slots (and its claim on the date)
-    back within one lease period, though the Prefect API has no repossessor running,
-    resumes the submitted job by id and submits the rest, without a person. (TAMS: the same in
-    test_limits_and_faults.)"""
-    name, day = f"killed-{provider}", date(2026, 7, 5)
+def archived_one(path: Path, day: date) -> bool:
+    return "archived" in ledger_states(path, day).values()
+
+
+def settle_unknown_as_a_person_would(state, provider: str, path: Path, day: date, name: str) -> list[str]:
+    """Resolve every `unknown` item with the job the emulator made for its prompt (as a person
+    finds it in the console), or `--not-sent` when there is none; returns the items settled."""
+    settled = []
+    spec = load_spec(path)
+    for record in JobLedger(spec.archive, spec.name, day).records():
+        if record.state is not State.UNKNOWN:
+            continue
+        prompt = f"item {record.item_id.removeprefix('i')} of {name}"
+        found = stats(state, provider)["tasks" if provider == "chuzhan" else "jobs"]
+        job = next((j for j, v in found.items() if v["prompt"] == prompt), None)
+        how = ["--job-id", job] if job else ["--not-sent"]
+        assert imagegen("ledger", "resolve", str(path), record.item_id, "--run-date", day.isoformat(),
+                        *how).returncode == 0
+        settled.append(record.item_id)
+    return settled
+
+
+@pytest.mark.parametrize(("provider", "moment"), [("chuzhan", "after a submit"), ("tencent", "after a submit"),
+                                                  ("tams", "archiving"), ("chuzhan", "archiving"),
+                                                  ("tencent", "archiving")])
+def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_path, provider, moment) -> None:
+    """Killed right after a submit was answered (the others waiting for the provider's job
+    slots: 触站AI 2 in flight, Tencent 1) or while items are being archived: the rerun gets the
+    dead run's slots (and its claim on the date) back within one lease period, though the
+    Prefect API has no repossessor running, resumes submitted jobs by id, reuses archived items
+    and submits the rest, without a person. Only a kill between a submit and its answer may
+    leave that one item `unknown` on 触站AI or Tencent; it is settled as a person would. (TAMS
+    killed mid-polling: test_limits_and_faults.)"""
+    name, day = f"killed-{provider}-{moment.split()[0]}", date(2026, 7, 5)
     path = write_spec(tmp_path, spec_text(provider, name, 3), name)
-    configure(emulators, provider, latency=8)
-    env = cli_env()
+    configure(emulators, provider, latency=8 if moment == "after a submit" else 2)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
-                            env=env, cwd=ROOT, stdout=(tmp_path / "killed.log").open("w"), stderr=subprocess.STDOUT,
+                            env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    ready = (lambda: "submitted" in ledger_states(path, day).values()) if moment == "after a submit" else \
+        (lambda: archived_one(path, day))
     try:
-        wait_for(lambda: proc.poll() is None and "submitted" in ledger_states(path, day).values(),
-                 "a submitted job")
+        wait_for(lambda: proc.poll() is None and ready(), moment)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -249,12 +275,19 @@ def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_pat
     started = time.monotonic()
     again = run_spec(tmp_path, path.read_text(), day)
     waited = time.monotonic() - started
+    settled: list[str] = []
+    if not again.is_completed() and provider != "tams":
+        errors = {i["item"]: i["error"]["error"] for i in manifest_of(again)["items"] if i.get("error")}
+        assert set(errors.values()) == {"SubmitUnknown"} and len(errors) == 1, errors
+        settled = settle_unknown_as_a_person_would(emulators, provider, path, day, name)
+        again = run_spec(tmp_path, path.read_text(), day)
     assert again.is_completed(), manifest_of(again)
     assert charges(emulators, provider, name) == once_each(name, 3)
     # The dead run's leases (60 s, Prefect's minimum, renewed every 20 s) expire and are reclaimed
     # by the waiting rerun: within one lease period of the kill, plus the run itself.
     assert waited < 100, f"the rerun waited {waited:.0f}s for the dead run's slots"
-    print(f"{provider} kill and rerun: the rerun took {waited:.0f}s, charges {charges(emulators, provider, name)}")
+    print(f"{provider} killed {moment}: the rerun took {waited:.0f}s, charges {charges(emulators, provider, name)}, "
+          f"settled by hand: {settled or 'none'}")
     slots = {r["name"]: r["active_slots"] for r in show_limits()}
     assert all(v == 0 for k, v in slots.items() if f":{provider}:sandbox:jobs:" in k), slots
 
