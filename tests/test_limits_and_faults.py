@@ -31,7 +31,7 @@ provider: tams
 blocks: {{tams: {block}}}
 generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
 archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
-run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4{extra_run}}}
+run: {{poll_interval: 0.2, job_timeout: 60{extra_run}{'' if 'max_parallel' in extra_run else ', max_parallel: 4'}}}
 items:
 {items}"""
 

@@ -43,7 +43,7 @@ provider: {provider}
 blocks: {{{provider}: sandbox}}
 generate: {GENERATE[provider]}
 archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
-run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4, unknown_hold: 1{run}}}
+run: {{poll_interval: 0.2, job_timeout: 60, unknown_hold: 1{run}{'' if 'max_parallel' in run else ', max_parallel: 4'}}}
 items:
 {items}"""
 

@@ -214,7 +214,7 @@ blocks: {{tencent: sandbox}}
 generate: {{width: 1024, height: 1024, options: {{LogoAdd: 0, Resolution: "768:1024"}}}}
 upscale: {{engine: provider, factor: 2}}
 archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
-run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4{extra}}}
+run: {{poll_interval: 0.2, job_timeout: 60{extra}{'' if 'max_parallel' in extra else ', max_parallel: 4'}}}
 items:
 {items}"""
 
