@@ -22,12 +22,7 @@ class InputImageError(ValueError):
 def read_input(source: str, *, s3_credentials: str, timeout: float) -> tuple[bytes, str]:
     """The bytes and MIME type of a local path, `s3://` object or http(s) URL."""
     if source.startswith(("http://", "https://")):
-        try:
-            response = httpx.get(source, timeout=timeout, follow_redirects=True)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise InputImageError(f"cannot download input image {source}: {type(exc).__name__}") from None
-        data = response.content
+        data = _download(source, timeout)
     elif source.startswith("s3://"):
         from blocks.archive import read_uri
 
@@ -35,6 +30,27 @@ def read_input(source: str, *, s3_credentials: str, timeout: float) -> tuple[byt
     else:
         data = Path(source).read_bytes()
     return data, mime_of(data, source)
+
+
+def _download(url: str, timeout: float, max_redirects: int = 5) -> bytes:
+    """GET an input image, checking the address of the URL and of every redirect first."""
+    from flows.confine import InputRefused, check_url
+
+    for _ in range(max_redirects + 1):
+        try:
+            check_url(url, resolve=True)
+        except InputRefused as exc:
+            raise InputImageError(f"input image {url.split('?')[0]}: {exc}") from None
+        try:
+            response = httpx.get(url, timeout=timeout, follow_redirects=False)
+            if response.is_redirect:
+                url = str(response.next_request.url) if response.next_request else url
+                continue
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise InputImageError(f"cannot download input image {url.split('?')[0]}: {type(exc).__name__}") from None
+        return response.content
+    raise InputImageError(f"input image {url.split('?')[0]}: more than {max_redirects} redirects")
 
 
 def mime_of(data: bytes, name: str = "image") -> str:
