@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -20,12 +21,17 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
                       field_validator)
 
-from flows.yamlpos import Position, closest_position, load_with_positions, snippet
+from flows import confine
+from flows.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 ProviderName = Literal["tams", "chuzhan", "tencent"]
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 KEY_FIELDS = {"pipeline", "run_date", "item", "index", "provider"}
+MAX_SPEC_BYTES = 1_000_000
+MAX_ITEMS = 10_000
+LEDGER_DIR = "_jobs"
+OWNER_KEY = "{pipeline}/_owner.json"
 
 
 def input_digest(input_image: str | None) -> str | None:
@@ -39,7 +45,8 @@ def input_digest(input_image: str | None) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `yes` is no integer and "512" no number; no infinities or NaN anywhere.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class GenerateSettings(_Strict):
@@ -133,34 +140,91 @@ class ArchiveSettings(_Strict):
     @field_validator("manifest_template")
     @classmethod
     def _manifest(cls, value: str) -> str:
-        try:
-            render_manifest_key(value, pipeline="p", run_date=date(2026, 1, 31))
-        except (ValueError, KeyError, IndexError) as exc:
-            raise ValueError(f"manifest template must use only {{pipeline}} and {{run_date}}: {exc}") from None
+        check_template(value, {"pipeline", "run_date"})
         return value
 
     @field_validator("key_template")
     @classmethod
     def _template(cls, value: str) -> str:
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
-        except ValueError as exc:
-            raise ValueError(f"malformed key template: {exc}") from None
-        unknown = sorted({f for f in fields if f not in KEY_FIELDS})
-        if unknown:
-            raise ValueError(
-                f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)} in key template; "
-                f"allowed: {', '.join('{' + f + '}' for f in sorted(KEY_FIELDS))}"
-            )
+        fields = check_template(value, KEY_FIELDS)
         if "item" not in fields:
             raise ValueError("key template must contain {item}")
-        try:
-            render_key(value, pipeline="p", run_date=date(2026, 1, 31), item="i", index=1, provider="x")
-        except (ValueError, KeyError, IndexError) as exc:
-            raise ValueError(f"key template does not render: {exc}") from None
-        if value.startswith("/"):
-            raise ValueError("key template must not start with '/'")
         return value
+
+    @field_validator("quarantine_prefix", "review_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.strip("/"):
+            raise ValueError("must not be empty: these keys would land on the archive's own")
+        if "{" in value or "}" in value:
+            raise ValueError("a prefix is plain text, without {fields}")
+        problem = key_problem(value.strip("/"))
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def check_template(template: str, allowed: set[str]) -> set[str]:
+    """The fields of a key template; `ValueError` unless it starts with `{pipeline}/`, has
+    `{run_date}`, uses only `allowed` fields and no format spec that could make two different
+    values one key (only `{index:03d}`-style padding and a `{run_date:...}` strftime format that
+    tells every date apart)."""
+    try:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"malformed template: {exc}") from None
+    fields = {f for f, _, _ in parsed}
+    unknown = sorted(fields - allowed)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)} in template; "
+                         f"allowed: {', '.join('{' + f + '}' for f in sorted(allowed))}")
+    for field, spec, conv in parsed:
+        if conv:
+            raise ValueError(f"{{{field}!{conv}}}: conversions change what a key says; use {{{field}}}")
+        if not spec:
+            continue
+        if field == "index" and re.fullmatch(r"0?[1-9]?d?", spec):
+            continue
+        if field == "run_date" and _tells_dates_apart(spec):
+            continue
+        why = ("a strftime format that gives two dates one key (it needs the year, month and day)"
+               if field == "run_date" else "a format spec, which can cut or change the value and make keys collide")
+        raise ValueError(f"{{{field}:{spec}}} has {why}")
+    if not template.startswith("{pipeline}/"):
+        raise ValueError("template must start with {pipeline}/ so that it writes only in this pipeline's own prefix")
+    if "run_date" not in fields:
+        raise ValueError("template must contain {run_date}, or every run date overwrites the last")
+    return fields
+
+
+def _tells_dates_apart(strftime: str) -> bool:
+    if "{" in strftime or "}" in strftime:
+        return False
+    days = [date(2024, 1, 1) + timedelta(days=n) for n in range(4 * 366)]
+    days += [date(year, month, 28) for year in range(2000, 2100) for month in (1, 12)]
+    try:
+        return len({d.strftime(strftime) for d in days}) == len(set(days))
+    except ValueError:
+        return False
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` is no safe S3 key of ours (absolute, empty/`.`/`..` segment, control
+    characters, too long), or None."""
+    if key.startswith("/"):
+        return f"{key!r} is absolute (starts with '/')"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return f"{key!r} has an empty, '.' or '..' path segment"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return f"{key!r} has a control character"
+    if len(key.encode()) > 1024:
+        return "a key is longer than S3's 1024 bytes"
+    return None
+
+
+def sidecar_key(key: str) -> str:
+    """The JSON sidecar beside an image key: its extension replaced by `.json`."""
+    return key.rsplit(".", 1)[0] + ".json" if "." in key.rsplit("/", 1)[-1] else key + ".json"
 
 
 class RunSettings(_Strict):
@@ -199,19 +263,19 @@ class Item(_Strict):
             return None
         parsed = urlparse(value)
         if parsed.scheme in ("http", "https"):
-            if not parsed.netloc:
-                raise ValueError("URL has no host")
+            confine.check_url(value, resolve=False)
             return value
         if parsed.scheme == "s3":
             if not parsed.netloc or not parsed.path.strip("/"):
                 raise ValueError("s3 URI must look like s3://bucket/key")
-            return value
+            return value  # its bucket is checked against the archive's (`_cross_checks`)
         if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
             raise ValueError(f"unsupported scheme {parsed.scheme!r}; use a path, s3:// or https://")
         base = (info.context or {}).get("base_dir")
         path = Path(value) if base is None else Path(base) / value
+        confine.check_local_input(path, None if base is None else Path(base))
         if not path.is_file():
-            raise ValueError(f"input image not found: {path}")
+            raise ValueError(f"input image not found: {value}")
         return str(path.resolve())
 
 
@@ -230,7 +294,7 @@ class PipelineSpec(_Strict):
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     archive: ArchiveSettings
     run: RunSettings = Field(default_factory=RunSettings)
-    items: list[Item] = Field(min_length=1)
+    items: list[Item] = Field(min_length=1, max_length=MAX_ITEMS)
 
     def item_id(self, index: int) -> str:
         """The id of item `index`: its own, or one made from what it asks for (`item-<8 hex>`),
@@ -315,9 +379,33 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def resolve_spec_path(spec: str | Path) -> Path:
-    """A spec argument is a path, or a name of a file in `pipelines/` (with or without .yaml)."""
+class SpecRefused(SpecError):
+    """A spec argument that names no file we may read as a spec."""
+
+    def __init__(self, spec: str, why: str) -> None:
+        super().__init__([SpecIssue(spec, 1, 1, "", why, "")])
+
+
+def resolve_spec_path(spec: str | Path, *, confined: bool = False) -> Path:
+    """A spec argument is a path, or a name of a file in `pipelines/` (with or without .yaml).
+
+    `confined` (a deployment's parameter, which anyone with UI access may type) accepts only
+    names in `pipelines/` and paths under `IMAGEGEN_SPEC_ROOTS`; `SpecRefused` otherwise."""
+    text = str(spec)
+    if confined and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text) and ".." not in text:
+        for candidate in (PIPELINES_DIR / f"{text}.yaml", PIPELINES_DIR / f"{text}.yml", PIPELINES_DIR / text):
+            if candidate.is_file():
+                return candidate
     path = Path(spec)
+    if confined:
+        roots = confine.spec_roots(PIPELINES_DIR)
+        if not confine.inside(path if path.is_absolute() else PIPELINES_DIR.parent / path, roots):
+            raise SpecRefused(text, "a deployment's spec must be a name in pipelines/ or a path under "
+                                    f"{confine.SPEC_ROOTS} ({', '.join(str(r) for r in roots)})")
+        path = path if path.is_absolute() else PIPELINES_DIR.parent / path
+        if not path.is_file():
+            raise SpecRefused(text, "no such spec")
+        return path
     if path.is_file():
         return path
     for candidate in (PIPELINES_DIR / f"{spec}.yaml", PIPELINES_DIR / f"{spec}.yml", PIPELINES_DIR / str(spec)):
@@ -333,23 +421,50 @@ def merge(base: Any, overrides: Any) -> Any:
     return overrides
 
 
-def load_spec(spec: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
-    """Read and validate a spec file, with `overrides` merged over it; raise `SpecError`
-    naming file, line and field."""
-    path = resolve_spec_path(spec)
+def read_spec_text(path: Path) -> str:
+    """The text of a spec file: at most `MAX_SPEC_BYTES`, UTF-8; `SpecError` in one line otherwise."""
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError([SpecIssue(name, 1, 1, "", f"cannot read spec: {exc.strerror}", "")]) from None
-    return parse_spec(text, name=name, base_dir=path.resolve().parent, overrides=overrides)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([SpecIssue(name, 1, 1, "", f"spec file is larger than {MAX_SPEC_BYTES:,} bytes; "
+                                   f"split it (at most {MAX_ITEMS:,} items a spec)", "")])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError([SpecIssue(name, line, column, "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
+                                   f"{exc.start}; save the file as UTF-8", "")]) from None
+
+
+def load_spec(spec: str | Path, overrides: dict[str, Any] | None = None, *, confined: bool = False) -> PipelineSpec:
+    """Read and validate a spec file, with `overrides` merged over it; raise `SpecError`
+    naming file, line and field."""
+    path = resolve_spec_path(spec, confined=confined)
+    text = read_spec_text(path)
+    return parse_spec(text, name=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+def looks_like_spec(text: str) -> bool:
+    """A top-level `version:` or `name:` line: only then do errors quote the file's lines."""
+    return re.search(r"^(version|name)[ \t]*:", text, re.MULTILINE) is not None
 
 
 def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
                overrides: dict[str, Any] | None = None) -> PipelineSpec:
     """Validate spec text; `name` is what errors call the file."""
+    if not looks_like_spec(text):
+        raise SpecError([SpecIssue(name, 1, 1, "", "not a pipeline spec (it has no top-level `version:` or "
+                                   "`name:`); none of its content is shown", "")])
     try:
         data, positions = load_with_positions(text)
+    except YamlRefused as exc:
+        raise SpecError([SpecIssue(name, exc.position.line, exc.position.column, _field_name(exc.path),
+                                   exc.message, snippet(text, exc.position))]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         pos = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
@@ -358,13 +473,18 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
     if not isinstance(data, dict):
         pos = Position(1, 1)
         raise SpecError([SpecIssue(name, 1, 1, "", "a spec must be a YAML mapping", snippet(text, pos))])
+    items = data.get("items")
+    if isinstance(items, list) and len(items) > MAX_ITEMS:
+        pos = closest_position(("items",), positions)
+        raise SpecError([SpecIssue(name, pos.line, pos.column, "items", f"{len(items):,} items; a spec has at most "
+                                   f"{MAX_ITEMS:,} (split it into several specs)", snippet(text, pos))])
     if overrides:
         data = merge(data, overrides)
     try:
         spec = PipelineSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         issues = []
-        for err in exc.errors(include_url=False):
+        for err in exc.errors(include_url=False, include_input=False):
             loc = tuple(err["loc"])
             # An unknown key points at the key itself; other errors at the offending value.
             pos = closest_position(loc, positions, value=err["type"] != "extra_forbidden")
@@ -407,4 +527,72 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
             SpecIssue(name, pos.line, pos.column, "archive.key_template",
                       "an item has count > 1, so the key template needs {index}", snippet(text, pos))
         )
+        return issues
+    for index, item in enumerate(spec.items):
+        if item.input_image and item.input_image.startswith("s3://"):
+            try:
+                confine.check_s3_input(item.input_image, spec.archive.bucket)
+            except confine.InputRefused as exc:
+                pos = closest_position(("items", index, "input_image"), positions, value=True)
+                issues.append(SpecIssue(name, pos.line, pos.column, f"items[{index}].input_image", str(exc),
+                                        snippet(text, pos)))
+    for loc, message in key_collisions(spec, date.today()):
+        pos = closest_position(loc, positions, value=True)
+        issues.append(SpecIssue(name, pos.line, pos.column, _field_name(loc), message, snippet(text, pos)))
+        if len(issues) >= 20:
+            break
     return issues
+
+
+def key_collisions(spec: PipelineSpec, run_date: date) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every S3 key the run would write for `run_date`, checked: two writers of one key, an
+    image key that ends like a sidecar, a key in the ledger, review staging, quarantine or
+    manifest namespace, or outside the pipeline's prefix, and keys S3 would misread.
+    Returns (spec location, message) pairs; linear in the number of images."""
+    archive = spec.archive
+    manifest = render_manifest_key(archive.manifest_template, pipeline=spec.name, run_date=run_date)
+    base = manifest.rsplit("/", 1)[0] + "/"
+    quarantine, staging = archive.quarantine_prefix.strip("/") + "/", archive.review_prefix.strip("/") + "/"
+    ledger = base + LEDGER_DIR + "/"
+    own = spec.name + "/"
+    template_at = ("archive", "key_template")
+    writers: dict[str, str] = {manifest: "the manifest", base + "phashes.json": "the run's perceptual hashes",
+                               OWNER_KEY.format(pipeline=spec.name): "the pipeline's owner record"}
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    if quarantine == staging:
+        return [(("archive", "review_prefix"), "review_prefix and quarantine_prefix must differ")]
+    for prefix, what in ((quarantine, "quarantine_prefix"), (staging, "review_prefix")):
+        if manifest.startswith(prefix) or own.startswith(prefix):
+            out.append((("archive", what), f"{what} {prefix!r} holds this pipeline's own keys"))
+    if out:
+        return out
+    for index, item in enumerate(spec.items):
+        item_id = spec.item_id(index)
+        for n in range(1, item.count + 1):
+            image = render_key(archive.key_template, pipeline=spec.name, run_date=run_date, item=item_id, index=n,
+                               provider=spec.provider_of(item))
+            where = f"items[{index}] ({item_id}) image {n}"
+            problem = key_problem(image)
+            if problem is None and image.lower().endswith(".json"):
+                problem = f"image key {image!r} ends like a sidecar (.json); its sidecar would overwrite it"
+            if problem is None and not image.startswith(own):
+                problem = f"image key {image!r} is outside the pipeline's prefix {own!r}"
+            for namespace, what in ((ledger, "the job ledger"), (quarantine, "the quarantine"),
+                                    (staging, "review staging")):
+                if problem is None and image.startswith(namespace):
+                    problem = f"image key {image!r} is inside {what} ({namespace})"
+            if problem is not None:
+                out.append((("items", index) if "{item" not in archive.key_template or item.id is None
+                            else template_at, problem))
+                return out  # one template problem repeats for every item
+            keys = {image: "image", sidecar_key(image): "sidecar", quarantine + image: "quarantined image",
+                    sidecar_key(quarantine + image): "quarantined sidecar", staging + image: "image in review"}
+            for key, kind in keys.items():
+                other = writers.get(key)
+                if other is not None:
+                    out.append((("items", index, "id"), f"its {kind} key {key!r} is also the key of {other}"))
+                    break
+                writers[key] = f"{kind} {n} of items[{index}] ({item_id})"
+            if len(out) >= 20:
+                return out
+    return out

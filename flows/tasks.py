@@ -24,7 +24,7 @@ from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryabl
 from deployments.limits import PrefectLimiter
 from flows import images
 from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
-from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key
+from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key, sidecar_key
 
 
 class ItemPlan(BaseModel):
@@ -413,8 +413,8 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
         if not verdict.approved:
             key = f"{plan.archive.quarantine_prefix.strip('/')}/{key}"
         uri = write_bytes(bucket, key, data)
-        sidecar_key = key.rsplit(".", 1)[0] + ".json" if "." in key.rsplit("/", 1)[-1] else key + ".json"
-        sidecar = {
+        sidecar = sidecar_key(key)
+        sidecar_doc = {
             "pipeline": plan.pipeline, "spec_sha256": plan.spec_sha256, "run_date": plan.run_date.isoformat(),
             "item": plan.item_id, "index": verdict.index, "prompt": request.prompt,
             "negative_prompt": request.negative_prompt, "seed": request.seed, "provider": plan.provider,
@@ -426,9 +426,9 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
             "submitted_at": generated.submitted_at, "finished_at": generated.finished_at,
             "archived_at": datetime.now(timezone.utc),
         }
-        sidecar_uri = write_json(bucket, sidecar_key, sidecar)
+        sidecar_uri = write_json(bucket, sidecar, sidecar_doc)
         objects.append({"index": verdict.index, "s3_uri": uri, "sidecar": sidecar_uri, "sha256": digest,
-                        "phash": phash, "verdict": sidecar["verdict"], "reasons": verdict.reasons})
+                        "phash": phash, "verdict": sidecar_doc["verdict"], "reasons": verdict.reasons})
     archived = ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
                             credits=generated.credits, credits_source=generated.credits_source, objects=objects)
     ledger = ledger_of(plan)

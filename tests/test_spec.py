@@ -66,9 +66,10 @@ def test_good_spec_loads(tmp_path: Path) -> None:
     pytest.param(GOOD.replace("    prompt: a cat\n", "    prompt: a cat\n    input_image: missing.png\n"), 12,
                  "items[0].input_image", "input image not found", id="missing-input-image"),
     pytest.param(GOOD.replace("    prompt: a cat\n", "    prompt: a cat\n    count: 2\n").replace(
-        "  bucket: imagegen-test\n", "  bucket: imagegen-test\n  key_template: \"{item}.png\"\n"),
+        "  bucket: imagegen-test\n", "  bucket: imagegen-test\n  key_template: \"{pipeline}/{run_date}/{item}.png\"\n"),
         9, "archive.key_template", "needs {index}", id="count-without-index"),
-    pytest.param("- just\n- a list\n", 1, "", "must be a YAML mapping", id="not-a-mapping"),
+    pytest.param("- just\n- a list\n", 1, "", "not a pipeline spec", id="not-a-mapping"),
+        pytest.param("name: x\n- a list\n", 2, "", "invalid YAML", id="not-a-mapping-either"),
 ])
 def test_bad_spec_names_file_line_and_field(tmp_path: Path, text: str, line: int, field: str, message: str) -> None:
     issues = issue_of(tmp_path, text)
