@@ -154,6 +154,9 @@ class ImageProvider(Block, ABC):
     """True when submitting the same request id twice returns the first job (no second charge)."""
     credit_unit: ClassVar[str] = "credits"
     """What the provider's estimates and `run.max_credits` count."""
+    spec_fields: ClassVar[dict[str, str]] = {}
+    """Request fields the client fills from validated spec fields (wire name -> spec field):
+    `generate.options` may not set them, or an option would override a checked value."""
 
     _limiter: Limiter = PrivateAttr(default_factory=NoLimits)
     _http: httpx.Client | None = PrivateAttr(default=None)

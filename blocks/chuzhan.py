@@ -208,6 +208,12 @@ class ChuzhanProvider(ImageProvider):
     _documentation_url = "https://chuzhanai.apifox.cn/"
     provider_name: ClassVar[str] = PROVIDER
     idempotent_submit: ClassVar[bool] = False  # charged at submit; a repeat is a second charge
+    spec_fields: ClassVar[dict[str, str]] = {  # the `/v1/draw` fields `draw_params()` fills
+        "prompt": "items.prompt", "negativePrompt": "items.negative_prompt", "width": "generate.width",
+        "height": "generate.height", "modelStyleId": "generate.model", "batchSize": "items.count",
+        "seed": "items.seed", "nonce": "(the request id)", "steps": "generate.steps", "cfgScale": "generate.cfg_scale",
+        "denoisingStrength": "generate.denoising_strength", "img": "items.input_image", "upscale": "upscale.factor",
+        "callback": "(the client)", "predictConsume": "(the client)"}
 
     api_token: SecretStr = Field(description="API token from the open-platform console (sent as Auth-Token).")
     endpoint: str = Field("https://ai.huashi6.com/aiapi", description="API base URL.")

@@ -132,6 +132,11 @@ class TamsProvider(ImageProvider):
     _documentation_url = "https://tams-docs.tensor.art/docs/api/guide/integration-faq"
     provider_name: ClassVar[str] = PROVIDER
     idempotent_submit: ClassVar[bool] = True  # the same requestId returns the same job
+    spec_fields: ClassVar[dict[str, str]] = {  # the DIFFUSION stage fields `stages()` fills
+        "width": "generate.width", "height": "generate.height", "prompts": "items.prompt",
+        "negativePrompts": "items.negative_prompt", "sampler": "generate.sampler", "sdVae": "generate.vae",
+        "steps": "generate.steps", "cfgScale": "generate.cfg_scale", "sdModel": "generate.model",
+        "denoisingStrength": "generate.denoising_strength"}
 
     app_id: str = Field(description="The app id shown on the TAMS console.")
     private_key: SecretStr = Field(description="PEM of the app's RSA private key (2048 bits or more).")

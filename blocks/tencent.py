@@ -182,6 +182,10 @@ class TencentAiArtProvider(ImageProvider):
     provider_name: ClassVar[str] = PROVIDER
     upscale_in_job: ClassVar[bool] = False  # RefineImage is a call of its own
     credit_unit: ClassVar[str] = "billable calls"  # no per-call price is published
+    spec_fields: ClassVar[dict[str, str]] = {  # what `submit()` fills from the spec, never from options
+        "Prompt": "items.prompt", "NegativePrompt": "items.negative_prompt", "Seed": "items.seed",
+        "InputImage": "items.input_image", "InputUrl": "items.input_image", "ResultConfig": "generate.options.Resolution",
+        "Strength": "generate.denoising_strength"}
 
     secret_id: SecretStr = Field(description="The API key's SecretId.")
     secret_key: SecretStr = Field(description="The API key's SecretKey.")

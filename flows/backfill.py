@@ -90,8 +90,10 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
     """Run `spec` for every date from `start` to `end`, skipping dates already complete."""
     from prefect.runtime import flow_run
 
+    from prefect.runtime import deployment as this_deployment
+
     logger = get_run_logger()
-    spec_path = str(resolve_spec_path(spec))
+    spec_path = str(resolve_spec_path(spec, confined=this_deployment.id is not None))
     parsed = load_spec(spec_path)
     name = parsed.name
     dates = dates_between(start, end)

@@ -33,12 +33,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_pipeline
     from flows.report import PipelineIncomplete, format_table, summary_rows
 
-    try:
-        load_spec(args.spec)  # refuse a bad spec before starting Prefect at all
+    from flows.pipeline import plan_items, preflight
+
+    try:  # refuse a bad spec, provider rules included, before starting Prefect at all
+        path = resolve_spec_path(args.spec)
+        preflight(plan_items(load_spec(path), "", args.run_date or date.today(), ""), path)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
-    state = run_pipeline(spec=args.spec, run_date=args.run_date, return_state=True)
+    state = run_pipeline(spec=args.spec, run_date=args.run_date, take_over_name=args.take_over_name,
+                         return_state=True)
     outcome = state.result(raise_on_failure=False)
     manifest = outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
     if not isinstance(manifest, dict):
@@ -242,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a pipeline spec now")
     r.add_argument("spec", metavar="SPEC", help="a path, or a name in pipelines/")
     r.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
+    r.add_argument("--take-over-name", action="store_true",
+                   help="this spec replaces another spec file that archived under the same name")
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("estimate", help="print the credits a spec will cost, per provider")
     e.add_argument("spec", metavar="SPEC")

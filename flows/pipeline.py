@@ -31,9 +31,10 @@ from blocks.archive import archive_bucket, presigned_url, write_bytes
 from deployments.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
-from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, load_spec, render_key,
+from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, load_spec, read_spec_text, render_key,
                         resolve_spec_path)
 from flows.claim import run_claim
+from flows.owner import own_name
 from flows.ledger import State
 from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, lane_of, ledger_of, provider_for,
                          review, upload, upscale)
@@ -99,11 +100,26 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
 
 def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
     """Validate every request against its provider's rules, offline; raise `SpecError`."""
-    text = spec_file.read_text(encoding="utf-8")
+    text = read_spec_text(spec_file)
     _, positions = load_with_positions(text)
     issues = []
+    overridden: set[tuple[str, str]] = set()
     for index, plan in enumerate(plans):
         provider = PROVIDERS[plan.provider]
+        for option in plan.request.options:
+            field = provider.spec_fields.get(option)
+            if field is None or (plan.provider, option) in overridden:
+                continue
+            overridden.add((plan.provider, option))
+            loc = ("generate", "provider_options", plan.provider, option)
+            if loc not in positions:
+                loc = ("generate", "options", option)
+            pos = closest_position(loc, positions)
+            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, ".".join(map(str, loc)),
+                                    f"{plan.provider} takes {option!r} from {field}, which the spec checks; "
+                                    "options may not override it", snippet(text, pos)))
+        if overridden:
+            continue
         try:
             provider.validate(plan.request)
             if plan.provider_refines:
@@ -326,17 +342,21 @@ def in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, Prefe
 
 @flow(name="run-pipeline", log_prints=True)
 def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, Any] | None = None,
-                 dry_run: bool = False) -> dict[str, Any]:
+                 dry_run: bool = False, take_over_name: bool = False) -> dict[str, Any]:
     """Run one pipeline spec for one run date.
 
     Args:
-        spec: A pipeline name from `pipelines/` (e.g. `demo`) or a path to a spec file.
+        spec: A pipeline name from `pipelines/` (e.g. `demo`); run from a deployment, a path only
+            under `IMAGEGEN_SPEC_ROOTS`.
         run_date: The date the run is for (keys, manifest, seeds); the scheduled date if empty.
         overrides: Spec fields to change for this run, e.g. `{"run": {"max_credits": 50}}`.
         dry_run: Validate and estimate only; no paid call is made.
+        take_over_name: This spec replaces another spec file that had the same `name`.
     """
+    from prefect.runtime import deployment
+
     logger = get_run_logger()
-    path = resolve_spec_path(spec)
+    path = resolve_spec_path(spec, confined=deployment.id is not None)
     parsed = load_spec(path, overrides)
     run_date = run_date or _default_run_date()
     spec_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -346,6 +366,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
         preflight(plans, path)
         if dry_run:
             return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True)
+        own_name(parsed, path, spec_sha256, take_over=take_over_name)  # one name, one spec file
         reclaim_expired(force=True)  # slots a dead run left behind, before waiting on any
         # One run of this pipeline and date at a time: a second one waits, then reuses.
         with run_claim(parsed.name, run_date, ledger_of(plans[0])):

@@ -16,6 +16,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
 # The test harness is an ephemeral server (no repossessor runs) that is reached by URL.
 os.environ.setdefault("IMAGEGEN_RECLAIM_LEASES", "1")
+# Specs written in tmp folders use the project's sample input images.
+os.environ.setdefault("IMAGEGEN_INPUT_ROOTS", str(Path(__file__).resolve().parent.parent / "pipelines" / "assets"))
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
@@ -62,7 +64,7 @@ def run_spec(tmp_path: Path, text: str, run_date: date):  # noqa: ANN201 - a Pre
     """Write a spec and run the flow on it for `run_date`; returns the flow run's final state."""
     from flows.pipeline import run_pipeline
 
-    path = tmp_path / f"spec-{run_date}.yaml"
+    path = tmp_path / "spec.yaml"  # one file per test: a pipeline name belongs to one spec file
     path.write_text(text)
     return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 

@@ -1,0 +1,66 @@
+"""One name, one spec: the archive prefix `<pipeline>/` records which spec file owns it.
+
+Two different spec files with the same `name` would share one archive prefix and one ledger,
+and each would overwrite the other's images and manifests. The first run of a name writes
+`<pipeline>/_owner.json` (created only if absent, with a conditional write) naming the spec by
+its path: relative to the project for specs in the checkout, so every worker's clone agrees;
+absolute otherwise. A run of another file with that name is refused before it reads or writes
+anything else, unless told to take the name over (`imagegen run --take-over-name`, or the
+flow's `take_over_name` parameter), which rewrites the record.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from blocks.archive import archive_bucket, read_json
+from flows.ledger import with_backoff
+from flows.spec import OWNER_KEY, PIPELINES_DIR, PipelineSpec
+
+
+class NameTaken(RuntimeError):
+    """Another spec file already archives under this pipeline name."""
+
+
+def spec_identity(path: Path) -> str:
+    """The spec's path, relative to the project when it is inside the checkout."""
+    resolved, project = path.resolve(), PIPELINES_DIR.parent.resolve()
+    return str(resolved.relative_to(project)) if resolved.is_relative_to(project) else str(resolved)
+
+
+def own_name(spec: PipelineSpec, path: Path, spec_sha256: str, *, take_over: bool = False) -> None:
+    """Record `path` as the owner of `spec.name` in the archive, or raise `NameTaken`."""
+    bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
+    key = OWNER_KEY.format(pipeline=spec.name)
+    mine = spec_identity(path)
+    found: dict[str, Any] | None = with_backoff(lambda: read_json(bucket, key), "owner record read")
+    if found is not None and found.get("spec") == mine:
+        return
+    if found is not None and not take_over:
+        raise NameTaken(
+            f"pipeline name {spec.name!r} in s3://{spec.archive.bucket}/{spec.name}/ belongs to spec {found.get('spec')} "
+            f"(since {found.get('since', '?')}); this spec is {mine}. Give this spec its own `name:`, or, if it "
+            "replaces that one, run once with --take-over-name (flow parameter take_over_name)")
+    record = {"spec": mine, "spec_sha256": spec_sha256, "since": datetime.now(timezone.utc).isoformat(),
+              "previous": found.get("spec") if found else None}
+    body = json.dumps(record, indent=2, sort_keys=True).encode()
+    client = bucket.credentials.get_s3_client()
+    condition = {} if found is not None else {"IfNoneMatch": "*"}
+
+    def write() -> bool:
+        try:
+            client.put_object(Bucket=spec.archive.bucket, Key=key, Body=body, ContentType="application/json",
+                              **condition)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                return False  # another run created it first: its answer decides
+            raise
+        return True
+
+    if not with_backoff(write, "owner record write"):
+        own_name(spec, path, spec_sha256, take_over=False)
