@@ -74,9 +74,12 @@ def deployed(server, sandbox, tmp_path_factory):
     assert "work pool imagegen-process created (type process)" in setup.stdout
     deploy = cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
     assert "run-pipeline" in deploy.stdout
-    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], env,
+    specs = tmp_path_factory.mktemp("specs")
+    # A deployment's `spec` is confined to pipelines/ and the configured spec roots.
+    worker_env = {**env, "IMAGEGEN_SPEC_ROOTS": str(specs)}
+    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], worker_env,
                       home / f"worker-{n}.log") for n in (1, 2)]
-    spec = tmp_path_factory.mktemp("specs") / "server.yaml"
+    spec = specs / "server.yaml"
     spec.write_text(f"""\
 version: 1
 name: server-e2e
@@ -137,6 +140,28 @@ def test_run_triggered_through_the_api_lands_in_s3(deployed, sandbox) -> None:
     keys = {o["Key"] for o in s3_client(sandbox).list_objects_v2(Bucket=TEST_BUCKET, Prefix="server-e2e/2026-09-01/")
             ["Contents"]}
     assert {"server-e2e/2026-09-01/a-1.png", "server-e2e/2026-09-01/b-1.png"} <= keys
+
+
+def test_a_spec_parameter_outside_the_spec_roots_is_refused_and_never_echoed(deployed, tmp_path) -> None:
+    """Someone types a secrets file's path as the deployment's `spec` in the UI: the run fails
+    naming the rule, and none of the file's content reaches Prefect's logs or the run's state."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    env, _ = deployed
+    secret = tmp_path / "aws.env"
+    secret.write_text("version: 1\nname: x\nAWS_SECRET_ACCESS_KEY: hostile-secret-value-do-not-print\n")
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
+        runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"spec": spec})
+                for spec in (str(secret), "../../../etc/passwd")]
+        finals = [wait_final(client, run.id) for run in runs]
+        logs = [log.message for run in runs
+                for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
+    for final in finals:
+        assert final.state.is_failed()
+        assert "a deployment's spec must be a name in pipelines/" in final.state.message
+    assert any("IMAGEGEN_SPEC_ROOTS" in line for line in logs)
+    assert not any("hostile-secret" in line or "root:" in line for line in logs + [f.state.message for f in finals])
 
 
 def test_a_schedule_produces_a_run_by_itself(deployed) -> None:
