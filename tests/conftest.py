@@ -60,11 +60,12 @@ def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launche
     return sandbox
 
 
-def run_spec(tmp_path: Path, text: str, run_date: date):  # noqa: ANN201 - a Prefect State
-    """Write a spec and run the flow on it for `run_date`; returns the flow run's final state."""
+def run_spec(tmp_path: Path, text: str, run_date: date, path: Path | None = None):  # noqa: ANN201 - a Prefect State
+    """Write a spec (at `path`, or one file per test: a pipeline name belongs to one spec file)
+    and run the flow on it for `run_date`; returns the flow run's final state."""
     from flows.pipeline import run_pipeline
 
-    path = tmp_path / "spec.yaml"  # one file per test: a pipeline name belongs to one spec file
+    path = path or tmp_path / "spec.yaml"
     path.write_text(text)
     return run_pipeline(spec=str(path), run_date=run_date, return_state=True)
 

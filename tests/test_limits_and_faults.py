@@ -207,14 +207,14 @@ def test_budget_is_per_provider_in_its_own_unit(emulator, tmp_path) -> None:
         "blocks: {tams: sandbox}", "blocks: {tams: sandbox, chuzhan: sandbox}")
     path = tmp_path / "mixed.yaml"
     path.write_text(mixed)
-    with pytest.raises(SpecError, match=r"mixed.yaml:7:74: run.max_credits: .*different units.*{chuzhan: 100, tams: 100}"):
+    with pytest.raises(SpecError, match=r"mixed.yaml:7:57: run.max_credits: .*different units.*{chuzhan: 100, tams: 100}"):
         load_spec(path)
     path.write_text(mixed.replace("max_credits: 3", "max_credits: {tams: 2, chuzhan: 1000}"))
-    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7))
+    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7), path=path)
     assert state.is_failed() and "{'tams': 3.0}" in str(state.result(raise_on_failure=False))  # 3 TAMS items, cap 2
     path.write_text(mixed.replace("max_credits: 3", "max_credits: {tams: 3, chuzhan: 1000}"))
     before = tams_stats(emulator)
-    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7))
+    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7), path=path)
     assert state.is_completed() and tams_stats(emulator)["submits"] - before["submits"] == 3
 
 
@@ -256,7 +256,7 @@ def test_killed_run_resumes_without_paying_twice(emulator, tmp_path) -> None:
     killed = tams_stats(emulator)
     assert killed["charges"] == before["charges"], "the jobs were not finished when the run was killed"
     httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"latency": 0.6})
-    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 6))
+    state = run_spec(tmp_path, path.read_text(), date(2026, 2, 6), path=path)
     after = tams_stats(emulator)
     assert state.is_completed()
     assert after["submits"] - before["submits"] == 4, "an item was submitted twice"

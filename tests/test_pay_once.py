@@ -116,7 +116,7 @@ def test_a_refused_submit_is_sent_again_by_the_rerun_and_paid_once(emulators, tm
     name, day = f"refused-{provider}", date(2026, 7, 1)
     path = write_spec(tmp_path, spec_text(provider, name, 3, ", max_parallel: 1"), name)
     refuse_next_submit(emulators, provider)
-    first = run_spec(tmp_path, path.read_text(), day)
+    first = run_spec(tmp_path, path.read_text(), day, path=path)
     manifest = manifest_of(first)
     assert first.is_failed() and manifest["totals"]["images"] == 0
     assert manifest["items"][0]["error"]["error"] == "AccountStop"
@@ -125,7 +125,7 @@ def test_a_refused_submit_is_sent_again_by_the_rerun_and_paid_once(emulators, tm
     httpx.delete(f"{url(emulators, provider)}/_sandbox/faults")
     if provider != "tencent":
         configure(emulators, provider, balance=100000)
-    again = run_spec(tmp_path, path.read_text(), day)
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
     assert again.is_completed(), manifest_of(again)
     assert charges(emulators, provider, name) == once_each(name, 3)
     assert set(ledger_states(path, day).values()) == {"archived"}
@@ -151,7 +151,7 @@ def test_an_ambiguous_answer_after_the_job_was_created_is_never_paid_twice(emula
     name, day = f"ambiguous-{provider}", date(2026, 7, 2)
     path = write_spec(tmp_path, spec_text(provider, name, 3, ", max_parallel: 1"), name)
     inject(emulators, provider, **AMBIGUOUS[provider])
-    first = run_spec(tmp_path, path.read_text(), day)
+    first = run_spec(tmp_path, path.read_text(), day, path=path)
     if provider == "tams":  # asked again with the same request id: the provider returns the job it made
         assert first.is_completed(), manifest_of(first)
         assert charges(emulators, provider, name) == once_each(name, 3)
@@ -165,13 +165,13 @@ def test_an_ambiguous_answer_after_the_job_was_created_is_never_paid_twice(emula
     assert charges(emulators, provider, name) == once_each(name, 3)  # the provider made and charged it once
     # A rerun does not send it blindly again.
     submits = stats(emulators, provider)["submits"]
-    second = run_spec(tmp_path, path.read_text(), day)
+    second = run_spec(tmp_path, path.read_text(), day, path=path)
     assert second.is_failed() and stats(emulators, provider)["submits"] == submits
     # A person finds the job in the console and records it; the next run polls it and archives.
     job_id = job_of(emulators, provider, f"item 0 of {name}")
     settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", job_id)
     assert settled.returncode == 0, settled.stderr
-    third = run_spec(tmp_path, path.read_text(), day)
+    third = run_spec(tmp_path, path.read_text(), day, path=path)
     assert third.is_completed(), manifest_of(third)
     assert stats(emulators, provider)["submits"] == submits
     assert charges(emulators, provider, name) == once_each(name, 3)
@@ -184,13 +184,13 @@ def test_a_person_can_say_not_sent_and_the_next_run_submits_it(emulators, tmp_pa
     name, day = "not-sent-chuzhan", date(2026, 7, 3)
     path = write_spec(tmp_path, spec_text("chuzhan", name, 1), name)
     inject(emulators, "chuzhan", kind="error_before", count=1)
-    assert run_spec(tmp_path, path.read_text(), day).is_failed()
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_failed()
     assert charges(emulators, "chuzhan", name) == {}
     shown = imagegen("ledger", "show", str(path), "--run-date", day.isoformat())
     assert shown.returncode == 0 and "unknown" in shown.stdout and "i0" in shown.stdout
     settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
     assert settled.returncode == 0, settled.stderr
-    assert run_spec(tmp_path, path.read_text(), day).is_completed()
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
     assert charges(emulators, "chuzhan", name) == once_each(name, 1)
 
 
@@ -273,14 +273,14 @@ def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_pat
     assert proc.returncode == -signal.SIGKILL
     configure(emulators, provider, latency=0.6)
     started = time.monotonic()
-    again = run_spec(tmp_path, path.read_text(), day)
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
     waited = time.monotonic() - started
     settled: list[str] = []
     if not again.is_completed() and provider != "tams":
         errors = {i["item"]: i["error"]["error"] for i in manifest_of(again)["items"] if i.get("error")}
         assert set(errors.values()) == {"SubmitUnknown"} and len(errors) == 1, errors
         settled = settle_unknown_as_a_person_would(emulators, provider, path, day, name)
-        again = run_spec(tmp_path, path.read_text(), day)
+        again = run_spec(tmp_path, path.read_text(), day, path=path)
     assert again.is_completed(), manifest_of(again)
     assert charges(emulators, provider, name) == once_each(name, 3)
     # The dead run's leases (60 s, Prefect's minimum, renewed every 20 s) expire and are reclaimed

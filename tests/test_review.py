@@ -142,7 +142,8 @@ def test_human_timeout_applies_the_default(sandbox_blocks, tmp_path) -> None:
     assert obj["verdict"] == "rejected" and obj.get("dropped") and "default reject" in obj["reasons"][0]
     stored = keys(s3_client(sandbox_blocks), "human-timeout/")  # dropped: neither image nor sidecar
     assert stored == {"human-timeout/2026-05-05/manifest.json", "human-timeout/2026-05-05/_jobs/lone.json",
-                      "human-timeout/2026-05-05/_jobs/_run.json"}  # the ledger and the run claim's note
+                      "human-timeout/2026-05-05/_jobs/_run.json",  # the ledger and the run claim's note
+                      "human-timeout/_owner.json"}  # which spec file owns the name
     assert keys(s3_client(sandbox_blocks), "quarantine/human-timeout/") == set()
 
 
