@@ -8,11 +8,13 @@ download its results. `run_job` chains submit, poll and fetch the same way for a
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import random
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -337,16 +339,33 @@ class ImageProvider(Block, ABC):
 T = TypeVar("T")
 
 
-def with_retries(call: Callable[[], T], attempts: int, *, extra_wait: Callable[[TransientError], int] | None = None) -> T:
-    """Call, retrying `TransientError` up to `attempts` times with backoff (and Retry-After);
-    `extra_wait` may add backoff steps for errors that need a longer pause."""
+MAX_RETRY_AFTER = 60.0
+"""Longest Retry-After honoured; a provider asking for more gets a transient failure at once."""
+CALL_DEADLINE = 300.0
+"""Seconds one call may take in all, retries and their waits included (checked before each wait)."""
+
+
+def with_retries(call: Callable[[], T], attempts: int, *, extra_wait: Callable[[TransientError], int] | None = None,
+                 deadline: float = CALL_DEADLINE) -> T:
+    """Call, retrying `TransientError` up to `attempts` times with backoff (and Retry-After, up
+    to `MAX_RETRY_AFTER`), within `deadline` seconds in all; `extra_wait` may add backoff steps
+    for errors that need a longer pause."""
+    started = time.monotonic()
     for attempt in range(attempts):
         try:
             return call()
         except TransientError as exc:
             if attempt + 1 >= attempts:
                 raise
-            time.sleep(backoff_delay(attempt + (extra_wait(exc) if extra_wait else 0), exc.retry_after))
+            if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER:
+                raise TransientError(f"{exc.message} (the provider asks to wait {exc.retry_after:.0f} s, more than "
+                                     f"{MAX_RETRY_AFTER:.0f} s: not retried now)", provider=exc.provider,
+                                     code=exc.code, retry_after=exc.retry_after) from None
+            delay = backoff_delay(attempt + (extra_wait(exc) if extra_wait else 0), exc.retry_after)
+            if time.monotonic() - started + delay > deadline:
+                raise TransientError(f"{exc.message} (gave up: the call's {deadline:.0f} s deadline would pass)",
+                                     provider=exc.provider, code=exc.code, retry_after=exc.retry_after) from None
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -374,9 +393,19 @@ def backoff_delay(attempt: int, retry_after: float | None, *, base: float = 0.5,
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
-    """A Retry-After header in seconds, if the response has a numeric one."""
+    """A Retry-After header in seconds: its delay-seconds form, or its HTTP-date form counted
+    from now (RFC 9110 10.2.3); None when absent or unreadable."""
     value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

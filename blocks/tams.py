@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
                          retry_after_seconds, with_retries)
@@ -72,6 +72,18 @@ def load_private_key(pem: str) -> rsa.RSAPrivateKey:
 def string_to_sign(method: str, path: str, timestamp: str, nonce: str, body: str) -> str:
     """`METHOD\\nPATH?QUERY\\nTIMESTAMP\\nNONCE\\nBODY`, no trailing newline."""
     return f"{method.upper()}\n{path}\n{timestamp}\n{nonce}\n{body}"
+
+
+class BearerToken(httpx.Auth):
+    """TAMS simple authentication: `Authorization: Bearer <token>` on every call (what the
+    official ComfyUI nodes send); not offered on the China edition."""
+
+    def __init__(self, token: SecretStr | None) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token.get_secret_value() if self._token else ''}"
+        yield request
 
 
 class TamsSigner(httpx.Auth):
@@ -139,14 +151,24 @@ class TamsProvider(ImageProvider):
         "denoisingStrength": "generate.denoising_strength"}
 
     app_id: str = Field(description="The app id shown on the TAMS console.")
-    private_key: SecretStr = Field(description="PEM of the app's RSA private key (2048 bits or more).")
+    private_key: SecretStr | None = Field(
+        None, description="PEM of the app's RSA private key (2048 bits or more): standard (signed) authentication.")
+    api_token: SecretStr | None = Field(
+        None, description="The app's token: simple authentication (`Authorization: Bearer`). Give this or private_key.")
     endpoint: str = Field("https://ap-east-1.tensorart.cloud", description="The app's endpoint URL.")
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
     max_attempts: int = Field(5, description="Attempts per call on transient errors (429, 5xx, network).")
 
+    @model_validator(mode="after")
+    def _one_credential(self) -> TamsProvider:
+        if (self.private_key is None) == (self.api_token is None):
+            raise ValueError("give the TAMS Block exactly one of private_key (signed requests) or api_token (Bearer)")
+        return self
+
     def new_client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
-                            auth=TamsSigner(self.app_id, self.private_key), headers={"Accept": "application/json"})
+        auth = TamsSigner(self.app_id, self.private_key) if self.private_key is not None else BearerToken(self.api_token)
+        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout, auth=auth,
+                            headers={"Accept": "application/json"})
 
     # --- HTTP with retries and error mapping -------------------------------------------------
     def _call(self, method: str, path: str, payload: dict | None = None) -> dict:

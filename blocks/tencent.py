@@ -42,7 +42,7 @@ TEXT_JOB, TEXT_QUERY, IMAGE_TO_IMAGE, REFINE = ("SubmitTextToImageJob", "QueryTe
 STATUS = {"1": JobState.QUEUED, "2": JobState.RUNNING, "4": JobState.FAILED, "5": JobState.SUCCEEDED}
 I2I_RESOLUTIONS = ("origin", "768:768", "768:1024", "1024:768")
 I2I_PROMPT_MAX, TEXT_PROMPT_MAX = 256, 1024
-IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}  # MPO: a phone camera's JPEG (CIPA DC-007)
 MAX_BASE64 = 8 * 1024 * 1024  # the page says 8 MB; an error message says 10 MB: the stricter one
 SYNC_PREFIX = "sync:"
 
@@ -58,9 +58,11 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
     "FailedOperation.RpcFail": TransientError, "FailedOperation.RequestTimeout": TransientError,
     "FailedOperation.Unknown": TransientError, "FailedOperation.ConsoleServerError": TransientError,
     "FailedOperation.ImageDownloadError": TransientError, "ResourceUnavailable.Delivering": TransientError,
+    # "please try again": retried, at most GENERATE_FAILED_RETRIES times, then a content rejection
+    "FailedOperation.GenerateImageFailed": TransientError,
     # content rejection: recorded, never retried
     "OperationDenied.TextIllegalDetected": ContentRejected, "OperationDenied.ImageIllegalDetected": ContentRejected,
-    "FailedOperation.ModerationFailed": ContentRejected, "FailedOperation.GenerateImageFailed": ContentRejected,
+    "FailedOperation.ModerationFailed": ContentRejected,
     # account stop: credentials, balance or service state; a person must act
     "AuthFailure.SignatureFailure": AccountStop, "AuthFailure.SignatureExpire": AccountStop,
     "AuthFailure.SecretIdNotFound": AccountStop, "AuthFailure.InvalidSecretId": AccountStop,
@@ -81,7 +83,18 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
     "RequestSizeLimitExceeded": BadRequest, "FailedOperation.JobNotExist": BadRequest, "InvalidAction": BadRequest,
     "NoSuchVersion": BadRequest, "UnsupportedRegion": BadRequest, "UnsupportedOperation": BadRequest,
     "ActionOffline": BadRequest,
+    # prefixes, for codes the SDK does not list yet: credentials and permissions stop the account
+    "AuthFailure": AccountStop, "OperationDenied": AccountStop,
 }
+GENERATE_FAILED = "FailedOperation.GenerateImageFailed"
+GENERATE_FAILED_RETRIES = 2  # the document: "retry once or twice, then treat as content rejection"
+I2I_MAX_PIXELS = 2000 * 2000  # FailedOperation.ImageResolutionExceed: "> 2000x2000" (read as the area; assumed)
+# What each action takes besides the fields the spec fills (`spec_fields`); any other option is
+# an error, never silently dropped. `Resolution` is our short form of ImageToImage's ResultConfig.
+I2I_OPTIONS = frozenset({"Styles", "ResultConfig", "Resolution", "LogoAdd", "LogoParam", "RspImgType",
+                         "EnhanceImage", "RestoreFace"})
+TEXT_OPTIONS = frozenset({"LogoAdd", "LogoParam", "Revise"})
+LOGO_FIELDS, RECT_FIELDS = frozenset({"LogoUrl", "LogoImage", "LogoRect"}), ("X", "Y", "Width", "Height")
 
 
 # Answers to a paid action that do not tell whether it was acted on: the error came from
@@ -89,6 +102,20 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
 AMBIGUOUS_CODES = frozenset({"InternalError", "FailedOperation.InnerError", "FailedOperation.ServerError",
                              "FailedOperation.RpcFail", "FailedOperation.RequestTimeout", "FailedOperation.Unknown"})
 REFUSED_STATUS = frozenset({429, 503})  # HTTP answers that say the request was turned away
+
+
+def check_logo(logo: Any) -> str | None:
+    """Why a LogoParam is malformed ({LogoUrl | LogoImage, LogoRect{X, Y, Width, Height}}), or None."""
+    if not isinstance(logo, dict) or not logo.keys() <= LOGO_FIELDS:
+        return f"must be a mapping of {', '.join(sorted(LOGO_FIELDS))}"
+    if not (logo.get("LogoUrl") or logo.get("LogoImage")):
+        return "needs LogoUrl or LogoImage"
+    rect = logo.get("LogoRect")
+    if rect is not None and not (isinstance(rect, dict) and set(rect) <= set(RECT_FIELDS) and all(
+            isinstance(rect.get(k, 0), int) and not isinstance(rect.get(k, 0), bool) and rect.get(k, 0) >= 0
+            for k in RECT_FIELDS)):
+        return "LogoRect takes non-negative integers X, Y, Width, Height"
+    return None
 
 
 def map_error(code: str, message: str) -> ProviderError:
@@ -148,8 +175,8 @@ class TC3Signer(httpx.Auth):
         yield request
 
 
-def check_image(data: bytes, field: str = "items.input_image") -> None:
-    """The input-image rules of ImageToImage and RefineImage, before any call."""
+def check_image(data: bytes, field: str = "items.input_image", max_pixels: int | None = None) -> None:
+    """The input-image rules of ImageToImage (`max_pixels`) and RefineImage, before any call."""
     def bad(why: str) -> BadRequest:
         return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
 
@@ -162,6 +189,8 @@ def check_image(data: bytes, field: str = "items.input_image") -> None:
         raise bad(f"format {fmt} not accepted (JPG, PNG, BMP, TIFF, WEBP)")
     if not (50 < w < 5000 and 50 < h < 5000):
         raise bad(f"{w}x{h}: each side must be between 50 and 5000 pixels")
+    if max_pixels is not None and w * h > max_pixels:
+        raise bad(f"{w}x{h} is over 2000x2000 pixels (ImageResolutionExceed); scale it down first")
     if len(base64.b64encode(data)) >= MAX_BASE64:
         raise bad("base64 size must be under 8 MB")
 
@@ -184,7 +213,7 @@ class TencentAiArtProvider(ImageProvider):
     credit_unit: ClassVar[str] = "billable calls"  # no per-call price is published
     spec_fields: ClassVar[dict[str, str]] = {  # what `submit()` fills from the spec, never from options
         "Prompt": "items.prompt", "NegativePrompt": "items.negative_prompt", "Seed": "items.seed",
-        "InputImage": "items.input_image", "InputUrl": "items.input_image", "ResultConfig": "generate.options.Resolution",
+        "InputImage": "items.input_image", "InputUrl": "items.input_image",
         "Strength": "generate.denoising_strength"}
 
     secret_id: SecretStr = Field(description="The API key's SecretId.")
@@ -207,6 +236,7 @@ class TencentAiArtProvider(ImageProvider):
         say whether it was acted on (a cut connection, a gateway error, `InternalError`): that
         is `SubmitUnknown`. Refusals (rate and job limits, 503, 429) are retried."""
         body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()  # as the SDK
+        generate_failed = [0]
 
         def once() -> dict[str, Any]:
             try:
@@ -235,7 +265,12 @@ class TencentAiArtProvider(ImageProvider):
                 if not safe_to_repeat and code in AMBIGUOUS_CODES:
                     raise SubmitUnknown(f"{action}: {code} does not say whether the job was created",
                                         provider=PROVIDER, code=code)
-                raise map_error(code, str(answer["Error"].get("Message", "")))
+                message = str(answer["Error"].get("Message", ""))
+                if code == GENERATE_FAILED:
+                    generate_failed[0] += 1
+                    if generate_failed[0] > GENERATE_FAILED_RETRIES:
+                        raise ContentRejected(f"{message} ({generate_failed[0]} times)", provider=PROVIDER, code=code)
+                raise map_error(code, message)
             answer.pop("RequestId", None)
             return answer
 
@@ -248,12 +283,25 @@ class TencentAiArtProvider(ImageProvider):
     def _options(request: GenerationRequest) -> dict[str, Any]:
         return dict(request.options)
 
+    @staticmethod
+    def _resolution(opts: dict[str, Any]) -> str:
+        """ImageToImage's ResultConfig.Resolution: as given in `ResultConfig`, or `Resolution`."""
+        config = opts.get("ResultConfig")
+        return str(config.get("Resolution", "origin") if isinstance(config, dict) else opts.get("Resolution", "origin"))
+
     @classmethod
     def validate(cls, request: GenerationRequest) -> None:
         def bad(field: str, why: str) -> BadRequest:
             return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
 
         opts = cls._options(request)
+        known = I2I_OPTIONS | TEXT_OPTIONS  # one spec's options serve both actions: each takes its own
+        for name in opts:
+            if name not in known and name not in cls.spec_fields:
+                raise bad(f"generate.options.{name}", f"neither ImageToImage nor SubmitTextToImageJob has this field "
+                                                      f"(options: {', '.join(sorted(known))})")
+        if "LogoParam" in opts and (why := check_logo(opts["LogoParam"])):
+            raise bad("generate.options.LogoParam", why)
         if "LogoAdd" not in opts:
             raise bad("generate.options.LogoAdd", "say whether to add the provider's 'AI generated' mark: "
                                                   "1 (Tencent's default) or 0")
@@ -272,9 +320,14 @@ class TencentAiArtProvider(ImageProvider):
                 raise bad("generate.denoising_strength", f"{strength} must be in (0, 1]")
             if not 0 <= int(opts.get("RestoreFace", 0)) <= 6:
                 raise bad("generate.options.RestoreFace", "must be 0..6")
-            resolution = opts.get("Resolution", "origin")
+            if "ResultConfig" in opts and ("Resolution" in opts or not isinstance(opts["ResultConfig"], dict)
+                                           or set(opts["ResultConfig"]) != {"Resolution"}):
+                raise bad("generate.options.ResultConfig", "give {Resolution: ...} here or Resolution alone, not both")
+            resolution = cls._resolution(opts)
             if resolution not in I2I_RESOLUTIONS:
                 raise bad("generate.options.Resolution", f"{resolution!r} not one of {', '.join(I2I_RESOLUTIONS)}")
+            if int(opts.get("EnhanceImage", 0)) not in (0, 1):
+                raise bad("generate.options.EnhanceImage", "must be 0 or 1")
             styles = [str(s) for s in opts.get("Styles", ["201"])]
             if any(s.startswith("1") for s in styles) and len(styles) > 1:
                 raise bad("generate.options.Styles", "1xx styles cannot be mixed with other styles")
@@ -293,7 +346,7 @@ class TencentAiArtProvider(ImageProvider):
     def output_size(cls, request: GenerationRequest) -> tuple[int, int] | None:
         if not request.has_input:
             return request.width, request.height
-        resolution = str(request.options.get("Resolution", "origin"))
+        resolution = cls._resolution(request.options)
         return None if resolution == "origin" else tuple(int(x) for x in resolution.split(":"))  # type: ignore[return-value]
 
     @classmethod
@@ -319,7 +372,7 @@ class TencentAiArtProvider(ImageProvider):
 
     def upload(self, data: bytes, content_type: str) -> str:
         """ImageToImage takes the image inline: check it and return it as base64."""
-        check_image(data)
+        check_image(data, max_pixels=I2I_MAX_PIXELS)
         return base64.b64encode(data).decode()
 
     def submit(self, request: GenerationRequest) -> str:
@@ -328,7 +381,7 @@ class TencentAiArtProvider(ImageProvider):
             payload: dict[str, Any] = {
                 "Prompt": request.prompt, "NegativePrompt": request.negative_prompt or None,
                 "Styles": [str(s) for s in opts.get("Styles", ["201"])],
-                "ResultConfig": {"Resolution": opts.get("Resolution", "origin")},
+                "ResultConfig": {"Resolution": self._resolution(opts)},
                 "LogoAdd": int(opts["LogoAdd"]), "LogoParam": opts.get("LogoParam"),
                 "Strength": opts.get("Strength", request.denoising_strength),
                 "RspImgType": opts.get("RspImgType", "url"), "EnhanceImage": opts.get("EnhanceImage"),
@@ -367,6 +420,8 @@ class TencentAiArtProvider(ImageProvider):
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         code = (status.reason or "").split(":", 1)[0]
+        if code == GENERATE_FAILED:  # the job ran; trying again is a new job, so not here
+            return ContentRejected(status.reason or code, provider=PROVIDER, code=code)
         if code in ERROR_CODES:
             return map_error(code, status.reason or "")
         return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,

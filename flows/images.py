@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 from PIL import Image, ImageStat
 
-MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+# MPO is what many phone cameras write: a JPEG with further pictures after the first (CIPA DC-007).
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp",
+        "TIFF": "image/tiff"}
 
 
 class InputImageError(ValueError):

@@ -129,12 +129,26 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
                                      "size is only known at run time; set a fixed Resolution", provider=plan.provider)
                 provider.refine_check(*size, plan.upscale.factor)
         except ProviderError as exc:
-            pos = closest_position(("items", index), positions)
+            loc = _option_location(exc.message, plan.provider, positions) or ("items", index)
+            pos = closest_position(loc, positions)
             issues.append(SpecIssue(str(spec_file), pos.line, pos.column, f"items[{index}] ({plan.item_id})",
                                     f"{plan.provider} would refuse it: {exc.message}", snippet(text, pos)))
     issues += _missing_dependencies(plans, spec_file, positions, text)
     if issues:
         raise SpecError(issues)
+
+
+def _option_location(message: str, provider: str, positions: dict) -> tuple[str, ...] | None:
+    """Where a provider's complaint about `generate.options.<name>` points in the file: the
+    option itself (in `provider_options` or `options`), not the item that used it."""
+    field = message.split(":", 1)[0]
+    if not field.startswith("generate.options."):
+        return None
+    name = field.removeprefix("generate.options.").split(".")[0]
+    for loc in (("generate", "provider_options", provider, name), ("generate", "options", name)):
+        if loc in positions:
+            return loc
+    return None
 
 
 def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, positions: dict, text: str) -> list[SpecIssue]:

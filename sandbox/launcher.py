@@ -48,6 +48,7 @@ class SandboxState:
     s3_secret_key: str
     buckets: list[str]
     pids: dict[str, int] = field(default_factory=dict)
+    tams_token_file: str = ""
 
     def save(self) -> None:
         path = Path(self.state_dir) / "state.json"
@@ -61,6 +62,9 @@ class SandboxState:
 
     def tams_private_key(self) -> str:
         return Path(self.tams_private_key_file).read_text()
+
+    def tams_token(self) -> str:
+        return Path(self.tams_token_file).read_text().strip()
 
     def chuzhan_token(self) -> str:
         return Path(self.chuzhan_token_file).read_text().strip()
@@ -125,6 +129,9 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_po
     public_file.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
     app_id = "sandbox-" + secrets.token_hex(4)
+    tams_token_file = state_dir / "tams_token"  # simple authentication, beside the RSA key
+    tams_token_file.write_text(secrets.token_hex(16))
+    tams_token_file.chmod(0o600)
     token_file = state_dir / "chuzhan_token"
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o600)
@@ -139,7 +146,8 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_po
     tams_log, chuzhan_log, s3_log = state_dir / "tams.log", state_dir / "chuzhan.log", state_dir / "s3.log"
     tencent_log = state_dir / "tencent.log"
     tams_pid = _spawn([sys.executable, "-m", "sandbox.serve", "tams", "--port", str(tams_port),
-                       "--latency", str(latency), "--app-id", app_id, "--public-key", str(public_file)], tams_log)
+                       "--latency", str(latency), "--app-id", app_id, "--public-key", str(public_file),
+                       "--token-file", str(tams_token_file)], tams_log)
     chuzhan_pid = _spawn([sys.executable, "-m", "sandbox.serve", "chuzhan", "--port", str(chuzhan_port),
                           "--latency", str(latency), "--token-file", str(token_file)], chuzhan_log)
     tencent_pid = _spawn([sys.executable, "-m", "sandbox.serve", "tencent", "--port", str(tencent_port),
@@ -156,7 +164,8 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, tams_port: int = 8700, chuzhan_po
                          tencent_secret_id=tencent_id, tencent_secret_key_file=str(tencent_key_file),
                          s3_url=f"http://127.0.0.1:{s3_port}",
                          s3_access_key=access_key, s3_secret_key=secret_key, buckets=list(buckets),
-                         pids={"tams": tams_pid, "chuzhan": chuzhan_pid, "tencent": tencent_pid, "s3": s3_pid})
+                         pids={"tams": tams_pid, "chuzhan": chuzhan_pid, "tencent": tencent_pid, "s3": s3_pid},
+                         tams_token_file=str(tams_token_file))
     state.save()
     try:
         _wait_http(f"{state.tams_url}/_sandbox/health", tams_pid, tams_log)

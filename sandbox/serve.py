@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=2.0, help="seconds a job takes")
     parser.add_argument("--app-id", help="TAMS: the app id")
     parser.add_argument("--public-key", type=Path, help="TAMS: the app's RSA public key (PEM)")
-    parser.add_argument("--token-file", type=Path, help="file holding the token (触站AI) or SecretKey (Tencent)")
+    parser.add_argument("--token-file", type=Path, help="file holding the token (触站AI; TAMS simple authentication) or SecretKey (Tencent)")
     parser.add_argument("--secret-id", help="Tencent: the SecretId to accept")
     parser.add_argument("--task-limit", type=int, default=2, help="触站AI: tasks in flight per account")
     args = parser.parse_args(argv)

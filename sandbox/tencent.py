@@ -63,7 +63,15 @@ AUTH_RE = re.compile(r"^TC3-HMAC-SHA256 Credential=([^/]+)/(\d{4}-\d{2}-\d{2})/a
                      r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})$")
 STATUS_MSG = {"1": "排队中", "2": "处理中", "4": "处理失败", "5": "处理完成"}
 I2I_RESOLUTIONS = ("origin", "768:768", "768:1024", "1024:768")  # ImageToImage ResultConfig.Resolution
-IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}  # jpg/jpeg/png/bmp/tiff/webp
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}  # jpg/jpeg (MPO is a camera JPEG)/png/bmp/tiff/webp
+FIELDS = {  # each action's request fields on its API page; anything else is UnknownParameter
+    "ImageToImage": {"InputImage", "InputUrl", "Prompt", "NegativePrompt", "Styles", "ResultConfig", "LogoAdd",
+                     "LogoParam", "Strength", "RspImgType", "EnhanceImage", "RestoreFace"},
+    "SubmitTextToImageJob": {"Prompt", "Images", "Resolution", "Seed", "LogoAdd", "LogoParam", "Revise"},
+    "QueryTextToImageJob": {"JobId"},
+    "RefineImage": {"InputImage", "InputUrl", "RspImgType"},
+}
+I2I_MAX_AREA = 2000 * 2000  # ImageResolutionExceed "> 2000x2000"
 CODE_RE = re.compile(r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)*$")  # the shape of Tencent error codes
 FAULT_KINDS = ("drop", "http_502", "slow", "result_503")
 
@@ -173,6 +181,10 @@ class TencentEmulator:
                 params = json.loads(body or b"{}")
             except ValueError:
                 raise ApiError("InvalidParameter", "The body is not JSON.") from None
+            unknown = sorted(set(params) - FIELDS[action]) if isinstance(params, dict) else []
+            if unknown:
+                raise ApiError("UnknownParameter", f"The parameter `{unknown[0]}` is not recognized.")
+            self._logo(params)
             result = await handler(params, request)
             after = self._take_fault(action, after=True)  # the action was carried out
             if after is not None:
@@ -252,6 +264,20 @@ class TencentEmulator:
 
     # --- validation and images -------------------------------------------------------------------
     @staticmethod
+    def _logo(params: dict[str, Any]) -> None:
+        """LogoParam is {LogoUrl or LogoImage, LogoRect{X, Y, Width, Height}} (LogoParamErr otherwise)."""
+        logo = params.get("LogoParam")
+        if logo is None:
+            return
+        rect = logo.get("LogoRect") if isinstance(logo, dict) else None
+        ok = (isinstance(logo, dict) and set(logo) <= {"LogoUrl", "LogoImage", "LogoRect"}
+              and bool(logo.get("LogoUrl") or logo.get("LogoImage"))
+              and (rect is None or (isinstance(rect, dict) and set(rect) <= {"X", "Y", "Width", "Height"}
+                                    and all(type(v) is int and v >= 0 for v in rect.values()))))
+        if not ok:
+            raise ApiError("InvalidParameterValue.LogoParamErr", "LogoParam is malformed.")
+
+    @staticmethod
     def _text(params: dict[str, Any], name: str, limit: int, required: bool = False) -> str:
         value = params.get(name)
         if value is None:
@@ -321,7 +347,12 @@ class TencentEmulator:
             raise ApiError("InvalidParameterValue.ParameterValueError", "RestoreFace must be 0..6.")
         if params.get("LogoAdd", 1) not in (0, 1):
             params["LogoAdd"] = 1  # other values mean 1
+        if params.get("EnhanceImage", 0) not in (0, 1):
+            raise ApiError("InvalidParameterValue.ParameterValueError", "EnhanceImage must be 0 or 1.")
         raw = await self._image(params, 8 * 1024 * 1024)
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > I2I_MAX_AREA:
+                raise ApiError("FailedOperation.ImageResolutionExceed", "The image is larger than 2000x2000.")
         self._enter("ImageToImage")
         try:
             await asyncio.sleep(self.state.latency / 2)

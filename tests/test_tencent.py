@@ -89,7 +89,7 @@ def test_every_sdk_error_code_is_mapped() -> None:
 
 @pytest.mark.parametrize(("code", "kind"), [
     ("RequestLimitExceeded.JobNumExceed", TransientError), ("FailedOperation.InnerError", TransientError),
-    ("OperationDenied.ImageIllegalDetected", ContentRejected), ("FailedOperation.GenerateImageFailed", ContentRejected),
+    ("OperationDenied.ImageIllegalDetected", ContentRejected), ("FailedOperation.GenerateImageFailed", TransientError),
     ("ResourceUnavailable.LowBalance", AccountStop), ("ResourceUnavailable.InArrears", AccountStop),
     ("ResourceUnavailable.StopUsing", AccountStop), ("InvalidParameterValue.StyleConflict", BadRequest),
     ("InvalidParameterValue.SomethingNew", BadRequest), ("AuthFailure.SignatureFailure", AccountStop),

@@ -1,0 +1,265 @@
+"""Places where client and emulator once agreed with each other but not with the providers'
+documents. Each test names its source: `../shared/providers/<provider>.md` (the team's
+summaries of the official pages, SDKs and demos) and the section it rests on."""
+
+from __future__ import annotations
+
+import base64
+import time
+from datetime import date, datetime, timedelta, timezone
+from email.utils import format_datetime
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from blocks.base import MAX_RETRY_AFTER, GenerationRequest, retry_after_seconds, with_retries
+from blocks.errors import AccountStop, BadRequest, ContentRejected, TransientError
+from blocks.tams import TamsProvider
+from blocks.tencent import TencentAiArtProvider, check_image, map_error
+from flows.images import mime_of
+from tests.conftest import TEST_BUCKET, run_spec, tams_stats, tencent_stats
+
+ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
+
+
+def mpo_bytes(size: tuple[int, int] = (320, 240)) -> bytes:
+    """A two-picture MPO, as a phone camera writes it (a JPEG with a second image after it)."""
+    first, second = Image.new("RGB", size, (200, 40, 40)), Image.new("RGB", size, (40, 40, 200))
+    out = BytesIO()
+    first.save(out, format="MPO", save_all=True, append_images=[second])
+    return out.getvalue()
+
+
+def tencent_request(**overrides) -> GenerationRequest:
+    fields = {"request_id": "f" * 32, "prompt": "a fox", "seed": 9, "width": 1024, "height": 1024,
+              "options": {"LogoAdd": 0}}
+    return GenerationRequest(**{**fields, **overrides})
+
+
+def tencent_client(state) -> TencentAiArtProvider:
+    return TencentAiArtProvider(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(),
+                                endpoint=state.tencent_url)
+
+
+@pytest.fixture()
+def tencent(sandbox_blocks):
+    yield sandbox_blocks
+    httpx.delete(f"{sandbox_blocks.tencent_url}/_sandbox/faults")
+
+
+# --- retries: Retry-After and deadlines ---------------------------------------------------------------
+
+def test_retry_after_in_both_forms_and_capped() -> None:
+    """RFC 9110 section 10.2.3: Retry-After is delay-seconds or an HTTP-date. tams.md
+    "Error handling" (429/8 is retried with back-off). A wait longer than MAX_RETRY_AFTER is a
+    transient failure at once, not a sleeping worker."""
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 28 <= retry_after_seconds(httpx.Response(429, headers={"Retry-After": soon})) <= 30
+    assert retry_after_seconds(httpx.Response(429, headers={"Retry-After": "7"})) == 7
+    assert retry_after_seconds(httpx.Response(429, headers={"Retry-After": "soon"})) is None
+    calls = []
+
+    def asks_for_an_hour() -> None:
+        calls.append(1)
+        raise TransientError("busy", provider="p", retry_after=3600)
+
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="more than 60 s"):
+        with_retries(asks_for_an_hour, 5)
+    assert calls == [1] and time.monotonic() - started < 1 and MAX_RETRY_AFTER == 60
+
+
+def test_a_call_gives_up_at_its_deadline() -> None:
+    calls = []
+
+    def always_busy() -> None:
+        calls.append(1)
+        raise TransientError("busy", provider="p", retry_after=0.4)
+
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="deadline"):
+        with_retries(always_busy, 50, deadline=1.0)
+    assert time.monotonic() - started < 1.5 and 2 <= len(calls) <= 4
+
+
+@respx.mock
+def test_an_http_date_retry_after_reaches_the_tams_client() -> None:
+    """The client reads the header it is given (tams.md "Error handling": 429/8 is retried)."""
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(minutes=10), usegmt=True)
+    route = respx.post("https://tams.test/v1/jobs/credits").mock(return_value=httpx.Response(
+        429, headers={"Retry-After": later}, json={"code": 8, "message": "rate limit"}))
+    provider = TamsProvider(app_id="a", api_token="t", endpoint="https://tams.test")
+    with pytest.raises(TransientError, match="more than 60 s"):
+        provider._call("POST", "/v1/jobs/credits", {"stages": []})
+    assert route.call_count == 1
+
+
+# --- TAMS: simple (Bearer) authentication -------------------------------------------------------------
+
+def test_tams_block_takes_exactly_one_credential() -> None:
+    """tams.md "Authentication": two modes, bearer token and RSA signature; support both."""
+    with pytest.raises(ValueError, match="exactly one"):
+        TamsProvider(app_id="a", endpoint="https://x")
+    with pytest.raises(ValueError, match="exactly one"):
+        TamsProvider(app_id="a", private_key="k", api_token="t", endpoint="https://x")
+
+
+def test_tams_bearer_token_runs_a_spec_and_a_wrong_token_stops_after_one_request(sandbox_blocks, tmp_path) -> None:
+    """tams.md "Mode 1: bearer token": `Authorization: Bearer <token>`, what the official
+    ComfyUI nodes send for every call; a bad credential is HTTP 401 (not retried)."""
+    from deployments.limits import apply_limits
+
+    state = sandbox_blocks
+    TamsProvider(app_id=state.tams_app_id, api_token=state.tams_token(), endpoint=state.tams_url).save(
+        "sandbox-token", overwrite=True)
+    apply_limits({"tams": ["sandbox-token"]})
+    before = tams_stats(state)
+    text = f"""\
+version: 1
+name: tams-bearer
+provider: tams
+blocks: {{tams: sandbox-token}}
+generate: {{width: 512, height: 512, steps: 20, sampler: "Euler a"}}
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60}}
+items:
+  - {{id: a, prompt: a lighthouse}}
+"""
+    assert run_spec(tmp_path, text, date(2026, 11, 3)).is_completed()
+    after = tams_stats(state)
+    assert after["charges"] - before["charges"] == 1 and after["auth_failures"] == before["auth_failures"]
+    wrong = TamsProvider(app_id=state.tams_app_id, api_token="not-the-token", endpoint=state.tams_url)
+    with pytest.raises(AccountStop):
+        wrong.poll("123")
+    assert tams_stats(state)["requests"] - after["requests"] == 1
+
+
+# --- images: MPO --------------------------------------------------------------------------------------
+
+def test_an_mpo_photo_is_a_jpeg_for_the_client_and_the_emulator(tencent) -> None:
+    """tencent-aiart.md "ImageToImage": jpg/jpeg/png/bmp/tiff/webp. Many phone cameras write
+    MPO (CIPA DC-007), a JPEG whose first picture is an ordinary JPEG stream; Pillow names it MPO."""
+    data = mpo_bytes()
+    assert Image.open(BytesIO(data)).format == "MPO"
+    assert mime_of(data) == "image/jpeg"
+    check_image(data)
+    provider = tencent_client(tencent)
+    req = tencent_request(has_input=True, input_ref=provider.upload(data, "image/jpeg"),
+                          options={"LogoAdd": 0, "Resolution": "768:768"})
+    result = provider.run_job(req, poll_interval=0.1, timeout=30)
+    assert Image.open(BytesIO(result.images[0])).size == (768, 768)
+
+
+# --- Tencent ------------------------------------------------------------------------------------------
+
+def test_generate_image_failed_is_tried_again_then_rejected(tencent) -> None:
+    """tencent-aiart.md "Error codes": `FailedOperation.GenerateImageFailed`, "please retry";
+    retry once or twice, then treat as a content rejection (billing only on success)."""
+    provider = tencent_client(tencent)
+    req = tencent_request(has_input=True, input_ref=provider.upload(ASSET.read_bytes(), "image/png"),
+                          options={"LogoAdd": 0, "Resolution": "768:768"})
+    fault = {"code": "FailedOperation.GenerateImageFailed", "action": "ImageToImage"}
+    httpx.post(f"{tencent.tencent_url}/_sandbox/faults", json={**fault, "count": 2})
+    before = tencent_stats(tencent)
+    provider.run_job(req, poll_interval=0.1, timeout=30)
+    after = tencent_stats(tencent)
+    assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 3
+    assert after["charges"] - before["charges"] == 1
+    httpx.post(f"{tencent.tencent_url}/_sandbox/faults", json={**fault, "count": 3})
+    with pytest.raises(ContentRejected, match="3 times"):
+        provider.run_job(req.model_copy(update={"request_id": "g" * 32}), poll_interval=0.1, timeout=30)
+    assert tencent_stats(tencent)["charges"] == after["charges"]
+
+
+def test_image_to_image_over_2000x2000_is_refused_before_any_call(tencent) -> None:
+    """tencent-aiart.md "Error codes": `FailedOperation.ImageResolutionExceed` (> 2000x2000),
+    read as the area (assumed: the page also says `origin` scales a long side over 2000 down)."""
+    out = BytesIO()
+    Image.new("RGB", (2100, 2000), (90, 90, 90)).save(out, format="PNG")
+    big = out.getvalue()
+    provider = tencent_client(tencent)
+    before = tencent_stats(tencent)
+    with pytest.raises(BadRequest, match="over 2000x2000"):
+        provider.upload(big, "image/png")
+    assert tencent_stats(tencent)["requests"] == before["requests"]
+    check_image(big, "upscale input")  # RefineImage has no such rule
+    with pytest.raises(BadRequest, match="ImageResolutionExceed"):  # the emulator knows the rule too
+        provider.call("ImageToImage", {"InputImage": base64.b64encode(big).decode(), "LogoAdd": 0})
+
+
+def test_result_config_is_sent_as_given(tencent) -> None:
+    """tencent-aiart.md "ImageToImage": `ResultConfig` `{Resolution}`; options are sent as
+    given, so a ResultConfig in `generate.options` is the one the provider gets."""
+    provider = tencent_client(tencent)
+    options = {"LogoAdd": 0, "ResultConfig": {"Resolution": "1024:768"}}
+    req = tencent_request(has_input=True, input_ref=provider.upload(ASSET.read_bytes(), "image/png"), options=options)
+    TencentAiArtProvider.validate(req)
+    assert TencentAiArtProvider.output_size(req) == (1024, 768)
+    result = provider.run_job(req, poll_interval=0.1, timeout=30)
+    assert Image.open(BytesIO(result.images[0])).size == (1024, 768)
+
+
+@pytest.mark.parametrize(("options", "field", "why"), [
+    ({"LogoAdd": 0, "Colour": "red"}, "generate.options.Colour", "neither ImageToImage nor SubmitTextToImageJob"),
+    ({"LogoAdd": 1, "LogoParam": {"LogoRect": {"X": 1}}}, "generate.options.LogoParam", "LogoUrl or LogoImage"),
+    ({"LogoAdd": 1, "LogoParam": {"LogoUrl": "https://x/l.png", "LogoRect": {"X": -1}}}, "generate.options.LogoParam",
+     "non-negative integers"),
+    ({"LogoAdd": 0, "EnhanceImage": 2}, "generate.options.EnhanceImage", "0 or 1"),
+    ({"LogoAdd": 0, "ResultConfig": {"Resolution": "768:768"}, "Resolution": "768:768"},
+     "generate.options.ResultConfig", "not both"),
+])
+def test_tencent_options_are_checked_not_dropped(options: dict, field: str, why: str) -> None:
+    """tencent-aiart.md "ImageToImage" field table (LogoParam `{LogoUrl, LogoImage,
+    LogoRect{X,Y,Width,Height}}`, EnhanceImage 0/1): an option the provider does not know is an
+    error, never silently left out of the request."""
+    with pytest.raises(BadRequest, match=why) as caught:
+        TencentAiArtProvider.validate(tencent_request(has_input=True, options=options))
+    assert caught.value.message.startswith(field)
+
+
+def test_the_emulator_refuses_unknown_parameters_and_bad_logos(tencent) -> None:
+    """tencent-aiart.md "Error codes": `UnknownParameter`, `InvalidParameterValue.LogoParamErr`."""
+    provider = tencent_client(tencent)
+    with pytest.raises(BadRequest, match="Colour"):
+        provider.call("SubmitTextToImageJob", {"Prompt": "a fox", "Colour": "red", "LogoAdd": 0})
+    with pytest.raises(BadRequest, match="LogoParam"):
+        provider.call("SubmitTextToImageJob", {"Prompt": "a fox", "LogoAdd": 1, "LogoParam": {"LogoRect": {}}})
+
+
+def test_an_unknown_option_is_refused_at_its_line(tmp_path, capsys) -> None:
+    """The same rule through `imagegen validate`: the error stands at the option's own line."""
+    from flows.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"""\
+version: 1
+name: tc-unknown-option
+provider: tencent
+blocks: {{tencent: sandbox}}
+generate:
+  width: 1024
+  height: 1024
+  options:
+    LogoAdd: 0
+    Colour: red
+archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
+items:
+  - {{id: a, prompt: a fox}}
+""")
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:10:5: items[0] (a): tencent would refuse it: generate.options.Colour" in err
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    ("AuthFailure.SomethingNew", AccountStop), ("OperationDenied.SomethingNew", AccountStop),
+    ("OperationDenied.TextIllegalDetected", ContentRejected), ("InvalidParameterValue.SomethingNew", BadRequest),
+])
+def test_unknown_auth_and_denied_codes_stop_the_account(code: str, kind: type) -> None:
+    """tencent-aiart.md "Error codes": the auth group is "not retryable: fix credentials, clock,
+    CAM"; a code of that family the SDK does not list yet must stop the account, not fail items."""
+    assert type(map_error(code, "m")) is kind
