@@ -84,6 +84,7 @@ class CreditEstimate(BaseModel):
     source: Literal["api", "formula"]
     money: float | None = None
     currency: str | None = None
+    note: str | None = Field(None, description="What the number rests on where the provider does not say.")
 
 
 class JobResult(BaseModel):
@@ -187,6 +188,11 @@ class ImageProvider(Block, ABC):
     def output_size(cls, request: GenerationRequest) -> tuple[int, int] | None:
         """Width and height of the images the job returns; None when only the run can tell."""
         return request.output_size
+
+    @classmethod
+    def notes(cls, request: GenerationRequest) -> list[str]:
+        """Things the provider accepts but a person should know (each `field: what`), offline."""
+        return []
 
     @classmethod
     def refine_check(cls, width: int, height: int, factor: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import httpx
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
 
 from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
                          retry_after_seconds, with_retries)
@@ -70,9 +70,9 @@ def credit_terms(params: dict[str, Any]) -> dict[str, Decimal]:
     """Each term of the formula for one image, unrounded (Decimal, so .5 rounds as written)."""
     w, h = int(params.get("width") or 512), int(params.get("height") or 512)
     steps = int(params.get("steps") or 20)
-    hr = Decimal(str(params.get("hrScale") or 1))
+    hr = Decimal(1) if params.get("img") else Decimal(str(params.get("hrScale") or 1))  # text-to-image only
     hr_steps = int(params.get("hrSteps") or 20)
-    up = int(params.get("upscale") or 1)
+    up = Decimal(str(params.get("upscale") or 1))  # as sent: never truncated
     terms = {"base": Decimal(max(w, MIN_BASE_SIDE) * max(h, MIN_BASE_SIDE)) * Decimal(str(BASE_RATE)) * steps}
     if hr > 1:
         terms["hires"] = Decimal(w * h) * hr * hr * Decimal(str(BASE_RATE)) * hr_steps
@@ -107,8 +107,9 @@ def credits_for(params: dict[str, Any]) -> int:
 
 
 def output_size(params: dict[str, Any]) -> tuple[int, int]:
-    """Final size: (w x hrScale x upscale) by (h x hrScale x upscale)."""
-    factor = float(params.get("hrScale") or 1) * int(params.get("upscale") or 1)
+    """Final size: (w x hrScale x upscale) by (h x hrScale x upscale); hrScale has no effect on
+    image-to-image."""
+    factor = (1.0 if params.get("img") else float(params.get("hrScale") or 1)) * float(params.get("upscale") or 1)
     return int(int(params.get("width") or 512) * factor), int(int(params.get("height") or 512) * factor)
 
 
@@ -130,11 +131,10 @@ def check_caps(params: dict[str, Any]) -> None:
     if not 1 <= batch <= MAX_BATCH:
         raise bad("items.count", f"{batch} is outside 1..{MAX_BATCH} images per task")
     hr = float(params.get("hrScale") or 1)
-    if hr != 1:
-        if not 1 <= hr <= MAX_HR_SCALE:
-            raise bad("generate.options.hrScale", f"{hr} is outside 1..{MAX_HR_SCALE}")
-        if params.get("img"):
-            raise bad("generate.options.hrScale", "hires fix is for text-to-image only (the item has an input image)")
+    if hr != 1 and not 1 <= hr <= MAX_HR_SCALE:
+        raise bad("generate.options.hrScale", f"{hr} is outside 1..{MAX_HR_SCALE}")
+    if params.get("img"):
+        hr = 1.0  # hires fix is text-to-image only: no effect (see `notes`)
     if params.get("hrSteps") is not None and not 1 <= int(params["hrSteps"]) <= MAX_HR_STEPS:
         raise bad("generate.options.hrSteps", f"{params['hrSteps']} is outside 1..{MAX_HR_STEPS}")
     if w * h * hr * hr > MAX_AREA:
@@ -142,7 +142,9 @@ def check_caps(params: dict[str, Any]) -> None:
                                               f"{MAX_AREA} (2048x2048)")
     if max(w, h) * hr > MAX_SIDE:
         raise bad("generate.options.hrScale", f"a side after hires fix ({int(max(w, h) * hr)}) is above {MAX_SIDE}")
-    up = int(params.get("upscale") or 1)
+    up = params.get("upscale") or 1
+    if isinstance(up, bool) or not isinstance(up, int):
+        raise bad("upscale.factor", f"{up!r}: the provider's AI upscale factor is a whole number")
     if not 1 <= up <= MAX_UPSCALE:
         raise bad("upscale.factor", f"{up} is above the provider's AI upscale cap of {MAX_UPSCALE}")
     units = (params.get("controlnet") or {}).get("units") or []
@@ -218,6 +220,13 @@ class ChuzhanProvider(ImageProvider):
     api_token: SecretStr = Field(description="API token from the open-platform console (sent as Auth-Token).")
     endpoint: str = Field("https://ai.huashi6.com/aiapi", description="API base URL.")
     callback: str | None = Field(None, description="Public URL the provider POSTs results to (optional).")
+
+    @field_validator("callback")
+    @classmethod
+    def _public_callback(cls, value: str | None) -> str | None:
+        if value and not public_url(value):
+            raise ValueError("callback must be a public http(s) URL: the provider refuses localhost and LAN addresses")
+        return value
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
 
@@ -301,7 +310,18 @@ class ChuzhanProvider(ImageProvider):
 
     @classmethod
     def estimate_offline(cls, request: GenerationRequest) -> CreditEstimate:
-        return CreditEstimate(credits=credits_for(cls.draw_params(request)), source="formula")
+        params = cls.draw_params(request)
+        note = (f"{request.count} images: the page does not say where the x0.9 factor sits relative to rounding; "
+                "assumed each image rounded, then x0.9 x n rounded" if request.count > 1 else None)
+        return CreditEstimate(credits=credits_for(params), source="formula", note=note)
+
+    @classmethod
+    def notes(cls, request: GenerationRequest) -> list[str]:
+        params = cls.draw_params(request)
+        if params.get("img") and float(params.get("hrScale") or 1) != 1:
+            return ["generate.options.hrScale: no effect on an item with an input image (hires fix is text-to-image "
+                    "only); it is sent as given, and priced and sized as without it"]
+        return []
 
     def estimate_key(self, request: GenerationRequest) -> str:
         params = self.draw_params(request)

@@ -19,13 +19,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         path = resolve_spec_path(name)
         try:
             spec = load_spec(path)
-            preflight(plan_items(spec, "", date.today(), ""), path)
+            notes = preflight(plan_items(spec, "", date.today(), ""), path)
         except SpecError as exc:
             print(exc, file=sys.stderr)
             status = 1
             continue
         images = sum(item.count for item in spec.items)
         print(f"OK {path}: pipeline {spec.name!r}, {len(spec.items)} item(s), {images} image(s)")
+        for note in notes:
+            print(f"note: {note}")
     return status
 
 
@@ -37,7 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:  # refuse a bad spec, provider rules included, before starting Prefect at all
         path = resolve_spec_path(args.spec)
-        preflight(plan_items(load_spec(path), "", args.run_date or date.today(), ""), path)
+        for note in preflight(plan_items(load_spec(path), "", args.run_date or date.today(), ""), path):
+            print(f"note: {note}", file=sys.stderr)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -65,10 +68,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(path)
         plans = plan_items(spec, "", args.run_date or date.today(), "")
-        preflight(plans, path)
+        notes = preflight(plans, path)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     _, rejected = estimate_plans(plans)
     for item, error in rejected.items():
         print(f"{item}: refused by the provider while pricing: {error['message']}", file=sys.stderr)
@@ -83,6 +88,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         row["credits"] += est.credits + plan.refine_credits  # with a separate paid upscale
         row["money"] += est.money or 0.0
         row["sources"].add(est.source)
+        if est.note:
+            row.setdefault("notes", set()).add(est.note)
     budget = spec.budget()
     over = False
     for provider, row in sorted(rows.items()):
@@ -92,6 +99,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         verdict = f"; run.max_credits {cap}: {'OVER' if row['credits'] > cap else 'within'}" if cap is not None else ""
         print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} {PROVIDERS[provider].credit_unit}{money} "
               f"(from the provider's {'/'.join(sorted(row['sources']))} estimate{verdict})")
+        for note in sorted(row.get("notes", ())):
+            print(f"  note: {note}")
     if len(rows) == 1:
         (provider, row), = rows.items()
         cap = budget.get(provider)

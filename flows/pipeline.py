@@ -98,11 +98,12 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
     return plans
 
 
-def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
-    """Validate every request against its provider's rules, offline; raise `SpecError`."""
+def preflight(plans: list[ItemPlan], spec_file: Path) -> list[str]:
+    """Validate every request against its provider's rules, offline; raise `SpecError`.
+    Returns the providers' notes (accepted, but worth a person's eye), each at file:line."""
     text = read_spec_text(spec_file)
     _, positions = load_with_positions(text)
-    issues = []
+    issues, notes = [], []
     overridden: set[tuple[str, str]] = set()
     for index, plan in enumerate(plans):
         provider = PROVIDERS[plan.provider]
@@ -120,6 +121,9 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
                                     "options may not override it", snippet(text, pos)))
         if overridden:
             continue
+        for note in provider.notes(plan.request):
+            pos = closest_position(_option_location(note, plan.provider, positions) or ("items", index), positions)
+            notes.append(f"{spec_file}:{pos.line}:{pos.column}: items[{index}] ({plan.item_id}): {plan.provider}: {note}")
         try:
             provider.validate(plan.request)
             if plan.provider_refines:
@@ -136,6 +140,7 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> None:
     issues += _missing_dependencies(plans, spec_file, positions, text)
     if issues:
         raise SpecError(issues)
+    return notes
 
 
 def _option_location(message: str, provider: str, positions: dict) -> tuple[str, ...] | None:
@@ -377,7 +382,8 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
     work_dir = tempfile.mkdtemp(prefix=f"imagegen-{parsed.name}-")
     try:
         plans = plan_items(parsed, spec_sha256, run_date, work_dir, str(path))
-        preflight(plans, path)
+        for note in preflight(plans, path):
+            logger.warning("note: %s", note)
         if dry_run:
             return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True)
         own_name(parsed, path, spec_sha256, take_over=take_over_name)  # one name, one spec file

@@ -84,8 +84,7 @@ def test_final_size() -> None:
     ({"hrScale": 4}, "generate.options.hrScale"), ({"hrSteps": 51}, "generate.options.hrSteps"),
     ({"width": 1536, "height": 1536, "hrScale": 2}, "generate.options.hrScale"),      # area 9.4M > 4.19M
     ({"width": 2048, "height": 512, "hrScale": 1.5}, "generate.options.hrScale"),     # a side 3072 > 2048
-    ({"hrScale": 2, "img": "aGk="}, "generate.options.hrScale"),                       # text-to-image only
-    ({"upscale": 4}, "upscale.factor"), ({"batchSize": 7}, "items.count"),
+    ({"upscale": 4}, "upscale.factor"), ({"upscale": 1.5}, "upscale.factor"),         # a whole number, not cut ({"batchSize": 7}, "items.count"),
     ({"controlnet": {"units": [{}, {}, {}, {}]}}, "generate.options.controlnet.units"),
     ({"imgOptions": {"removeBackground": True}}, "generate.options.imgOptions.removeBackground"),
     ({"cfgScale": 31}, "generate.cfg_scale"), ({"denoisingStrength": 0.5}, "generate.denoising_strength"),

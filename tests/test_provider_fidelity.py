@@ -263,3 +263,64 @@ def test_unknown_auth_and_denied_codes_stop_the_account(code: str, kind: type) -
     """tencent-aiart.md "Error codes": the auth group is "not retryable: fix credentials, clock,
     CAM"; a code of that family the SDK does not list yet must stop the account, not fail items."""
     assert type(map_error(code, "m")) is kind
+
+
+# --- 触站AI ---------------------------------------------------------------------------------------
+
+def chuzhan_request(**overrides) -> GenerationRequest:
+    fields = {"request_id": "c" * 32, "prompt": "a kite", "seed": 5, "width": 512, "height": 512, "model": "1"}
+    return GenerationRequest(**{**fields, **overrides})
+
+
+def test_chuzhan_upscale_is_a_whole_number_and_hrscale_is_priced_as_sent(sandbox_blocks) -> None:
+    """chuzhan.md request table: `upscale` int (<= 3), `hrScale` a number 1..3; the credit page
+    prices w*h*r^2 for hires. Nothing is truncated: 1.5 is priced as 1.5 (the emulator's own
+    `predictConsume` answer agrees), and a fractional upscale is refused, not cut to 1."""
+    from blocks.chuzhan import ChuzhanProvider, check_caps, credits_for
+
+    with pytest.raises(BadRequest, match="whole number"):
+        check_caps({"prompt": "a", "upscale": 1.5})
+    provider = ChuzhanProvider(api_token=sandbox_blocks.chuzhan_token(), endpoint=sandbox_blocks.chuzhan_url)
+    req = chuzhan_request(options={"hrScale": 1.5, "hrSteps": 20})
+    offline = ChuzhanProvider.estimate_offline(req).credits
+    assert offline == credits_for({**ChuzhanProvider.draw_params(req)}) and offline != credits_for(
+        {**ChuzhanProvider.draw_params(req), "hrScale": 1})
+    assert provider.estimate(req).credits == offline
+    assert ChuzhanProvider.output_size(req) == (768, 768)
+
+
+def test_chuzhan_hrscale_with_an_input_image_is_a_note_not_an_error(sandbox_blocks) -> None:
+    """chuzhan.md: `hrScale` is "text-to-image only": on image-to-image it has no effect, so the
+    spec is accepted with a note, and priced and sized as without it (as the emulator charges)."""
+    from blocks.chuzhan import ChuzhanProvider
+
+    provider = ChuzhanProvider(api_token=sandbox_blocks.chuzhan_token(), endpoint=sandbox_blocks.chuzhan_url)
+    ref = provider.upload(ASSET.read_bytes(), "image/png")
+    req = chuzhan_request(has_input=True, input_ref=ref, options={"hrScale": 2})
+    ChuzhanProvider.validate(req)
+    assert ChuzhanProvider.notes(req) and "no effect" in ChuzhanProvider.notes(req)[0]
+    plain = chuzhan_request(has_input=True, input_ref=ref)
+    assert ChuzhanProvider.estimate_offline(req).credits == ChuzhanProvider.estimate_offline(plain).credits
+    result = provider.run_job(req, poll_interval=0.1, timeout=30)
+    assert Image.open(BytesIO(result.images[0])).size == (512, 512)
+    assert result.credits == ChuzhanProvider.estimate_offline(plain).credits
+
+
+def test_chuzhan_callback_is_checked_when_the_block_is_made() -> None:
+    """chuzhan.md "Quirks" 9: the provider rejects localhost/LAN callback URLs, so a Block with
+    one is refused before it can make any call."""
+    from blocks.chuzhan import ChuzhanProvider
+
+    for url in ("http://127.0.0.1:9000/cb", "http://192.168.1.4/cb", "ftp://example.com/cb", "http://localhost/cb"):
+        with pytest.raises(ValueError, match="public http"):
+            ChuzhanProvider(api_token="t", callback=url)
+    assert ChuzhanProvider(api_token="t", callback="https://hooks.example.com/cz").callback
+
+
+def test_chuzhan_multi_image_estimates_say_what_they_assume() -> None:
+    """chuzhan.md credit formula, item 8: the examples cannot tell where x0.9 sits relative to
+    rounding; an offline estimate for several images says which order it assumed."""
+    from blocks.chuzhan import ChuzhanProvider
+
+    assert ChuzhanProvider.estimate_offline(chuzhan_request()).note is None
+    assert "assumed" in ChuzhanProvider.estimate_offline(chuzhan_request(count=3)).note
