@@ -1,6 +1,6 @@
 """触站AI (Chuzhan AI, huashi6 open platform) provider Block and its published credit formula.
 
-Wire protocol as in `shared/providers/chuzhan.md`: every endpoint is `POST` with a JSON body,
+Wire protocol as in `docs/providers/chuzhan.md`: every endpoint is `POST` with a JSON body,
 the API token goes in the `Auth-Token` header, answers come in a `{code, msg, success, data}`
 envelope (`code == 0` is success, business errors are HTTP 200). A drawing task is submitted
 with `/v1/draw` (which **charges at submit**) and polled with `/v1/task/detail` until

@@ -1,6 +1,6 @@
 """Tensor.Art TAMS (Tensor Art Model Service) provider Block.
 
-Wire protocol as in `shared/providers/tams.md`: JSON over HTTPS under `/v1`, every request
+Wire protocol as in `docs/providers/tams.md`: JSON over HTTPS under `/v1`, every request
 signed `TAMS-SHA256-RSA` with the app's RSA private key, a two-step input upload (ask for a
 `resourceId` and presigned `putUrl`, then PUT the bytes with the returned headers), staged
 jobs (INPUT_INITIALIZE, DIFFUSION, IMAGE_TO_UPSCALER), polling, and `/v1/jobs/credits` for

@@ -1,6 +1,6 @@
 """Tencent Cloud AI Art (`aiart`, version 2022-12-29) provider Block.
 
-Wire protocol as in `shared/providers/tencent-aiart.md`: every action is `POST /` with a JSON
+Wire protocol as in `docs/providers/tencent.md`: every action is `POST /` with a JSON
 body, named by `X-TC-Action`, signed TC3-HMAC-SHA256 (service `aiart`); answers are HTTP 200
 `{"Response": {...}}`, errors included (`Response.Error.Code`). Text-to-image runs as the
 asynchronous `SubmitTextToImageJob` / `QueryTextToImageJob` pair (status codes are strings:

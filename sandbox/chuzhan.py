@@ -1,6 +1,6 @@
 """触站AI emulator: `/v1/draw`, `/v1/task/detail` and `/v1/customer/detail` on loopback.
 
-As in `shared/providers/chuzhan.md`: `Auth-Token` (or `Authorization: Bearer`) checked; every
+As in `docs/providers/chuzhan.md`: `Auth-Token` (or `Authorization: Bearer`) checked; every
 answer in the `{code, subCode, msg, success, data}` envelope with HTTP 200, business errors
 included; numbers accepted as numeric strings; credits charged **at submit** by the published
 formula (`price`) and refunded when a task fails [A]; `predictConsume` prices without drawing or charging; at most

@@ -1,6 +1,6 @@
 """TAMS emulator: the `/v1` API of Tensor.Art's model service, on loopback.
 
-Faithful to `shared/providers/tams.md` where the notes are confirmed, and documented where
+Faithful to `docs/providers/tams.md` where the notes are confirmed, and documented where
 they assume: RSA signatures verified against the app's public key (or a Bearer token), 5
 requests a second per app (HTTP 429 with a gRPC status body and Retry-After), int64 fields as
 strings, camelCase or snake_case keys, idempotent `requestId`, jobs walking CREATED ->

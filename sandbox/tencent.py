@@ -1,6 +1,6 @@
 """Tencent Cloud AI Art emulator: `POST /` routed by `X-TC-Action`, on loopback.
 
-As in `shared/providers/tencent-aiart.md`: TC3-HMAC-SHA256 verified over the signed headers
+As in `docs/providers/tencent.md`: TC3-HMAC-SHA256 verified over the signed headers
 and the raw body (unknown SecretId -> `AuthFailure.SecretIdNotFound`, wrong secret ->
 `AuthFailure.SignatureFailure`, clock off by more than 5 minutes -> `AuthFailure.SignatureExpire`);
 HTTP 200 for every answer, errors inside `Response.Error`; `X-TC-Version` must be 2022-12-29;

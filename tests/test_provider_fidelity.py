@@ -1,6 +1,6 @@
 """Places where client and emulator once agreed with each other but not with the providers'
-documents. Each test names its source: `../shared/providers/<provider>.md` (the team's
-summaries of the official pages, SDKs and demos) and the section it rests on."""
+documents. Each test names its source: `docs/providers/<provider>.md` (this project's
+account of each provider, every fact marked confirmed or assumed, with its source)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def tencent(sandbox_blocks):
 
 def test_retry_after_in_both_forms_and_capped() -> None:
     """RFC 9110 section 10.2.3: Retry-After is delay-seconds or an HTTP-date. tams.md
-    "Error handling" (429/8 is retried with back-off). A wait longer than MAX_RETRY_AFTER is a
+    "Limits and money" (429/8 is retried with back-off). A wait longer than MAX_RETRY_AFTER is a
     transient failure at once, not a sleeping worker."""
     soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 28 <= retry_after_seconds(httpx.Response(429, headers={"Retry-After": soon})) <= 30
@@ -88,7 +88,7 @@ def test_a_call_gives_up_at_its_deadline() -> None:
 
 @respx.mock
 def test_an_http_date_retry_after_reaches_the_tams_client() -> None:
-    """The client reads the header it is given (tams.md "Error handling": 429/8 is retried)."""
+    """The client reads the header it is given (tams.md "Limits and money": 429/8 is retried)."""
     later = format_datetime(datetime.now(timezone.utc) + timedelta(minutes=10), usegmt=True)
     route = respx.post("https://tams.test/v1/jobs/credits").mock(return_value=httpx.Response(
         429, headers={"Retry-After": later}, json={"code": 8, "message": "rate limit"}))
@@ -101,7 +101,7 @@ def test_an_http_date_retry_after_reaches_the_tams_client() -> None:
 # --- TAMS: simple (Bearer) authentication -------------------------------------------------------------
 
 def test_tams_block_takes_exactly_one_credential() -> None:
-    """tams.md "Authentication": two modes, bearer token and RSA signature; support both."""
+    """tams.md "Talking to it": two modes, bearer token and RSA signature; support both."""
     with pytest.raises(ValueError, match="exactly one"):
         TamsProvider(app_id="a", endpoint="https://x")
     with pytest.raises(ValueError, match="exactly one"):
@@ -109,7 +109,7 @@ def test_tams_block_takes_exactly_one_credential() -> None:
 
 
 def test_tams_bearer_token_runs_a_spec_and_a_wrong_token_stops_after_one_request(sandbox_blocks, tmp_path) -> None:
-    """tams.md "Mode 1: bearer token": `Authorization: Bearer <token>`, what the official
+    """tams.md "Talking to it": `Authorization: Bearer <token>`, what the official
     ComfyUI nodes send for every call; a bad credential is HTTP 401 (not retried)."""
     from deployments.limits import apply_limits
 
@@ -141,7 +141,7 @@ items:
 # --- images: MPO --------------------------------------------------------------------------------------
 
 def test_an_mpo_photo_is_a_jpeg_for_the_client_and_the_emulator(tencent) -> None:
-    """tencent-aiart.md "ImageToImage": jpg/jpeg/png/bmp/tiff/webp. Many phone cameras write
+    """tencent.md "Actions used": jpg/jpeg/png/bmp/tiff/webp. Many phone cameras write
     MPO (CIPA DC-007), a JPEG whose first picture is an ordinary JPEG stream; Pillow names it MPO."""
     data = mpo_bytes()
     assert Image.open(BytesIO(data)).format == "MPO"
@@ -157,7 +157,7 @@ def test_an_mpo_photo_is_a_jpeg_for_the_client_and_the_emulator(tencent) -> None
 # --- Tencent ------------------------------------------------------------------------------------------
 
 def test_generate_image_failed_is_tried_again_then_rejected(tencent) -> None:
-    """tencent-aiart.md "Error codes": `FailedOperation.GenerateImageFailed`, "please retry";
+    """tencent.md "Errors and retries": `FailedOperation.GenerateImageFailed`, "please retry";
     retry once or twice, then treat as a content rejection (billing only on success)."""
     provider = tencent_client(tencent)
     req = tencent_request(has_input=True, input_ref=provider.upload(ASSET.read_bytes(), "image/png"),
@@ -176,7 +176,7 @@ def test_generate_image_failed_is_tried_again_then_rejected(tencent) -> None:
 
 
 def test_image_to_image_over_2000x2000_is_refused_before_any_call(tencent) -> None:
-    """tencent-aiart.md "Error codes": `FailedOperation.ImageResolutionExceed` (> 2000x2000),
+    """tencent.md "Errors and retries": `FailedOperation.ImageResolutionExceed` (> 2000x2000),
     read as the area (assumed: the page also says `origin` scales a long side over 2000 down)."""
     out = BytesIO()
     Image.new("RGB", (2100, 2000), (90, 90, 90)).save(out, format="PNG")
@@ -192,7 +192,7 @@ def test_image_to_image_over_2000x2000_is_refused_before_any_call(tencent) -> No
 
 
 def test_result_config_is_sent_as_given(tencent) -> None:
-    """tencent-aiart.md "ImageToImage": `ResultConfig` `{Resolution}`; options are sent as
+    """tencent.md "Actions used": `ResultConfig` `{Resolution}`; options are sent as
     given, so a ResultConfig in `generate.options` is the one the provider gets."""
     provider = tencent_client(tencent)
     options = {"LogoAdd": 0, "ResultConfig": {"Resolution": "1024:768"}}
@@ -213,7 +213,7 @@ def test_result_config_is_sent_as_given(tencent) -> None:
      "generate.options.ResultConfig", "not both"),
 ])
 def test_tencent_options_are_checked_not_dropped(options: dict, field: str, why: str) -> None:
-    """tencent-aiart.md "ImageToImage" field table (LogoParam `{LogoUrl, LogoImage,
+    """tencent.md "Actions used" (LogoParam `{LogoUrl, LogoImage,
     LogoRect{X,Y,Width,Height}}`, EnhanceImage 0/1): an option the provider does not know is an
     error, never silently left out of the request."""
     with pytest.raises(BadRequest, match=why) as caught:
@@ -222,7 +222,7 @@ def test_tencent_options_are_checked_not_dropped(options: dict, field: str, why:
 
 
 def test_the_emulator_refuses_unknown_parameters_and_bad_logos(tencent) -> None:
-    """tencent-aiart.md "Error codes": `UnknownParameter`, `InvalidParameterValue.LogoParamErr`."""
+    """tencent.md "Errors and retries": `UnknownParameter`, `InvalidParameterValue.LogoParamErr`."""
     provider = tencent_client(tencent)
     with pytest.raises(BadRequest, match="Colour"):
         provider.call("SubmitTextToImageJob", {"Prompt": "a fox", "Colour": "red", "LogoAdd": 0})
@@ -260,7 +260,7 @@ items:
     ("OperationDenied.TextIllegalDetected", ContentRejected), ("InvalidParameterValue.SomethingNew", BadRequest),
 ])
 def test_unknown_auth_and_denied_codes_stop_the_account(code: str, kind: type) -> None:
-    """tencent-aiart.md "Error codes": the auth group is "not retryable: fix credentials, clock,
+    """tencent.md "Errors and retries": the auth group is "not retryable: fix credentials, clock,
     CAM"; a code of that family the SDK does not list yet must stop the account, not fail items."""
     assert type(map_error(code, "m")) is kind
 
@@ -273,7 +273,7 @@ def chuzhan_request(**overrides) -> GenerationRequest:
 
 
 def test_chuzhan_upscale_is_a_whole_number_and_hrscale_is_priced_as_sent(sandbox_blocks) -> None:
-    """chuzhan.md request table: `upscale` int (<= 3), `hrScale` a number 1..3; the credit page
+    """chuzhan.md "Drawing tasks": `upscale` int (<= 3), `hrScale` a number 1..3; the credit page
     prices w*h*r^2 for hires. Nothing is truncated: 1.5 is priced as 1.5 (the emulator's own
     `predictConsume` answer agrees), and a fractional upscale is refused, not cut to 1."""
     from blocks.chuzhan import ChuzhanProvider, check_caps, credits_for
@@ -290,8 +290,9 @@ def test_chuzhan_upscale_is_a_whole_number_and_hrscale_is_priced_as_sent(sandbox
 
 
 def test_chuzhan_hrscale_with_an_input_image_is_a_note_not_an_error(sandbox_blocks) -> None:
-    """chuzhan.md: `hrScale` is "text-to-image only": on image-to-image it has no effect, so the
-    spec is accepted with a note, and priced and sized as without it (as the emulator charges)."""
+    """chuzhan.md "Drawing tasks": `hrScale` is "text-to-image only": on image-to-image it has no
+    effect, so the spec is accepted with a note, and priced and sized as without it (as the
+    emulator charges)."""
     from blocks.chuzhan import ChuzhanProvider
 
     provider = ChuzhanProvider(api_token=sandbox_blocks.chuzhan_token(), endpoint=sandbox_blocks.chuzhan_url)
@@ -307,7 +308,7 @@ def test_chuzhan_hrscale_with_an_input_image_is_a_note_not_an_error(sandbox_bloc
 
 
 def test_chuzhan_callback_is_checked_when_the_block_is_made() -> None:
-    """chuzhan.md "Quirks" 9: the provider rejects localhost/LAN callback URLs, so a Block with
+    """chuzhan.md "Drawing tasks": the provider rejects localhost/LAN callback URLs, so a Block with
     one is refused before it can make any call."""
     from blocks.chuzhan import ChuzhanProvider
 
@@ -318,7 +319,7 @@ def test_chuzhan_callback_is_checked_when_the_block_is_made() -> None:
 
 
 def test_chuzhan_multi_image_estimates_say_what_they_assume() -> None:
-    """chuzhan.md credit formula, item 8: the examples cannot tell where x0.9 sits relative to
+    """chuzhan.md "Credits": the examples cannot tell where x0.9 sits relative to
     rounding; an offline estimate for several images says which order it assumed."""
     from blocks.chuzhan import ChuzhanProvider
 
