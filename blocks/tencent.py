@@ -168,7 +168,8 @@ class TC3Signer(httpx.Auth):
                                       request.url.query.decode(), headers, signed, request.content)
         signature = tc3_signature(self._key.get_secret_value(), date, string_to_sign(timestamp, scope, canonical))
         request.headers.update({
-            "X-TC-Timestamp": str(timestamp), "X-TC-Version": VERSION, "X-TC-Region": self._region,
+            "X-TC-Timestamp": str(timestamp), "X-TC-Version": VERSION,
+            "X-TC-Region": request.headers.get("X-TC-Region") or self._region,  # an action's own region wins
             "Authorization": (f"TC3-HMAC-SHA256 Credential={self._id.get_secret_value()}/{scope}, "
                               f"SignedHeaders={';'.join(signed)}, Signature={signature}"),
         })
@@ -219,6 +220,9 @@ class TencentAiArtProvider(ImageProvider):
     secret_id: SecretStr = Field(description="The API key's SecretId.")
     secret_key: SecretStr = Field(description="The API key's SecretKey.")
     region: str = Field("ap-singapore", description="Region; ImageToImage is served in ap-singapore (intl).")
+    action_regions: dict[str, str] = Field(
+        default_factory=dict, description=("Region per action where it differs from `region`, e.g. "
+                                           "{SubmitTextToImageJob: ap-guangzhou} (the region is not signed)."))
     endpoint: str = Field("https://aiart.tencentcloudapi.com", description="API endpoint.")
     timeout: float = Field(60.0, description="Seconds for one HTTP request (sync actions take a while).")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
@@ -242,7 +246,8 @@ class TencentAiArtProvider(ImageProvider):
             try:
                 with self._limiter.request(action):
                     response = self.client().post("/", content=body, headers={
-                        "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US"})
+                        "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US",
+                        "X-TC-Region": self.action_regions.get(action, self.region)})
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise TransientError(f"{action}: {type(exc).__name__}", provider=PROVIDER) from None
             except httpx.TransportError as exc:

@@ -325,3 +325,18 @@ def test_chuzhan_multi_image_estimates_say_what_they_assume() -> None:
 
     assert ChuzhanProvider.estimate_offline(chuzhan_request()).note is None
     assert "assumed" in ChuzhanProvider.estimate_offline(chuzhan_request(count=3)).note
+
+
+def test_tencent_region_can_be_set_per_action(tencent) -> None:
+    """tencent.md "Talking to it": ImageToImage is served in ap-singapore (the emulator refuses
+    it elsewhere with `UnsupportedRegion`), while text-to-image may be served in another region:
+    the Block's `action_regions` sends each action to its own region (X-TC-Region is not signed)."""
+    fields = dict(secret_id=tencent.tencent_secret_id, secret_key=tencent.tencent_secret_key(),
+                  endpoint=tencent.tencent_url, region="ap-guangzhou")
+    elsewhere = TencentAiArtProvider(**fields)
+    payload = {"InputImage": base64.b64encode(ASSET.read_bytes()).decode(), "LogoAdd": 0, "Prompt": "a shoe"}
+    with pytest.raises(BadRequest, match="UnsupportedRegion|ap-singapore"):
+        elsewhere.call("ImageToImage", payload)
+    both = TencentAiArtProvider(**fields, action_regions={"ImageToImage": "ap-singapore"})
+    assert both.call("ImageToImage", payload)["ResultImage"]
+    assert both.call("SubmitTextToImageJob", {"Prompt": "a fox", "LogoAdd": 0})["JobId"]
