@@ -31,7 +31,7 @@ from blocks.chuzhan import PATH_DETAIL, PATH_DRAW, ChuzhanProvider
 from blocks.tams import TamsProvider, TamsSigner
 from benchmarks.workload import JOB_ACTION, POLL_ACTION, SUBMIT_ACTION
 from blocks.tencent import TC3Signer, TencentAiArtProvider
-from deployments.limits import PrefectLimiter
+from flows.slots import PrefectLimiter
 from flows.images import measure
 from flows.pipeline import plan_items
 from flows.review import nsfw_score
@@ -87,19 +87,19 @@ class Client:
     def __init__(self, provider: str, state: SandboxState, timeout: float) -> None:
         self.provider, self.limits = provider, Limits(provider)
         if provider == "tams":
-            self.block: Any = TamsProvider(app_id=state.tams_app_id, private_key=state.tams_private_key(),
-                                           endpoint=state.tams_url)
-            self.http = httpx.AsyncClient(base_url=state.tams_url, timeout=timeout,
-                                          auth=TamsSigner(state.tams_app_id, SecretStr(state.tams_private_key())))
+            self.block: Any = TamsProvider(app_id=state.account('tams')['app_id'], private_key=state.secret('tams', 'private_key'),
+                                           endpoint=state.url('tams'))
+            self.http = httpx.AsyncClient(base_url=state.url('tams'), timeout=timeout,
+                                          auth=TamsSigner(state.account('tams')['app_id'], SecretStr(state.secret('tams', 'private_key'))))
         elif provider == "chuzhan":
-            self.block = ChuzhanProvider(api_token=state.chuzhan_token(), endpoint=state.chuzhan_url)
-            self.http = httpx.AsyncClient(base_url=state.chuzhan_url, timeout=timeout,
-                                          headers={"Auth-Token": state.chuzhan_token()})
+            self.block = ChuzhanProvider(api_token=state.secret('chuzhan', 'token'), endpoint=state.url('chuzhan'))
+            self.http = httpx.AsyncClient(base_url=state.url('chuzhan'), timeout=timeout,
+                                          headers={"Auth-Token": state.secret('chuzhan', 'token')})
         else:
-            self.block = TencentAiArtProvider(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(),
-                                              endpoint=state.tencent_url)
-            self.http = httpx.AsyncClient(base_url=state.tencent_url, timeout=timeout, auth=TC3Signer(
-                SecretStr(state.tencent_secret_id), SecretStr(state.tencent_secret_key()), self.block.region))
+            self.block = TencentAiArtProvider(secret_id=state.account('tencent')['secret_id'], secret_key=state.secret('tencent', 'secret_key'),
+                                              endpoint=state.url('tencent'))
+            self.http = httpx.AsyncClient(base_url=state.url('tencent'), timeout=timeout, auth=TC3Signer(
+                SecretStr(state.account('tencent')['secret_id']), SecretStr(state.secret('tencent', 'secret_key')), self.block.region))
         self.downloads = httpx.AsyncClient(timeout=timeout)
 
     async def _call(self, action: str, method: str, path: str, body: dict | None = None,

@@ -33,6 +33,7 @@ from benchmarks.measure import MARK
 from benchmarks.postgres import Cluster, binaries
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
+from sandbox.accounts import emulators
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -77,9 +78,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def emulator_counts(state: launcher.SandboxState) -> dict[str, dict[str, int]]:
     """Submits, polls and limit violations, as each emulator counted them."""
-    tams = httpx.get(f"{state.tams_url}/_sandbox/stats", timeout=30).json()
-    chuzhan = httpx.get(f"{state.chuzhan_url}/_sandbox/stats", timeout=30).json()
-    tencent = httpx.get(f"{state.tencent_url}/_sandbox/stats", timeout=30).json()
+    tams = httpx.get(f"{state.url('tams')}/_sandbox/stats", timeout=30).json()
+    chuzhan = httpx.get(f"{state.url('chuzhan')}/_sandbox/stats", timeout=30).json()
+    tencent = httpx.get(f"{state.url('tencent')}/_sandbox/stats", timeout=30).json()
     by_action = tencent.get("by_action", {})
     return {
         "tams": {"requests": tams["requests"], "submits": tams["submits"], "polls": tams["polls"],
@@ -180,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     server, cluster = None, None
     print(f"benchmark work dir {work}", flush=True)
     try:
-        state = launcher.up(state_dir, tams_port=launcher.free_port(), chuzhan_port=launcher.free_port(),
-                            tencent_port=launcher.free_port(), s3_port=launcher.free_port(),
-                            latency=args.latency, buckets=(BUCKET,))
+        state = launcher.up(state_dir, ports={name: launcher.free_port() for name in emulators()},
+                            s3_port=launcher.free_port(), latency=args.latency, buckets=(BUCKET,))
         if args.api_url:
             api = args.api_url
         else:

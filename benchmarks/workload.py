@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from deployments.limits import LimitsFile, PrefectLimiter, load_limits
+from deployments.limits import LimitsFile, load_limits
+from flows.slots import PrefectLimiter
 
 PROVIDERS = ("tams", "chuzhan", "tencent")
 # The actions one text-to-image job's requests count against, as the provider Blocks name them

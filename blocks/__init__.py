@@ -1,24 +1,38 @@
 """Prefect Blocks: one module per image provider behind `blocks.base.ImageProvider`, and the
-S3 archive on prefect-aws. Importing this package registers every Block class, so
-`Block.load("tams-provider/<name>")` works."""
+S3 archive on prefect-aws. Importing this package registers this project's Block classes, so
+`Block.load("tams-provider/<name>")` works; `PROVIDERS` holds every registered provider
+(`blocks.registry`), this project's and those other packages declare."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
+from blocks import registry
 from blocks.base import ImageProvider
 from blocks.chuzhan import ChuzhanProvider
 from blocks.tams import TamsProvider
 from blocks.tencent import TencentAiArtProvider
 
-PROVIDERS: dict[str, type[ImageProvider]] = {cls.provider_name: cls for cls in (TamsProvider, ChuzhanProvider, TencentAiArtProvider)}
+
+class _Providers(Mapping[str, type[ImageProvider]]):
+    """The registry, read when first used (so a provider installed later in the process counts)."""
+
+    def __getitem__(self, name: str) -> type[ImageProvider]:
+        return registry.provider(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.providers())
+
+    def __len__(self) -> int:
+        return len(registry.providers())
+
+
+PROVIDERS: Mapping[str, type[ImageProvider]] = _Providers()
 
 
 def load_provider(name: str, block_name: str) -> ImageProvider:
     """Load the saved Block `block_name` of provider `name`."""
-    try:
-        cls = PROVIDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown provider {name!r}; known: {', '.join(sorted(PROVIDERS))}") from None
-    return cls.load(block_name)
+    return registry.provider(name).load(block_name)
 
 
 __all__ = ["PROVIDERS", "ChuzhanProvider", "ImageProvider", "TamsProvider", "TencentAiArtProvider", "load_provider"]

@@ -2,14 +2,14 @@
 
 `load_limits()` reads `limits.yaml`; `apply_limits()` upserts one Prefect global concurrency
 limit per declared rate (a limit of 1 whose slot decays `rate x safety` times a second, so
-requests are spaced, not burst) and per declared in-flight cap; `PrefectLimiter` is what the
-flow plugs into a provider Block so every request and every job takes its slot, strictly.
+requests are spaced, not burst) and per declared in-flight cap; `flows.slots.PrefectLimiter` is
+what the flow plugs into a provider Block so every request and every job
+takes its slot, strictly. This module is setup only; taking slots at run time is `flows/slots.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import os
 from pathlib import Path
 
 import yaml
@@ -36,8 +36,19 @@ class LimitsFile(BaseModel):
         return round(per_second * self.rate_safety, 4)
 
 
+EXTRA_LIMITS = "IMAGEGEN_LIMITS_FILES"  # limits of providers other packages add (os.pathsep-separated)
+
+
 def load_limits(path: Path = LIMITS_FILE) -> LimitsFile:
-    return LimitsFile.model_validate(yaml.safe_load(path.read_text()))
+    """`path`, with the providers and accounts of every file in `IMAGEGEN_LIMITS_FILES` added
+    (a provider package outside this repository declares its limits in its own file)."""
+    limits = LimitsFile.model_validate(yaml.safe_load(path.read_text()))
+    for extra in filter(None, os.environ.get(EXTRA_LIMITS, "").split(os.pathsep)):
+        more = LimitsFile.model_validate(yaml.safe_load(Path(extra).read_text()))
+        limits.providers.update(more.providers)
+        for provider, blocks in more.accounts.items():
+            limits.accounts[provider] = sorted({*limits.accounts.get(provider, []), *blocks})
+    return limits
 
 
 def rate_name(provider: str, block: str, action: str) -> str:
@@ -52,7 +63,7 @@ def wanted_limits(limits: LimitsFile, accounts: dict[str, list[str]] | None = No
     """Every limit name with (limit, slot decay per second or None)."""
     out: dict[str, tuple[int, float | None]] = {}
     for provider, blocks in (accounts or limits.accounts).items():
-        declared = limits.providers[provider]
+        declared = limits.providers.get(provider, ProviderLimits())
         for block in blocks:
             for action, per_second in declared.rate.items():
                 out[rate_name(provider, block, action)] = (1, limits.applied_rate(per_second))
@@ -78,7 +89,7 @@ def show_limits() -> list[dict[str, object]]:
     (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held."""
     from prefect.client.orchestration import get_client
 
-    from deployments.slots import reclaim_expired
+    from flows.slots import reclaim_expired
 
     reclaim_expired(force=True)
 
@@ -93,52 +104,3 @@ def show_limits() -> list[dict[str, object]]:
             if len(page) < 200:
                 return sorted(rows, key=lambda r: str(r["name"]))
             offset += 200
-
-
-class PrefectLimiter:
-    """Takes a provider account's limits from the Prefect server, strictly (missing = error).
-
-    Rate slots are paced at the rate `limits.yaml` declares (times `rate_safety`), the same
-    decay `apply_limits` sets on the server; see `deployments/slots.py` for how slots are
-    asked for and held."""
-
-    def __init__(self, provider: str, block: str, limits: LimitsFile | None = None) -> None:
-        self.provider, self.block = provider, block
-        self.limits = limits or load_limits()
-        self.declared = self.limits.providers.get(provider, ProviderLimits())
-
-    def rate_action(self, action: str) -> str | None:
-        """The rate an action counts against: its own, else the account-wide `api` one."""
-        return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
-
-    @contextlib.contextmanager
-    def request(self, action: str) -> Iterator[None]:
-        """A rate slot for one request, held until it is answered (see `slots.take_rate`)."""
-        from deployments.slots import take_rate
-
-        key = self.rate_action(action)
-        if key is None:
-            yield
-            return
-        answered = take_rate(rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key]))
-        try:
-            yield
-        finally:
-            answered()
-
-    def job_cap(self, action: str) -> tuple[str, int] | None:
-        """The declared in-flight cap an action counts against, and its size."""
-        key = action if action in self.declared.jobs else ("default" if "default" in self.declared.jobs else None)
-        return (key, self.declared.jobs[key]) if key is not None else None
-
-    @contextlib.contextmanager
-    def job(self, action: str) -> Iterator[None]:
-        """Hold one in-flight slot on the server for the whole job (a lease renewed while held)."""
-        from deployments.slots import configured_lease, hold
-
-        cap = self.job_cap(action)
-        if cap is None:
-            yield
-            return
-        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(JOB_LEASE_SECONDS)):
-            yield

@@ -4,7 +4,7 @@ Importing this package before Prefect selects Prefect's filesystem lease storage
 else was chosen and no `PREFECT_API_URL` is set, i.e. for the temporary server every `imagegen
 run` starts on its own: its concurrency leases then live in `PREFECT_HOME` instead of that
 server's memory, so a killed run's slots can be found and freed by the next run
-(`deployments.slots.reclaim_expired`) instead of staying held for good.
+(`flows.slots.reclaim_expired`) instead of staying held for good.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The claim is a Prefect global concurrency limit of 1 named `imagegen:run:<pipeline>:<date>`,
 held on a lease for the whole run (renewed while the run lives, freed within one lease period
-when its process dies, see `deployments.slots`). A second run of the same date waits for the
+when its process dies, see `flows.slots`). A second run of the same date waits for the
 first to finish, logging which flow run it waits for, and then reuses what the first archived:
 it never pays for the same item. Held where the provider limits already live, so it needs no
 conditional writes from the S3 server.
@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
 
-from deployments.slots import api_client, configured_lease, hold
+from flows.slots import api_client, configured_lease, hold
 from flows.ledger import JobLedger
 
 CLAIM_LEASE_SECONDS = 60

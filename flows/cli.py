@@ -210,8 +210,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if args.action == "status":
         state = launcher.SandboxState.load(state_dir)
         running = bool(state and state.pids and all(launcher._alive(p) for p in state.pids.values()))
-        print(f"sandbox {'running' if running else 'stopped'}" + (f": TAMS {state.tams_url}, 触站AI "
-                                                                  f"{state.chuzhan_url}, S3 {state.s3_url}"
+        where = ", ".join(f"{name} {state.url(name)}" for name in state.providers) if state else ""
+        print(f"sandbox {'running' if running else 'stopped'}" + (f": {where}, S3 {state.s3_url}"
                                                                   if state and running else ""))
         return 0 if running else 1
     if args.action == "register":
@@ -220,18 +220,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             print("no sandbox state found; run `imagegen sandbox up` first", file=sys.stderr)
             return 1
         print(f"registered Blocks: {', '.join(launcher.register_blocks(state, args.block_name))}")
-        from deployments.limits import apply_limits
-
-        print(f"applied provider limits: {', '.join(apply_limits({p: [args.block_name] for p in ('tams', 'chuzhan', 'tencent')}))}")
+        _apply_sandbox_limits(state, args.block_name)
         return 0
-    state = launcher.up(state_dir, tams_port=args.tams_port, chuzhan_port=args.chuzhan_port,
-                        tencent_port=args.tencent_port, s3_port=args.s3_port,
-                        latency=args.latency,
+    ports = {}
+    for pair in args.port or []:
+        provider, _, port = pair.partition("=")
+        ports[provider] = int(port)
+    state = launcher.up(state_dir, ports=ports, s3_port=args.s3_port, latency=args.latency,
                         buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
-    print(f"sandbox up: TAMS emulator {state.tams_url}, 触站AI emulator {state.chuzhan_url}, "
-          f"Tencent AI Art emulator {state.tencent_url}, "
-          f"S3 (SeaweedFS) {state.s3_url}, "
-          f"buckets {', '.join(state.buckets)}")
+    print(f"sandbox up: {', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, "
+          f"S3 (SeaweedFS) {state.s3_url}, buckets {', '.join(state.buckets)}")
     if not args.no_register:
         try:
             names = launcher.register_blocks(state)
@@ -239,11 +237,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             launcher.down(state_dir)
             raise
         print(f"registered Blocks: {', '.join(names)}")
-        from deployments.limits import apply_limits
-
-        applied = apply_limits({provider: [launcher.BLOCK_NAME] for provider in ("tams", "chuzhan", "tencent")})
-        print(f"applied provider limits: {', '.join(applied)}")
+        _apply_sandbox_limits(state, launcher.BLOCK_NAME)
     return 0
+
+
+def _apply_sandbox_limits(state, block_name: str) -> None:  # noqa: ANN001 - a SandboxState
+    from deployments.limits import apply_limits
+
+    applied = apply_limits({provider: [block_name] for provider in state.providers})
+    print(f"applied provider limits: {', '.join(applied)}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -296,9 +298,8 @@ def parser() -> argparse.ArgumentParser:
                    help="register: save the Blocks and limits of a running sandbox on the current Prefect API")
     s.add_argument("--state-dir", default=".sandbox")
     s.add_argument("--block-name", default="sandbox", help="name of the Blocks `register` saves (and their limits)")
-    s.add_argument("--tams-port", type=int, default=8700)
-    s.add_argument("--chuzhan-port", type=int, default=8702)
-    s.add_argument("--tencent-port", type=int, default=8703)
+    s.add_argument("--port", action="append", metavar="PROVIDER=PORT",
+                   help="an emulator's port (repeatable; defaults: tams 8700, chuzhan 8702, tencent 8703)")
     s.add_argument("--s3-port", type=int, default=8333)
     s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
     s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")

@@ -28,7 +28,7 @@ from blocks import PROVIDERS
 from blocks.base import GenerationRequest, with_retries
 from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
 from blocks.archive import archive_bucket, presigned_url, write_bytes
-from deployments.slots import reclaim_expired
+from flows.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
 from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, load_spec, read_spec_text, render_key,

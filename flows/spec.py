@@ -14,18 +14,28 @@ import string
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
                       field_validator)
 
 from flows import confine
 from flows.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
-ProviderName = Literal["tams", "chuzhan", "tencent"]
+def _known_provider(name: str) -> str:
+    from blocks import registry  # the entry points: reading them imports no provider module
+
+    if name not in registry.entry_point_names():
+        known = registry.entry_point_names()
+        raise ValueError(f"Input should be {', '.join(repr(n) for n in known[:-1])} or {known[-1]!r}"
+                         if len(known) > 1 else f"unknown provider; known: {known}")
+    return name
+
+
+ProviderName = Annotated[str, AfterValidator(_known_provider)]
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 KEY_FIELDS = {"pipeline", "run_date", "item", "index", "provider"}
 MAX_SPEC_BYTES = 1_000_000

@@ -21,7 +21,7 @@ from blocks import load_provider
 from blocks.archive import archive_bucket, write_bytes, write_json
 from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
-from deployments.limits import PrefectLimiter
+from flows.slots import PrefectLimiter
 from flows import images
 from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key, sidecar_key

@@ -41,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -50,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.paid import PaidLog, fingerprint
@@ -396,3 +398,19 @@ class ChuzhanEmulator:
                 init = None
         return render_png(str(task.params.get("prompt")), int(task.params.get("seed") or 0), width, height,
                           index, init)
+
+
+# --- sandbox hooks (see sandbox/accounts.py) ------------------------------------------------------
+DEFAULT_PORT = 8702
+
+
+def sandbox_account(state_dir: Path) -> dict[str, str]:
+    return {"token_file": secret_file(state_dir, "chuzhan_token", new_token()), "task_limit": "2"}
+
+
+def make_app(account: dict[str, str], latency: float) -> Starlette:
+    return ChuzhanEmulator(read_secret(account, "token"), latency=latency, task_limit=int(account["task_limit"])).app
+
+
+def block_fields(account: dict[str, str]) -> dict[str, Any]:
+    return {"api_token": read_secret(account, "token")}

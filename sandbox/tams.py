@@ -36,6 +36,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -47,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
@@ -489,3 +491,31 @@ class TamsEmulator:
         resource = init.get("imageResourceId")
         return render_png(prompt, int(init.get("seed") or 0), w, h, index,
                           self.state.uploads.get(str(resource)) if resource else None)
+
+
+# --- sandbox hooks (see sandbox/accounts.py) ------------------------------------------------------
+DEFAULT_PORT = 8700
+
+
+def sandbox_account(state_dir: Path) -> dict[str, str]:
+    """An app with a fresh 2048-bit RSA key pair and a token (both ways of authenticating)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return {
+        "app_id": "sandbox-" + secrets.token_hex(4),
+        "private_key_file": secret_file(state_dir, "tams_private_key.pem", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())),
+        "public_key_file": secret_file(state_dir, "tams_public_key.pem", key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)),
+        "token_file": secret_file(state_dir, "tams_token", new_token()),
+    }
+
+
+def make_app(account: dict[str, str], latency: float) -> Starlette:
+    return TamsEmulator({account["app_id"]: Path(account["public_key_file"]).read_bytes()}, latency=latency,
+                        token=read_secret(account, "token")).app
+
+
+def block_fields(account: dict[str, str]) -> dict[str, Any]:
+    return {"app_id": account["app_id"], "private_key": Path(account["private_key_file"]).read_text()}

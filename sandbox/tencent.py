@@ -42,6 +42,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
@@ -473,3 +475,20 @@ class TencentEmulator:
                                  "jobs": {j.id: {"status": self._status(j), "prompt": j.prompt} for j in st.jobs.values()},
                                  "peak_in_flight": st.peak_in_flight,
                                  "peak_requests_per_second": max((w.peak for w in st.windows.values()), default=0)})
+
+
+# --- sandbox hooks (see sandbox/accounts.py) ------------------------------------------------------
+DEFAULT_PORT = 8703
+
+
+def sandbox_account(state_dir: Path) -> dict[str, str]:
+    return {"secret_id": "AKIDsandbox" + secrets.token_hex(8),
+            "secret_key_file": secret_file(state_dir, "tencent_secret_key", secrets.token_urlsafe(24))}
+
+
+def make_app(account: dict[str, str], latency: float) -> Starlette:
+    return TencentEmulator({account["secret_id"]: read_secret(account, "secret_key")}, latency=latency).app
+
+
+def block_fields(account: dict[str, str]) -> dict[str, Any]:
+    return {"secret_id": account["secret_id"], "secret_key": read_secret(account, "secret_key")}

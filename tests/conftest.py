@@ -23,6 +23,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from sandbox import launcher  # noqa: E402
+from sandbox.accounts import emulators  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 TEST_BUCKET = "imagegen-test"
@@ -41,10 +42,8 @@ def prefect_api() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.SandboxState]:
     state_dir = tmp_path_factory.mktemp("sandbox")
-    state = launcher.up(state_dir, tams_port=launcher.free_port(), chuzhan_port=launcher.free_port(),
-                        tencent_port=launcher.free_port(),
-                        s3_port=launcher.free_port(),
-                        latency=0.6, buckets=(TEST_BUCKET,))
+    state = launcher.up(state_dir, ports={name: launcher.free_port() for name in emulators()},
+                        s3_port=launcher.free_port(), latency=0.6, buckets=(TEST_BUCKET,))
     try:
         yield state
     finally:
@@ -56,7 +55,7 @@ def sandbox_blocks(prefect_api: None, sandbox: launcher.SandboxState) -> launche
     from deployments.limits import apply_limits
 
     launcher.register_blocks(sandbox)
-    apply_limits({p: [launcher.BLOCK_NAME] for p in ("tams", "chuzhan", "tencent")})
+    apply_limits({p: [launcher.BLOCK_NAME] for p in sandbox.providers})
     return sandbox
 
 
@@ -71,15 +70,15 @@ def run_spec(tmp_path: Path, text: str, run_date: date, path: Path | None = None
 
 
 def tams_stats(state: launcher.SandboxState) -> dict:
-    return httpx.get(f"{state.tams_url}/_sandbox/stats").json()
+    return httpx.get(f"{state.url('tams')}/_sandbox/stats").json()
 
 
 def chuzhan_stats(state: launcher.SandboxState) -> dict:
-    return httpx.get(f"{state.chuzhan_url}/_sandbox/stats").json()
+    return httpx.get(f"{state.url('chuzhan')}/_sandbox/stats").json()
 
 
 def tencent_stats(state: launcher.SandboxState) -> dict:
-    return httpx.get(f"{state.tencent_url}/_sandbox/stats").json()
+    return httpx.get(f"{state.url('tencent')}/_sandbox/stats").json()
 
 
 def s3_client(state: launcher.SandboxState):  # noqa: ANN201

@@ -153,7 +153,7 @@ items:
 @pytest.fixture()
 def chuzhan(sandbox_blocks):
     yield sandbox_blocks
-    httpx.post(f"{sandbox_blocks.chuzhan_url}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
+    httpx.post(f"{sandbox_blocks.url('chuzhan')}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
 
 
 def manifest_of(state) -> dict:
@@ -275,7 +275,7 @@ def test_the_nonce_keeps_the_attempt_within_32_characters() -> None:
 
 
 def test_in_flight_cap_is_held_by_prefect(chuzhan, tmp_path) -> None:
-    httpx.post(f"{chuzhan.chuzhan_url}/_sandbox/config", json={"latency": 1.0})
+    httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"latency": 1.0})
     items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(5))
     before = chuzhan_stats(chuzhan)
     state = run_spec(tmp_path, spec_text("cz-cap-flight", items), date(2026, 3, 6))
@@ -286,7 +286,7 @@ def test_in_flight_cap_is_held_by_prefect(chuzhan, tmp_path) -> None:
 
 
 def test_empty_balance_is_an_account_stop(chuzhan, tmp_path) -> None:
-    httpx.post(f"{chuzhan.chuzhan_url}/_sandbox/config", json={"balance": 1})
+    httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"balance": 1})
     before = chuzhan_stats(chuzhan)
     state = run_spec(tmp_path, spec_text("cz-broke", "  - {id: a, prompt: a cat}\n"), date(2026, 3, 7))
     error = manifest_of(state)["items"][0]["error"]
@@ -295,7 +295,7 @@ def test_empty_balance_is_an_account_stop(chuzhan, tmp_path) -> None:
 
 
 def test_balance_is_read_from_the_account(chuzhan) -> None:
-    provider = ChuzhanProvider(api_token=chuzhan.chuzhan_token(), endpoint=chuzhan.chuzhan_url)
+    provider = ChuzhanProvider(api_token=chuzhan.secret('chuzhan', 'token'), endpoint=chuzhan.url('chuzhan'))
     assert provider.balance() == chuzhan_stats(chuzhan)["balance"] > 0
     with pytest.raises(AccountStop, match="Auth-Token"):
-        ChuzhanProvider(api_token="wrong", endpoint=chuzhan.chuzhan_url).balance()
+        ChuzhanProvider(api_token="wrong", endpoint=chuzhan.url('chuzhan')).balance()

@@ -40,20 +40,20 @@ items:
 def emulator(sandbox_blocks):
     """The emulator, with faults cleared and latency and balance restored after each test."""
     yield sandbox_blocks
-    httpx.delete(f"{sandbox_blocks.tams_url}/_sandbox/faults")
-    httpx.post(f"{sandbox_blocks.tams_url}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
+    httpx.delete(f"{sandbox_blocks.url('tams')}/_sandbox/faults")
+    httpx.post(f"{sandbox_blocks.url('tams')}/_sandbox/config", json={"latency": 0.6, "balance": 100000})
 
 
 def inject(state, **fault) -> None:
-    httpx.post(f"{state.tams_url}/_sandbox/faults", json=fault).raise_for_status()
+    httpx.post(f"{state.url('tams')}/_sandbox/faults", json=fault).raise_for_status()
 
 
 @pytest.fixture(scope="module")
 def short_timeout_account(sandbox_blocks):
     from blocks.tams import TamsProvider
 
-    TamsProvider(app_id=sandbox_blocks.tams_app_id, private_key=sandbox_blocks.tams_private_key(),
-                 endpoint=sandbox_blocks.tams_url, timeout=2.0).save(SHORT, overwrite=True)
+    TamsProvider(app_id=sandbox_blocks.account('tams')['app_id'], private_key=sandbox_blocks.secret('tams', 'private_key'),
+                 endpoint=sandbox_blocks.url('tams'), timeout=2.0).save(SHORT, overwrite=True)
     apply_limits({"tams": [SHORT]})
     return SHORT
 
@@ -91,8 +91,8 @@ def test_limits_apply_is_idempotent_and_shows_usage(sandbox_blocks) -> None:
 
 
 def test_a_missing_limit_is_an_error_not_a_silent_pass(sandbox_blocks) -> None:
-    from deployments.limits import PrefectLimiter
-    from deployments.slots import LimitMissing
+    from flows.slots import PrefectLimiter
+    from flows.slots import LimitMissing
 
     with pytest.raises(LimitMissing, match="imagegen limits apply"), \
             PrefectLimiter("tams", "account-without-limits").request("api"):
@@ -149,7 +149,7 @@ def test_failed_job_is_recorded_and_retried_only_on_rerun(emulator, tmp_path) ->
 
 
 def test_empty_balance_stops_the_run_and_says_why(emulator, tmp_path) -> None:
-    httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"balance": 0})
+    httpx.post(f"{emulator.url('tams')}/_sandbox/config", json={"balance": 0})
     before = tams_stats(emulator)
     state = run_spec(tmp_path, spec_text("fault-balance", 6, extra_run=", max_parallel: 1"), date(2026, 2, 3))
     after = tams_stats(emulator)
@@ -240,7 +240,7 @@ def test_two_processes_on_one_account_never_exceed_the_rate(emulator, tmp_path) 
 
 
 def test_killed_run_resumes_without_paying_twice(emulator, tmp_path) -> None:
-    httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"latency": 8})
+    httpx.post(f"{emulator.url('tams')}/_sandbox/config", json={"latency": 8})
     path = tmp_path / "killed.yaml"
     path.write_text(spec_text("killed", 4))
     before = tams_stats(emulator)
@@ -255,7 +255,7 @@ def test_killed_run_resumes_without_paying_twice(emulator, tmp_path) -> None:
     proc.wait()
     killed = tams_stats(emulator)
     assert killed["charges"] == before["charges"], "the jobs were not finished when the run was killed"
-    httpx.post(f"{emulator.tams_url}/_sandbox/config", json={"latency": 0.6})
+    httpx.post(f"{emulator.url('tams')}/_sandbox/config", json={"latency": 0.6})
     state = run_spec(tmp_path, path.read_text(), date(2026, 2, 6), path=path)
     after = tams_stats(emulator)
     assert state.is_completed()
@@ -298,7 +298,7 @@ def test_lanes_keep_a_capped_provider_from_filling_the_window() -> None:
 def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_blocks) -> None:
     import threading
 
-    from deployments.limits import PrefectLimiter
+    from flows.slots import PrefectLimiter
 
     apply_limits({"tencent": ["slots-test"]})  # SubmitTextToImageJob: 1 in flight
     limiter = PrefectLimiter("tencent", "slots-test")
@@ -329,7 +329,7 @@ def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_block
 
 
 def test_rate_slots_are_never_taken_faster_than_the_limit(sandbox_blocks) -> None:
-    from deployments.slots import take_rate
+    from flows.slots import take_rate
 
     apply_limits({"tams": ["rate-test"]})  # api: 5/s x 0.9 safety = 4.5/s on the server
     started = time.monotonic()

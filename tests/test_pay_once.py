@@ -49,7 +49,7 @@ items:
 
 
 def url(state, provider: str) -> str:
-    return {"tams": state.tams_url, "chuzhan": state.chuzhan_url, "tencent": state.tencent_url}[provider]
+    return {"tams": state.url('tams'), "chuzhan": state.url('chuzhan'), "tencent": state.url('tencent')}[provider]
 
 
 def stats(state, provider: str) -> dict:

@@ -41,14 +41,14 @@ def tencent_request(**overrides) -> GenerationRequest:
 
 
 def tencent_client(state) -> TencentAiArtProvider:
-    return TencentAiArtProvider(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(),
-                                endpoint=state.tencent_url)
+    return TencentAiArtProvider(secret_id=state.account('tencent')['secret_id'], secret_key=state.secret('tencent', 'secret_key'),
+                                endpoint=state.url('tencent'))
 
 
 @pytest.fixture()
 def tencent(sandbox_blocks):
     yield sandbox_blocks
-    httpx.delete(f"{sandbox_blocks.tencent_url}/_sandbox/faults")
+    httpx.delete(f"{sandbox_blocks.url('tencent')}/_sandbox/faults")
 
 
 # --- retries: Retry-After and deadlines ---------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_tams_bearer_token_runs_a_spec_and_a_wrong_token_stops_after_one_request
     from deployments.limits import apply_limits
 
     state = sandbox_blocks
-    TamsProvider(app_id=state.tams_app_id, api_token=state.tams_token(), endpoint=state.tams_url).save(
+    TamsProvider(app_id=state.account('tams')['app_id'], api_token=state.secret('tams', 'token'), endpoint=state.url('tams')).save(
         "sandbox-token", overwrite=True)
     apply_limits({"tams": ["sandbox-token"]})
     before = tams_stats(state)
@@ -132,7 +132,7 @@ items:
     assert run_spec(tmp_path, text, date(2026, 11, 3)).is_completed()
     after = tams_stats(state)
     assert after["charges"] - before["charges"] == 1 and after["auth_failures"] == before["auth_failures"]
-    wrong = TamsProvider(app_id=state.tams_app_id, api_token="not-the-token", endpoint=state.tams_url)
+    wrong = TamsProvider(app_id=state.account('tams')['app_id'], api_token="not-the-token", endpoint=state.url('tams'))
     with pytest.raises(AccountStop):
         wrong.poll("123")
     assert tams_stats(state)["requests"] - after["requests"] == 1
@@ -163,13 +163,13 @@ def test_generate_image_failed_is_tried_again_then_rejected(tencent) -> None:
     req = tencent_request(has_input=True, input_ref=provider.upload(ASSET.read_bytes(), "image/png"),
                           options={"LogoAdd": 0, "Resolution": "768:768"})
     fault = {"code": "FailedOperation.GenerateImageFailed", "action": "ImageToImage"}
-    httpx.post(f"{tencent.tencent_url}/_sandbox/faults", json={**fault, "count": 2})
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults", json={**fault, "count": 2})
     before = tencent_stats(tencent)
     provider.run_job(req, poll_interval=0.1, timeout=30)
     after = tencent_stats(tencent)
     assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 3
     assert after["charges"] - before["charges"] == 1
-    httpx.post(f"{tencent.tencent_url}/_sandbox/faults", json={**fault, "count": 3})
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults", json={**fault, "count": 3})
     with pytest.raises(ContentRejected, match="3 times"):
         provider.run_job(req.model_copy(update={"request_id": "g" * 32}), poll_interval=0.1, timeout=30)
     assert tencent_stats(tencent)["charges"] == after["charges"]
@@ -280,7 +280,7 @@ def test_chuzhan_upscale_is_a_whole_number_and_hrscale_is_priced_as_sent(sandbox
 
     with pytest.raises(BadRequest, match="whole number"):
         check_caps({"prompt": "a", "upscale": 1.5})
-    provider = ChuzhanProvider(api_token=sandbox_blocks.chuzhan_token(), endpoint=sandbox_blocks.chuzhan_url)
+    provider = ChuzhanProvider(api_token=sandbox_blocks.secret('chuzhan', 'token'), endpoint=sandbox_blocks.url('chuzhan'))
     req = chuzhan_request(options={"hrScale": 1.5, "hrSteps": 20})
     offline = ChuzhanProvider.estimate_offline(req).credits
     assert offline == credits_for({**ChuzhanProvider.draw_params(req)}) and offline != credits_for(
@@ -295,7 +295,7 @@ def test_chuzhan_hrscale_with_an_input_image_is_a_note_not_an_error(sandbox_bloc
     emulator charges)."""
     from blocks.chuzhan import ChuzhanProvider
 
-    provider = ChuzhanProvider(api_token=sandbox_blocks.chuzhan_token(), endpoint=sandbox_blocks.chuzhan_url)
+    provider = ChuzhanProvider(api_token=sandbox_blocks.secret('chuzhan', 'token'), endpoint=sandbox_blocks.url('chuzhan'))
     ref = provider.upload(ASSET.read_bytes(), "image/png")
     req = chuzhan_request(has_input=True, input_ref=ref, options={"hrScale": 2})
     ChuzhanProvider.validate(req)
@@ -331,8 +331,8 @@ def test_tencent_region_can_be_set_per_action(tencent) -> None:
     """tencent.md "Talking to it": ImageToImage is served in ap-singapore (the emulator refuses
     it elsewhere with `UnsupportedRegion`), while text-to-image may be served in another region:
     the Block's `action_regions` sends each action to its own region (X-TC-Region is not signed)."""
-    fields = dict(secret_id=tencent.tencent_secret_id, secret_key=tencent.tencent_secret_key(),
-                  endpoint=tencent.tencent_url, region="ap-guangzhou")
+    fields = dict(secret_id=tencent.account('tencent')['secret_id'], secret_key=tencent.secret('tencent', 'secret_key'),
+                  endpoint=tencent.url('tencent'), region="ap-guangzhou")
     elsewhere = TencentAiArtProvider(**fields)
     payload = {"InputImage": base64.b64encode(ASSET.read_bytes()).decode(), "LogoAdd": 0, "Prompt": "a shoe"}
     with pytest.raises(BadRequest, match="UnsupportedRegion|ap-singapore"):

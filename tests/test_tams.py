@@ -122,7 +122,7 @@ def test_validation_names_the_field(overrides: dict, field: str) -> None:
 # --- against the emulator process ------------------------------------------------------------
 
 def sandbox_provider(sandbox, **overrides) -> TamsProvider:
-    fields = dict(app_id=sandbox.tams_app_id, private_key=sandbox.tams_private_key(), endpoint=sandbox.tams_url)
+    fields = dict(app_id=sandbox.account('tams')['app_id'], private_key=sandbox.secret('tams', 'private_key'), endpoint=sandbox.url('tams'))
     return TamsProvider(**{**fields, **overrides})
 
 
@@ -138,9 +138,9 @@ def test_emulator_rejects_a_wrong_signature(sandbox) -> None:
 
 
 def test_emulator_rejects_a_tampered_body(sandbox) -> None:
-    signer = TamsSigner(sandbox.tams_app_id, SecretStr(sandbox.tams_private_key()))
+    signer = TamsSigner(sandbox.account('tams')['app_id'], SecretStr(sandbox.secret('tams', 'private_key')))
     header = signer.sign("POST", "/v1/jobs/credits", '{"stages":[]}')
-    answer = httpx.post(f"{sandbox.tams_url}/v1/jobs/credits", content=b'{"stages":[{}]}',
+    answer = httpx.post(f"{sandbox.url('tams')}/v1/jobs/credits", content=b'{"stages":[{}]}',
                         headers={"Authorization": header, "Content-Type": "application/json"})
     assert answer.status_code == 401 and answer.json()["code"] == 16
 

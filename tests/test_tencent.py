@@ -143,11 +143,11 @@ def test_gif_is_refused() -> None:
 @pytest.fixture()
 def tencent(sandbox_blocks):
     yield sandbox_blocks
-    httpx.delete(f"{sandbox_blocks.tencent_url}/_sandbox/faults")
+    httpx.delete(f"{sandbox_blocks.url('tencent')}/_sandbox/faults")
 
 
 def client(state, **overrides) -> TencentAiArtProvider:
-    fields = dict(secret_id=state.tencent_secret_id, secret_key=state.tencent_secret_key(), endpoint=state.tencent_url)
+    fields = dict(secret_id=state.account('tencent')['secret_id'], secret_key=state.secret('tencent', 'secret_key'), endpoint=state.url('tencent'))
     return TencentAiArtProvider(**{**fields, **overrides})
 
 
@@ -189,16 +189,16 @@ def test_async_job_succeeds_and_a_failing_one_is_rejected(tencent) -> None:
 
 
 def test_refusals_are_retried_but_an_ambiguous_submit_answer_is_not(tencent) -> None:
-    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
                json={"code": "RequestLimitExceeded", "count": 2, "action": "SubmitTextToImageJob"})
-    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
                json={"code": "FailedOperation.InnerError", "count": 2, "action": "QueryTextToImageJob"})
     before = tencent_stats(tencent)
     client(tencent).run_job(request(), poll_interval=0.1, timeout=30)
     after = tencent_stats(tencent)
     assert after["injected_faults"] - before["injected_faults"] == 4 and after["submits"] - before["submits"] == 1
     # InternalError on a paid submit does not say whether the job exists: never sent again.
-    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
                json={"code": "InternalError", "count": 1, "action": "SubmitTextToImageJob"})
     with pytest.raises(SubmitUnknown, match="does not say whether the job was created"):
         client(tencent).run_job(request(), poll_interval=0.1, timeout=30)
@@ -262,7 +262,7 @@ def test_validation_errors_make_no_call(tencent, tmp_path) -> None:
 
 
 def test_low_balance_stops_the_run(tencent, tmp_path) -> None:
-    httpx.post(f"{tencent.tencent_url}/_sandbox/faults",
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
                json={"code": "ResourceUnavailable.LowBalance", "count": 1, "action": "SubmitTextToImageJob"})
     items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(3))
     state = run_spec(tmp_path, spec_text("tc-broke", items, ", max_parallel: 1"), date(2026, 4, 4))

@@ -41,6 +41,8 @@ import httpx
 
 from blocks.base import retry_after_seconds
 from blocks.errors import LimiterError
+from deployments.limits import (JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits,
+                                rate_name)
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
@@ -305,3 +307,48 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
                                                  "lease expires", name, exc)
         with released:
             released.notify()
+
+
+class PrefectLimiter:
+    """Takes a provider account's limits from the Prefect server, strictly (missing = error).
+
+    Rate slots are paced at the rate `limits.yaml` declares (times `rate_safety`), the same
+    decay `apply_limits` sets on the server; see this module for how slots are asked for
+    and held."""
+
+    def __init__(self, provider: str, block: str, limits: LimitsFile | None = None) -> None:
+        self.provider, self.block = provider, block
+        self.limits = limits or load_limits()
+        self.declared = self.limits.providers.get(provider, ProviderLimits())
+
+    def rate_action(self, action: str) -> str | None:
+        """The rate an action counts against: its own, else the account-wide `api` one."""
+        return action if action in self.declared.rate else ("api" if "api" in self.declared.rate else None)
+
+    @contextlib.contextmanager
+    def request(self, action: str) -> Iterator[None]:
+        """A rate slot for one request, held until it is answered (see `slots.take_rate`)."""
+        key = self.rate_action(action)
+        if key is None:
+            yield
+            return
+        answered = take_rate(rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key]))
+        try:
+            yield
+        finally:
+            answered()
+
+    def job_cap(self, action: str) -> tuple[str, int] | None:
+        """The declared in-flight cap an action counts against, and its size."""
+        key = action if action in self.declared.jobs else ("default" if "default" in self.declared.jobs else None)
+        return (key, self.declared.jobs[key]) if key is not None else None
+
+    @contextlib.contextmanager
+    def job(self, action: str) -> Iterator[None]:
+        """Hold one in-flight slot on the server for the whole job (a lease renewed while held)."""
+        cap = self.job_cap(action)
+        if cap is None:
+            yield
+            return
+        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(JOB_LEASE_SECONDS)):
+            yield
