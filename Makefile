@@ -45,7 +45,7 @@ bench: $(STAMP) bench-libs
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/imagegen sandbox up
+	$(BIN)/imagegen sandbox up --free-ports  # works whatever holds the default ports
 	@$(BIN)/imagegen run pipelines/demo.yaml; rc=$$?; $(BIN)/imagegen sandbox down; exit $$rc
 
 test: $(STAMP)

@@ -64,19 +64,19 @@ def _deployment_id(name: str) -> str | None:
 
 
 @task(task_run_name="run-{run_date}")
-def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str) -> dict[str, Any]:
-    """Run one date: through the deployment (any worker) or as a subflow; report its manifest."""
+def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str, name: str) -> dict[str, Any]:
+    """Run one date: through the deployment (any worker) or as a subflow, named
+    `<pipeline>-<date>`; report its manifest."""
     if deployment_id is not None:
         from prefect.deployments import run_deployment
 
         flow_run = run_deployment(deployment_id, parameters={"spec": spec, "run_date": run_date.isoformat()},
-                                  idempotency_key=key, flow_run_name=f"backfill-{run_date}", tags=["backfill"])
+                                  idempotency_key=key, flow_run_name=f"{name}-{run_date}", tags=["backfill"])
         run_id, state_name = str(flow_run.id), flow_run.state.name if flow_run.state else "unknown"
     else:
         from flows.pipeline import run_pipeline
 
-        state = run_pipeline.with_options(flow_run_name=f"backfill-{run_date}")(
-            spec=spec, run_date=run_date, return_state=True)
+        state = run_pipeline(spec=spec, run_date=run_date, return_state=True)  # named <pipeline>-<date>
         run_id, state_name = str(state.state_details.flow_run_id), state.name
     manifest = manifest_status(load_spec(spec), run_date) or {}
     return {"date": run_date.isoformat(), "status": "done" if manifest.get("status") == "complete" else "failed",
@@ -122,7 +122,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
         while sum(not f.wrapped_future.done() for f in running.values()) >= max_parallel:
             time.sleep(0.1)
         key = f"backfill:{flow_run.id}:{name}:{run_date.isoformat()}"
-        running[run_date] = run_date_task.submit(spec_path, run_date, deployment_id, key)
+        running[run_date] = run_date_task.submit(spec_path, run_date, deployment_id, key, name)
     for run_date, future in running.items():
         future.wait()
         result = future.result(raise_on_failure=False)

@@ -222,12 +222,18 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print(f"registered Blocks: {', '.join(launcher.register_blocks(state, args.block_name))}")
         _apply_sandbox_limits(state, args.block_name)
         return 0
-    ports = {}
+    from sandbox.accounts import emulators
+
+    ports = {name: launcher.free_port() for name in emulators()} if args.free_ports else {}
     for pair in args.port or []:
         provider, _, port = pair.partition("=")
         ports[provider] = int(port)
-    state = launcher.up(state_dir, ports=ports, s3_port=args.s3_port, latency=args.latency,
-                        buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
+    try:
+        state = launcher.up(state_dir, ports=ports, s3_port=launcher.free_port() if args.free_ports else args.s3_port,
+                            latency=args.latency, buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
+    except launcher.SandboxError as exc:
+        print(f"sandbox not started: {exc}", file=sys.stderr)
+        return 1
     print(f"sandbox up: {', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, "
           f"S3 (SeaweedFS) {state.s3_url}, buckets {', '.join(state.buckets)}")
     if not args.no_register:
@@ -301,6 +307,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", action="append", metavar="PROVIDER=PORT",
                    help="an emulator's port (repeatable; defaults: tams 8700, chuzhan 8702, tencent 8703)")
     s.add_argument("--s3-port", type=int, default=8333)
+    s.add_argument("--free-ports", action="store_true", help="run every emulator and S3 on free ports")
     s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
     s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")
     s.add_argument("--no-register", action="store_true", help="do not save Prefect Blocks")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -359,7 +360,25 @@ def in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, Prefe
             busy[key].append(plan.item_id)
 
 
-@flow(name="run-pipeline", log_prints=True)
+def run_name() -> str:
+    """A run's name in the UI: `<pipeline>-<run date>`, with `-dry-run` for a dry run. The
+    pipeline name is read from the spec's `name:` line alone; a spec that cannot be read keeps
+    `run-pipeline` (the run itself then says why)."""
+    from prefect.runtime import deployment, flow_run
+
+    params = flow_run.parameters or {}
+    name = "run-pipeline"
+    try:
+        text = read_spec_text(resolve_spec_path(params["spec"], confined=deployment.id is not None))
+        if found := re.search(r"^name:[ \t]*['\"]?([a-z0-9][a-z0-9._-]{0,62})['\"]?[ \t]*(#.*)?$", text, re.MULTILINE):
+            name = found.group(1)
+    except (SpecError, KeyError):
+        pass
+    run_date = params.get("run_date") or _default_run_date()
+    return f"{name}-{run_date}" + ("-dry-run" if params.get("dry_run") else "")
+
+
+@flow(name="run-pipeline", log_prints=True, flow_run_name=run_name)
 def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, Any] | None = None,
                  dry_run: bool = False, take_over_name: bool = False) -> dict[str, Any]:
     """Run one pipeline spec for one run date.

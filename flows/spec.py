@@ -576,25 +576,30 @@ def key_collisions(spec: PipelineSpec, run_date: date) -> list[tuple[tuple[str |
             out.append((("archive", what), f"{what} {prefix!r} holds this pipeline's own keys"))
     if out:
         return out
+    def image_problem(image: str) -> str | None:
+        problem = key_problem(image)
+        if problem is None and image.lower().endswith(".json"):
+            problem = f"image key {image!r} ends like a sidecar (.json); its sidecar would overwrite it"
+        if problem is None and not image.startswith(own):
+            problem = f"image key {image!r} is outside the pipeline's prefix {own!r}"
+        for namespace, what in ((ledger, "the job ledger"), (quarantine, "the quarantine"), (staging, "review staging")):
+            if problem is None and image.startswith(namespace):
+                problem = f"image key {image!r} is inside {what} ({namespace})"
+        return problem
+
     for index, item in enumerate(spec.items):
         item_id = spec.item_id(index)
         for n in range(1, item.count + 1):
             image = render_key(archive.key_template, pipeline=spec.name, run_date=run_date, item=item_id, index=n,
                                provider=spec.provider_of(item))
-            where = f"items[{index}] ({item_id}) image {n}"
-            problem = key_problem(image)
-            if problem is None and image.lower().endswith(".json"):
-                problem = f"image key {image!r} ends like a sidecar (.json); its sidecar would overwrite it"
-            if problem is None and not image.startswith(own):
-                problem = f"image key {image!r} is outside the pipeline's prefix {own!r}"
-            for namespace, what in ((ledger, "the job ledger"), (quarantine, "the quarantine"),
-                                    (staging, "review staging")):
-                if problem is None and image.startswith(namespace):
-                    problem = f"image key {image!r} is inside {what} ({namespace})"
+            problem = image_problem(image)
             if problem is not None:
-                out.append((("items", index) if "{item" not in archive.key_template or item.id is None
-                            else template_at, problem))
-                return out  # one template problem repeats for every item
+                neutral = render_key(archive.key_template, pipeline=spec.name, run_date=run_date, item="x", index=n,
+                                     provider=spec.provider_of(item))
+                if image_problem(neutral) is not None:
+                    return [*out, (template_at, problem)]  # the template's own: the same for every item
+                out.append((("items", index, "id"), problem))  # this item's id makes it
+                break
             keys = {image: "image", sidecar_key(image): "sidecar", quarantine + image: "quarantined image",
                     sidecar_key(quarantine + image): "quarantined sidecar", staging + image: "image in review"}
             for key, kind in keys.items():

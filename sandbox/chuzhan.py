@@ -252,11 +252,15 @@ class ChuzhanEmulator:
                 raise Refused(500, "系统繁忙 (injected fault, no task created)")
             with st.lock:
                 in_flight = sum(self._state_of(t) in ("in_queue", "running") for t in st.tasks.values())
-                if in_flight >= st.task_limit:
-                    st.counters["limit_rejections"] += 1
-                    raise Refused(429, f"同时进行的任务数已达上限 ({st.task_limit})")
-                if st.balance < cost:
-                    raise Refused(402, f"积分余额不足: 余额 {st.balance}, 需要 {cost}")
+                turned_away = (Refused(429, f"同时进行的任务数已达上限 ({st.task_limit})") if in_flight >= st.task_limit else
+                           Refused(402, f"积分余额不足: 余额 {st.balance}, 需要 {cost}") if st.balance < cost else None)
+                if turned_away is not None:
+                    if turned_away.code == 429:
+                        st.counters["limit_rejections"] += 1
+                    if fault is not None:  # a fault about a created task waits for one
+                        fault["count"] += 1
+                        st.counters["injected_faults"] -= 1
+                    raise turned_away
                 prompt = str(params.get("prompt"))
                 task = Task(sign=secrets.token_hex(16), params=params, created=time.monotonic(), credits=cost,
                             fail_reason="绘画失败 ([[fail]] marker)" if "[[fail]]" in prompt else None,

@@ -66,6 +66,49 @@ class SandboxState:
         return read_secret(self.providers[provider], field_name)
 
 
+class SandboxError(RuntimeError):
+    """The sandbox could not start: a port is taken, or a process died while starting."""
+
+
+class PortTaken(SandboxError):
+    """A port the sandbox needs is in use."""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holder(port: int) -> str:
+    """Who listens on `port`: `pid N (command line)` from /proc, else `another process`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {proc.name} ({command[:160]})"
+        except OSError:
+            continue
+    return "another process"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -95,13 +138,13 @@ def _wait_http(url: str, pid: int, log: Path, timeout: float = 60.0) -> None:
     while time.monotonic() < deadline:
         if not _alive(pid):
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"sandbox process {pid} exited while starting; log {log}:\n{tail}")
+            raise SandboxError(f"sandbox process {pid} exited while starting; log {log}:\n{tail}")
         try:
             httpx.get(url, timeout=1.0)
             return
         except httpx.TransportError:
             time.sleep(0.1)
-    raise RuntimeError(f"sandbox service at {url} not ready after {timeout:.0f}s; log {log}")
+    raise SandboxError(f"sandbox service at {url} not ready after {timeout:.0f}s; log {log}")
 
 
 def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = None, s3_port: int = 8333,
@@ -115,12 +158,17 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     if existing and any(_alive(pid) for pid in existing.pids.values()):
         down(state_dir)
 
+    chosen = {name: (ports or {}).get(name, emulator(name).DEFAULT_PORT) for name in providers or emulators()}
+    for name, port in {**chosen, "s3": s3_port}.items():
+        if not _port_free(port):
+            flag = "--s3-port PORT" if name == "s3" else f"--port {name}=PORT"
+            raise PortTaken(f"port {port} for the {name} sandbox is taken by {port_holder(port)}; stop it, or "
+                            f"choose another port with {flag} (or --free-ports)")
     accounts: dict[str, dict[str, str]] = {}
     pids: dict[str, int] = {}
     logs: dict[str, Path] = {}
-    for name in providers or emulators():
+    for name, port in chosen.items():
         module = emulator(name)
-        port = (ports or {}).get(name, module.DEFAULT_PORT)
         account = module.sandbox_account(state_dir)
         account_file = Path(secret_file(state_dir, f"{name}_account.json", json.dumps(account)))
         logs[name] = state_dir / f"{name}.log"

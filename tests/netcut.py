@@ -23,8 +23,8 @@ class CuttableProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def cut(self) -> None:
-        self.cut_now.set()
-        with self.lock:
+        with self.lock:  # with `_accept`'s registration under the same lock, no connection slips through
+            self.cut_now.set()
             for sock in self.open:
                 _close(sock)
             self.open.clear()
@@ -51,6 +51,10 @@ class CuttableProxy:
                 _close(client)
                 continue
             with self.lock:
+                if self.cut_now.is_set():  # cut while this one was connecting upstream
+                    _close(client)
+                    _close(upstream)
+                    continue
                 self.open.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()

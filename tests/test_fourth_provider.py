@@ -1,7 +1,8 @@
 """A fourth provider, added the way a provider package adds one: its Block module, its emulator
 module and its limits, declared by entry points (`imagegen.providers`, `imagegen.emulators`)
 and a limits file. Nothing else in the project changes. The toy then runs a spec end to end:
-its own sandbox (emulator process and S3), the Prefect API, its Prefect limits and the flow."""
+its own sandbox (emulator process and S3), the Prefect API, its Prefect limits and the flow.
+Also here: what a person sees of a run (its name) and of a sandbox that cannot start."""
 
 from __future__ import annotations
 
@@ -222,9 +223,12 @@ def toy(tmp_path_factory, monkeypatch, prefect_api):
 
 
 def test_a_fourth_provider_from_its_own_package_runs_a_spec_end_to_end(toy, tmp_path) -> None:
+    from prefect.client.orchestration import get_client
+
     from blocks import PROVIDERS
     from deployments.limits import apply_limits, show_limits
     from flows.cli import main
+    from flows.pipeline import run_pipeline
     from sandbox import launcher
     from tests.conftest import run_spec
 
@@ -256,3 +260,28 @@ items:
     again = run_spec(tmp_path, text, date(2026, 11, 5))  # a rerun pays nothing
     assert again.is_completed() and httpx.get(f"{toy.url('toy')}/_sandbox/stats").json()["charges"] == 3
     assert any(row["name"] == "imagegen:toy:toy-sandbox:jobs:job" for row in show_limits())
+    dry = run_pipeline(spec=str(spec), run_date=date(2026, 11, 6), dry_run=True, return_state=True)
+    with get_client(sync_client=True) as client:
+        names = [client.read_flow_run(s.state_details.flow_run_id).name for s in (state, dry)]
+    assert names == ["toy-products-2026-11-05", "toy-products-2026-11-06-dry-run"]  # not imperious-poodle
+
+
+def test_sandbox_up_refuses_a_taken_port_and_names_its_holder(tmp_path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from sandbox import launcher
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "sandbox", "up", "--state-dir", str(tmp_path),
+                              "--no-register", "--port", f"tams={port}"], capture_output=True, text=True, timeout=60,
+                             cwd=Path(__file__).parent.parent)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"port {port} for the tams sandbox is taken by pid {os.getpid()}" in out.stderr
+    assert "--port tams=PORT" in out.stderr
+    assert launcher.SandboxState.load(tmp_path) is None  # nothing was started

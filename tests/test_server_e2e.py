@@ -196,7 +196,7 @@ def test_backfill_through_the_deployment_on_two_workers(deployed, sandbox) -> No
     assert after["submits"] - before["submits"] == 8
     assert after["rate_limited"] == before["rate_limited"]  # two workers, one account, limit held
     with client_for(env) as client:
-        runs = [r for r in client.read_flow_runs() if "backfill" in r.tags and r.name.startswith("backfill-2026-09-1")]
+        runs = [r for r in client.read_flow_runs() if "backfill" in r.tags and r.name.startswith("server-e2e-2026-09-1")]
     assert len(runs) == 4 and all(r.deployment_id for r in runs)  # each date its own deployment run
 
 
