@@ -363,7 +363,12 @@ def test_s3_gone_right_after_a_paid_submit_loses_no_job(emulators, s3_cut, tmp_p
         wait_for(submit_arrived, "the submit")
         s3_cut.cut()
         seen["cut"] = time.monotonic()
-        time.sleep(24)  # longer than every retry of the write after the submit (about 15 s)
+        # Away until the write after the submit has spent all its retries (about 15 s; longer on
+        # a loaded machine, whose attempts may each wait out the client's timeouts), at most 90 s.
+        deadline = seen["cut"] + 90
+        while "ledger write failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seen["restored"] = time.monotonic()
         s3_cut.restore()
 
     cutter = threading.Thread(target=cut_s3_while_the_answer_is_on_its_way)
@@ -377,7 +382,7 @@ def test_s3_gone_right_after_a_paid_submit_loses_no_job(emulators, s3_cut, tmp_p
     after = stats(emulators, provider)
     assert "ledger write failed" in caplog.text and f"job {job_id}" in caplog.text, (
         f"{ {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)} } started {started:.1f} "
-        f"cut {seen.get('cut', 0):.1f}; log: {caplog.text[-2000:]}")
+        f"cut {seen.get('cut', 0):.1f} restored {seen.get('restored', 0):.1f}; log: {caplog.text[-2000:]}")
     spec = load_spec(write_spec(tmp_path, text, name))
     (record,) = JobLedger(spec.archive, spec.name, day).records()
     assert record.state is State.ARCHIVED and record.job_id == job_id
