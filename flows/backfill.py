@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
-from flows.spec import PipelineSpec, load_spec, render_manifest_key, resolve_spec_path
+from flows.spec import PipelineSpec, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
@@ -36,8 +36,8 @@ def dates_between(start: date, end: date) -> list[date]:
 
 def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None:
     """The run manifest of one date, if any run of it wrote one."""
-    key = render_manifest_key(spec.archive.manifest_template, pipeline=spec.name, run_date=run_date)
-    return read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials), key)
+    return read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials),
+                     spec.archive.manifest_key(spec.name, run_date))
 
 
 def estimate_range(spec: PipelineSpec, dates: list[date]) -> float:
@@ -88,9 +88,8 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
 def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credits: float | None = None,
              deployment: str | None = DEPLOYMENT) -> list[dict[str, Any]]:
     """Run `spec` for every date from `start` to `end`, skipping dates already complete."""
+    from prefect.runtime import deployment as this_deployment  # `deployment` is the parameter
     from prefect.runtime import flow_run
-
-    from prefect.runtime import deployment as this_deployment
 
     logger = get_run_logger()
     spec_path = str(resolve_spec_path(spec, confined=this_deployment.id is not None))

@@ -48,7 +48,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, field_validator
 
 from blocks.archive import archive_bucket, read_bytes, read_json, write_bytes, write_json
-from flows.spec import LEDGER_DIR, ArchiveSettings, render_manifest_key
+from flows.spec import ArchiveSettings
 
 _warned: list[bool] = []
 
@@ -166,8 +166,7 @@ class JobLedger:
 
     def __init__(self, archive: ArchiveSettings, pipeline: str, run_date: date) -> None:
         self.bucket = archive_bucket(archive.bucket, archive.credentials)
-        manifest = render_manifest_key(archive.manifest_template, pipeline=pipeline, run_date=run_date)
-        self.prefix = (manifest.rsplit("/", 1)[0] + "/" if "/" in manifest else "") + LEDGER_DIR + "/"
+        self.prefix = archive.ledger_prefix(pipeline, run_date)
         self._etags: dict[str, str | None] = {}  # key -> ETag last read or written (None: absent)
 
     def key(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> str:

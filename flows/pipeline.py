@@ -260,9 +260,9 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
     staged, links, lines = [], [], [f"### {spec.name} {run_date}: {len(candidates)} image(s) to approve or reject",
                                     "", "| field | image | checks |", "|---|---|---|"]
     for n, (plan, gen, verdict) in enumerate(candidates):
-        key = f"{spec.archive.review_prefix.strip('/')}/" + render_key(
+        key = spec.archive.in_review(render_key(
             spec.archive.key_template, pipeline=spec.name, run_date=run_date, item=plan.item_id,
-            index=verdict.index, provider=plan.provider)
+            index=verdict.index, provider=plan.provider))
         write_bytes(bucket, key, Path(gen.files[verdict.index - 1]).read_bytes())
         staged.append(key)
         url = presigned_url(bucket, key)

@@ -6,7 +6,7 @@ import re
 from datetime import date, datetime, timezone
 from typing import Any
 
-from flows.spec import PipelineSpec, render_manifest_key
+from flows.spec import PipelineSpec
 from flows.tasks import ArchivedItem, ItemPlan
 
 
@@ -93,10 +93,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _beside(key: str, name: str) -> str:
-    return (key.rsplit("/", 1)[0] + "/" if "/" in key else "") + name
-
-
 def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     """Perceptual hashes of the approved images of the pipeline's other run dates."""
     from blocks.archive import archive_bucket, read_json
@@ -104,7 +100,7 @@ def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     template = spec.archive.manifest_template
     prefix = template.split("{run_date", 1)[0].format(pipeline=spec.name) if "{run_date" in template else ""
-    mine = _beside(render_manifest_key(template, pipeline=spec.name, run_date=run_date), "phashes.json")
+    mine = spec.archive.phashes_key(spec.name, run_date)
     client = bucket.credentials.get_s3_client()
     out: dict[str, str] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=spec.archive.bucket, Prefix=prefix):
@@ -145,13 +141,12 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
     from blocks.archive import archive_bucket, write_json
 
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
-    key = render_manifest_key(spec.archive.manifest_template, pipeline=spec.name, run_date=run_date)
-    uri = write_json(bucket, key, manifest)
+    uri = write_json(bucket, spec.archive.manifest_key(spec.name, run_date), manifest)
     manifest["manifest_uri"] = uri
     hashes = {f"{i['item']}#{o['index']}": o["phash"] for i in manifest["items"] for o in i["objects"]
               if o.get("phash") and o["verdict"] == "approved"}
     if hashes:
-        write_json(bucket, _beside(key, "phashes.json"), hashes)
+        write_json(bucket, spec.archive.phashes_key(spec.name, run_date), hashes)
     gallery(spec, run_date, manifest, bucket)
     rows = summary_rows(manifest)
     totals = manifest["totals"]

@@ -25,11 +25,13 @@ from flows import confine
 from flows.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
-def _known_provider(name: str) -> str:
-    from blocks import registry  # the entry points: reading them imports no provider module
 
-    if name not in registry.entry_point_names():
-        known = registry.entry_point_names()
+
+def _known_provider(name: str) -> str:
+    from blocks import registry  # names only: no provider package outside this one is imported
+
+    known = registry.entry_point_names()
+    if name not in known:
         raise ValueError(f"Input should be {', '.join(repr(n) for n in known[:-1])} or {known[-1]!r}"
                          if len(known) > 1 else f"unknown provider; known: {known}")
     return name
@@ -173,6 +175,26 @@ class ArchiveSettings(_Strict):
             raise ValueError(problem)
         return value
 
+    # --- the keys a run writes besides images and sidecars (one derivation, for writers and checks)
+    def manifest_key(self, pipeline: str, run_date: date) -> str:
+        return render_manifest_key(self.manifest_template, pipeline=pipeline, run_date=run_date)
+
+    def phashes_key(self, pipeline: str, run_date: date) -> str:
+        """The perceptual hashes of a run's approved images, beside its manifest."""
+        return beside(self.manifest_key(pipeline, run_date), "phashes.json")
+
+    def ledger_prefix(self, pipeline: str, run_date: date) -> str:
+        """The folder of a run date's job ledger, beside its manifest."""
+        return beside(self.manifest_key(pipeline, run_date), LEDGER_DIR + "/")
+
+    def quarantined(self, key: str) -> str:
+        """Where an image the review rejected goes (`quarantined("")` is the whole namespace)."""
+        return f"{self.quarantine_prefix.strip('/')}/{key}"
+
+    def in_review(self, key: str) -> str:
+        """Where an image waits for a person's decision (`in_review("")` is the whole namespace)."""
+        return f"{self.review_prefix.strip('/')}/{key}"
+
 
 def check_template(template: str, allowed: set[str]) -> set[str]:
     """The fields of a key template; `ValueError` unless it starts with `{pipeline}/`, has
@@ -230,6 +252,11 @@ def key_problem(key: str) -> str | None:
     if len(key.encode()) > 1024:
         return "a key is longer than S3's 1024 bytes"
     return None
+
+
+def beside(key: str, name: str) -> str:
+    """`name` in the folder of `key`."""
+    return (key.rsplit("/", 1)[0] + "/" if "/" in key else "") + name
 
 
 def sidecar_key(key: str) -> str:
@@ -512,8 +539,8 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
 def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
     seen: dict[str, int] = {}
-    for index in range(len(spec.items)):
-        item_id = spec.item_id(index)
+    ids = [spec.item_id(index) for index in range(len(spec.items))]  # id-less items hash their input: once
+    for index, item_id in enumerate(ids):
         if item_id in seen:
             pos = closest_position(("items", index, "id"), positions, value=True)
             issues.append(
@@ -546,7 +573,7 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
                 pos = closest_position(("items", index, "input_image"), positions, value=True)
                 issues.append(SpecIssue(name, pos.line, pos.column, f"items[{index}].input_image", str(exc),
                                         snippet(text, pos)))
-    for loc, message in key_collisions(spec, date.today()):
+    for loc, message in key_collisions(spec, date.today(), ids):
         pos = closest_position(loc, positions, value=True)
         issues.append(SpecIssue(name, pos.line, pos.column, _field_name(loc), message, snippet(text, pos)))
         if len(issues) >= 20:
@@ -554,19 +581,20 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
     return issues
 
 
-def key_collisions(spec: PipelineSpec, run_date: date) -> list[tuple[tuple[str | int, ...], str]]:
+def key_collisions(spec: PipelineSpec, run_date: date, ids: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
     """Every S3 key the run would write for `run_date`, checked: two writers of one key, an
     image key that ends like a sidecar, a key in the ledger, review staging, quarantine or
     manifest namespace, or outside the pipeline's prefix, and keys S3 would misread.
-    Returns (spec location, message) pairs; linear in the number of images."""
+    `ids` are the items' ids (`PipelineSpec.item_id`). Returns (spec location, message) pairs;
+    linear in the number of images."""
     archive = spec.archive
-    manifest = render_manifest_key(archive.manifest_template, pipeline=spec.name, run_date=run_date)
-    base = manifest.rsplit("/", 1)[0] + "/"
-    quarantine, staging = archive.quarantine_prefix.strip("/") + "/", archive.review_prefix.strip("/") + "/"
-    ledger = base + LEDGER_DIR + "/"
+    manifest = archive.manifest_key(spec.name, run_date)
+    quarantine, staging = archive.quarantined(""), archive.in_review("")
+    ledger = archive.ledger_prefix(spec.name, run_date)
     own = spec.name + "/"
     template_at = ("archive", "key_template")
-    writers: dict[str, str] = {manifest: "the manifest", base + "phashes.json": "the run's perceptual hashes",
+    writers: dict[str, str] = {manifest: "the manifest", archive.phashes_key(spec.name, run_date):
+                               "the run's perceptual hashes",
                                OWNER_KEY.format(pipeline=spec.name): "the pipeline's owner record"}
     out: list[tuple[tuple[str | int, ...], str]] = []
     if quarantine == staging:
@@ -576,6 +604,7 @@ def key_collisions(spec: PipelineSpec, run_date: date) -> list[tuple[tuple[str |
             out.append((("archive", what), f"{what} {prefix!r} holds this pipeline's own keys"))
     if out:
         return out
+
     def image_problem(image: str) -> str | None:
         problem = key_problem(image)
         if problem is None and image.lower().endswith(".json"):
@@ -587,8 +616,7 @@ def key_collisions(spec: PipelineSpec, run_date: date) -> list[tuple[tuple[str |
                 problem = f"image key {image!r} is inside {what} ({namespace})"
         return problem
 
-    for index, item in enumerate(spec.items):
-        item_id = spec.item_id(index)
+    for index, (item, item_id) in enumerate(zip(spec.items, ids, strict=True)):
         for n in range(1, item.count + 1):
             image = render_key(archive.key_template, pipeline=spec.name, run_date=run_date, item=item_id, index=n,
                                provider=spec.provider_of(item))
@@ -600,8 +628,9 @@ def key_collisions(spec: PipelineSpec, run_date: date) -> list[tuple[tuple[str |
                     return [*out, (template_at, problem)]  # the template's own: the same for every item
                 out.append((("items", index, "id"), problem))  # this item's id makes it
                 break
-            keys = {image: "image", sidecar_key(image): "sidecar", quarantine + image: "quarantined image",
-                    sidecar_key(quarantine + image): "quarantined sidecar", staging + image: "image in review"}
+            keys = {image: "image", sidecar_key(image): "sidecar", archive.quarantined(image): "quarantined image",
+                    sidecar_key(archive.quarantined(image)): "quarantined sidecar",
+                    archive.in_review(image): "image in review"}
             for key, kind in keys.items():
                 other = writers.get(key)
                 if other is not None:

@@ -411,7 +411,7 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
                             "phash": phash, "verdict": "rejected", "reasons": verdict.reasons, "dropped": True})
             continue
         if not verdict.approved:
-            key = f"{plan.archive.quarantine_prefix.strip('/')}/{key}"
+            key = plan.archive.quarantined(key)
         uri = write_bytes(bucket, key, data)
         sidecar = sidecar_key(key)
         sidecar_doc = {
