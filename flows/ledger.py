@@ -62,6 +62,31 @@ def _warn_unconditional() -> None:
                                               "relies on the run claim alone to keep two runs apart")
 
 
+class PreconditionFailed(Exception):
+    """A conditional write found the object other than it expected (HTTP 412)."""
+
+
+def put_conditionally(bucket: Any, key: str, body: bytes, *, if_match: str | None) -> str:
+    """Write JSON `body` at `key` only if the object still has ETag `if_match` (or, with None,
+    does not exist yet); return the new ETag or raise `PreconditionFailed`. On an S3 server
+    without conditional writes (501) it writes unconditionally, once warned."""
+    client = bucket.credentials.get_s3_client()
+    condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+    try:
+        return client.put_object(Bucket=bucket.bucket_name, Key=key, Body=body, ContentType="application/json",
+                                 **condition)["ETag"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "PreconditionFailed":
+            raise PreconditionFailed(key) from None
+        if status == 501 or code == "NotImplemented":
+            _warn_unconditional()
+            return client.put_object(Bucket=bucket.bucket_name, Key=key, Body=body,
+                                     ContentType="application/json")["ETag"]
+        raise
+
+
 PER_IMAGE = re.compile(r"\.[a-z]+-\d+\.json$")  # `<item>.refine-<n>.json`
 WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
 
@@ -211,25 +236,14 @@ class JobLedger:
         return record
 
     def _put_if_unchanged(self, key: str, body: bytes) -> str:
-        client = self.bucket.credentials.get_s3_client()
         known = self._etags.get(key)
-        condition = {"IfMatch": known} if known else {"IfNoneMatch": "*"}
         try:
-            return client.put_object(Bucket=self.bucket.bucket_name, Key=key, Body=body,
-                                     ContentType="application/json", **condition)["ETag"]
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "PreconditionFailed":
-                now = self._read(key)
-                if now is not None and now[0] == body:  # our own earlier attempt landed after all
-                    return now[1]
-                raise LedgerConflict(f"{key} was changed by another run since this one read it") from None
-            if status == 501 or code == "NotImplemented":
-                _warn_unconditional()
-                return client.put_object(Bucket=self.bucket.bucket_name, Key=key, Body=body,
-                                         ContentType="application/json")["ETag"]
-            raise
+            return put_conditionally(self.bucket, key, body, if_match=known)
+        except PreconditionFailed:
+            now = self._read(key)
+            if now is not None and now[0] == body:  # our own earlier attempt landed after all
+                return now[1]
+            raise LedgerConflict(f"{key} was changed by another run since this one read it") from None
 
     def move(self, record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
         """`move()` the record and write it."""

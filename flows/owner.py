@@ -16,10 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from blocks.archive import archive_bucket, read_json
-from flows.ledger import with_backoff
+from blocks.archive import archive_bucket, read_json, write_json
+from flows.ledger import PreconditionFailed, put_conditionally, with_backoff
 from flows.spec import OWNER_KEY, PIPELINES_DIR, PipelineSpec
 
 
@@ -49,17 +47,15 @@ def own_name(spec: PipelineSpec, path: Path, spec_sha256: str, *, take_over: boo
     record = {"spec": mine, "spec_sha256": spec_sha256, "since": datetime.now(timezone.utc).isoformat(),
               "previous": found.get("spec") if found else None}
     body = json.dumps(record, indent=2, sort_keys=True).encode()
-    client = bucket.credentials.get_s3_client()
-    condition = {} if found is not None else {"IfNoneMatch": "*"}
 
     def write() -> bool:
+        if found is not None:  # taking the name over: the record is replaced
+            write_json(bucket, key, record)
+            return True
         try:
-            client.put_object(Bucket=spec.archive.bucket, Key=key, Body=body, ContentType="application/json",
-                              **condition)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
-                return False  # another run created it first: its answer decides
-            raise
+            put_conditionally(bucket, key, body, if_match=None)
+        except PreconditionFailed:
+            return False  # another run created it first: its answer decides
         return True
 
     if not with_backoff(write, "owner record write"):
