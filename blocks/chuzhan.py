@@ -66,11 +66,17 @@ def _half_up(value: Decimal) -> int:
     return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+def hires_scale(params: dict[str, Any]) -> Decimal:
+    """The hrScale that takes effect: as sent on text-to-image; 1 on image-to-image, where
+    hires fix has no effect."""
+    return Decimal(1) if params.get("img") else Decimal(str(params.get("hrScale") or 1))
+
+
 def credit_terms(params: dict[str, Any]) -> dict[str, Decimal]:
     """Each term of the formula for one image, unrounded (Decimal, so .5 rounds as written)."""
     w, h = int(params.get("width") or 512), int(params.get("height") or 512)
     steps = int(params.get("steps") or 20)
-    hr = Decimal(1) if params.get("img") else Decimal(str(params.get("hrScale") or 1))  # text-to-image only
+    hr = hires_scale(params)
     hr_steps = int(params.get("hrSteps") or 20)
     up = Decimal(str(params.get("upscale") or 1))  # as sent: never truncated
     terms = {"base": Decimal(max(w, MIN_BASE_SIDE) * max(h, MIN_BASE_SIDE)) * Decimal(str(BASE_RATE)) * steps}
@@ -109,7 +115,7 @@ def credits_for(params: dict[str, Any]) -> int:
 def output_size(params: dict[str, Any]) -> tuple[int, int]:
     """Final size: (w x hrScale x upscale) by (h x hrScale x upscale); hrScale has no effect on
     image-to-image."""
-    factor = (1.0 if params.get("img") else float(params.get("hrScale") or 1)) * float(params.get("upscale") or 1)
+    factor = float(hires_scale(params)) * float(params.get("upscale") or 1)
     return int(int(params.get("width") or 512) * factor), int(int(params.get("height") or 512) * factor)
 
 
@@ -130,11 +136,10 @@ def check_caps(params: dict[str, Any]) -> None:
     batch = int(params.get("batchSize") or 1)
     if not 1 <= batch <= MAX_BATCH:
         raise bad("items.count", f"{batch} is outside 1..{MAX_BATCH} images per task")
-    hr = float(params.get("hrScale") or 1)
-    if hr != 1 and not 1 <= hr <= MAX_HR_SCALE:
-        raise bad("generate.options.hrScale", f"{hr} is outside 1..{MAX_HR_SCALE}")
-    if params.get("img"):
-        hr = 1.0  # hires fix is text-to-image only: no effect (see `notes`)
+    sent = float(params.get("hrScale") or 1)
+    if sent != 1 and not 1 <= sent <= MAX_HR_SCALE:
+        raise bad("generate.options.hrScale", f"{sent} is outside 1..{MAX_HR_SCALE}")
+    hr = float(hires_scale(params))  # the caps below are about the hires fix that takes effect (see `notes`)
     if params.get("hrSteps") is not None and not 1 <= int(params["hrSteps"]) <= MAX_HR_STEPS:
         raise bad("generate.options.hrSteps", f"{params['hrSteps']} is outside 1..{MAX_HR_STEPS}")
     if w * h * hr * hr > MAX_AREA:

@@ -112,8 +112,7 @@ def check_logo(logo: Any) -> str | None:
         return "needs LogoUrl or LogoImage"
     rect = logo.get("LogoRect")
     if rect is not None and not (isinstance(rect, dict) and set(rect) <= set(RECT_FIELDS) and all(
-            isinstance(rect.get(k, 0), int) and not isinstance(rect.get(k, 0), bool) and rect.get(k, 0) >= 0
-            for k in RECT_FIELDS)):
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rect.values())):
         return "LogoRect takes non-negative integers X, Y, Width, Height"
     return None
 

@@ -96,12 +96,13 @@ def port_holder(port: int) -> str:
             fields = row.split()
             if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
-    for proc in Path("/proc").iterdir():
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    for proc in Path("/proc").iterdir() if sockets else ():
         if not proc.name.isdigit():
             continue
         try:
             for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                if os.readlink(fd) in sockets:
                     command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
                     return f"pid {proc.name} ({command[:160]})"
         except OSError:
