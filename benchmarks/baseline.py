@@ -4,8 +4,9 @@ semaphore per in-flight cap, from the same `deployments/limits.yaml` and safety 
 they hold for one process only. No ledger, no Prefect, no manifest: generate, review
 (readable, not blank, size, moderation) and archive each image with its JSON sidecar.
 
-It borrows the wire details from the provider Blocks (request signing, request bodies), so
-both ways send the same requests; the orchestration around them is its own.
+It borrows the wire details from the provider Blocks (their client options with signing, their
+request shapes and answer readers), so both ways send the same requests for any registered
+provider; the sending, retrying and orchestration around them are its own.
 
     python -m benchmarks.baseline SPEC --sandbox-state DIR
 """
@@ -25,12 +26,9 @@ from typing import Any
 import boto3
 import httpx
 from botocore.config import Config
-from pydantic import SecretStr
 
-from blocks.chuzhan import PATH_DETAIL, PATH_DRAW, ChuzhanProvider
-from blocks.tams import TamsProvider, TamsSigner
-from benchmarks.workload import JOB_ACTION, POLL_ACTION, SUBMIT_ACTION
-from blocks.tencent import TC3Signer, TencentAiArtProvider
+from blocks.base import ApiCall, ImageProvider, JobState
+from blocks.errors import TransientError
 from flows.slots import PrefectLimiter
 from flows.images import measure
 from flows.pipeline import plan_items
@@ -82,92 +80,40 @@ class Limits:
 
 
 class Client:
-    """Submit, poll and download for one provider; returns result URLs and the polls it took."""
+    """Submit, poll and download for one provider: the Block's request shapes and answer
+    readers, sent by a plain async httpx client with its own retries; returns the images and
+    the polls it took."""
 
     def __init__(self, provider: str, state: SandboxState, timeout: float) -> None:
         self.provider, self.limits = provider, Limits(provider)
-        if provider == "tams":
-            self.block: Any = TamsProvider(app_id=state.account('tams')['app_id'], private_key=state.secret('tams', 'private_key'),
-                                           endpoint=state.url('tams'))
-            self.http = httpx.AsyncClient(base_url=state.url('tams'), timeout=timeout,
-                                          auth=TamsSigner(state.account('tams')['app_id'], SecretStr(state.secret('tams', 'private_key'))))
-        elif provider == "chuzhan":
-            self.block = ChuzhanProvider(api_token=state.secret('chuzhan', 'token'), endpoint=state.url('chuzhan'))
-            self.http = httpx.AsyncClient(base_url=state.url('chuzhan'), timeout=timeout,
-                                          headers={"Auth-Token": state.secret('chuzhan', 'token')})
-        else:
-            self.block = TencentAiArtProvider(secret_id=state.account('tencent')['secret_id'], secret_key=state.secret('tencent', 'secret_key'),
-                                              endpoint=state.url('tencent'))
-            self.http = httpx.AsyncClient(base_url=state.url('tencent'), timeout=timeout, auth=TC3Signer(
-                SecretStr(state.account('tencent')['secret_id']), SecretStr(state.secret('tencent', 'secret_key')), self.block.region))
+        self.block: ImageProvider = state.block(provider)
+        self.http = httpx.AsyncClient(**{**self.block.client_options(), "timeout": timeout})
         self.downloads = httpx.AsyncClient(timeout=timeout)
 
-    async def _call(self, action: str, method: str, path: str, body: dict | None = None,
-                    headers: dict[str, str] | None = None) -> dict:
+    async def _send(self, call: ApiCall) -> Any:
         for attempt in range(6):
-            await self.limits.request(action)
-            response = await self.http.request(method, path, headers=headers, content=None if body is None else
-                                               json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
-            if response.status_code == 429 or response.status_code >= 500:
-                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
-                continue
-            response.raise_for_status()
-            return response.json()
-        raise RuntimeError(f"{self.provider} {action}: still refused after 6 attempts")
-
-    async def _tencent(self, action: str, payload: dict) -> dict:
-        answer = (await self._call(action, "POST", "/", {k: v for k, v in payload.items() if v is not None},
-                                   {"Content-Type": "application/json", "X-TC-Action": action}))["Response"]
-        if "Error" in answer:
-            raise RuntimeError(f"tencent {action}: {answer['Error']}")
-        return answer
-
-    async def submit(self, plan: ItemPlan) -> str:
-        r = plan.request
-        if self.provider == "tams":
-            answer = await self._call(SUBMIT_ACTION["tams"], "POST", "/v1/jobs", {"requestId": r.request_id,
-                                                                  "stages": self.block.stages(r)},
-                                      {"Content-Type": "application/json"})
-            return answer["job"]["id"]
-        if self.provider == "chuzhan":
-            answer = await self._call(SUBMIT_ACTION["chuzhan"], "POST", PATH_DRAW, self.block.draw_params(r),
-                                      {"Content-Type": "application/json"})
-            return answer["data"]["paintingSign"]
-        answer = await self._tencent(SUBMIT_ACTION["tencent"], {"Prompt": r.prompt, "Resolution": f"{r.width}:{r.height}",
-                                                "Seed": r.seed, "LogoAdd": int(r.options["LogoAdd"]), "Revise": 0})
-        return answer["JobId"]
-
-    async def poll(self, job_id: str) -> tuple[str, list[str]]:
-        """("done" | "failed" | "running", result URLs)."""
-        if self.provider == "tams":
-            job = (await self._call(POLL_ACTION["tams"], "GET", f"/v1/jobs/{job_id}"))["job"]
-            status = job["status"]
-            urls = [i["url"] for i in (job.get("successInfo") or {}).get("images", [])]
-            return ("done" if status == "SUCCESS" else "failed" if status in ("FAILED", "CANCELED") else "running"), urls
-        if self.provider == "chuzhan":
-            data = (await self._call(POLL_ACTION["chuzhan"], "POST", PATH_DETAIL, {"taskId": job_id, "preview": False,
-                                                                      "imgFormat": "png"},
-                                     {"Content-Type": "application/json"}))["data"]
-            urls = [i["imageUrl"] for i in data.get("images") or []]
-            return {"success": "done", "fail": "failed"}.get(data["state"], "running"), urls
-        answer = await self._tencent(POLL_ACTION["tencent"], {"JobId": job_id})
-        code = str(answer.get("JobStatusCode"))
-        return {"5": "done", "4": "failed"}.get(code, "running"), list(answer.get("ResultImage") or [])
+            await self.limits.request(call.action)
+            response = await self.http.request(call.method, call.path, content=call.body, headers=dict(call.headers))
+            try:
+                return self.block.read_answer(call, response)
+            except TransientError as exc:
+                await asyncio.sleep(max(exc.retry_after or 0.0, min(8.0, 0.5 * 2**attempt)))
+        raise RuntimeError(f"{self.provider} {call.what}: still refused after 6 attempts")
 
     async def run(self, plan: ItemPlan) -> tuple[list[bytes], int]:
         """Submit, poll every `poll_interval` (first after one interval), download."""
         polls = 0
-        async with self.limits.job(JOB_ACTION[self.provider]):
-            job_id = await self.submit(plan)
+        async with self.limits.job(self.block.job_action(plan.request)):
+            job_id = self.block.read_job_id(await self._send(self.block.submit_call(plan.request)))
             while True:
                 await asyncio.sleep(plan.poll_interval)
-                state, urls = await self.poll(job_id)
+                status = self.block.read_status(job_id, await self._send(self.block.poll_call(job_id)))
                 polls += 1
-                if state != "running":
+                if status.state.final:
                     break
-            if state == "failed":
-                raise RuntimeError(f"{self.provider} job {job_id} failed")
-            images = [(await self.downloads.get(u)).content for u in urls]
+            if status.state is not JobState.SUCCEEDED:
+                raise RuntimeError(f"{self.provider} job {job_id} ended {status.provider_status}")
+            images = [(await self.downloads.get(u)).content for u in status.result_urls]
         return images, polls
 
 

@@ -33,7 +33,7 @@ from benchmarks.measure import MARK
 from benchmarks.postgres import Cluster, binaries
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
-from sandbox.accounts import emulators
+from sandbox.accounts import emulator, emulators
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -77,20 +77,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def emulator_counts(state: launcher.SandboxState) -> dict[str, dict[str, int]]:
-    """Submits, polls and limit violations, as each emulator counted them."""
-    tams = httpx.get(f"{state.url('tams')}/_sandbox/stats", timeout=30).json()
-    chuzhan = httpx.get(f"{state.url('chuzhan')}/_sandbox/stats", timeout=30).json()
-    tencent = httpx.get(f"{state.url('tencent')}/_sandbox/stats", timeout=30).json()
-    by_action = tencent.get("by_action", {})
-    return {
-        "tams": {"requests": tams["requests"], "submits": tams["submits"], "polls": tams["polls"],
-                 "violations": tams["rate_limited"]},
-        "chuzhan": {"requests": chuzhan["requests"], "submits": chuzhan["submits"], "polls": chuzhan["polls"],
-                    "violations": chuzhan["limit_rejections"]},
-        "tencent": {"requests": tencent["requests"], "submits": by_action.get("SubmitTextToImageJob", 0),
-                    "polls": by_action.get("QueryTextToImageJob", 0),
-                    "violations": tencent["rate_limited"] + tencent["job_num_exceeded"]},
-    }
+    """Submits, polls and limit violations, as each emulator counted them (its `bench_counts`)."""
+    return {p: emulator(p).bench_counts(httpx.get(f"{state.url(p)}/_sandbox/stats", timeout=30).json())
+            for p in PROVIDERS}
 
 
 def run_side(mode: str, spec: Path, env: dict[str, str], state_dir: Path, log: Path) -> dict[str, Any]:
@@ -135,7 +124,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"max_parallel {cfg['max_parallel']}, moderation {'on' if cfg['moderation'] else 'off'}; "
         f"Prefect API: {cfg['prefect_api']}; {cfg['machine']}.",
         "",
-        "| items (tams/chuzhan/tencent) | way | wall s | ceiling s | of ceiling | polls/job t/c/x "
+        f"| items ({'/'.join(PROVIDERS)}) | way | wall s | ceiling s | of ceiling | polls/job "
         "| violations | CPU s/image | peak RSS MB | vs baseline | result |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

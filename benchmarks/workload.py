@@ -1,4 +1,4 @@
-"""The benchmark workload: N text-to-image items spread over the three providers, and the
+"""The benchmark workload: N text-to-image items spread over the providers, and the
 analytic ceiling no client can beat on it.
 
 A job on a provider uses `1 + p` requests (submit and `p` polls) and holds one in-flight slot
@@ -18,15 +18,25 @@ from pathlib import Path
 
 import yaml
 
+from blocks import registry
+from blocks.base import ImageProvider
 from deployments.limits import LimitsFile, load_limits
 from flows.slots import PrefectLimiter
+from sandbox.accounts import emulators
 
-PROVIDERS = ("tams", "chuzhan", "tencent")
-# The actions one text-to-image job's requests count against, as the provider Blocks name them
-# to their limiter (a submit, then polls), and the action its in-flight slot is held for.
-SUBMIT_ACTION = {"tams": "api", "chuzhan": "v1.draw", "tencent": "SubmitTextToImageJob"}
-POLL_ACTION = {"tams": "api", "chuzhan": "v1.task.detail", "tencent": "QueryTextToImageJob"}
-JOB_ACTION = {"tams": "job", "chuzhan": "draw", "tencent": "SubmitTextToImageJob"}
+def _providers() -> dict[str, type[ImageProvider]]:
+    """The registered providers that have an emulator to run against."""
+    return {name: cls for name, cls in registry.providers().items() if name in emulators()}
+
+
+PROVIDER_CLASSES = _providers()
+PROVIDERS = tuple(PROVIDER_CLASSES)
+# The actions one text-to-image job's requests count against, as each Block names them to its
+# limiter (a submit, then polls), and the action its in-flight slot is held for.
+ACTIONS = {name: cls.text_job_actions() for name, cls in PROVIDER_CLASSES.items()}
+SUBMIT_ACTION = {name: actions[0] for name, actions in ACTIONS.items()}
+POLL_ACTION = {name: actions[1] for name, actions in ACTIONS.items()}
+JOB_ACTION = {name: actions[2] for name, actions in ACTIONS.items()}
 
 
 def polls_needed(latency: float, poll_interval: float) -> int:
@@ -95,9 +105,10 @@ class Workload:
         if moderation:
             review["moderation"] = {"threshold": 0.8}
         spec = {
-            "version": 1, "name": name, "provider": "tams", "blocks": {p: block for p in PROVIDERS},
+            "version": 1, "name": name, "provider": PROVIDERS[0], "blocks": {p: block for p in PROVIDERS},
             "generate": {"width": 512, "height": 512, "steps": 20,
-                         "provider_options": {"tencent": {"LogoAdd": 0}}},
+                         "provider_options": {p: dict(cls.sample_options) for p, cls in PROVIDER_CLASSES.items()
+                                              if cls.sample_options}},
             "review": review,
             "archive": {"bucket": bucket, "credentials": block},
             "run": {"max_parallel": max_parallel, "poll_interval": self.poll_interval, "job_timeout": 600,

@@ -3,17 +3,24 @@
 A provider is one module in `blocks/` with one Block class implementing `ImageProvider`:
 validate a request offline, upload an input image, estimate credits, submit a job, poll it,
 download its results. `run_job` chains submit, poll and fetch the same way for all of them.
+
+Sending is written once, here: a provider shapes each request as an `ApiCall` and reads the
+answer into its own error types (`read_answer`); `ImageProvider.send` takes the request slot,
+sends, turns transport faults into `TransientError` or `SubmitUnknown` and retries with backoff.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
@@ -147,6 +154,42 @@ class NoLimits:
         return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class ApiCall:
+    """One request to a provider's API, shaped by the provider and sent by `ImageProvider.send`."""
+
+    action: str
+    """The limiter action whose request slot the call takes (its rate limit, where it has one)."""
+    method: str
+    path: str
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    safe_to_repeat: bool = True
+    """False for a call that may charge and that the provider does not dedupe: a fault after it
+    was sent is `SubmitUnknown`, never repeated."""
+    label: str = ""
+    """How errors name the call (default: method and path)."""
+
+    @property
+    def what(self) -> str:
+        return self.label or f"{self.method} {self.path}"
+
+    @classmethod
+    def with_json(cls, action: str, method: str, path: str, payload: Any, **kw: Any) -> ApiCall:
+        """A call carrying `payload` as compact UTF-8 JSON (the bytes signed are the bytes sent)."""
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+        return cls(action, method, path, body=body, headers=headers, **kw)
+
+
+def status_error(what: str, response: httpx.Response, provider: str) -> ProviderError:
+    """An HTTP error status as our type: 429 and 5xx are transient (with their Retry-After)."""
+    code = response.status_code
+    if code == 429 or code >= 500:
+        return TransientError(f"{what}: HTTP {code}", provider=provider, retry_after=retry_after_seconds(response))
+    return BadRequest(f"{what}: HTTP {code}", provider=provider)
+
+
 class ImageProvider(Block, ABC):
     """A provider account: subclasses hold credentials and speak one wire protocol."""
 
@@ -157,6 +200,8 @@ class ImageProvider(Block, ABC):
     """True when submitting the same request id twice returns the first job (no second charge)."""
     credit_unit: ClassVar[str] = "credits"
     """What the provider's estimates and `run.max_credits` count."""
+    sample_options: ClassVar[dict[str, Any]] = {}
+    """`generate.options` a plain text-to-image request needs (the benchmark's workload uses them)."""
     spec_fields: ClassVar[dict[str, str]] = {}
     """Request fields the client fills from validated spec fields (wire name -> spec field):
     `generate.options` may not set them, or an option would override a checked value."""
@@ -173,8 +218,12 @@ class ImageProvider(Block, ABC):
             return self._http
 
     def new_client(self) -> httpx.Client:
-        """Build the HTTP client (base URL, timeout, signing); providers override it."""
-        raise NotImplementedError(f"{type(self).__name__} does not build an HTTP client")
+        """Build the HTTP client from `client_options`."""
+        return httpx.Client(**self.client_options())
+
+    def client_options(self) -> dict[str, Any]:
+        """The HTTP client's base URL, timeout, auth and headers (sync or async client alike)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no HTTP client options")
 
     def use_limiter(self, limiter: Limiter) -> None:
         """Take every request and job slot from `limiter` from now on."""
@@ -183,6 +232,85 @@ class ImageProvider(Block, ABC):
     def job_action(self, request: GenerationRequest) -> str:
         """The provider action a request runs as (limits may differ per action)."""
         return "job"
+
+    @classmethod
+    def sample_request(cls, width: int = 512, height: int = 512) -> GenerationRequest:
+        """A plain text-to-image request this provider accepts (for benchmarks and probes)."""
+        return GenerationRequest(request_id="sample", prompt="a product shot", seed=1, width=width, height=height,
+                                 options=dict(cls.sample_options))
+
+    @classmethod
+    def text_job_actions(cls) -> tuple[str, str, str]:
+        """The limiter actions of one plain text-to-image job: its submit's and its polls'
+        request slots and its in-flight slot, read from its request shapes (no credentials)."""
+        block, request = cls.model_construct(), cls.sample_request()
+        return block.submit_call(request).action, block.poll_call("sample").action, block.job_action(request)
+
+    # --- sending ----------------------------------------------------------------------------
+    @property
+    def attempts(self) -> int:
+        """Attempts per call through transient faults: the Block's `max_attempts` field."""
+        return int(getattr(self, "max_attempts", 3))
+
+    def send(self, call: ApiCall) -> Any:
+        """Send `call` in its request slot, retrying transient faults with backoff (within
+        `CALL_DEADLINE`), and return what `read_answer` makes of the answer."""
+        seen: Counter[str] = Counter()
+
+        def once() -> Any:
+            try:
+                return self.read_answer(call, self._exchange(call))
+            except TransientError as exc:
+                seen[exc.code or ""] += 1
+                raise self.settle(exc, seen[exc.code or ""]) from None
+
+        return with_retries(once, self.attempts, extra_wait=self.retry_steps)
+
+    def _exchange(self, call: ApiCall) -> httpx.Response:
+        """One request inside the action's request slot. The slot is taken and given back
+        outside the transport-error handling, so a fault of the limiter (its Prefect API, over
+        httpx too) surfaces as the limiter's, never as the provider's; and a request the
+        limiter never let through is never taken for a paid call that may have been sent."""
+        fault: httpx.TransportError | None = None
+        with self._limiter.request(call.action):
+            try:
+                return self.client().request(call.method, call.path, content=call.body, headers=dict(call.headers))
+            except httpx.TransportError as exc:
+                fault = exc
+        raise self.transport_fault(call, fault)
+
+    def transport_fault(self, call: ApiCall, exc: httpx.TransportError | None) -> ProviderError:
+        """A cut connection or a timeout: transient where the request cannot have been acted
+        on (it never connected, or repeating it is safe), else `SubmitUnknown`."""
+        what = f"{call.what}: {type(exc).__name__}"
+        if call.safe_to_repeat or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return TransientError(what, provider=self.provider_name)
+        return SubmitUnknown(f"{what} after the request was sent; it may have been charged, so it is not "
+                             "repeated", provider=self.provider_name)
+
+    def read_answer(self, call: ApiCall, response: httpx.Response) -> Any:
+        """The answer's content, or the provider's error as our type. Providers override it with
+        their own envelope and error codes; this default reads a JSON body of a 200."""
+        if response.status_code != 200:
+            raise status_error(call.what, response, self.provider_name)
+        return self.json_answer(call, response)
+
+    def json_answer(self, call: ApiCall, response: httpx.Response) -> Any:
+        """The answer's JSON; an unreadable one is transient, or `SubmitUnknown` for a paid call."""
+        try:
+            return response.json()
+        except ValueError:
+            kind = TransientError if call.safe_to_repeat else SubmitUnknown
+            raise kind(f"{call.what}: the answer is not JSON", provider=self.provider_name) from None
+
+    def settle(self, exc: TransientError, times: int) -> ProviderError:
+        """What a transient error becomes the `times`-th time one call gets its code (a provider
+        may stop retrying a code after a few); by default it stays transient."""
+        return exc
+
+    def retry_steps(self, exc: TransientError) -> int:
+        """Extra backoff steps before retrying `exc` (for errors that need a longer pause)."""
+        return 0
 
     @classmethod
     def output_size(cls, request: GenerationRequest) -> tuple[int, int] | None:
@@ -232,13 +360,30 @@ class ImageProvider(Block, ABC):
     def estimate(self, request: GenerationRequest) -> CreditEstimate:
         """Credits `request` will cost."""
 
-    @abstractmethod
     def submit(self, request: GenerationRequest) -> str:
         """Start the job; return the provider's job id."""
+        return self.read_job_id(self.send(self.submit_call(request)))
 
-    @abstractmethod
     def poll(self, job_id: str) -> JobStatus:
         """The job's current status."""
+        return self.read_status(job_id, self.send(self.poll_call(job_id)))
+
+    # The request shapes of an asynchronous job (the benchmark's plain client sends them too).
+    def submit_call(self, request: GenerationRequest) -> ApiCall:
+        """The call that starts `request`'s job."""
+        raise NotImplementedError(f"{type(self).__name__} shapes no submit call")
+
+    def read_job_id(self, answer: Any) -> str:
+        """The job id in a submit's answer."""
+        raise NotImplementedError(f"{type(self).__name__} reads no submit answer")
+
+    def poll_call(self, job_id: str) -> ApiCall:
+        """The call that asks for a job's status."""
+        raise NotImplementedError(f"{type(self).__name__} shapes no poll call")
+
+    def read_status(self, job_id: str, answer: Any) -> JobStatus:
+        """A job's status from a poll's answer."""
+        raise NotImplementedError(f"{type(self).__name__} reads no poll answer")
 
     @abstractmethod
     def fetch(self, status: JobStatus) -> list[bytes]:
@@ -384,9 +529,7 @@ def download(url: str, *, provider: str, timeout: float, attempts: int, expiry: 
         except httpx.TransportError as exc:
             raise TransientError(f"result download: {type(exc).__name__}", provider=provider) from None
         if response.status_code != 200:
-            kind = TransientError if response.status_code >= 500 or response.status_code == 429 else BadRequest
-            raise kind(f"result download: HTTP {response.status_code} (result URLs expire after {expiry})",
-                       provider=provider)
+            raise status_error(f"result download (result URLs expire after {expiry})", response, provider)
         return response.content
 
     return with_retries(get, attempts)

@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 import httpx
 from pydantic import Field, PrivateAttr, SecretStr, field_validator
 
-from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
-                         retry_after_seconds, with_retries)
+from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
+                         status_error)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, ProviderError, SubmitUnknown,
                            TransientError)
 
@@ -237,48 +237,38 @@ class ChuzhanProvider(ImageProvider):
 
     _charged: dict[str, float] = PrivateAttr(default_factory=dict)  # job id -> `used` of its submit
 
-    def new_client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
-                            headers={"Auth-Token": self.api_token.get_secret_value()})
+    def client_options(self) -> dict[str, Any]:
+        return {"base_url": self.endpoint.rstrip("/"), "timeout": self.timeout,
+                "headers": {"Auth-Token": self.api_token.get_secret_value()}}
 
-    # --- HTTP --------------------------------------------------------------------------------
+    # --- HTTP: the base sends; 触站AI's envelope and errors ------------------------------------
+    @staticmethod
+    def api(path: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> ApiCall:
+        """A POST of `payload`; its request slot is named after the path (`v1.draw`)."""
+        return ApiCall.with_json(path.strip("/").replace("/", "."), "POST", path, payload,
+                                 safe_to_repeat=safe_to_repeat, label=path)
+
     def _post(self, path: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> Any:
         """POST and unwrap the envelope. A request that may have been acted on (a submit whose
         answer was lost) is never repeated: it raises `SubmitUnknown`."""
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        return self.send(self.api(path, payload, safe_to_repeat=safe_to_repeat))
 
-        def once() -> Any:
-            try:
-                with self._limiter.request(path.strip("/").replace("/", ".")):
-                    response = self.client().post(path, content=body, headers={"Content-Type": "application/json"})
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the provider
-                raise TransientError(f"{path}: {type(exc).__name__}", provider=PROVIDER) from None
-            except httpx.TransportError as exc:
-                if safe_to_repeat:
-                    raise TransientError(f"{path}: {type(exc).__name__}", provider=PROVIDER) from None
-                raise SubmitUnknown(f"{path}: {type(exc).__name__} after the request was sent; it may have "
-                                    "been charged, so it is not repeated", provider=PROVIDER) from None
-            if response.status_code != 200:
-                kind = TransientError if response.status_code >= 500 or response.status_code == 429 else BadRequest
-                if kind is TransientError and not safe_to_repeat and response.status_code not in (429, 503):
-                    raise SubmitUnknown(f"{path}: HTTP {response.status_code}; the task may exist",
-                                        provider=PROVIDER)
-                raise kind(f"{path}: HTTP {response.status_code}", provider=PROVIDER,
-                           **({"retry_after": retry_after_seconds(response)} if kind is TransientError else {}))
-            try:
-                envelope = response.json()
-            except ValueError:
-                kind = TransientError if safe_to_repeat else SubmitUnknown
-                raise kind(f"{path}: the answer is not JSON", provider=PROVIDER) from None
-            if envelope.get("success") and envelope.get("code") == 0:
-                return envelope.get("data")
-            code = int(envelope.get("code") or -1)
-            if not safe_to_repeat and code >= 500:  # an internal error says nothing of the task
-                raise SubmitUnknown(f"{path}: code {code} does not say whether the task was created "
-                                    "(and charged)", provider=PROVIDER, code=str(code))
-            raise map_error(code, str(envelope.get("msg") or ""))
-
-        return with_retries(once, self.max_attempts)
+    def read_answer(self, call: ApiCall, response: httpx.Response) -> Any:
+        if response.status_code != 200:
+            if not call.safe_to_repeat and response.status_code >= 500 and response.status_code != 503:
+                raise SubmitUnknown(f"{call.what}: HTTP {response.status_code}; the task may exist", provider=PROVIDER)
+            raise status_error(call.what, response, PROVIDER)
+        envelope = self.json_answer(call, response)
+        if not isinstance(envelope, dict):
+            kind = TransientError if call.safe_to_repeat else SubmitUnknown
+            raise kind(f"{call.what}: the answer is not an envelope", provider=PROVIDER)
+        if envelope.get("success") and envelope.get("code") == 0:
+            return envelope.get("data")
+        code = int(envelope.get("code") or -1)
+        if not call.safe_to_repeat and code >= 500:  # an internal error says nothing of the task
+            raise SubmitUnknown(f"{call.what}: code {code} does not say whether the task was created "
+                                "(and charged)", provider=PROVIDER, code=str(code))
+        raise map_error(code, str(envelope.get("msg") or ""))
 
     # --- requests ------------------------------------------------------------------------------
     @classmethod
@@ -346,23 +336,28 @@ class ChuzhanProvider(ImageProvider):
         """No upload endpoint: `img` takes base64 (or a public URL), so the reference is the data."""
         return base64.b64encode(data).decode()
 
-    def submit(self, request: GenerationRequest) -> str:
+    def submit_call(self, request: GenerationRequest) -> ApiCall:
         payload = self.draw_params(request)
         if self.callback:
             payload["callback"] = self.callback
-        data = self._post(PATH_DRAW, payload, safe_to_repeat=False)
-        if not data or not data.get("paintingSign"):
+        return self.api(PATH_DRAW, payload, safe_to_repeat=False)  # charged at submit
+
+    def read_job_id(self, answer: Any) -> str:
+        if not answer or not answer.get("paintingSign"):
             raise SubmitUnknown("draw answered without a paintingSign", provider=PROVIDER)
-        job_id = str(data["paintingSign"])
-        if data.get("used") is not None:
-            self._charged[job_id] = float(data["used"])  # charged now, at submit
+        job_id = str(answer["paintingSign"])
+        if answer.get("used") is not None:
+            self._charged[job_id] = float(answer["used"])  # charged now, at submit
         return job_id
 
     def charged(self, job_id: str) -> float | None:
         return self._charged.get(job_id)
 
-    def poll(self, job_id: str) -> JobStatus:
-        data = self._post(PATH_DETAIL, {"taskId": job_id, "preview": False, "imgFormat": "png"}) or {}
+    def poll_call(self, job_id: str) -> ApiCall:
+        return self.api(PATH_DETAIL, {"taskId": job_id, "preview": False, "imgFormat": "png"})
+
+    def read_status(self, job_id: str, answer: Any) -> JobStatus:
+        data = answer or {}
         state = str(data.get("state", "in_queue"))
         urls = [img["imageUrl"] for img in data.get("images") or [] if img.get("imageUrl")]
         if not urls and data.get("imgUrl"):

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import Field, SecretStr, model_validator
 
-from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
-                         retry_after_seconds, with_retries)
+from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
+                         retry_after_seconds, status_error, with_retries)
 from blocks.errors import AccountStop, BadRequest, ProviderError, TransientError
 
 PROVIDER = "tams"
@@ -165,34 +165,28 @@ class TamsProvider(ImageProvider):
             raise ValueError("give the TAMS Block exactly one of private_key (signed requests) or api_token (Bearer)")
         return self
 
-    def new_client(self) -> httpx.Client:
+    def client_options(self) -> dict[str, Any]:
         auth = TamsSigner(self.app_id, self.private_key) if self.private_key is not None else BearerToken(self.api_token)
-        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout, auth=auth,
-                            headers={"Accept": "application/json"})
+        return {"base_url": self.endpoint.rstrip("/"), "timeout": self.timeout, "auth": auth,
+                "headers": {"Accept": "application/json"}}
 
-    # --- HTTP with retries and error mapping -------------------------------------------------
+    # --- HTTP: the base sends; TAMS's answers and errors ----------------------------------------
+    def api(self, method: str, path: str, payload: dict | None = None) -> ApiCall:
+        """A TAMS request (5 QPS per app, every call counts, polls included). Every call is safe
+        to repeat: a submit is deduplicated by its requestId."""
+        return ApiCall("api", method, path) if payload is None else ApiCall.with_json("api", method, path, payload)
+
     def _call(self, method: str, path: str, payload: dict | None = None) -> dict:
-        # Serialise once: the signed text must be exactly the bytes sent.
-        body = b"" if payload is None else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        return with_retries(lambda: self._send(method, path, body, headers), self.max_attempts)
+        return self.send(self.api(method, path, payload))
 
-    def _send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> dict:
-        try:
-            with self._limiter.request("api"):  # 5 QPS per app, every call counts (polls included)
-                response = self.client().request(method, path, content=body, headers=headers)
-        except httpx.TransportError as exc:
-            raise TransientError(f"{method} {path}: {type(exc).__name__}", provider=PROVIDER) from None
+    def read_answer(self, call: ApiCall, response: httpx.Response) -> Any:
         if response.status_code != 200:
             try:
                 err_body = response.json()
             except ValueError:
                 err_body = None
             raise map_error(response.status_code, err_body, retry_after_seconds(response))
-        try:
-            return response.json()
-        except ValueError:
-            raise TransientError(f"{method} {path}: answer is not JSON", provider=PROVIDER) from None
+        return self.json_answer(call, response)
 
     # --- the provider interface -------------------------------------------------------------
     @classmethod
@@ -272,11 +266,8 @@ class TamsProvider(ImageProvider):
                 response = httpx.put(put_url, content=data, headers=headers, timeout=self.timeout)
             except httpx.TransportError as exc:
                 raise TransientError(f"upload PUT: {type(exc).__name__}", provider=PROVIDER) from None
-            if response.status_code >= 500 or response.status_code == 429:
-                raise TransientError(f"upload PUT: HTTP {response.status_code}", provider=PROVIDER,
-                                     retry_after=retry_after_seconds(response))
             if response.status_code != 200:
-                raise BadRequest(f"upload PUT: HTTP {response.status_code}", provider=PROVIDER)
+                raise status_error("upload PUT", response, PROVIDER)
 
         with_retries(put, self.max_attempts)
         return str(resource_id)
@@ -287,16 +278,21 @@ class TamsProvider(ImageProvider):
         return CreditEstimate(credits=credits, source="api", money=round(credits * USD_PER_CREDIT, 6),
                               currency="USD")
 
-    def submit(self, request: GenerationRequest) -> str:
+    def submit_call(self, request: GenerationRequest) -> ApiCall:
         # TAMS treats requestId as the idempotency key: a retried submit returns the same job.
-        answer = self._call("POST", "/v1/jobs", {"requestId": request.request_id, "stages": self.stages(request)})
+        return self.api("POST", "/v1/jobs", {"requestId": request.request_id, "stages": self.stages(request)})
+
+    def read_job_id(self, answer: Any) -> str:
         job = answer.get("job") or {}
         if not job.get("id"):
             raise TransientError("job created without an id", provider=PROVIDER)
         return str(job["id"])
 
-    def poll(self, job_id: str) -> JobStatus:
-        job = self._call("GET", f"/v1/jobs/{job_id}").get("job") or {}
+    def poll_call(self, job_id: str) -> ApiCall:
+        return self.api("GET", f"/v1/jobs/{job_id}")
+
+    def read_status(self, job_id: str, answer: Any) -> JobStatus:
+        job = answer.get("job") or {}
         status = str(job.get("status", "DEFAULT"))
         state = STATES.get(status, JobState.QUEUED)
         urls = [img["url"] for img in (job.get("successInfo") or {}).get("images", []) if img.get("url")]

@@ -30,8 +30,8 @@ import httpx
 from PIL import Image
 from pydantic import Field, PrivateAttr, SecretStr
 
-from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, Journal, JobState, JobStatus,
-                         NoJournal, download, with_retries)
+from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, ImageProvider, Journal, JobState, JobStatus,
+                         NoJournal, download)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
                            TransientError)
 
@@ -211,6 +211,7 @@ class TencentAiArtProvider(ImageProvider):
     provider_name: ClassVar[str] = PROVIDER
     upscale_in_job: ClassVar[bool] = False  # RefineImage is a call of its own
     credit_unit: ClassVar[str] = "billable calls"  # no per-call price is published
+    sample_options: ClassVar[dict[str, Any]] = {"LogoAdd": 0}  # LogoAdd must be chosen (see validate)
     spec_fields: ClassVar[dict[str, str]] = {  # what `submit()` fills from the spec, never from options
         "Prompt": "items.prompt", "NegativePrompt": "items.negative_prompt", "Seed": "items.seed",
         "InputImage": "items.input_image", "InputUrl": "items.input_image",
@@ -228,9 +229,17 @@ class TencentAiArtProvider(ImageProvider):
 
     _sync_results: dict[str, list[str]] = PrivateAttr(default_factory=dict)
 
-    def new_client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.endpoint.rstrip("/"), timeout=self.timeout,
-                            auth=TC3Signer(self.secret_id, self.secret_key, self.region))
+    def client_options(self) -> dict[str, Any]:
+        return {"base_url": self.endpoint.rstrip("/"), "timeout": self.timeout,
+                "auth": TC3Signer(self.secret_id, self.secret_key, self.region)}
+
+    # --- HTTP: the base sends; Tencent Cloud's answers and errors ------------------------------
+    def api(self, action: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> ApiCall:
+        """One action, its body as the SDK writes it (None fields left out)."""
+        body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()
+        return ApiCall(action, "POST", "/", body=body, safe_to_repeat=safe_to_repeat, label=action, headers={
+            "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US",
+            "X-TC-Region": self.action_regions.get(action, self.region)})
 
     def call(self, action: str, payload: dict[str, Any], *, safe_to_repeat: bool = True) -> dict[str, Any]:
         """One action; returns `Response` without `RequestId`, or raises our error type.
@@ -238,49 +247,33 @@ class TencentAiArtProvider(ImageProvider):
         A paid action (`safe_to_repeat=False`) is never repeated after an answer that does not
         say whether it was acted on (a cut connection, a gateway error, `InternalError`): that
         is `SubmitUnknown`. Refusals (rate and job limits, 503, 429) are retried."""
-        body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()  # as the SDK
-        generate_failed = [0]
+        return self.send(self.api(action, payload, safe_to_repeat=safe_to_repeat))
 
-        def once() -> dict[str, Any]:
-            try:
-                with self._limiter.request(action):
-                    response = self.client().post("/", content=body, headers={
-                        "Content-Type": "application/json", "X-TC-Action": action, "X-TC-Language": "en-US",
-                        "X-TC-Region": self.action_regions.get(action, self.region)})
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise TransientError(f"{action}: {type(exc).__name__}", provider=PROVIDER) from None
-            except httpx.TransportError as exc:
-                if safe_to_repeat:
-                    raise TransientError(f"{action}: {type(exc).__name__}", provider=PROVIDER) from None
-                raise SubmitUnknown(f"{action}: {type(exc).__name__} after sending; it may have been charged",
-                                    provider=PROVIDER) from None
-            if response.status_code != 200:  # the SDK's ServerNetworkError: not an API answer
-                if not safe_to_repeat and response.status_code not in REFUSED_STATUS:
-                    raise SubmitUnknown(f"{action}: HTTP {response.status_code}; the job may have been created",
-                                        provider=PROVIDER)
-                raise TransientError(f"{action}: HTTP {response.status_code}", provider=PROVIDER)
-            try:
-                answer = response.json().get("Response", {})
-            except ValueError:
-                kind = TransientError if safe_to_repeat else SubmitUnknown
-                raise kind(f"{action}: the answer is not JSON", provider=PROVIDER) from None
-            if "Error" in answer:
-                code = str(answer["Error"].get("Code"))
-                if not safe_to_repeat and code in AMBIGUOUS_CODES:
-                    raise SubmitUnknown(f"{action}: {code} does not say whether the job was created",
-                                        provider=PROVIDER, code=code)
-                message = str(answer["Error"].get("Message", ""))
-                if code == GENERATE_FAILED:
-                    generate_failed[0] += 1
-                    if generate_failed[0] > GENERATE_FAILED_RETRIES:
-                        raise ContentRejected(f"{message} ({generate_failed[0]} times)", provider=PROVIDER, code=code)
-                raise map_error(code, message)
-            answer.pop("RequestId", None)
-            return answer
+    def read_answer(self, call: ApiCall, response: httpx.Response) -> Any:
+        if response.status_code != 200:  # the SDK's ServerNetworkError: not an API answer
+            if not call.safe_to_repeat and response.status_code not in REFUSED_STATUS:
+                raise SubmitUnknown(f"{call.what}: HTTP {response.status_code}; the job may have been created",
+                                    provider=PROVIDER)
+            raise TransientError(f"{call.what}: HTTP {response.status_code}", provider=PROVIDER)
+        answer = self.json_answer(call, response)
+        answer = answer.get("Response", {}) if isinstance(answer, dict) else {}
+        if "Error" in answer:
+            code = str(answer["Error"].get("Code"))
+            if not call.safe_to_repeat and code in AMBIGUOUS_CODES:
+                raise SubmitUnknown(f"{call.what}: {code} does not say whether the job was created",
+                                    provider=PROVIDER, code=code)
+            raise map_error(code, str(answer["Error"].get("Message", "")))
+        answer.pop("RequestId", None)
+        return answer
 
+    def settle(self, exc: TransientError, times: int) -> ProviderError:
+        if exc.code == GENERATE_FAILED and times > GENERATE_FAILED_RETRIES:
+            return ContentRejected(f"{exc.message} ({times} times)", provider=PROVIDER, code=exc.code)
+        return exc
+
+    def retry_steps(self, exc: TransientError) -> int:
         # JobNumExceed: a running job must finish first, so wait longer than a rate blip.
-        return with_retries(once, self.max_attempts,
-                            extra_wait=lambda exc: 2 if exc.code == "RequestLimitExceeded.JobNumExceed" else 0)
+        return 2 if exc.code == "RequestLimitExceeded.JobNumExceed" else 0
 
     # --- requests -------------------------------------------------------------------------------
     @staticmethod
@@ -399,10 +392,20 @@ class TencentAiArtProvider(ImageProvider):
             job_id = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
             self._sync_results[job_id] = [answer["ResultImage"]]
             return job_id
-        payload = {"Prompt": request.prompt, "Resolution": f"{request.width}:{request.height}",
-                   "Seed": request.seed or None, "LogoAdd": int(opts["LogoAdd"]), "LogoParam": opts.get("LogoParam"),
-                   "Revise": int(opts.get("Revise", 0))}
-        return str(self.call(TEXT_JOB, payload, safe_to_repeat=False)["JobId"])
+        return super().submit(request)
+
+    def submit_call(self, request: GenerationRequest) -> ApiCall:
+        """SubmitTextToImageJob (ImageToImage is a synchronous call of its own, in `submit`)."""
+        opts = self._options(request)
+        return self.api(TEXT_JOB, {"Prompt": request.prompt, "Resolution": f"{request.width}:{request.height}",
+                                   "Seed": request.seed or None, "LogoAdd": int(opts["LogoAdd"]),
+                                   "LogoParam": opts.get("LogoParam"), "Revise": int(opts.get("Revise", 0))},
+                        safe_to_repeat=False)
+
+    def read_job_id(self, answer: Any) -> str:
+        if not answer.get("JobId"):
+            raise SubmitUnknown(f"{TEXT_JOB} answered without a JobId", provider=PROVIDER)
+        return str(answer["JobId"])
 
     def can_fetch_again(self, job_id: str) -> bool:
         return not job_id.startswith(SYNC_PREFIX)  # ImageToImage answers once, with the image
@@ -414,7 +417,12 @@ class TencentAiArtProvider(ImageProvider):
                 raise SubmitUnknown(f"the result of synchronous call {job_id} was lost with its process",
                                     provider=PROVIDER)
             return JobStatus(job_id=job_id, state=JobState.SUCCEEDED, provider_status="sync", result_urls=results)
-        answer = self.call(TEXT_QUERY, {"JobId": job_id})
+        return super().poll(job_id)
+
+    def poll_call(self, job_id: str) -> ApiCall:
+        return self.api(TEXT_QUERY, {"JobId": job_id})
+
+    def read_status(self, job_id: str, answer: Any) -> JobStatus:
         code = str(answer.get("JobStatusCode", "1"))
         reason = answer.get("JobErrorMsg") or None
         if answer.get("JobErrorCode"):

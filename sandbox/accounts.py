@@ -7,6 +7,8 @@ An emulator module, named by an `imagegen.emulators` entry point, defines:
   files beside it (`<field>_file`, mode 0600), plain fields inline;
 - `make_app(account, latency) -> ASGI app`: the emulator serving that account;
 - `block_fields(account) -> dict`: the provider Block's fields for the account (no endpoint).
+- `bench_counts(stats) -> dict` (optional, for `make bench`): `requests`, `submits`, `polls` and
+  `violations` (limit refusals) read from the emulator's `/_sandbox/stats`.
 
 Emulators import none of the client's code: these hooks speak only of files and field names.
 """

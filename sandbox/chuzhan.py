@@ -418,3 +418,9 @@ def make_app(account: dict[str, str], latency: float) -> Starlette:
 
 def block_fields(account: dict[str, str]) -> dict[str, Any]:
     return {"api_token": read_secret(account, "token")}
+
+
+def bench_counts(stats: dict[str, Any]) -> dict[str, int]:
+    """Requests, drawing submits and polls, and limit violations, from `/_sandbox/stats`."""
+    return {"requests": stats["requests"], "submits": stats["submits"], "polls": stats["polls"],
+            "violations": stats["limit_rejections"]}

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -64,6 +65,13 @@ class SandboxState:
     def secret(self, provider: str, field_name: str) -> str:
         """A sandbox secret of a provider's account (read from its file)."""
         return read_secret(self.providers[provider], field_name)
+
+    def block(self, provider: str) -> Any:
+        """The provider's Block for its sandbox account and emulator (not saved)."""
+        from blocks import registry
+
+        fields = emulator(provider).block_fields(self.account(provider))
+        return registry.provider(provider)(**fields, endpoint=self.url(provider))
 
 
 class SandboxError(RuntimeError):
@@ -247,13 +255,10 @@ def register_blocks(state: SandboxState, name: str = BLOCK_NAME) -> list[str]:
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from blocks import registry
-
     saved = []
     for provider in state.providers:
-        block = registry.provider(provider)
-        block(**emulator(provider).block_fields(state.account(provider)), endpoint=state.url(provider)).save(
-            name, overwrite=True)
+        block = state.block(provider)
+        block.save(name, overwrite=True)
         saved.append(f"{block.get_block_type_slug()}/{name}")
     AwsCredentials(aws_access_key_id=state.s3_access_key, aws_secret_access_key=state.s3_secret_key,
                    region_name="us-east-1",

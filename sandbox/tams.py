@@ -519,3 +519,9 @@ def make_app(account: dict[str, str], latency: float) -> Starlette:
 
 def block_fields(account: dict[str, str]) -> dict[str, Any]:
     return {"app_id": account["app_id"], "private_key": Path(account["private_key_file"]).read_text()}
+
+
+def bench_counts(stats: dict[str, Any]) -> dict[str, int]:
+    """Requests, text-to-image submits and polls, and limit violations, from `/_sandbox/stats`."""
+    return {"requests": stats["requests"], "submits": stats["submits"], "polls": stats["polls"],
+            "violations": stats["rate_limited"]}

@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.accounts import new_token, read_secret, secret_file
+from sandbox.accounts import read_secret, secret_file
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
@@ -492,3 +492,11 @@ def make_app(account: dict[str, str], latency: float) -> Starlette:
 
 def block_fields(account: dict[str, str]) -> dict[str, Any]:
     return {"secret_id": account["secret_id"], "secret_key": read_secret(account, "secret_key")}
+
+
+def bench_counts(stats: dict[str, Any]) -> dict[str, int]:
+    """Requests, text-to-image submits and polls, and limit violations, from `/_sandbox/stats`."""
+    by_action = stats.get("by_action", {})
+    return {"requests": stats["requests"], "submits": by_action.get("SubmitTextToImageJob", 0),
+            "polls": by_action.get("QueryTextToImageJob", 0),
+            "violations": stats["rate_limited"] + stats["job_num_exceeded"]}

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import httpx
 from pydantic import Field, SecretStr
 
-from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download
-from blocks.errors import BadRequest, TransientError
+from blocks.base import ApiCall, CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download
+from blocks.errors import BadRequest
 
 
 class ToyProvider(ImageProvider):
@@ -38,19 +37,9 @@ class ToyProvider(ImageProvider):
     endpoint: str = Field("http://127.0.0.1:8799", description="API base URL.")
     timeout: float = Field(10.0, description="Seconds for one HTTP request.")
 
-    def new_client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.endpoint, timeout=self.timeout,
-                            headers={"Authorization": f"Bearer {self.token.get_secret_value()}"})
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        with self._limiter.request("api"):
-            try:
-                response = self.client().request(method, path, json=body)
-            except httpx.TransportError as exc:
-                raise TransientError(f"toy: {type(exc).__name__}", provider="toy") from None
-        if response.status_code != 200:
-            raise BadRequest(f"toy: HTTP {response.status_code}", provider="toy")
-        return response.json()
+    def client_options(self) -> dict[str, Any]:
+        return {"base_url": self.endpoint, "timeout": self.timeout,
+                "headers": {"Authorization": f"Bearer {self.token.get_secret_value()}"}}
 
     @classmethod
     def validate(cls, request: GenerationRequest) -> None:
@@ -67,15 +56,22 @@ class ToyProvider(ImageProvider):
     def upload(self, data: bytes, content_type: str) -> str:
         raise BadRequest("toy: no input images", provider="toy")
 
-    def submit(self, request: GenerationRequest) -> str:
-        return self._call("POST", "/jobs", {"request_id": request.request_id, "prompt": request.prompt,
-                                            "width": request.width, "height": request.height,
-                                            "count": request.count, "seed": request.seed})["id"]
+    # Its request shapes; the base sends them (request slot, retries, transport faults) and
+    # reads a 200's JSON; any other status is transient (429, 5xx) or a bad request.
+    def submit_call(self, request: GenerationRequest) -> ApiCall:
+        return ApiCall.with_json("api", "POST", "/jobs", {
+            "request_id": request.request_id, "prompt": request.prompt, "width": request.width,
+            "height": request.height, "count": request.count, "seed": request.seed})
 
-    def poll(self, job_id: str) -> JobStatus:
-        job = self._call("GET", f"/jobs/{job_id}")
-        state = JobState.SUCCEEDED if job["status"] == "done" else JobState.RUNNING
-        return JobStatus(job_id=job_id, state=state, provider_status=job["status"], result_urls=job["images"])
+    def read_job_id(self, answer: Any) -> str:
+        return answer["id"]
+
+    def poll_call(self, job_id: str) -> ApiCall:
+        return ApiCall("api", "GET", f"/jobs/{job_id}")
+
+    def read_status(self, job_id: str, answer: Any) -> JobStatus:
+        state = JobState.SUCCEEDED if answer["status"] == "done" else JobState.RUNNING
+        return JobStatus(job_id=job_id, state=state, provider_status=answer["status"], result_urls=answer["images"])
 
     def fetch(self, status: JobStatus) -> list[bytes]:
         return [download(url, provider="toy", timeout=self.timeout, attempts=3, expiry="ever")

@@ -1,0 +1,91 @@
+"""Sending, written once in `blocks.base`: every registered provider's calls go through
+`ImageProvider.send`, which takes the request slot outside the transport-error handling,
+classifies a cut connection by whether the call was safe to repeat, and retries. Unit tests
+over respx; the same rules run against the emulators in the integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import respx
+
+from blocks import registry
+from blocks.base import ImageProvider
+from blocks.errors import SubmitUnknown, TransientError
+
+ENDPOINT = "https://provider.test"
+CREDENTIALS = {"tams": {"app_id": "app", "api_token": "token"}, "chuzhan": {"api_token": "token"},
+               "tencent": {"secret_id": "AKIDtest", "secret_key": "key"}}
+PROVIDERS = sorted(CREDENTIALS)
+
+
+def block(name: str, **fields: object) -> ImageProvider:
+    return registry.provider(name)(**CREDENTIALS[name], endpoint=ENDPOINT, **fields)
+
+
+class FailingLimiter:
+    """A limiter whose own HTTP (the Prefect API, over httpx too) times out taking a slot."""
+
+    @contextlib.contextmanager
+    def request(self, action: str) -> Iterator[None]:
+        raise httpx.ReadTimeout("prefect api: slot request timed out")
+        yield
+
+    def job(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def test_every_provider_shapes_its_text_job() -> None:
+    """A submit is unsafe to repeat exactly where the provider does not dedupe request ids
+    (a repeat would be a second charge); a poll is always safe; the actions are the ones its
+    limiter is told of, read from the shapes without credentials."""
+    for name, cls in registry.providers().items():
+        request = cls.sample_request()
+        cls.validate(request)
+        shaped = cls.model_construct()
+        assert shaped.submit_call(request).safe_to_repeat is cls.idempotent_submit, name
+        assert shaped.poll_call("job-1").safe_to_repeat, name
+        submit, poll, job = cls.text_job_actions()
+        assert (submit, poll) == (shaped.submit_call(request).action, shaped.poll_call("x").action)
+        assert job == shaped.job_action(request)
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+@respx.mock(assert_all_called=False)
+def test_a_limiter_fault_is_the_limiters_not_the_providers(name: str) -> None:
+    """The limiter's own I/O runs outside the provider's transport-error handling: its
+    timeout is not read as a cut provider connection (for a paid call that would be
+    `SubmitUnknown`, an item held for a person), and nothing reaches the provider."""
+    route = respx.route(host="provider.test").mock(return_value=httpx.Response(500))
+    provider = block(name)
+    provider.use_limiter(FailingLimiter())
+    with pytest.raises(httpx.ReadTimeout, match="prefect api"):
+        provider.submit(type(provider).sample_request())
+    assert route.call_count == 0
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+@respx.mock
+def test_a_call_cut_after_sending_is_unknown_where_a_repeat_could_pay(name: str) -> None:
+    """A read timeout after the submit went out: where the provider dedupes (TAMS) the same
+    request is sent again; elsewhere it is `SubmitUnknown` after one request."""
+    route = respx.route(host="provider.test").mock(side_effect=httpx.ReadTimeout("slow"))
+    provider = block(name, max_attempts=2)
+    expected = TransientError if type(provider).idempotent_submit else SubmitUnknown
+    with pytest.raises(expected, match="ReadTimeout"):
+        provider.submit(type(provider).sample_request())
+    assert route.call_count == (2 if type(provider).idempotent_submit else 1)
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+@respx.mock
+def test_a_call_that_never_connected_is_retried_on_every_provider(name: str) -> None:
+    """A refused connection cannot have been acted on: transient, retried, on paid calls too."""
+    route = respx.route(host="provider.test").mock(side_effect=httpx.ConnectError("refused"))
+    provider = block(name, max_attempts=2)
+    with pytest.raises(TransientError, match="ConnectError"):
+        provider.submit(type(provider).sample_request())
+    assert route.call_count == 2
