@@ -6,12 +6,18 @@ S3 archive on prefect-aws. Importing this package registers this project's Block
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TypeVar
+
+from prefect.blocks.core import Block
 
 from blocks import registry
 from blocks.base import ImageProvider
 from blocks.chuzhan import ChuzhanProvider
 from blocks.tams import TamsProvider
+from blocks.errors import BlockMissing
 from blocks.tencent import TencentAiArtProvider
+
+B = TypeVar("B", bound=Block)
 
 
 class _Providers(Mapping[str, type[ImageProvider]]):
@@ -30,9 +36,23 @@ class _Providers(Mapping[str, type[ImageProvider]]):
 PROVIDERS: Mapping[str, type[ImageProvider]] = _Providers()
 
 
+def load_block(cls: type[B], name: str) -> B:
+    """Load the saved Block `name` of type `cls`; `BlockMissing` (one line naming it and how to
+    save it) when the Prefect server has none of that name."""
+    try:
+        return cls.load(name)
+    except ValueError as exc:
+        if "Unable to find block document" not in str(exc):
+            raise
+        from prefect.settings import PREFECT_API_URL
+
+        raise BlockMissing(cls.get_block_type_slug(), name, PREFECT_API_URL.value()) from None
+
+
 def load_provider(name: str, block_name: str) -> ImageProvider:
     """Load the saved Block `block_name` of provider `name`."""
-    return registry.provider(name).load(block_name)
+    return load_block(registry.provider(name), block_name)
 
 
-__all__ = ["PROVIDERS", "ChuzhanProvider", "ImageProvider", "TamsProvider", "TencentAiArtProvider", "load_provider"]
+__all__ = ["PROVIDERS", "BlockMissing", "ChuzhanProvider", "ImageProvider", "TamsProvider", "TencentAiArtProvider",
+           "load_block", "load_provider"]

@@ -12,7 +12,9 @@ from prefect_aws import AwsCredentials, S3Bucket
 
 @lru_cache(maxsize=16)
 def _credentials(name: str) -> AwsCredentials:
-    return AwsCredentials.load(name)
+    from blocks import load_block
+
+    return load_block(AwsCredentials, name)
 
 
 def archive_bucket(bucket: str, credentials: str) -> S3Bucket:

@@ -10,6 +10,7 @@
 
     LimiterError            ours, not the provider's: a slot on the Prefect server could not be
                             taken (nothing was sent); retried like a transient fault
+    BlockMissing            a saved Block the spec names is not on the Prefect server
 
 Messages are built from provider codes and texts only, never from request objects, so a
 secret cannot end up in an exception.
@@ -63,6 +64,21 @@ class SubmitUnknown(BadRequest):
 class LimiterError(RuntimeError):
     """Taking a slot of a provider limit on the Prefect server failed (API down, timeout):
     the request it guarded was never sent."""
+
+
+class BlockMissing(LookupError):
+    """A Block the spec names (a provider account, the archive's credentials) is not saved on
+    the Prefect server the run talks to; the message names it and how to save it."""
+
+    def __init__(self, slug: str, name: str, api: str | None) -> None:
+        self.slug, self.name = slug, name
+        where = f"the Prefect server at {api}" if api else "the temporary Prefect server of this run (no PREFECT_API_URL)"
+        super().__init__(f"no {slug} Block named {name!r} on {where}: save it with `imagegen sandbox register` "
+                         f"(the sandbox's, with `imagegen sandbox up` running) or `prefect block create {slug}` "
+                         "(a real account), or name a saved one in the spec's `blocks:`/`archive.credentials`")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -32,17 +32,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import run_pipeline
+    from blocks.errors import BlockMissing
+    from flows.pipeline import plan_items, preflight, run_pipeline, saved_blocks
     from flows.report import PipelineIncomplete, format_table, summary_rows
-
-    from flows.pipeline import plan_items, preflight
 
     try:  # refuse a bad spec, provider rules included, before starting Prefect at all
         path = resolve_spec_path(args.spec)
-        for note in preflight(plan_items(load_spec(path), "", args.run_date or date.today(), ""), path):
+        spec = load_spec(path)
+        plans = plan_items(spec, "", args.run_date or date.today(), "")
+        for note in preflight(plans, path):
             print(f"note: {note}", file=sys.stderr)
     except SpecError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    try:
+        saved_blocks(spec, plans)
+    except BlockMissing as exc:
+        print(f"run not started: {exc}", file=sys.stderr)
         return 1
     state = run_pipeline(spec=args.spec, run_date=args.run_date, take_over_name=args.take_over_name,
                          return_state=True)
@@ -74,9 +80,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return 1
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    _, rejected = estimate_plans(plans)
+    offline: dict[str, str] = {}
+    _, rejected = estimate_plans(plans, offline=offline)
     for item, error in rejected.items():
         print(f"{item}: refused by the provider while pricing: {error['message']}", file=sys.stderr)
+    unpriced = sorted({plan.provider for plan in plans if plan.estimate is None and plan.item_id not in rejected})
+    for provider, why in sorted(offline.items()):
+        how = ("it publishes no formula, so its items are not priced" if provider in unpriced else
+               "priced by its published formula instead")
+        print(f"{provider}: could not ask the provider ({why}); {how}", file=sys.stderr)
     rows: dict[str, dict] = {}
     for plan in plans:
         est = plan.estimate
@@ -91,7 +103,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if est.note:
             row.setdefault("notes", set()).add(est.note)
     budget = spec.budget()
-    over = False
+    over = bool(unpriced)
     for provider, row in sorted(rows.items()):
         money = f", {row['money']:.4f} {row['currency']}" if row["currency"] else ""
         cap = budget.get(provider)
@@ -305,7 +317,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", default=".sandbox")
     s.add_argument("--block-name", default="sandbox", help="name of the Blocks `register` saves (and their limits)")
     s.add_argument("--port", action="append", metavar="PROVIDER=PORT",
-                   help="an emulator's port (repeatable; defaults: tams 8700, chuzhan 8702, tencent 8703)")
+                   help="an emulator's port (repeatable; default: its emulator's DEFAULT_PORT, see README)")
     s.add_argument("--s3-port", type=int, default=8333)
     s.add_argument("--free-ports", action="store_true", help="run every emulator and S3 on free ports")
     s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
@@ -316,8 +328,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from blocks.errors import BlockMissing
+
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BlockMissing as exc:  # one line naming the Block and how to save it, not a traceback
+        print(exc, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import PrefectFuture
 
 from blocks import PROVIDERS
-from blocks.base import GenerationRequest, with_retries
-from blocks.errors import AccountStop, BadRequest, ContentRejected, ProviderError
+from blocks.base import GenerationRequest, ImageProvider, with_retries
+from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
 from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
-from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, load_spec, read_spec_text, render_key,
-                        resolve_spec_path)
+from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, location_name, load_spec, read_spec_text,
+                        render_key, resolve_spec_path)
 from flows.claim import run_claim
 from flows.owner import own_name
 from flows.ledger import State
@@ -69,10 +69,10 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
                spec_file: str = "") -> list[ItemPlan]:
     """Every item's plan; pure, no I/O."""
     plans = []
-    gen = spec.generate
     for index, item in enumerate(spec.items):
         item_id = spec.item_id(index)
         provider = spec.provider_of(item)
+        gen = spec.generate_for(item, provider)
         fields = {
             "prompt": item.prompt, "negative_prompt": item.negative_prompt,
             "seed": item.seed if item.seed is not None else derived_seed(spec.name, item_id, run_date),
@@ -81,7 +81,7 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
             "denoising_strength": gen.denoising_strength,
             "upscale_factor": (spec.upscale.factor if spec.upscale and spec.upscale.engine == "provider"
                                and PROVIDERS[provider].upscale_in_job else None),
-            "options": gen.options_for(provider), "has_input": item.input_image is not None,
+            "options": gen.options, "has_input": item.input_image is not None,
         }
         draft = GenerationRequest(request_id="", **fields)
         rid = request_id(spec.name, item_id, run_date, "generate", spec.block_name(provider), draft, item.input_image)
@@ -105,25 +105,27 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> list[str]:
     text = read_spec_text(spec_file)
     _, positions = load_with_positions(text)
     issues, notes = [], []
-    overridden: set[tuple[str, str]] = set()
+    overridden: set[tuple[Any, ...]] = set()
     for index, plan in enumerate(plans):
         provider = PROVIDERS[plan.provider]
         for option in plan.request.options:
             field = provider.spec_fields.get(option)
-            if field is None or (plan.provider, option) in overridden:
+            if field is None:
                 continue
-            overridden.add((plan.provider, option))
-            loc = ("generate", "provider_options", plan.provider, option)
-            if loc not in positions:
-                loc = ("generate", "options", option)
+            loc = next((c for c in _option_places(plan.provider, option, index) if c in positions),
+                       ("generate", "options", option))
+            if loc in overridden:
+                continue
+            overridden.add(loc)
             pos = closest_position(loc, positions)
-            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, ".".join(map(str, loc)),
+            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, location_name(loc),
                                     f"{plan.provider} takes {option!r} from {field}, which the spec checks; "
                                     "options may not override it", snippet(text, pos)))
         if overridden:
             continue
         for note in provider.notes(plan.request):
-            pos = closest_position(_option_location(note, plan.provider, positions) or ("items", index), positions)
+            pos = closest_position(_option_location(note, plan.provider, positions, index) or ("items", index),
+                                   positions)
             notes.append(f"{spec_file}:{pos.line}:{pos.column}: items[{index}] ({plan.item_id}): {plan.provider}: {note}")
         try:
             provider.validate(plan.request)
@@ -134,7 +136,7 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> list[str]:
                                      "size is only known at run time; set a fixed Resolution", provider=plan.provider)
                 provider.refine_check(*size, plan.upscale.factor)
         except ProviderError as exc:
-            loc = _option_location(exc.message, plan.provider, positions) or ("items", index)
+            loc = _option_location(exc.message, plan.provider, positions, index) or ("items", index)
             pos = closest_position(loc, positions)
             issues.append(SpecIssue(str(spec_file), pos.line, pos.column, f"items[{index}] ({plan.item_id})",
                                     f"{plan.provider} would refuse it: {exc.message}", snippet(text, pos)))
@@ -144,17 +146,26 @@ def preflight(plans: list[ItemPlan], spec_file: Path) -> list[str]:
     return notes
 
 
-def _option_location(message: str, provider: str, positions: dict) -> tuple[str, ...] | None:
-    """Where a provider's complaint about `generate.options.<name>` points in the file: the
-    option itself (in `provider_options` or `options`), not the item that used it."""
+def _option_places(provider: str, name: str, index: int) -> tuple[tuple[Any, ...], ...]:
+    """Where an option sent to `provider` for item `index` can be set, the one that wins first."""
+    return (("items", index, "generate", "provider_options", provider, name),
+            ("items", index, "generate", "options", name),
+            ("generate", "provider_options", provider, name), ("generate", "options", name))
+
+
+def _option_location(message: str, provider: str, positions: dict, index: int) -> tuple[Any, ...] | None:
+    """Where a provider's complaint about `generate.<field>` points in the file: the option
+    itself (in `provider_options` or `options`, the item's or the spec's), or the item's own
+    setting of a field, not the item that used it."""
     field = message.split(":", 1)[0]
-    if not field.startswith("generate.options."):
+    if not field.startswith("generate."):
         return None
-    name = field.removeprefix("generate.options.").split(".")[0]
-    for loc in (("generate", "provider_options", provider, name), ("generate", "options", name)):
-        if loc in positions:
-            return loc
-    return None
+    parts = field.removeprefix("generate.").split(".")
+    if parts[0] == "options" and len(parts) > 1:
+        places: tuple[tuple[Any, ...], ...] = _option_places(provider, parts[1], index)
+    else:
+        places = (("items", index, "generate", parts[0]),)
+    return next((loc for loc in places if loc in positions), None)
 
 
 def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, positions: dict, text: str) -> list[SpecIssue]:
@@ -210,27 +221,51 @@ class BudgetExceeded(RuntimeError):
     """The run's estimated credits are above the spec's `run.max_credits`."""
 
 
-def estimate_plans(plans: list[ItemPlan], cache: dict | None = None) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
+def saved_blocks(spec: PipelineSpec, plans: list[ItemPlan]) -> None:
+    """Load every Block the run needs (provider accounts, the archive's credentials), so a
+    missing one is one `BlockMissing` line before anything starts, not a traceback mid-run."""
+    for name, block in sorted({(plan.provider, plan.block) for plan in plans}):
+        provider_for(name, block)
+    archive_bucket(spec.archive.bucket, spec.archive.credentials)
+
+
+def estimate_plans(plans: list[ItemPlan], cache: dict | None = None, *,
+                   offline: dict[str, str] | None = None) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
     """Attach each plan's credit estimate (one provider call per distinct price shape).
 
     Returns the credits per provider, and the items the provider already rejected on content
-    while pricing them (recorded on the item, never submitted; the others go on)."""
+    while pricing them (recorded on the item, never submitted; the others go on). With
+    `offline` (for `imagegen estimate`), a provider that cannot be asked (its Block missing,
+    its service unreachable) is priced by its published formula where it has one, and
+    `offline` gets why, by provider; its items without a formula keep no estimate."""
     cache = {} if cache is None else cache  # (provider, block, estimate key) -> CreditEstimate
     per_provider: dict[str, float] = {}
     rejected: dict[str, dict[str, str]] = {}
     for plan in plans:
-        provider = provider_for(plan.provider, plan.block)
-        key = (plan.provider, plan.block, provider.estimate_key(plan.request))
-        if key not in cache:
+        provider: ImageProvider = PROVIDERS[plan.provider].model_construct()  # unsaved: offline prices only
+        if offline is not None and plan.provider in offline:
+            plan.estimate = provider.estimate_offline(plan.request)
+        else:
             try:
-                cache[key] = with_retries(lambda p=provider, r=plan.request: p.estimate(r), ESTIMATE_ROUNDS,
-                                          extra_wait=lambda exc: 3)
+                provider = provider_for(plan.provider, plan.block)
+                key = (plan.provider, plan.block, provider.estimate_key(plan.request))
+                if key not in cache:
+                    cache[key] = with_retries(lambda p=provider, r=plan.request: p.estimate(r),
+                                              1 if offline is not None else ESTIMATE_ROUNDS, extra_wait=lambda exc: 3)
             except ContentRejected as exc:
                 rejected[plan.item_id] = {"step": "estimate", "error": "ContentRejected", "message": str(exc)}
                 continue
-        plan.estimate = cache[key]
-        if plan.provider_refines:
-            plan.refine_credits = provider.refine_cost() * plan.request.count  # separate paid upscale calls
+            except (TransientError, BlockMissing) as exc:
+                if offline is None:
+                    raise
+                offline[plan.provider] = str(exc)
+                plan.estimate = provider.estimate_offline(plan.request)
+            else:
+                plan.estimate = cache[key]
+        if plan.estimate is None:
+            continue
+        if plan.provider_refines:  # separate paid upscale calls
+            plan.refine_credits = provider.refine_cost() * plan.request.count
         per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits + plan.refine_credits
     return per_provider, rejected
 

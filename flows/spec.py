@@ -87,6 +87,23 @@ class GenerateSettings(_Strict):
         return {**self.options, **self.provider_options.get(provider, {})}  # type: ignore[call-overload]
 
 
+class GenerateOverride(_Strict):
+    """An item's own generate settings, over the spec's `generate`: a field given here replaces
+    the spec's, one left out inherits it; `options` and `provider_options` add to the spec's
+    (the item's win)."""
+
+    model: str | None = None
+    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    sampler: str | None = None
+    cfg_scale: float | None = Field(None, gt=0)
+    vae: str | None = None
+    denoising_strength: float | None = Field(None, gt=0, le=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    provider_options: dict[ProviderName, dict[str, Any]] = Field(default_factory=dict)
+
+
 class UpscaleSettings(_Strict):
     """Upscale step, with an explicit engine: `provider` is the provider's own (paid) upscaler;
     `realesrgan` is local Real-ESRGAN on CPU (free, adds detail, ~1-3 s an image);
@@ -292,6 +309,8 @@ class Item(_Strict):
     seed: int | None = Field(None, ge=0, le=4294967295)
     count: int = Field(1, ge=1, le=4, description="Images to generate for this item.")
     provider: ProviderName | None = None
+    generate: GenerateOverride | None = Field(
+        None, description="This item's own generate settings (size, model, steps, options...), over the spec's.")
 
     @field_validator("input_image")
     @classmethod
@@ -332,6 +351,18 @@ class PipelineSpec(_Strict):
     archive: ArchiveSettings
     run: RunSettings = Field(default_factory=RunSettings)
     items: list[Item] = Field(min_length=1, max_length=MAX_ITEMS)
+
+    def generate_for(self, item: Item, provider: str) -> GenerateSettings:
+        """The generate settings of `item` on `provider`: the spec's, with the item's own over
+        them; `options` are what is sent to `provider` (spec, spec's for the provider, item,
+        item's for the provider, each over the one before)."""
+        gen, own = self.generate, item.generate
+        options = gen.options_for(provider)
+        if own is None:
+            return gen.model_copy(update={"options": options, "provider_options": {}})
+        fields = own.model_dump(exclude_none=True, exclude={"options", "provider_options"})
+        options = {**options, **own.options, **own.provider_options.get(provider, {})}  # type: ignore[call-overload]
+        return gen.model_copy(update={**fields, "options": options, "provider_options": {}})
 
     def item_id(self, index: int) -> str:
         """The id of item `index`: its own, or one made from what it asks for (`item-<8 hex>`),
@@ -409,7 +440,8 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(i) for i in issues))
 
 
-def _field_name(loc: tuple[Any, ...]) -> str:
+def location_name(loc: tuple[Any, ...]) -> str:
+    """A location as a person reads it: `items[0].generate.width`."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -500,7 +532,7 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
     try:
         data, positions = load_with_positions(text)
     except YamlRefused as exc:
-        raise SpecError([SpecIssue(name, exc.position.line, exc.position.column, _field_name(exc.path),
+        raise SpecError([SpecIssue(name, exc.position.line, exc.position.column, location_name(exc.path),
                                    exc.message, snippet(text, exc.position))]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
@@ -528,7 +560,7 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
-            issues.append(SpecIssue(name, pos.line, pos.column, _field_name(loc), message, snippet(text, pos)))
+            issues.append(SpecIssue(name, pos.line, pos.column, location_name(loc), message, snippet(text, pos)))
         raise SpecError(issues) from None
     issues = _cross_checks(spec, positions, text, name)
     if issues:
@@ -575,7 +607,7 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
                                         snippet(text, pos)))
     for loc, message in key_collisions(spec, date.today(), ids):
         pos = closest_position(loc, positions, value=True)
-        issues.append(SpecIssue(name, pos.line, pos.column, _field_name(loc), message, snippet(text, pos)))
+        issues.append(SpecIssue(name, pos.line, pos.column, location_name(loc), message, snippet(text, pos)))
         if len(issues) >= 20:
             break
     return issues

@@ -129,3 +129,20 @@ def test_summary_table_artifact(run) -> None:
     assert table and table[0].type == "table"
     rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
     assert rows[0]["item"] == "a" and rows[0]["verdict"] == "approved"
+
+
+def test_items_override_generate_settings_and_archive_at_their_own_size(run, sandbox_blocks) -> None:
+    """A catalogue of mixed sizes and models in one spec: each item is requested with its own
+    settings (and its own request id), and archived at its own size."""
+    items = ("  - {id: square, prompt: a cat}\n"
+             "  - {id: wide, prompt: a wide cat, generate: {width: 768, height: 512, steps: 12, "
+             "model: \"600423083519508503\"}}\n")
+    state, before, after = run(spec_text("mixed-sizes", items, upscale="lanczos"), date(2026, 1, 20))
+    assert state.is_completed(), state.message
+    s3 = s3_client(sandbox_blocks)
+    sizes = {}
+    for item in read_json(s3, "mixed-sizes/2026-01-20/manifest.json")["items"]:
+        key = item["objects"][0]["s3_uri"].removeprefix(f"s3://{TEST_BUCKET}/")
+        sizes[item["item"]] = read_json(s3, key.removesuffix(".png") + ".json")["review"]["checks"]["size"]["value"]
+    assert sizes == {"square": "1024x1024", "wide": "1536x1024"}
+    assert after["submits"] - before["submits"] == 2

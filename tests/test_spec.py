@@ -130,3 +130,36 @@ def test_provider_options_reach_only_that_providers_items(tmp_path: Path) -> Non
     assert tencent.request.options == {"steps_hint": 1, "LogoAdd": 0}
     bad = issue_of(tmp_path, text.replace("    tencent: {LogoAdd: 0}", "    tencnet: {LogoAdd: 0}"))
     assert bad[0].field.startswith("generate.provider_options")
+
+
+def test_items_override_generate_settings(tmp_path: Path) -> None:
+    """An item's own `generate` replaces the spec's fields it names and adds to its options
+    (item over spec, provider-specific over general); the others inherit. Its request (and so
+    its request id) is its own."""
+    from flows.pipeline import plan_items
+
+    text = GOOD.replace("  height: 512\n", "  height: 512\n  steps: 20\n  options: {a: 1, b: 1}\n"
+                        "  provider_options:\n    tencent: {LogoAdd: 0, b: 2}\n") + (
+        "  - id: two\n    prompt: a cat\n    provider: tencent\n"
+        "    generate: {width: 768, height: 768, options: {a: 3}, provider_options: {tencent: {LogoAdd: 1}}}\n")
+    spec = load_spec(write(tmp_path, text))
+    one, two = plan_items(spec, "sha", date(2026, 1, 2), str(tmp_path))
+    assert (one.request.width, one.request.steps, one.request.options) == (512, 20, {"a": 1, "b": 1})
+    assert (two.request.width, two.request.height, two.request.steps) == (768, 768, 20)
+    assert two.request.options == {"a": 3, "b": 2, "LogoAdd": 1}
+    same = load_spec(write(tmp_path, text.replace("width: 768, height: 768, ", "")))
+    assert plan_items(same, "sha", date(2026, 1, 2), "")[1].request.request_id != two.request.request_id
+
+
+def test_an_items_own_setting_is_checked_at_its_line(tmp_path: Path) -> None:
+    """Each item is validated against its own provider's rules with its own settings; the
+    error points at the item's setting, and an item's option may not override a checked field."""
+    bad = write(tmp_path, GOOD + "  - id: two\n    prompt: a dog\n    generate:\n      width: 500\n")
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "items[1] (two): tams would refuse it: generate.width: 500 is not a multiple of 64" in run.stderr
+    assert f"{bad}:15:7:" in run.stderr and "items[0]" not in run.stderr
+    sneaky = write(tmp_path, GOOD.replace("    prompt: a cat\n", "    prompt: a cat\n    generate: {options: {steps: 99}}\n"))
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(sneaky)], capture_output=True, text=True)
+    assert run.returncode == 1 and f"{sneaky}:12:26:" in run.stderr
+    assert "items[0].generate.options.steps" in run.stderr and "options may not override it" in run.stderr

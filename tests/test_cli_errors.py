@@ -1,0 +1,50 @@
+"""What a person sees when something the run needs is not there: a missing Block is one line
+naming it and the command that saves it, and `imagegen estimate` without a provider to ask
+says so and prices by the published formula where one exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+SPEC = """\
+version: 1
+name: cli-errors
+provider: tams
+blocks: {tams: no-such-account, tencent: no-such-account}
+generate: {width: 512, height: 512, steps: 20, provider_options: {tencent: {LogoAdd: 0}}}
+archive: {bucket: imagegen-test, credentials: no-such-credentials}
+items:
+  - {id: shoe, prompt: a red shoe}
+  - {id: bag, prompt: a blue bag, provider: tencent}
+"""
+
+
+@pytest.fixture()
+def spec(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+def test_run_with_a_missing_block_is_one_line_naming_it(prefect_api, spec: Path, capsys) -> None:
+    assert main(["run", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "run not started: no chuzhan" not in err
+    assert "Block named 'no-such-account'" in err and "imagegen sandbox register" in err
+    assert "prefect block create tams-provider" in err or "prefect block create tencent-provider" in err
+
+
+def test_estimate_without_the_providers_says_so_and_uses_published_formulas(prefect_api, spec: Path,
+                                                                            capsys) -> None:
+    assert main(["estimate", str(spec)]) == 1  # an item stays unpriced
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "tams: could not ask the provider (no tams-provider Block named 'no-such-account'" in err
+    assert "it publishes no formula, so its items are not priced" in err
+    assert "tencent: could not ask the provider" in err and "priced by its published formula instead" in err
+    assert "tencent: 1 item(s), 1.00 billable calls (from the provider's formula estimate)" in out, out
