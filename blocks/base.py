@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import logging
 import random
 import threading
 import time
@@ -138,7 +139,8 @@ class Limiter(Protocol):
     """Where a provider's published limits are held (the flow plugs in Prefect's server)."""
 
     def request(self, action: str) -> contextlib.AbstractContextManager[None]:
-        """Around one API request of `action`: enter when it may be sent, exit once answered."""
+        """Around one API request of `action`: enter when it may be sent, exit once answered.
+        Exiting must not fail (no I/O there): a paid call's answer would be lost with it."""
 
     def job(self, action: str) -> contextlib.AbstractContextManager[None]:
         """Hold one in-flight job slot of `action` for the whole job, submit to result."""
@@ -516,8 +518,20 @@ def with_retries(call: Callable[[], T], attempts: int, *, extra_wait: Callable[[
             if time.monotonic() - started + delay > deadline:
                 raise TransientError(f"{exc.message} (gave up: the call's {deadline:.0f} s deadline would pass)",
                                      provider=exc.provider, code=exc.code, retry_after=exc.retry_after) from None
+            _retry_log().warning("%s; retrying in %.1f s (attempt %d of %d)", exc, delay, attempt + 2, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _retry_log() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger inside a Prefect flow or task run (so retries show on the run's log in
+    the UI), this module's otherwise."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - no run context
+        return logging.getLogger("imagegen.retries")
 
 
 def download(url: str, *, provider: str, timeout: float, attempts: int, expiry: str) -> bytes:

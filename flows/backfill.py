@@ -19,6 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
+from flows.progress import RunProgress
 from flows.spec import PipelineSpec, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
@@ -105,6 +106,8 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
                               "flow_run_id": manifest.get("flow_run_id"), "state": "already complete"}
         else:
             todo.append(run_date)
+    logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
+                name, start, end, len(todo), len(dates) - len(todo))
     estimated = estimate_range(parsed, todo) if todo else 0.0
     if max_credits is not None and estimated > max_credits:
         raise BackfillRefused(f"{len(todo)} date(s) to run are estimated at {estimated} credits, above the cap "
@@ -115,6 +118,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
                 f"deployment {deployment}" if deployment_id else "subflows")
     progress = create_progress_artifact(0.0, key=f"{_key(name)}-backfill-progress",
                                         description=f"Backfill of {name} {start}..{end}")
+    tracker = RunProgress(f"backfill {name} {start}..{end}", len(todo), log=logger.info, unit="dates")
     running: dict[date, PrefectFuture] = {}
     finished = 0
     for run_date in todo:
@@ -122,6 +126,8 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
             time.sleep(0.1)
         key = f"backfill:{flow_run.id}:{name}:{run_date.isoformat()}"
         running[run_date] = run_date_task.submit(spec_path, run_date, deployment_id, key, name)
+        tracker.update(submitted=1)
+        running[run_date].add_done_callback(lambda f: _count_date(f, tracker))
     for run_date, future in running.items():
         future.wait()
         result = future.result(raise_on_failure=False)
@@ -130,6 +136,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
             "state": f"{type(result).__name__}: {result}"[:200]}
         finished += 1
         update_progress_artifact(progress, 100.0 * finished / max(1, len(todo)))
+    tracker.finish()
     table = [rows[d] for d in dates]
     create_table_artifact(table, key=f"{_key(name)}-backfill",
                           description=f"Backfill of **{name}** {start}..{end}: "
@@ -137,6 +144,19 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
                                       f"{sum(r['status'] == 'skipped' for r in table)} skipped, "
                                       f"{sum(r['status'] == 'failed' for r in table)} failed")
     return table
+
+
+def _count_date(future: PrefectFuture, tracker: RunProgress) -> None:
+    """Count a date in the backfill's progress as soon as its run ends."""
+    from flows.pipeline import final_state
+
+    try:
+        result = final_state(future).result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - a count must never break the backfill
+        result = exc
+    ok = isinstance(result, dict) and result.get("status") == "done"
+    tracker.update(done=int(ok), failed=int(not ok),
+                   credits=float(result.get("credits") or 0.0) if isinstance(result, dict) else 0.0)
 
 
 def _key(name: str) -> str:

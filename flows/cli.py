@@ -34,6 +34,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from blocks.errors import BlockMissing
     from flows.pipeline import plan_items, preflight, run_pipeline, saved_blocks
+    from flows.progress import terminal_line
     from flows.report import PipelineIncomplete, format_table, summary_rows
 
     try:  # refuse a bad spec, provider rules included, before starting Prefect at all
@@ -50,8 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BlockMissing as exc:
         print(f"run not started: {exc}", file=sys.stderr)
         return 1
-    state = run_pipeline(spec=args.spec, run_date=args.run_date, take_over_name=args.take_over_name,
-                         return_state=True)
+    with terminal_line():
+        state = run_pipeline(spec=args.spec, run_date=args.run_date, take_over_name=args.take_over_name,
+                             return_state=True)
     outcome = state.result(raise_on_failure=False)
     manifest = outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
     if not isinstance(manifest, dict):
@@ -186,6 +188,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
     from flows.backfill import backfill
+    from flows.progress import terminal_line
     from flows.report import format_table
 
     try:
@@ -193,9 +196,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
-    state = backfill(spec=args.spec, start=args.start, end=args.end, max_parallel=args.max_parallel,
-                     max_credits=args.max_credits, deployment=None if args.local else args.deployment,
-                     return_state=True)
+    with terminal_line():
+        state = backfill(spec=args.spec, start=args.start, end=args.end, max_parallel=args.max_parallel,
+                         max_credits=args.max_credits, deployment=None if args.local else args.deployment,
+                         return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, BaseException):
         print(f"backfill failed: {rows}", file=sys.stderr)

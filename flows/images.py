@@ -103,6 +103,15 @@ def realesrgan(data: bytes, factor: int) -> bytes:
     return out.getvalue()
 
 
+def thumbnail(data: bytes, side: int = 192) -> bytes:
+    """A PNG at most `side` pixels on its longer side (for a person to look over many at once)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
 def measure(data: bytes) -> dict[str, float | int | str | None]:
     """Format, size and luminance standard deviation of an image; `error` when unreadable."""
     try:

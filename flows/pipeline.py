@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
+from prefect.states import State as RunState
 
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
@@ -32,10 +35,12 @@ from blocks.archive import archive_bucket, presigned_url, write_bytes
 from flows.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, mark_duplicates
-from flows.spec import (PipelineSpec, SpecError, SpecIssue, input_digest, location_name, load_spec, read_spec_text,
-                        render_key, resolve_spec_path)
+from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
+                        read_spec_text, render_key, resolve_spec_path)
 from flows.claim import run_claim
+from flows.images import thumbnail
 from flows.owner import own_name
+from flows.progress import RunProgress
 from flows.ledger import State
 from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, lane_of, ledger_of, provider_for,
                          review, upload, upscale)
@@ -201,6 +206,43 @@ def _default_run_date() -> date:
     return scheduled.astimezone(timezone.utc).date() if scheduled else datetime.now(timezone.utc).date()
 
 
+def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress) -> None:
+    """Count the item in `progress` as soon as its chain ends, in whatever order items end: failed
+    at the first step that does not complete, done when the last one does; its generate step's
+    credits when that step completes."""
+    counted = threading.Event()
+
+    def ended(step: str, last: bool, future: PrefectFuture) -> None:
+        try:
+            count(step, last, final_state(future))
+        except Exception as exc:  # noqa: BLE001 - a count must never break the run
+            logging.getLogger(__name__).debug("progress not counted for %s: %s", step, exc)
+
+    def count(step: str, last: bool, state: RunState) -> None:
+        if not state.is_completed():
+            if not counted.is_set():
+                counted.set()
+                progress.update(failed=1)
+            return
+        if step == "generate":
+            made = state.result(raise_on_failure=False)
+            progress.update(credits=getattr(made, "credits", 0.0) or 0.0)
+        if last and not counted.is_set():
+            counted.set()
+            progress.update(done=1)
+
+    for n, (step, future) in enumerate(chain):
+        future.add_done_callback(lambda f, step=step, last=n == len(chain) - 1: ended(step, last, f))
+
+
+def final_state(future: PrefectFuture) -> RunState:
+    """A finished future's state with its result, in a done callback too (where `future.state`
+    is not set yet and would be read from the API, without the result)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    state = wrapped.result() if wrapped is not None else None
+    return state if isinstance(state, RunState) else future.state
+
+
 def _outcome(chain: list[tuple[str, PrefectFuture]]) -> tuple[Any, dict[str, str] | None]:
     """The last result of a chain, or the first step that did not complete and why."""
     for step, future in chain:
@@ -298,23 +340,34 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
         key = spec.archive.in_review(render_key(
             spec.archive.key_template, pipeline=spec.name, run_date=run_date, item=plan.item_id,
             index=verdict.index, provider=plan.provider))
-        write_bytes(bucket, key, Path(gen.files[verdict.index - 1]).read_bytes())
-        staged.append(key)
-        url = presigned_url(bucket, key)
-        links.append((f"{plan.item_id}#{verdict.index}", url))
+        data = Path(gen.files[verdict.index - 1]).read_bytes()
+        thumb = key.rsplit(".", 1)[0] + ".thumb.png"  # beside the copy, under the in-review prefix
+        write_bytes(bucket, key, data)
+        write_bytes(bucket, thumb, thumbnail(data))
+        staged += [key, thumb]
+        url, thumb_url = presigned_url(bucket, key), presigned_url(bucket, thumb)
         checks = ", ".join(f"{name} {c.get('value')}" for name, c in verdict.checks.items() if name != "phash")
-        lines.append(f"| {field_name(n)} ({plan.item_id} #{verdict.index}) | ![{plan.item_id}]({url}) | {checks} |")
+        links.append((f"{plan.item_id}#{verdict.index}", checks))
+        lines.append(f"| {field_name(n)} ({plan.item_id} #{verdict.index}) | ![{plan.item_id}]({thumb_url}) "
+                     f"[full size]({url}) | {checks} |")
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key=artifact_key(f"{spec.name}-to-review"),
-                             description="Images waiting for a person's decision")
+    review_key = artifact_key(f"{spec.name}-to-review")
+    create_markdown_artifact(markdown, key=review_key, description="Images waiting for a person's decision")
     decisions, by = ask_a_person(links, human, markdown)
-    for (plan, _, verdict), (image_id, _) in zip(candidates, links, strict=True):
+    decided = [f"### {spec.name} {run_date}: decided " + ("by a person" if by == "person" else
+               f"by the default ({human.default}), no decision within {human.timeout_seconds}s"), "",
+               "The images are in this run's gallery artifact (approved ones archived, rejected ones "
+               "quarantined); the copies shown for the decision are gone.", "", "| field | decision |", "|---|---|"]
+    for n, ((plan, _, verdict), (image_id, _)) in enumerate(zip(candidates, links, strict=True)):
         approved = decisions[image_id]
         verdict.checks["human"] = {"value": "approve" if approved else "reject", "threshold": None, "by": by}
+        decided.append(f"| {field_name(n)} ({plan.item_id} #{verdict.index}) | {'approve' if approved else 'reject'} |")
         if not approved:
             verdict.approved = False
             verdict.reasons.append("rejected by a person" if by == "person" else
                                    f"no decision within {human.timeout_seconds}s: default {human.default}")
+    # The staged copies are removed after archiving: the artifact's latest version shows no image links.
+    create_markdown_artifact("\n".join(decided), key=review_key, description="The person's decision on each image")
     return staged
 
 
@@ -414,7 +467,7 @@ def run_name() -> str:
 
 
 @flow(name="run-pipeline", log_prints=True, flow_run_name=run_name)
-def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, Any] | None = None,
+def run_pipeline(spec: str, run_date: date | None = None, overrides: RunOverrides | None = None,
                  dry_run: bool = False, take_over_name: bool = False) -> dict[str, Any]:
     """Run one pipeline spec for one run date.
 
@@ -422,7 +475,8 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
         spec: A pipeline name from `pipelines/` (e.g. `demo`); run from a deployment, a path only
             under `IMAGEGEN_SPEC_ROOTS`.
         run_date: The date the run is for (keys, manifest, seeds); the scheduled date if empty.
-        overrides: Spec fields to change for this run, e.g. `{"run": {"max_credits": 50}}`.
+        overrides: What to change for this run: its credit cap, parallelism, a subset of items,
+            or (`spec`) any spec field, e.g. `{"spec": {"review": {"min_stddev": 2}}}`.
         dry_run: Validate and estimate only; no paid call is made.
         take_over_name: This spec replaces another spec file that had the same `name`.
     """
@@ -430,32 +484,58 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: dict[str, A
 
     logger = get_run_logger()
     path = resolve_spec_path(spec, confined=deployment.id is not None)
-    parsed = load_spec(path, overrides)
+    overrides = RunOverrides.model_validate(overrides) if isinstance(overrides, dict) else overrides
+    parsed = load_spec(path, overrides.spec_overrides() if overrides else None)
     run_date = run_date or _default_run_date()
     spec_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     work_dir = tempfile.mkdtemp(prefix=f"imagegen-{parsed.name}-")
     try:
         plans = plan_items(parsed, spec_sha256, run_date, work_dir, str(path))
+        selected = _selected(plans, overrides.items if overrides else None)
         for note in preflight(plans, path):
             logger.warning("note: %s", note)
         if dry_run:
-            return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True)
+            return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True, selected=selected)
         own_name(parsed, path, spec_sha256, take_over=take_over_name)  # one name, one spec file
         reclaim_expired(force=True)  # slots a dead run left behind, before waiting on any
         # One run of this pipeline and date at a time: a second one waits, then reuses.
         with run_claim(parsed.name, run_date, ledger_of(plans[0])):
             started = datetime.now(timezone.utc)
             try:
-                manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False)
+                manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False, selected=selected)
             except Exception as exc:
                 _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
                 raise
         reclaim_expired(force=True)  # a dead run's leases that expired while this one ran
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    if manifest["status"] != "complete":
-        raise PipelineIncomplete(manifest)
+    unselected = {i["item"] for i in manifest["items"] if (i.get("error") or {}).get("error") == NOT_SELECTED}
+    if manifest["status"] != "complete" and not _only(manifest, unselected):
+        raise PipelineIncomplete(manifest)  # a run of a chosen subset is not a failure for the rest
     return manifest
+
+
+NOT_SELECTED = "NotSelected"
+
+
+class UnknownItems(ValueError):
+    """`overrides.items` names an item the spec does not have."""
+
+
+def _selected(plans: list[ItemPlan], wanted: list[str] | None) -> frozenset[str] | None:
+    """The item ids a run is limited to (None: all); refuse ids the spec does not have."""
+    if wanted is None:
+        return None
+    known = [plan.item_id for plan in plans]
+    if unknown := sorted(set(wanted) - set(known)):
+        raise UnknownItems(f"overrides.items: no item {', '.join(map(repr, unknown))} in this spec; its items: "
+                           f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+    return frozenset(wanted)
+
+
+def _only(manifest: dict[str, Any], unselected: set[str]) -> bool:
+    """True when every item that did not archive was left out on purpose (`overrides.items`)."""
+    return all(i["item"] in unselected for i in manifest["items"] if i.get("error"))
 
 
 def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]]
@@ -493,14 +573,18 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
 
 
 def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, plans: list[ItemPlan],
-         dry_run: bool) -> dict[str, Any]:
+         dry_run: bool, selected: frozenset[str] | None = None) -> dict[str, Any]:
     """Everything after planning: reuse, estimate, budget, submit, review, archive, manifest."""
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
     recorded = ledger_of(plans[0]).recorded() if plans else set()  # one ledger per pipeline and date
     reused = {p.item_id: a for p in plans if p.item_id in recorded and (a := archived_before(p)) is not None}
-    todo = [p for p in plans if p.item_id not in reused]
+    left_out = {p.item_id: {"step": "not submitted", "error": NOT_SELECTED,
+                            "message": "not among this run's overrides.items"}
+                for p in plans if selected is not None and p.item_id not in selected and p.item_id not in reused}
+    todo = [p for p in plans if p.item_id not in reused and p.item_id not in left_out]
     per_provider, skipped = estimate_plans(todo)
+    skipped.update(left_out)
     estimated = round(sum(per_provider.values()), 4)
     budget = parsed.budget()
     over = {p: round(per_provider[p], 4) for p, cap in budget.items() if per_provider.get(p, 0.0) > cap}
@@ -513,8 +597,9 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
         return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",
                 "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),
                 "already_archived": sorted(reused), "refused_while_pricing": skipped}
-    progress = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
-                                        description=f"{parsed.name} {run_date}: items done")
+    progress_artifact = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
+                                                 description=f"{parsed.name} {run_date}: items done")
+    progress = RunProgress(f"{parsed.name} {run_date}", len(todo) - len(skipped) + len(left_out), log=logger.info)
     # Duplicates across the run and a person's approval need every image first; without
     # them each item archives as soon as it is reviewed.
     run_level = parsed.review.duplicates is not None or parsed.review.human is not None
@@ -529,23 +614,31 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
             stop = f"run.max_credits for {plan.provider} ({budget[plan.provider]}) reached ({spent} committed)"
         if stop is not None:
             skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
+            progress.update(total=-1)
             continue
         committed[plan.provider] = spent + cost
         chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
         watch.append(dict(chains[plan.item_id])["generate"])
+        progress.update(submitted=1)
+        count_when_done(chains[plan.item_id], progress)
     done, shown = {}, 0
     for n, (item, chain) in enumerate(chains.items(), start=1):
         done[item] = _outcome(chain)
-        if (percent := 100 * n // len(chains)) > shown:  # at most 100 updates, not one per item
-            update_progress_artifact(progress, float(percent))
+        # At most 100 updates, not one per item; below 100% while run-level review is ahead.
+        if (percent := min(100 * n // len(chains), 99 if run_level else 100)) > shown:
+            update_progress_artifact(progress_artifact, float(percent))
             shown = percent
     staged: list[str] = []
     if run_level:
         ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
                  for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
+        progress.update(waiting="a person's review" if parsed.review.human is not None else "the run-level review")
         staged = decide(parsed, run_date, list(ready.values()))
+        progress.update(waiting=None)
         archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
         done.update({item: _outcome([("archive", future)]) for item, future in archived.items()})
+        update_progress_artifact(progress_artifact, 100.0)
+    progress.finish()
     outcomes = []
     for plan in plans:
         if plan.item_id in reused:

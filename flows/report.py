@@ -124,7 +124,8 @@ def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket
                 image = "dropped"
             else:
                 url = presigned_url(bucket, obj["s3_uri"].removeprefix(f"s3://{bucket.bucket_name}/"))
-                image = f"[![{item['item']}]({url})]({url})"
+                # A plain image: the classic UI renders no image inside a link.
+                image = f"![{item['item']}]({url}) [full size]({url})"
             reasons = "; ".join(obj.get("reasons") or []) or "all checks passed"
             lines.append(f"| {item['item']} #{obj['index']} | **{obj['verdict']}** | {reasons} | {image} |")
         if item.get("error"):

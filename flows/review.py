@@ -84,12 +84,15 @@ def mark_duplicates(images: list[tuple[str, Verdict]], settings: DuplicateSettin
 
 
 def approval_form(candidates: list[tuple[str, str]], settings: HumanSettings) -> type:
-    """A RunInput model with one approve/reject field per image, for Prefect's resume form."""
+    """A RunInput model with one approve/reject field per image, for Prefect's resume form.
+
+    `candidates` are (image id, its checks in a few words): the images themselves are in the
+    form's description, a markdown table of thumbnails, not as URLs in the fields."""
     from prefect.input import RunInput
 
     fields = {
-        field_name(i): (Literal["approve", "reject"], Field(settings.default, title=image_id, description=link))
-        for i, (image_id, link) in enumerate(candidates)
+        field_name(i): (Literal["approve", "reject"], Field(settings.default, title=image_id, description=checks))
+        for i, (image_id, checks) in enumerate(candidates)
     }
     return create_model("ImageApproval", __base__=RunInput, **fields)  # type: ignore[call-overload]
 
@@ -110,15 +113,21 @@ def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, mar
     from prefect.states import Running
 
     form = approval_form(candidates, settings)
+    get_run_logger().info("paused for a person: %d image(s) to approve or reject in this flow run's Resume form "
+                          "in the Prefect UI (after %ss without a decision: %s)", len(candidates),
+                          settings.timeout_seconds, settings.default)
     try:
         answer = pause_flow_run(wait_for_input=form.with_initial_data(description=markdown),
                                 timeout=int(settings.timeout_seconds), poll_interval=settings.poll_interval,
                                 key="human-review")
     except FlowPauseTimeout:
-        get_run_logger().warning("no decision within %ss: applying the default, %s", settings.timeout_seconds,
-                                 settings.default)
+        get_run_logger().warning("no decision within %ss: applying the default, %s, to %d image(s); resumed",
+                                 settings.timeout_seconds, settings.default, len(candidates))
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(flow_run.id, Running(message="human review timed out"), force=True)
         return {image_id: settings.default == "approve" for image_id, _ in candidates}, "timeout-default"
-    return ({image_id: getattr(answer, field_name(i)) == "approve" for i, (image_id, _) in enumerate(candidates)},
-            "person")
+    decisions = {image_id: getattr(answer, field_name(i)) == "approve" for i, (image_id, _) in enumerate(candidates)}
+    get_run_logger().info("resumed: a person approved %s and rejected %s",
+                          ", ".join(i for i, ok in decisions.items() if ok) or "none",
+                          ", ".join(i for i, ok in decisions.items() if not ok) or "none")
+    return decisions, "person"

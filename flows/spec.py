@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
-                      field_validator)
+                      field_validator, model_validator)
 
 from flows import confine
 from flows.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
@@ -295,6 +295,39 @@ class RunSettings(_Strict):
         None, description=("Per provider, in its own unit (e.g. {tams: 500, chuzhan: 300, tencent: 50}: TAMS and "
                            "触站AI credits, Tencent billable calls): refuse a run estimated above it, stop submitting "
                            "that provider's items when reached. A single number only where the spec uses one provider."))
+
+
+class RunOverrides(BaseModel):
+    """What a person changes for one run, as the Run form in the Prefect UI shows it. Every
+    field is optional; `spec` is the escape hatch for any other spec field."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_credits: PositiveFloat | dict[ProviderName, PositiveFloat] | None = Field(
+        None, description="This run's credit cap, replacing run.max_credits: one number (a one-provider spec) "
+                          "or per provider, in each provider's own unit.")
+    max_parallel: int | None = Field(None, ge=1, le=256, description="Items processed at the same time.")
+    items: list[str] | None = Field(
+        None, description="Run only these item ids; the others are not submitted (an archived one stays "
+                          "archived, the rest show as not selected).")
+    spec: dict[str, Any] = Field(
+        default_factory=dict, description='Any other spec fields, deep-merged over the file, e.g. '
+                                          '{"review": {"min_stddev": 2}}.')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        """A plain dict of spec fields (`{"run": {"max_credits": 50}}`), as before the form had
+        fields of its own, is the escape hatch's content."""
+        if isinstance(data, dict) and data and not set(data) <= set(cls.model_fields):
+            return {"spec": data}
+        return data
+
+    def spec_overrides(self) -> dict[str, Any]:
+        """The overrides as spec fields, deep-merged over the file."""
+        run = {k: v for k, v in (("max_credits", self.max_credits), ("max_parallel", self.max_parallel))
+               if v is not None}
+        return merge(self.spec, {"run": run}) if run else dict(self.spec)
 
 
 class Item(_Strict):

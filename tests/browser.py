@@ -25,6 +25,16 @@ def chromium() -> str | None:
 def page_text(url: str, wanted: list[str], port: int, timeout: float = 60.0,
               screenshot: Path | None = None) -> str:
     """Open `url`, wait until the page's text holds every string of `wanted`, return the text."""
+    condition = " && ".join(f"document.body.innerText.includes({json.dumps(w)})" for w in wanted) or "true"
+    return str(page_until(url, f"document.body && ({condition}) ? document.body.innerText : ''", port, timeout,
+                          screenshot) or "")
+
+
+def page_until(url: str, until: str, port: int, timeout: float = 60.0, screenshot: Path | None = None,
+               act: str | None = None) -> object:
+    """Open `url` and evaluate the JavaScript `until` every half second until it is truthy (or
+    `timeout` passes), running `act` before each try (a click that opens a form, say); return
+    its last value."""
     profile = tempfile.mkdtemp(prefix="imagegen-chromium-")
     proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
                              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -37,14 +47,15 @@ def page_text(url: str, wanted: list[str], port: int, timeout: float = 60.0,
             except (httpx.TransportError, ValueError):
                 assert time.monotonic() < deadline, "chromium did not start"
                 time.sleep(0.2)
-        return asyncio.run(_wait_for_text(target["webSocketDebuggerUrl"], wanted, timeout, screenshot))
+        return asyncio.run(_evaluate_until(target["webSocketDebuggerUrl"], until, act, timeout, screenshot))
     finally:
         proc.kill()
         proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def _wait_for_text(ws_url: str, wanted: list[str], timeout: float, screenshot: Path | None) -> str:
+async def _evaluate_until(ws_url: str, until: str, act: str | None, timeout: float,
+                          screenshot: Path | None) -> object:
     import websockets
 
     async with websockets.connect(ws_url, max_size=50_000_000) as ws:
@@ -58,16 +69,21 @@ async def _wait_for_text(ws_url: str, wanted: list[str], timeout: float, screens
                 if answer.get("id") == msg_id:
                     return answer.get("result", {})
 
+        async def evaluate(expression: str) -> object:
+            result = await call("Runtime.evaluate", expression=f"(() => {{ try {{ return {expression}; }} "
+                                f"catch (e) {{ return null; }} }})()", returnByValue=True)
+            return result.get("result", {}).get("value")
+
         deadline = time.monotonic() + timeout
-        text = ""
+        value: object = None
         while time.monotonic() < deadline:
-            result = await call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
-                                returnByValue=True)
-            text = result.get("result", {}).get("value") or ""
-            if all(w in text for w in wanted):
+            if act is not None:
+                await evaluate(act)
+            value = await evaluate(until)
+            if value:
                 break
             await asyncio.sleep(0.5)
         if screenshot is not None:
             shot = await call("Page.captureScreenshot", format="png")
             screenshot.write_bytes(base64.b64decode(shot["data"]))
-        return text
+        return value

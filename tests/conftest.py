@@ -88,3 +88,34 @@ def s3_client(state: launcher.SandboxState):  # noqa: ANN201
     return boto3.client("s3", endpoint_url=state.s3_url, aws_access_key_id=state.s3_access_key,
                         aws_secret_access_key=state.s3_secret_key, region_name="us-east-1",
                         config=Config(signature_version="s3v4"))
+
+
+def run_logs(state, wanted: str, timeout: float = 20.0) -> list[str]:  # noqa: ANN001 - a Prefect State
+    """The flow run's log lines on the Prefect API, once one containing `wanted` arrived (the
+    API log handler sends them in batches)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            lines = [log.message for log in client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
+            if any(wanted in line for line in lines) or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.5)
+
+
+@pytest.fixture()
+def flow_logs_at_info() -> Iterator[None]:
+    """Flow-run INFO lines (progress, a person's decision) reach the API in this test; the suite
+    otherwise logs WARNING and up."""
+    import logging
+
+    logger = logging.getLogger("prefect.flow_runs")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield
+    logger.setLevel(level)

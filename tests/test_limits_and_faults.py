@@ -16,7 +16,7 @@ import pytest
 
 from deployments.limits import apply_limits, load_limits, show_limits, wanted_limits
 from flows.report import PipelineIncomplete
-from tests.conftest import TEST_BUCKET, run_spec, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tams_stats
 
 ROOT = Path(__file__).parent.parent
 SHORT = "sandbox-short"  # the sandbox account with a 2 s HTTP timeout, for slow-response faults
@@ -127,6 +127,19 @@ def test_transient_faults_are_survived_without_paying_twice(emulator, short_time
     assert after["submits"] - before["submits"] == 3  # one job per item, whatever was retried
     assert after["charges"] - before["charges"] == 3
     assert manifest_of(state)["totals"]["images"] == 3
+
+
+def test_retries_and_progress_are_on_the_runs_log(emulator, tmp_path, flow_logs_at_info) -> None:
+    """Three injected 429s each leave a line naming the reason, the wait and the attempt; the
+    run logs its progress (items started, done, failed, credits, time) and its last count."""
+    inject(emulator, kind="rate_limit", count=3)
+    state = run_spec(tmp_path, spec_text("fault-logged", 2), date(2026, 2, 10))
+    assert state.is_completed(), manifest_of(state)
+    lines = run_logs(state, "2/2 items started, 2 done, 0 failed")
+    retries = [line for line in lines if "retrying in" in line]
+    assert len(retries) == 3 and all("HTTP 429" in line and " of 5)" in line for line in retries), retries
+    last = next(line for line in lines if "2/2 items started, 2 done, 0 failed" in line)
+    assert last.startswith("fault-logged 2026-02-10: ") and " credits, " in last and " elapsed" in last
 
 
 def test_failed_job_is_recorded_and_retried_only_on_rerun(emulator, tmp_path) -> None:

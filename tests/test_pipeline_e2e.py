@@ -146,3 +146,29 @@ def test_items_override_generate_settings_and_archive_at_their_own_size(run, san
         sizes[item["item"]] = read_json(s3, key.removesuffix(".png") + ".json")["review"]["checks"]["size"]["value"]
     assert sizes == {"square": "1024x1024", "wide": "1536x1024"}
     assert after["submits"] - before["submits"] == 2
+
+
+def test_a_run_of_chosen_items_pays_only_for_them(run, sandbox_blocks, tmp_path) -> None:
+    """The Run form's `overrides.items`: only those items are submitted; the others show as not
+    selected in a partial manifest (so a backfill still sees the date as unfinished) while the
+    run itself completes; a later full run pays for the rest only."""
+    from flows.pipeline import UnknownItems, run_pipeline
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_text("subset", ITEMS.replace(f"input_image: {ASSET}, ", ""), upscale="lanczos"))
+    before = tams_stats(sandbox_blocks)
+    state = run_pipeline(spec=str(path), run_date=date(2026, 1, 21), return_state=True,
+                         overrides={"items": ["shoe", "lamp"], "max_parallel": 2})
+    assert state.is_completed(), state.message
+    manifest = state.result()
+    assert manifest["status"] == "partial"
+    errors = {i["item"]: i["error"]["error"] for i in manifest["items"] if i.get("error")}
+    assert errors == {"sketch": "NotSelected", "bag": "NotSelected"}
+    assert tams_stats(sandbox_blocks)["submits"] - before["submits"] == 2
+    state = run_pipeline(spec=str(path), run_date=date(2026, 1, 21), return_state=True)
+    assert state.is_completed() and state.result()["totals"]["reused_items"] == 2
+    assert tams_stats(sandbox_blocks)["submits"] - before["submits"] == 4
+    refused = run_pipeline(spec=str(path), run_date=date(2026, 1, 21), return_state=True,
+                           overrides={"items": ["shoe", "sheo"]})
+    assert isinstance(refused.result(raise_on_failure=False), UnknownItems)
+    assert "no item 'sheo' in this spec" in refused.message

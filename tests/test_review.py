@@ -15,7 +15,7 @@ from PIL import Image
 
 from flows.report import PipelineIncomplete
 from flows.review import REVIEW_EXTRA, MissingDependency, distance, nsfw_score, require
-from tests.conftest import TEST_BUCKET, run_spec, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tams_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -97,7 +97,7 @@ def test_blank_image_and_duplicate_are_caught(sandbox_blocks, tmp_path) -> None:
     assert obj["verdict"] == "rejected" and "dupes/2026-05-02:first#1" in obj["reasons"][0]
 
 
-def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_path) -> None:
+def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_path, flow_logs_at_info) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -118,12 +118,28 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
             time.sleep(0.3)
     assert paused is not None, "the run never paused for a person"
     s3 = s3_client(sandbox_blocks)
-    assert keys(s3, "_review/human/2026-05-04/") == {"_review/human/2026-05-04/keep-1.png",
-                                                     "_review/human/2026-05-04/drop-1.png"}
+    assert keys(s3, "_review/human/2026-05-04/") == {f"_review/human/2026-05-04/{name}" for name in (
+        "keep-1.png", "drop-1.png", "keep-1.thumb.png", "drop-1.thumb.png")}  # copies and their thumbnails
+    thumb = s3.get_object(Bucket=TEST_BUCKET, Key="_review/human/2026-05-04/keep-1.thumb.png")["Body"].read()
+    assert max(Image.open(BytesIO(thumb)).size) == 192
+    with get_client(sync_client=True) as client:
+        latest = {a.key: a for a in client.read_latest_artifacts() if a.key in ("human-progress", "human-to-review")}
+        # While a person decides the run is not done: its progress stays below 100%.
+        assert latest["human-progress"].data < 100
+    assert "![keep](" in latest["human-to-review"].data and "X-Amz-Signature" in latest["human-to-review"].data
     resume_flow_run(paused.id, run_input={"image_1": "approve", "image_2": "reject"})
     worker.join(timeout=120)
     state = result[0]
     assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        latest = {a.key: a for a in client.read_latest_artifacts() if a.key in ("human-progress", "human-to-review")}
+    # After the decision the review artifact shows it, and no link to the staged copies, now gone.
+    decided = latest["human-to-review"].data
+    assert "decided by a person" in decided and "| reject |" in decided and "X-Amz-Signature" not in decided
+    assert latest["human-progress"].data == 100
+    lines = run_logs(state, "resumed: a person approved")
+    assert any("paused for a person: 2 image(s)" in line for line in lines)
+    assert any("resumed: a person approved keep#1 and rejected drop#1" in line for line in lines)
     assert "human/2026-05-04/keep-1.png" in keys(s3, "human/")
     assert "quarantine/human/2026-05-04/drop-1.png" in keys(s3, "quarantine/")
     assert "human/2026-05-04/drop-1.png" not in keys(s3, "human/")

@@ -118,7 +118,10 @@ def test_deployments_from_prefect_yaml(deployed) -> None:
     with client_for(env) as client:
         names = {d.name for d in client.read_deployments()}
         nightly = client.read_deployment_by_name("run-pipeline/nightly-demo")
+        schema = client.read_deployment_by_name("run-pipeline/run-pipeline").parameter_openapi_schema
     assert {"run-pipeline", "nightly-demo", "backfill"} <= names
+    # The Run form's overrides are typed fields a person fills in, with `spec` as the escape hatch.
+    assert set(schema["definitions"]["RunOverrides"]["properties"]) == {"max_credits", "max_parallel", "items", "spec"}
     assert nightly.schedules[0].schedule.cron == "0 3 * * *"
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
 
@@ -219,3 +222,64 @@ def test_the_run_and_its_summary_render_in_the_prefect_ui(deployed, tmp_path) ->
     text = page_text(f"{ui}/artifacts/artifact/{artifact.id}", wanted, launcher.free_port(),
                      screenshot=tmp_path / "summary.png")
     assert all(w in text for w in wanted), text[:2000]
+
+
+IMAGES_LOADED = ("(() => { const imgs = [...document.images].filter(i => i.src.includes('X-Amz-Signature'));"
+                 " return imgs.length >= {n} && imgs.every(i => i.complete && i.naturalWidth > 0)"
+                 " ? imgs.map(i => i.naturalWidth) : null; })()")
+
+
+def test_gallery_images_load_in_the_classic_ui(deployed, tmp_path) -> None:
+    """The gallery artifact's images are plain markdown images (the classic UI renders no image
+    inside a link): in headless Chromium each one loads from S3 (naturalWidth > 0)."""
+    from tests.browser import chromium, page_until
+
+    if chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package chromium; make installs it when run as root)")
+    run = TRIGGERED.get("run")
+    assert run is not None, "the triggered run test did not run first"
+    env, _ = deployed
+    with client_for(env) as client:
+        gallery = next(a for a in client.read_artifacts() if a.key == "server-e2e-gallery" and a.flow_run_id == run.id)
+    widths = page_until(f"{env['PREFECT_UI_URL']}/artifacts/artifact/{gallery.id}", IMAGES_LOADED.replace("{n}", "2"),
+                        launcher.free_port(), screenshot=tmp_path / "gallery.png")
+    print(f"gallery screenshot {tmp_path / 'gallery.png'}")
+    assert widths and all(w > 0 for w in widths), "the gallery's images did not load"
+
+
+def test_the_resume_form_shows_each_image_as_a_thumbnail(deployed, tmp_path) -> None:
+    """A run waiting for a person: its Resume form (opened as a person does, with the Resume
+    button of the flow run page) shows every image to decide on, loaded, with its checks; the
+    decision sent through the API then finishes the run."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.browser import chromium, page_until
+
+    if chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package chromium; make installs it when run as root)")
+    env, spec = deployed
+    human = Path(spec).with_name("human.yaml")
+    human.write_text(Path(spec).read_text().replace("name: server-e2e", "name: server-human").replace(
+        "archive:", "review: {human: {timeout_seconds: 240, poll_interval: 1}}\narchive:"))
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"spec": str(human),
+                                                                                     "run_date": "2026-09-20"})
+        deadline = time.monotonic() + 180
+        while client.read_flow_run(flow_run.id).state.type is not StateType.PAUSED:
+            assert time.monotonic() < deadline, "the run never paused for a person"
+            time.sleep(1)
+        click = ("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Resume')?.click()"
+                 " ?? true")
+        in_form = IMAGES_LOADED.replace("document.images", "document.querySelector('[role=dialog], .p-modal')"
+                                        "?.querySelectorAll('img') ?? []").replace("{n}", "2")
+        widths = page_until(f"{env['PREFECT_UI_URL']}/runs/flow-run/{flow_run.id}", in_form, launcher.free_port(),
+                            timeout=90, screenshot=tmp_path / "resume-form.png", act=click)
+        print(f"resume form screenshot {tmp_path / 'resume-form.png'}")
+        assert widths and all(0 < w <= 192 for w in widths), f"the Resume form shows no loaded thumbnails: {widths}"
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            resume_flow_run(flow_run.id, run_input={"image_1": "approve", "image_2": "reject"})
+        final = wait_final(client, flow_run.id)
+    assert final.state.is_completed(), final.state.message

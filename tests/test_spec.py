@@ -163,3 +163,20 @@ def test_an_items_own_setting_is_checked_at_its_line(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(sneaky)], capture_output=True, text=True)
     assert run.returncode == 1 and f"{sneaky}:12:26:" in run.stderr
     assert "items[0].generate.options.steps" in run.stderr and "options may not override it" in run.stderr
+
+
+def test_run_overrides_are_typed_with_a_spec_escape_hatch() -> None:
+    """The Run form's `overrides`: typed fields a person changes, a plain dict of spec fields
+    (as before) still accepted as the escape hatch, and unknown typed fields refused."""
+    from pydantic import ValidationError
+
+    from flows.spec import RunOverrides
+
+    typed = RunOverrides.model_validate({"max_credits": {"tams": 40}, "max_parallel": 2, "items": ["a"],
+                                         "spec": {"run": {"poll_interval": 0.5}}})
+    assert typed.spec_overrides() == {"run": {"poll_interval": 0.5, "max_credits": {"tams": 40}, "max_parallel": 2}}
+    legacy = RunOverrides.model_validate({"run": {"max_credits": 50}})
+    assert legacy.spec == {"run": {"max_credits": 50}} and legacy.spec_overrides() == {"run": {"max_credits": 50}}
+    assert RunOverrides.model_validate({}).spec_overrides() == {}
+    with pytest.raises(ValidationError):
+        RunOverrides.model_validate({"max_parallel": 0})

@@ -1,0 +1,126 @@
+"""A run's progress as it goes: items started, done and failed, credits so far, elapsed and
+remaining time, and what it waits for. The flow counts (from its task futures' callbacks, so
+an item is counted when it finishes, in any order), logs a line on the run's log at most every
+`LOG_EVERY` seconds and at the end, and tells every listener at once: `imagegen run` and
+`imagegen backfill` draw it as a live line in the terminal (`terminal_line`)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+LOG_EVERY = 10.0  # seconds between two progress lines on the run's log
+
+Listener = Callable[["RunProgress"], None]
+_listeners: list[Listener] = []
+_listeners_lock = threading.Lock()
+
+
+@dataclass
+class RunProgress:
+    """The counts of one run (thread-safe: task callbacks update it from runner threads)."""
+
+    label: str
+    total: int
+    log: Callable[[str], None] | None = None
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    credits: float = 0.0
+    waiting: str | None = None
+    unit: str = "items"
+    finished: bool = False
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _logged: float = field(default=0.0, repr=False)
+
+    def update(self, **changes: Any) -> None:
+        """Add to the counts (`done=1`, `credits=2.5`) or set `waiting`; tell the listeners."""
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self, name, value if name == "waiting" else getattr(self, name) + value)
+            line, due = self.line(), time.monotonic() - self._logged >= LOG_EVERY
+            if due:
+                self._logged = time.monotonic()
+        if due and self.log is not None:
+            self.log(line)
+        _tell(self)
+
+    def finish(self) -> None:
+        """The last line, on the log whatever the time since the one before."""
+        self.finished = True
+        if self.log is not None:
+            self.log(self.line())
+        _tell(self)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        finished = self.done + self.failed
+        left = ""
+        if self.waiting is None and 0 < finished < self.total:
+            left = f", about {_clock(elapsed / finished * (self.total - finished))} left"
+        waiting = f"; waiting for {self.waiting}" if self.waiting else ""
+        return (f"{self.label}: {self.submitted}/{self.total} {self.unit} started, {self.done} done, {self.failed} failed, "
+                f"{self.credits:g} credits, {_clock(elapsed)} elapsed{left}{waiting}")
+
+    @property
+    def fraction(self) -> float:
+        """Share of items finished; below 1 while anything, a person included, is awaited."""
+        finished = (self.done + self.failed) / self.total if self.total else 1.0
+        return min(finished, 0.99) if self.waiting else finished
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def _tell(progress: RunProgress) -> None:
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        with contextlib.suppress(Exception):  # a display must never break the run
+            listener(progress)
+
+
+@contextlib.contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Call `listener` with every progress update of runs in this process while inside."""
+    with _listeners_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(listener)
+
+
+@contextlib.contextmanager
+def terminal_line() -> Iterator[None]:
+    """A live progress line at the bottom of the terminal (rich), when stderr is one; log lines
+    print above it. Elsewhere (a pipe, CI) nothing is drawn: the run's log has the lines."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    live = Live(Text(""), console=Console(stderr=True), transient=True, redirect_stdout=True,
+                redirect_stderr=True, refresh_per_second=4)
+
+    shown: dict[int, RunProgress] = {}  # a backfill's line, and one per date running here
+
+    def draw(progress: RunProgress) -> None:
+        shown[id(progress)] = progress
+        for key in [k for k, p in shown.items() if p.finished and len(shown) > 1]:
+            del shown[key]
+        live.update(Text("\n".join(f"{p.fraction:4.0%} {p.line()}" for p in shown.values()), style="bold"))
+
+    with live, listening(draw):
+        yield
