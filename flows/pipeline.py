@@ -243,17 +243,42 @@ def final_state(future: PrefectFuture) -> RunState:
     return state if isinstance(state, RunState) else future.state
 
 
-def _outcome(chain: list[tuple[str, PrefectFuture]]) -> tuple[Any, dict[str, str] | None]:
-    """The last result of a chain, or the first step that did not complete and why."""
-    for step, future in chain:
+def _outcome(chain: list[tuple[str, PrefectFuture]], item: str) -> tuple[Any, dict[str, str] | None]:
+    """The last result of a chain, or the first step that did not complete and why. The steps
+    after it never ran, and Prefect names such task runs by a random key (`archive-0e6`): they
+    are renamed `<step>-<item>` like the rest."""
+    for n, (step, future) in enumerate(chain):
         future.wait()
         state = future.state
         if not state.is_completed():
+            _name_never_run(chain[n + 1:], item)
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):
                 return None, {"step": step, "error": type(error).__name__, "message": str(error)}
             return None, {"step": step, "error": state.type.value, "message": state.message or state.name}
     return chain[-1][1].result(), None
+
+
+def _name_never_run(steps: list[tuple[str, PrefectFuture]], item: str) -> None:
+    """Name the task runs of steps that never ran (an earlier step failed) after step and item.
+    A task run's record on the API follows its events, which carry the random name: the name is
+    set once the record shows the run's last state, or it would be written over."""
+    from prefect.client.orchestration import get_client
+
+    if not steps:
+        return
+    with get_client(sync_client=True) as client:
+        for step, future in steps:
+            future.wait()
+            final = future.state.name
+            for _ in range(40):
+                try:
+                    if client.read_task_run(future.task_run_id).state_name == final:
+                        client.set_task_run_name(future.task_run_id, f"{step}-{item}")
+                        break
+                except Exception:  # noqa: BLE001 - not on the API yet; a name never fails the run
+                    pass
+                time.sleep(0.25)
 
 
 ESTIMATE_ROUNDS = 3  # an outage at run start: each round is a provider call's own retries
@@ -623,7 +648,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
         count_when_done(chains[plan.item_id], progress)
     done, shown = {}, 0
     for n, (item, chain) in enumerate(chains.items(), start=1):
-        done[item] = _outcome(chain)
+        done[item] = _outcome(chain, item)
         # At most 100 updates, not one per item; below 100% while run-level review is ahead.
         if (percent := min(100 * n // len(chains), 99 if run_level else 100)) > shown:
             update_progress_artifact(progress_artifact, float(percent))
@@ -636,7 +661,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
         staged = decide(parsed, run_date, list(ready.values()))
         progress.update(waiting=None)
         archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
-        done.update({item: _outcome([("archive", future)]) for item, future in archived.items()})
+        done.update({item: _outcome([("archive", future)], item) for item, future in archived.items()})
         update_progress_artifact(progress_artifact, 100.0)
     progress.finish()
     outcomes = []

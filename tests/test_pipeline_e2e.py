@@ -108,6 +108,15 @@ def test_failed_item_is_recorded_and_the_rest_archive(run, sandbox_blocks) -> No
     assert good["objects"][0]["verdict"] == "approved"
     # A failed job is neither retried (it would fail again) nor charged.
     assert after["submits"] - before["submits"] == 2 and after["charges"] - before["charges"] == 1
+    # Every task run is named by its step and item, also the doomed item's steps that never ran.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        names = sorted(t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))))
+    assert names == ["archive-doomed", "archive-good", "generate-doomed", "generate-good", "review-doomed",
+                     "review-good", "upscale-doomed", "upscale-good"], names
 
 
 def test_spec_the_provider_would_refuse_makes_no_call(run) -> None:
