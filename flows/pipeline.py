@@ -42,8 +42,8 @@ from flows.images import thumbnail
 from flows.owner import own_name
 from flows.progress import RunProgress
 from flows.ledger import State
-from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, lane_of, ledger_of, provider_for,
-                         review, upload, upscale)
+from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, keep_for_reentry, lane_of,
+                         ledger_of, provider_for, review, upload, upscale)
 from flows.yamlpos import closest_position, load_with_positions, snippet
 
 
@@ -346,7 +346,8 @@ def archived_before(plan: ItemPlan) -> ArchivedItem | None:
     return None
 
 
-def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Generated, list[Verdict]]]) -> list[str]:
+def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Generated, list[Verdict]]],
+           before_suspend: Callable[[], None] | None = None) -> list[str]:
     """Run-level review, after every item's own checks: duplicates across the run (and the
     archive), then a person where the spec asks. Verdicts change in place; returns the keys of
     images staged in S3 for the person to look at."""
@@ -378,7 +379,7 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
     markdown = "\n".join(lines)
     review_key = artifact_key(f"{spec.name}-to-review")
     create_markdown_artifact(markdown, key=review_key, description="Images waiting for a person's decision")
-    decisions, by = ask_a_person(links, human, markdown)
+    decisions, by = ask_a_person(links, human, markdown, before_suspend)
     decided = [f"### {spec.name} {run_date}: decided " + ("by a person" if by == "person" else
                f"by the default ({human.default}), no decision within {human.timeout_seconds}s"), "",
                "The images are in this run's gallery artifact (approved ones archived, rejected ones "
@@ -624,7 +625,8 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
                 "already_archived": sorted(reused), "refused_while_pricing": skipped}
     progress_artifact = create_progress_artifact(0.0, key=artifact_key(f"{parsed.name}-progress"),
                                                  description=f"{parsed.name} {run_date}: items done")
-    progress = RunProgress(f"{parsed.name} {run_date}", len(todo) - len(skipped) + len(left_out), log=logger.info)
+    progress = RunProgress(f"{parsed.name} {run_date}", len(todo) - len(skipped) + len(left_out), log=logger.info,
+                           reused=len(reused))
     # Duplicates across the run and a person's approval need every image first; without
     # them each item archives as soon as it is reviewed.
     run_level = parsed.review.duplicates is not None or parsed.review.human is not None
@@ -658,7 +660,8 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
         ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
                  for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
         progress.update(waiting="a person's review" if parsed.review.human is not None else "the run-level review")
-        staged = decide(parsed, run_date, list(ready.values()))
+        staged = decide(parsed, run_date, list(ready.values()), before_suspend=lambda: keep_for_reentry(
+            [(plan, dict(chains[item])["generate"].result()) for item, (plan, _, _) in ready.items()]))
         progress.update(waiting=None)
         archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
         done.update({item: _outcome([("archive", future)], item) for item, future in archived.items()})

@@ -33,6 +33,7 @@ class RunProgress:
     failed: int = 0
     credits: float = 0.0
     waiting: str | None = None
+    reused: int = 0
     unit: str = "items"
     finished: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -65,8 +66,9 @@ class RunProgress:
         if self.waiting is None and 0 < finished < self.total:
             left = f", about {_clock(elapsed / finished * (self.total - finished))} left"
         waiting = f"; waiting for {self.waiting}" if self.waiting else ""
-        return (f"{self.label}: {self.submitted}/{self.total} {self.unit} started, {self.done} done, {self.failed} failed, "
-                f"{self.credits:g} credits, {_clock(elapsed)} elapsed{left}{waiting}")
+        reused = f" ({self.reused} already archived)" if self.reused else ""
+        return (f"{self.label}: {self.submitted}/{self.total} {self.unit} started{reused}, {self.done} done, "
+                f"{self.failed} failed, {self.credits:g} credits, {_clock(elapsed)} elapsed{left}{waiting}")
 
     @property
     def fraction(self) -> float:
@@ -111,16 +113,19 @@ def terminal_line() -> Iterator[None]:
     from rich.live import Live
     from rich.text import Text
 
-    live = Live(Text(""), console=Console(stderr=True), transient=True, redirect_stdout=True,
-                redirect_stderr=True, refresh_per_second=4)
-
     shown: dict[int, RunProgress] = {}  # a backfill's line, and one per date running here
+
+    class Lines:
+        def __rich__(self) -> Text:  # drawn again at every refresh, so the clock moves between events
+            return Text("\n".join(f"{p.fraction:4.0%} {p.line()}" for p in list(shown.values())), style="bold")
+
+    live = Live(Lines(), console=Console(stderr=True), transient=True, redirect_stdout=True,
+                redirect_stderr=True, refresh_per_second=2)
 
     def draw(progress: RunProgress) -> None:
         shown[id(progress)] = progress
         for key in [k for k, p in shown.items() if p.finished and len(shown) > 1]:
             del shown[key]
-        live.update(Text("\n".join(f"{p.fraction:4.0%} {p.line()}" for p in shown.values()), style="bold"))
 
     with live, listening(draw):
         yield

@@ -9,6 +9,7 @@ dependencies, imported when a spec asks for them.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -101,18 +102,39 @@ def field_name(index: int) -> str:
     return f"image_{index + 1}"
 
 
-def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, markdown: str) -> tuple[dict[str, bool], str]:
+def suspends(settings: HumanSettings) -> bool:
+    """True when the review suspends the run rather than pausing it: a deployment's run (a
+    worker can start it again) whose review may wait longer than `suspend_after`."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None and settings.timeout_seconds > settings.suspend_after
+
+
+def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, markdown: str,
+                 before_suspend: Callable[[], None] | None = None) -> tuple[dict[str, bool], str]:
     """Pause the flow run with a form; return approval per image id and who decided.
 
-    On timeout the configured default applies to every image, and the run goes on."""
+    On timeout the configured default applies to every image, and the run goes on. A long
+    review of a deployment's run suspends it instead (see `suspends`): `before_suspend` keeps
+    what the run has made, the process ends, and the decision starts the run again from the
+    top, where this returns the decision."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.exceptions import FlowPauseTimeout
-    from prefect.flow_runs import pause_flow_run
+    from prefect.flow_runs import pause_flow_run, suspend_flow_run
     from prefect.runtime import flow_run
     from prefect.states import Running
 
     form = approval_form(candidates, settings)
+    if suspends(settings):
+        if before_suspend is not None:
+            before_suspend()
+        get_run_logger().info("suspended for a person: %d image(s) to approve or reject in this flow run's Resume "
+                              "form in the Prefect UI; the run leaves its worker until then (at most %ss)",
+                              len(candidates), settings.timeout_seconds)
+        answer = suspend_flow_run(wait_for_input=form.with_initial_data(description=markdown),
+                                  timeout=int(settings.timeout_seconds), key="human-review")
+        return _decided(candidates, answer), "person"
     get_run_logger().info("paused for a person: %d image(s) to approve or reject in this flow run's Resume form "
                           "in the Prefect UI (after %ss without a decision: %s)", len(candidates),
                           settings.timeout_seconds, settings.default)
@@ -126,8 +148,15 @@ def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, mar
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(flow_run.id, Running(message="human review timed out"), force=True)
         return {image_id: settings.default == "approve" for image_id, _ in candidates}, "timeout-default"
+    return _decided(candidates, answer), "person"
+
+
+def _decided(candidates: list[tuple[str, str]], answer: Any) -> dict[str, bool]:
+    """Approval per image id from the form's answer, logged."""
+    from prefect import get_run_logger
+
     decisions = {image_id: getattr(answer, field_name(i)) == "approve" for i, (image_id, _) in enumerate(candidates)}
     get_run_logger().info("resumed: a person approved %s and rejected %s",
                           ", ".join(i for i, ok in decisions.items() if ok) or "none",
                           ", ".join(i for i, ok in decisions.items() if not ok) or "none")
-    return decisions, "person"
+    return decisions

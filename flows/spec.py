@@ -132,6 +132,10 @@ class HumanSettings(_Strict):
     timeout_seconds: float = Field(3600, gt=0, description="How long the run waits for a decision.")
     default: Literal["approve", "reject"] = Field("reject", description="Applied to every image on timeout.")
     poll_interval: float = Field(10, gt=0, description="Seconds between checks for a decision.")
+    suspend_after: float = Field(
+        300, gt=0, description=("A deployment's run whose review may wait longer than this suspends instead of "
+                                "pausing: it leaves its worker, and the decision starts it again on any worker, "
+                                "which pays nothing again. A timed-out suspended run fails; run the date again."))
 
 
 class ReviewSettings(_Strict):

@@ -443,6 +443,19 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
     return archived
 
 
+def keep_for_reentry(kept: list[tuple[ItemPlan, Generated]]) -> None:
+    """Keep each item's generated images in the ledger (its record `done`, with results), so a
+    run that stops and starts again (a suspended review) reads them back: result URLs expire,
+    and the work directory is gone with the process. Archiving deletes the copies."""
+    for plan, generated in kept:
+        ledger = ledger_of(plan)
+        record = _current(ledger.get(plan.item_id), plan.request.request_id)
+        if record is None or record.state is not State.SUBMITTED:
+            continue  # nothing paid yet, or its results already kept (a synchronous answer)
+        keys = ledger.keep_results(record, [Path(name).read_bytes() for name in generated.files])
+        ledger.move(record, State.DONE, results=keys)
+
+
 def _forget(ledger: JobLedger, keys: list[str]) -> None:
     """Results kept in the ledger are archived now: delete the copies (best effort)."""
     client = ledger.bucket.credentials.get_s3_client()

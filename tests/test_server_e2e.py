@@ -283,3 +283,61 @@ def test_the_resume_form_shows_each_image_as_a_thumbnail(deployed, tmp_path) -> 
             resume_flow_run(flow_run.id, run_input={"image_1": "approve", "image_2": "reject"})
         final = wait_final(client, flow_run.id)
     assert final.state.is_completed(), final.state.message
+
+
+def test_a_long_review_suspends_the_run_and_the_decision_resumes_it_paying_nothing_again(deployed, sandbox) -> None:
+    """A review that may wait longer than `suspend_after`: the deployment's run suspends and its
+    process ends, so it holds no worker while a person decides; the decision starts it again on
+    a worker, which reads the kept images back from the ledger: no job is paid twice (the
+    emulator's counts), the decision is archived, and the kept copies are gone."""
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env, spec = deployed
+    long_review = Path(spec).with_name("long-review.yaml")
+    long_review.write_text(Path(spec).read_text().replace("name: server-e2e", "name: server-long").replace(
+        "archive:", "review: {human: {timeout_seconds: 3600, suspend_after: 60, poll_interval: 1}}\narchive:"))
+    before = tams_stats(sandbox)
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"spec": str(long_review),
+                                                                                     "run_date": "2026-09-21"})
+        deadline = time.monotonic() + 180
+        while (run := client.read_flow_run(flow_run.id)).state.name != "Suspended":
+            assert time.monotonic() < deadline and not run.state.is_final(), f"not suspended: {run.state}"
+            time.sleep(1)
+        pid = int(str(run.infrastructure_pid or "0").rsplit(":", 1)[-1])
+        deadline = time.monotonic() + 60
+        while pid and _running(pid):  # the run's process has ended: no worker is held
+            assert time.monotonic() < deadline, f"process {pid} of the suspended run is still running"
+            time.sleep(0.5)
+        suspended = tams_stats(sandbox)
+        assert suspended["submits"] - before["submits"] == 2
+        kept = {o["Key"] for o in s3_client(sandbox).list_objects_v2(
+            Bucket=TEST_BUCKET, Prefix="server-long/2026-09-21/_jobs/").get("Contents", [])}
+        assert sum(key.endswith(".png") for key in kept) == 2, kept  # each item's images, kept for the re-entry
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            resume_flow_run(flow_run.id, run_input={"image_1": "approve", "image_2": "reject"})
+        final = wait_final(client, flow_run.id)
+    assert final.state.is_completed(), final.state.message
+    after = tams_stats(sandbox)
+    assert after["submits"] == suspended["submits"] and after["charges"] - before["charges"] == 2
+    s3 = s3_client(sandbox)
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="server-long/").get("Contents", [])}
+    assert "server-long/2026-09-21/a-1.png" in listed and "server-long/2026-09-21/b-1.png" not in listed
+    assert not any(key.endswith(".png") for key in listed if "/_jobs/" in key)  # the kept copies are gone
+    quarantined = {o["Key"] for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="quarantine/server-long/")
+                   .get("Contents", [])}
+    assert "quarantine/server-long/2026-09-21/b-1.png" in quarantined
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False

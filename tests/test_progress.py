@@ -1,0 +1,38 @@
+"""A run's progress line: counts, time left, what it waits for, and who hears of it."""
+
+from __future__ import annotations
+
+from flows.progress import RunProgress, listening
+
+
+def test_progress_counts_and_stays_below_done_while_a_person_decides() -> None:
+    logged: list[str] = []
+    heard: list[str] = []
+    progress = RunProgress("demo 2026-01-31", 4, log=logged.append, reused=1)
+    with listening(lambda p: heard.append(p.line())):
+        progress.update(submitted=4)
+        progress.update(done=1, credits=1.5)
+        progress.update(failed=1)
+        progress.update(done=2, credits=3)
+        assert progress.fraction == 1.0
+        progress.update(waiting="a person's review")
+        assert progress.fraction == 0.99  # not done while a person decides
+        progress.update(waiting=None)
+        progress.finish()
+    progress.update(done=0)  # nobody listens any more
+    assert len(heard) == 7 and heard[-1] == progress.line()
+    assert heard[1].startswith("demo 2026-01-31: 4/4 items started (1 already archived), 1 done, 0 failed, "
+                               "1.5 credits, 0:00 elapsed, about 0:00 left")
+    assert "waiting for a person's review" in heard[4] and "left" not in heard[4]
+    assert logged[0] == heard[0] and logged[-1].endswith("elapsed")  # the first line and the last, on the log
+    assert progress.finished
+
+
+def test_a_failing_listener_never_breaks_the_run() -> None:
+    def broken(_: RunProgress) -> None:
+        raise RuntimeError("display gone")
+
+    progress = RunProgress("demo", 1)
+    with listening(broken):
+        progress.update(done=1)
+    assert progress.done == 1

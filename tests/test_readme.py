@@ -1,0 +1,78 @@
+"""The README's deployment quick-start, run as written: its shell block, line for line, in a
+fresh clone, with its own Prefect home. It starts `prefect server start` on 4200 and the
+sandbox on its default ports, as a person following the README would, so it is skipped (saying
+why) when one of those ports is taken."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+PORTS = (4200, 8700, 8702, 8703, 8333)  # prefect server, the emulators, S3: the README's defaults
+
+
+def quick_start() -> str:
+    """The README's shell block that deploys (the one with `prefect --no-prompt deploy --all`)."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return next(block for block in blocks if "prefect --no-prompt deploy --all" in block)
+
+
+def taken(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_deployment_quick_start_runs_as_written(tmp_path: Path) -> None:
+    if busy := [port for port in PORTS if taken(port)]:
+        pytest.skip(f"ports {busy} are taken; the README's commands use them")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    # `make setup` finds the virtualenv made: the clone shares this one, already set up for it.
+    (clone / ".venv").symlink_to(Path(sys.prefix))
+    stamp = Path(sys.prefix) / ".installed-stamp"
+    if stamp.exists():
+        old = stamp.stat().st_mtime - 60
+        for name in ("pyproject.toml", "constraints.txt"):
+            os.utime(clone / name, (old, old))
+    script = tmp_path / "quick-start.sh"
+    script.write_text("set -euo pipefail\n" + quick_start())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    # Its own session: the server and the worker it starts with `&` stay in its process group.
+    proc = subprocess.Popen(["bash", str(script)], cwd=clone, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        subprocess.run([str(clone / ".venv" / "bin" / "imagegen"), "sandbox", "down"], cwd=clone, env=env,
+                       capture_output=True, timeout=120)
+        _stop_group(proc.pid)
+    assert proc.returncode == 0, out[-4000:]
+    assert "registered Blocks:" in out and "work pool imagegen-process" in out, out[-4000:]
+    assert "Flow run finished successfully in 'Completed'." in out, out[-4000:]
+
+
+def _stop_group(pgid: int) -> None:
+    """Stop what the block left running (the server, the worker): SIGTERM, then SIGKILL."""
+    import time
+
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
