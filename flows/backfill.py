@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
-from flows.progress import RunProgress
+from flows.progress import RunProgress, final_state
 from flows.spec import PipelineSpec, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
@@ -148,8 +148,6 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
 
 def _count_date(future: PrefectFuture, tracker: RunProgress) -> None:
     """Count a date in the backfill's progress as soon as its run ends."""
-    from flows.pipeline import final_state
-
     try:
         result = final_state(future).result(raise_on_failure=False)
     except Exception as exc:  # noqa: BLE001 - a count must never break the backfill

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,7 +24,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
-from prefect.states import State as RunState
 
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
@@ -40,7 +37,7 @@ from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_
 from flows.claim import run_claim
 from flows.images import thumbnail
 from flows.owner import own_name
-from flows.progress import RunProgress
+from flows.progress import RunProgress, count_when_done
 from flows.ledger import State
 from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, keep_for_reentry, lane_of,
                          ledger_of, provider_for, review, upload, upscale)
@@ -204,43 +201,6 @@ def _default_run_date() -> date:
 
     scheduled = flow_run.scheduled_start_time
     return scheduled.astimezone(timezone.utc).date() if scheduled else datetime.now(timezone.utc).date()
-
-
-def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress) -> None:
-    """Count the item in `progress` as soon as its chain ends, in whatever order items end: failed
-    at the first step that does not complete, done when the last one does; its generate step's
-    credits when that step completes."""
-    counted = threading.Event()
-
-    def ended(step: str, last: bool, future: PrefectFuture) -> None:
-        try:
-            count(step, last, final_state(future))
-        except Exception as exc:  # noqa: BLE001 - a count must never break the run
-            logging.getLogger(__name__).debug("progress not counted for %s: %s", step, exc)
-
-    def count(step: str, last: bool, state: RunState) -> None:
-        if not state.is_completed():
-            if not counted.is_set():
-                counted.set()
-                progress.update(failed=1)
-            return
-        if step == "generate":
-            made = state.result(raise_on_failure=False)
-            progress.update(credits=getattr(made, "credits", 0.0) or 0.0)
-        if last and not counted.is_set():
-            counted.set()
-            progress.update(done=1)
-
-    for n, (step, future) in enumerate(chain):
-        future.add_done_callback(lambda f, step=step, last=n == len(chain) - 1: ended(step, last, f))
-
-
-def final_state(future: PrefectFuture) -> RunState:
-    """A finished future's state with its result, in a done callback too (where `future.state`
-    is not set yet and would be read from the API, without the result)."""
-    wrapped = getattr(future, "wrapped_future", None)
-    state = wrapped.result() if wrapped is not None else None
-    return state if isinstance(state, RunState) else future.state
 
 
 def _outcome(chain: list[tuple[str, PrefectFuture]], item: str) -> tuple[Any, dict[str, str] | None]:

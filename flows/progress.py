@@ -7,12 +7,17 @@ an item is counted when it finishes, in any order), logs a line on the run's log
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect.futures import PrefectFuture
+    from prefect.states import State as RunState
 
 LOG_EVERY = 10.0  # seconds between two progress lines on the run's log
 
@@ -129,3 +134,42 @@ def terminal_line() -> Iterator[None]:
 
     with live, listening(draw):
         yield
+
+
+def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress) -> None:
+    """Count the item in `progress` as soon as its chain ends, in whatever order items end: failed
+    at the first step that does not complete, done when the last one does; its generate step's
+    credits when that step completes."""
+    counted = threading.Event()
+
+    def ended(step: str, last: bool, future: PrefectFuture) -> None:
+        try:
+            count(step, last, final_state(future))
+        except Exception as exc:  # noqa: BLE001 - a count must never break the run
+            logging.getLogger(__name__).debug("progress not counted for %s: %s", step, exc)
+
+    def count(step: str, last: bool, state: RunState) -> None:
+        if not state.is_completed():
+            if not counted.is_set():
+                counted.set()
+                progress.update(failed=1)
+            return
+        if step == "generate":
+            made = state.result(raise_on_failure=False)
+            progress.update(credits=getattr(made, "credits", 0.0) or 0.0)
+        if last and not counted.is_set():
+            counted.set()
+            progress.update(done=1)
+
+    for n, (step, future) in enumerate(chain):
+        future.add_done_callback(lambda f, step=step, last=n == len(chain) - 1: ended(step, last, f))
+
+
+def final_state(future: PrefectFuture) -> RunState:
+    """A finished future's state with its result, in a done callback too (where `future.state`
+    is not set yet and would be read from the API, without the result)."""
+    from prefect.states import State
+
+    wrapped = getattr(future, "wrapped_future", None)
+    state = wrapped.result() if wrapped is not None else None
+    return state if isinstance(state, State) else future.state
