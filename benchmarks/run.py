@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from benchmarks.measure import MARK
-from benchmarks.postgres import Cluster, binaries
+from deployments.postgres import Cluster, binaries
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
 from sandbox.accounts import emulator, emulators

@@ -104,3 +104,16 @@ def show_limits() -> list[dict[str, object]]:
             if len(page) < 200:
                 return sorted(rows, key=lambda r: str(r["name"]))
             offset += 200
+
+
+def reset_limit(name: str) -> int:
+    """Set the active slots of limit `name` to 0; return how many were held. For slots no live
+    holder has (a lease lost with an in-memory lease storage): a live holder's job would then
+    run beside a new one, so ask a person first (`imagegen limits reset` does)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        held = client.read_global_concurrency_limit_by_name(name).active_slots
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    return held

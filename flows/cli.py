@@ -9,6 +9,8 @@ from pathlib import Path
 
 from flows.spec import SpecError, load_spec, resolve_spec_path
 
+DEFAULT_SERVER_DIR = Path(".prefect-server")
+
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check each spec, including every provider's offline rules; print all problems."""
@@ -167,7 +169,20 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
-    from deployments.limits import apply_limits, show_limits
+    from deployments.limits import apply_limits, reset_limit, show_limits
+
+    if args.action == "reset":
+        if not args.name:
+            print("reset needs the limit's NAME (see `imagegen limits show`)", file=sys.stderr)
+            return 2
+        if not args.yes:
+            answer = input(f"free every slot of {args.name}? Only do this when no run holds one (a killed run on a "
+                           "server without durable leases); a live job would then run beside a new one. [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing changed")
+                return 1
+        print(f"{args.name}: {reset_limit(args.name)} slot(s) freed")
+        return 0
 
     if args.action == "apply":
         accounts = None
@@ -213,6 +228,30 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
 
     for line in setup_server(args.pool):
         print(line)
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """A local Prefect server for bulk runs: durable leases, PostgreSQL where installed."""
+    from deployments import server
+
+    root = Path(args.dir)
+    if args.action == "down":
+        print("server stopped (its data is kept)" if server.down(root) else f"no server state in {root}")
+        return 0
+    if args.action == "status":
+        state = server.ServerState.load(root)
+        alive = server.running(state)
+        print(f"server {'running' if alive else 'stopped'}" + (f" on {state.database}: export PREFECT_API_URL="
+                                                               f"{state.api_url}" if state and alive else ""))
+        return 0 if alive else 1
+    try:
+        state = server.up(root, port=args.port, database=args.database)
+    except (server.ServerError, RuntimeError) as exc:
+        print(f"server not started: {exc}", file=sys.stderr)
+        return 1
+    print(f"Prefect server up on {state.database}, leases on disk in {state.home}; use it with:\n"
+          f"export PREFECT_API_URL={state.api_url}")
     return 0
 
 
@@ -298,7 +337,9 @@ def parser() -> argparse.ArgumentParser:
     led.add_argument("--index", type=int, default=1, help="resolve --step refine: the image number")
     led.set_defaults(func=cmd_ledger)
     lim = sub.add_parser("limits", help="provider limits on the Prefect server")
-    lim.add_argument("action", choices=["apply", "show"])
+    lim.add_argument("action", choices=["apply", "show", "reset"])
+    lim.add_argument("name", nargs="?", metavar="NAME", help="reset: the limit whose slots to free")
+    lim.add_argument("--yes", action="store_true", help="reset: do not ask")
     lim.add_argument("--account", action="append", metavar="PROVIDER=BLOCK",
                      help="apply for these accounts instead of those in deployments/limits.yaml")
     lim.set_defaults(func=cmd_limits)
@@ -315,6 +356,13 @@ def parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("setup-server", help="create the work pool and apply provider limits on a Prefect server")
     ss.add_argument("--pool", default="imagegen-process")
     ss.set_defaults(func=cmd_setup_server)
+    srv = sub.add_parser("server", help="a local Prefect server for bulk runs (durable leases, PostgreSQL)")
+    srv.add_argument("action", choices=["up", "down", "status"])
+    srv.add_argument("--dir", default=str(DEFAULT_SERVER_DIR), help="where its state, home, log and database live")
+    srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--database", choices=["auto", "postgres", "sqlite"], default="auto",
+                     help="auto: PostgreSQL when Debian's postgresql is installed, else SQLite")
+    srv.set_defaults(func=cmd_server)
     s = sub.add_parser("sandbox", help="local provider emulators and S3 server")
     s.add_argument("action", choices=["up", "down", "status", "register"],
                    help="register: save the Blocks and limits of a running sandbox on the current Prefect API")

@@ -1,5 +1,5 @@
 """The README's deployment quick-start, run as written: its shell block, line for line, in a
-fresh clone, with its own Prefect home. It starts `prefect server start` on 4200 and the
+fresh clone, with its own Prefect home. It starts `imagegen server up` on 4200 and the
 sandbox on its default ports, as a person following the README would, so it is skipped (saying
 why) when one of those ports is taken."""
 
@@ -52,10 +52,12 @@ def test_the_deployment_quick_start_runs_as_written(tmp_path: Path) -> None:
     try:
         out, _ = proc.communicate(timeout=600)
     finally:
-        subprocess.run([str(clone / ".venv" / "bin" / "imagegen"), "sandbox", "down"], cwd=clone, env=env,
-                       capture_output=True, timeout=120)
+        for what in ("sandbox", "server"):  # what the block started in the background, in its own sessions
+            subprocess.run([str(clone / ".venv" / "bin" / "imagegen"), what, "down"], cwd=clone, env=env,
+                           capture_output=True, timeout=120)
         _stop_group(proc.pid)
     assert proc.returncode == 0, out[-4000:]
+    assert "export PREFECT_API_URL=http://127.0.0.1:4200/api" in out, out[-4000:]
     assert "registered Blocks:" in out and "work pool imagegen-process" in out, out[-4000:]
     assert "Flow run finished successfully in 'Completed'." in out, out[-4000:]
 

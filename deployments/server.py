@@ -1,0 +1,150 @@
+"""`imagegen server up|down|status`: a local Prefect server ready for bulk runs, in one command.
+
+- **Leases on disk.** Prefect keeps concurrency leases in memory by default. A server restarted
+  while a job slot was held then forgets the lease but still counts the slot, and nothing frees
+  it. Here the server uses Prefect's filesystem lease storage in its own `PREFECT_HOME`, so such
+  a slot is freed when its lease expires (at most one lease period, 60 s for job slots).
+- **PostgreSQL** (Debian's `postgresql`, a cluster kept in the server's directory) when it is
+  installed, else SQLite, which stalls under limit traffic ("database is locked").
+- **Events kept `EVENTS_RETENTION`**, enough to look back over a week of nightly batches of
+  thousands of task runs without the database growing for good.
+
+Everything lives in one directory (`.prefect-server/` by default): `state.json`, the server's
+home and log, the PostgreSQL cluster. `down` stops the server and the cluster and keeps the
+data; `up` again finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+DEFAULT_DIR = Path(".prefect-server")
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+EVENTS_RETENTION = "7d"
+
+
+class ServerError(RuntimeError):
+    """The server could not start (its log says why)."""
+
+
+@dataclass
+class ServerState:
+    """A server `up` started: where it answers and what runs it."""
+
+    root: str
+    port: int
+    pid: int
+    database: str  # "postgres" or "sqlite"
+    postgres_port: int | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def home(self) -> Path:
+        return Path(self.root) / "home"
+
+    def save(self) -> None:
+        (Path(self.root) / "state.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, root: Path) -> ServerState | None:
+        try:
+            return cls(**json.loads((Path(root) / "state.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def server_env(home: Path, database_url: str | None) -> dict[str, str]:
+    """The environment of the server process: its home, durable leases, retention, database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
+                "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": EVENTS_RETENTION,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+def running(state: ServerState | None) -> bool:
+    if state is None:
+        return False
+    try:
+        os.kill(state.pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return httpx.get(f"{state.api_url}/health", timeout=3).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeout: float = 180.0) -> ServerState:
+    """Start the server (and its PostgreSQL cluster) unless it already runs; wait until it answers."""
+    from deployments.postgres import Cluster, binaries
+
+    root = Path(root).resolve()
+    known = ServerState.load(root)
+    if known is not None and running(known):
+        return known
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)  # PostgreSQL runs as its own user and must reach its directory
+    chosen = database != "auto" or (known is not None and known.database == "postgres")
+    if database == "auto":
+        database = known.database if known else ("postgres" if binaries() else "sqlite")
+    url, pg_port = None, None
+    if database == "postgres":
+        cluster = Cluster(root / "postgres", port=known.postgres_port if known else None)
+        if not cluster.reachable():
+            if not chosen:  # asked for nothing in particular, and nothing kept there yet: SQLite will do
+                print(f"note: PostgreSQL (running as user postgres) cannot reach {root}; using SQLite. For "
+                      "PostgreSQL, give --dir a directory it can reach.", file=sys.stderr)
+                database = "sqlite"
+            else:
+                raise ServerError(f"PostgreSQL (running as user postgres) cannot reach {root}")
+        if database == "postgres":
+            url, pg_port = cluster.start(), cluster.port
+    home = root / "home"
+    home.mkdir(exist_ok=True)
+    log = (root / "server.log").open("ab")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=server_env(home, url), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    state = ServerState(str(root), port, proc.pid, database, pg_port)
+    state.save()
+    deadline = time.monotonic() + timeout
+    while not running(state):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ServerError(f"the Prefect server did not start; see {root / 'server.log'}")
+        time.sleep(0.5)
+    return state
+
+
+def down(root: Path = DEFAULT_DIR) -> bool:
+    """Stop the server and its cluster; keep their data. False when none was started here."""
+    from deployments.postgres import Cluster, binaries
+
+    state = ServerState.load(Path(root).resolve())
+    if state is None:
+        return False
+    try:
+        os.killpg(state.pid, signal.SIGTERM)
+        for _ in range(60):
+            os.killpg(state.pid, 0)
+            time.sleep(0.25)
+        os.killpg(state.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if state.database == "postgres" and binaries():
+        Cluster(Path(state.root) / "postgres", port=state.postgres_port).stop()
+    return True
