@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-libs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan,sandbox]'
 	touch $@
 
 # The benchmark's Prefect server runs on a throwaway PostgreSQL cluster when Debian's

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from sandbox.accounts import emulator, emulators, read_secret, secret_file
-from sandbox.s3 import weed_command, write_identity
+from sandbox.s3 import weed_binary, weed_command, write_identity
 
 DEFAULT_STATE_DIR = Path(".sandbox")
 DEFAULT_BUCKETS = ("imagegen-demo",)
@@ -161,6 +161,10 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
        providers: list[str] | None = None) -> SandboxState:
     """Start every registered emulator (or those named in `providers`; each on `ports[name]`,
     else its `DEFAULT_PORT`) and SeaweedFS; return their state (also written to `state.json`)."""
+    try:
+        weed_binary()  # before anything starts: the S3 server is an install extra
+    except RuntimeError as exc:
+        raise SandboxError(str(exc)) from None
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = SandboxState.load(state_dir)

