@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -203,7 +204,8 @@ def _default_run_date() -> date:
     return scheduled.astimezone(timezone.utc).date() if scheduled else datetime.now(timezone.utc).date()
 
 
-def _outcome(chain: list[tuple[str, PrefectFuture]], item: str) -> tuple[Any, dict[str, str] | None]:
+def _outcome(chain: list[tuple[str, PrefectFuture]], item: str,
+             renames: list[threading.Thread]) -> tuple[Any, dict[str, str] | None]:
     """The last result of a chain, or the first step that did not complete and why. The steps
     after it never ran, and Prefect names such task runs by a random key (`archive-0e6`): they
     are renamed `<step>-<item>` like the rest."""
@@ -211,7 +213,7 @@ def _outcome(chain: list[tuple[str, PrefectFuture]], item: str) -> tuple[Any, di
         future.wait()
         state = future.state
         if not state.is_completed():
-            _name_never_run(chain[n + 1:], item)
+            _name_never_run(chain[n + 1:], item, renames)
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):
                 return None, {"step": step, "error": type(error).__name__, "message": str(error)}
@@ -219,26 +221,40 @@ def _outcome(chain: list[tuple[str, PrefectFuture]], item: str) -> tuple[Any, di
     return chain[-1][1].result(), None
 
 
-def _name_never_run(steps: list[tuple[str, PrefectFuture]], item: str) -> None:
-    """Name the task runs of steps that never ran (an earlier step failed) after step and item.
+RENAME_WAIT = 10.0  # seconds the end of a run waits, in all, for the renames still going on
+
+
+def _name_never_run(steps: list[tuple[str, PrefectFuture]], item: str, renames: list[threading.Thread]) -> None:
+    """Name the task runs of steps that never ran (an earlier step failed) after step and item,
+    in a thread of their own (the run does not wait on them; its end waits `RENAME_WAIT` at most).
     A task run's record on the API follows its events, which carry the random name: the name is
     set once the record shows the run's last state, or it would be written over."""
     from prefect.client.orchestration import get_client
 
-    if not steps:
-        return
-    with get_client(sync_client=True) as client:
-        for step, future in steps:
-            future.wait()
-            final = future.state.name
-            for _ in range(40):
-                try:
-                    if client.read_task_run(future.task_run_id).state_name == final:
-                        client.set_task_run_name(future.task_run_id, f"{step}-{item}")
-                        break
-                except Exception:  # noqa: BLE001 - not on the API yet; a name never fails the run
-                    pass
-                time.sleep(0.25)
+    def rename() -> None:
+        with get_client(sync_client=True) as client:
+            for step, future in steps:
+                future.wait()
+                final = future.state.name
+                for _ in range(40):
+                    try:
+                        if client.read_task_run(future.task_run_id).state_name == final:
+                            client.set_task_run_name(future.task_run_id, f"{step}-{item}")
+                            break
+                    except Exception:  # noqa: BLE001 - not on the API yet; a name never fails the run
+                        pass
+                    time.sleep(0.25)
+
+    if steps:
+        thread = threading.Thread(target=rename, name=f"rename-{item}", daemon=True)
+        thread.start()
+        renames.append(thread)
+
+
+def _finish_renames(renames: list[threading.Thread]) -> None:
+    deadline = time.monotonic() + RENAME_WAIT
+    for thread in renames:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 ESTIMATE_ROUNDS = 3  # an outage at run start: each round is a provider call's own retries
@@ -609,8 +625,9 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
         progress.update(submitted=1)
         count_when_done(chains[plan.item_id], progress)
     done, shown = {}, 0
+    renames: list[threading.Thread] = []
     for n, (item, chain) in enumerate(chains.items(), start=1):
-        done[item] = _outcome(chain, item)
+        done[item] = _outcome(chain, item, renames)
         # At most 100 updates, not one per item; below 100% while run-level review is ahead.
         if (percent := min(100 * n // len(chains), 99 if run_level else 100)) > shown:
             update_progress_artifact(progress_artifact, float(percent))
@@ -624,7 +641,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
             [(plan, dict(chains[item])["generate"].result()) for item, (plan, _, _) in ready.items()]))
         progress.update(waiting=None)
         archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
-        done.update({item: _outcome([("archive", future)], item) for item, future in archived.items()})
+        done.update({item: _outcome([("archive", future)], item, renames) for item, future in archived.items()})
         update_progress_artifact(progress_artifact, 100.0)
     progress.finish()
     outcomes = []
@@ -643,4 +660,5 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
                               frozenset(reused), charges=_charges_of_failed(plans, outcomes))
     manifest["estimated_credits"] = estimated
     publish(parsed, run_date, manifest)
+    _finish_renames(renames)
     return manifest
