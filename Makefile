@@ -24,7 +24,7 @@ system-libs:
 	    || echo "could not install $(SYSTEM_LIBS): the tests that need them will be skipped"; \
 	fi
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml requirements.txt constraints.txt
 	@$(MAKE) --no-print-directory system-libs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

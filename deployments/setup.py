@@ -1,16 +1,78 @@
 """Prepare a Prefect server for this project's deployments: the process work pool that
-`prefect.yaml` names, and every provider limit of `limits.yaml`. Idempotent.
+`prefect.yaml` names, every provider limit of `limits.yaml`, and the repository the
+deployments' pull step clones on a worker (the Prefect variables `imagegen_repository` and
+`imagegen_branch`). Idempotent.
 
     imagegen setup-server            # then: prefect --no-prompt deploy --all
 """
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
 POOL = "imagegen-process"
+REPOSITORY_VARIABLE = "imagegen_repository"
+BRANCH_VARIABLE = "imagegen_branch"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def setup_server(pool: str = POOL, accounts: dict[str, list[str]] | None = None) -> list[str]:
-    """Create the work pool if missing and apply the limits; return what was done."""
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def without_credentials(url: str) -> str:
+    """The URL with any user:password@ removed (a Prefect variable is readable by every API user)."""
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
+
+
+def checkout_source(root: Path = ROOT) -> tuple[str, str] | None:
+    """What a worker should clone to run this checkout: its `origin` (else the checkout itself)
+    and its current branch. None outside a git checkout."""
+    if _git(root, "rev-parse", "--git-dir") is None:
+        return None
+    repository = _git(root, "remote", "get-url", "origin") or str(root)
+    branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+    return without_credentials(repository), "" if branch in (None, "HEAD") else branch
+
+
+def set_source(client, repository: str | None, branch: str | None) -> list[str]:  # noqa: ANN001
+    """Set the variables the pull step reads: as given, else from this checkout where unset."""
+    from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+
+    current = client.read_variable_by_name(REPOSITORY_VARIABLE)
+    if repository is None and current is not None:
+        if branch is None:
+            return [f"workers clone {current.value} (variable {REPOSITORY_VARIABLE}; --repository changes it)"]
+        repository = current.value
+    if repository is None:
+        found = checkout_source()
+        if found is None:
+            return [f"variable {REPOSITORY_VARIABLE} not set: {ROOT} is no git checkout; "
+                    "pass --repository URL so workers can clone the flows"]
+        repository = found[0]
+        branch = found[1] if branch is None else branch
+    values = {REPOSITORY_VARIABLE: without_credentials(repository), BRANCH_VARIABLE: branch or ""}
+    for name, value in values.items():
+        if client.read_variable_by_name(name) is None:
+            client.create_variable(VariableCreate(name=name, value=value))
+        else:
+            client.update_variable(VariableUpdate(name=name, value=value))
+    return [f"workers clone {values[REPOSITORY_VARIABLE]} at {values[BRANCH_VARIABLE] or 'its default branch'}"
+            f" (variables {REPOSITORY_VARIABLE}, {BRANCH_VARIABLE})"]
+
+
+def setup_server(pool: str = POOL, accounts: dict[str, list[str]] | None = None,
+                 repository: str | None = None, branch: str | None = None) -> list[str]:
+    """Create the work pool if missing, apply the limits and name the repository; return what was done."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -28,5 +90,6 @@ def setup_server(pool: str = POOL, accounts: dict[str, list[str]] | None = None)
                 name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
                 description="imagegen-pipelines: one subprocess per flow run"))
             done.append(f"work pool {pool} created (type process)")
+        done += set_source(client, repository, branch)
     done += [f"limit {name}" for name in apply_limits(accounts)]
     return done

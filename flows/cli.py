@@ -194,10 +194,30 @@ def cmd_limits(args: argparse.Namespace) -> int:
         for name, (limit, decay) in apply_limits(accounts).items():
             print(f"applied {name}: " + (f"rate {decay}/s" if decay else f"{limit} in flight"))
         return 0
-    for row in show_limits():
+    leases = Path(args.leases) if args.leases else local_lease_storage()
+    rows = show_limits(leases)
+    for row in rows:
         kind = f"rate {row['slot_decay_per_second']}/s" if row["slot_decay_per_second"] else f"limit {row['limit']}"
-        print(f"{row['name']}: {kind}, active slots {row['active_slots']}" + ("" if row["active"] else " (inactive)"))
+        orphans = (f", {row['unleased']} held by no live lease (free: imagegen limits reset {row['name']})"
+                   if row.get("unleased") else "")
+        print(f"{row['name']}: {kind}, active slots {row['active_slots']}{orphans}"
+              + ("" if row["active"] else " (inactive)"))
+    if leases is None:
+        print("(leases not readable here: --leases <the server's PREFECT_HOME>/concurrency_leases shows "
+              "which slots no live lease holds)")
     return 0
+
+
+def local_lease_storage() -> Path | None:
+    """The lease folder of the `imagegen server up` server this shell points at, if any."""
+    from prefect.settings import get_current_settings
+
+    from deployments import server
+
+    state = server.ServerState.load(DEFAULT_SERVER_DIR)
+    if state is None or get_current_settings().api.url != state.api_url:
+        return None
+    return state.home / "concurrency_leases"
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -226,7 +246,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_setup_server(args: argparse.Namespace) -> int:
     from deployments.setup import setup_server
 
-    for line in setup_server(args.pool):
+    for line in setup_server(args.pool, repository=args.repository, branch=args.branch):
         print(line)
     return 0
 
@@ -340,6 +360,8 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("action", choices=["apply", "show", "reset"])
     lim.add_argument("name", nargs="?", metavar="NAME", help="reset: the limit whose slots to free")
     lim.add_argument("--yes", action="store_true", help="reset: do not ask")
+    lim.add_argument("--leases", metavar="DIR", help="show: the server's filesystem lease storage (default: that of "
+                     "`imagegen server up` when PREFECT_API_URL points at it)")
     lim.add_argument("--account", action="append", metavar="PROVIDER=BLOCK",
                      help="apply for these accounts instead of those in deployments/limits.yaml")
     lim.set_defaults(func=cmd_limits)
@@ -353,8 +375,11 @@ def parser() -> argparse.ArgumentParser:
                    help="run each date through this deployment when it exists (default %(default)s)")
     b.add_argument("--local", action="store_true", help="run each date as a subflow here, even if deployed")
     b.set_defaults(func=cmd_backfill)
-    ss = sub.add_parser("setup-server", help="create the work pool and apply provider limits on a Prefect server")
+    ss = sub.add_parser("setup-server", help="create the work pool, apply provider limits and name the repository workers clone")
     ss.add_argument("--pool", default="imagegen-process")
+    ss.add_argument("--repository", help="the git URL workers clone the flows from "
+                    "(default: this checkout's origin, else the checkout; kept when already set)")
+    ss.add_argument("--branch", help="the branch they clone (default: this checkout's)")
     ss.set_defaults(func=cmd_setup_server)
     srv = sub.add_parser("server", help="a local Prefect server for bulk runs (durable leases, PostgreSQL)")
     srv.add_argument("action", choices=["up", "down", "status"])

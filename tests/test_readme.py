@@ -40,7 +40,7 @@ def test_the_deployment_quick_start_runs_as_written(tmp_path: Path) -> None:
     stamp = Path(sys.prefix) / ".installed-stamp"
     if stamp.exists():
         old = stamp.stat().st_mtime - 60
-        for name in ("pyproject.toml", "constraints.txt"):
+        for name in ("pyproject.toml", "requirements.txt", "constraints.txt"):
             os.utime(clone / name, (old, old))
     script = tmp_path / "quick-start.sh"
     script.write_text("set -euo pipefail\n" + quick_start())

@@ -1,10 +1,15 @@
 """On a real `prefect server start` (SQLite in a temp dir) with process workers: the project's
 deployments from `prefect deploy --all`, a run triggered through the API as the UI does, a
-schedule that fires by itself, and a backfill spread over two workers, all on the sandbox."""
+schedule that fires by itself, and a backfill spread over two workers, all on the sandbox.
+
+The workers start in a directory of their own, as on another machine: every run clones the
+repository the deployments' pull step names (here a snapshot of this working tree, with one
+spec only the snapshot has) and runs from that clone."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +28,26 @@ TRIGGERED: dict = {}
 BIN = Path(sys.executable).parent
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def snapshot_repository(into: Path) -> Path:
+    """A git repository holding this working tree as it is (tracked and new files), committed."""
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, into / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
+        subprocess.run([*git, *args], cwd=into, check=True)
+    return into
+
+
+CLONE_ONLY_SPEC = "from-the-clone"  # a spec in the snapshot's pipelines/ and nowhere else
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -69,18 +91,7 @@ def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Com
 @pytest.fixture(scope="module")
 def deployed(server, sandbox, tmp_path_factory):
     env, home = server
-    cli(env, str(BIN / "imagegen"), "sandbox", "register", "--state-dir", sandbox.state_dir)
-    setup = cli(env, str(BIN / "imagegen"), "setup-server")
-    assert "work pool imagegen-process created (type process)" in setup.stdout
-    deploy = cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
-    assert "run-pipeline" in deploy.stdout
-    specs = tmp_path_factory.mktemp("specs")
-    # A deployment's `spec` is confined to pipelines/ and the configured spec roots.
-    worker_env = {**env, "IMAGEGEN_SPEC_ROOTS": str(specs)}
-    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], worker_env,
-                      home / f"worker-{n}.log") for n in (1, 2)]
-    spec = specs / "server.yaml"
-    spec.write_text(f"""\
+    spec_text = f"""\
 version: 1
 name: server-e2e
 provider: tams
@@ -91,7 +102,26 @@ run: {{poll_interval: 0.3, job_timeout: 60}}
 items:
   - {{id: a, prompt: a cat}}
   - {{id: b, prompt: a dog}}
-""")
+"""
+    origin = snapshot_repository(tmp_path_factory.mktemp("origin"))
+    (origin / "pipelines" / f"{CLONE_ONLY_SPEC}.yaml").write_text(spec_text.replace("server-e2e", CLONE_ONLY_SPEC))
+    subprocess.run(["git", "add", "-A"], cwd=origin, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm",
+                    "a spec only the clone has"], cwd=origin, check=True)
+    cli(env, str(BIN / "imagegen"), "sandbox", "register", "--state-dir", sandbox.state_dir)
+    setup = cli(env, str(BIN / "imagegen"), "setup-server", "--repository", str(origin), "--branch", "main")
+    assert "work pool imagegen-process created (type process)" in setup.stdout
+    assert f"workers clone {origin} at main" in setup.stdout
+    deploy = cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
+    assert "run-pipeline" in deploy.stdout
+    specs = tmp_path_factory.mktemp("specs")
+    # A deployment's `spec` is confined to pipelines/ and the configured spec roots.
+    worker_env = {**env, "IMAGEGEN_SPEC_ROOTS": str(specs)}
+    elsewhere = tmp_path_factory.mktemp("worker-machine")  # no flows/, no pipelines/ here
+    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], worker_env,
+                      home / f"worker-{n}.log", cwd=elsewhere) for n in (1, 2)]
+    spec = specs / "server.yaml"
+    spec.write_text(spec_text)
     yield env, str(spec)
     for worker in workers:
         _stop(worker)
@@ -124,6 +154,25 @@ def test_deployments_from_prefect_yaml(deployed) -> None:
     assert set(schema["definitions"]["RunOverrides"]["properties"]) == {"max_credits", "max_parallel", "items", "spec"}
     assert nightly.schedules[0].schedule.cron == "0 3 * * *"
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+
+
+def test_a_worker_in_another_directory_runs_the_deployment_from_a_clone(deployed, sandbox) -> None:
+    """The spec this run names exists only in the repository the pull step clones: the run can
+    complete only if the worker (started in a directory with no flows) cloned it and ran from it."""
+    env, _ = deployed
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"spec": CLONE_ONLY_SPEC, "run_date": "2026-09-02"})
+        final = wait_final(client, flow_run.id)
+    clone_step, install_step = deployment.pull_steps
+    assert clone_step["prefect.deployments.steps.git_clone"]["repository"] == \
+        "{{ prefect.variables.imagegen_repository }}"  # resolved on the worker, when the run starts
+    assert install_step["prefect.deployments.steps.pip_install_requirements"]["requirements_file"] == "requirements.txt"
+    assert final.state.is_completed(), final.state.message
+    keys = {o["Key"] for o in s3_client(sandbox).list_objects_v2(
+        Bucket=TEST_BUCKET, Prefix=f"{CLONE_ONLY_SPEC}/2026-09-02/")["Contents"]}
+    assert f"{CLONE_ONLY_SPEC}/2026-09-02/a-1.png" in keys
 
 
 def test_run_triggered_through_the_api_lands_in_s3(deployed, sandbox) -> None:
