@@ -9,7 +9,9 @@ takes its slot, strictly. This module is setup only; taking slots at run time is
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -83,27 +85,64 @@ def apply_limits(accounts: dict[str, list[str]] | None = None, path: Path = LIMI
     return wanted
 
 
-def show_limits() -> list[dict[str, object]]:
+def leased_slots(storage: Path, now: datetime | None = None) -> dict[str, int]:
+    """Limit id -> slots held by live (unexpired) leases in a filesystem lease storage (the
+    `concurrency_leases` folder of the server's `PREFECT_HOME`). Unreadable files count as none."""
+    now = now or datetime.now(timezone.utc)
+    held: dict[str, int] = {}
+    for path in storage.glob("*.json"):
+        if path.name == "expirations.json":
+            continue
+        try:
+            lease = json.loads(path.read_text())
+            if datetime.fromisoformat(lease["expiration"]) <= now:
+                continue
+            for limit_id in lease["resource_ids"]:
+                held[limit_id] = held.get(limit_id, 0) + int((lease.get("metadata") or {}).get("slots", 1))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced or removed right now
+    return held
+
+
+def _read_imagegen_limits(client) -> list:  # noqa: ANN001
+    found, offset = [], 0
+    while True:
+        page = client.read_global_concurrency_limits(limit=200, offset=offset)
+        found += [l for l in page if l.name.startswith("imagegen:")]
+        if len(page) < 200:
+            return found
+        offset += 200
+
+
+def show_limits(leases: Path | None = None) -> list[dict[str, object]]:
     """The imagegen limits on the current Prefect API with their current usage (the slots of
     expired leases freed first, where this process is the one to do it). Run claims
-    (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held."""
+    (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held.
+
+    With `leases` (the server's filesystem lease storage), each in-flight limit also gets
+    `unleased`: the slots the database counts that no live lease holds. Such slots belong to no
+    one (a lease lost by a server with in-memory lease storage) and stay held until reset. The
+    limits are read before and after the leases, so a slot taken or released meanwhile is not
+    counted as unleased."""
     from prefect.client.orchestration import get_client
 
     from flows.slots import reclaim_expired
 
     reclaim_expired(force=True)
-
-    rows, offset = [], 0
     with get_client(sync_client=True) as client:
-        while True:
-            page = client.read_global_concurrency_limits(limit=200, offset=offset)
-            rows += [{"name": l.name, "limit": l.limit, "active_slots": l.active_slots,
-                      "slot_decay_per_second": l.slot_decay_per_second, "active": l.active}
-                     for l in page if l.name.startswith("imagegen:")
-                     and not (l.name.startswith("imagegen:run:") and not l.active_slots)]  # claims: only held
-            if len(page) < 200:
-                return sorted(rows, key=lambda r: str(r["name"]))
-            offset += 200
+        before = _read_imagegen_limits(client)
+        held = leased_slots(leases) if leases is not None and leases.is_dir() else None
+        after = {l.name: l.active_slots for l in _read_imagegen_limits(client)} if held is not None else {}
+    rows = []
+    for l in before:
+        if l.name.startswith("imagegen:run:") and not l.active_slots:
+            continue  # claims: only held
+        row: dict[str, object] = {"name": l.name, "limit": l.limit, "active_slots": l.active_slots,
+                                  "slot_decay_per_second": l.slot_decay_per_second, "active": l.active}
+        if held is not None and not l.slot_decay_per_second:  # rate limits decay: they hold no leases
+            row["unleased"] = max(0, min(l.active_slots, after.get(l.name, 0)) - held.get(str(l.id), 0))
+        rows.append(row)
+    return sorted(rows, key=lambda r: str(r["name"]))
 
 
 def reset_limit(name: str) -> int:

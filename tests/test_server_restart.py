@@ -67,3 +67,44 @@ def test_a_slot_held_across_a_server_restart_is_freed_within_one_lease(tmp_path:
         if holder is not None and holder.poll() is None:
             holder.kill()
         server.down(root)
+
+
+def test_limits_show_marks_slots_no_live_lease_holds(tmp_path: Path) -> None:
+    """One limit's slot is held by a live process; another's is counted by the database with no
+    lease at all (what a restart of a server with in-memory leases leaves). `imagegen limits
+    show`, run beside `imagegen server up`'s state, tells them apart and names the fix."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+
+    from deployments import server
+
+    live, lost = "imagegen:test:show:jobs:live", "imagegen:test:show:jobs:lost"
+    state = server.up(tmp_path / ".prefect-server", port=free_port(), database="sqlite")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_API_URL": state.api_url, "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_HOME": str(tmp_path / "client-home")}
+    holder = None
+    try:
+        with SyncPrefectClient(api=state.api_url) as client:
+            for name in (live, lost):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            client.update_global_concurrency_limit(lost, GlobalConcurrencyLimitUpdate(active_slots=1))
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, live], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  text=True)
+        assert holder.stdout.readline().strip() == "held"
+        show = subprocess.run([str(Path(sys.executable).parent / "imagegen"), "limits", "show"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert show.returncode == 0, show.stderr[-2000:]
+        lines = {name: [line for line in show.stdout.splitlines() if line.startswith(f"{name}:")]
+                 for name in (live, lost)}
+        assert lines[live] == [f"{live}: limit 1, active slots 1"], show.stdout
+        assert lines[lost] == [f"{lost}: limit 1, active slots 1, 1 held by no live lease (free: imagegen limits reset {lost})"], \
+            show.stdout
+        assert "leases not readable" not in show.stdout
+        reset = subprocess.run([str(Path(sys.executable).parent / "imagegen"), "limits", "reset", lost, "--yes"],
+                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert f"{lost}: 1 slot(s) freed" in reset.stdout, reset.stdout + reset.stderr[-2000:]
+    finally:
+        if holder is not None:
+            holder.kill()
+        server.down(tmp_path / ".prefect-server")
