@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -45,10 +46,17 @@ class ServerState:
     pid: int
     database: str  # "postgres" or "sqlite"
     postgres_port: int | None = None
+    host: str = "127.0.0.1"  # where it listens; 0.0.0.0 for workers on other machines
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        """The URL to export: on this machine's name when it listens on every interface."""
+        host = socket.getfqdn() if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/api"
+
+    @property
+    def local_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api" if self.host in ("0.0.0.0", "::") else self.api_url
 
     @property
     def home(self) -> Path:
@@ -67,12 +75,43 @@ class ServerState:
 
 def server_env(home: Path, database_url: str | None) -> dict[str, str]:
     """The environment of the server process: its home, durable leases, retention, database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    keep = ("PREFECT_SERVER_API_AUTH_STRING",)  # basic auth, for a server other machines reach
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k in keep}
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
                 "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": EVENTS_RETENTION,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+def replica_env(database_url: str, redis_url: str, home: Path) -> dict[str, str]:
+    """The environment of one process of a replicated server (every `prefect server start
+    --no-services` replica and the `prefect server services start` process alike), as Prefect
+    documents it for a scaled self-hosted server: one PostgreSQL database, migrations run once
+    beforehand (`prefect server database upgrade -y`), and Redis (`prefect-redis`, the `redis`
+    extra) for messaging, the message cache, the events' causal ordering, the concurrency
+    leases and the background services' docket. A slot taken through one replica is renewed
+    and released through any other; with leases in each replica's memory it would leak."""
+    from urllib.parse import urlsplit
+
+    redis = urlsplit(redis_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+        "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
+        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+        "PREFECT_REDIS_MESSAGING_HOST": redis.hostname or "127.0.0.1",
+        "PREFECT_REDIS_MESSAGING_PORT": str(redis.port or 6379),
+        "PREFECT_REDIS_MESSAGING_DB": "0",
+        "PREFECT_SERVER_DOCKET_URL": f"redis://{redis.hostname or '127.0.0.1'}:{redis.port or 6379}/1",
+        "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": EVENTS_RETENTION,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    })
     return env
 
 
@@ -84,12 +123,13 @@ def running(state: ServerState | None) -> bool:
     except ProcessLookupError:
         return False
     try:
-        return httpx.get(f"{state.api_url}/health", timeout=3).status_code == 200
+        return httpx.get(f"{state.local_url}/health", timeout=3).status_code == 200
     except httpx.TransportError:
         return False
 
 
-def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeout: float = 180.0) -> ServerState:
+def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeout: float = 180.0,
+       host: str = "127.0.0.1") -> ServerState:
     """Start the server (and its PostgreSQL cluster) unless it already runs; wait until it answers."""
     from deployments.postgres import Cluster, binaries
 
@@ -117,10 +157,10 @@ def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeo
     home = root / "home"
     home.mkdir(exist_ok=True)
     log = (root / "server.log").open("ab")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host,
                              "--port", str(port)], env=server_env(home, url), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    state = ServerState(str(root), port, proc.pid, database, pg_port)
+    state = ServerState(str(root), port, proc.pid, database, pg_port, host)
     state.save()
     deadline = time.monotonic() + timeout
     while not running(state):

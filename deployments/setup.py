@@ -1,7 +1,9 @@
 """Prepare a Prefect server for this project's deployments: the process work pool that
-`prefect.yaml` names, every provider limit of `limits.yaml`, and the repository the
+`prefect.yaml` names, every provider limit of `limits.yaml`, the repository the
 deployments' pull step clones on a worker (the Prefect variables `imagegen_repository` and
-`imagegen_branch`). Idempotent.
+`imagegen_branch`), and the automation that marks a flow run Crashed when its heartbeats stop
+(its worker's machine died), so a backfill waiting for it goes on and a rerun can take the
+date. Idempotent.
 
     imagegen setup-server            # then: prefect --no-prompt deploy --all
 """
@@ -16,6 +18,9 @@ POOL = "imagegen-process"
 REPOSITORY_VARIABLE = "imagegen_repository"
 BRANCH_VARIABLE = "imagegen_branch"
 ROOT = Path(__file__).resolve().parent.parent
+ZOMBIE_AUTOMATION = "imagegen: crash flow runs whose heartbeats stopped"
+HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (prefect.yaml)
+ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -70,6 +75,45 @@ def set_source(client, repository: str | None, branch: str | None) -> list[str]:
             f" (variables {REPOSITORY_VARIABLE}, {BRANCH_VARIABLE})"]
 
 
+def zombie_automation():  # noqa: ANN201 - an AutomationCore
+    """Prefect's documented zombie-run automation: a Running flow run that sent a heartbeat and
+    then nothing for `ZOMBIE_AFTER_SECONDS` (no heartbeat, no final state, no pause or
+    suspension, e.g. a run waiting for a review decision) is set Crashed."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    ends = ("Completed", "Failed", "Cancelled", "Crashed", "Paused", "Suspended")
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description=f"A flow run with no heartbeat for {ZOMBIE_AFTER_SECONDS} s (its process or machine died) is "
+                    "marked Crashed: whatever waits for it goes on, and a rerun of its date can run.",
+        trigger=EventTrigger(
+            # Running opens the watch too: a run whose process dies before its first heartbeat
+            # reaches the server (events are sent in the background) is caught all the same.
+            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{end}" for end in ends)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=ZOMBIE_AFTER_SECONDS)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {ZOMBIE_AFTER_SECONDS} s: its worker process or "
+                                            "machine stopped; run the date again to finish it (nothing paid twice)")])
+
+
+def ensure_zombie_automation(client) -> str:  # noqa: ANN001
+    wanted = zombie_automation()
+    found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+    if found:
+        client.update_automation(found[0].id, wanted)
+        return f"automation '{ZOMBIE_AUTOMATION}' updated"
+    client.create_automation(wanted)
+    return f"automation '{ZOMBIE_AUTOMATION}' created"
+
+
 def setup_server(pool: str = POOL, accounts: dict[str, list[str]] | None = None,
                  repository: str | None = None, branch: str | None = None) -> list[str]:
     """Create the work pool if missing, apply the limits and name the repository; return what was done."""
@@ -91,5 +135,6 @@ def setup_server(pool: str = POOL, accounts: dict[str, list[str]] | None = None,
                 description="imagegen-pipelines: one subprocess per flow run"))
             done.append(f"work pool {pool} created (type process)")
         done += set_source(client, repository, branch)
+        done.append(ensure_zombie_automation(client))
     done += [f"limit {name}" for name in apply_limits(accounts)]
     return done

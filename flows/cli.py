@@ -215,7 +215,7 @@ def local_lease_storage() -> Path | None:
     from deployments import server
 
     state = server.ServerState.load(DEFAULT_SERVER_DIR)
-    if state is None or get_current_settings().api.url != state.api_url:
+    if state is None or get_current_settings().api.url not in (state.api_url, state.local_url):
         return None
     return state.home / "concurrency_leases"
 
@@ -266,7 +266,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                                                                f"{state.api_url}" if state and alive else ""))
         return 0 if alive else 1
     try:
-        state = server.up(root, port=args.port, database=args.database)
+        state = server.up(root, port=args.port, database=args.database, host=args.host)
     except (server.ServerError, RuntimeError) as exc:
         print(f"server not started: {exc}", file=sys.stderr)
         return 1
@@ -385,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("action", choices=["up", "down", "status"])
     srv.add_argument("--dir", default=str(DEFAULT_SERVER_DIR), help="where its state, home, log and database live")
     srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--host", default="127.0.0.1", help="where it listens (0.0.0.0: for workers on other machines; then "
+                     "set PREFECT_SERVER_API_AUTH_STRING=user:password here and PREFECT_API_AUTH_STRING on them)")
     srv.add_argument("--database", choices=["auto", "postgres", "sqlite"], default="auto",
                      help="auto: PostgreSQL when Debian's postgresql is installed, else SQLite")
     srv.set_defaults(func=cmd_server)

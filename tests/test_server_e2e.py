@@ -9,10 +9,7 @@ spec only the snapshot has) and runs from that clone."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,40 +19,12 @@ import pytest
 
 from sandbox import launcher
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+from tests.servers import BIN, cli, client_for, snapshot_repository, start, stop, wait_final
 
-ROOT = Path(__file__).parent.parent
 TRIGGERED: dict = {}
-BIN = Path(sys.executable).parent
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def snapshot_repository(into: Path) -> Path:
-    """A git repository holding this working tree as it is (tracked and new files), committed."""
-    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (into / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, into / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
-        subprocess.run([*git, *args], cwd=into, check=True)
-    return into
 
 
 CLONE_ONLY_SPEC = "from-the-clone"  # a spec in the snapshot's pipelines/ and nowhere else
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +36,7 @@ def server(sandbox, tmp_path_factory):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_V2_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_WORKER_QUERY_SECONDS": "2",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                   home / "server.log")
     deadline = time.monotonic() + 180
     while True:
@@ -79,13 +48,7 @@ def server(sandbox, tmp_path_factory):
         assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
         time.sleep(0.5)
     yield env, home
-    _stop(proc)
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run(list(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -118,29 +81,13 @@ items:
     # A deployment's `spec` is confined to pipelines/ and the configured spec roots.
     worker_env = {**env, "IMAGEGEN_SPEC_ROOTS": str(specs)}
     elsewhere = tmp_path_factory.mktemp("worker-machine")  # no flows/, no pipelines/ here
-    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], worker_env,
+    workers = [start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process"], worker_env,
                       home / f"worker-{n}.log", cwd=elsewhere) for n in (1, 2)]
     spec = specs / "server.yaml"
     spec.write_text(spec_text)
     yield env, str(spec)
     for worker in workers:
-        _stop(worker)
-
-
-def client_for(env: dict[str, str]):  # noqa: ANN201
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(api=env["PREFECT_API_URL"])
-
-
-def wait_final(client, flow_run_id, timeout: float = 240):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.read_flow_run(flow_run_id)
-        if run.state and run.state.is_final():
-            return run
-        assert time.monotonic() < deadline, f"flow run still {run.state.name if run.state else None}"
-        time.sleep(1)
+        stop(worker)
 
 
 def test_deployments_from_prefect_yaml(deployed) -> None:
@@ -152,6 +99,8 @@ def test_deployments_from_prefect_yaml(deployed) -> None:
     assert {"run-pipeline", "nightly-demo", "backfill"} <= names
     # The Run form's overrides are typed fields a person fills in, with `spec` as the escape hatch.
     assert set(schema["definitions"]["RunOverrides"]["properties"]) == {"max_credits", "max_parallel", "items", "spec"}
+    # Heartbeats, so the zombie automation `imagegen setup-server` made can tell a dead run.
+    assert nightly.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", nightly.job_variables
     assert nightly.schedules[0].schedule.cron == "0 3 * * *"
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
 

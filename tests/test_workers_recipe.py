@@ -1,0 +1,199 @@
+"""The multi-worker recipe of the README, run as written: one `imagegen server up` on
+PostgreSQL, three process workers started in a directory of their own (as on three machines),
+the deployments from `prefect deploy --all`, backfills of several dates on all three providers
+spread over the three workers. Then a worker is killed (SIGKILL, its flow run with it) while its
+run holds Tencent's one text-to-image job slot: the heartbeat automation marks that run Crashed,
+the backfill ends, and the rerun completes the date. The emulators witness: no limit violated,
+every image charged once per date."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deployments import postgres, server
+from sandbox.launcher import free_port
+from sandbox.accounts import emulator
+from tests.servers import BIN, cli, client_for, snapshot_repository, start, stop
+from tests.test_pay_once import charges, configure, ledger_states, spec_text, stats
+
+pytestmark = pytest.mark.skipif(postgres.binaries() is None, reason="Debian's postgresql is not installed "
+                                "(apt-get install postgresql); the recipe is for a PostgreSQL server")
+PROVIDERS = ("tams", "chuzhan", "tencent")
+WORKERS = ("worker-1", "worker-2", "worker-3")
+DATES = 3
+PER_WORKER = 3  # flow runs a worker runs at once (`--limit`): without it the first to poll takes them all
+
+
+@pytest.fixture(scope="module")
+def recipe(sandbox_blocks, tmp_path_factory):
+    """The server, sandbox Blocks, deployments and three workers; yields (env, specs dir, workers)."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    # PostgreSQL runs as its own user: its cluster must live where that user can reach.
+    root = Path(tempfile.mkdtemp(prefix="imagegen-recipe-server-"))
+    state = server.up(root, port=free_port(), database="postgres")
+    assert state.database == "postgres"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_API_URL": state.api_url, "PREFECT_HOME": str(tmp / "client-home"),
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    specs = tmp / "specs"
+    specs.mkdir()
+    origin = snapshot_repository(tmp / "origin")
+    cli(env, str(BIN / "imagegen"), "sandbox", "register", "--state-dir", sandbox_blocks.state_dir)
+    setup = cli(env, str(BIN / "imagegen"), "setup-server", "--repository", str(origin), "--branch", "main")
+    assert "automation 'imagegen: crash flow runs whose heartbeats stopped' created" in setup.stdout, setup.stdout
+    cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
+    # Each worker on its own "machine": a directory with no flows; INFO so it logs what it takes.
+    worker_env = {**env, "IMAGEGEN_SPEC_ROOTS": str(specs), "PREFECT_WORKER_QUERY_SECONDS": "2",
+                  "PREFECT_LOGGING_LEVEL": "INFO"}
+    workers = {}
+    for name in WORKERS:
+        home = tmp / name
+        home.mkdir()
+        workers[name] = start([str(BIN / "prefect"), "worker", "start", "--pool", "imagegen-process", "--name", name,
+                               "--limit", str(PER_WORKER)],
+                              {**worker_env, "PREFECT_HOME": str(home / "prefect")}, tmp / f"{name}.log", cwd=home)
+    try:
+        yield env, specs, workers
+    finally:
+        for proc in workers.values():
+            stop(proc)
+        server.down(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (children of children included)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def violations(state) -> dict[str, int]:  # noqa: ANN001
+    return {p: emulator(p).bench_counts(stats(state, p))["violations"] for p in PROVIDERS}
+
+
+def worker_of(env: dict[str, str], flow_run_id) -> str | None:  # noqa: ANN001
+    """The worker that took a flow run, from the line it logs for the run."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client_for(env) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    found = [m.group(1) for log in logs if (m := re.search(r"Worker '([^']+)' submitting flow run", log.message))]
+    return found[0] if found else None
+
+
+def errors(path: Path, days: list[date]) -> dict[str, dict[str, str]]:
+    """The errors each date's manifest records, by item."""
+    from flows.backfill import manifest_status
+    from flows.spec import load_spec
+
+    spec = load_spec(path)
+    return {str(d): {i["item"]: i["error"] for i in (manifest_status(spec, d) or {}).get("items", []) if i.get("error")}
+            for d in days}
+
+
+def runs_named(env: dict[str, str], prefix: str) -> list:
+    with client_for(env) as client:
+        return [r for r in client.read_flow_runs() if r.name.startswith(prefix)]
+
+
+def test_backfills_on_three_providers_spread_over_three_workers_within_every_limit(recipe, sandbox_blocks) -> None:
+    env, specs, _ = recipe
+    before = violations(sandbox_blocks)
+    start_day = date(2026, 10, 1)
+    paths = {}
+    for provider in PROVIDERS:
+        name = f"recipe-{provider}"
+        paths[provider] = specs / f"{name}.yaml"
+        paths[provider].write_text(spec_text(provider, name, 2))
+    # The three backfills at once, each through the deployment: 9 flow runs on three workers.
+    procs = {p: subprocess.Popen([str(BIN / "imagegen"), "backfill", str(paths[p]), "--start", start_day.isoformat(),
+                                  "--end", (start_day + timedelta(days=DATES - 1)).isoformat(),
+                                  "--max-parallel", str(DATES)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for p in PROVIDERS}
+    started = time.monotonic()
+    outs = {p: proc.communicate(timeout=900)[0] for p, proc in procs.items()}
+    took_s = time.monotonic() - started
+    for provider, proc in procs.items():
+        assert proc.returncode == 0, outs[provider][-3000:]
+    took = {worker_of(env, r.id) for p in PROVIDERS for r in runs_named(env, f"recipe-{p}-")}
+    print(f"backfills of {DATES} dates x 3 providers (2 items each) took {took_s:.0f} s on {sorted(filter(None, took))}; "
+          f"violations {violations(sandbox_blocks)} (before {before})")
+    assert took == set(WORKERS), took
+    assert violations(sandbox_blocks) == before
+    for provider in PROVIDERS:
+        name = f"recipe-{provider}"
+        assert charges(sandbox_blocks, provider, name) == {f"item {k} of {name}": DATES for k in range(2)}
+
+
+def test_a_killed_worker_s_date_completes_on_rerun_paying_once(recipe, sandbox_blocks) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    env, specs, workers = recipe
+    name, first = "recipe-killed", date(2026, 10, 10)
+    days = [first + timedelta(days=n) for n in range(DATES)]
+    path = specs / f"{name}.yaml"
+    path.write_text(spec_text("tencent", name, 2))
+    before = violations(sandbox_blocks)
+    configure(sandbox_blocks, "tencent", latency=6)  # jobs stay in flight long enough to be caught
+    argv = [str(BIN / "imagegen"), "backfill", str(path), "--start", days[0].isoformat(), "--end",
+            days[-1].isoformat(), "--max-parallel", str(DATES)]
+    backfill = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, victim = time.monotonic() + 240, None
+        while victim is None:
+            assert backfill.poll() is None and time.monotonic() < deadline, "no run got as far as a submitted job"
+            # A job just accepted (6 s to run) and nothing being sent: no kill between a send
+            # and its answer, the one moment a person would have to settle (see test_pay_once).
+            states = {d: set(ledger_states(path, d).values()) for d in days}
+            if not any("sending" in s for s in states.values()):
+                victim = next((d for d in days if "submitted" in states[d]), None)
+            time.sleep(0.3)
+        with client_for(env) as client:
+            run = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[f"{name}-{victim}"])))[0]
+        worker = worker_of(env, run.id)
+        assert worker in workers, worker
+        # The worker's machine dies: the worker and every flow run it started (each in a session
+        # of its own, so a worker that dies alone leaves them running).
+        for pid in [*descendants(workers[worker].pid), workers[worker].pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        configure(sandbox_blocks, "tencent", latency=0.6)
+        out = backfill.communicate(timeout=400)[0]
+    finally:
+        configure(sandbox_blocks, "tencent", latency=0.6)
+        if backfill.poll() is None:
+            backfill.kill()
+    ended = time.monotonic() - killed
+    with client_for(env) as client:
+        crashed = client.read_flow_run(run.id)
+    print(f"killed {worker} running {victim}: the run was marked {crashed.state.name} and the backfill ended "
+          f"{ended:.0f} s after the kill")
+    assert crashed.state.is_crashed(), crashed.state
+    assert backfill.returncode == 1 and " failed " in out, out[-3000:]  # that date, the others done
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:] + str(errors(path, days))
+    assert charges(sandbox_blocks, "tencent", name) == {f"item {k} of {name}": DATES for k in range(2)}
+    assert violations(sandbox_blocks) == before
+    assert httpx.get(f"{env['PREFECT_API_URL']}/health").status_code == 200
