@@ -9,9 +9,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 # Debian packages: Real-ESRGAN (the `realesrgan` upscale engine) needs the three libraries;
-# the UI test drives Chromium. As root, make installs them; otherwise, or where apt cannot,
-# the engine reports what is missing and the tests that need them skip with that reason.
-SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1 chromium
+# the UI test drives Chromium; the multi-worker and API-replica tests run PostgreSQL and Redis.
+# As root, make installs them; otherwise, or where apt cannot, the engine reports what is
+# missing and the tests that need them skip with that reason.
+SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1 chromium postgresql redis-server
 
 .PHONY: setup system-libs bench-libs demo test bench clean sandbox-up sandbox-down
 
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml requirements.txt constraints.txt
 	@$(MAKE) --no-print-directory system-libs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan,sandbox]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan,sandbox,redis]'
 	touch $@
 
 # The benchmark's Prefect server runs on a throwaway PostgreSQL cluster when Debian's
