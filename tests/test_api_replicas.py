@@ -21,7 +21,7 @@ from deployments import postgres
 from deployments.server import replica_env
 from sandbox.accounts import emulator
 from sandbox.launcher import free_port
-from tests.servers import BIN, cli, start, stop
+from tests.servers import BIN, cli, start, stop, wait_healthy
 from tests.test_pay_once import charges, spec_text, stats
 
 REDIS = shutil.which("redis-server")
@@ -30,18 +30,6 @@ pytestmark = [
     pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is not installed (apt-get install redis-server)"),
 ]
 PROVIDERS = ("tams", "tencent")
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

@@ -14,12 +14,11 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 
 from sandbox import launcher
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
-from tests.servers import BIN, cli, client_for, snapshot_repository, start, stop, wait_final
+from tests.servers import BIN, cli, client_for, snapshot_repository, start, stop, wait_final, wait_healthy
 
 TRIGGERED: dict = {}
 
@@ -38,15 +37,7 @@ def server(sandbox, tmp_path_factory):
            "PREFECT_LOGGING_LEVEL": "WARNING"}
     proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                   home / "server.log")
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
+    wait_healthy(env["PREFECT_API_URL"], proc, home / "server.log")
     yield env, home
     stop(proc)
 
