@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ZOMBIE_AUTOMATION = "imagegen: crash flow runs whose heartbeats stopped"
 HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (prefect.yaml)
 ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed
+DEPLOYMENT_TAG = "imagegen"  # every deployment of prefect.yaml carries it
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -76,9 +77,10 @@ def set_source(client, repository: str | None, branch: str | None) -> list[str]:
 
 
 def zombie_automation():  # noqa: ANN201 - an AutomationCore
-    """Prefect's documented zombie-run automation: a Running flow run that sent a heartbeat and
-    then nothing for `ZOMBIE_AFTER_SECONDS` (no heartbeat, no final state, no pause or
-    suspension, e.g. a run waiting for a review decision) is set Crashed."""
+    """Prefect's documented zombie-run automation, for this project's deployment runs: one that
+    went Running or sent a heartbeat, then nothing for `ZOMBIE_AFTER_SECONDS` (no heartbeat, no
+    final state, no pause or suspension, e.g. a run waiting for a review decision), is set
+    Crashed."""
     from datetime import timedelta
 
     from prefect.client.schemas.objects import StateType
@@ -97,6 +99,12 @@ def zombie_automation():  # noqa: ANN201 - an AutomationCore
             after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{end}" for end in ends)},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            # Only runs of this project's deployments: they send heartbeats (prefect.yaml). A
+            # run started elsewhere (`imagegen run`, another project's flows) sends none and
+            # must never be taken for dead.
+            match_related=[ResourceSpecification({"prefect.resource.role": "deployment"}),
+                           ResourceSpecification({"prefect.resource.role": "tag",
+                                                         "prefect.resource.id": f"prefect.tag.{DEPLOYMENT_TAG}"})],
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
             within=timedelta(seconds=ZOMBIE_AFTER_SECONDS)),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
