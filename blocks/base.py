@@ -171,6 +171,8 @@ class ApiCall:
     was sent is `SubmitUnknown`, never repeated."""
     label: str = ""
     """How errors name the call (default: method and path)."""
+    timeout: float | None = None
+    """Seconds this call may take to answer, where it differs from the client's (a held poll)."""
 
     @property
     def what(self) -> str:
@@ -276,7 +278,9 @@ class ImageProvider(Block, ABC):
         fault: httpx.TransportError | None = None
         with self._limiter.request(call.action):
             try:
-                return self.client().request(call.method, call.path, content=call.body, headers=dict(call.headers))
+                extra = {} if call.timeout is None else {"timeout": call.timeout}
+                return self.client().request(call.method, call.path, content=call.body, headers=dict(call.headers),
+                                             **extra)
             except httpx.TransportError as exc:
                 fault = exc
         raise self.transport_fault(call, fault)
@@ -475,6 +479,8 @@ class ImageProvider(Block, ABC):
         against rate limits); a resumed one at once."""
         deadline = time.monotonic() + timeout
         polls = 0
+        if self.holds_polls:  # each status request is held until the job ends: ask at once, again at once
+            first_wait, poll_interval = 0.0, min(poll_interval, HELD_POLL_PAUSE)
         time.sleep(first_wait)
         while True:
             status = self.poll(job_id)
@@ -488,10 +494,18 @@ class ImageProvider(Block, ABC):
                 )
             time.sleep(poll_interval)
 
+    @property
+    def holds_polls(self) -> bool:
+        """True where `poll_call` asks the provider to hold its answer until the job ends (a
+        long poll): one status request per job instead of one per poll interval."""
+        return False
+
 
 T = TypeVar("T")
 
 
+HELD_POLL_PAUSE = 0.2
+"""Seconds between two held status requests (the provider let go of the first before the end)."""
 MAX_RETRY_AFTER = 60.0
 """Longest Retry-After honoured; a provider asking for more gets a transient failure at once."""
 CALL_DEADLINE = 300.0

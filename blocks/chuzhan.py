@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -234,6 +235,11 @@ class ChuzhanProvider(ImageProvider):
         return value
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
+    long_poll: bool = Field(False, description=(
+        "Ask for a task's status with waitUtilEnd: the provider holds each request until the task ends, so a "
+        "job costs one status request instead of one per poll interval. For accounts with no public callback URL."))
+    long_poll_seconds: float = Field(120.0, description="Seconds one held status request may take before it is "
+                                     "asked again.")
 
     _charged: dict[str, float] = PrivateAttr(default_factory=dict)  # job id -> `used` of its submit
 
@@ -354,7 +360,14 @@ class ChuzhanProvider(ImageProvider):
         return self._charged.get(job_id)
 
     def poll_call(self, job_id: str) -> ApiCall:
+        if self.long_poll:  # held until the task ends (or the connection is cut: then asked again)
+            return replace(self.api(PATH_DETAIL, {"taskId": job_id, "waitUtilEnd": True, "preview": False,
+                                                  "imgFormat": "png"}), timeout=self.long_poll_seconds)
         return self.api(PATH_DETAIL, {"taskId": job_id, "preview": False, "imgFormat": "png"})
+
+    @property
+    def holds_polls(self) -> bool:
+        return self.long_poll
 
     def read_status(self, job_id: str, answer: Any) -> JobStatus:
         data = answer or {}

@@ -6,7 +6,8 @@ included; numbers accepted as numeric strings; credits charged **at submit** by 
 formula (`price`) and refunded when a task fails [A]; `predictConsume` prices without drawing or charging; at most
 `task_limit` tasks in flight per account (returned as `taskLimitCount`); tasks walk
 `in_queue -> running -> success|fail` over the latency; `waitUtilEnd` holds the answer until
-the task ends; result URLs expire after 30 minutes.
+the task ends, or `hold_max` seconds at most [A] (counted as `held_polls`); result URLs expire
+after 30 minutes.
 
 The credit formula and the caps are this module's own, written from the provider's credit
 page (never imported from the client, so a misreading in one cannot hide behind the other).
@@ -179,9 +180,10 @@ class ChuzhanState:
     latency: float
     task_limit: int
     balance: float
+    hold_max: float = 60.0  # [A] longest a `waitUtilEnd` request is held (the document: "may be cut, retry")
     tasks: dict[str, Task] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {
-        "requests": 0, "auth_failures": 0, "submits": 0, "estimates": 0, "polls": 0, "charges": 0,
+        "requests": 0, "auth_failures": 0, "submits": 0, "estimates": 0, "polls": 0, "held_polls": 0, "charges": 0,
         "refunds": 0, "limit_rejections": 0, "sensitive_rejections": 0, "param_rejections": 0})
     charged_credits: float = 0.0
     peak_in_flight: int = 0
@@ -312,7 +314,10 @@ class ChuzhanEmulator:
             if task is None:
                 raise Refused(404, "任务不存在")
             if body.get("waitUtilEnd"):
-                while self._state_of(task) in ("in_queue", "running"):
+                with st.lock:
+                    st.counters["held_polls"] += 1
+                let_go = time.monotonic() + st.hold_max
+                while self._state_of(task) in ("in_queue", "running") and time.monotonic() < let_go:
                     await asyncio.sleep(0.05)
             with st.lock:
                 return envelope(self._detail(task, request, preview=body.get("preview", True)))
@@ -342,7 +347,9 @@ class ChuzhanEmulator:
             st.latency = float(data.get("latency", st.latency))
             st.balance = float(data.get("balance", st.balance))
             st.task_limit = int(data.get("task_limit", st.task_limit))
-        return JSONResponse({"latency": st.latency, "balance": st.balance, "task_limit": st.task_limit})
+            st.hold_max = float(data.get("hold_max", st.hold_max))
+        return JSONResponse({"latency": st.latency, "balance": st.balance, "task_limit": st.task_limit,
+                             "hold_max": st.hold_max})
 
     async def stats(self, request: Request) -> Response:
         st = self.state

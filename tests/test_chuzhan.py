@@ -299,3 +299,32 @@ def test_balance_is_read_from_the_account(chuzhan) -> None:
     assert provider.balance() == chuzhan_stats(chuzhan)["balance"] > 0
     with pytest.raises(AccountStop, match="Auth-Token"):
         ChuzhanProvider(api_token="wrong", endpoint=chuzhan.url('chuzhan')).balance()
+
+
+def _polls(state) -> tuple[int, int]:
+    seen = httpx.get(f"{state.url('chuzhan')}/_sandbox/stats").json()
+    return seen["polls"], seen["held_polls"]
+
+
+@pytest.mark.parametrize(("long_poll", "hold_max"), [(False, 60.0), (True, 60.0), (True, 0.5)])
+def test_a_long_poll_asks_once_a_job_and_again_when_let_go(chuzhan, long_poll, hold_max) -> None:
+    """`long_poll` (waitUtilEnd): the emulator holds the status request until the task ends, so a
+    2 s job costs one status request where polling every 0.3 s costs several; a provider that
+    lets go early (after 0.5 s here) is asked again until the task ends."""
+    httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"latency": 2.0, "hold_max": hold_max})
+    try:
+        block = chuzhan.block("chuzhan").model_copy(update={"long_poll": long_poll})
+        before = _polls(chuzhan)
+        result = block.run_job(request(request_id=f"long-poll-{long_poll}-{hold_max}".ljust(40, "x"),
+                                       prompt=f"a lighthouse {long_poll} {hold_max}"), poll_interval=0.3, timeout=60)
+        polls, held = (now - then for now, then in zip(_polls(chuzhan), before))
+    finally:
+        httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"hold_max": 60.0})
+    assert result.images and result.polls == polls
+    print(f"long_poll={long_poll} hold_max={hold_max}: {polls} status request(s) for a 2 s job")
+    if not long_poll:
+        assert held == 0 and polls >= 3
+    elif hold_max >= 2:
+        assert polls == held == 1
+    else:
+        assert 2 <= polls == held <= 6
