@@ -96,21 +96,18 @@ def replica_env(database_url: str, redis_url: str, home: Path) -> dict[str, str]
     from urllib.parse import urlsplit
 
     redis = urlsplit(redis_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    host, port = redis.hostname or "127.0.0.1", redis.port or 6379
+    env = server_env(home, database_url)  # this server's own settings, with leases in Redis instead
     env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
         "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
         "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
         "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
         "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
-        "PREFECT_REDIS_MESSAGING_HOST": redis.hostname or "127.0.0.1",
-        "PREFECT_REDIS_MESSAGING_PORT": str(redis.port or 6379),
+        "PREFECT_REDIS_MESSAGING_HOST": host,
+        "PREFECT_REDIS_MESSAGING_PORT": str(port),
         "PREFECT_REDIS_MESSAGING_DB": "0",
-        "PREFECT_SERVER_DOCKET_URL": f"redis://{redis.hostname or '127.0.0.1'}:{redis.port or 6379}/1",
-        "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": EVENTS_RETENTION,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_DOCKET_URL": f"redis://{host}:{port}/1",
     })
     return env
 

@@ -19,8 +19,7 @@ REPOSITORY_VARIABLE = "imagegen_repository"
 BRANCH_VARIABLE = "imagegen_branch"
 ROOT = Path(__file__).resolve().parent.parent
 ZOMBIE_AUTOMATION = "imagegen: crash flow runs whose heartbeats stopped"
-HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (prefect.yaml)
-ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed
+ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed (prefect.yaml: PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30)
 DEPLOYMENT_TAG = "imagegen"  # every deployment of prefect.yaml carries it
 
 
