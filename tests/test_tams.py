@@ -4,6 +4,8 @@ against the real emulator process over loopback HTTP."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -78,7 +80,11 @@ def test_every_grpc_code_is_mapped() -> None:
 @respx.mock
 def test_retry_after_is_honoured_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
-    monkeypatch.setattr("blocks.tams.time.sleep", slept.append)
+    # `time.sleep` is one function for the whole process: count only this thread's waits (a
+    # background thread left by an earlier test, sleeping 1 s at a time, landed in the list first).
+    caller, real_sleep = threading.get_ident(), time.sleep
+    monkeypatch.setattr("blocks.tams.time.sleep",
+                        lambda s: slept.append(s) if threading.get_ident() == caller else real_sleep(s))
     route = respx.post("https://tams.test/v1/jobs/credits").mock(side_effect=[
         httpx.Response(429, json={"code": 8, "message": "slow down"}, headers={"Retry-After": "3"}),
         httpx.Response(200, json={"credits": 1.5}),
