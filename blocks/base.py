@@ -53,6 +53,8 @@ class GenerationRequest(BaseModel):
     input_ref: str | None = Field(None, description="What `upload` returned for the input image.")
     upscale_factor: int | None = Field(None, description="Provider-side upscale in the same job.")
     options: dict[str, Any] = Field(default_factory=dict)
+    callback_url: str | None = Field(None, description="Where the provider POSTs the job's end: this job's "
+                                     "capability URL of `imagegen callbacks serve` (set at submit time).")
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -83,6 +85,22 @@ class JobStatus(BaseModel):
     reason: str | None = None
     rejected: dict[int, str] = Field(default_factory=dict,
                                      description="Images (1-based) the provider's own audit failed, with why.")
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What a provider's callback says: the job, its state word, and the nonce it echoes."""
+
+    job_id: str
+    state: str
+    nonce: str | None = None
+
+
+class Waker(Protocol):
+    """Where a job's callback is heard (the flow plugs in Prefect's event stream)."""
+
+    def wait(self, seconds: float) -> bool:
+        """Block until the job's callback is heard or `seconds` pass; True when heard."""
 
 
 class CreditEstimate(BaseModel):
@@ -349,7 +367,7 @@ class ImageProvider(Block, ABC):
 
     def estimate_key(self, request: GenerationRequest) -> str:
         """Requests with the same key cost the same; by default every request is its own."""
-        return request.model_dump_json(exclude={"request_id"})
+        return request.model_dump_json(exclude={"request_id", "callback_url"})
 
     @classmethod
     @abstractmethod
@@ -405,6 +423,28 @@ class ImageProvider(Block, ABC):
         again (a synchronous call): they must be kept before anything else happens."""
         return True
 
+    # --- callbacks (where the provider calls back at a job's end) ------------------------------
+    @property
+    def callback_base(self) -> str | None:
+        """The public URL of `imagegen callbacks serve` this account's jobs call back to (a
+        Block field where the provider has callbacks); None: results are polled for."""
+        return None
+
+    @property
+    def callback_fallback(self) -> float:
+        """Seconds a job with a callback waits for it before polling anyway (a lost callback)."""
+        return float(getattr(self, "callback_fallback_seconds", 60.0))
+
+    @classmethod
+    def read_callback(cls, body: Any) -> Heard:
+        """The job and state a callback's JSON body names (`ValueError` if it names none)."""
+        raise ValueError(f"{cls.provider_name} sends no callbacks")
+
+    @classmethod
+    def callback_nonce(cls, request_id: str) -> str | None:
+        """The nonce a callback for `request_id` must echo, where the provider echoes one."""
+        return None
+
     def run_job(
         self,
         request: GenerationRequest,
@@ -415,6 +455,7 @@ class ImageProvider(Block, ABC):
         job_id: str | None = None,
         journal: Journal | None = None,
         unknown_hold: float = 0.0,
+        waker: Waker | None = None,
     ) -> JobResult:
         """Submit (unless `job_id` resumes a job), poll to a final state and fetch, holding
         one in-flight slot throughout and telling `journal` each step as it happens.
@@ -422,7 +463,9 @@ class ImageProvider(Block, ABC):
         A submit that may have reached the provider is never repeated blindly: where the
         provider dedupes request ids it is asked again with the same id; elsewhere it raises
         `SubmitUnknown` after keeping the job slot `unknown_hold` seconds (the job may be
-        running and count against the provider's cap)."""
+        running and count against the provider's cap). With a `waker` (the request carries a
+        callback URL), the wait is for the callback, polling once to confirm it, and only
+        every `callback_fallback` seconds without one."""
         journal = journal or NoJournal()
         estimate = estimate or self.estimate(request)
         with self._limiter.job(self.job_action(request)):
@@ -435,7 +478,7 @@ class ImageProvider(Block, ABC):
                 return JobResult(job_id=job_id, images=images, credits=estimate.credits,
                                  credits_source=estimate.source, polls=0)
             status, polls = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
-                                       first_wait=poll_interval if fresh else 0.0)
+                                       first_wait=poll_interval if fresh else 0.0, waker=waker)
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
@@ -473,12 +516,15 @@ class ImageProvider(Block, ABC):
                          provider=self.provider_name, code=status.provider_status)
 
     def _wait(self, job_id: str, *, poll_interval: float, timeout: float,
-              first_wait: float = 0.0) -> tuple[JobStatus, int]:
+              first_wait: float = 0.0, waker: Waker | None = None) -> tuple[JobStatus, int]:
         """Poll to a final state; return it and the polls it took. A job just submitted is
         first polled after `first_wait` (no job finishes at once, and every poll counts
-        against rate limits); a resumed one at once."""
+        against rate limits); a resumed one at once. With a `waker`, each poll waits for the
+        job's callback, or `callback_fallback` seconds when none comes."""
         deadline = time.monotonic() + timeout
         polls = 0
+        if waker is not None:
+            return self._wait_for_callback(job_id, waker, deadline, resumed=first_wait == 0.0)
         if self.holds_polls:  # each status request is held until the job ends: ask at once, again at once
             first_wait, poll_interval = 0.0, min(poll_interval, HELD_POLL_PAUSE)
         time.sleep(first_wait)
@@ -493,6 +539,27 @@ class ImageProvider(Block, ABC):
                     provider=self.provider_name, code="JobTimeout",
                 )
             time.sleep(poll_interval)
+
+    def _wait_for_callback(self, job_id: str, waker: Waker, deadline: float, *,
+                           resumed: bool) -> tuple[JobStatus, int]:
+        """Wait for the callback, then confirm it with one poll (a callback is a hint); poll
+        anyway every `callback_fallback` seconds, and at once for a resumed job (its callback
+        may have come while no one listened)."""
+        polls = 0
+        heard = resumed
+        while True:
+            if not heard:
+                waker.wait(max(0.0, min(self.callback_fallback, deadline - time.monotonic())))
+            heard = False
+            status = self.poll(job_id)
+            polls += 1
+            if status.state.final:
+                return status, polls
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"job {job_id} not finished by its deadline (last: {status.provider_status}; no callback heard)",
+                    provider=self.provider_name, code="JobTimeout",
+                )
 
     @property
     def holds_polls(self) -> bool:

@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import httpx
-from pydantic import Field, PrivateAttr, SecretStr, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator
 
-from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, ImageProvider, JobState, JobStatus, download,
-                         status_error)
+from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
+                         download, status_error)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, ProviderError, SubmitUnknown,
                            TransientError)
 
@@ -192,6 +192,15 @@ def public_url(url: str) -> bool:
     return address.is_global
 
 
+def on_loopback(url: str) -> bool:
+    """True for a loopback endpoint (the sandbox), which can call back to a loopback receiver."""
+    host = urlparse(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def map_error(code: int, message: str) -> ProviderError:
     """Our error type for an envelope with `success: false`."""
     kind = ERRORS.get(code, TransientError if code >= 500 else BadRequest)
@@ -225,12 +234,16 @@ class ChuzhanProvider(ImageProvider):
 
     api_token: SecretStr = Field(description="API token from the open-platform console (sent as Auth-Token).")
     endpoint: str = Field("https://ai.huashi6.com/aiapi", description="API base URL.")
-    callback: str | None = Field(None, description="Public URL the provider POSTs results to (optional).")
+    callback: str | None = Field(None, description=(
+        "Public URL of `imagegen callbacks serve`: each task then calls back to a URL of its own there, and "
+        "is polled only to confirm (or every callback_fallback_seconds when no callback comes)."))
+    callback_fallback_seconds: float = Field(60.0, description="Seconds a task waits for its callback before "
+                                             "polling anyway (a lost callback, the receiver down).")
 
     @field_validator("callback")
     @classmethod
-    def _public_callback(cls, value: str | None) -> str | None:
-        if value and not public_url(value):
+    def _public_callback(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and not public_url(value) and not on_loopback(str(info.data.get("endpoint") or "")):
             raise ValueError("callback must be a public http(s) URL: the provider refuses localhost and LAN addresses")
         return value
     timeout: float = Field(30.0, description="Seconds for one HTTP request.")
@@ -344,9 +357,26 @@ class ChuzhanProvider(ImageProvider):
 
     def submit_call(self, request: GenerationRequest) -> ApiCall:
         payload = self.draw_params(request)
-        if self.callback:
-            payload["callback"] = self.callback
+        if request.callback_url:
+            payload["callback"] = request.callback_url
         return self.api(PATH_DRAW, payload, safe_to_repeat=False)  # charged at submit
+
+    # --- callbacks: POST {taskId, nonce, state, images...} when a task succeeds or fails ---------
+    @property
+    def callback_base(self) -> str | None:
+        return self.callback
+
+    @classmethod
+    def read_callback(cls, body: Any) -> Heard:
+        if not isinstance(body, dict) or not body.get("taskId"):
+            raise ValueError("a 触站AI callback names its task in taskId")
+        data = body.get("data") if isinstance(body.get("data"), dict) else body
+        return Heard(job_id=str(body["taskId"]), state=str(data.get("state") or "unknown"),
+                     nonce=None if body.get("nonce") is None else str(body["nonce"]))
+
+    @classmethod
+    def callback_nonce(cls, request_id: str) -> str | None:
+        return nonce(request_id)
 
     def read_job_id(self, answer: Any) -> str:
         if not answer or not answer.get("paintingSign"):

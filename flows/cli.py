@@ -275,6 +275,23 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_callbacks(args: argparse.Namespace) -> int:
+    """Receive provider callbacks (see `flows.callbacks`) for the Prefect server in PREFECT_API_URL."""
+    import os
+
+    from flows.callbacks import serve
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print("callbacks not served: set PREFECT_API_URL to the Prefect server the workers use (a run's own "
+              "temporary server cannot be reached from here; `imagegen server up` starts a lasting one)",
+              file=sys.stderr)
+        return 1
+    print(f"receiving callbacks on http://{args.host}:{args.port}/v1/heard/...; put its public URL in the provider "
+          "Blocks (触站AI `callback`, TAMS `notify_url`)", flush=True)
+    serve(args.host, args.port)
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from sandbox import launcher
 
@@ -390,6 +407,11 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--database", choices=["auto", "postgres", "sqlite"], default="auto",
                      help="auto: PostgreSQL when Debian's postgresql is installed, else SQLite")
     srv.set_defaults(func=cmd_server)
+    cb = sub.add_parser("callbacks", help="receive provider callbacks and wake the tasks waiting on them")
+    cb.add_argument("action", choices=["serve"])
+    cb.add_argument("--host", default="127.0.0.1", help="where it listens (behind your ingress; default %(default)s)")
+    cb.add_argument("--port", type=int, default=8710)
+    cb.set_defaults(func=cmd_callbacks)
     s = sub.add_parser("sandbox", help="local provider emulators and S3 server")
     s.add_argument("action", choices=["up", "down", "status", "register"],
                    help="register: save the Blocks and limits of a running sandbox on the current Prefect API")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from blocks import load_provider
 from blocks.archive import archive_bucket, write_bytes, write_json
-from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult
+from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
 from flows.slots import PrefectLimiter
 from flows import images
@@ -211,6 +211,49 @@ def _flush_or_log(journal: ItemJournal) -> None:
                                f", job {record.job_id}" if record and record.job_id else "")
 
 
+def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
+                  request: GenerationRequest) -> tuple[GenerationRequest, Waker | None]:
+    """The request with its own callback URL, and what wakes its wait, where the account's
+    Block names a receiver (`flows.callbacks`); unchanged and None otherwise. Where the Prefect
+    event stream cannot be reached, the job still sends its callback URL (the receiver records
+    it) and is polled as without one."""
+    base = provider.callback_base
+    if not base:
+        return request, None
+    from flows import wakeup
+    from flows.callbacks import JobRef, cached_key, capability_url
+
+    ref = JobRef(provider=plan.provider, block=plan.block, request_id=request.request_id, bucket=plan.archive.bucket,
+                 credentials=plan.archive.credentials, ledger_prefix=ledger.prefix, record_key=ledger.key(plan.item_id))
+    request = request.model_copy(update={"callback_url": capability_url(base, ref, cached_key())})
+    listener = wakeup.listener()
+    if not listener.ready():
+        get_run_logger().warning("%s: the Prefect event stream did not answer in %.0f s; the job is polled, not "
+                                 "woken by its callback", plan.item_id, wakeup.CONNECT_TIMEOUT)
+        return request, None
+    return request, listener.waker(request.request_id)
+
+
+def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> str | None:
+    """An `unknown` submit settled by its callback: the receiver heard the provider name a job
+    for this request id (its capability URL and nonce say so), so the record becomes
+    `submitted` with that job; None when no callback was heard."""
+    from flows.callbacks import heard_notes
+
+    record = journal.record
+    if record is None:
+        return None
+    notes = [n for n in heard_notes(ledger.bucket, ledger.prefix, record.request_id) if n.get("job_id")]
+    if not notes:
+        return None
+    job_id = str(notes[0]["job_id"])
+    get_run_logger().warning("%s: the submit's answer was lost, and %s's callback names job %s for request %s; "
+                             "resuming it (nothing is sent again)", plan.item_id, plan.provider, job_id,
+                             record.request_id)
+    journal.submitted(job_id)
+    return job_id
+
+
 def unknown_help(plan: ItemPlan, record: JobRecord) -> str:
     """What a person does about an `unknown` record: the command that settles it."""
     where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
@@ -270,21 +313,30 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
     elif state in (State.SENDING, State.UNKNOWN) and not provider.idempotent_submit:
         if state is State.SENDING:  # the process that was sending it died before the answer was recorded
             journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
-        raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
-                            code="SubmitUnknown")
+        job_id = settled_by_callback(plan, ledger, journal)
+        if job_id is None:
+            raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
+                                code="SubmitUnknown")
     if result is None:
         if job_id is not None and not provider.can_fetch_again(job_id):
             raise SubmitUnknown(unknown_help(plan, record), provider=plan.provider,  # type: ignore[arg-type]
                                 code="SubmitUnknown")
+        request, waker = with_callback(plan, provider, ledger, request)
+        run = dict(poll_interval=plan.poll_interval, timeout=plan.job_timeout, estimate=plan.estimate,
+                   journal=journal, unknown_hold=plan.unknown_hold, waker=waker)
         try:
-            result = provider.run_job(request, poll_interval=plan.poll_interval, timeout=plan.job_timeout,
-                                      estimate=plan.estimate, job_id=job_id, journal=journal,
-                                      unknown_hold=plan.unknown_hold)
-        except SubmitUnknown as exc:
-            if journal.record is None or journal.record.state is not State.UNKNOWN:
-                raise
-            raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,
-                                code="SubmitUnknown") from exc
+            try:
+                result = provider.run_job(request, job_id=job_id, **run)
+            except SubmitUnknown as exc:
+                if journal.record is None or journal.record.state is not State.UNKNOWN:
+                    raise
+                if waker is not None:  # the job's callback names it, where the submit's answer was lost
+                    waker.wait(provider.callback_fallback)
+                job_id = settled_by_callback(plan, ledger, journal)
+                if job_id is None:
+                    raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,
+                                        code="SubmitUnknown") from exc
+                result = provider.run_job(request, job_id=job_id, **run)
         except (JobFailed, ContentRejected) as exc:
             if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
                 journal.failed(exc.message)

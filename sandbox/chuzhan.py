@@ -15,8 +15,10 @@ Error codes are the sandbox's own (the provider's table is not published), the s
 Block maps: 400 parameter, 401 token, 402 credits, 403 sensitive words, 404 task, 429 task
 limit, 500 internal. Markers for tests: a prompt with ``[[fail]]`` fails its task, ``[[nsfw]]``
 is refused as sensitive, ``[[audit]]`` succeeds with every image failing the audit,
-``[[audit1]]`` with only the first image failing it. Callbacks are checked (public URLs only,
-as the real service demands) but not delivered: the sandbox cannot reach a public URL.
+``[[audit1]]`` with only the first image failing it. A task with a ``callback`` is POSTed to it
+when it ends (``taskId``, ``nonce`` and the detail fields), retried 5 times at +5 s steps on any
+answer but 200 (`sandbox.callbacks`); callback URLs must be public, except in sandbox mode
+(``imagegen sandbox up``), whose receiver is on loopback.
 
 Hooks: ``GET /_sandbox/stats`` (counters, and ``paid``: charges per request, keyed by a
 fingerprint of the paid fields, see `sandbox.paid`), ``POST /_sandbox/config``, ``POST
@@ -25,7 +27,12 @@ fingerprint of the paid fields, see `sandbox.paid`), ``POST /_sandbox/config``, 
 - ``error_before``: code 500, no task created;
 - ``error_after``: the task is created and charged, then the answer is code 500;
 - ``drop_after``: the task is created and charged, then the connection is cut mid-answer;
-- ``slow``: the task is created and charged, and the answer comes ``delay`` s later.
+- ``slow``: the task is created and charged, and the answer comes ``delay`` s later;
+- ``callback_lost``, ``callback_late``, ``callback_duplicate``, ``callback_forged``: the next
+  callback (see `sandbox.callbacks`).
+
+``POST /_sandbox/config`` also takes ``callback_step`` (seconds between retries, 5) and
+``sandbox_callbacks`` (allow loopback callback URLs).
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import base64
 import hashlib
 import hmac
 import io
-import ipaddress
 import json
 import secrets
 import threading
@@ -44,7 +50,6 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -53,6 +58,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.accounts import new_token, read_secret, secret_file
+from sandbox.callbacks import KINDS as CALLBACK_FAULTS
+from sandbox.callbacks import CallbackSender, private_target
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.paid import PaidLog, fingerprint
@@ -103,8 +110,9 @@ def price(params: dict[str, Any]) -> tuple[int, dict[str, Decimal]]:
     return (single if n == 1 else _half_up(Decimal(single) * Decimal("0.9") * n)), terms
 
 
-def refusal(params: dict[str, Any]) -> str | None:
-    """Why the provider refuses the request's parameters (the page's and schema's caps), or None."""
+def refusal(params: dict[str, Any], *, private_callbacks: bool = False) -> str | None:
+    """Why the provider refuses the request's parameters (the page's and schema's caps), or None.
+    `private_callbacks`: loopback callback URLs are accepted (sandbox mode)."""
     w, h = int(params.get("width") or 512), int(params.get("height") or 512)
     if not (64 <= w <= 2048 and 64 <= h <= 2048):
         return "width/height must be 64..2048"
@@ -126,14 +134,8 @@ def refusal(params: dict[str, Any]) -> str | None:
     if len(str(params.get("nonce") or "")) > 32:
         return "nonce: at most 32 characters"
     callback = params.get("callback")
-    if callback:
-        host = urlparse(str(callback)).hostname or ""
-        try:
-            private = not ipaddress.ip_address(host).is_global
-        except ValueError:
-            private = host in ("", "localhost")
-        if private:
-            return "callback must be a public URL (localhost and LAN addresses are refused)"
+    if callback and private_target(str(callback)) and not private_callbacks:
+        return "callback must be a public URL (localhost and LAN addresses are refused)"
     return None
 
 
@@ -196,8 +198,10 @@ class ChuzhanState:
 class ChuzhanEmulator:
     """The Starlette app and its state (one account)."""
 
-    def __init__(self, token: str, *, latency: float = 2.0, task_limit: int = 2, balance: float = 100_000) -> None:
+    def __init__(self, token: str, *, latency: float = 2.0, task_limit: int = 2, balance: float = 100_000,
+                 sandbox_callbacks: bool = False) -> None:
         self.state = ChuzhanState(token=token, latency=latency, task_limit=task_limit, balance=balance)
+        self.callbacks = CallbackSender(sandbox=sandbox_callbacks)
         self.app = Starlette(routes=[
             Route("/v1/draw", self.draw, methods=["POST"]),
             Route("/v1/task/detail", self.detail, methods=["POST"]),
@@ -233,7 +237,7 @@ class ChuzhanEmulator:
         st = self.state
         try:
             params = await self._body(request)
-            why = refusal(params)
+            why = refusal(params, private_callbacks=self.callbacks.sandbox)
             if why is not None:
                 with st.lock:
                     st.counters["param_rejections"] += 1
@@ -277,6 +281,10 @@ class ChuzhanEmulator:
                 st.peak_in_flight = max(st.peak_in_flight, in_flight + 1)
                 answer = {"paintingSign": task.sign, "used": cost, "balance": st.balance,
                           "taskLimitCount": st.task_limit}
+            if params.get("callback"):
+                base = str(request.base_url)
+                self.callbacks.schedule(str(params["callback"]), lambda: self._callback_body(task, base),
+                                        after=st.latency + 0.05)
             if fault is not None and fault["kind"] == "error_after":
                 raise Refused(500, "系统繁忙 (injected fault after the task was created)")
             if fault is not None and fault["kind"] == "drop_after":
@@ -299,9 +307,20 @@ class ChuzhanEmulator:
 
     async def set_faults(self, request: Request) -> Response:
         def refuse(fault: dict[str, Any]) -> str | None:
-            return None if fault.get("kind") in FAULTS else f"unknown fault kind {fault.get('kind')!r}"
+            known = fault.get("kind") in FAULTS + CALLBACK_FAULTS
+            return None if known else f"unknown fault kind {fault.get('kind')!r}"
 
+        if request.method == "DELETE":
+            await fault_hook(request, self.callbacks.lock, self.callbacks.faults, refuse)
+        elif (await request.json()).get("kind") in CALLBACK_FAULTS:
+            return await fault_hook(request, self.callbacks.lock, self.callbacks.faults, refuse)
         return await fault_hook(request, self.state.lock, self.state.faults, refuse)
+
+    def _callback_body(self, task: Task, base_url: str) -> dict[str, Any]:
+        """What the provider POSTs when a task ends: taskId, nonce and the detail fields."""
+        with self.state.lock:
+            return {"taskId": task.sign, "nonce": task.params.get("nonce"),
+                    **self._detail(task, base_url, preview=False)}
 
     async def detail(self, request: Request) -> Response:
         st = self.state
@@ -320,7 +339,7 @@ class ChuzhanEmulator:
                 while self._state_of(task) in ("in_queue", "running") and time.monotonic() < let_go:
                     await asyncio.sleep(0.05)
             with st.lock:
-                return envelope(self._detail(task, request, preview=body.get("preview", True)))
+                return envelope(self._detail(task, str(request.base_url), preview=body.get("preview", True)))
         except Refused as exc:
             return envelope(None, exc.code, exc.msg)
 
@@ -348,8 +367,11 @@ class ChuzhanEmulator:
             st.balance = float(data.get("balance", st.balance))
             st.task_limit = int(data.get("task_limit", st.task_limit))
             st.hold_max = float(data.get("hold_max", st.hold_max))
+            self.callbacks.step = float(data.get("callback_step", self.callbacks.step))
+            self.callbacks.sandbox = bool(data.get("sandbox_callbacks", self.callbacks.sandbox))
         return JSONResponse({"latency": st.latency, "balance": st.balance, "task_limit": st.task_limit,
-                             "hold_max": st.hold_max})
+                             "hold_max": st.hold_max, "callback_step": self.callbacks.step,
+                             "sandbox_callbacks": self.callbacks.sandbox})
 
     async def stats(self, request: Request) -> Response:
         st = self.state
@@ -357,6 +379,7 @@ class ChuzhanEmulator:
             for task in st.tasks.values():
                 self._state_of(task)
             return JSONResponse({**st.counters, **st.paid.snapshot(), "charged_credits": st.charged_credits,
+                                 "callbacks": self.callbacks.snapshot(),
                                  "balance": st.balance,
                                  "peak_in_flight": st.peak_in_flight, "task_limit": st.task_limit,
                                  "tasks": {t.sign: {"state": self._state_of(t), "credits": t.credits,
@@ -380,7 +403,7 @@ class ChuzhanEmulator:
             return "fail"
         return "success"
 
-    def _detail(self, task: Task, request: Request, preview: bool) -> dict[str, Any]:
+    def _detail(self, task: Task, base_url: str, preview: bool) -> dict[str, Any]:
         state = self._state_of(task)
         progress = min(1.0, (time.monotonic() - task.created) / self.state.latency) if state != "in_queue" else 0.0
         data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
@@ -389,7 +412,7 @@ class ChuzhanEmulator:
             Image.new("RGB", (64, 64), (128, 128, 128)).save(thumb, format="JPEG")
             data["current_image"] = base64.b64encode(thumb.getvalue()).decode()
         if state == "success":
-            urls = [self.state.results.sign(str(request.base_url), f"/_results/{task.sign}/{i}.png")[0]
+            urls = [self.state.results.sign(base_url, f"/_results/{task.sign}/{i}.png")[0]
                     for i in range(int(task.params.get("batchSize") or 1))]
             audits = [0 if task.audit_fail or (task.audit_fail_first and i == 0) else 1 for i in range(len(urls))]
             data.update(images=[{"imageUrl": u, "audit": a} for u, a in zip(urls, audits, strict=True)],
@@ -420,7 +443,8 @@ def sandbox_account(state_dir: Path) -> dict[str, str]:
 
 
 def make_app(account: dict[str, str], latency: float) -> Starlette:
-    return ChuzhanEmulator(read_secret(account, "token"), latency=latency, task_limit=int(account["task_limit"])).app
+    return ChuzhanEmulator(read_secret(account, "token"), latency=latency, task_limit=int(account["task_limit"]),
+                           sandbox_callbacks=True).app
 
 
 def block_fields(account: dict[str, str]) -> dict[str, Any]:

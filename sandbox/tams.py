@@ -21,7 +21,14 @@ or the whole path with ``"exact": true``), ``DELETE`` clears them:
 - ``slow``: the request is handled only after ``delay`` seconds (beyond a client timeout,
   a submit then succeeds although the client saw a timeout);
 - ``drop``: the request is handled, then the connection is cut mid-response;
-- ``job_fail``: the next created job ends FAILED.
+- ``job_fail``: the next created job ends FAILED;
+- ``callback_lost``, ``callback_late``, ``callback_duplicate``, ``callback_forged``: the next
+  notification (see `sandbox.callbacks`).
+
+A job created with ``notifyUrl`` is POSTed there when it ends. TAMS documents the field but not
+the payload or the retries: assumed here, the GET's ``{"job": {...}}`` body, retried as 触站AI
+documents (5 attempts, +5 s steps; ``callback_step`` in the config), public URLs only except in
+sandbox mode (``sandbox_callbacks``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.accounts import new_token, read_secret, secret_file
+from sandbox.callbacks import KINDS as CALLBACK_FAULTS
+from sandbox.callbacks import CallbackSender
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
 from sandbox.limits import SlidingWindow
@@ -138,10 +147,11 @@ class TamsEmulator:
     """The Starlette app and its state."""
 
     def __init__(self, public_keys: dict[str, bytes], *, latency: float = 2.0,
-                 token: str | None = None, balance: float = 100_000.0) -> None:
+                 token: str | None = None, balance: float = 100_000.0, sandbox_callbacks: bool = False) -> None:
         apps = {app: serialization.load_pem_public_key(pem) for app, pem in public_keys.items()}
         self.state = TamsState(latency=latency, apps=apps, token=token,
                                balance={app: balance for app in apps})
+        self.callbacks = CallbackSender(sandbox=sandbox_callbacks)
         self.app = Starlette(routes=[
             Route("/v1/resource/image", self.create_resource, methods=["POST"]),
             Route("/v1/jobs/credits", self.credits, methods=["POST"]),
@@ -338,6 +348,9 @@ class TamsEmulator:
                 st.counters["duplicate_submits"] += 1
                 return JSONResponse({"job": self._job_info(st.jobs[existing], request)})
         self._validate(data.get("stages"), app_id)
+        notify = str(data.get("notifyUrl") or "")
+        if notify and self.callbacks.refuses(notify):
+            raise ApiError(400, 3, "notifyUrl: must be a public URL")  # [A] as 触站AI refuses LAN targets
         stages = data["stages"]
         cost = credits_for(stages)
         prompt = " ".join(str(p.get("text", "")) for s in stages if s.get("type") == "DIFFUSION"
@@ -358,7 +371,15 @@ class TamsEmulator:
             st.jobs[job.id] = job
             st.by_request[(app_id, request_id)] = job.id
             st.counters["submits"] += 1
-            return JSONResponse({"job": self._job_info(job, request)})
+            answer = {"job": self._job_info(job, request)}
+        if notify:
+            self.callbacks.schedule(notify, lambda: self._notification(job, request), after=st.latency + 0.05)
+        return JSONResponse(answer)
+
+    def _notification(self, job: Job, request: Request) -> dict[str, Any]:
+        """What is POSTed to notifyUrl when the job ends [A]: the GET's body."""
+        with self.state.lock:
+            return {"job": self._job_info(job, request)}
 
     @_handle
     async def get_job(self, request: Request) -> Response:
@@ -405,13 +426,20 @@ class TamsEmulator:
                 st.latency = float(data["latency"])
             if "balance" in data:
                 st.balance = {app: float(data["balance"]) for app in st.balance}
-        return JSONResponse({"latency": st.latency, "balance": st.balance})
+            self.callbacks.step = float(data.get("callback_step", self.callbacks.step))
+            self.callbacks.sandbox = bool(data.get("sandbox_callbacks", self.callbacks.sandbox))
+        return JSONResponse({"latency": st.latency, "balance": st.balance, "callback_step": self.callbacks.step,
+                             "sandbox_callbacks": self.callbacks.sandbox})
 
     async def set_faults(self, request: Request) -> Response:
         def refuse(fault: dict[str, Any]) -> str | None:
-            known = fault.get("kind") in ("rate_limit", "http_500", "slow", "drop", "job_fail")
+            known = fault.get("kind") in ("rate_limit", "http_500", "slow", "drop", "job_fail") + CALLBACK_FAULTS
             return None if known else f"unknown fault kind {fault.get('kind')!r}"
 
+        if request.method == "DELETE":
+            await fault_hook(request, self.callbacks.lock, self.callbacks.faults, refuse)
+        elif (await request.json()).get("kind") in CALLBACK_FAULTS:
+            return await fault_hook(request, self.callbacks.lock, self.callbacks.faults, refuse)
         return await fault_hook(request, self.state.lock, self.state.faults, refuse)
 
     async def stats(self, request: Request) -> Response:
@@ -423,6 +451,7 @@ class TamsEmulator:
                 **st.counters, **st.paid.snapshot(),
                 "rate_limited": st.window.rejected, "peak_requests_per_second": st.window.peak,
                 "charged_credits": round(st.charged_credits, 2), "balance": st.balance,
+                "callbacks": self.callbacks.snapshot(),
                 "jobs": {j.id: {"requestId": j.request_id, "status": self._status(j), "credits": j.credits,
                                 "charged": j.charged} for j in st.jobs.values()},
             })
@@ -514,7 +543,7 @@ def sandbox_account(state_dir: Path) -> dict[str, str]:
 
 def make_app(account: dict[str, str], latency: float) -> Starlette:
     return TamsEmulator({account["app_id"]: Path(account["public_key_file"]).read_bytes()}, latency=latency,
-                        token=read_secret(account, "token")).app
+                        token=read_secret(account, "token"), sandbox_callbacks=True).app
 
 
 def block_fields(account: dict[str, str]) -> dict[str, Any]:

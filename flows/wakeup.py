@@ -1,0 +1,96 @@
+"""Waking the task that waits on a job when its callback is heard, in any process or machine.
+
+The receiver (`flows.callbacks`) posts the Prefect event `imagegen.callback.heard` on resource
+`imagegen.job.<request id>`. Each worker process keeps one subscription to the Prefect server's
+event stream (`/events/out`, a websocket served by every API replica; across replicas the
+server's Redis messaging carries it), filtered to those events, and wakes the thread waiting on
+that request id. Why events: they are already where every worker connects, they need no port
+open on the workers, and the stream replays the last minute on (re)connecting, so a callback
+heard while a connection was being made is not missed. A callback heard before its task waits
+is kept until the task asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+
+from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX
+
+CONNECT_TIMEOUT = 15.0
+log = logging.getLogger("imagegen.wakeup")
+
+
+class Listener:
+    """One event-stream subscription per process, shared by every waiting thread."""
+
+    def __init__(self) -> None:
+        self._heard: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        self.events = 0
+        context = contextvars.copy_context()  # the caller's Prefect settings (its API URL) go with it
+        threading.Thread(target=context.run, args=(lambda: asyncio.run(self._listen()),), name="imagegen-callbacks",
+                         daemon=True).start()
+
+    async def _listen(self) -> None:
+        from prefect.events.clients import PrefectEventSubscriber
+        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+        event_filter = EventFilter(event=EventNameFilter(name=[HEARD_EVENT]),
+                                   resource=EventResourceFilter(id_prefix=[RESOURCE_PREFIX]))
+        while True:
+            try:
+                async with PrefectEventSubscriber(filter=event_filter, reconnect_on_clean_close=True) as events:
+                    self._ready.set()
+                    async for event in events:
+                        self._hear(event.resource.id.removeprefix(RESOURCE_PREFIX))
+            except Exception as exc:  # noqa: BLE001 - the stream is away: jobs fall back to polling meanwhile
+                log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
+                            type(exc).__name__)
+            await asyncio.sleep(5)
+
+    def _hear(self, request_id: str) -> None:
+        with self._cond:
+            self.events += 1
+            self._heard[request_id] = time.monotonic()
+            self._cond.notify_all()
+
+    def ready(self, timeout: float = CONNECT_TIMEOUT) -> bool:
+        """True once the subscription is open (a job submitted before may miss nothing: replay)."""
+        return self._ready.wait(timeout)
+
+    def wait(self, request_id: str, seconds: float) -> bool:
+        """Block until `request_id`'s callback is heard or `seconds` pass; consume it if heard."""
+        with self._cond:
+            heard = self._cond.wait_for(lambda: request_id in self._heard, timeout=seconds)
+            self._heard.pop(request_id, None)
+            return heard
+
+    def waker(self, request_id: str) -> JobWaker:
+        return JobWaker(self, request_id)
+
+
+class JobWaker:
+    """A `blocks.base.Waker` for one request id."""
+
+    def __init__(self, listener: Listener, request_id: str) -> None:
+        self.listener, self.request_id = listener, request_id
+
+    def wait(self, seconds: float) -> bool:
+        return self.listener.wait(self.request_id, seconds)
+
+
+_listener: list[Listener] = []
+_lock = threading.Lock()
+
+
+def listener() -> Listener:
+    """The process's listener, started on first use."""
+    with _lock:
+        if not _listener:
+            _listener.append(Listener())
+        return _listener[0]
