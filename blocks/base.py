@@ -102,6 +102,9 @@ class Waker(Protocol):
     def wait(self, seconds: float) -> bool:
         """Block until the job's callback is heard or `seconds` pass; True when heard."""
 
+    def heard(self) -> Any | None:
+        """The body of the job's last callback the receiver verified, or None."""
+
 
 class CreditEstimate(BaseModel):
     """What a request will cost, and where the number came from."""
@@ -431,6 +434,12 @@ class ImageProvider(Block, ABC):
         return None
 
     @property
+    def trusts_callbacks(self) -> bool:
+        """True where the Block's `trust_callbacks` takes a verified callback's own status as
+        the job's end (no confirming poll); its results are still downloaded from the provider."""
+        return bool(getattr(self, "trust_callbacks", False))
+
+    @property
     def callback_fallback(self) -> float:
         """Seconds a job with a callback waits for it before polling anyway (a lost callback)."""
         return float(getattr(self, "callback_fallback_seconds", 60.0))
@@ -548,8 +557,9 @@ class ImageProvider(Block, ABC):
         polls = 0
         heard = resumed
         while True:
-            if not heard:
-                waker.wait(max(0.0, min(self.callback_fallback, deadline - time.monotonic())))
+            if not heard and waker.wait(max(0.0, min(self.callback_fallback, deadline - time.monotonic()))):
+                if (status := self._trusted_end(job_id, waker)) is not None:
+                    return status, polls
             heard = False
             status = self.poll(job_id)
             polls += 1
@@ -560,6 +570,21 @@ class ImageProvider(Block, ABC):
                     f"job {job_id} not finished by its deadline (last: {status.provider_status}; no callback heard)",
                     provider=self.provider_name, code="JobTimeout",
                 )
+
+    def _trusted_end(self, job_id: str, waker: Waker) -> JobStatus | None:
+        """The job's end as its verified callback tells it, where the Block trusts callbacks and
+        the callback names this job, final, with its results; else None (poll to confirm)."""
+        if not self.trusts_callbacks or (body := waker.heard()) is None:
+            return None
+        try:
+            if self.read_callback(body).job_id != job_id:
+                return None
+            status = self.read_status(job_id, body)
+        except Exception:  # noqa: BLE001 - an unreadable body is confirmed by a poll
+            return None
+        if not status.state.final or (status.state is JobState.SUCCEEDED and not status.result_urls):
+            return None
+        return status
 
     @property
     def holds_polls(self) -> bool:

@@ -239,6 +239,9 @@ class ChuzhanProvider(ImageProvider):
         "is polled only to confirm (or every callback_fallback_seconds when no callback comes)."))
     callback_fallback_seconds: float = Field(60.0, description="Seconds a task waits for its callback before "
                                              "polling anyway (a lost callback, the receiver down).")
+    trust_callbacks: bool = Field(False, description=(
+        "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
+        "without a confirming status request (results are still downloaded from the provider)."))
 
     @field_validator("callback")
     @classmethod

@@ -163,6 +163,9 @@ class TamsProvider(ImageProvider):
         "polled only to confirm its end, which saves the 5-a-second request budget for submits."))
     callback_fallback_seconds: float = Field(60.0, description="Seconds a job waits for its callback before "
                                              "polling anyway (a lost callback, the receiver down).")
+    trust_callbacks: bool = Field(False, description=(
+        "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
+        "without a confirming status request (results are still downloaded from the provider)."))
 
     @model_validator(mode="after")
     def _one_credential(self) -> TamsProvider:

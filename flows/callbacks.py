@@ -178,7 +178,7 @@ class Receiver:
             if await run_in_threadpool(recorded_job_differs, ref, heard.job_id):
                 self._count("wrong_job")  # a real URL, another job's body: a replay
                 return JSONResponse({"error": "the ledger records another job for this request"}, status_code=409)
-            fresh = await run_in_threadpool(record, ref, heard.job_id, heard.state, heard.nonce)
+            fresh = await run_in_threadpool(record, ref, heard.job_id, heard.state, heard.nonce, json.loads(raw))
             # Announced even when the note was there: an earlier delivery may have written it and
             # then failed to announce (503); a second event costs the waiter nothing.
             await run_in_threadpool(announce, ref, heard.job_id, heard.state)
@@ -207,13 +207,14 @@ def recorded_job_differs(ref: JobRef, job_id: str) -> bool:
             and str(record["job_id"]) != job_id)
 
 
-def record(ref: JobRef, job_id: str, state: str, nonce: str | None) -> bool:
-    """Write the heard note unless it exists; True when this call wrote it."""
+def record(ref: JobRef, job_id: str, state: str, nonce: str | None, body: Any) -> bool:
+    """Write the heard note (with the callback's body, for a Block that trusts callbacks)
+    unless it exists; True when this call wrote it."""
     from blocks.archive import archive_bucket
     from flows.ledger import PreconditionFailed, put_conditionally
 
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": job_id,
-            "state": state, "nonce": nonce, "heard_at": datetime.now(timezone.utc).isoformat()}
+            "state": state, "nonce": nonce, "heard_at": datetime.now(timezone.utc).isoformat(), "body": body}
     bucket = archive_bucket(ref.bucket, ref.credentials)
     try:
         put_conditionally(bucket, ref.heard_key(job_id, state), json.dumps(note, sort_keys=True).encode(),

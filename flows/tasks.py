@@ -221,7 +221,7 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
     if not base:
         return request, None
     from flows import wakeup
-    from flows.callbacks import JobRef, cached_key, capability_url
+    from flows.callbacks import JobRef, cached_key, capability_url, heard_notes
 
     ref = JobRef(provider=plan.provider, block=plan.block, request_id=request.request_id, bucket=plan.archive.bucket,
                  credentials=plan.archive.credentials, ledger_prefix=ledger.prefix, record_key=ledger.key(plan.item_id))
@@ -231,7 +231,11 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
         get_run_logger().warning("%s: the Prefect event stream did not answer in %.0f s; the job is polled, not "
                                  "woken by its callback", plan.item_id, wakeup.CONNECT_TIMEOUT)
         return request, None
-    return request, listener.waker(request.request_id)
+    def last_heard() -> Any | None:
+        notes = heard_notes(ledger.bucket, ledger.prefix, request.request_id)
+        return notes[-1].get("body") if notes else None
+
+    return request, listener.waker(request.request_id, last_heard)
 
 
 def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> str | None:

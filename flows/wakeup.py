@@ -17,6 +17,8 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX
 
@@ -70,18 +72,21 @@ class Listener:
             self._heard.pop(request_id, None)
             return heard
 
-    def waker(self, request_id: str) -> JobWaker:
-        return JobWaker(self, request_id)
+    def waker(self, request_id: str, last_heard: Callable[[], Any | None]) -> JobWaker:
+        return JobWaker(self, request_id, last_heard)
 
 
 class JobWaker:
-    """A `blocks.base.Waker` for one request id."""
+    """A `blocks.base.Waker` for one request id; `last_heard` reads its last verified callback."""
 
-    def __init__(self, listener: Listener, request_id: str) -> None:
-        self.listener, self.request_id = listener, request_id
+    def __init__(self, listener: Listener, request_id: str, last_heard: Callable[[], Any | None]) -> None:
+        self.listener, self.request_id, self.last_heard = listener, request_id, last_heard
 
     def wait(self, seconds: float) -> bool:
         return self.listener.wait(self.request_id, seconds)
+
+    def heard(self) -> Any | None:
+        return self.last_heard()
 
 
 _listener: list[Listener] = []

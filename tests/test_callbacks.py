@@ -77,7 +77,9 @@ def receiver(sandbox_blocks):
         block.callback_fallback_seconds = 4.0
         block.save("cb", overwrite=True)
         httpx.post(f"{sandbox_blocks.url(provider)}/_sandbox/config", json={"callback_step": 0.3})
-    apply_limits({"chuzhan": ["cb"], "tams": ["cb"]})
+        block.trust_callbacks = True
+        block.save("cb-trust", overwrite=True)
+    apply_limits({"chuzhan": ["cb", "cb-trust"], "tams": ["cb", "cb-trust"]})
     yield url
     proc.terminate()
     proc.wait(10)
@@ -86,13 +88,13 @@ def receiver(sandbox_blocks):
         httpx.delete(f"{sandbox_blocks.url(provider)}/_sandbox/faults")
 
 
-def spec(name: str, provider: str, n: int, *, options: str = "{}") -> str:
+def spec(name: str, provider: str, n: int, *, options: str = "{}", block: str = "cb") -> str:
     items = "".join(f"  - {{id: i{k}, prompt: {name} lamp {k}, count: 1}}\n" for k in range(n))
     return f"""\
 version: 1
 name: {name}
 provider: {provider}
-blocks: {{{provider}: cb}}
+blocks: {{{provider}: {block}}}
 generate: {{width: 512, height: 512, steps: 20, model: "1", options: {options}}}
 archive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}
 run: {{poll_interval: 0.2, job_timeout: 90, max_parallel: 4, unknown_hold: 1}}
@@ -131,6 +133,19 @@ def test_jobs_end_by_callback_with_one_confirming_poll_each(receiver, sandbox_bl
     assert after["polls"] - before["polls"] == 4  # polling every 0.2 s over a 0.6 s job would be 3 a job
     assert after["callbacks"].get("delivered", 0) - before["callbacks"].get("delivered", 0) == 4
     assert now.get("heard", 0) - heard.get("heard", 0) == 4
+
+
+@pytest.mark.parametrize("provider", ["chuzhan", "tams"])
+def test_a_block_that_trusts_callbacks_asks_for_no_status(receiver, sandbox_blocks, tmp_path, provider) -> None:
+    """With `trust_callbacks`, a verified callback naming the job is its end: no status request
+    at all (TAMS: one request a job instead of two against its 5 a second), paid once."""
+    before = stats_of(provider, sandbox_blocks)
+    state = run_spec(tmp_path, spec(f"cbt-{provider}", provider, 4, block="cb-trust"), date(2026, 5, 4))
+    after = stats_of(provider, sandbox_blocks)
+    assert state.is_completed(), state
+    assert len(archived(f"cbt-{provider}", sandbox_blocks, date(2026, 5, 4))) == 4
+    assert charges(after, f"cbt-{provider}") == [1] * 4
+    assert after["polls"] == before["polls"]
 
 
 def test_forged_duplicated_late_and_lost_callbacks(receiver, sandbox_blocks, tmp_path) -> None:
