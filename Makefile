@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml requirements.txt constraints.txt
 	@$(MAKE) --no-print-directory system-libs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan,sandbox,redis]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,review,realesrgan,sandbox,redis,bench]'
 	touch $@
 
 # The benchmark's Prefect server runs on a throwaway PostgreSQL cluster when Debian's

@@ -4,7 +4,8 @@
     python -m benchmarks.measure baseline SPEC --sandbox-state DIR [--run-date D]
 
 The last line printed is `BENCH_RESULT {json}`: wall seconds of the run (imports excluded),
-CPU seconds (user + system, all threads) spent in it, and the peak RSS of the process.
+CPU seconds (user + system, all threads) spent in it, the peak RSS of the process, and where
+the CPU went (`cpu_parts`, shares of py-spy samples, see `benchmarks.cpu`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def main(argv: list[str]) -> None:
         import flows.pipeline  # noqa: F401 - imports before the clock starts, as for the baseline
     else:
         import benchmarks.baseline  # noqa: F401
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.cpu import Sampler
+
+    sampler = Sampler(Path(tempfile.gettempdir()) / f"imagegen-bench-{os.getpid()}.raw")
     cpu0, wall0 = _cpu(), time.monotonic()
     if mode == "flow":
         outcome = run_flow(spec, run_date)
@@ -54,9 +62,11 @@ def main(argv: list[str]) -> None:
         outcome = baseline([spec, *rest])
         outcome["status"] = "complete" if not outcome["failed"] else "incomplete"
     wall, cpu = time.monotonic() - wall0, _cpu() - cpu0
+    parts = sampler.stop()
+    sampler.out.unlink(missing_ok=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(MARK + json.dumps({"mode": mode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                             "peak_rss_mb": round(peak_mb, 1), **outcome}), flush=True)
+                             "peak_rss_mb": round(peak_mb, 1), "cpu_parts": parts, **outcome}), flush=True)
 
 
 if __name__ == "__main__":

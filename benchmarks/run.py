@@ -4,11 +4,18 @@
     python -m benchmarks.run --sizes 12 --baseline-sizes 12 --latency 0.5   # a quick one
 
 Starts the sandbox (emulators with a fixed job latency and the published limits, SeaweedFS)
-and, unless `--api-url` names one, a `prefect server start` on SQLite in a temp dir; saves the
-sandbox Blocks and applies `deployments/limits.yaml` there. Then, for each size, runs the
-workload of `benchmarks/workload.py` through `run-pipeline` and through `benchmarks/baseline.py`,
-each in its own process, and reads the emulators' own counters before and after. Writes
-`results/latest.json` and `results/latest.md` (under `--out`) and prints the table.
+and, unless `--api-url` names one, a `prefect server start` on PostgreSQL (else SQLite) in a
+temp dir, and `imagegen callbacks serve` for it; saves the sandbox Blocks, a variant per mode
+and their limits there. Then runs, each in its own process, reading the emulators' own counters
+before and after:
+
+- for each size, the mixed workload of `benchmarks/workload.py` through `run-pipeline` in each
+  mode (polling; callbacks, with Blocks that trust a verified callback; 触站AI's long poll) and
+  through `benchmarks/baseline.py`;
+- a TAMS-only workload, polling and with callbacks (its 5 requests a second are the bound);
+- the mixed workload, polling, on a second server on SQLite (the embedded default's database).
+
+Writes `results/latest.json` and `results/latest.md` (under `--out`) and prints the tables.
 """
 
 from __future__ import annotations
@@ -82,6 +89,57 @@ def emulator_counts(state: launcher.SandboxState) -> dict[str, dict[str, int]]:
             for p in PROVIDERS}
 
 
+# Block variants per mode: field changes per provider (the receiver's URL filled in at run time).
+MODES: dict[str, dict[str, dict[str, Any]]] = {
+    "polling": {},
+    "callbacks": {"chuzhan": {"callback": "{receiver}", "trust_callbacks": True},
+                  "tams": {"notify_url": "{receiver}", "trust_callbacks": True}},
+    "long-poll": {"chuzhan": {"long_poll": True}},
+}
+MODE_POLLS = {"callbacks": {"chuzhan": 0.0, "tams": 0.0}, "long-poll": {"chuzhan": 1.0}}
+
+
+def block_name(mode: str) -> str:
+    return BLOCK if mode == "polling" else f"{BLOCK}-{mode}"
+
+
+def save_variants(api: str, receiver: str) -> None:
+    """Save each mode's Blocks (copies of the sandbox's with its fields changed) and limits."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from blocks import registry
+    from deployments.limits import apply_limits
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        for mode, changes in MODES.items():
+            if mode == "polling":
+                continue
+            for provider in PROVIDERS:
+                block = registry.provider(provider).load(BLOCK)
+                for name, value in changes.get(provider, {}).items():
+                    setattr(block, name, value.format(receiver=receiver) if isinstance(value, str) else value)
+                block.save(block_name(mode), overwrite=True)
+        apply_limits({p: [block_name(m) for m in MODES if m != "polling"] for p in PROVIDERS})
+
+
+def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`imagegen callbacks serve` for the benchmark's Prefect API; returns it and its URL."""
+    port = launcher.free_port()
+    proc = subprocess.Popen([str(BIN / "imagegen"), "callbacks", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the callback receiver did not start; see {log}")
+        time.sleep(0.3)
+
+
 def run_side(mode: str, spec: Path, env: dict[str, str], state_dir: Path, log: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.measure", mode, str(spec)]
     if mode == "baseline":
@@ -99,22 +157,33 @@ def run_side(mode: str, spec: Path, env: dict[str, str], state_dir: Path, log: P
     return result
 
 
-def summarize(workload: Workload, result: dict[str, Any], before: dict, after: dict) -> dict[str, Any]:
+def summarize(workload: Workload, result: dict[str, Any], before: dict, after: dict, *, way: str,
+              label: str, database: str) -> dict[str, Any]:
     counts = {p: {k: after[p][k] - before[p][k] for k in after[p]} for p in PROVIDERS}
     polls = {p: round(c["polls"] / c["submits"], 2) for p, c in counts.items() if c["submits"]}
-    ceiling = workload.ceiling()
+    mode = way.removeprefix("flow ")
+    ceiling = workload.ceiling(MODE_POLLS.get(mode))
+    polling_ceiling = workload.ceiling()
     at_polls = workload.ceiling(polls)
     images = result.get("images") or 0
+    per_image = round(result["cpu_s"] / images, 4) if images else None
     return {
-        **result, "items": workload.items, "split": workload.split,
-        "ceiling_s": ceiling["overall"], "ceiling_per_provider_s": ceiling,
+        **result, "way": way, "workload": label, "database": database, "items": workload.items,
+        "split": workload.split, "ceiling_s": ceiling["overall"], "ceiling_per_provider_s": ceiling,
+        "polling_ceiling_s": polling_ceiling["overall"],
+        "vs_polling_ceiling": round(polling_ceiling["overall"] / result["wall_s"], 3),
         "fraction_of_ceiling": round(ceiling["overall"] / result["wall_s"], 3),
         "ceiling_at_measured_polls_s": at_polls["overall"],
         "fraction_of_ceiling_at_measured_polls": round(at_polls["overall"] / result["wall_s"], 3),
         "polls_per_job": polls, "violations": {p: c["violations"] for p, c in counts.items()},
         "violations_total": sum(c["violations"] for c in counts.values()), "provider_counts": counts,
-        "cpu_s_per_image": round(result["cpu_s"] / images, 4) if images else None,
+        "cpu_s_per_image": per_image,
+        "cpu_s_per_image_parts": {k: round(v * per_image, 4) for k, v in (result.get("cpu_parts") or {}).items()}
+        if per_image else {},
     }
+
+
+PARTS = ("Prefect", "limits", "ledger", "review", "archive (S3)", "provider HTTP", "other")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -124,9 +193,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"max_parallel {cfg['max_parallel']}, moderation {'on' if cfg['moderation'] else 'off'}; "
         f"Prefect API: {cfg['prefect_api']}; {cfg['machine']}.",
         "",
-        f"| items ({'/'.join(PROVIDERS)}) | way | wall s | ceiling s | of ceiling | polls/job "
-        "| violations | CPU s/image | peak RSS MB | vs baseline | result |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| workload ({'/'.join(PROVIDERS)}) | way | database | wall s | ceiling s | of ceiling | of polling ceiling "
+        "| polls/job | violations | CPU s/image | peak RSS MB | vs baseline | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
         split = "/".join(str(run["split"][p]) for p in PROVIDERS)
@@ -134,18 +203,33 @@ def markdown(report: dict[str, Any]) -> str:
         ratio = f"{run['vs_baseline']:.2f}x" if run.get("vs_baseline") else ""
         result = f"{run['status']}, {run.get('images')} images" + (f", {run['failed']} failed" if run.get("failed") else "")
         lines.append(
-            f"| {run['items']} ({split}) | {run['mode']} | {run['wall_s']} | {run['ceiling_s']} "
-            f"| {run['fraction_of_ceiling']:.0%} | {polls} | {run['violations_total']} | {run['cpu_s_per_image']} "
-            f"| {run['peak_rss_mb']} | {ratio} | {result} |")
-    lines += ["", "Ceiling: the published limits' bound, `max over providers of N_p x max((1+p)/R, L/C)` with "
-              f"p = {report['polls_needed']} poll(s) a job; 'of ceiling' = ceiling / wall. "
-              "Violations: requests the emulators refused over a limit."]
+            f"| {run['workload']} {run['items']} ({split}) | {run['way']} | {run['database']} | {run['wall_s']} "
+            f"| {run['ceiling_s']} | {run['fraction_of_ceiling']:.0%} | {run['vs_polling_ceiling']:.0%} | {polls} "
+            f"| {run['violations_total']} | {run['cpu_s_per_image']} | {run['peak_rss_mb']} | {ratio} | {result} |")
+    lines += ["", "Ceiling: the published limits' bound for the way measured, `max over providers of N_p x "
+              f"max((1+p)/R, L/C)` with p polls a job ({report['polls_needed']} when polling, 0 where a trusted "
+              "callback ends the job, 1 held request for the long poll); 'of ceiling' = ceiling / wall; 'of polling "
+              "ceiling' = the polling ceiling / wall (above 100%: faster than any polling client can be). "
+              "Violations: requests the emulators refused over a limit.", "",
+              "CPU seconds per image, by where py-spy found the process's running threads (`benchmarks/cpu.py`):",
+              "", "| workload | way | database | " + " | ".join(PARTS) + " |", "|---|---|---|" + "---|" * len(PARTS)]
+    for run in report["runs"]:
+        parts = run.get("cpu_s_per_image_parts") or {}
+        if parts:
+            lines.append(f"| {run['workload']} {run['items']} | {run['way']} | {run['database']} | "
+                         + " | ".join(str(parts.get(p, 0.0)) for p in PARTS) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[300, 1000], help="items per run of the flow")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[300], help="items of the mixed workload per run")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="ways the flow runs the mixed workload")
+    parser.add_argument("--tams-only", type=int, default=300, metavar="N",
+                        help="items of the TAMS-only workload, polling and with callbacks (0: not run)")
+    parser.add_argument("--sqlite-size", type=int, default=300, metavar="N",
+                        help="items of the mixed workload polling on a SQLite server too (0: not run)")
     parser.add_argument("--baseline-sizes", type=int, nargs="*", default=[300],
                         help="sizes also run through the asyncio baseline")
     parser.add_argument("--latency", type=float, default=2.0, help="seconds every emulated job takes")
@@ -167,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir, home = work / "sandbox", work / "prefect"
     home.mkdir()
     work.chmod(0o755)  # the PostgreSQL server runs as its own user
-    server, cluster = None, None
+    server, cluster, receiver = None, None, None
     print(f"benchmark work dir {work}", flush=True)
     try:
         state = launcher.up(state_dir, ports={name: launcher.free_port() for name in emulators()},
@@ -183,21 +267,47 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(BIN / "imagegen"), "sandbox", "register", "--state-dir", str(state_dir), "--block-name",
                         BLOCK], env=env, cwd=ROOT, check=True, capture_output=True)
 
-        runs = []
+        receiver, receiver_url = start_receiver(env, work / "receiver.log")
+        save_variants(api, receiver_url)
+        database = "given" if args.api_url else args.database
+        runs: list[dict[str, Any]] = []
+
+        def measure(workload: Workload, side: str, mode: str, label: str, run_env: dict[str, str],
+                    on: str) -> dict[str, Any]:
+            name = f"bench-{label}-{side}-{mode}-{on}-{workload.items}"
+            spec = workload.write_spec(work / f"{name}.yaml", name, BUCKET, block_name(mode), args.max_parallel,
+                                       not args.no_moderation, credentials=BLOCK)
+            way = "baseline" if side == "baseline" else f"flow {mode}"
+            print(f"{way} ({on}): {label} {workload.items} items {workload.split} ...", flush=True)
+            before = emulator_counts(state)
+            result = run_side(side, spec, run_env, state_dir, work / f"{name}.log")
+            run = summarize(workload, result, before, emulator_counts(state), way=way, label=label, database=on)
+            runs.append(run)
+            print(f"  {result['wall_s']} s wall, {result['status']}", flush=True)
+            return run
+
         for size in args.sizes:
             workload = Workload.build(size, args.latency, args.poll_interval)
-            modes = ["flow"] + (["baseline"] if size in args.baseline_sizes else [])
-            for mode in modes:
-                spec = workload.write_spec(work / f"bench-{mode}-{size}.yaml", f"bench-{mode}-{size}", BUCKET,
-                                           BLOCK, args.max_parallel, not args.no_moderation)
-                print(f"{mode}: {size} items {workload.split} ...", flush=True)
-                before = emulator_counts(state)
-                result = run_side(mode, spec, env, state_dir, work / f"{mode}-{size}.log")
-                runs.append(summarize(workload, result, before, emulator_counts(state)))
-                print(f"  {result['wall_s']} s wall, {result['status']}", flush=True)
-            by_mode = {r["mode"]: r for r in runs if r["items"] == size}
-            if "baseline" in by_mode:
-                by_mode["flow"]["vs_baseline"] = round(by_mode["flow"]["wall_s"] / by_mode["baseline"]["wall_s"], 3)
+            flow = {mode: measure(workload, "flow", mode, "mixed", env, database) for mode in args.modes}
+            if size in args.baseline_sizes:
+                base = measure(workload, "baseline", "polling", "mixed", env, database)
+                for run in flow.values():
+                    run["vs_baseline"] = round(run["wall_s"] / base["wall_s"], 3)
+        if args.tams_only:
+            tams = Workload.build(args.tams_only, args.latency, args.poll_interval, providers=("tams",))
+            for mode in ("polling", "callbacks"):
+                measure(tams, "flow", mode, "tams-only", env, database)
+        if args.sqlite_size and not args.api_url and args.database == "postgres":
+            (work / "prefect-sqlite").mkdir()
+            lite, lite_api = start_server(work / "prefect-sqlite")
+            try:
+                lite_env = {**env, "PREFECT_HOME": str(work / "prefect-sqlite"), "PREFECT_API_URL": lite_api}
+                subprocess.run([str(BIN / "imagegen"), "sandbox", "register", "--state-dir", str(state_dir),
+                                "--block-name", BLOCK], env=lite_env, cwd=ROOT, check=True, capture_output=True)
+                measure(Workload.build(args.sqlite_size, args.latency, args.poll_interval), "flow", "polling", "mixed",
+                        lite_env, "sqlite")
+            finally:
+                stop(lite)
 
         report = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -214,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + table)
         return 0 if all(r["status"] == "complete" for r in runs) else 1
     finally:
+        if receiver is not None:
+            stop(receiver)
         if server is not None:
             stop(server)
         if cluster is not None:

@@ -69,28 +69,37 @@ class Workload:
     split: dict[str, int]
     per_job: dict[str, float]
     limits: LimitsFile = field(repr=False, compare=False)
+    polls: float = 1.0
+    """Polls a job needs at best in the mode measured (0 where a callback ends the job)."""
 
     @classmethod
-    def build(cls, items: int, latency: float, poll_interval: float, limits: LimitsFile | None = None) -> Workload:
+    def build(cls, items: int, latency: float, poll_interval: float, limits: LimitsFile | None = None, *,
+              providers: tuple[str, ...] = PROVIDERS, polls: float | None = None) -> Workload:
+        """`items` over `providers` so each one's bound is about the same; `polls` a job (by
+        default what polling every `poll_interval` needs)."""
         limits = limits or load_limits()
-        polls = polls_needed(latency, poll_interval)
+        polls = polls_needed(latency, poll_interval) if polls is None else polls
         per_job = {p: seconds_per_job(p, latency, polls, limits) for p in PROVIDERS}
-        weights = {p: 1.0 / per_job[p] for p in PROVIDERS}
+        weights = {p: 1.0 / per_job[p] if p in providers else 0.0 for p in PROVIDERS}
         total = sum(weights.values())
         split = {p: int(items * weights[p] / total) for p in PROVIDERS}
-        for p in sorted(PROVIDERS, key=lambda p: -weights[p])[: items - sum(split.values())]:
+        for p in sorted(providers, key=lambda p: -weights[p])[: items - sum(split.values())]:
             split[p] += 1  # the remainder goes to the providers with the most capacity
-        return cls(items, latency, poll_interval, split, per_job, limits)
+        return cls(items, latency, poll_interval, split, per_job, limits, polls)
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(p for p in PROVIDERS if self.split[p])
 
     def ceiling(self, polls: dict[str, float] | None = None) -> dict[str, float]:
         """Seconds each provider needs at best, and `overall` (they run side by side). With
         `polls` (measured polls per job), the rate bound uses those instead of the minimum."""
         out = {}
-        for p in PROVIDERS:
+        for p in self.providers:
             per_job = self.per_job[p] if polls is None or p not in polls else \
                 seconds_per_job(p, self.latency, polls[p], self.limits)
             out[p] = round(self.split[p] * per_job, 3)
-        out["overall"] = max(out[p] for p in PROVIDERS)
+        out["overall"] = max(out[p] for p in self.providers)
         return out
 
     def order(self) -> list[str]:
@@ -99,18 +108,18 @@ class Workload:
         return [p for _, p in slots]
 
     def write_spec(self, path: Path, name: str, bucket: str, block: str, max_parallel: int,
-                   moderation: bool = True) -> Path:
+                   moderation: bool = True, credentials: str | None = None) -> Path:
         """A pipeline spec of this workload: generate, review (checks and moderation), archive."""
         review: dict = {"min_stddev": 3.0, "check_size": True}
         if moderation:
             review["moderation"] = {"threshold": 0.8}
         spec = {
-            "version": 1, "name": name, "provider": PROVIDERS[0], "blocks": {p: block for p in PROVIDERS},
+            "version": 1, "name": name, "provider": self.providers[0], "blocks": {p: block for p in self.providers},
             "generate": {"width": 512, "height": 512, "steps": 20,
                          "provider_options": {p: dict(cls.sample_options) for p, cls in PROVIDER_CLASSES.items()
                                               if cls.sample_options}},
             "review": review,
-            "archive": {"bucket": bucket, "credentials": block},
+            "archive": {"bucket": bucket, "credentials": credentials or block},
             "run": {"max_parallel": max_parallel, "poll_interval": self.poll_interval, "job_timeout": 600,
                     "http_timeout": 30},
             "items": [{"id": f"item-{n:04d}", "prompt": f"product shot {n}, studio light", "seed": 1000 + n,

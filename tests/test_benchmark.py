@@ -26,6 +26,27 @@ def test_ceiling_is_the_tightest_published_bound() -> None:
     assert sorted(w.order()) == sorted(p for p, n in w.split.items() for _ in range(n))
 
 
+def test_cpu_samples_go_to_the_innermost_project_frame() -> None:
+    from benchmarks.cpu import breakdown, category
+
+    def stack(*files: str) -> list[str]:
+        return [f"fn ({name}:1)" for name in files]
+
+    engine = ("threading.py", "prefect/task_engine.py", "flows/tasks.py")
+    assert category(stack(*engine, "blocks/base.py", "httpx/_client.py")) == "provider HTTP"
+    assert category(stack(*engine, "blocks/base.py", "flows/slots.py", "prefect/client/base.py")) == "limits"
+    assert category(stack(*engine, "flows/ledger.py", "botocore/endpoint.py")) == "ledger"
+    assert category(stack(*engine, "blocks/archive.py", "botocore/endpoint.py")) == "archive (S3)"
+    assert category(stack(*engine, "boto3/s3/transfer.py")) == "archive (S3)"
+    assert category(stack("prefect/task_engine.py", "prefect/blocks/core.py")) == "Prefect"  # not our blocks/
+    assert category(stack("flows/pipeline.py", "prefect/futures.py")) == "Prefect"
+    assert category(stack(*engine, "flows/review.py", "onnxruntime/session.py")) == "review"
+    assert category(stack("threading.py", "json/encoder.py")) == "other"
+    raw = ("thread (1): MainThread;fn (flows/pipeline.py:1);fn (prefect/futures.py:2) 3\n"
+           "thread (2): worker;fn (flows/ledger.py:1) 1\n")
+    assert breakdown(raw) == {"Prefect": 0.75, "ledger": 0.25}
+
+
 def test_benchmark_smoke(sandbox_blocks, tmp_path: Path) -> None:
     """A few items through the flow and the asyncio baseline on their own sandbox, against
     the session's Prefect API (Blocks and limits of their own name, so nothing is shared)."""
@@ -33,15 +54,23 @@ def test_benchmark_smoke(sandbox_blocks, tmp_path: Path) -> None:
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOGGING_LEVEL": "WARNING"}
     out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--sizes", "6", "--baseline-sizes", "6",
-                          "--latency", "0.3", "--poll-interval", "0.3", "--api-url", env["PREFECT_API_URL"],
+                          "--tams-only", "4", "--latency", "0.3", "--poll-interval", "0.3",
+                          "--api-url", env["PREFECT_API_URL"],
                           "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
-    runs = {r["mode"]: r for r in report["runs"]}
-    assert set(runs) == {"flow", "baseline"}
-    for run in runs.values():
-        assert run["status"] == "complete" and run["images"] == 6 and run["violations_total"] == 0
-        assert sum(c["submits"] for c in run["provider_counts"].values()) == 6  # one paid job an item
+    runs = {(r["workload"], r["way"]): r for r in report["runs"]}
+    assert set(runs) == {("mixed", "flow polling"), ("mixed", "flow callbacks"), ("mixed", "flow long-poll"),
+                         ("mixed", "baseline"), ("tams-only", "flow polling"), ("tams-only", "flow callbacks")}
+    for (workload, way), run in runs.items():
+        items = 6 if workload == "mixed" else 4
+        assert run["status"] == "complete" and run["images"] == items and run["violations_total"] == 0
+        assert sum(c["submits"] for c in run["provider_counts"].values()) == items  # one paid job an item
         assert run["wall_s"] > 0 and run["cpu_s_per_image"] > 0 and run["peak_rss_mb"] > 50
-    assert runs["flow"]["vs_baseline"] > 0
-    assert "| 6 (" in (tmp_path / "latest.md").read_text()
+        assert sum(run["cpu_s_per_image_parts"].values()) == pytest.approx(run["cpu_s_per_image"], rel=0.05)
+    assert runs[("mixed", "flow polling")]["vs_baseline"] > 0
+    # A trusted callback ends the job: no status request on TAMS or 触站AI; the long poll holds one.
+    assert runs[("tams-only", "flow callbacks")]["polls_per_job"] == {"tams": 0.0}
+    assert runs[("mixed", "flow callbacks")]["polls_per_job"]["chuzhan"] == 0.0
+    assert runs[("mixed", "flow long-poll")]["polls_per_job"]["chuzhan"] == 1.0
+    assert "| mixed 6 (" in (tmp_path / "latest.md").read_text()
