@@ -18,7 +18,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from blocks import load_provider
-from blocks.archive import archive_bucket, write_bytes, write_json
+from blocks.archive import archive_bucket, read_json, write_bytes, write_json
 from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
 from flows.slots import PrefectLimiter
@@ -221,7 +221,7 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
     if not base:
         return request, None
     from flows import wakeup
-    from flows.callbacks import JobRef, cached_key, capability_url, heard_notes
+    from flows.callbacks import JobRef, cached_key, capability_url
 
     ref = JobRef(provider=plan.provider, block=plan.block, request_id=request.request_id, bucket=plan.archive.bucket,
                  credentials=plan.archive.credentials, ledger_prefix=ledger.prefix, record_key=ledger.key(plan.item_id))
@@ -231,11 +231,10 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
         get_run_logger().warning("%s: the Prefect event stream did not answer in %.0f s; the job is polled, not "
                                  "woken by its callback", plan.item_id, wakeup.CONNECT_TIMEOUT)
         return request, None
-    def last_heard() -> Any | None:
-        notes = heard_notes(ledger.bucket, ledger.prefix, request.request_id)
-        return notes[-1].get("body") if notes else None
+    def read_note(job_id: str, state: str) -> Any | None:
+        return (read_json(ledger.bucket, ref.heard_key(job_id, state)) or {}).get("body")
 
-    return request, listener.waker(request.request_id, last_heard)
+    return request, listener.waker(request.request_id, read_note)
 
 
 def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any
 from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX
 
 CONNECT_TIMEOUT = 15.0
+KEEP_HEARD = 600.0
 log = logging.getLogger("imagegen.wakeup")
 
 
@@ -30,7 +31,7 @@ class Listener:
     """One event-stream subscription per process, shared by every waiting thread."""
 
     def __init__(self) -> None:
-        self._heard: dict[str, float] = {}
+        self._heard: dict[str, tuple[float, str, str]] = {}  # request id -> (when, job id, state)
         self._cond = threading.Condition()
         self._ready = threading.Event()
         self.events = 0
@@ -49,44 +50,55 @@ class Listener:
                 async with PrefectEventSubscriber(filter=event_filter, reconnect_on_clean_close=True) as events:
                     self._ready.set()
                     async for event in events:
-                        self._hear(event.resource.id.removeprefix(RESOURCE_PREFIX))
+                        self._hear(event.resource.id.removeprefix(RESOURCE_PREFIX),
+                                   event.resource.get("imagegen.job-id", ""), event.resource.get("imagegen.state", ""))
             except Exception as exc:  # noqa: BLE001 - the stream is away: jobs fall back to polling meanwhile
                 log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
                             type(exc).__name__)
             await asyncio.sleep(5)
 
-    def _hear(self, request_id: str) -> None:
+    def _hear(self, request_id: str, job_id: str = "", state: str = "") -> None:
+        """Keep the callback until its task asks (the stream carries every process's callbacks:
+        those no task here asks for are dropped after `KEEP_HEARD` seconds)."""
+        now = time.monotonic()
         with self._cond:
             self.events += 1
-            self._heard[request_id] = time.monotonic()
+            self._heard[request_id] = (now, job_id, state)
+            if len(self._heard) > 1000:
+                self._heard = {rid: seen for rid, seen in self._heard.items() if now - seen[0] < KEEP_HEARD}
             self._cond.notify_all()
 
     def ready(self, timeout: float = CONNECT_TIMEOUT) -> bool:
         """True once the subscription is open (a job submitted before may miss nothing: replay)."""
         return self._ready.wait(timeout)
 
-    def wait(self, request_id: str, seconds: float) -> bool:
-        """Block until `request_id`'s callback is heard or `seconds` pass; consume it if heard."""
+    def wait(self, request_id: str, seconds: float) -> tuple[str, str] | None:
+        """Block until `request_id`'s callback is heard or `seconds` pass; consume it and return
+        the job id and state it named, or None."""
         with self._cond:
-            heard = self._cond.wait_for(lambda: request_id in self._heard, timeout=seconds)
-            self._heard.pop(request_id, None)
-            return heard
+            if not self._cond.wait_for(lambda: request_id in self._heard, timeout=seconds):
+                return None
+            _, job_id, state = self._heard.pop(request_id)
+            return job_id, state
 
-    def waker(self, request_id: str, last_heard: Callable[[], Any | None]) -> JobWaker:
-        return JobWaker(self, request_id, last_heard)
+    def waker(self, request_id: str, read_note: Callable[[str, str], Any | None]) -> JobWaker:
+        return JobWaker(self, request_id, read_note)
 
 
 class JobWaker:
-    """A `blocks.base.Waker` for one request id; `last_heard` reads its last verified callback."""
+    """A `blocks.base.Waker` for one request id; `read_note(job id, state)` reads the body the
+    receiver kept of a callback (its heard note, named by the event)."""
 
-    def __init__(self, listener: Listener, request_id: str, last_heard: Callable[[], Any | None]) -> None:
-        self.listener, self.request_id, self.last_heard = listener, request_id, last_heard
+    def __init__(self, listener: Listener, request_id: str, read_note: Callable[[str, str], Any | None]) -> None:
+        self.listener, self.request_id, self.read_note = listener, request_id, read_note
+        self.last: tuple[str, str] | None = None
 
     def wait(self, seconds: float) -> bool:
-        return self.listener.wait(self.request_id, seconds)
+        self.last = self.listener.wait(self.request_id, seconds)
+        return self.last is not None
 
     def heard(self) -> Any | None:
-        return self.last_heard()
+        return None if self.last is None else self.read_note(*self.last)
 
 
 _listener: list[Listener] = []

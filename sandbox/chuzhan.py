@@ -284,7 +284,7 @@ class ChuzhanEmulator:
             if params.get("callback"):
                 base = str(request.base_url)
                 self.callbacks.schedule(str(params["callback"]), lambda: self._callback_body(task, base),
-                                        after=st.latency + 0.05)
+                                        after=st.latency + 0.01)
             if fault is not None and fault["kind"] == "error_after":
                 raise Refused(500, "系统繁忙 (injected fault after the task was created)")
             if fault is not None and fault["kind"] == "drop_after":

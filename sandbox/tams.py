@@ -373,7 +373,7 @@ class TamsEmulator:
             st.counters["submits"] += 1
             answer = {"job": self._job_info(job, request)}
         if notify:
-            self.callbacks.schedule(notify, lambda: self._notification(job, request), after=st.latency + 0.05)
+            self.callbacks.schedule(notify, lambda: self._notification(job, request), after=st.latency + 0.01)
         return JSONResponse(answer)
 
     def _notification(self, job: Job, request: Request) -> dict[str, Any]:

@@ -185,3 +185,29 @@ def test_a_lost_submit_answer_is_settled_by_the_callback(receiver, sandbox_block
     assert after["injected_faults"] - before.get("injected_faults", 0) == 1
     assert charges(after, "cb-unknown") == [1] * 2
     assert len(archived("cb-unknown", sandbox_blocks, date(2026, 5, 3))) == 2
+
+
+def test_the_receiver_refuses_what_it_cannot_verify_and_asks_again_when_it_cannot_record(
+        receiver, sandbox_blocks) -> None:
+    """Straight to the receiver process: an altered URL is 404; a real URL with a body that
+    names no job is 400; a real URL whose ledger cannot be written (its credentials Block does
+    not exist) is 503, so the provider's retries send it again."""
+    from flows.callbacks import cached_key
+
+    key = cached_key()
+    good = JobRef(provider="chuzhan", block="cb", request_id="0" * 32, bucket=TEST_BUCKET, credentials="sandbox",
+                  ledger_prefix="cb-direct/2026-05-09/_jobs/", record_key="cb-direct/2026-05-09/_jobs/x.json")
+    url = capability_url(receiver, good, key)
+    body = {"taskId": "f" * 32, "nonce": "0" * 32, "state": "success"}
+    assert httpx.post(url[:-2] + "zz", json=body).status_code == 404
+    assert httpx.post(url, json={"state": "success"}).status_code == 400
+    assert httpx.post(url, json={**body, "nonce": "1" * 32}).status_code == 409
+    missing = capability_url(receiver, JobRef(**{**good.__dict__, "credentials": "no-such-block"}), key)
+    assert httpx.post(missing, json=body).status_code == 503
+    first, again = httpx.post(url, json=body), httpx.post(url, json=body)
+    assert (first.status_code, first.json()["duplicate"]) == (200, False)
+    assert (again.status_code, again.json()["duplicate"]) == (200, True)
+    note = s3_client(sandbox_blocks).get_object(
+        Bucket=TEST_BUCKET, Key=f"cb-direct/2026-05-09/_jobs/_heard/{'0' * 32}/{'f' * 32}-success.json")
+    assert b'"job_id": "' + b"f" * 32 in note["Body"].read()
+
