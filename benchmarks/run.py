@@ -61,16 +61,22 @@ def start_server(home: Path, database_url: str | None = None) -> tuple[subproces
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 180
+    wait_healthy(api, proc, 180, f"prefect server did not start; see {home / 'server.log'}")
+    return proc, api
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, failure: str) -> None:
+    """Wait until `url/health` answers 200; `failure` if the process ends or `timeout` passes."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return proc, api
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
-        time.sleep(0.5)
+            raise RuntimeError(failure)
+        time.sleep(0.3)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -128,16 +134,8 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, st
     proc = subprocess.Popen([str(BIN / "imagegen"), "callbacks", "serve", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the callback receiver did not start; see {log}")
-        time.sleep(0.3)
+    wait_healthy(url, proc, 60, f"the callback receiver did not start; see {log}")
+    return proc, url
 
 
 def run_side(mode: str, spec: Path, env: dict[str, str], state_dir: Path, log: Path) -> dict[str, Any]:

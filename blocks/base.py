@@ -543,10 +543,7 @@ class ImageProvider(Block, ABC):
             if status.state.final:
                 return status, polls
             if time.monotonic() > deadline:
-                raise TransientError(
-                    f"job {job_id} not finished after {timeout:.0f}s (last: {status.provider_status})",
-                    provider=self.provider_name, code="JobTimeout",
-                )
+                raise self._timed_out(status, f"after {timeout:.0f}s")
             time.sleep(poll_interval)
 
     def _wait_for_callback(self, job_id: str, waker: Waker, deadline: float, *,
@@ -566,10 +563,11 @@ class ImageProvider(Block, ABC):
             if status.state.final:
                 return status, polls
             if time.monotonic() > deadline:
-                raise TransientError(
-                    f"job {job_id} not finished by its deadline (last: {status.provider_status}; no callback heard)",
-                    provider=self.provider_name, code="JobTimeout",
-                )
+                raise self._timed_out(status, "by its deadline, and no callback ended it")
+
+    def _timed_out(self, status: JobStatus, when: str) -> TransientError:
+        return TransientError(f"job {status.job_id} not finished {when} (last: {status.provider_status})",
+                              provider=self.provider_name, code="JobTimeout")
 
     def _trusted_end(self, job_id: str, waker: Waker) -> JobStatus | None:
         """The job's end as its verified callback tells it, where the Block trusts callbacks and

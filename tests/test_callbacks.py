@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from flows.callbacks import Forged, JobRef, capability_url, read_capability
 from sandbox import launcher
 from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client, tams_stats
+from tests.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = JobRef(provider="chuzhan", block="b", request_id="r1", bucket="x", credentials="c", ledger_prefix="p/",
@@ -56,19 +56,12 @@ def receiver(sandbox_blocks):
 
     port = launcher.free_port()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    log = open(Path(os.environ["PREFECT_HOME"]) / "receiver.log", "wb")  # noqa: SIM115 - closed below
+    log_path = Path(os.environ["PREFECT_HOME"]) / "receiver.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "callbacks", "serve", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "the receiver did not start"
-        time.sleep(0.2)
+    wait_healthy(url, proc, log_path, timeout=60)
     from deployments.limits import apply_limits
 
     for provider, field in (("chuzhan", "callback"), ("tams", "notify_url")):
