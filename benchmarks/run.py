@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[300], help="items of the mixed workload per run")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="ways the flow runs the mixed workload")
-    parser.add_argument("--tams-only", type=int, default=300, metavar="N",
+    parser.add_argument("--tams-only", type=int, default=200, metavar="N",
                         help="items of the TAMS-only workload, polling and with callbacks (0: not run)")
     parser.add_argument("--sqlite-size", type=int, default=300, metavar="N",
                         help="items of the mixed workload polling on a SQLite server too (0: not run)")
@@ -250,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     home.mkdir()
     work.chmod(0o755)  # the PostgreSQL server runs as its own user
     server, cluster, receiver = None, None, None
-    print(f"benchmark work dir {work}", flush=True)
+    began = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - began:4.0f} s] {text}", flush=True)
+
+    say(f"benchmark work dir {work}")
     try:
         state = launcher.up(state_dir, ports={name: launcher.free_port() for name in emulators()},
                             s3_port=launcher.free_port(), latency=args.latency, buckets=(BUCKET,))
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(BIN / "imagegen"), "sandbox", "register", "--state-dir", str(state_dir), "--block-name",
                         BLOCK], env=env, cwd=ROOT, check=True, capture_output=True)
 
+        say("sandbox and Prefect server up, Blocks saved")
         receiver, receiver_url = start_receiver(env, work / "receiver.log")
         save_variants(api, receiver_url)
         database = "given" if args.api_url else args.database
@@ -276,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             spec = workload.write_spec(work / f"{name}.yaml", name, BUCKET, block_name(mode), args.max_parallel,
                                        not args.no_moderation, credentials=BLOCK)
             way = "baseline" if side == "baseline" else f"flow {mode}"
-            print(f"{way} ({on}): {label} {workload.items} items {workload.split} ...", flush=True)
+            say(f"{way} ({on}): {label} {workload.items} items {workload.split} ...")
             before = emulator_counts(state)
             result = run_side(side, spec, run_env, state_dir, work / f"{name}.log")
             run = summarize(workload, result, before, emulator_counts(state), way=way, label=label, database=on)
             runs.append(run)
-            print(f"  {result['wall_s']} s wall, {result['status']}", flush=True)
+            say(f"  {result['wall_s']} s wall, {result['status']}")
             return run
 
         for size in args.sizes:
@@ -298,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sqlite_size and not args.api_url and args.database == "postgres":
             (work / "prefect-sqlite").mkdir()
             lite, lite_api = start_server(work / "prefect-sqlite")
+            say("SQLite Prefect server up")
             try:
                 lite_env = {**env, "PREFECT_HOME": str(work / "prefect-sqlite"), "PREFECT_API_URL": lite_api}
                 subprocess.run([str(BIN / "imagegen"), "sandbox", "register", "--state-dir", str(state_dir),

@@ -138,6 +138,7 @@ class Receiver:
         self.counts: Counter[str] = Counter()
         self._seen: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
+        self._prefect: Any = None
         self.app = Starlette(routes=[
             Route("/v1/heard/{token}", self.heard, methods=["POST"]),
             Route("/v1/stats", self.stats, methods=["GET"]),
@@ -175,13 +176,14 @@ class Receiver:
             self._count("duplicates")
             return JSONResponse({"ok": True, "duplicate": True})
         try:
-            if await run_in_threadpool(recorded_job_differs, ref, heard.job_id):
+            # A nonce that matched binds the body to this request already; else the ledger's job id does.
+            if heard.nonce is None and await run_in_threadpool(recorded_job_differs, ref, heard.job_id):
                 self._count("wrong_job")  # a real URL, another job's body: a replay
                 return JSONResponse({"error": "the ledger records another job for this request"}, status_code=409)
             fresh = await run_in_threadpool(record, ref, heard.job_id, heard.state, heard.nonce, json.loads(raw))
             # Announced even when the note was there: an earlier delivery may have written it and
             # then failed to announce (503); a second event costs the waiter nothing.
-            await run_in_threadpool(announce, ref, heard.job_id, heard.state)
+            await run_in_threadpool(self.announce, ref, heard.job_id, heard.state)
         except Exception as exc:  # noqa: BLE001 - S3 or the Prefect API away: let the provider retry
             log.warning("callback for %s not recorded (%s); answered 503 so it is sent again", ref.request_id,
                         type(exc).__name__)
@@ -195,6 +197,15 @@ class Receiver:
     async def stats(self, request: Request) -> Response:
         with self._lock:
             return JSONResponse(dict(self.counts))
+
+    def announce(self, ref: JobRef, job_id: str, state: str) -> None:
+        """`announce` through one Prefect client kept for the receiver's life (no connection a callback)."""
+        with self._lock:
+            if self._prefect is None:
+                from prefect.client.orchestration import get_client
+
+                self._prefect = get_client(sync_client=True).__enter__()
+        announce(ref, job_id, state, self._prefect)
 
 
 def recorded_job_differs(ref: JobRef, job_id: str) -> bool:
@@ -224,18 +235,16 @@ def record(ref: JobRef, job_id: str, state: str, nonce: str | None, body: Any) -
     return True
 
 
-def announce(ref: JobRef, job_id: str, state: str) -> None:
+def announce(ref: JobRef, job_id: str, state: str, client: Any) -> None:
     """Post the Prefect event the waiting task listens for (no URLs, no credentials in it).
     Posted and checked here, not queued as `emit_event` does: a server that is away makes the
     callback answer 503, so the provider sends it again."""
-    from prefect.client.orchestration import get_client
     from prefect.events import Event
 
     event = Event(event=HEARD_EVENT, resource={"prefect.resource.id": f"{RESOURCE_PREFIX}{ref.request_id}",
                                                "imagegen.provider": ref.provider, "imagegen.job-id": job_id,
                                                "imagegen.state": state})
-    with get_client(sync_client=True) as client:
-        client.request("POST", "/events", json=[event.model_dump(mode="json")]).raise_for_status()
+    client.request("POST", "/events", json=[event.model_dump(mode="json")]).raise_for_status()
 
 
 def serve(host: str, port: int) -> None:
