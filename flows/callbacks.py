@@ -26,7 +26,7 @@ import json
 import logging
 import secrets
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,6 +42,7 @@ HEARD_EVENT = "imagegen.callback.heard"
 RESOURCE_PREFIX = "imagegen.job."
 MAX_BODY = 1 << 20
 SIG_BYTES = 16
+SEEN_KEPT = 10_000  # callbacks remembered in memory (a long-lived receiver must not grow without end)
 log = logging.getLogger("imagegen.callbacks")
 
 
@@ -136,7 +137,7 @@ class Receiver:
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.counts: Counter[str] = Counter()
-        self._seen: set[tuple[str, str, str]] = set()
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # the last SEEN_KEPT heard
         self._lock = threading.Lock()
         self._prefect: Any = None
         self.app = Starlette(routes=[
@@ -190,7 +191,9 @@ class Receiver:
             self._count("errors")
             return JSONResponse({"error": "not recorded, send again"}, status_code=503)
         with self._lock:
-            self._seen.add(seen)
+            self._seen[seen] = None
+            if len(self._seen) > SEEN_KEPT:  # an older duplicate meets the note already written (If-None-Match)
+                self._seen.popitem(last=False)
             self.counts["heard" if fresh else "duplicates"] += 1
         return JSONResponse({"ok": True, "duplicate": not fresh})
 
