@@ -17,6 +17,7 @@ import contextvars
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ class Listener:
         self._heard: dict[str, tuple[float, str, str]] = {}  # request id -> (when, job id, state)
         self._cond = threading.Condition()
         self._ready = threading.Event()
-        self.events = 0
+        self.woken: deque[str] = deque(maxlen=10_000)  # request ids whose wait a callback ended, latest last
         context = contextvars.copy_context()  # the caller's Prefect settings (its API URL) go with it
         threading.Thread(target=context.run, args=(lambda: asyncio.run(self._listen()),), name="imagegen-callbacks",
                          daemon=True).start()
@@ -62,7 +63,6 @@ class Listener:
         those no task here asks for are dropped after `KEEP_HEARD` seconds)."""
         now = time.monotonic()
         with self._cond:
-            self.events += 1
             self._heard[request_id] = (now, job_id, state)
             if len(self._heard) > 1000:
                 self._heard = {rid: seen for rid, seen in self._heard.items() if now - seen[0] < KEEP_HEARD}
@@ -79,6 +79,7 @@ class Listener:
             if not self._cond.wait_for(lambda: request_id in self._heard, timeout=seconds):
                 return None
             _, job_id, state = self._heard.pop(request_id)
+            self.woken.append(request_id)
             return job_id, state
 
     def waker(self, request_id: str, read_note: Callable[[str, str], Any | None]) -> JobWaker:
