@@ -43,8 +43,27 @@ STATUS = {"1": JobState.QUEUED, "2": JobState.RUNNING, "4": JobState.FAILED, "5"
 I2I_RESOLUTIONS = ("origin", "768:768", "768:1024", "1024:768")
 I2I_PROMPT_MAX, TEXT_PROMPT_MAX = 256, 1024
 IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}  # MPO: a phone camera's JPEG (CIPA DC-007)
-MAX_BASE64 = 8 * 1024 * 1024  # the page says 8 MB; an error message says 10 MB: the stricter one
+# Input sizes: "base64 < 8 MB" (ImageToImage) and "base64 < 6 MB" (RefineImage). Read as the
+# base64 text, in decimal megabytes: the strictest reading (the image itself is 3/4 of its base64,
+# and 10^6 < 2^20), so no reading of the pages refuses what the client sends.
+I2I_MAX_BASE64, REFINE_MAX_BASE64 = 8_000_000, 6_000_000
 SYNC_PREFIX = "sync:"
+GENERATE_FAILED = "FailedOperation.GenerateImageFailed"
+MAX_REVIEW_FAILURE_RETRIES = 2  # the document: "retry once or twice, then treat as content rejection"
+
+
+class ReviewFailed(ContentRejected):
+    """`FailedOperation.GenerateImageFailed` ("The generated image failed the review. Please try
+    again."): the image was made, then refused. Nothing says such a call is free, so each one
+    counts as maybe charged: `maybe_charged` is how many paid calls were answered so."""
+
+    charge: ClassVar[str] = "maybe"
+
+    def __init__(self, message: str, *, provider: str = PROVIDER, code: str | None = GENERATE_FAILED,
+                 maybe_charged: int = 1) -> None:
+        super().__init__(message, provider=provider, code=code)
+        self.maybe_charged = maybe_charged
+
 
 # Every code the official SDK lists (tencentcloud.aiart.v20221229.errorcodes) and the common
 # platform codes, each mapped to exactly one of our four kinds.
@@ -58,9 +77,8 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
     "FailedOperation.RpcFail": TransientError, "FailedOperation.RequestTimeout": TransientError,
     "FailedOperation.Unknown": TransientError, "FailedOperation.ConsoleServerError": TransientError,
     "FailedOperation.ImageDownloadError": TransientError, "ResourceUnavailable.Delivering": TransientError,
-    # "please try again": retried, at most GENERATE_FAILED_RETRIES times, then a content rejection
-    "FailedOperation.GenerateImageFailed": TransientError,
-    # content rejection: recorded, never retried
+    # content rejection: recorded, never retried (GenerateImageFailed only where a Block opts in)
+    GENERATE_FAILED: ReviewFailed,
     "OperationDenied.TextIllegalDetected": ContentRejected, "OperationDenied.ImageIllegalDetected": ContentRejected,
     "FailedOperation.ModerationFailed": ContentRejected,
     # account stop: credentials, balance or service state; a person must act
@@ -83,11 +101,10 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
     "RequestSizeLimitExceeded": BadRequest, "FailedOperation.JobNotExist": BadRequest, "InvalidAction": BadRequest,
     "NoSuchVersion": BadRequest, "UnsupportedRegion": BadRequest, "UnsupportedOperation": BadRequest,
     "ActionOffline": BadRequest,
-    # prefixes, for codes the SDK does not list yet: credentials and permissions stop the account
-    "AuthFailure": AccountStop, "OperationDenied": AccountStop,
+    # prefixes, for codes the SDK does not list yet: credentials stop the account; the
+    # document's OperationDenied codes are both content rejections, so a new one rejects the item
+    "AuthFailure": AccountStop, "OperationDenied": ContentRejected,
 }
-GENERATE_FAILED = "FailedOperation.GenerateImageFailed"
-GENERATE_FAILED_RETRIES = 2  # the document: "retry once or twice, then treat as content rejection"
 I2I_MAX_PIXELS = 2000 * 2000  # FailedOperation.ImageResolutionExceed: "> 2000x2000" (read as the area; assumed)
 # What each action takes besides the fields the spec fills (`spec_fields`); any other option is
 # an error, never silently dropped. `Resolution` is our short form of ImageToImage's ResultConfig.
@@ -175,8 +192,10 @@ class TC3Signer(httpx.Auth):
         yield request
 
 
-def check_image(data: bytes, field: str = "items.input_image", max_pixels: int | None = None) -> None:
-    """The input-image rules of ImageToImage (`max_pixels`) and RefineImage, before any call."""
+def check_image(data: bytes, field: str = "items.input_image", max_pixels: int | None = None,
+                max_base64: int = I2I_MAX_BASE64) -> None:
+    """The input-image rules of ImageToImage (`max_pixels`, base64 under 8 MB) and RefineImage
+    (`max_base64=REFINE_MAX_BASE64`), before any call."""
     def bad(why: str) -> BadRequest:
         return BadRequest(f"{field}: {why}", provider=PROVIDER, code="validation")
 
@@ -191,8 +210,9 @@ def check_image(data: bytes, field: str = "items.input_image", max_pixels: int |
         raise bad(f"{w}x{h}: each side must be between 50 and 5000 pixels")
     if max_pixels is not None and w * h > max_pixels:
         raise bad(f"{w}x{h} is over 2000x2000 pixels (ImageResolutionExceed); scale it down first")
-    if len(base64.b64encode(data)) >= MAX_BASE64:
-        raise bad("base64 size must be under 8 MB")
+    if (size := len(base64.b64encode(data))) >= max_base64:
+        raise bad(f"{size:,} bytes as base64; it must be under {max_base64:,} (the page's "
+                  f"{max_base64 // 1_000_000} MB)")
 
 
 class TencentAiArtProvider(ImageProvider):
@@ -226,8 +246,12 @@ class TencentAiArtProvider(ImageProvider):
     endpoint: str = Field("https://aiart.tencentcloudapi.com", description="API endpoint.")
     timeout: float = Field(60.0, description="Seconds for one HTTP request (sync actions take a while).")
     max_attempts: int = Field(5, description="Attempts per call on transient errors.")
+    review_failure_retries: int = Field(0, ge=0, le=MAX_REVIEW_FAILURE_RETRIES, description=(
+        "ImageToImage calls made again after FailedOperation.GenerateImageFailed (\"please try again\"; the "
+        "document: once or twice). Each such call may be charged: 0 rejects the item at the first."))
 
     _sync_results: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+    _maybe_charged: dict[str, int] = PrivateAttr(default_factory=dict)
 
     def client_options(self) -> dict[str, Any]:
         return {"base_url": self.endpoint.rstrip("/"), "timeout": self.timeout,
@@ -265,11 +289,6 @@ class TencentAiArtProvider(ImageProvider):
             raise map_error(code, str(answer["Error"].get("Message", "")))
         answer.pop("RequestId", None)
         return answer
-
-    def settle(self, exc: TransientError, times: int) -> ProviderError:
-        if exc.code == GENERATE_FAILED and times > GENERATE_FAILED_RETRIES:
-            return ContentRejected(f"{exc.message} ({times} times)", provider=PROVIDER, code=exc.code)
-        return exc
 
     def retry_steps(self, exc: TransientError) -> int:
         # JobNumExceed: a running job must finish first, so wait longer than a rate blip.
@@ -388,11 +407,31 @@ class TencentAiArtProvider(ImageProvider):
                 payload["InputUrl"] = request.input_ref
             else:
                 payload["InputImage"] = request.input_ref
-            answer = self.call(IMAGE_TO_IMAGE, payload, safe_to_repeat=False)
+            answer, failed = self._image_to_image(payload)
             job_id = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
             self._sync_results[job_id] = [answer["ResultImage"]]
+            if failed:
+                self._maybe_charged[job_id] = failed
             return job_id
         return super().submit(request)
+
+    def _image_to_image(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """ImageToImage, made again after a failed review up to `review_failure_retries` times;
+        returns the answer and how many calls before it failed the review (each maybe charged)."""
+        for failed in range(self.review_failure_retries + 1):
+            try:
+                return self.call(IMAGE_TO_IMAGE, payload, safe_to_repeat=False), failed
+            except ReviewFailed as exc:
+                if failed == self.review_failure_retries:
+                    calls = failed + 1
+                    raise ReviewFailed(f"{exc.message} ({calls} call{'s' if calls > 1 else ''}, each maybe "
+                                       "charged)", maybe_charged=calls) from None
+        raise AssertionError("unreachable")
+
+    def maybe_charged(self, job_id: str) -> int:
+        """Paid calls of a finished job that failed the provider's review before the one that
+        succeeded (`review_failure_retries`): each may have been charged, on top of the job."""
+        return self._maybe_charged.get(job_id, 0)
 
     def submit_call(self, request: GenerationRequest) -> ApiCall:
         """SubmitTextToImageJob (ImageToImage is a synchronous call of its own, in `submit`)."""
@@ -432,8 +471,8 @@ class TencentAiArtProvider(ImageProvider):
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         code = (status.reason or "").split(":", 1)[0]
-        if code == GENERATE_FAILED:  # the job ran; trying again is a new job, so not here
-            return ContentRejected(status.reason or code, provider=PROVIDER, code=code)
+        if code == GENERATE_FAILED:  # the job ran (maybe charged); trying again is a new job, so not here
+            return ReviewFailed(status.reason or code)
         if code in ERROR_CODES:
             return map_error(code, status.reason or "")
         return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,
@@ -457,7 +496,7 @@ class TencentAiArtProvider(ImageProvider):
         failed (the URL lives an hour), paying nothing."""
         journal = journal or NoJournal()
         if result_url is None:
-            check_image(data, "upscale input")
+            check_image(data, "upscale input", max_base64=REFINE_MAX_BASE64)
             with self._limiter.job(REFINE):
                 journal.sending()
                 try:

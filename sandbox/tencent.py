@@ -7,7 +7,8 @@ HTTP 200 for every answer, errors inside `Response.Error`; `X-TC-Version` must b
 ImageToImage only in `ap-singapore`; 20 requests a second per action (`RequestLimitExceeded`);
 jobs in flight per action and account, 3 for ImageToImage and 1 for the others
 (`RequestLimitExceeded.JobNumExceed`); async text-to-image jobs with string status codes;
-one charge per successful image.
+one charge per successful image; input base64 under 8 MB (ImageToImage) and 6 MB (RefineImage),
+read strictly (`FailedOperation.ImageSizeExceed`).
 
 The signature check and the parameter rules are this module's own, from the document (never
 imported from the client, so a misreading in one cannot hide behind the other).
@@ -74,6 +75,15 @@ FIELDS = {  # each action's request fields on its API page; anything else is Unk
     "RefineImage": {"InputImage", "InputUrl", "RspImgType"},
 }
 I2I_MAX_AREA = 2000 * 2000  # ImageResolutionExceed "> 2000x2000"
+# "base64 < 8 MB" (ImageToImage), "base64 < 6 MB" (RefineImage): the pages do not say whether MB is
+# 10^6 or 2^20 bytes, nor whether it is the base64 text or the image; the sandbox holds the strictest
+# reading (the base64 text, 10^6), so a client that passes here passes under every reading.
+I2I_MAX_B64, REFINE_MAX_B64 = 8 * 10**6, 6 * 10**6
+MESSAGES = {  # the service's texts for the codes the sandbox answers on request (faults)
+    "FailedOperation.GenerateImageFailed": "The generated image failed the review. Please try again.",
+    "OperationDenied.TextIllegalDetected": "The text contains illegal content.",
+    "OperationDenied.ImageIllegalDetected": "The image contains illegal content.",
+}
 CODE_RE = re.compile(r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)*$")  # the shape of Tencent error codes
 FAULT_KINDS = ("drop", "http_502", "slow", "result_503")
 
@@ -178,7 +188,7 @@ class TencentEmulator:
                 raise ApiError("RequestLimitExceeded", "The number of requests exceeds the frequency limit.")
             before = self._take_fault(action, after=False)
             if before is not None:
-                raise ApiError(before["code"], f"injected fault {before['code']}")
+                raise ApiError(before["code"], MESSAGES.get(before["code"], f"injected fault {before['code']}"))
             try:
                 params = json.loads(body or b"{}")
             except ValueError:
@@ -191,7 +201,8 @@ class TencentEmulator:
             after = self._take_fault(action, after=True)  # the action was carried out
             if after is not None:
                 if after.get("code"):
-                    raise ApiError(after["code"], f"injected fault {after['code']} after the action ran")
+                    raise ApiError(after["code"], MESSAGES.get(after["code"], f"injected fault {after['code']}")
+                                   + " (after the action ran)")
                 if after["kind"] == "drop":
                     return DroppedResponse()
                 if after["kind"] == "http_502":
@@ -306,7 +317,8 @@ class TencentEmulator:
         if not data:
             raise ApiError("InvalidParameterValue.ImageEmpty", "InputImage or InputUrl is required.")
         if len(data) >= max_b64:
-            raise ApiError("FailedOperation.ImageSizeExceed", "The image is larger than allowed.")
+            raise ApiError("FailedOperation.ImageSizeExceed", f"The image's base64 is {len(data)} bytes, "
+                           f"not under {max_b64}.")
         try:
             raw = base64.b64decode(data, validate=True)
             with Image.open(io.BytesIO(raw)) as image:
@@ -351,7 +363,7 @@ class TencentEmulator:
             params["LogoAdd"] = 1  # other values mean 1
         if params.get("EnhanceImage", 0) not in (0, 1):
             raise ApiError("InvalidParameterValue.ParameterValueError", "EnhanceImage must be 0 or 1.")
-        raw = await self._image(params, 8 * 1024 * 1024)
+        raw = await self._image(params, I2I_MAX_B64)
         with Image.open(io.BytesIO(raw)) as image:
             if image.width * image.height > I2I_MAX_AREA:
                 raise ApiError("FailedOperation.ImageResolutionExceed", "The image is larger than 2000x2000.")
@@ -411,7 +423,7 @@ class TencentEmulator:
         return answer
 
     async def refine(self, params: dict[str, Any], request: Request) -> dict[str, Any]:
-        raw = await self._image(params, 6 * 1024 * 1024)
+        raw = await self._image(params, REFINE_MAX_B64)
         self._enter("RefineImage")
         try:
             await asyncio.sleep(self.state.latency / 2)

@@ -156,23 +156,47 @@ def test_an_mpo_photo_is_a_jpeg_for_the_client_and_the_emulator(tencent) -> None
 
 # --- Tencent ------------------------------------------------------------------------------------------
 
-def test_generate_image_failed_is_tried_again_then_rejected(tencent) -> None:
-    """tencent.md "Errors and retries": `FailedOperation.GenerateImageFailed`, "please retry";
-    retry once or twice, then treat as a content rejection (billing only on success)."""
+def test_generate_image_failed_is_not_tried_again_unless_the_block_opts_in(tencent) -> None:
+    """tencent-aiart.md "Error codes": `FailedOperation.GenerateImageFailed`, "retry once or twice";
+    "Pricing": billing on success only is an assumption. So by default the item is rejected at the
+    first such answer, and with `review_failure_retries` each failed call is counted as maybe
+    charged. The emulator's `after` fault makes the image and charges it, then answers the code:
+    every charge it took for a failed call is one the client counted."""
+    from pydantic import ValidationError
+
+    from blocks.tencent import ReviewFailed
+
     provider = tencent_client(tencent)
     req = tencent_request(has_input=True, input_ref=provider.upload(ASSET.read_bytes(), "image/png"),
                           options={"LogoAdd": 0, "Resolution": "768:768"})
-    fault = {"code": "FailedOperation.GenerateImageFailed", "action": "ImageToImage"}
-    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults", json={**fault, "count": 2})
-    before = tencent_stats(tencent)
-    provider.run_job(req, poll_interval=0.1, timeout=30)
-    after = tencent_stats(tencent)
-    assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 3
-    assert after["charges"] - before["charges"] == 1
-    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults", json={**fault, "count": 3})
-    with pytest.raises(ContentRejected, match="3 times"):
-        provider.run_job(req.model_copy(update={"request_id": "g" * 32}), poll_interval=0.1, timeout=30)
-    assert tencent_stats(tencent)["charges"] == after["charges"]
+    fault = {"code": "FailedOperation.GenerateImageFailed", "action": "ImageToImage", "after": True}
+    faults = f"{tencent.url('tencent')}/_sandbox/faults"
+
+    def calls_and_charges() -> tuple[int, int]:
+        stats = tencent_stats(tencent)
+        return stats["by_action"].get("ImageToImage", 0), stats["charges"]
+
+    httpx.post(faults, json={**fault, "count": 1})
+    before = calls_and_charges()
+    with pytest.raises(ReviewFailed, match="failed the review") as caught:  # the emulator's text, the document's
+        provider.run_job(req, poll_interval=0.1, timeout=30)
+    after = calls_and_charges()
+    assert caught.value.maybe_charged == 1 == after[0] - before[0] == after[1] - before[1]
+    assert isinstance(caught.value, ContentRejected) and caught.value.charge == "maybe"
+
+    retrying = provider.model_copy(update={"review_failure_retries": 2})
+    httpx.post(faults, json={**fault, "count": 2})
+    result = retrying.run_job(req.model_copy(update={"request_id": "g" * 32}), poll_interval=0.1, timeout=30)
+    again = calls_and_charges()
+    assert result.images and retrying.maybe_charged(result.job_id) == 2
+    assert again[0] - after[0] == 3 and again[1] - after[1] == 1 + retrying.maybe_charged(result.job_id)
+
+    httpx.post(faults, json={**fault, "count": 3})
+    with pytest.raises(ReviewFailed, match="3 calls") as caught:
+        retrying.run_job(req.model_copy(update={"request_id": "h" * 32}), poll_interval=0.1, timeout=30)
+    assert caught.value.maybe_charged == 3 == calls_and_charges()[1] - again[1]
+    with pytest.raises(ValidationError):  # the document says once or twice
+        TencentAiArtProvider(secret_id="i", secret_key="k", review_failure_retries=3)
 
 
 def test_image_to_image_over_2000x2000_is_refused_before_any_call(tencent) -> None:
@@ -256,12 +280,14 @@ items:
 
 
 @pytest.mark.parametrize(("code", "kind"), [
-    ("AuthFailure.SomethingNew", AccountStop), ("OperationDenied.SomethingNew", AccountStop),
-    ("OperationDenied.TextIllegalDetected", ContentRejected), ("InvalidParameterValue.SomethingNew", BadRequest),
+    ("AuthFailure.SomethingNew", AccountStop), ("OperationDenied.SomethingNew", ContentRejected),
+    ("OperationDenied.TextIllegalDetected", ContentRejected), ("OperationDenied.ImageIllegalDetected", ContentRejected),
+    ("InvalidParameterValue.SomethingNew", BadRequest),
 ])
-def test_unknown_auth_and_denied_codes_stop_the_account(code: str, kind: type) -> None:
-    """tencent.md "Errors and retries": the auth group is "not retryable: fix credentials, clock,
-    CAM"; a code of that family the SDK does not list yet must stop the account, not fail items."""
+def test_unknown_codes_fall_back_on_their_family(code: str, kind: type) -> None:
+    """tencent-aiart.md "Error codes": the auth group is "not retryable: fix credentials, clock,
+    CAM", so a new AuthFailure code stops the account; the document's only OperationDenied codes
+    are content moderation, so a new one rejects its item, never the whole account."""
     assert type(map_error(code, "m")) is kind
 
 

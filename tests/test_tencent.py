@@ -4,6 +4,7 @@ against the emulator process."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from datetime import date, datetime, timezone
@@ -17,8 +18,8 @@ from pydantic import SecretStr
 
 from blocks.base import GenerationRequest
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
-from blocks.tencent import (ERROR_CODES, TC3Signer, TencentAiArtProvider, canonical_request, map_error,
-                            string_to_sign, tc3_signature)
+from blocks.tencent import (ERROR_CODES, REFINE_MAX_BASE64, ReviewFailed, TC3Signer, TencentAiArtProvider,
+                            canonical_request, check_image, map_error, string_to_sign, tc3_signature)
 from flows.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, run_spec, s3_client, tencent_stats
 
@@ -89,7 +90,8 @@ def test_every_sdk_error_code_is_mapped() -> None:
 
 @pytest.mark.parametrize(("code", "kind"), [
     ("RequestLimitExceeded.JobNumExceed", TransientError), ("FailedOperation.InnerError", TransientError),
-    ("OperationDenied.ImageIllegalDetected", ContentRejected), ("FailedOperation.GenerateImageFailed", TransientError),
+    ("OperationDenied.ImageIllegalDetected", ContentRejected), ("FailedOperation.GenerateImageFailed", ReviewFailed),
+    ("OperationDenied.SomethingNew", ContentRejected), ("AuthFailure.SomethingNew", AccountStop),
     ("ResourceUnavailable.LowBalance", AccountStop), ("ResourceUnavailable.InArrears", AccountStop),
     ("ResourceUnavailable.StopUsing", AccountStop), ("InvalidParameterValue.StyleConflict", BadRequest),
     ("InvalidParameterValue.SomethingNew", BadRequest), ("AuthFailure.SignatureFailure", AccountStop),
@@ -136,6 +138,28 @@ def test_gif_is_refused() -> None:
     Image.new("RGB", (100, 100)).save(out, format="GIF")
     with pytest.raises(BadRequest, match="format GIF"):
         TencentAiArtProvider(secret_id="i", secret_key="k").upload(out.getvalue(), "image/gif")
+
+
+def padded_png(raw_size: int) -> bytes:
+    """A readable 64x64 PNG with filler after its end, `raw_size` bytes in all (base64: 4/3 of it)."""
+    out = BytesIO()
+    Image.new("RGB", (64, 64), (10, 120, 30)).save(out, format="PNG")
+    return out.getvalue() + b"\0" * (raw_size - len(out.getvalue()))
+
+
+def test_input_size_limits_are_the_pages_read_strictly() -> None:
+    """tencent-aiart.md: ImageToImage "base64 < 8 MB", RefineImage "base64 < 6 MB". Read as the
+    base64 text in decimal megabytes, the strictest reading: 6,000,000 base64 bytes (an image of
+    4,500,000) is refused for RefineImage, 5,999,996 is not; ImageToImage takes both."""
+    assert REFINE_MAX_BASE64 == 6_000_000
+    at_limit, under = padded_png(4_500_000), padded_png(4_499_997)
+    assert len(base64.b64encode(at_limit)) == 6_000_000 and len(base64.b64encode(under)) == 5_999_996
+    with pytest.raises(BadRequest, match="under 6,000,000"):
+        check_image(at_limit, "upscale input", max_base64=REFINE_MAX_BASE64)
+    check_image(under, "upscale input", max_base64=REFINE_MAX_BASE64)
+    check_image(at_limit)  # ImageToImage: under 8 MB
+    with pytest.raises(BadRequest, match="under 8,000,000"):
+        check_image(padded_png(6_000_000))
 
 
 # --- against the emulator ----------------------------------------------------------------------
@@ -203,6 +227,34 @@ def test_refusals_are_retried_but_an_ambiguous_submit_answer_is_not(tencent) -> 
     with pytest.raises(SubmitUnknown, match="does not say whether the job was created"):
         client(tencent).run_job(request(), poll_interval=0.1, timeout=30)
     assert tencent_stats(tencent)["requests"] - after["requests"] == 1
+
+
+def test_the_emulator_holds_the_same_refine_limit(tencent) -> None:
+    """The emulator's own reading of "base64 < 6 MB" (sandbox/tencent.py imports nothing of the
+    client) refuses the same 6,000,000 bytes and takes 5,999,996; the client refuses the first
+    before any request, so nothing it sends can be refused for its size under any reading."""
+    provider = client(tencent)
+    at_limit, under = padded_png(4_500_000), padded_png(4_499_997)
+    with pytest.raises(BadRequest, match="ImageSizeExceed"):
+        provider.call("RefineImage", {"InputImage": base64.b64encode(at_limit).decode(), "RspImgType": "url"})
+    assert provider.call("RefineImage", {"InputImage": base64.b64encode(under).decode(), "RspImgType": "url"})
+    before = tencent_stats(tencent)["requests"]
+    with pytest.raises(BadRequest, match="under 6,000,000"):
+        provider.refine(at_limit)
+    assert tencent_stats(tencent)["requests"] == before
+
+
+def test_an_unknown_operation_denied_code_rejects_the_item_not_the_account(tencent, tmp_path) -> None:
+    """tencent-aiart.md lists two OperationDenied codes, both content moderation: a new code of the
+    family rejects its item, and the run goes on with the next (no account stop)."""
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
+               json={"code": "OperationDenied.SomethingNew", "count": 1, "action": "SubmitTextToImageJob"})
+    items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(2))
+    state = run_spec(tmp_path, spec_text("tc-denied", items, ", max_parallel: 1"), date(2026, 4, 5))
+    manifest = state.result(raise_on_failure=False).manifest
+    first, second = manifest["items"]
+    assert first["error"]["error"] == "ContentRejected" and "OperationDenied.SomethingNew" in first["error"]["message"]
+    assert not second.get("error") and second["objects"]
 
 
 def spec_text(name: str, items: str, extra: str = "") -> str:
