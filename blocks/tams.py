@@ -27,6 +27,7 @@ from blocks.errors import AccountStop, BadRequest, ProviderError, TransientError
 
 PROVIDER = "tams"
 USD_PER_CREDIT = 0.003
+RESULT_HOSTS = ("tensor.art", "tensorart.cloud")  # [A] the provider's domains; its result CDN is not published
 SAMPLERS = frozenset({
     "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
     "DPM++ 2M SDE", "DPM fast", "LMS Karras", "DPM2 Karras", "DPM2 a Karras", "DPM++ 2S a Karras",
@@ -165,7 +166,11 @@ class TamsProvider(ImageProvider):
                                              "polling anyway (a lost callback, the receiver down).")
     trust_callbacks: bool = Field(False, description=(
         "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
-        "without a confirming status request (results are still downloaded from the provider)."))
+        "without a confirming status request, when it says the job succeeded with results on result_hosts "
+        "(a failure is always confirmed by a poll)."))
+    result_hosts: list[str] = Field(default_factory=lambda: list(RESULT_HOSTS), description=(
+        "Domains (and their subdomains) a trusted callback's result URLs may be on; other hosts are polled for. "
+        "The endpoint's own host is always allowed."))
 
     @model_validator(mode="after")
     def _one_credential(self) -> TamsProvider:
@@ -288,7 +293,11 @@ class TamsProvider(ImageProvider):
                               currency="USD")
 
     def submit_call(self, request: GenerationRequest) -> ApiCall:
-        # TAMS treats requestId as the idempotency key: a retried submit returns the same job.
+        # requestId is there "to ensure request idempotence, should be unique" (the API reference,
+        # POST /v1/jobs); a retried submit returns the same job (assumed: what a repeat returns is
+        # not published). Ours is the item's own (`flows.pipeline.request_id`: a SHA-256 of the
+        # pipeline, item, run date, step, account and paid request), never the FAQ's
+        # md5(unix seconds), which gives every job of one second the same id.
         payload: dict[str, Any] = {"requestId": request.request_id, "stages": self.stages(request)}
         if request.callback_url:
             payload["notifyUrl"] = request.callback_url

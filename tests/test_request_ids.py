@@ -86,3 +86,44 @@ def test_two_items_asking_for_the_same_thing_need_ids(tmp_path) -> None:
     path.write_text(spec("  - {prompt: a cat}\n  - {prompt: a cat}\n"))
     with pytest.raises(SpecError, match="asks for exactly what items\\[0\\] asks for"):
         load_spec(path)
+
+
+def test_an_id_comes_from_the_item_never_from_the_clock(tmp_path, monkeypatch) -> None:
+    """docs/providers/tams.md "Jobs": `requestId` must be unique to be idempotent, and the FAQ's
+    recipe, md5_hex(str(unix_seconds)), gives every job of one second the same id. Ours hash the
+    item: fifty items planned within one second get fifty ids, and planning them again at
+    another time gives the same fifty."""
+    import hashlib
+    import time
+
+    items = "".join(f"  - {{id: n{i}, prompt: item {i}}}\n" for i in range(50))
+    monkeypatch.setattr(time, "time", lambda: 1700000000.0)
+    first = ids(tmp_path, spec(items))
+    faq = {item: hashlib.md5(str(int(time.time())).encode()).hexdigest() for item in first}
+    assert len(set(faq.values())) == 1 and len(set(first.values())) == 50
+    monkeypatch.setattr(time, "time", lambda: 1800000000.0)
+    assert ids(tmp_path, spec(items)) == first
+
+
+def test_the_emulator_takes_a_repeated_id_for_the_same_job(sandbox, tmp_path) -> None:
+    """The TAMS emulator's own reading of "ensure request idempotence": a repeated `requestId`
+    returns the first job. So two items under the FAQ's per-second id would be one job (the
+    second item lost, or given the first one's images); under ours they are two."""
+    import hashlib
+
+    from blocks.tams import TamsProvider
+    from tests.conftest import tams_stats
+
+    provider = TamsProvider(app_id=sandbox.account("tams")["app_id"], private_key=sandbox.secret("tams", "private_key"),
+                            endpoint=sandbox.url("tams"))
+    path = tmp_path / "witness.yaml"
+    text = spec("  - {id: a, prompt: a cat}\n  - {id: b, prompt: a dog}\n")
+    path.write_text(text.replace("name: ids", "name: ids-witness"))
+    cat, dog = (plan.request for plan in plan_items(load_spec(path), "", DAY, ""))
+    before = tams_stats(sandbox)["submits"]
+    assert provider.submit(cat) != provider.submit(dog)
+    assert provider.submit(cat) == provider.submit(cat)  # a retry finds its job
+    faq_id = hashlib.md5(b"1700000000").hexdigest()
+    shared = [provider.submit(r.model_copy(update={"request_id": faq_id})) for r in (cat, dog)]
+    assert shared[0] == shared[1]  # the dog was never drawn
+    assert tams_stats(sandbox)["submits"] - before == 3
