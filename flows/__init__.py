@@ -1,10 +1,17 @@
 """The flows, their tasks, the spec loader and the `imagegen` CLI.
 
-Importing this package before Prefect selects Prefect's filesystem lease storage when nothing
-else was chosen and no `PREFECT_API_URL` is set, i.e. for the temporary server every `imagegen
-run` starts on its own: its concurrency leases then live in `PREFECT_HOME` instead of that
-server's memory, so a killed run's slots can be found and freed by the next run
-(`flows.slots.reclaim_expired`) instead of staying held for good.
+Importing this package before Prefect sets defaults for the temporary Prefect server that
+any process without `PREFECT_API_URL` starts on its own (`imagegen run`, the CLI's other
+commands, a local backfill). A value the user set is never changed.
+
+- Its concurrency leases live in `PREFECT_HOME` (Prefect's filesystem lease storage) instead
+  of the server's memory, so a killed run's slots can be found and freed by the next run
+  (`flows.slots.reclaim_expired`) instead of staying held for good.
+- It is given `STARTUP_SECONDS` to answer instead of Prefect's 20 s: its first start on a new
+  `PREFECT_HOME` creates and migrates the SQLite database, which took longer than 20 s on a
+  busy two-core machine every time (the user's first command then failed).
+- Its telemetry is off: the heartbeat competes with the run for SQLite's lock and prints a
+  `database is locked` traceback on every command.
 """
 
 from __future__ import annotations
@@ -12,6 +19,10 @@ from __future__ import annotations
 import os
 
 LEASE_STORAGE_SETTING = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
+STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_SECONDS = 300
 
-if LEASE_STORAGE_SETTING not in os.environ and not os.environ.get("PREFECT_API_URL"):
-    os.environ[LEASE_STORAGE_SETTING] = "prefect.server.concurrency.lease_storage.filesystem"
+if not os.environ.get("PREFECT_API_URL"):
+    os.environ.setdefault(LEASE_STORAGE_SETTING, "prefect.server.concurrency.lease_storage.filesystem")
+    os.environ.setdefault(STARTUP_SETTING, str(STARTUP_SECONDS))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

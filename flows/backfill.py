@@ -10,8 +10,12 @@ subflow of this run otherwise.
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
+from dataclasses import dataclass
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -20,13 +24,29 @@ from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
 from flows.progress import RunProgress, final_state
-from flows.spec import PipelineSpec, load_spec, resolve_spec_path
+from flows.spec import PIPELINES_DIR, PipelineSpec, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
 
+FAIL_FAST = 2
+"""Dates failed for one reason before running any item, with none done: the backfill stops
+starting dates (every date would meet the same refusal)."""
+
+
 class BackfillRefused(RuntimeError):
-    """The range's estimated credits exceed the backfill's cap; nothing was run."""
+    """Nothing was run: the range's estimated credits exceed the cap, or an argument is off."""
+
+
+class BackfillFailed(RuntimeError):
+    """Some dates failed; `rows` is the per-date table (date, status, state, reason)."""
+
+    def __init__(self, message: str, rows: list[dict[str, Any]]) -> None:
+        super().__init__(message, rows)
+        self.rows = rows
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def dates_between(start: date, end: date) -> list[date]:
@@ -65,96 +85,184 @@ def _deployment_id(name: str) -> str | None:
 
 
 @task(task_run_name="run-{run_date}")
-def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str, name: str) -> dict[str, Any]:
+def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str, name: str,
+                  local_spec: str) -> dict[str, Any]:
     """Run one date: through the deployment (any worker) or as a subflow, named
-    `<pipeline>-<date>`; report its manifest."""
+    `<pipeline>-<date>`; report its manifest (read with `local_spec`, the spec's path here),
+    and why it failed."""
     if deployment_id is not None:
         from prefect.deployments import run_deployment
 
         flow_run = run_deployment(deployment_id, parameters={"spec": spec, "run_date": run_date.isoformat()},
                                   idempotency_key=key, flow_run_name=f"{name}-{run_date}", tags=["backfill"])
-        run_id, state_name = str(flow_run.id), flow_run.state.name if flow_run.state else "unknown"
+        run_id, state = str(flow_run.id), flow_run.state
     else:
         from flows.pipeline import run_pipeline
 
         state = run_pipeline(spec=spec, run_date=run_date, return_state=True)  # named <pipeline>-<date>
-        run_id, state_name = str(state.state_details.flow_run_id), state.name
-    manifest = manifest_status(load_spec(spec), run_date) or {}
-    return {"date": run_date.isoformat(), "status": "done" if manifest.get("status") == "complete" else "failed",
-            "credits": manifest.get("totals", {}).get("credits_this_run", 0.0), "flow_run_id": run_id,
-            "state": state_name}
+        run_id = str(state.state_details.flow_run_id)
+    manifest = manifest_status(load_spec(local_spec), run_date)
+    done = bool(manifest) and manifest.get("status") == "complete"
+    return {"date": run_date.isoformat(), "status": "done" if done else "failed",
+            "credits": (manifest or {}).get("totals", {}).get("credits_this_run", 0.0), "flow_run_id": run_id,
+            "state": state.name if state else "unknown",
+            "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None}
+
+
+def failure_reason(state: Any, manifest: dict[str, Any] | None) -> str:
+    """One line: the failed items of a date's manifest, else the run's own final message."""
+    if manifest:
+        failed = [f"{i['item']}: {i['error'].get('error', '')}" for i in manifest.get("items", []) if i.get("error")]
+        if failed:
+            return f"{len(failed)} item(s) failed: " + "; ".join(failed)[:300]
+    message = (getattr(state, "message", None) or "").strip()
+    return (message or f"the run ended {getattr(state, 'name', 'without a state')}")[:300]
+
+
+def portable_spec(path: Path, deployed: bool) -> str:
+    """The spec as a date's run reads it. A deployment's run starts on any worker, in a clone
+    of its own: a spec of this checkout is named by its path inside the checkout, which every
+    clone has (an absolute path names only this clone's copy and is refused there). A spec
+    elsewhere (a folder of `IMAGEGEN_SPEC_ROOTS`, shared by the workers) keeps its path."""
+    root = PIPELINES_DIR.parent.resolve()
+    resolved = path.resolve()
+    if deployed and resolved.is_relative_to(root):
+        return resolved.relative_to(root).as_posix()
+    return str(resolved)
+
+
+def check_arguments(max_parallel: int, max_credits: float | None) -> None:
+    """`BackfillRefused` for a parallelism below 1 (it would wait for ever) or a cap that is
+    not a finite number of credits, 0 or more (`nan` would switch it off)."""
+    if max_parallel < 1:
+        raise BackfillRefused(f"max_parallel is {max_parallel}: give 1 or more dates at once")
+    if max_credits is not None and not (math.isfinite(max_credits) and max_credits >= 0):
+        raise BackfillRefused(f"max_credits is {max_credits}: give a finite number of credits, 0 or more")
+
+
+def skipped_row(run_date: date, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"date": run_date.isoformat(), "status": "skipped", "credits": 0.0,
+            "flow_run_id": manifest.get("flow_run_id"), "state": "already complete", "reason": ""}
 
 
 @flow(name="backfill", log_prints=True)
 def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credits: float | None = None,
              deployment: str | None = DEPLOYMENT) -> list[dict[str, Any]]:
-    """Run `spec` for every date from `start` to `end`, skipping dates already complete."""
+    """Run `spec` for every date from `start` to `end`, skipping dates already complete. Ends
+    Failed (`BackfillFailed`, with the per-date table) when any date failed."""
     from prefect.runtime import deployment as this_deployment  # `deployment` is the parameter
-    from prefect.runtime import flow_run
 
     logger = get_run_logger()
-    spec_path = str(resolve_spec_path(spec, confined=this_deployment.id is not None))
-    parsed = load_spec(spec_path)
-    name = parsed.name
+    check_arguments(max_parallel, max_credits)
+    path = resolve_spec_path(spec, confined=this_deployment.id is not None)
+    parsed = load_spec(path)
     dates = dates_between(start, end)
     rows: dict[date, dict[str, Any]] = {}
-    todo = []
     for run_date in dates:
         manifest = manifest_status(parsed, run_date)
         if manifest and manifest.get("status") == "complete":
-            rows[run_date] = {"date": run_date.isoformat(), "status": "skipped", "credits": 0.0,
-                              "flow_run_id": manifest.get("flow_run_id"), "state": "already complete"}
-        else:
-            todo.append(run_date)
+            rows[run_date] = skipped_row(run_date, manifest)
+    todo = [d for d in dates if d not in rows]
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
-                name, start, end, len(todo), len(dates) - len(todo))
+                parsed.name, start, end, len(todo), len(rows))
     estimated = estimate_range(parsed, todo) if todo else 0.0
     if max_credits is not None and estimated > max_credits:
         raise BackfillRefused(f"{len(todo)} date(s) to run are estimated at {estimated} credits, above the cap "
                               f"of {max_credits}; nothing was run")
     deployment_id = _deployment_id(deployment) if deployment else None
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete, estimated %s credits, via %s",
-                name, start, end, len(todo), len(dates) - len(todo), estimated,
+                parsed.name, start, end, len(todo), len(rows), estimated,
                 f"deployment {deployment}" if deployment_id else "subflows")
-    progress = create_progress_artifact(0.0, key=f"{_key(name)}-backfill-progress",
-                                        description=f"Backfill of {name} {start}..{end}")
-    tracker = RunProgress(f"backfill {name} {start}..{end}", len(todo), log=logger.info, unit="dates")
+    rows.update(run_dates(Dates(parsed.name, portable_spec(path, deployment_id is not None), str(path.resolve()),
+                                todo, start, end),
+                          deployment_id, max_parallel, logger))
+    return finish(parsed.name, start, end, [rows[d] for d in dates])
+
+
+@dataclass(frozen=True)
+class Dates:
+    """The dates one backfill runs, and what each date's run is given."""
+
+    name: str
+    spec: str
+    local_spec: str
+    todo: list[date]
+    start: date
+    end: date
+
+
+def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger: Any) -> dict[date, dict[str, Any]]:
+    """Run the dates, at most `max_parallel` at once; stop starting new ones once `FAIL_FAST`
+    dates failed for one reason before doing anything (a refused spec, a missing Block: every
+    date would meet it) and none succeeded."""
+    from prefect.runtime import flow_run
+
+    progress = create_progress_artifact(0.0, key=f"{_key(dates.name)}-backfill-progress",
+                                        description=f"Backfill of {dates.name} {dates.start}..{dates.end}")
+    tracker = RunProgress(f"backfill {dates.name} {dates.start}..{dates.end}", len(dates.todo), log=logger.info,
+                          unit="dates")
     running: dict[date, PrefectFuture] = {}
-    finished = 0
-    for run_date in todo:
-        while sum(not f.wrapped_future.done() for f in running.values()) >= max_parallel:
-            time.sleep(0.1)
-        key = f"backfill:{flow_run.id}:{name}:{run_date.isoformat()}"
-        running[run_date] = run_date_task.submit(spec_path, run_date, deployment_id, key, name)
-        tracker.update(submitted=1)
-        running[run_date].add_done_callback(lambda f: _count_date(f, tracker))
-    for run_date, future in running.items():
-        future.wait()
-        result = future.result(raise_on_failure=False)
-        rows[run_date] = result if isinstance(result, dict) else {
-            "date": run_date.isoformat(), "status": "failed", "credits": 0.0, "flow_run_id": None,
-            "state": f"{type(result).__name__}: {result}"[:200]}
-        finished += 1
-        update_progress_artifact(progress, 100.0 * finished / max(1, len(todo)))
+    rows: dict[date, dict[str, Any]] = {}
+    waiting, stop_reason = list(dates.todo), None
+    while waiting or running:
+        if waiting and stop_reason is None and len(running) < max_parallel:
+            run_date = waiting.pop(0)
+            key = f"backfill:{flow_run.id}:{dates.name}:{run_date.isoformat()}"
+            running[run_date] = run_date_task.submit(dates.spec, run_date, deployment_id, key, dates.name,
+                                                     dates.local_spec)
+            tracker.update(submitted=1)
+            continue
+        if stop_reason is not None and not running:
+            break
+        for run_date in [d for d, f in running.items() if f.wrapped_future.done()]:
+            rows[run_date] = date_row(run_date, running.pop(run_date), tracker)
+            update_progress_artifact(progress, 100.0 * len(rows) / max(1, len(dates.todo)))
+        stop_reason = stop_reason or same_failure(rows.values())
+        time.sleep(0.1)
+    if stop_reason is not None and waiting:
+        logger.error("backfill %s: stopped starting dates: %d date(s) failed before running any item, all with: "
+                     "%s; fix that and run the backfill again (%d date(s) not started)", dates.name, FAIL_FAST,
+                     stop_reason, len(waiting))
+        for run_date in waiting:
+            rows[run_date] = {"date": run_date.isoformat(), "status": "failed", "credits": 0.0, "flow_run_id": None,
+                              "state": "not started", "reason": f"not started: earlier dates failed with: {stop_reason}"}
     tracker.finish()
-    table = [rows[d] for d in dates]
+    return rows
+
+
+def same_failure(rows: Any) -> str | None:
+    """The reason `FAIL_FAST` dates failed before running any item, while none succeeded."""
+    rows = list(rows)
+    if any(r["status"] == "done" for r in rows):
+        return None
+    reasons = Counter(r["reason"] for r in rows if r["status"] == "failed" and not r.get("ran_items"))
+    reason, count = next(iter(reasons.most_common(1)), ("", 0))
+    return reason if count >= FAIL_FAST else None
+
+
+def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dict[str, Any]:
+    """A finished date's row (a date whose task itself failed gets one too), counted."""
+    result = final_state(future).result(raise_on_failure=False)
+    row = result if isinstance(result, dict) else {
+        "date": run_date.isoformat(), "status": "failed", "credits": 0.0, "flow_run_id": None,
+        "state": "Failed", "reason": f"{type(result).__name__}: {result}"[:300], "ran_items": False}
+    tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"),
+                   credits=float(row.get("credits") or 0.0))
+    return row
+
+
+def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table artifact; `BackfillFailed` (the run ends Failed) when any date failed."""
+    table = [{k: v for k, v in row.items() if k != "ran_items"} for row in table]
+    counts = {s: sum(r["status"] == s for r in table) for s in ("done", "skipped", "failed")}
     create_table_artifact(table, key=f"{_key(name)}-backfill",
-                          description=f"Backfill of **{name}** {start}..{end}: "
-                                      f"{sum(r['status'] == 'done' for r in table)} done, "
-                                      f"{sum(r['status'] == 'skipped' for r in table)} skipped, "
-                                      f"{sum(r['status'] == 'failed' for r in table)} failed")
+                          description=f"Backfill of **{name}** {start}..{end}: {counts['done']} done, "
+                                      f"{counts['skipped']} skipped, {counts['failed']} failed")
+    if counts["failed"]:
+        reasons = Counter(r["reason"] for r in table if r["status"] == "failed")
+        raise BackfillFailed(f"{counts['failed']} of {len(table)} date(s) failed; most often: "
+                             f"{reasons.most_common(1)[0][0]}", table)
     return table
-
-
-def _count_date(future: PrefectFuture, tracker: RunProgress) -> None:
-    """Count a date in the backfill's progress as soon as its run ends."""
-    try:
-        result = final_state(future).result(raise_on_failure=False)
-    except Exception as exc:  # noqa: BLE001 - a count must never break the backfill
-        result = exc
-    ok = isinstance(result, dict) and result.get("status") == "done"
-    tracker.update(done=int(ok), failed=int(not ok),
-                   credits=float(result.get("credits") or 0.0) if isinstance(result, dict) else 0.0)
 
 
 def _key(name: str) -> str:

@@ -242,13 +242,14 @@ def local_lease_storage() -> Path | None:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
-    from flows.backfill import backfill
+    from flows.backfill import BackfillFailed, BackfillRefused, backfill, check_arguments
     from flows.progress import terminal_line
     from flows.report import format_table
 
     try:
+        check_arguments(args.max_parallel, args.max_credits)
         load_spec(args.spec)
-    except SpecError as exc:
+    except (SpecError, BackfillRefused) as exc:
         print(exc, file=sys.stderr)
         return 1
     with terminal_line():
@@ -256,11 +257,15 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                          max_credits=args.max_credits, deployment=None if args.local else args.deployment,
                          return_state=True)
     rows = state.result(raise_on_failure=False)
+    if isinstance(rows, BackfillFailed):
+        print(format_table(rows.rows))
+        print(f"\nbackfill failed: {rows}", file=sys.stderr)
+        return 1
     if isinstance(rows, BaseException):
-        print(f"backfill failed: {rows}", file=sys.stderr)
+        print(f"backfill failed: {type(rows).__name__}: {rows}", file=sys.stderr)
         return 1
     print(format_table(rows))
-    return 0 if all(r["status"] != "failed" for r in rows) else 1
+    return 0
 
 
 def cmd_setup_server(args: argparse.Namespace) -> int:
@@ -316,38 +321,46 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from sandbox import launcher
 
     state_dir = Path(args.state_dir)
-    if args.action == "down":
-        print("sandbox stopped" if launcher.down(state_dir) else "no sandbox state found")
-        return 0
-    if args.action == "status":
-        state = launcher.SandboxState.load(state_dir)
-        running = bool(state and state.pids and all(launcher._alive(p) for p in state.pids.values()))
-        where = ", ".join(f"{name} {state.url(name)}" for name in state.providers) if state else ""
-        print(f"sandbox {'running' if running else 'stopped'}" + (f": {where}, S3 {state.s3_url}"
-                                                                  if state and running else ""))
-        return 0 if running else 1
-    if args.action == "register":
-        state = launcher.SandboxState.load(state_dir)
-        if state is None:
-            print("no sandbox state found; run `imagegen sandbox up` first", file=sys.stderr)
-            return 1
-        print(f"registered Blocks: {', '.join(launcher.register_blocks(state, args.block_name))}")
-        _apply_sandbox_limits(state, args.block_name)
-        return 0
+    try:
+        if args.action == "down":
+            print("sandbox stopped" if launcher.down(state_dir) else "no sandbox state found")
+            return 0
+        if args.action == "status":
+            state = launcher.running(state_dir)
+            where = ", ".join(f"{name} {state.url(name)}" for name in state.providers) if state else ""
+            print(f"sandbox {'running' if state else 'stopped'}" + (f": {where}, S3 {state.s3_url}" if state else ""))
+            return 0 if state else 1
+        if args.action == "register":
+            state = launcher.SandboxState.load(state_dir)
+            if state is None:
+                print("no sandbox state found; run `imagegen sandbox up` first", file=sys.stderr)
+                return 1
+            print(f"registered Blocks: {', '.join(launcher.register_blocks(state, args.block_name))}")
+            _apply_sandbox_limits(state, args.block_name)
+            return 0
+        return _sandbox_up(args, state_dir)
+    except launcher.SandboxError as exc:
+        print(f"sandbox {args.action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _sandbox_up(args: argparse.Namespace, state_dir: Path) -> int:
+    """Start the sandbox, or reuse the one running in `state_dir` (its ports and keys, which
+    Blocks saved earlier name, stay as they are); then save its Blocks and limits here."""
+    from sandbox import launcher
     from sandbox.accounts import emulators
 
-    ports = {name: launcher.free_port() for name in emulators()} if args.free_ports else {}
-    for pair in args.port or []:
-        provider, _, port = pair.partition("=")
-        ports[provider] = int(port)
-    try:
+    state = launcher.running(state_dir)
+    if state is not None:
+        print(f"sandbox already running (its ports and keys kept; `imagegen sandbox down` first for a new one): "
+              f"{', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, S3 {state.s3_url}")
+    else:
+        ports = {name: launcher.free_port() for name in emulators()} if args.free_ports else {}
+        ports.update(dict(args.port or []))
         state = launcher.up(state_dir, ports=ports, s3_port=launcher.free_port() if args.free_ports else args.s3_port,
                             latency=args.latency, buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
-    except launcher.SandboxError as exc:
-        print(f"sandbox not started: {exc}", file=sys.stderr)
-        return 1
-    print(f"sandbox up: {', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, "
-          f"S3 (SeaweedFS) {state.s3_url}, buckets {', '.join(state.buckets)}")
+        print(f"sandbox up: {', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, "
+              f"S3 (SeaweedFS) {state.s3_url}, buckets {', '.join(state.buckets)}")
     if not args.no_register:
         try:
             names = launcher.register_blocks(state)
@@ -357,6 +370,27 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print(f"registered Blocks: {', '.join(names)}")
         _apply_sandbox_limits(state, launcher.BLOCK_NAME)
     return 0
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1-65535 (an argparse type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def provider_port(text: str) -> tuple[str, int]:
+    """`PROVIDER=PORT` for a sandbox emulator (an argparse type)."""
+    from sandbox.accounts import emulators
+
+    provider, sep, port = text.partition("=")
+    if not sep or provider not in emulators():
+        raise argparse.ArgumentTypeError(f"{text!r}: give PROVIDER=PORT with PROVIDER one of {', '.join(emulators())}")
+    return provider, port_number(port)
 
 
 def _apply_sandbox_limits(state, block_name: str) -> None:  # noqa: ANN001 - a SandboxState
@@ -421,7 +455,7 @@ def parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("server", help="a local Prefect server for bulk runs (durable leases, PostgreSQL)")
     srv.add_argument("action", choices=["up", "down", "status"])
     srv.add_argument("--dir", default=str(DEFAULT_SERVER_DIR), help="where its state, home, log and database live")
-    srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--port", type=port_number, default=4200)
     srv.add_argument("--host", default="127.0.0.1", help="where it listens (0.0.0.0: for workers on other machines; then "
                      "set PREFECT_SERVER_API_AUTH_STRING=user:password here and PREFECT_API_AUTH_STRING on them)")
     srv.add_argument("--database", choices=["auto", "postgres", "sqlite"], default="auto",
@@ -430,16 +464,16 @@ def parser() -> argparse.ArgumentParser:
     cb = sub.add_parser("callbacks", help="receive provider callbacks and wake the tasks waiting on them")
     cb.add_argument("action", choices=["serve"])
     cb.add_argument("--host", default="127.0.0.1", help="where it listens (behind your ingress; default %(default)s)")
-    cb.add_argument("--port", type=int, default=8710)
+    cb.add_argument("--port", type=port_number, default=8710)
     cb.set_defaults(func=cmd_callbacks)
     s = sub.add_parser("sandbox", help="local provider emulators and S3 server")
     s.add_argument("action", choices=["up", "down", "status", "register"],
                    help="register: save the Blocks and limits of a running sandbox on the current Prefect API")
     s.add_argument("--state-dir", default=".sandbox")
     s.add_argument("--block-name", default="sandbox", help="name of the Blocks `register` saves (and their limits)")
-    s.add_argument("--port", action="append", metavar="PROVIDER=PORT",
+    s.add_argument("--port", action="append", metavar="PROVIDER=PORT", type=provider_port,
                    help="an emulator's port (repeatable; default: its emulator's DEFAULT_PORT, see README)")
-    s.add_argument("--s3-port", type=int, default=8333)
+    s.add_argument("--s3-port", type=port_number, default=8333)
     s.add_argument("--free-ports", action="store_true", help="run every emulator and S3 on free ports")
     s.add_argument("--latency", type=float, default=2.0, help="seconds an emulated job takes")
     s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")
@@ -448,14 +482,51 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+NEEDS_PREFECT = {"run", "estimate", "ledger", "limits", "backfill", "setup-server", "sandbox:up", "sandbox:register"}
+"""Commands that talk to a Prefect API (Blocks, limits, runs); the others start no server."""
+
+
+def temporary_server_note(args: argparse.Namespace) -> str | None:
+    """What to say before a command starts Prefect's temporary server (no `PREFECT_API_URL`):
+    that it starts, and on a new `PREFECT_HOME` that its database is being created first."""
+    command = args.command + (f":{args.action}" if args.command == "sandbox" else "")
+    if command not in NEEDS_PREFECT or getattr(args, "no_register", False):
+        return None
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:  # the user's server (a profile or PREFECT_API_URL), or a test harness's
+        return None
+    url = settings.server.database.connection_url.get_secret_value() if settings.server.database.connection_url else ""
+    database = Path(url.split(":///", 1)[1]) if url.startswith("sqlite") and ":///" in url else None
+    if database is not None and not database.exists():
+        return (f"starting a temporary Prefect server; first run: creating its database in {database.parent} "
+                "(up to a minute; set PREFECT_API_URL to use a lasting server)")
+    return "starting a temporary Prefect server (set PREFECT_API_URL to use a lasting one)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlockMissing
 
     args = parser().parse_args(argv)
+    if (note := temporary_server_note(args)) is not None:
+        print(note, file=sys.stderr, flush=True)
     try:
         return args.func(args)
     except BlockMissing as exc:  # one line naming the Block and how to save it, not a traceback
         print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a person gets one line naming the fix, never a traceback
+        import os
+
+        from flows.cli_errors import DEBUG, explain
+
+        if os.environ.get(DEBUG):
+            raise
+        print(f"imagegen {args.command}: {explain(exc)}", file=sys.stderr)
         return 1
 
 

@@ -556,8 +556,11 @@ def load_spec(spec: str | Path, overrides: dict[str, Any] | None = None, *, conf
 
 
 def looks_like_spec(text: str) -> bool:
-    """A top-level `version:` or `name:` line: only then do errors quote the file's lines."""
-    return re.search(r"^(version|name)[ \t]*:", text, re.MULTILINE) is not None
+    """A top-level `version:` or `name:` line, or a JSON object with such a key (JSON is YAML):
+    only then do errors quote the file's lines."""
+    if re.search(r"^(version|name)[ \t]*:", text, re.MULTILINE) is not None:
+        return True
+    return text.lstrip().startswith("{") and re.search(r'"(version|name)"[ \t\r\n]*:', text) is not None
 
 
 def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,

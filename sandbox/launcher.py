@@ -53,8 +53,12 @@ class SandboxState:
         path = Path(state_dir) / "state.json"
         if not path.exists():
             return None
-        data = json.loads(path.read_text())
-        return cls(**data) if "providers" in data else None  # a state file of an older layout: none
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data) if "providers" in data else None  # a state file of an older layout: none
+        except (ValueError, TypeError, OSError) as exc:
+            raise SandboxError(f"{path} is not a sandbox state file ({exc}); stop what it started, if anything, "
+                               f"and remove it (or `imagegen sandbox up --state-dir` another folder)") from None
 
     def url(self, provider: str) -> str:
         return self.providers[provider]["url"]
@@ -80,6 +84,12 @@ class SandboxError(RuntimeError):
 
 class PortTaken(SandboxError):
     """A port the sandbox needs is in use."""
+
+
+def running(state_dir: Path = DEFAULT_STATE_DIR) -> SandboxState | None:
+    """The sandbox of `state_dir` when every one of its processes is alive."""
+    state = SandboxState.load(Path(state_dir).resolve())
+    return state if state and state.pids and all(_alive(pid) for pid in state.pids.values()) else None
 
 
 def _port_free(port: int) -> bool:
@@ -169,7 +179,7 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = SandboxState.load(state_dir)
     if existing and any(_alive(pid) for pid in existing.pids.values()):
-        down(state_dir)
+        down(state_dir)  # a sandbox partly dead: what is left of it goes; the caller reuses a whole one
 
     chosen = {name: (ports or {}).get(name, emulator(name).DEFAULT_PORT) for name in providers or emulators()}
     for name, port in {**chosen, "s3": s3_port}.items():

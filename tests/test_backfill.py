@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.backfill import BackfillRefused, backfill, dates_between
+from flows.backfill import (BackfillFailed, BackfillRefused, backfill, check_arguments, dates_between, portable_spec,
+                            same_failure)
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
 
 
@@ -86,3 +87,39 @@ def test_backfill_table_artifact(sandbox_blocks, tmp_path) -> None:
         arts = {a.key: a for a in client.read_latest_artifacts()}
     assert arts["bf-art-backfill"].type == "table" and "2 done" in arts["bf-art-backfill"].description
     assert arts["bf-art-backfill-progress"].type == "progress" and float(arts["bf-art-backfill-progress"].data) == 100.0
+
+
+def test_a_failed_date_ends_the_backfill_failed_with_its_reason(sandbox_blocks, tmp_path) -> None:
+    path = spec(tmp_path, "bf-fails", "  - {id: a, prompt: a cat}\n  - {id: c, prompt: \"x [[fail]]\"}\n")
+    state = backfill(spec=path, start=date(2026, 6, 20), end=date(2026, 6, 21), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BackfillFailed) and str(error).startswith("2 of 2 date(s) failed")
+    assert [r["status"] for r in error.rows] == ["failed", "failed"]
+    assert all(r["reason"].startswith("1 item(s) failed: c:") for r in error.rows), error.rows
+
+
+def test_dates_failing_for_one_reason_before_any_item_stop_the_backfill() -> None:
+    refused = {"status": "failed", "reason": "SpecRefused: no such spec", "ran_items": False}
+    assert same_failure([refused]) is None
+    assert same_failure([refused, refused]) == "SpecRefused: no such spec"
+    assert same_failure([refused, refused, {"status": "done", "reason": ""}]) is None  # one date got through
+    paid = {**refused, "ran_items": True}  # items ran: a provider's answer, not a refusal every date meets
+    assert same_failure([paid, paid]) is None
+
+
+def test_a_deployment_s_dates_get_the_spec_by_its_place_in_the_checkout(tmp_path) -> None:
+    from flows.spec import PIPELINES_DIR
+
+    assert portable_spec(PIPELINES_DIR / "demo.yaml", deployed=True) == "pipelines/demo.yaml"
+    assert portable_spec(PIPELINES_DIR / "demo.yaml", deployed=False) == str((PIPELINES_DIR / "demo.yaml").resolve())
+    outside = tmp_path / "x.yaml"
+    assert portable_spec(outside, deployed=True) == str(outside.resolve())  # a shared spec root keeps its path
+
+
+@pytest.mark.parametrize("parallel, cap, why", [(0, None, "max_parallel is 0"), (-1, None, "max_parallel is -1"),
+                                                (2, float("nan"), "max_credits is nan"),
+                                                (2, float("inf"), "max_credits is inf"), (2, -1.0, "max_credits is -1")])
+def test_arguments_that_would_hang_or_switch_the_cap_off_are_refused(parallel, cap, why) -> None:
+    with pytest.raises(BackfillRefused, match=why):
+        check_arguments(parallel, cap)

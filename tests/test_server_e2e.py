@@ -115,6 +115,26 @@ def test_a_worker_in_another_directory_runs_the_deployment_from_a_clone(deployed
     assert f"{CLONE_ONLY_SPEC}/2026-09-02/a-1.png" in keys
 
 
+def test_the_backfill_deployment_runs_every_date_from_clones(deployed, sandbox) -> None:
+    """The `backfill` deployment as the UI's Run button starts it: the backfill runs in one
+    worker's clone and each date's run in another's, so the dates must name the spec by its
+    place in the checkout (an absolute path names only the backfill's clone and is refused)."""
+    env, _ = deployed
+    with client_for(env) as client:
+        deployment = client.read_deployment_by_name("backfill/backfill")
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={
+            "spec": CLONE_ONLY_SPEC, "start": "2026-09-20", "end": "2026-09-21"})
+        final = wait_final(client, flow_run.id, timeout=400)
+        children = [r for r in client.read_flow_runs() if r.name.startswith(f"{CLONE_ONLY_SPEC}-2026-09-2")]
+    assert final.state.is_completed(), final.state.message
+    assert sorted(r.name for r in children) == [f"{CLONE_ONLY_SPEC}-2026-09-20", f"{CLONE_ONLY_SPEC}-2026-09-21"]
+    assert all(r.state.is_completed() and r.deployment_id for r in children)
+    for day in ("2026-09-20", "2026-09-21"):
+        keys = {o["Key"] for o in s3_client(sandbox).list_objects_v2(
+            Bucket=TEST_BUCKET, Prefix=f"{CLONE_ONLY_SPEC}/{day}/")["Contents"]}
+        assert f"{CLONE_ONLY_SPEC}/{day}/b-1.png" in keys
+
+
 def test_run_triggered_through_the_api_lands_in_s3(deployed, sandbox) -> None:
     env, spec = deployed
     with client_for(env) as client:

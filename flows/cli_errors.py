@@ -1,0 +1,70 @@
+"""One line for each error a person's mistake or a missing service gives the CLI.
+
+`explain(exc)` names what went wrong and the fix; `imagegen` prints it instead of a traceback
+(`IMAGEGEN_DEBUG=1` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+DEBUG = "IMAGEGEN_DEBUG"
+
+
+def _api_url() -> str:
+    return os.environ.get("PREFECT_API_URL") or "the temporary Prefect server"
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    import httpx
+
+    if isinstance(exc, httpx.TransportError):
+        if os.environ.get("PREFECT_API_URL"):
+            return (f"cannot reach the Prefect API at {_api_url()} ({type(exc).__name__}: {exc}): start that server "
+                    "(`imagegen server up`), or unset PREFECT_API_URL to let each command start a temporary one")
+        return f"a service did not answer ({type(exc).__name__}: {exc}); is the sandbox up (`imagegen sandbox status`)?"
+    return None
+
+
+def _s3(exc: BaseException) -> str | None:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        bucket = exc.response.get("Error", {}).get("BucketName", "")
+        if code == "NoSuchBucket":
+            return (f"S3 bucket {bucket or '(the archive bucket)'} does not exist: create it, or name an existing one "
+                    "in the spec's archive.bucket")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"S3 refused the archive's credentials ({code}): check the AwsCredentials Block the spec names"
+        return f"S3 answered {code or 'an error'}: {exc}"
+    if isinstance(exc, (EndpointConnectionError, NoCredentialsError)):
+        return f"S3 is not reachable with the archive's credentials Block ({exc}); is the S3 server up?"
+    return None
+
+
+def _prefect(exc: BaseException) -> str | None:
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    if isinstance(exc, ObjectNotFound):
+        return f"not found on the Prefect server at {_api_url()}: {exc}"
+    if isinstance(exc, PrefectHTTPStatusError):
+        return f"the Prefect API at {_api_url()} refused a request: {str(exc).splitlines()[0]}"
+    return None
+
+
+EXPLAINERS: tuple[Callable[[BaseException], str | None], ...] = (_unreachable, _s3, _prefect)
+
+
+def explain(exc: BaseException) -> str:
+    """One line: what failed and what to do (`RuntimeError: ...` for anything unknown)."""
+    for explainer in EXPLAINERS:
+        try:
+            line = explainer(exc)
+        except ImportError:
+            continue
+        if line:
+            return line
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" + (f" (details: {DEBUG}=1 imagegen ...)" if not text else "")
