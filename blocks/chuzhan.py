@@ -1,7 +1,8 @@
 """触站AI (Chuzhan AI, huashi6 open platform) provider Block and its published credit formula.
 
 Wire protocol as in `docs/providers/chuzhan.md`: every endpoint is `POST` with a JSON body,
-the API token goes in the `Auth-Token` header, answers come in a `{code, msg, success, data}`
+the API token goes in the `Auth-Token` header and again as `Authorization: Bearer` (the clients
+found send the first, the document's page renders the second), answers come in a `{code, msg, success, data}`
 envelope (`code == 0` is success, business errors are HTTP 200). A drawing task is submitted
 with `/v1/draw` (which **charges at submit**) and polled with `/v1/task/detail` until
 `success` or `fail`. `predictConsume: true` prices a request without drawing or charging.
@@ -15,9 +16,11 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import threading
+import time
 from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlparse
 
 import httpx
@@ -25,7 +28,7 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_valida
 
 from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
                          download, status_error)
-from blocks.errors import (AccountStop, BadRequest, ContentRejected, ProviderError, SubmitUnknown,
+from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
                            TransientError)
 
 PROVIDER = "chuzhan"
@@ -43,7 +46,14 @@ MAX_AREA = 2048 * 2048     # w * h * hrScale^2
 MAX_SIDE, MIN_SIDE = 2048, 64
 MAX_HR_SCALE, MAX_HR_STEPS, MAX_UPSCALE, MAX_BATCH, MAX_UNITS = 3, 50, 3, 6, 3
 EXTRAS = {"removeBackground": 2, "redrawBackground": 2, "facePreservation": 2, "genderDetect": 1}
-FACE_FIX, PER_UNIT, MULTI_IMAGE_FACTOR = 2, 2, Decimal("0.9")
+FACE_FIX, PER_UNIT, MULTI_IMAGE_FACTOR = 2, 2, Decimal("0.9")  # FACE_FIX [A]: the schema's "+2", not the credit page
+# The image audit (`audit`, per image and, for a single image, at the top of the answer): 1 passed
+# [A]. 2 and 3 are assumed to ask for a person ("confirm", "show privately"; not in the document):
+# such paid images are kept and flagged for a person, never counted as failed.
+AUDIT_PASSED = 1
+AUDIT_FOR_A_PERSON = {2: "a person should confirm it", 3: "to be shown privately only"}
+STATUS_FLOOR = 1.0  # least seconds between two status requests of one task in long-poll mode
+Charge = Literal["charged", "refunded", "maybe"]
 
 # Error codes. The provider's own table is not published; these are the sandbox's, kept in one
 # place so the real ones can replace them. Messages are matched too (the real service's texts).
@@ -99,18 +109,26 @@ def credit_terms(params: dict[str, Any]) -> dict[str, Decimal]:
     return terms
 
 
-def credits_for(params: dict[str, Any]) -> int:
-    """Credits of a drawing task by the provider's published formula.
+def credit_readings(params: dict[str, Any]) -> dict[str, int]:
+    """Credits of a drawing task under each reading of the page's rounding.
 
-    Rounding (the page shows whole numbers and does not say how): its three worked examples
-    (12.00095 -> 12, 20.0016 -> 20, 5.9926 -> 6) rule out floor and ceiling, so one image
-    costs the sum of its terms rounded half up; several images cost that whole number
-    x 0.9 x count, rounded half up again. Unverified against the live service: compare with
-    `predictConsume`, which the Block uses whenever it is online.
-    """
-    single = _half_up(sum(credit_terms(params).values(), Decimal(0)))
+    The page shows whole numbers and does not say how it rounds: its three worked examples
+    (12.00095 -> 12, 20.0016 -> 20, 5.9926 -> 6) rule out floor and ceiling, so one image costs
+    the sum of its terms rounded half up. For several images (`single x 0.9 x n`) they cannot
+    tell whether `single` is that whole number (`image_first`) or the unrounded sum (`total`):
+    768x768, 25 steps, 6 images is 59 one way and 61 the other."""
+    exact = sum(credit_terms(params).values(), Decimal(0))
     count = int(params.get("batchSize") or 1)
-    return single if count == 1 else _half_up(Decimal(single) * MULTI_IMAGE_FACTOR * count)
+    if count == 1:
+        return {"single": _half_up(exact)}
+    return {"image_first": _half_up(_half_up(exact) * MULTI_IMAGE_FACTOR * count),
+            "total": _half_up(exact * MULTI_IMAGE_FACTOR * count)}
+
+
+def credits_for(params: dict[str, Any]) -> int:
+    """Credits to estimate and reserve for a drawing task: the larger reading of the page's
+    rounding (`credit_readings`). Online, the Block asks `predictConsume` instead."""
+    return max(credit_readings(params).values())
 
 
 def output_size(params: dict[str, Any]) -> tuple[int, int]:
@@ -201,6 +219,35 @@ def on_loopback(url: str) -> bool:
         return False
 
 
+def auth_headers(token: str) -> dict[str, str]:
+    """The token both ways: `Auth-Token` (every client found) and `Authorization: Bearer` (what
+    the document's page renders); which one the service reads is not published."""
+    return {"Auth-Token": token, "Authorization": f"Bearer {token}"}
+
+
+def audit_reason(value: Any) -> str | None:
+    """Why an image's `audit` keeps it from approval, or None where it passed (1)."""
+    try:
+        audit = int(value)
+    except (TypeError, ValueError):
+        return f"the provider's audit is unreadable (audit={value!r}): held for a person"
+    if audit == AUDIT_PASSED:
+        return None
+    if audit in AUDIT_FOR_A_PERSON:
+        return f"held for a person: the provider's audit says {AUDIT_FOR_A_PERSON[audit]} (audit={audit})"
+    return f"failed the provider's audit (audit={audit})"
+
+
+class TaskFailed(JobFailed):
+    """A drawing task that ended `fail`. Its credits were taken at submit (`used`, where this
+    process saw the answer); the provider does not say whether a failed task gives them back and
+    its answer reports nothing of it, so `charge` is "maybe"."""
+
+    def __init__(self, message: str, *, used: float | None, charge: Charge = "maybe", code: str | None = None) -> None:
+        super().__init__(message, provider=PROVIDER, code=code)
+        self.used, self.charge = used, charge
+
+
 def map_error(code: int, message: str) -> ProviderError:
     """Our error type for an envelope with `success: false`."""
     kind = ERRORS.get(code, TransientError if code >= 500 else BadRequest)
@@ -256,12 +303,17 @@ class ChuzhanProvider(ImageProvider):
         "job costs one status request instead of one per poll interval. For accounts with no public callback URL."))
     long_poll_seconds: float = Field(120.0, description="Seconds one held status request may take before it is "
                                      "asked again.")
+    long_poll_floor_seconds: float = Field(STATUS_FLOOR, ge=0.2, description=(
+        "Least seconds between the starts of two status requests of one task in long-poll mode (a service that "
+        "answers at once instead of holding is not asked again at once)."))
 
     _charged: dict[str, float] = PrivateAttr(default_factory=dict)  # job id -> `used` of its submit
+    _asked: dict[str, float] = PrivateAttr(default_factory=dict)  # job id -> when its last status request left
+    _asked_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def client_options(self) -> dict[str, Any]:
         return {"base_url": self.endpoint.rstrip("/"), "timeout": self.timeout,
-                "headers": {"Auth-Token": self.api_token.get_secret_value()}}
+                "headers": auth_headers(self.api_token.get_secret_value())}
 
     # --- HTTP: the base sends; 触站AI's envelope and errors ------------------------------------
     @staticmethod
@@ -327,10 +379,12 @@ class ChuzhanProvider(ImageProvider):
 
     @classmethod
     def estimate_offline(cls, request: GenerationRequest) -> CreditEstimate:
-        params = cls.draw_params(request)
-        note = (f"{request.count} images: the page does not say where the x0.9 factor sits relative to rounding; "
-                "assumed each image rounded, then x0.9 x n rounded" if request.count > 1 else None)
-        return CreditEstimate(credits=credits_for(params), source="formula", note=note)
+        readings = credit_readings(cls.draw_params(request))
+        note = None
+        if len(readings) > 1:
+            note = (f"{request.count} images: the page does not say whether one image's cost is rounded before "
+                    f"x0.9 x n ({readings['image_first']} if so, {readings['total']} if not); assumed the larger")
+        return CreditEstimate(credits=max(readings.values()), source="formula", note=note)
 
     @classmethod
     def notes(cls, request: GenerationRequest) -> list[str]:
@@ -402,17 +456,38 @@ class ChuzhanProvider(ImageProvider):
     def holds_polls(self) -> bool:
         return self.long_poll
 
+    def poll(self, job_id: str) -> JobStatus:
+        """In long-poll mode, `long_poll_floor_seconds` at least between the starts of two status
+        requests of one task: a held request that comes back at once is not asked again at once."""
+        if not self.long_poll:
+            return super().poll(job_id)
+        with self._asked_lock:
+            last = self._asked.get(job_id)
+        if last is not None:
+            time.sleep(max(0.0, last + self.long_poll_floor_seconds - time.monotonic()))
+        with self._asked_lock:
+            self._asked[job_id] = time.monotonic()
+        status = super().poll(job_id)
+        if status.state.final:
+            with self._asked_lock:
+                self._asked.pop(job_id, None)
+        return status
+
     def read_status(self, job_id: str, answer: Any) -> JobStatus:
+        """A task detail (or a callback body: the same fields). An image's own `audit` counts;
+        where it has none, the answer's top-level `audit` (the single image's) applies."""
         data = answer or {}
         state = str(data.get("state", "in_queue"))
-        urls = [img["imageUrl"] for img in data.get("images") or [] if img.get("imageUrl")]
+        images = [img for img in data.get("images") or [] if isinstance(img, dict)]
+        urls = [img["imageUrl"] for img in images if img.get("imageUrl")]
         if not urls and data.get("imgUrl"):
             urls = [data["imgUrl"]]
-        audits = [img.get("audit") for img in data.get("images") or []]
+        top = data.get("audit")
+        audits = [img.get("audit", top) for img in images] if images else [top] * len(urls)
         reason = data.get("failReason")
-        rejected = {n: f"failed the provider's audit (audit={a})" for n, a in enumerate(audits, start=1)
-                    if a is not None and int(a) != 1}
-        if state == "success" and audits and len(rejected) == len(audits):
+        rejected = {n: why for n, a in enumerate(audits, start=1) if a is not None and (why := audit_reason(a))}
+        failed = [n for n, why in rejected.items() if why.startswith("failed")]
+        if state == "success" and audits and len(failed) == len(audits):  # none passed, none held for a person
             state, reason, rejected = "fail", "every image failed the provider's audit", {}
         return JobStatus(job_id=job_id, state=STATES.get(state, JobState.QUEUED), provider_status=state,
                          progress=data.get("progress"), result_urls=urls, reason=reason, rejected=rejected)
@@ -420,7 +495,8 @@ class ChuzhanProvider(ImageProvider):
     def job_failure(self, status: JobStatus) -> ProviderError:
         if status.reason and "audit" in status.reason:
             return ContentRejected(status.reason, provider=PROVIDER, code="audit")
-        return super().job_failure(status)
+        return TaskFailed(f"task {status.job_id} ended {status.provider_status}: {status.reason or 'no reason given'}",
+                          used=self._charged.get(status.job_id), code=status.provider_status)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
         if not status.result_urls:

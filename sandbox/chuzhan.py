@@ -1,9 +1,11 @@
 """触站AI emulator: `/v1/draw`, `/v1/task/detail` and `/v1/customer/detail` on loopback.
 
-As in `docs/providers/chuzhan.md`: `Auth-Token` (or `Authorization: Bearer`) checked; every
+As in `docs/providers/chuzhan.md`: `Auth-Token` or `Authorization: Bearer` checked (each one
+sent must carry the token); every
 answer in the `{code, subCode, msg, success, data}` envelope with HTTP 200, business errors
 included; numbers accepted as numeric strings; credits charged **at submit** by the published
-formula (`price`) and refunded when a task fails [A]; `predictConsume` prices without drawing or charging; at most
+formula (`price`; where the page's rounding is ambiguous, `rounding` picks the reading) and
+refunded when a task fails [A] (`refund_failed`); `predictConsume` prices without drawing or charging; at most
 `task_limit` tasks in flight per account (returned as `taskLimitCount`); tasks walk
 `in_queue -> running -> success|fail` over the latency; `waitUtilEnd` holds the answer until
 the task ends, or `hold_max` seconds at most [A] (counted as `held_polls`); result URLs expire
@@ -14,8 +16,10 @@ page (never imported from the client, so a misreading in one cannot hide behind 
 Error codes are the sandbox's own (the provider's table is not published), the same table the
 Block maps: 400 parameter, 401 token, 402 credits, 403 sensitive words, 404 task, 429 task
 limit, 500 internal. Markers for tests: a prompt with ``[[fail]]`` fails its task, ``[[nsfw]]``
-is refused as sensitive, ``[[audit]]`` succeeds with every image failing the audit,
-``[[audit1]]`` with only the first image failing it. A task with a ``callback`` is POSTed to it
+is refused as sensitive, ``[[audit]]`` succeeds with every image failing the audit (0),
+``[[audit1]]`` with only the first image failing it, ``[[audit2]]`` and ``[[audit3]]`` with the
+first image's audit 2 or 3 (assumed: "a person should confirm", "show privately"). The answer's
+top-level ``audit`` is the single image's, on single-image tasks only. A task with a ``callback`` is POSTed to it
 when it ends (``taskId``, ``nonce`` and the detail fields), retried 5 times at +5 s steps on any
 answer but 200 (`sandbox.callbacks`); callback URLs must be public, except in sandbox mode
 (``imagegen sandbox up``), whose receiver is on loopback.
@@ -31,8 +35,10 @@ fingerprint of the paid fields, see `sandbox.paid`), ``POST /_sandbox/config``, 
 - ``callback_lost``, ``callback_late``, ``callback_duplicate``, ``callback_forged``: the next
   callback (see `sandbox.callbacks`).
 
-``POST /_sandbox/config`` also takes ``callback_step`` (seconds between retries, 5) and
-``sandbox_callbacks`` (allow loopback callback URLs).
+``POST /_sandbox/config`` also takes ``callback_step`` (seconds between retries, 5),
+``sandbox_callbacks`` (allow loopback callback URLs), ``hold_max`` (0: `waitUtilEnd` answers at
+once), ``refund_failed`` and ``rounding`` (``image_first`` or ``total``). Stats count status
+requests (``polls``) and their ``peak_detail_per_second``.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from sandbox.callbacks import KINDS as CALLBACK_FAULTS
 from sandbox.callbacks import CallbackSender, private_target
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
+from sandbox.limits import SlidingWindow
 from sandbox.paid import PaidLog, fingerprint
 from sandbox.urls import SignedUrls
 
@@ -71,11 +78,13 @@ FAULTS = ("error_before", "error_after", "drop_after", "slow")
 
 # The credit page: base W*H*0.000000763*steps (sides at least 512); hires w*h*r^2*0.000000763*
 # hrSteps (text-to-image only); AI upscale W'*H'*0.0000038*u over the size after hires (sides at
-# least 256); flat extras; several images x0.9 each. Rounding is not stated: the page's three
-# examples (12.00095 -> 12, 20.0016 -> 20, 5.9926 -> 6) fit half-up rounding; the sandbox rounds
-# one image's sum, then the multi-image total (an assumption, flagged as such by the page notes).
+# least 256); flat extras (faceFix +2 from the request schema, not this page); several images
+# x0.9 each. Rounding is not stated: the page's three examples (12.00095 -> 12, 20.0016 -> 20,
+# 5.9926 -> 6) fit half-up rounding. Whether the single image's cost is rounded before x0.9 x n
+# they cannot tell: `image_first` rounds it first (the sandbox's default), `total` rounds once.
 RATE, UP_RATE = Decimal("0.000000763"), Decimal("0.0000038")
 FLAT = {"removeBackground": 2, "redrawBackground": 2, "facePreservation": 2, "genderDetect": 1}
+ROUNDINGS = ("image_first", "total")
 
 
 def _half_up(value: Decimal) -> int:
@@ -87,8 +96,9 @@ def _num(params: dict[str, Any], name: str, default: float) -> Decimal:
     return Decimal(str(value)) if value not in (None, "") else Decimal(str(default))
 
 
-def price(params: dict[str, Any]) -> tuple[int, dict[str, Decimal]]:
-    """Credits of a draw request by the published page, and its terms for `consumeDetail`."""
+def price(params: dict[str, Any], rounding: str = "image_first") -> tuple[int, dict[str, Decimal]]:
+    """Credits of a draw request by the published page, and its terms for `consumeDetail`;
+    `rounding` is where several images' total is rounded (see `ROUNDINGS`)."""
     w, h, steps = _num(params, "width", 512), _num(params, "height", 512), _num(params, "steps", 20)
     r = Decimal(1) if params.get("img") else _num(params, "hrScale", 1)  # hires: text-to-image only
     u = _num(params, "upscale", 1)
@@ -105,9 +115,12 @@ def price(params: dict[str, Any]) -> tuple[int, dict[str, Decimal]]:
             terms[name] = Decimal(cost)
     if params.get("faceFix"):
         terms["faceFix"] = Decimal(2)
-    single = _half_up(sum(terms.values(), Decimal(0)))
+    one = sum(terms.values(), Decimal(0))
     n = int(params.get("batchSize") or 1)
-    return (single if n == 1 else _half_up(Decimal(single) * Decimal("0.9") * n)), terms
+    if n == 1:
+        return _half_up(one), terms
+    single = Decimal(_half_up(one)) if rounding == "image_first" else one
+    return _half_up(single * Decimal("0.9") * n), terms
 
 
 def refusal(params: dict[str, Any], *, private_callbacks: bool = False) -> str | None:
@@ -173,6 +186,7 @@ class Task:
     audit_fail: bool
     refunded: bool = False
     audit_fail_first: bool = False
+    first_audit: int | None = None  # the first image's audit where a marker sets it (2, 3)
     key: str = ""
 
 
@@ -183,6 +197,9 @@ class ChuzhanState:
     task_limit: int
     balance: float
     hold_max: float = 60.0  # [A] longest a `waitUtilEnd` request is held (the document: "may be cut, retry")
+    refund_failed: bool = True  # [A] the document: refund on failure "not documented", assumed refunded
+    rounding: str = "image_first"  # [A] where several images' credits are rounded (see `price`)
+    details: SlidingWindow = field(default_factory=lambda: SlidingWindow(10**9))  # status requests a second
     tasks: dict[str, Task] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "auth_failures": 0, "submits": 0, "estimates": 0, "polls": 0, "held_polls": 0, "charges": 0,
@@ -217,8 +234,10 @@ class ChuzhanEmulator:
         st = self.state
         with st.lock:
             st.counters["requests"] += 1
-        token = request.headers.get("auth-token") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(token or "", st.token):
+        bearer = request.headers.get("authorization")
+        sent = [t for t in (request.headers.get("auth-token"),
+                            bearer.removeprefix("Bearer ") if bearer is not None else None) if t is not None]
+        if not sent or not all(hmac.compare_digest(t, st.token) for t in sent):
             with st.lock:
                 st.counters["auth_failures"] += 1
             raise Refused(401, "无效的 Auth-Token")
@@ -246,7 +265,7 @@ class ChuzhanEmulator:
                 with st.lock:
                     st.counters["sensitive_rejections"] += 1
                 raise Refused(403, "词条中涉及敏感词，请调整后再生成图片")
-            cost, terms = price(params)
+            cost, terms = price(params, st.rounding)
             if params.get("predictConsume"):
                 with st.lock:
                     st.counters["estimates"] += 1
@@ -271,6 +290,7 @@ class ChuzhanEmulator:
                 task = Task(sign=secrets.token_hex(16), params=params, created=time.monotonic(), credits=cost,
                             fail_reason="绘画失败 ([[fail]] marker)" if "[[fail]]" in prompt else None,
                             audit_fail="[[audit]]" in prompt, audit_fail_first="[[audit1]]" in prompt,
+                            first_audit=3 if "[[audit3]]" in prompt else 2 if "[[audit2]]" in prompt else None,
                             key=paid_key(params))
                 st.tasks[task.sign] = task
                 st.balance -= cost
@@ -330,6 +350,7 @@ class ChuzhanEmulator:
             with st.lock:
                 st.counters["polls"] += 1
                 task = st.tasks.get(sign)
+            st.details.allow("detail")
             if task is None:
                 raise Refused(404, "任务不存在")
             if body.get("waitUtilEnd"):
@@ -367,10 +388,15 @@ class ChuzhanEmulator:
             st.balance = float(data.get("balance", st.balance))
             st.task_limit = int(data.get("task_limit", st.task_limit))
             st.hold_max = float(data.get("hold_max", st.hold_max))
+            st.refund_failed = bool(data.get("refund_failed", st.refund_failed))
+            if data.get("rounding", st.rounding) not in ROUNDINGS:
+                return JSONResponse({"error": f"rounding: one of {', '.join(ROUNDINGS)}"}, status_code=400)
+            st.rounding = str(data.get("rounding", st.rounding))
             self.callbacks.step = float(data.get("callback_step", self.callbacks.step))
             self.callbacks.sandbox = bool(data.get("sandbox_callbacks", self.callbacks.sandbox))
         return JSONResponse({"latency": st.latency, "balance": st.balance, "task_limit": st.task_limit,
-                             "hold_max": st.hold_max, "callback_step": self.callbacks.step,
+                             "hold_max": st.hold_max, "refund_failed": st.refund_failed, "rounding": st.rounding,
+                             "callback_step": self.callbacks.step,
                              "sandbox_callbacks": self.callbacks.sandbox})
 
     async def stats(self, request: Request) -> Response:
@@ -382,6 +408,7 @@ class ChuzhanEmulator:
                                  "callbacks": self.callbacks.snapshot(),
                                  "balance": st.balance,
                                  "peak_in_flight": st.peak_in_flight, "task_limit": st.task_limit,
+                                 "peak_detail_per_second": st.details.peak,
                                  "tasks": {t.sign: {"state": self._state_of(t), "credits": t.credits,
                                                     "nonce": t.params.get("nonce"),
                                                     "prompt": t.params.get("prompt")} for t in st.tasks.values()}})
@@ -394,7 +421,7 @@ class ChuzhanEmulator:
         if elapsed < self.state.latency:
             return "running"
         if task.fail_reason:
-            if not task.refunded:  # [A] credits of a failed task are refunded
+            if not task.refunded and self.state.refund_failed:  # [A] credits of a failed task are refunded
                 task.refunded = True
                 self.state.balance += task.credits
                 self.state.charged_credits -= task.credits
@@ -414,9 +441,12 @@ class ChuzhanEmulator:
         if state == "success":
             urls = [self.state.results.sign(base_url, f"/_results/{task.sign}/{i}.png")[0]
                     for i in range(int(task.params.get("batchSize") or 1))]
-            audits = [0 if task.audit_fail or (task.audit_fail_first and i == 0) else 1 for i in range(len(urls))]
+            audits = [0 if task.audit_fail or (task.audit_fail_first and i == 0) else
+                      task.first_audit if task.first_audit is not None and i == 0 else 1 for i in range(len(urls))]
             data.update(images=[{"imageUrl": u, "audit": a} for u, a in zip(urls, audits, strict=True)],
-                        imgUrl=urls[0], audit=min(audits))
+                        imgUrl=urls[0])
+            if len(urls) == 1:  # "when a single image is made, its audit is returned here"
+                data["audit"] = audits[0]
         if state == "fail":
             data["failReason"] = task.fail_reason
         return data

@@ -14,7 +14,8 @@ import respx
 from PIL import Image
 
 from blocks.base import GenerationRequest
-from blocks.chuzhan import ChuzhanProvider, check_caps, credits_for, map_error, output_size
+from blocks.chuzhan import (ChuzhanProvider, TaskFailed, check_caps, credit_readings, credits_for, map_error,
+                            output_size)
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
 from flows.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client
@@ -43,12 +44,14 @@ ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.
     ({"width": 768, "height": 1024, "imgOptions": {"facePreservation": True}}, 14),
     ({"width": 768, "height": 1024, "imgOptions": {"genderDetect": True}}, 13),
     ({"width": 768, "height": 1024, "faceFix": True}, 14),
-    # Several images: whole single-image credits x 0.9 x n, rounded half up.
-    ({"width": 768, "height": 1024, "batchSize": 3}, 32),   # 12 x 2.7 = 32.4
-    ({"width": 768, "height": 1024, "batchSize": 2}, 22),   # 12 x 1.8 = 21.6
-    # The rounding choice: the single image is rounded first (4.498 -> 4; 4 x 5.4 = 21.6 -> 22),
-    # where rounding only the total would give 24.29 -> 24.
-    ({"width": 128, "height": 128, "upscale": 2, "batchSize": 6}, 22),
+    # Several images: single-image credits x 0.9 x n, rounded half up; whether the single image
+    # is rounded first the page does not say, so the larger of the two readings is estimated.
+    ({"width": 768, "height": 1024, "batchSize": 3}, 32),   # 12 x 2.7 = 32.4; 12.00095 x 2.7 = 32.40
+    ({"width": 768, "height": 1024, "batchSize": 2}, 22),   # 12 x 1.8 = 21.6; 12.00095 x 1.8 = 21.60
+    # 4.498 -> 4, x 5.4 = 21.6 -> 22 if rounded first; 4.498 x 5.4 = 24.29 -> 24 if not: 24.
+    ({"width": 128, "height": 128, "upscale": 2, "batchSize": 6}, 24),
+    # 11.2509 -> 11, x 5.4 = 59.4 -> 59 if rounded first; 11.2509 x 5.4 = 60.75 -> 61 if not: 61.
+    ({"width": 768, "height": 768, "steps": 25, "batchSize": 6}, 61),
     # Numbers as numeric strings, as the page's own examples send them.
     ({"width": "768", "height": "1024", "steps": "20"}, 12),
 ])
@@ -64,15 +67,29 @@ def test_credit_formula(params: dict, credits: int) -> None:
 def test_the_emulator_prices_from_the_page_itself(params: dict, credits: int) -> None:
     """The emulator's formula is its own (sandbox/chuzhan.py imports nothing of the client):
     it passes the published examples, and where client and emulator both compute a price,
-    two independent readings of the page agree."""
-    from sandbox.chuzhan import price
+    two independent readings of the page agree: for one image exactly, for several the client
+    estimates the larger of the emulator's two rounding orders (never less than either)."""
+    from sandbox.chuzhan import ROUNDINGS, price
 
     assert price(params)[0] == credits
     grid = [{"width": w, "height": h, "steps": st, "batchSize": n, **extra}
             for w, h in ((512, 512), (768, 1024), (128, 128), (1024, 640)) for st in (10, 20, 33) for n in (1, 3, 6)
             for extra in ({}, {"upscale": 2}, {"hrScale": 1.5, "hrSteps": 30}, {"faceFix": True},
                           {"controlnet": {"units": [{"type": "canny"}]}, "imgOptions": {"genderDetect": True}})]
-    assert [price(g)[0] for g in grid] == [credits_for(g) for g in grid]
+    assert [max(price(g, r)[0] for r in ROUNDINGS) for g in grid] == [credits_for(g) for g in grid]
+    assert all(price(g, "image_first")[0] == price(g, "total")[0] for g in grid if g["batchSize"] == 1)
+
+
+def test_where_several_images_are_rounded_is_the_pages_ambiguity() -> None:
+    """issue 26: 768x768, 25 steps, 6 images is 59 if one image's 11.2509 is rounded before
+    x0.9 x 6 and 61 if not. The emulator can charge either way; the client estimates 61."""
+    from sandbox.chuzhan import price
+
+    params = {"width": 768, "height": 768, "steps": 25, "batchSize": 6}
+    assert (price(params, "image_first")[0], price(params, "total")[0]) == (59, 61)
+    assert credit_readings(params) == {"image_first": 59, "total": 61} and credits_for(params) == 61
+    estimate = ChuzhanProvider.estimate_offline(request(width=768, height=768, steps=25, count=6))
+    assert estimate.credits == 61 and "59 if so, 61 if not" in estimate.note
 
 
 def test_final_size() -> None:
@@ -119,6 +136,7 @@ def test_a_submit_whose_answer_is_lost_is_never_repeated() -> None:
     assert route.call_count == 1
     sent = route.calls[0].request
     assert sent.headers["Auth-Token"] == "t0k" and b'"nonce":"cccccccccccccccccccccccccccccccc"' in sent.content
+    assert sent.headers["Authorization"] == "Bearer t0k"  # the token both ways (docs/providers/chuzhan.md)
 
 
 @respx.mock
@@ -232,6 +250,42 @@ def test_provider_audit_failure_is_a_content_rejection(chuzhan, tmp_path) -> Non
     assert error["error"] == "ContentRejected" and "audit" in error["message"]
 
 
+@pytest.mark.parametrize(("body", "rejected", "state"), [
+    # A callback or detail with no images[]: the top-level audit is the single image's.
+    ({"state": "success", "imgUrl": "https://x/1.png", "audit": 2}, {1: "a person should confirm"}, "succeeded"),
+    ({"state": "success", "imgUrl": "https://x/1.png", "audit": 3}, {1: "shown privately"}, "succeeded"),
+    ({"state": "success", "imgUrl": "https://x/1.png", "audit": 0}, {}, "failed"),
+    # images[] without audits of their own (as Midjourney answers): the top-level one applies.
+    ({"state": "success", "images": [{"imageUrl": "https://x/1.png"}], "audit": 0}, {}, "failed"),
+    # An image's own audit wins over the top-level one.
+    ({"state": "success", "images": [{"imageUrl": "https://x/1.png", "audit": 1}], "audit": 0}, {}, "succeeded"),
+    # Paid images held for a person are kept, even when every other image failed.
+    ({"state": "success", "images": [{"imageUrl": "https://x/1.png", "audit": 0},
+                                     {"imageUrl": "https://x/2.png", "audit": 2}]},
+     {1: "failed the provider's audit", 2: "a person should confirm"}, "succeeded"),
+])
+def test_the_audit_is_read_per_image_else_from_the_top(body: dict, rejected: dict, state: str) -> None:
+    """chuzhan.md (task detail, callbacks): `audit` per image in `images[]`, and at the top for the
+    single image; the same fields come in a callback. 1 passed [A]; 2 and 3 are assumed to ask for
+    a person, so those paid images are kept and flagged, never failed or dropped."""
+    status = ChuzhanProvider.model_construct().read_status("t", {"taskId": "t", **body})
+    assert status.state.value == state
+    assert set(status.rejected) == set(rejected)
+    assert all(rejected[n] in why for n, why in status.rejected.items())
+
+
+def test_images_the_audit_holds_for_a_person_are_kept_flagged(chuzhan, tmp_path) -> None:
+    """The emulator's audits 2 and 3 (one image each): the paid images are downloaded and archived
+    under quarantine with the provider's word, not rejected as content and not dropped."""
+    items = "  - {id: confirm, prompt: \"x [[audit2]]\"}\n  - {id: private, prompt: \"x [[audit3]]\"}\n"
+    manifest = manifest_of(run_spec(tmp_path, spec_text("cz-audit-person", items), date(2026, 3, 11)))
+    confirm, private = manifest["items"]
+    for item, word in ((confirm, "a person should confirm"), (private, "shown privately")):
+        assert not item.get("error"), item
+        (obj,) = item["objects"]
+        assert obj["s3_uri"].startswith("s3://imagegen-test/quarantine/") and word in obj["reasons"][0]
+
+
 def test_images_that_fail_the_providers_audit_are_archived_as_rejected(chuzhan, tmp_path) -> None:
     """One task, two images, the first failing 触站AI's own audit: that one is quarantined with
     the provider's reason, the other approved; the task is not retried (it was paid once)."""
@@ -306,11 +360,12 @@ def _polls(state) -> tuple[int, int]:
     return seen["polls"], seen["held_polls"]
 
 
-@pytest.mark.parametrize(("long_poll", "hold_max"), [(False, 60.0), (True, 60.0), (True, 0.5)])
+@pytest.mark.parametrize(("long_poll", "hold_max"), [(False, 60.0), (True, 60.0), (True, 0.5), (True, 0.0)])
 def test_a_long_poll_asks_once_a_job_and_again_when_let_go(chuzhan, long_poll, hold_max) -> None:
     """`long_poll` (waitUtilEnd): the emulator holds the status request until the task ends, so a
     2 s job costs one status request where polling every 0.3 s costs several; a provider that
-    lets go early (after 0.5 s here) is asked again until the task ends."""
+    lets go early (after 0.5 s here) is asked again until the task ends, and one that answers at
+    once (hold_max 0) is asked at most once a `long_poll_floor_seconds` (1 s), not every 0.2 s."""
     httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"latency": 2.0, "hold_max": hold_max})
     try:
         block = chuzhan.block("chuzhan").model_copy(update={"long_poll": long_poll})
@@ -326,5 +381,55 @@ def test_a_long_poll_asks_once_a_job_and_again_when_let_go(chuzhan, long_poll, h
         assert held == 0 and polls >= 3
     elif hold_max >= 2:
         assert polls == held == 1
-    else:
+    elif hold_max > 0:
         assert 2 <= polls == held <= 6
+    else:
+        assert 2 <= polls == held <= 4  # asked at 0, 1 and 2 s (a 0.2 s pause would make it about 10)
+
+
+def test_status_requests_have_a_rate_limit_the_client_takes() -> None:
+    """chuzhan.md "Limits": no request rate is published, so limits.yaml holds an assumed, modest
+    one for status requests, under the very action name the client's status requests take."""
+    from deployments.limits import LIMITS_FILE, load_limits
+
+    assert load_limits().providers["chuzhan"].rate == {"v1.task.detail": 2}
+    assert "ASSUMED" in next(line for line in LIMITS_FILE.read_text().splitlines() if "v1.task.detail" in line)
+    block = ChuzhanProvider.model_construct()
+    for long_poll in (False, True):
+        assert block.model_copy(update={"long_poll": long_poll}).poll_call("t").action == "v1.task.detail"
+
+
+@pytest.mark.parametrize("headers", [
+    {"Auth-Token": "{token}"}, {"Authorization": "Bearer {token}"},
+    {"Auth-Token": "{token}", "Authorization": "Bearer {token}"},
+])
+def test_the_emulator_takes_the_token_either_way(chuzhan, headers: dict) -> None:
+    """chuzhan.md "Authentication": clients send `Auth-Token`, the document's page renders
+    `Authorization: Bearer`; the emulator takes either, and a wrong one of the two is refused."""
+    token = chuzhan.secret("chuzhan", "token")
+    url = f"{chuzhan.url('chuzhan')}/v1/customer/detail"
+    sent = {k: v.format(token=token) for k, v in headers.items()}
+    assert httpx.post(url, json={}, headers=sent).json()["code"] == 0
+    for name in sent:
+        wrong = {**sent, name: sent[name].replace(token, "not-the-token")}
+        assert httpx.post(url, json={}, headers=wrong).json()["code"] == 401
+
+
+@pytest.mark.parametrize("refund", [True, False])
+def test_a_failed_task_is_maybe_charged_whatever_the_provider_did(chuzhan, refund: bool) -> None:
+    """chuzhan.md: credits are taken at submit; a refund on failure is not documented and the
+    failed task's answer says nothing of it. The emulator refunds or keeps the credits; the
+    client says "maybe" either way, with what the submit took."""
+    httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"refund_failed": refund})
+    try:
+        block = chuzhan.block("chuzhan")
+        before = chuzhan_stats(chuzhan)
+        with pytest.raises(TaskFailed) as caught:
+            block.run_job(request(request_id=f"refund-{refund}".ljust(40, "x"), prompt=f"x [[fail]] {refund}"),
+                          poll_interval=0.2, timeout=30)
+        after = chuzhan_stats(chuzhan)
+    finally:
+        httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"refund_failed": True})
+    assert caught.value.charge == "maybe" and caught.value.used == 4  # 512x512, 20 steps
+    assert after["refunds"] - before["refunds"] == (1 if refund else 0)
+    assert after["balance"] - before["balance"] == (0 if refund else -4)
