@@ -29,14 +29,13 @@ from prefect.futures import PrefectFuture
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
-from blocks.archive import archive_bucket, presigned_url, write_bytes
+from blocks.archive import archive_bucket
 from flows.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
-from flows.review import ask_a_person, field_name, mark_duplicates
+from flows.review import ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
 from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
-                        read_spec_text, render_key, resolve_spec_path)
+                        read_spec_text, resolve_spec_path)
 from flows.claim import run_claim
-from flows.images import thumbnail
 from flows.owner import own_name
 from flows.progress import RunProgress, count_when_done
 from flows.ledger import State
@@ -335,33 +334,18 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
     candidates = [(plan, gen, v) for plan, gen, verdicts in ready for v in verdicts if v.approved]
     if human is None or not candidates:
         return []
-    bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
-    staged, links, lines = [], [], [f"### {spec.name} {run_date}: {len(candidates)} image(s) to approve or reject",
-                                    "", "| field | image | checks |", "|---|---|---|"]
-    for n, (plan, gen, verdict) in enumerate(candidates):
-        key = spec.archive.in_review(render_key(
-            spec.archive.key_template, pipeline=spec.name, run_date=run_date, item=plan.item_id,
-            index=verdict.index, provider=plan.provider))
-        data = Path(gen.files[verdict.index - 1]).read_bytes()
-        thumb = key.rsplit(".", 1)[0] + ".thumb.png"  # beside the copy, under the in-review prefix
-        write_bytes(bucket, key, data)
-        write_bytes(bucket, thumb, thumbnail(data))
-        staged += [key, thumb]
-        url, thumb_url = presigned_url(bucket, key), presigned_url(bucket, thumb)
-        checks = ", ".join(f"{name} {c.get('value')}" for name, c in verdict.checks.items() if name != "phash")
-        links.append((f"{plan.item_id}#{verdict.index}", checks))
-        lines.append(f"| {field_name(n)} ({plan.item_id} #{verdict.index}) | ![{plan.item_id}]({thumb_url}) "
-                     f"[full size]({url}) | {checks} |")
-    markdown = "\n".join(lines)
+    shown, staged = stage(spec, run_date, candidates)
+    title = f"{spec.name} {run_date}: {len(shown)} image(s) to approve or reject"
     review_key = artifact_key(f"{spec.name}-to-review")
-    create_markdown_artifact(markdown, key=review_key, description="Images waiting for a person's decision")
-    decisions, by = ask_a_person(links, human, markdown, before_suspend)
+    create_markdown_artifact(review_markdown(title, shown), key=review_key,
+                             description="Images waiting for a person's decision")
+    decisions, by = ask_a_person(shown, human, form_intro(title, human, review_key), before_suspend)
     decided = [f"### {spec.name} {run_date}: decided " + ("by a person" if by == "person" else
                f"by the default ({human.default}), no decision within {human.timeout_seconds}s"), "",
                "The images are in this run's gallery artifact (approved ones archived, rejected ones "
                "quarantined); the copies shown for the decision are gone.", "", "| field | decision |", "|---|---|"]
-    for n, ((plan, _, verdict), (image_id, _)) in enumerate(zip(candidates, links, strict=True)):
-        approved = decisions[image_id]
+    for n, ((plan, _, verdict), item) in enumerate(zip(candidates, shown, strict=True)):
+        approved = decisions[item.image_id]
         verdict.checks["human"] = {"value": "approve" if approved else "reject", "threshold": None, "by": by}
         decided.append(f"| {field_name(n)} ({plan.item_id} #{verdict.index}) | {'approve' if approved else 'reject'} |")
         if not approved:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import re
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from typing import Any
 
+from flows.review import THUMB_PX, one_line
 from flows.spec import PipelineSpec
 from flows.tasks import ArchivedItem, ItemPlan
 
@@ -111,26 +114,60 @@ def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     return out
 
 
+GALLERY_COLUMNS = 4  # 4 x 192 px fit the artifact page's column beside Prefect's side panel at 1400 px
+
+
+def html_grid(cells: list[str], columns: int = GALLERY_COLUMNS) -> str:
+    """An HTML table `columns` cells wide, each cell as wide as a thumbnail; one row a line, with
+    no blank line, so that markdown takes the table as one block of HTML."""
+    rows = ["<tr>" + "".join(f'<td valign="top" width="{THUMB_PX}">{cell}</td>' for cell in cells[i:i + columns])
+            + "</tr>" for i in range(0, len(cells), columns)]
+    return "\n".join(["<table>", *rows, "</table>"])
+
+
+def gallery_cells(manifest: dict[str, Any], url_of: Callable[[str], str]) -> list[str]:
+    """One HTML cell per image (and per failed item): the image shown `THUMB_PX` wide (never
+    cropped) as a link to itself, its id, verdict and checks, and a "full size" link.
+    `url_of` turns an `s3://` URI into a link a browser can load."""
+    cells = []
+    for item in manifest["items"]:
+        for obj in item["objects"]:
+            label = one_line(f"{item['item']} #{obj['index']}")
+            text = (f"<b>{label}</b> {one_line(obj['verdict'])}<br>"
+                    f"{one_line('; '.join(obj.get('reasons') or []) or 'all checks passed')}")
+            if not obj["s3_uri"]:
+                cells.append(f"{text}<br>(dropped: not archived)")
+                continue
+            url = html.escape(url_of(obj["s3_uri"]))
+            cells.append(f'<a href="{url}"><img src="{url}" width="{THUMB_PX}" loading="lazy" alt="{label}"></a>'
+                         f'<br>{text}<br><a href="{url}">full size</a>')
+        if item.get("error"):
+            error = item["error"]
+            cells.append(f"<b>{one_line(item['item'])}</b> {one_line(error['error'])}<br>"
+                         f"{one_line(error['message'][:160])}")
+    return cells
+
+
+def gallery_markdown(title: str, manifest: dict[str, Any], url_of: Callable[[str], str]) -> str:
+    """The gallery artifact: a heading, a count, and the grid of `gallery_cells`."""
+    cells = gallery_cells(manifest, url_of)
+    shown = sum(1 for i in manifest["items"] for o in i["objects"] if o["s3_uri"])
+    grid = html_grid(cells) if cells else "(no images)"
+    return f"### {title}\n\n{shown} image(s); click one for full size.\n\n{grid}\n"
+
+
 def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket: Any) -> None:
-    """A markdown artifact with every archived image (approved and quarantined) and its verdict."""
+    """A markdown artifact with every archived image (approved and quarantined) and its verdict,
+    a grid of thumbnails from presigned S3 URLs (valid 7 days)."""
     from prefect.artifacts import create_markdown_artifact
 
     from blocks.archive import presigned_url
 
-    lines = [f"### {spec.name} {run_date}", "", "| item | verdict | checks | image |", "|---|---|---|---|"]
-    for item in manifest["items"]:
-        for obj in item["objects"]:
-            if not obj["s3_uri"]:
-                image = "dropped"
-            else:
-                url = presigned_url(bucket, obj["s3_uri"].removeprefix(f"s3://{bucket.bucket_name}/"))
-                # A plain image: the classic UI renders no image inside a link.
-                image = f"![{item['item']}]({url}) [full size]({url})"
-            reasons = "; ".join(obj.get("reasons") or []) or "all checks passed"
-            lines.append(f"| {item['item']} #{obj['index']} | **{obj['verdict']}** | {reasons} | {image} |")
-        if item.get("error"):
-            lines.append(f"| {item['item']} | **{item['error']['error']}** | {item['error']['message'][:160]} | - |")
-    create_markdown_artifact("\n".join(lines), key=artifact_key(f"{spec.name}-gallery"),
+    def url_of(uri: str) -> str:
+        return presigned_url(bucket, uri.removeprefix(f"s3://{bucket.bucket_name}/"))
+
+    create_markdown_artifact(gallery_markdown(f"{spec.name} {run_date}", manifest, url_of),
+                             key=artifact_key(f"{spec.name}-gallery"),
                              description=f"Images of {spec.name} {run_date} with their verdicts")
 
 

@@ -1,5 +1,6 @@
 """Review checks: image quality, content moderation (open_nsfw on onnxruntime), perceptual-hash
-duplicates, and human approval through a Prefect pause with a form.
+duplicates, and human approval through a Prefect pause with a form: one field per image, each
+described by the image's thumbnail, prompt, checks and input image.
 
 Every check lands in the image's verdict as ``{"value": ..., "threshold": ...}`` so the sidecar
 says what was measured and against what. The moderation model and imagehash are optional
@@ -8,18 +9,22 @@ dependencies, imported when a spec asks for them.
 
 from __future__ import annotations
 
+import html
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
-from pydantic import Field, create_model
+from pydantic import ConfigDict, Field, create_model
 
-from flows.spec import DuplicateSettings, HumanSettings
+from flows.spec import DuplicateSettings, HumanSettings, PipelineSpec
 
 if TYPE_CHECKING:
-    from flows.tasks import Verdict
+    from flows.tasks import Generated, ItemPlan, Verdict
 
 REVIEW_EXTRA = "pip install 'imagegen-pipelines[review]'"
 
@@ -84,21 +89,148 @@ def mark_duplicates(images: list[tuple[str, Verdict]], settings: DuplicateSettin
             seen[image_id] = mine
 
 
-def approval_form(candidates: list[tuple[str, str]], settings: HumanSettings) -> type:
+THUMB_PX = 192  # the longer side of a thumbnail: a person looks over many at once
+INPUT_PX = 96  # the longer side of an item's input image, shown beside what was made from it
+
+
+@dataclass(frozen=True)
+class Shown:
+    """An image put before a person: what made it, its checks, and where to see it."""
+
+    image_id: str  # "item#index", as the logs name it
+    label: str  # "item #index", as the form and the artifacts show it
+    prompt: str
+    checks: str
+    image_url: str
+    thumb_url: str
+    input_url: str | None = None  # the item's input image, as a thumbnail
+
+
+def checks_text(checks: dict[str, dict[str, Any]]) -> str:
+    """A verdict's checks in a few words: each value, and its threshold where that differs."""
+    parts = []
+    for name, check in checks.items():
+        if name in ("phash", "human"):
+            continue
+        value, threshold = check.get("value"), check.get("threshold")
+        text = f"{name} {_short(value)}"
+        if threshold is not None and threshold != value:
+            text += f" (threshold {_short(threshold)})"
+        parts.append(text + (f", nearest {check['nearest']}" if check.get("nearest") else ""))
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def one_line(text: str) -> str:
+    """Text for a line of HTML: escaped, with every run of whitespace (newlines too) one space."""
+    return html.escape(" ".join(str(text).split()))
+
+
+def figure(shown: Shown) -> str:
+    """One line of HTML (a blank line would end it, and the form folds single newlines): the
+    thumbnail, a link to the full image, beside the prompt, the checks and the input image."""
+    url, label = html.escape(shown.image_url), one_line(shown.label)
+    source = (f'<br><img src="{html.escape(shown.input_url)}" alt="input of {label}"><br>input image'
+              if shown.input_url else "")
+    return (f'<table><tr><td valign="top" width="{THUMB_PX}"><a href="{url}"><img src="{html.escape(shown.thumb_url)}" '
+            f'alt="{label}"></a><br><a href="{url}">full size</a></td><td valign="top"><b>prompt</b>: '
+            f"{one_line(shown.prompt)}<br><b>checks</b>: {one_line(shown.checks)}{source}</td></tr></table>")
+
+
+def review_markdown(title: str, shown: list[Shown]) -> str:
+    """The `<pipeline>-to-review` artifact: each image under the name of its form field."""
+    lines = [f"### {title}", ""]
+    for n, item in enumerate(shown):
+        lines += [f"**{field_name(n)}**: {item.label}", "", figure(item), ""]
+    return "\n".join(lines)
+
+
+def form_intro(title: str, settings: HumanSettings, artifact: str) -> str:
+    """The markdown above the form's fields."""
+    return (f"### {title}\n\nEach field shows its image (click it for full size), prompt and checks. A field left "
+            f"as it is gives **{settings.default}**. The same images are in the `{artifact}` artifact.")
+
+
+def _every_field_required(schema: dict[str, Any]) -> None:
+    """Each image needs a decision: no field is labelled "(Optional)" (each keeps its default)."""
+    schema["required"] = list(schema.get("properties", {}))
+
+
+def approval_form(shown: list[Shown], settings: HumanSettings) -> type:
     """A RunInput model with one approve/reject field per image, for Prefect's resume form.
 
-    `candidates` are (image id, its checks in a few words): the images themselves are in the
-    form's description, a markdown table of thumbnails, not as URLs in the fields."""
+    Each field is titled with its image and described by its `figure`: the classic UI renders
+    a field's description as markdown (HTML too), right above the field's select."""
     from prefect.input import RunInput
 
+    base = type("Decisions", (RunInput,), {"model_config": ConfigDict(json_schema_extra=_every_field_required)})
     fields = {
-        field_name(i): (Literal["approve", "reject"], Field(settings.default, title=image_id, description=checks))
-        for i, (image_id, checks) in enumerate(candidates)
+        field_name(i): (Literal["approve", "reject"], Field(settings.default, title=item.label,
+                                                            description=figure(item)))
+        for i, item in enumerate(shown)
     }
-    return create_model("ImageApproval", __base__=RunInput, **fields)  # type: ignore[call-overload]
+    return create_model("ImageApproval", __base__=base, **fields)  # type: ignore[call-overload]
+
+
+def stage(spec: PipelineSpec, run_date: date,
+          candidates: list[tuple[ItemPlan, Generated, Verdict]]) -> tuple[list[Shown], list[str]]:
+    """Put each candidate before a person: a copy of the image, its thumbnail and its item's
+    input image (as a thumbnail) under the archive's in-review prefix, behind presigned links.
+    Returns what to show, and the keys written (removed once the decisions are archived)."""
+    from blocks.archive import archive_bucket, presigned_url, write_bytes
+    from flows.images import thumbnail
+    from flows.spec import render_key
+
+    bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
+    shown: list[Shown] = []
+    staged: list[str] = []
+    inputs: dict[str, bytes | None] = {}
+
+    def put(key: str, data: bytes) -> str:
+        write_bytes(bucket, key, data)
+        staged.append(key)
+        return presigned_url(bucket, key)
+
+    for plan, gen, verdict in candidates:
+        key = spec.archive.in_review(render_key(spec.archive.key_template, pipeline=spec.name, run_date=run_date,
+                                                item=plan.item_id, index=verdict.index, provider=plan.provider))
+        data = Path(gen.files[verdict.index - 1]).read_bytes()
+        base = key.rsplit(".", 1)[0]  # the thumbnails go beside the copy
+        image_url, thumb_url = put(key, data), put(f"{base}.thumb.png", thumbnail(data, THUMB_PX))
+        if plan.item_id not in inputs:
+            inputs[plan.item_id] = _input_thumbnail(plan)
+        source = inputs[plan.item_id]
+        shown.append(Shown(image_id=f"{plan.item_id}#{verdict.index}", label=f"{plan.item_id} #{verdict.index}",
+                           prompt=plan.request.prompt, checks=checks_text(verdict.checks), image_url=image_url,
+                           thumb_url=thumb_url,
+                           input_url=put(f"{base}.input.thumb.png", source) if source is not None else None))
+    return shown, staged
+
+
+def _input_thumbnail(plan: ItemPlan) -> bytes | None:
+    """The item's input image as a thumbnail; None without one, or when it cannot be read now
+    (then the person decides without it, and the log says so)."""
+    from prefect import get_run_logger
+
+    from flows import images
+
+    if plan.input_image is None:
+        return None
+    try:
+        data, _ = images.read_input(plan.input_image, s3_credentials=plan.archive.credentials,
+                                    timeout=plan.http_timeout)
+        return images.thumbnail(data, INPUT_PX)
+    except Exception as exc:  # noqa: BLE001 - the review goes on without the input image
+        get_run_logger().warning("%s: the review form shows no input image (%s: %s)", plan.item_id,
+                                 type(exc).__name__, exc)
+        return None
 
 
 def field_name(index: int) -> str:
+    """The form field of the `index`-th image (from 0): `image_1`, `image_2`, ..."""
     return f"image_{index + 1}"
 
 
@@ -110,14 +242,14 @@ def suspends(settings: HumanSettings) -> bool:
     return deployment.id is not None and settings.timeout_seconds > settings.suspend_after
 
 
-def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, markdown: str,
+def ask_a_person(candidates: list[Shown], settings: HumanSettings, intro: str,
                  before_suspend: Callable[[], None] | None = None) -> tuple[dict[str, bool], str]:
     """Pause the flow run with a form; return approval per image id and who decided.
 
     On timeout the configured default applies to every image, and the run goes on. A long
     review of a deployment's run suspends it instead (see `suspends`): `before_suspend` keeps
     what the run has made, the process ends, and the decision starts the run again from the
-    top, where this returns the decision."""
+    top, where this returns the decision. `intro` is the markdown above the form's fields."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.exceptions import FlowPauseTimeout
@@ -132,14 +264,14 @@ def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, mar
         get_run_logger().info("suspended for a person: %d image(s) to approve or reject in this flow run's Resume "
                               "form in the Prefect UI; the run leaves its worker until then (at most %ss)",
                               len(candidates), settings.timeout_seconds)
-        answer = suspend_flow_run(wait_for_input=form.with_initial_data(description=markdown),
+        answer = suspend_flow_run(wait_for_input=form.with_initial_data(description=intro),
                                   timeout=int(settings.timeout_seconds), key="human-review")
         return _decided(candidates, answer), "person"
     get_run_logger().info("paused for a person: %d image(s) to approve or reject in this flow run's Resume form "
                           "in the Prefect UI (after %ss without a decision: %s)", len(candidates),
                           settings.timeout_seconds, settings.default)
     try:
-        answer = pause_flow_run(wait_for_input=form.with_initial_data(description=markdown),
+        answer = pause_flow_run(wait_for_input=form.with_initial_data(description=intro),
                                 timeout=int(settings.timeout_seconds), poll_interval=settings.poll_interval,
                                 key="human-review")
     except FlowPauseTimeout:
@@ -147,15 +279,15 @@ def ask_a_person(candidates: list[tuple[str, str]], settings: HumanSettings, mar
                                  settings.timeout_seconds, settings.default, len(candidates))
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(flow_run.id, Running(message="human review timed out"), force=True)
-        return {image_id: settings.default == "approve" for image_id, _ in candidates}, "timeout-default"
+        return {item.image_id: settings.default == "approve" for item in candidates}, "timeout-default"
     return _decided(candidates, answer), "person"
 
 
-def _decided(candidates: list[tuple[str, str]], answer: Any) -> dict[str, bool]:
+def _decided(candidates: list[Shown], answer: Any) -> dict[str, bool]:
     """Approval per image id from the form's answer, logged."""
     from prefect import get_run_logger
 
-    decisions = {image_id: getattr(answer, field_name(i)) == "approve" for i, (image_id, _) in enumerate(candidates)}
+    decisions = {item.image_id: getattr(answer, field_name(i)) == "approve" for i, item in enumerate(candidates)}
     get_run_logger().info("resumed: a person approved %s and rejected %s",
                           ", ".join(i for i, ok in decisions.items() if ok) or "none",
                           ", ".join(i for i, ok in decisions.items() if not ok) or "none")

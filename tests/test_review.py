@@ -103,7 +103,7 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
-    items = "  - {id: keep, prompt: a lighthouse, seed: 1}\n  - {id: drop, prompt: a windmill, seed: 2}\n"
+    items = f"  - {{id: keep, prompt: a lighthouse, seed: 1, input_image: {ASSET}}}\n  - {{id: drop, prompt: a windmill, seed: 2}}\n"
     text = spec_text("human", items, review=", human: {timeout_seconds: 120, poll_interval: 0.5}")
     result: list = []
     worker = threading.Thread(target=lambda: result.append(run_spec(tmp_path, text, date(2026, 5, 4))))
@@ -119,14 +119,24 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
     assert paused is not None, "the run never paused for a person"
     s3 = s3_client(sandbox_blocks)
     assert keys(s3, "_review/human/2026-05-04/") == {f"_review/human/2026-05-04/{name}" for name in (
-        "keep-1.png", "drop-1.png", "keep-1.thumb.png", "drop-1.thumb.png")}  # copies and their thumbnails
+        "keep-1.png", "drop-1.png", "keep-1.thumb.png", "drop-1.thumb.png",  # copies and their thumbnails
+        "keep-1.input.thumb.png")}  # and the input image `keep` was made from
     thumb = s3.get_object(Bucket=TEST_BUCKET, Key="_review/human/2026-05-04/keep-1.thumb.png")["Body"].read()
     assert max(Image.open(BytesIO(thumb)).size) == 192
+    source = s3.get_object(Bucket=TEST_BUCKET, Key="_review/human/2026-05-04/keep-1.input.thumb.png")["Body"].read()
+    assert max(Image.open(BytesIO(source)).size) == 96
+    # The form the UI draws, as stored for this pause: each field holds its own image and prompt.
+    fields = stored_form(paused)["properties"]
+    assert [f["title"] for f in fields.values()] == ["keep #1", "drop #1"]
+    assert "keep-1.thumb.png" in fields["image_1"]["description"] and "keep-1.input.thumb.png" in \
+        fields["image_1"]["description"] and "a lighthouse" in fields["image_1"]["description"]
+    assert "drop-1.thumb.png" in fields["image_2"]["description"] and "keep-1" not in fields["image_2"]["description"]
     with get_client(sync_client=True) as client:
         latest = {a.key: a for a in client.read_latest_artifacts() if a.key in ("human-progress", "human-to-review")}
         # While a person decides the run is not done: its progress stays below 100%.
         assert latest["human-progress"].data < 100
-    assert "![keep](" in latest["human-to-review"].data and "X-Amz-Signature" in latest["human-to-review"].data
+    waiting = latest["human-to-review"].data
+    assert "**image_1**: keep #1" in waiting and 'alt="keep #1"' in waiting and "X-Amz-Signature" in waiting
     resume_flow_run(paused.id, run_input={"image_1": "approve", "image_2": "reject"})
     worker.join(timeout=120)
     state = result[0]
@@ -170,8 +180,87 @@ def test_gallery_artifact_links_approved_and_rejected(sandbox_blocks, tmp_path) 
     run_spec(tmp_path, spec_text("gallery", items), date(2026, 5, 6))
     with get_client(sync_client=True) as client:
         art = next(a for a in client.read_latest_artifacts() if a.key == "gallery-gallery")
-    assert art.type == "markdown" and "**approved**" in art.data and "**rejected**" in art.data
-    assert art.data.count("X-Amz-Signature") >= 2
+    assert art.type == "markdown" and "<b>good #1</b> approved" in art.data and "<b>flat #1</b> rejected" in art.data
+    assert rows_of(art.data) == [2]  # one row: both images side by side
+    assert art.data.count('width="192"') == 4 and art.data.count("X-Amz-Signature") >= 2  # 2 cells, 2 images
+
+
+def rows_of(markdown: str) -> list[int]:
+    """The cells of each row of the one HTML table in `markdown`, which must be a single markdown
+    block (no blank line inside: markdown would end the HTML there)."""
+    table = markdown[markdown.index("<table>"):markdown.index("</table>")]
+    assert "\n\n" not in table
+    return [row.count("<td") for row in table.split("<tr>")[1:]]
+
+
+def stored_form(flow_run) -> dict:  # noqa: ANN001 - a paused FlowRun
+    """The JSON schema of the run's Resume form, as the Prefect UI reads it (saved just after the
+    run turns Paused)."""
+    from prefect.input.actions import read_flow_run_input
+
+    deadline = time.monotonic() + 30
+    while (schema := read_flow_run_input(flow_run.state.state_details.run_input_keyset["schema"],
+                                         flow_run_id=flow_run.id)) is None:
+        assert time.monotonic() < deadline, "the form's schema was never saved"
+        time.sleep(0.2)
+    return schema
+
+
+def shown(n: int, input_url: str | None = None):  # noqa: ANN201 - a flows.review.Shown
+    from flows.review import Shown
+
+    return Shown(image_id=f"it{n}#1", label=f"it{n} #1", prompt=f"prompt {n}: a <b>bold</b> &\nmultiline prompt",
+                 checks=f"stddev {n}.5 (threshold 3.0)", image_url=f"https://s3.example/it{n}.png?X-Amz-Signature=a&b=1",
+                 thumb_url=f"https://s3.example/it{n}.thumb.png?X-Amz-Signature=c", input_url=input_url)
+
+
+def test_the_gallery_is_a_grid_of_thumbnails_four_wide() -> None:
+    """Seven images and a failed item: two rows of four cells; each image shown 192 px wide (so
+    not cropped) as a link to itself, with its id, verdict, checks and a full-size link."""
+    from flows.report import gallery_markdown
+
+    items = [{"item": f"it{n}", "objects": [{"index": 1, "s3_uri": f"s3://bucket/it{n}.png", "verdict": "approved",
+                                             "reasons": []}]} for n in range(1, 8)]
+    items[2]["objects"][0].update(verdict="rejected", reasons=["blank or near-uniform (stddev 1 < 3)"])
+    items.append({"item": "broken", "objects": [], "error": {"error": "JobFailed", "message": "<script>x</script>"}})
+    markdown = gallery_markdown("demo 2026-05-01", {"items": items}, lambda uri: uri.replace("s3://", "https://s3/")
+                                + "?X-Amz-Signature=x&y=1")
+    assert rows_of(markdown) == [4, 4]
+    assert markdown.count('<img src="https://s3/bucket/') == 7 and markdown.count('width="192"') == 7 + 8
+    assert '<a href="https://s3/bucket/it3.png?X-Amz-Signature=x&amp;y=1"><img src=' in markdown
+    assert "<b>it3 #1</b> rejected<br>blank or near-uniform (stddev 1 &lt; 3)" in markdown
+    assert markdown.count(">full size</a>") == 7 and "&lt;script&gt;" in markdown and "<script>" not in markdown
+
+
+def test_each_form_field_holds_its_own_image_prompt_checks_and_input() -> None:
+    """The Resume form's schema: one field per image, titled with it, described by one line of
+    HTML (thumbnail linked to the full image, prompt, checks, input image); every field required
+    (no "(Optional)" in the UI) and set to the default."""
+    from flows.review import approval_form
+    from flows.spec import HumanSettings
+
+    form = approval_form([shown(1), shown(2, input_url="https://s3.example/it2.input.thumb.png")],
+                         HumanSettings(default="reject"))
+    schema = form.model_json_schema()
+    fields = schema["properties"]
+    assert schema["required"] == ["image_1", "image_2"]
+    assert [(f["title"], f["default"]) for f in fields.values()] == [("it1 #1", "reject"), ("it2 #1", "reject")]
+    first, second = fields["image_1"]["description"], fields["image_2"]["description"]
+    assert first.startswith("<table>") and "\n" not in first and "\n" not in second
+    assert '<a href="https://s3.example/it1.png?X-Amz-Signature=a&amp;b=1"><img src="https://s3.example/it1.thumb.png' \
+        in first and 'alt="it1 #1"' in first
+    assert "prompt 1: a &lt;b&gt;bold&lt;/b&gt; &amp; multiline prompt" in first and "stddev 1.5 (threshold 3.0)" in first
+    assert "input" not in first and "it2" not in first
+    assert '<img src="https://s3.example/it2.input.thumb.png" alt="input of it2 #1">' in second
+
+
+def test_checks_in_a_few_words() -> None:
+    from flows.review import checks_text
+
+    assert checks_text({"readable": {"value": True, "threshold": True}, "stddev": {"value": 45.0661, "threshold": 3.0},
+                        "phash": {"value": "ff00", "threshold": None},
+                        "duplicate": {"value": 9, "threshold": 4, "nearest": "a#1"}}) == \
+        "readable True, stddev 45.07 (threshold 3), duplicate 9 (threshold 4), nearest a#1"
 
 
 @pytest.mark.parametrize(("engine", "factor"), [("lanczos", 2), ("realesrgan", 2), ("realesrgan", 4)])
