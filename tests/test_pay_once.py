@@ -444,3 +444,48 @@ def test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good(emul
     assert again.returncode == 0, again.stdout + again.stderr
     assert charges(emulators, "tencent", name) == once_each(name, 2)
     print(f"embedded server, kill and rerun: the rerun took {waited:.0f}s")
+
+
+# --- a record left `sending` by a process that died mid-send ------------------------------------------
+
+def leave_sending(path: Path, day: date, *, reached_provider: bool) -> str:
+    """What a process killed right after recording `sending` leaves behind: the record, and,
+    when its request was on the wire, the job the provider created for it."""
+    from flows.ledger import move
+    from flows.pipeline import plan_items
+    from flows.tasks import provider_for
+
+    spec = load_spec(path)
+    plan = plan_items(spec, "", day, "")[0]
+    if reached_provider:
+        provider_for(plan.provider, plan.block).submit(plan.request)
+    record = move(None, State.SENDING, item_id=plan.item_id, base_request_id=plan.request.request_id,
+                  request_id=plan.request.request_id, provider=plan.provider, block=plan.block)
+    JobLedger(spec.archive, spec.name, day).put(record)
+    return plan.item_id
+
+
+@pytest.mark.parametrize("reached_provider", [True, False], ids=["on-the-wire", "before-the-wire"])
+def test_tams_sends_an_item_left_sending_again_under_its_id_and_pays_once(emulators, tmp_path,
+                                                                          reached_provider) -> None:
+    """TAMS dedupes request ids: the rerun sends it again under the same id, and the provider
+    answers with the job it made the first time (no `sending -> sending`, no stranded item)."""
+    name, day = f"sending-tams-{int(reached_provider)}", date(2026, 7, 11)
+    path = write_spec(tmp_path, spec_text("tams", name, 2), name)
+    leave_sending(path, day, reached_provider=reached_provider)
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
+    assert charges(emulators, "tams", name) == once_each(name, 2)
+    assert set(ledger_states(path, day).values()) == {"archived"}
+
+
+@pytest.mark.parametrize("provider", ["chuzhan", "tencent"])
+def test_an_item_left_sending_where_the_provider_cannot_be_asked_waits_for_a_person(emulators, tmp_path,
+                                                                                    provider) -> None:
+    """触站AI and Tencent do not dedupe and cannot be asked by our id: the item is `unknown`,
+    never sent blindly again; the other item is paid once and archived."""
+    name, day = f"sending-{provider}", date(2026, 7, 12)
+    path = write_spec(tmp_path, spec_text(provider, name, 2), name)
+    item = leave_sending(path, day, reached_provider=True)
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_failed()
+    assert charges(emulators, provider, name) == once_each(name, 2)  # the first submit, and the other item
+    assert ledger_states(path, day)[item] == "unknown"
