@@ -313,9 +313,10 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                            credits_source=plan.estimate.source if plan.estimate else "formula", polls=0)
     elif state in (State.SUBMITTED, State.DONE, State.ARCHIVED) and record.job_id:  # type: ignore[union-attr]
         job_id = record.job_id  # type: ignore[union-attr]  # resume: poll the job we already paid for
-    elif state in (State.SENDING, State.UNKNOWN) and not provider.idempotent_submit:
-        if state is State.SENDING:  # the process that was sending it died before the answer was recorded
-            journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
+    elif state is State.SENDING:  # the process that was sending it died before the answer was recorded
+        journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
+        state = State.UNKNOWN  # where the provider dedupes, it is sent again below under the same id
+    if state is State.UNKNOWN and not provider.idempotent_submit:
         job_id = settled_by_callback(plan, ledger, journal)
         if job_id is None:
             raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
