@@ -527,8 +527,9 @@ def _only(manifest: dict[str, Any], unselected: set[str]) -> bool:
 def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]]
                        ) -> dict[str, tuple[float | None, str]]:
     """What the items that did not archive may have cost, from their ledger records: a job
-    that ran and failed after the provider charged at submit (触站AI) counts as charged, since
-    no refund is seen; a submit whose answer was never seen may have been charged."""
+    that ran and failed after the provider took credits at submit (触站AI) may have been charged
+    (its documents say nothing of refunds, and its answers report none); a submit whose answer
+    was never seen may have been charged."""
     out: dict[str, tuple[float | None, str]] = {}
     for plan, (_, error) in zip(plans, outcomes, strict=True):
         if error is None or error.get("step") in ("not submitted", "estimate"):
@@ -537,7 +538,8 @@ def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str
         if record is None or record.base_request_id != plan.request.request_id:
             continue
         if record.state is State.FAILED and record.charged:
-            out[plan.item_id] = (record.charged, "charged at submit; the provider reports no refund")
+            out[plan.item_id] = (record.charged, "maybe charged: taken at submit; the provider does not say whether "
+                                                 "a failed job gives it back")
         elif record.state in (State.UNKNOWN, State.SENDING):
             out[plan.item_id] = (None, "may have been charged: the answer to its submit was not seen")
     return out

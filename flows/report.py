@@ -79,11 +79,16 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
                          "s3_uri": obj["s3_uri"] or "dropped"})
         if item.get("error"):
             err = item["error"]
-            verdict = ("rejected by the provider" if err["error"] == "ContentRejected"
+            verdict = ("rejected by the provider" if err["error"] in PROVIDER_REJECTIONS
                        else f"failed at {err['step']}: {err['error']}")
             rows.append({"item": item["item"], "index": "-", "provider": item["provider"], "job_credits": 0.0,
                          "verdict": verdict, "s3_uri": err["message"][:200]})
     return rows
+
+
+PROVIDER_REJECTIONS = frozenset({"ContentRejected", "ReviewFailed"})
+"""Error names (ours, `blocks.errors.ContentRejected` and its kinds) that mean the provider
+refused the content: shown as a rejection, not as a failure of ours."""
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
