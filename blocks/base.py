@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import json
 import logging
 import random
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
+from urllib.parse import urlparse
 
 import httpx
 from prefect.blocks.core import Block
@@ -99,11 +101,38 @@ class Heard:
 class Waker(Protocol):
     """Where a job's callback is heard (the flow plugs in Prefect's event stream)."""
 
-    def wait(self, seconds: float) -> bool:
-        """Block until the job's callback is heard or `seconds` pass; True when heard."""
+    def wait(self, seconds: float, job_id: str | None = None) -> bool:
+        """Block until a callback naming `job_id` (any job where None) or no job at all (a body
+        the receiver could not read) is heard, or `seconds` pass; True when heard."""
 
     def heard(self) -> Any | None:
         """The body of the job's last callback the receiver verified, or None."""
+
+
+class ResultRefused(BadRequest):
+    """A result URL the Block will not download: a private address (never, outside the
+    sandbox), or, for a callback's word, a host the Block does not declare."""
+
+
+def private_host(host: str) -> bool:
+    """True for localhost and for IP literals that are not global (loopback, LAN, link-local)."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """A URL's scheme, host and port (the default port made explicit)."""
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    except ValueError:  # not a port: matches nothing
+        port = -1
+    return parsed.scheme, (parsed.hostname or "").lower(), port
 
 
 class CreditEstimate(BaseModel):
@@ -223,6 +252,9 @@ class ImageProvider(Block, ABC):
     """True when the provider's upscaler is part of the generation job; else `refine` is a call."""
     idempotent_submit: ClassVar[bool] = False
     """True when submitting the same request id twice returns the first job (no second charge)."""
+    callback_wake_gap: ClassVar[float] = 5.0
+    """Least seconds between two looks at one job that wake-ups cause (a flood of forged events
+    costs one status request a gap, whatever their number)."""
     credit_unit: ClassVar[str] = "credits"
     """What the provider's estimates and `run.max_credits` count."""
     sample_options: ClassVar[dict[str, Any]] = {}
@@ -444,6 +476,52 @@ class ImageProvider(Block, ABC):
         """Seconds a job with a callback waits for it before polling anyway (a lost callback)."""
         return float(getattr(self, "callback_fallback_seconds", 60.0))
 
+
+    def result_url_declared(self, url: str) -> bool:
+        """True for a result URL on a host the Block declares (its `result_hosts` and their
+        subdomains) or on its own endpoint's origin (the API host; the sandbox's emulator). A
+        callback's result URLs are downloaded only then; never from another private address."""
+        scheme, host, _ = origin(url)
+        if scheme not in ("http", "https") or not host:
+            return False
+        endpoint = str(getattr(self, "endpoint", "") or "")
+        if endpoint and origin(url) == origin(endpoint):
+            return True
+        if private_host(host):
+            return False
+        return any(host == d or host.endswith("." + d) for d in (h.lower().strip(".") for h in
+                                                                 getattr(self, "result_hosts", None) or ()))
+
+    def refuse_private_results(self, status: JobStatus) -> None:
+        """`ResultRefused` for a result URL on a private address, unless the provider's own
+        endpoint is on one (the sandbox): a worker fetches from the provider's world only."""
+        endpoint_host = origin(str(getattr(self, "endpoint", "") or ""))[1]
+        for url in status.result_urls:
+            scheme, host, _ = origin(url)
+            if scheme in ("http", "https") and private_host(host) and not private_host(endpoint_host):
+                raise ResultRefused(f"job {status.job_id}: a result URL on a private address ({host}) is not fetched",
+                                    provider=self.provider_name, code="ResultRefused")
+
+    def owns_job(self, job_id: str, request: GenerationRequest) -> bool:
+        """True when the provider's own status of `job_id` names `request` (`status_names`):
+        the only ground on which a job a callback names is adopted for a lost submit answer.
+        False where the provider does not know the job or its status does not say."""
+        try:
+            answer = self.send(self.status_call(job_id))
+        except BadRequest:
+            return False
+        return self.status_names(answer, request)
+
+    def status_call(self, job_id: str) -> ApiCall:
+        """The call that asks for a job's status at once (never held; by default `poll_call`)."""
+        return self.poll_call(job_id)
+
+    @classmethod
+    def status_names(cls, answer: Any, request: GenerationRequest) -> bool:
+        """True when a status answer names `request` (its nonce or request id, and its prompt);
+        providers whose status says so override it. By default it never does."""
+        return False
+
     @classmethod
     def read_callback(cls, body: Any) -> Heard:
         """The job and state a callback's JSON body names (`ValueError` if it names none)."""
@@ -491,6 +569,7 @@ class ImageProvider(Block, ABC):
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
+        self.refuse_private_results(status)
         charged = self.charged(job_id)
         return JobResult(job_id=job_id, images=self.fetch(status),
                          credits=estimate.credits if charged is None else charged,
@@ -548,18 +627,20 @@ class ImageProvider(Block, ABC):
 
     def _wait_for_callback(self, job_id: str, waker: Waker, deadline: float, *,
                            resumed: bool) -> tuple[JobStatus, int]:
-        """Wait for the callback, then confirm it with one poll (a callback is a hint); poll
-        anyway every `callback_fallback` seconds, and at once for a resumed job (its callback
-        may have come while no one listened)."""
-        polls = 0
-        heard = resumed
+        """Wait for the callback, then look with one poll (a callback is a hint); poll anyway
+        every `callback_fallback` seconds, and at once for a resumed job (its callback may have
+        come while no one listened). Wake-ups look at most once per `callback_wake_gap`."""
+        polls, looked = 0, -self.callback_wake_gap
+        due = resumed
         while True:
-            if not heard and waker.wait(max(0.0, min(self.callback_fallback, deadline - time.monotonic()))):
+            if not due and waker.wait(max(0.0, min(self.callback_fallback, deadline - time.monotonic())), job_id):
+                time.sleep(max(0.0, min(looked + self.callback_wake_gap, deadline) - time.monotonic()))
+                looked = time.monotonic()
                 if (status := self._trusted_end(job_id, waker)) is not None:
                     return status, polls
-            heard = False
+            due = False
             status = self.poll(job_id)
-            polls += 1
+            polls, looked = polls + 1, time.monotonic()
             if status.state.final:
                 return status, polls
             if time.monotonic() > deadline:
@@ -570,8 +651,10 @@ class ImageProvider(Block, ABC):
                               provider=self.provider_name, code="JobTimeout")
 
     def _trusted_end(self, job_id: str, waker: Waker) -> JobStatus | None:
-        """The job's end as its verified callback tells it, where the Block trusts callbacks and
-        the callback names this job, final, with its results; else None (poll to confirm)."""
+        """The job's success as its verified callback tells it, where the Block trusts callbacks
+        and the callback names this job, succeeded, with results only on hosts the Block
+        declares (`result_url_declared`); else None, and a poll looks. A failure is never taken
+        from a callback: a forged `fail` would fail a paid job that is running."""
         if not self.trusts_callbacks or (body := waker.heard()) is None:
             return None
         try:
@@ -580,7 +663,12 @@ class ImageProvider(Block, ABC):
             status = self.read_status(job_id, body)
         except Exception:  # noqa: BLE001 - an unreadable body is confirmed by a poll
             return None
-        if not status.state.final or (status.state is JobState.SUCCEEDED and not status.result_urls):
+        if status.state is not JobState.SUCCEEDED or not status.result_urls:
+            return None
+        foreign = [url for url in status.result_urls if not self.result_url_declared(url)]
+        if foreign:
+            _retry_log().warning("job %s: its callback names results on %s, not a host %s declares; polled instead",
+                                 job_id, ", ".join(sorted({origin(u)[1] or "?" for u in foreign})), self.provider_name)
             return None
         return status
 

@@ -35,6 +35,7 @@ PROVIDER = "chuzhan"
 PATH_DRAW = "/v1/draw"
 PATH_DETAIL = "/v1/task/detail"
 PATH_CUSTOMER = "/v1/customer/detail"  # [A] path not published; balance in data.balance
+RESULT_HOSTS = ("huashi6.com", "czhanai.com")  # [A] the provider's domains; its result CDN is not published
 STATES = {"in_queue": JobState.QUEUED, "running": JobState.RUNNING, "success": JobState.SUCCEEDED,
           "fail": JobState.FAILED}
 
@@ -288,7 +289,11 @@ class ChuzhanProvider(ImageProvider):
                                              "polling anyway (a lost callback, the receiver down).")
     trust_callbacks: bool = Field(False, description=(
         "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
-        "without a confirming status request (results are still downloaded from the provider)."))
+        "without a confirming status request, when it says the job succeeded with results on result_hosts "
+        "(a failure is always confirmed by a poll)."))
+    result_hosts: list[str] = Field(default_factory=lambda: list(RESULT_HOSTS), description=(
+        "Domains (and their subdomains) a trusted callback's result URLs may be on; other hosts are polled for. "
+        "The endpoint's own host is always allowed."))
 
     @field_validator("callback")
     @classmethod
@@ -434,6 +439,16 @@ class ChuzhanProvider(ImageProvider):
     @classmethod
     def callback_nonce(cls, request_id: str) -> str | None:
         return nonce(request_id)
+
+    def status_call(self, job_id: str) -> ApiCall:
+        return self.api(PATH_DETAIL, {"taskId": job_id, "preview": False, "imgFormat": "png"})  # never held
+
+    @classmethod
+    def status_names(cls, answer: Any, request: GenerationRequest) -> bool:
+        """The task detail names our nonce and prompt. [A] The documented detail carries
+        neither, so on such an answer no task a callback names is adopted (a person settles it)."""
+        data = answer if isinstance(answer, dict) else {}
+        return data.get("nonce") == nonce(request.request_id) and data.get("prompt") == request.prompt
 
     def read_job_id(self, answer: Any) -> str:
         if not answer or not answer.get("paintingSign"):

@@ -231,30 +231,41 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
         get_run_logger().warning("%s: the Prefect event stream did not answer in %.0f s; the job is polled, not "
                                  "woken by its callback", plan.item_id, wakeup.CONNECT_TIMEOUT)
         return request, None
-    def read_note(job_id: str, state: str) -> Any | None:
-        return (read_json(ledger.bucket, ref.heard_key(job_id, state)) or {}).get("body")
+    def read_note(job_id: str, state: str, digest: str) -> Any | None:
+        return (read_json(ledger.bucket, ref.heard_key(job_id, state, digest)) or {}).get("body")
 
     return request, listener.waker(request.request_id, read_note)
 
 
-def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> str | None:
-    """An `unknown` submit settled by its callback: the receiver heard the provider name a job
-    for this request id (its capability URL and nonce say so), so the record becomes
-    `submitted` with that job; None when no callback was heard."""
+ADOPT_CANDIDATES = 5
+"""Jobs named by callbacks that are looked up for one lost submit (each costs a status request)."""
+
+
+def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal, provider: ImageProvider,
+                        request: GenerationRequest) -> str | None:
+    """An `unknown` submit settled through its callbacks. A callback naming a job is a hint
+    where to look, never the answer (whoever holds the URL can name any job): a job is adopted
+    only when the provider's own status of it names this request (`ImageProvider.owns_job`),
+    and only if exactly one does. The record then becomes `submitted` with it; else None."""
     from flows.callbacks import heard_notes
 
     record = journal.record
     if record is None:
         return None
-    notes = [n for n in heard_notes(ledger.bucket, ledger.prefix, record.request_id) if n.get("job_id")]
-    if not notes:
+    named = list(dict.fromkeys(str(n["job_id"]) for n in heard_notes(ledger.bucket, ledger.prefix, record.request_id)
+                               if n.get("job_id")))[:ADOPT_CANDIDATES]
+    owned = [job_id for job_id in named if provider.owns_job(job_id, request)]
+    log = get_run_logger()
+    if len(owned) != len(named):
+        log.warning("%s: the submit's answer was lost; callbacks name %s for request %s, but %s's status of %s does "
+                    "not name this request, so it is not adopted", plan.item_id, ", ".join(named), record.request_id,
+                    plan.provider, ", ".join(j for j in named if j not in owned))
+    if len(owned) != 1:
         return None
-    job_id = str(notes[0]["job_id"])
-    get_run_logger().warning("%s: the submit's answer was lost, and %s's callback names job %s for request %s; "
-                             "resuming it (nothing is sent again)", plan.item_id, plan.provider, job_id,
-                             record.request_id)
-    journal.submitted(job_id)
-    return job_id
+    log.warning("%s: the submit's answer was lost; %s confirms job %s is request %s's; resuming it (nothing is sent "
+                "again)", plan.item_id, plan.provider, owned[0], record.request_id)
+    journal.submitted(owned[0])
+    return owned[0]
 
 
 def unknown_help(plan: ItemPlan, record: JobRecord) -> str:
@@ -317,7 +328,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
         journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
         state = State.UNKNOWN  # where the provider dedupes, it is sent again below under the same id
     if state is State.UNKNOWN and not provider.idempotent_submit:
-        job_id = settled_by_callback(plan, ledger, journal)
+        job_id = settled_by_callback(plan, ledger, journal, provider, request)
         if job_id is None:
             raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
                                 code="SubmitUnknown")
@@ -336,7 +347,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                     raise
                 if waker is not None:  # the job's callback names it, where the submit's answer was lost
                     waker.wait(provider.callback_fallback)
-                job_id = settled_by_callback(plan, ledger, journal)
+                job_id = settled_by_callback(plan, ledger, journal, provider, request)
                 if job_id is None:
                     raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,
                                         code="SubmitUnknown") from exc

@@ -8,6 +8,10 @@ that request id. Why events: they are already where every worker connects, they 
 open on the workers, and the stream replays the last minute on (re)connecting, so a callback
 heard while a connection was being made is not missed. A callback heard before its task waits
 is kept until the task asks.
+
+Anyone who may post events to the Prefect API can post this one. So an event is only a reason
+to look: a waiter takes only events naming its own job (or no job: a body the receiver could
+not read), and the Block looks at most once per `callback_wake_gap` seconds however many come.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX
+from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX, UNREADABLE
 
 CONNECT_TIMEOUT = 15.0
 KEEP_HEARD = 600.0
+MAX_JOBS_HEARD = 8
+"""Job ids kept per request id until its task asks (events naming other jobs are forged or stale)."""
 log = logging.getLogger("imagegen.wakeup")
 
 
@@ -32,7 +38,7 @@ class Listener:
     """One event-stream subscription per process, shared by every waiting thread."""
 
     def __init__(self) -> None:
-        self._heard: dict[str, tuple[float, str, str]] = {}  # request id -> (when, job id, state)
+        self._heard: dict[str, dict[str, tuple[float, str, str]]] = {}  # request id -> job id -> (when, state, body)
         self._cond = threading.Condition()
         self._ready = threading.Event()
         self.woken: deque[str] = deque(maxlen=10_000)  # request ids whose wait a callback ended, latest last
@@ -52,54 +58,72 @@ class Listener:
                     self._ready.set()
                     async for event in events:
                         self._hear(event.resource.id.removeprefix(RESOURCE_PREFIX),
-                                   event.resource.get("imagegen.job-id", ""), event.resource.get("imagegen.state", ""))
+                                   event.resource.get("imagegen.job-id", ""), event.resource.get("imagegen.state", ""),
+                                   event.resource.get("imagegen.body", ""))
             except Exception as exc:  # noqa: BLE001 - the stream is away: jobs fall back to polling meanwhile
                 log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
                             type(exc).__name__)
             await asyncio.sleep(5)
 
-    def _hear(self, request_id: str, job_id: str = "", state: str = "") -> None:
+    def _hear(self, request_id: str, job_id: str = "", state: str = "", digest: str = "") -> None:
         """Keep the callback until its task asks (the stream carries every process's callbacks:
         those no task here asks for are dropped after `KEEP_HEARD` seconds)."""
         now = time.monotonic()
         with self._cond:
-            self._heard[request_id] = (now, job_id, state)
+            heard = self._heard.setdefault(request_id, {})
+            heard[job_id] = (now, state, digest)
+            if len(heard) > MAX_JOBS_HEARD:  # a flood of events naming other jobs: the oldest go
+                del heard[min(heard, key=lambda jid: heard[jid][0])]
             if len(self._heard) > 1000:
-                self._heard = {rid: seen for rid, seen in self._heard.items() if now - seen[0] < KEEP_HEARD}
+                self._heard = {rid: jobs for rid, jobs in self._heard.items()
+                               if any(now - seen[0] < KEEP_HEARD for seen in jobs.values())}
             self._cond.notify_all()
 
     def ready(self, timeout: float = CONNECT_TIMEOUT) -> bool:
         """True once the subscription is open (a job submitted before may miss nothing: replay)."""
         return self._ready.wait(timeout)
 
-    def wait(self, request_id: str, seconds: float) -> tuple[str, str] | None:
-        """Block until `request_id`'s callback is heard or `seconds` pass; consume it and return
-        the job id and state it named, or None."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: request_id in self._heard, timeout=seconds):
-                return None
-            _, job_id, state = self._heard.pop(request_id)
-            self.woken.append(request_id)
-            return job_id, state
+    def wait(self, request_id: str, seconds: float, job_id: str | None = None) -> tuple[str, str, str] | None:
+        """Block until a callback of `request_id` naming `job_id` (or no job: an unreadable body;
+        any job where `job_id` is None) is heard or `seconds` pass; consume it and return the job
+        id, state and body digest it named, or None. Events naming another job are never taken."""
+        taken: list[tuple[str, str, str]] = []
 
-    def waker(self, request_id: str, read_note: Callable[[str, str], Any | None]) -> JobWaker:
+        def take() -> bool:
+            heard = self._heard.get(request_id) or {}
+            for jid in (tuple(heard) if job_id is None else (job_id, "")):
+                if jid in heard:
+                    _, state, digest = heard.pop(jid)
+                    taken.append((jid, state, digest))
+                    return True
+            return False
+
+        with self._cond:
+            if not self._cond.wait_for(take, timeout=seconds):
+                return None
+            self.woken.append(request_id)
+            return taken[0]
+
+    def waker(self, request_id: str, read_note: Callable[[str, str, str], Any | None]) -> JobWaker:
         return JobWaker(self, request_id, read_note)
 
 
 class JobWaker:
-    """A `blocks.base.Waker` for one request id; `read_note(job id, state)` reads the body the
-    receiver kept of a callback (its heard note, named by the event)."""
+    """A `blocks.base.Waker` for one request id; `read_note(job id, state, body digest)` reads
+    the body the receiver kept of a callback (its heard note, named by the event)."""
 
-    def __init__(self, listener: Listener, request_id: str, read_note: Callable[[str, str], Any | None]) -> None:
+    def __init__(self, listener: Listener, request_id: str, read_note: Callable[[str, str, str], Any | None]) -> None:
         self.listener, self.request_id, self.read_note = listener, request_id, read_note
-        self.last: tuple[str, str] | None = None
+        self.last: tuple[str, str, str] | None = None
 
-    def wait(self, seconds: float) -> bool:
-        self.last = self.listener.wait(self.request_id, seconds)
+    def wait(self, seconds: float, job_id: str | None = None) -> bool:
+        self.last = self.listener.wait(self.request_id, seconds, job_id)
         return self.last is not None
 
     def heard(self) -> Any | None:
-        return None if self.last is None else self.read_note(*self.last)
+        if self.last is None or not self.last[0] or self.last[1] == UNREADABLE:
+            return None  # an unreadable body kept no job's callback to read
+        return self.read_note(*self.last)
 
 
 _listener: list[Listener] = []

@@ -6,11 +6,18 @@ status requests per job, callbacks delivered; the receiver's counters say what i
 from __future__ import annotations
 
 import json
+import math
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
+import time
 from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -40,6 +47,40 @@ def test_a_capability_url_verifies_only_with_its_key_and_unaltered() -> None:
         read_capability(f"{body[0]}.{sig}", b"k" * 32)
 
 
+def test_a_callbacks_results_are_taken_only_from_declared_hosts() -> None:
+    """A trusted callback's result URLs must be on the Block's declared domains or its own
+    endpoint's origin (the sandbox's emulator); never another private address or port."""
+    from blocks.chuzhan import ChuzhanProvider
+    from blocks.tams import TamsProvider
+
+    sandboxed = ChuzhanProvider(api_token="t", endpoint="http://127.0.0.1:8702")
+    assert sandboxed.result_url_declared("http://127.0.0.1:8702/_results/ab/0.png?sig=1")
+    for url in ("http://127.0.0.1:8703/x.png", "http://localhost:8702/x.png", "http://10.1.2.3/x.png",
+                "https://evil.example/x.png", "file:///etc/passwd"):
+        assert not sandboxed.result_url_declared(url), url
+    real = ChuzhanProvider(api_token="t")
+    assert real.result_url_declared("https://img.huashi6.com/a.png")
+    assert not real.result_url_declared("https://huashi6.com.evil.example/a.png")
+    assert not real.result_url_declared("http://192.168.1.5/a.png")
+    tams = TamsProvider(app_id="a", api_token="t", result_hosts=["cdn.example.net"])
+    assert tams.result_url_declared("https://eu.cdn.example.net/a.png")
+    assert not tams.result_url_declared("https://example.net/a.png")
+
+
+def test_a_status_names_its_request_only_by_our_nonce_and_prompt() -> None:
+    """The one ground for adopting a task a callback names: the provider's status of it names our
+    nonce and prompt. The documented 触站AI detail names neither, so nothing is adopted on it."""
+    from blocks.base import GenerationRequest
+    from blocks.chuzhan import ChuzhanProvider, nonce
+
+    request = GenerationRequest(request_id="a" * 32, prompt="a lamp", seed=1, width=512, height=512)
+    ours = {"state": "running", "nonce": nonce(request.request_id), "prompt": "a lamp"}
+    assert ChuzhanProvider.status_names(ours, request)
+    assert not ChuzhanProvider.status_names({**ours, "nonce": "b" * 32}, request)
+    assert not ChuzhanProvider.status_names({**ours, "prompt": "another lamp"}, request)
+    assert not ChuzhanProvider.status_names({"state": "success", "images": []}, request)  # as documented
+
+
 def test_a_loopback_callback_is_taken_only_for_a_loopback_endpoint() -> None:
     from blocks.chuzhan import ChuzhanProvider
 
@@ -49,6 +90,12 @@ def test_a_loopback_callback_is_taken_only_for_a_loopback_endpoint() -> None:
 
 
 # --- on real processes -------------------------------------------------------------------------
+
+class ReceiverUrl(str):
+    """The receiver's base URL, with its process id (for its memory)."""
+
+    pid: int
+
 
 @pytest.fixture(scope="module")
 def receiver(sandbox_blocks):
@@ -61,7 +108,8 @@ def receiver(sandbox_blocks):
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "callbacks", "serve", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = ReceiverUrl(f"http://127.0.0.1:{port}")
+    url.pid = proc.pid
     wait_healthy(url, proc, log_path, timeout=60)
     from deployments.limits import apply_limits
 
@@ -176,42 +224,291 @@ def test_forged_duplicated_late_and_lost_callbacks(receiver, sandbox_blocks, tmp
     assert 5 <= after["polls"] - before["polls"] <= 6
 
 
-def test_a_lost_submit_answer_is_settled_by_the_callback(receiver, sandbox_blocks, tmp_path) -> None:
-    """触站AI charges at submit and does not dedupe: a draw whose answer is cut is `unknown`, and
-    is never sent again blindly. Its callback (our capability URL, our nonce) names the task,
-    so the run resumes it and archives its image, charged once."""
-    cz = sandbox_blocks.url("chuzhan")
+
+
+def imagegen(*args: str) -> subprocess.CompletedProcess:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def task_of(state, prompt: str) -> str:  # noqa: ANN001 - a SandboxState
+    """The 触站AI task drawn for `prompt`, as a person finds it in the provider console."""
+    return next(sign for sign, task in chuzhan_stats(state)["tasks"].items() if task["prompt"] == prompt)
+
+
+def heard_job_ids(state, name: str, run_date: date) -> set[str]:  # noqa: ANN001
+    s3 = s3_client(state)
+    listed = s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=f"{name}/{run_date}/_jobs/_heard/")
+    return {json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=o["Key"])["Body"].read()).get("job_id")
+            for o in listed.get("Contents", [])}
+
+
+def test_a_forged_callback_never_adopts_another_task(receiver, sandbox_blocks, tmp_path) -> None:
+    """触站AI, a draw whose answer was cut (`unknown`): a forger with the job's URL and nonce names
+    another pipeline's task. Neither it nor any task a callback names is adopted unless the
+    provider's status names this request; 触站AI's (as documented, and the emulator's) does not,
+    so the item stays `unknown` until a person names its task, and the rerun archives that task's
+    image, charged once. The other pipeline's task is never archived as this item."""
+    cz, day = sandbox_blocks.url("chuzhan"), date(2026, 5, 3)
+    assert run_spec(tmp_path, spec("cb-other", "chuzhan", 1), day).is_completed()
+    other = task_of(sandbox_blocks, "cb-other lamp 0")
     httpx.post(f"{cz}/_sandbox/faults", json={"kind": "drop_after"}).raise_for_status()
-    before = chuzhan_stats(sandbox_blocks)
-    state = run_spec(tmp_path, spec("cb-unknown", "chuzhan", 2), date(2026, 5, 3))
+    httpx.post(f"{cz}/_sandbox/faults", json={"kind": "callback_forged_task", "task_id": other}).raise_for_status()
+    path = tmp_path / "adopt.yaml"
+    first = run_spec(tmp_path, spec("cb-adopt", "chuzhan", 1), day, path=path)
+    ours = task_of(sandbox_blocks, "cb-adopt lamp 0")
+    assert first.is_failed() and archived("cb-adopt", sandbox_blocks, day) == []
+    assert {other, ours} <= heard_job_ids(sandbox_blocks, "cb-adopt", day)  # both heard: hints, not facts
+    assert chuzhan_stats(sandbox_blocks)["callbacks"].get("callback_forged_task", 0) >= 1
+    submits = chuzhan_stats(sandbox_blocks)["submits"]
+    settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", ours)
+    assert settled.returncode == 0, settled.stderr
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
     after = chuzhan_stats(sandbox_blocks)
+    assert after["submits"] == submits
+    assert charges(after, "cb-adopt") == [1] and charges(after, "cb-other") == [1]
+    s3 = s3_client(sandbox_blocks)
+    mine, theirs = (s3.get_object(Bucket=TEST_BUCKET, Key=archived(n, sandbox_blocks, day)[0])["Body"].read()
+                    for n in ("cb-adopt", "cb-other"))
+    assert mine != theirs
+
+
+class Forger:
+    """The forger's own image server, counting what it is asked for."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        forger = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                forger.hits += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                self.wfile.write((ROOT / "pipelines" / "assets").joinpath(
+                    sorted(p.name for p in (ROOT / "pipelines" / "assets").iterdir())[0]).read_bytes())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/forged.png"
+
+
+@pytest.mark.parametrize("provider", ["chuzhan", "tams"])
+def test_a_trusting_block_fetches_no_forged_image_and_takes_no_forged_failure(receiver, sandbox_blocks, tmp_path,
+                                                                              provider) -> None:
+    """A Block that trusts callbacks: a forged `success` naming the job with its image on the
+    forger's server is never fetched (not a host the Block declares): a poll looks instead; a
+    forged `fail` for a running job only makes it look. Both jobs end as they really do,
+    archived and charged once."""
+    forger = Forger()
+    url = sandbox_blocks.url(provider)
+    for kind in ("callback_forged_success", "callback_forged_fail"):
+        httpx.post(f"{url}/_sandbox/faults", json={"kind": kind, "url": forger.url}).raise_for_status()
+    name, day = f"cb-forge-{provider}", date(2026, 5, 5)
+    before = stats_of(provider, sandbox_blocks)
+    state = run_spec(tmp_path, spec(name, provider, 2, block="cb-trust"), day)
+    after = stats_of(provider, sandbox_blocks)
+    forger.server.shutdown()
     assert state.is_completed(), state
-    assert after["injected_faults"] - before.get("injected_faults", 0) == 1
-    assert charges(after, "cb-unknown") == [1] * 2
-    assert len(archived("cb-unknown", sandbox_blocks, date(2026, 5, 3))) == 2
+    assert forger.hits == 0
+    assert len(archived(name, sandbox_blocks, day)) == 2
+    assert charges(after, name) == [1, 1]
+    sent = after["callbacks"]
+    assert sent.get("forged_answered_200", 0) - before["callbacks"].get("forged_answered_200", 0) == 2
+    assert after["polls"] - before["polls"] <= 4  # each job looked at most twice (the forged wake, the real one)
+
+
+def test_forged_events_cost_at_most_one_look_a_job_per_gap(receiver, sandbox_blocks, tmp_path) -> None:
+    """20 `imagegen.callback.heard` events posted straight to the Prefect API for a waiting TAMS
+    job (half naming another job, half its own): those naming another job never wake it, and
+    the rest cost at most one status request per `callback_wake_gap` (5 s)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.callbacks import announce
+
+    tams, day = sandbox_blocks.url("tams"), date(2026, 5, 6)
+    httpx.post(f"{tams}/_sandbox/config", json={"latency": 8}).raise_for_status()
+    try:
+        before, outcome = tams_stats(sandbox_blocks), {}
+        run = threading.Thread(target=lambda: outcome.update(state=run_spec(tmp_path, spec("cb-flood", "tams", 1),
+                                                                            day)))
+        started = time.monotonic()
+        run.start()
+        while not (new := set(tams_stats(sandbox_blocks)["jobs"]) - set(before["jobs"])):
+            assert time.monotonic() - started < 60
+            time.sleep(0.1)
+        job_id = new.pop()
+        ref = JobRef(**{**REF.__dict__, "provider": "tams",
+                        "request_id": tams_stats(sandbox_blocks)["jobs"][job_id]["requestId"]})
+        with get_client(sync_client=True) as client:
+            for k in range(20):
+                announce(ref, job_id if k % 2 else "9" * 18, "SUCCESS", client)
+                time.sleep(0.05)
+        run.join(120)
+        took = time.monotonic() - started
+    finally:
+        httpx.post(f"{tams}/_sandbox/config", json={"latency": 0.6})
+    after = tams_stats(sandbox_blocks)
+    assert outcome["state"].is_completed(), outcome["state"]
+    assert charges(after, "cb-flood") == [1]
+    polls = after["polls"] - before["polls"]
+    assert 2 <= polls <= 1 + math.ceil(took / 5.0), (polls, took)
+
+
+def test_an_unreadable_tams_body_wakes_its_job(receiver, sandbox_blocks, tmp_path) -> None:
+    """TAMS's notification body is not documented: one in a shape the Block does not read is
+    still a reason to look. It wakes its job (one poll, no 4 s fallback wait), is counted and
+    logged, and kept in the ledger as an `unreadable` note for whoever fixes the Block."""
+    from flows import wakeup
+
+    tams, day = sandbox_blocks.url("tams"), date(2026, 5, 7)
+    for _ in range(2):
+        httpx.post(f"{tams}/_sandbox/faults", json={"kind": "callback_reshaped"}).raise_for_status()
+    before, heard = tams_stats(sandbox_blocks), httpx.get(f"{receiver}/v1/stats").json()
+    state = run_spec(tmp_path, spec("cb-reshaped", "tams", 2), day)
+    after, now = tams_stats(sandbox_blocks), httpx.get(f"{receiver}/v1/stats").json()
+    assert state.is_completed(), state
+    assert len(archived("cb-reshaped", sandbox_blocks, day)) == 2 and charges(after, "cb-reshaped") == [1, 1]
+    ids = request_ids("cb-reshaped", sandbox_blocks, day)
+    assert set(ids) <= set(wakeup.listener().woken)
+    assert after["polls"] - before["polls"] == 2  # woken once each, looked once each
+    assert now.get("unreadable", 0) - heard.get("unreadable", 0) == 2
+    s3 = s3_client(sandbox_blocks)
+    for rid in ids:
+        listed = s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=f"cb-reshaped/{day}/_jobs/_heard/{rid}/none-unreadable-")
+        note = json.loads(s3.get_object(Bucket=TEST_BUCKET, Key=listed["Contents"][0]["Key"])["Body"].read())
+        assert '"job.finished"' in note["raw"]
+
+
+def direct_url(receiver: str, request_id: str = "0" * 32) -> str:
+    from flows.callbacks import cached_key
+
+    good = JobRef(provider="chuzhan", block="cb", request_id=request_id, bucket=TEST_BUCKET, credentials="sandbox",
+                  ledger_prefix="cb-direct/2026-05-09/_jobs/", record_key="cb-direct/2026-05-09/_jobs/x.json")
+    return capability_url(receiver, good, cached_key())
 
 
 def test_the_receiver_refuses_what_it_cannot_verify_and_asks_again_when_it_cannot_record(
         receiver, sandbox_blocks) -> None:
     """Straight to the receiver process: an altered URL is 404; a real URL with a body that
-    names no job is 400; a real URL whose ledger cannot be written (its credentials Block does
-    not exist) is 503, so the provider's retries send it again."""
+    names no job is kept as unreadable and wakes its job (200); another job's nonce is 409; a
+    real URL whose ledger cannot be written (its credentials Block does not exist) is 503, so the
+    provider's retries send it again; a forged body naming the job never shadows the real one."""
     from flows.callbacks import cached_key
 
-    key = cached_key()
-    good = JobRef(provider="chuzhan", block="cb", request_id="0" * 32, bucket=TEST_BUCKET, credentials="sandbox",
-                  ledger_prefix="cb-direct/2026-05-09/_jobs/", record_key="cb-direct/2026-05-09/_jobs/x.json")
-    url = capability_url(receiver, good, key)
+    url = direct_url(receiver)
     body = {"taskId": "f" * 32, "nonce": "0" * 32, "state": "success"}
     assert httpx.post(url[:-2] + "zz", json=body).status_code == 404
-    assert httpx.post(url, json={"state": "success"}).status_code == 400
+    unreadable = httpx.post(url, json={"state": "success"})
+    assert (unreadable.status_code, unreadable.json()) == (200, {"ok": True, "unreadable": True})
     assert httpx.post(url, json={**body, "nonce": "1" * 32}).status_code == 409
-    missing = capability_url(receiver, JobRef(**{**good.__dict__, "credentials": "no-such-block"}), key)
+    good = read_capability(url.rsplit("/", 1)[1], cached_key())
+    missing = capability_url(receiver, JobRef(**{**good.__dict__, "credentials": "no-such-block"}), cached_key())
     assert httpx.post(missing, json=body).status_code == 503
     first, again = httpx.post(url, json=body), httpx.post(url, json=body)
     assert (first.status_code, first.json()["duplicate"]) == (200, False)
     assert (again.status_code, again.json()["duplicate"]) == (200, True)
-    note = s3_client(sandbox_blocks).get_object(
-        Bucket=TEST_BUCKET, Key=f"cb-direct/2026-05-09/_jobs/_heard/{'0' * 32}/{'f' * 32}-success.json")
-    assert b'"job_id": "' + b"f" * 32 in note["Body"].read()
+    forged = httpx.post(url, json={**body, "imgUrl": "http://198.51.100.7/x.png"})
+    assert (forged.status_code, forged.json()["duplicate"]) == (200, False)  # its own note, beside the real one
+    listed = s3_client(sandbox_blocks).list_objects_v2(Bucket=TEST_BUCKET,
+                                                       Prefix=f"cb-direct/2026-05-09/_jobs/_heard/{'0' * 32}/")
+    keys = [o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]]
+    assert sum(k.startswith(f"{'f' * 32}-success-") for k in keys) == 2
+    assert sum(k.startswith("none-unreadable-") for k in keys) == 1
 
+
+def rss(pid: int) -> int:
+    """A process's resident memory in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def stream(sock: socket.socket, chunk: bytes, limit: int, seconds: float = 20.0) -> tuple[int, bytes]:
+    """Send `chunk` again and again (at most `limit` bytes) until the server answers or cuts the
+    connection; the bytes it took and its answer."""
+    sent, answer, deadline = 0, b"", time.monotonic() + seconds
+    sock.setblocking(False)
+    while sent < limit and time.monotonic() < deadline:
+        readable, writable, _ = select.select([sock], [sock], [], 1.0)
+        try:
+            if readable:
+                answer = sock.recv(65536)
+                break
+            if writable:
+                sent += sock.send(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return sent, answer
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(receiver, sandbox_blocks) -> None:
+    """256 MiB declared: answered 413 from the Content-Length alone, the sender having put no
+    more than the sockets' buffers hold; 256 MiB chunked (no length): cut once past 1 MiB. The
+    receiver's memory does not grow by the body."""
+    path = urlparse(direct_url(receiver, "1" * 32)).path
+    port, big, chunk = urlparse(receiver).port, 256 << 20, b"x" * 65536
+    grown_from = rss(receiver.pid)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: hooks\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {big}\r\n\r\n".encode())
+        sent, answer = stream(sock, chunk, big)
+    assert sent < 32 << 20, sent
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: hooks\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        sent, answer = stream(sock, b"10000\r\n" + chunk + b"\r\n", big)
+    assert sent < 32 << 20, sent
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert rss(receiver.pid) - grown_from < 16 << 20
+    assert httpx.get(f"{receiver}/health").status_code == 200
+
+
+def test_slow_connections_are_cut_within_their_deadlines(receiver, sandbox_blocks) -> None:
+    """100 connections trickling their headers and 100 their body at a byte a second: each is
+    cut within its deadline (headers 10 s, body 10 s more), and the receiver answers meanwhile."""
+    from flows.callbacks import BODY_TIMEOUT, HEADER_TIMEOUT
+
+    path = urlparse(direct_url(receiver, "2" * 32)).path
+    port = urlparse(receiver).port
+    head = f"POST {path} HTTP/1.1\r\nHost: hooks\r\n".encode()
+    opened: dict[socket.socket, tuple[str, float]] = {}
+    for kind in ("headers", "body"):
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(head + (b"Content-Length: 1000\r\n\r\n{" if kind == "body" else b"X-Slow: "))
+            sock.setblocking(False)
+            opened[sock] = (kind, time.monotonic())
+    cut: dict[str, list[float]] = {"headers": [], "body": []}
+    answered = False
+    while opened and time.monotonic() - min(t for _, t in opened.values()) < 30:
+        for sock in [s for s in select.select(list(opened), [], [], 1.0)[0]]:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                kind, since = opened.pop(sock)
+                cut[kind].append(time.monotonic() - since)
+                sock.close()
+        for sock in list(opened):
+            try:
+                sock.send(b"a")
+            except (BrokenPipeError, ConnectionResetError, BlockingIOError):
+                pass
+        if not answered:
+            answered = httpx.get(f"{receiver}/health", timeout=5).status_code == 200
+    for sock in opened:
+        sock.close()
+    assert not opened, f"{len(opened)} slow connections never cut"
+    assert answered
+    assert max(cut["headers"]) < HEADER_TIMEOUT + 3, cut["headers"]
+    assert max(cut["body"]) < BODY_TIMEOUT + 3, cut["body"]
