@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import date, datetime, timezone
 from typing import Any
 
-from flows.review import THUMB_PX, one_line
+from flows.review import CELL_PX, THUMB_PX, one_line
 from flows.spec import PipelineSpec
 from flows.tasks import ArchivedItem, ItemPlan
 
@@ -119,13 +119,13 @@ def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     return out
 
 
-GALLERY_COLUMNS = 4  # 4 x 192 px fit the artifact page's column beside Prefect's side panel at 1400 px
+GALLERY_COLUMNS = 4  # 4 cells of 200 px fit the artifact's column beside the UI's side panel at 1400 px
 
 
 def html_grid(cells: list[str], columns: int = GALLERY_COLUMNS) -> str:
     """An HTML table `columns` cells wide, each cell as wide as a thumbnail; one row a line, with
     no blank line, so that markdown takes the table as one block of HTML."""
-    rows = ["<tr>" + "".join(f'<td valign="top" width="{THUMB_PX}">{cell}</td>' for cell in cells[i:i + columns])
+    rows = ["<tr>" + "".join(f'<td valign="top" width="{CELL_PX}">{cell}</td>' for cell in cells[i:i + columns])
             + "</tr>" for i in range(0, len(cells), columns)]
     return "\n".join(["<table>", *rows, "</table>"])
 

@@ -91,6 +91,7 @@ def mark_duplicates(images: list[tuple[str, Verdict]], settings: DuplicateSettin
 
 THUMB_PX = 192  # the longer side of a thumbnail: a person looks over many at once
 INPUT_PX = 96  # the longer side of an item's input image, shown beside what was made from it
+CELL_PX = THUMB_PX + 8  # a table cell holding a thumbnail, with a small gap to the next one
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def figure(shown: Shown) -> str:
     url, label = html.escape(shown.image_url), one_line(shown.label)
     source = (f'<br><img src="{html.escape(shown.input_url)}" alt="input of {label}"><br>input image'
               if shown.input_url else "")
-    return (f'<table><tr><td valign="top" width="{THUMB_PX}"><a href="{url}"><img src="{html.escape(shown.thumb_url)}" '
+    return (f'<table><tr><td valign="top" width="{CELL_PX}"><a href="{url}"><img src="{html.escape(shown.thumb_url)}" '
             f'alt="{label}"></a><br><a href="{url}">full size</a></td><td valign="top"><b>prompt</b>: '
             f"{one_line(shown.prompt)}<br><b>checks</b>: {one_line(shown.checks)}{source}</td></tr></table>")
 
@@ -149,9 +150,10 @@ def review_markdown(title: str, shown: list[Shown]) -> str:
 
 
 def form_intro(title: str, settings: HumanSettings, artifact: str) -> str:
-    """The markdown above the form's fields."""
-    return (f"### {title}\n\nEach field shows its image (click it for full size), prompt and checks. A field left "
-            f"as it is gives **{settings.default}**. The same images are in the `{artifact}` artifact.")
+    """The markdown above the form's fields: short, for the classic UI gives it only the height
+    the fields leave (none once they fill the dialog)."""
+    return (f"**{title}**: a field left as it is gives **{settings.default}**; the same images are in the "
+            f"`{artifact}` artifact.")
 
 
 def _every_field_required(schema: dict[str, Any]) -> None:
