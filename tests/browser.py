@@ -87,3 +87,55 @@ async def _evaluate_until(ws_url: str, until: str, act: str | None, timeout: flo
             shot = await call("Page.captureScreenshot", format="png")
             screenshot.write_bytes(base64.b64decode(shot["data"]))
         return value
+
+
+def image_boxes(scope: str = "document", min_count: int = 1, src_has: str = "X-Amz-Signature") -> str:
+    """JavaScript: once at least `min_count` images under `scope` (a JavaScript expression; null
+    waits) whose src holds `src_has` have all loaded, each one's box in the page: alt, left, top,
+    width, height, natural size, the width of its table cell, and `clipped` when an ancestor that
+    clips (overflow not visible) cuts it left or right."""
+    return (f"(() => {{ const root = {scope}; if (!root) return null;"
+            f" const imgs = [...root.querySelectorAll('img')].filter(i => i.src.includes({json.dumps(src_has)}));"
+            f" if (imgs.length < {min_count} || !imgs.every(i => i.complete && i.naturalWidth > 0)) return null;"
+            " return imgs.map(i => { const r = i.getBoundingClientRect(); let clipped = false;"
+            " for (let e = i.parentElement; e; e = e.parentElement) { if (getComputedStyle(e).overflowX === 'visible')"
+            " continue; const b = e.getBoundingClientRect(); if (r.left < b.left - 0.5 || r.right > b.right + 0.5)"
+            " clipped = true; }"
+            " return {alt: i.alt, left: r.left, top: r.top, bottom: r.bottom, width: r.width, height: r.height,"
+            " natural: [i.naturalWidth, i.naturalHeight], cell: (i.closest('td') || i.parentElement)"
+            ".getBoundingClientRect().width, clipped}; }); })()")
+
+
+RESUME_DIALOG = "document.querySelector('.p-modal')"  # the classic UI's Resume form
+
+# JavaScript: each field of the open Resume form: its label, its description's text, its images
+# (alt, bottom edge), and the top edge and value of its select; null while no form is open.
+FORM_FIELDS = (f"(() => {{ const dialog = {RESUME_DIALOG}; if (!dialog) return null;"
+               " const fields = [...dialog.querySelectorAll('.schema-form-property')];"
+               " if (!fields.length) return null;"
+               " return fields.map(f => ({label: f.querySelector('.schema-form-property__label')?.innerText.trim(),"
+               " text: f.querySelector('.p-label__description')?.innerText ?? '',"
+               " images: [...f.querySelectorAll('img')].map(i => ({alt: i.alt,"
+               " bottom: i.getBoundingClientRect().bottom})),"
+               " select: f.querySelector('select')?.getBoundingClientRect().top,"
+               " value: f.querySelector('select')?.value})); })()")
+
+
+def click_button(label: str) -> str:
+    """JavaScript that clicks the first button reading `label`, if there is one."""
+    return (f"([...document.querySelectorAll('button')].find(b => b.innerText.trim() === {json.dumps(label)})"
+            "?.click(), true)")
+
+
+def submit_resume_form(choices: dict[int, str]) -> str:
+    """JavaScript run again and again: opens the Resume form, sets the select of field n (from 0)
+    to `choices[n]`, then (on the next run) presses Submit; `window.__submitted` says it did."""
+    sets = " ".join(f"selects[{n}].value = {json.dumps(v)}; selects[{n}].dispatchEvent(new Event('change', "
+                    "{bubbles: true}));" for n, v in choices.items())
+    return (f"(() => {{ if (window.__submitted) return true; const dialog = {RESUME_DIALOG};"
+            f" if (!dialog) {{ {click_button('Resume')}; return true; }}"
+            " const selects = [...dialog.querySelectorAll('.schema-form-property select')];"
+            " if (!selects.length) return true;"
+            f" if (!window.__chosen) {{ {sets} window.__chosen = true; return true; }}"
+            " [...dialog.querySelectorAll('button')].find(b => b.innerText.trim() === 'Submit').click();"
+            " window.__submitted = true; return true; })()")

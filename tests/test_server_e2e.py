@@ -9,6 +9,7 @@ spec only the snapshot has) and runs from that clone."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -233,15 +234,18 @@ def test_the_run_and_its_summary_render_in_the_prefect_ui(deployed, tmp_path) ->
     assert all(w in text for w in wanted), text[:2000]
 
 
-IMAGES_LOADED = ("(() => { const imgs = [...document.images].filter(i => i.src.includes('X-Amz-Signature'));"
-                 " return imgs.length >= {n} && imgs.every(i => i.complete && i.naturalWidth > 0)"
-                 " ? imgs.map(i => i.naturalWidth) : null; })()")
+def assert_thumbnails(boxes: list[dict], widest: int) -> None:
+    """Each image is shown whole: at most `widest` and its cell wide, its own shape, and cut by
+    no clipping ancestor."""
+    for box in boxes:
+        assert not box["clipped"] and 0 < box["width"] <= min(widest, box["cell"]), box
+        assert abs(box["width"] / box["height"] - box["natural"][0] / box["natural"][1]) < 0.02, box
 
 
 def test_gallery_images_load_in_the_classic_ui(deployed, tmp_path) -> None:
-    """The gallery artifact's images are plain markdown images (the classic UI renders no image
-    inside a link): in headless Chromium each one loads from S3 (naturalWidth > 0)."""
-    from tests.browser import chromium, page_until
+    """The gallery artifact is a grid of thumbnails: in headless Chromium the run's two images
+    load from S3 side by side in one row, each shown whole, 192 px wide, in its own cell."""
+    from tests.browser import chromium, image_boxes, page_until
 
     if chromium() is None:
         pytest.skip("Chromium is not installed (Debian package chromium; make installs it when run as root)")
@@ -250,28 +254,35 @@ def test_gallery_images_load_in_the_classic_ui(deployed, tmp_path) -> None:
     env, _ = deployed
     with client_for(env) as client:
         gallery = next(a for a in client.read_artifacts() if a.key == "server-e2e-gallery" and a.flow_run_id == run.id)
-    widths = page_until(f"{env['PREFECT_UI_URL']}/artifacts/artifact/{gallery.id}", IMAGES_LOADED.replace("{n}", "2"),
-                        launcher.free_port(), screenshot=tmp_path / "gallery.png")
-    print(f"gallery screenshot {tmp_path / 'gallery.png'}")
-    assert widths and all(w > 0 for w in widths), "the gallery's images did not load"
+    assert gallery.data.count("<tr>") == 1 and gallery.data.count("<td") == 2  # up to 4 a row
+    boxes = page_until(f"{env['PREFECT_UI_URL']}/artifacts/artifact/{gallery.id}", image_boxes("document", 2),
+                       launcher.free_port(), screenshot=tmp_path / "gallery.png")
+    print(f"gallery screenshot {tmp_path / 'gallery.png'}: {boxes}")
+    assert boxes and len(boxes) == 2, "the gallery's images did not load"
+    assert boxes[0]["top"] == boxes[1]["top"] and boxes[0]["left"] + 192 <= boxes[1]["left"], boxes  # one row
+    assert_thumbnails(boxes, 192)
+    assert all(box["width"] == 192 for box in boxes), boxes
 
 
-def test_the_resume_form_shows_each_image_as_a_thumbnail(deployed, tmp_path) -> None:
+def test_the_resume_form_shows_each_image_beside_its_own_field(deployed, sandbox, tmp_path) -> None:
     """A run waiting for a person: its Resume form (opened as a person does, with the Resume
-    button of the flow run page) shows every image to decide on, loaded, with its checks; the
-    decision sent through the API then finishes the run."""
+    button of the flow run page) shows each image in the field that decides it, between the
+    field's title and its select, with its prompt, its checks and (item a) its input image, all
+    loaded and whole. The person's choice, sent with the form's Submit, finishes the run."""
     from prefect.client.schemas.objects import StateType
-    from prefect.flow_runs import resume_flow_run
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.browser import chromium, page_until
+    from tests.browser import (FORM_FIELDS, RESUME_DIALOG, chromium, click_button, image_boxes, page_until,
+                               submit_resume_form)
 
     if chromium() is None:
         pytest.skip("Chromium is not installed (Debian package chromium; make installs it when run as root)")
     env, spec = deployed
     human = Path(spec).with_name("human.yaml")
+    shutil.copy(Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png",
+                human.with_name("sketch.png"))
     human.write_text(Path(spec).read_text().replace("name: server-e2e", "name: server-human").replace(
-        "archive:", "review: {human: {timeout_seconds: 240, poll_interval: 1}}\narchive:"))
+        "archive:", "review: {human: {timeout_seconds: 240, poll_interval: 1}}\narchive:").replace(
+        "{id: a, prompt: a cat}", "{id: a, prompt: a cat, input_image: sketch.png}"))
     with client_for(env) as client:
         deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
         flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"spec": str(human),
@@ -280,18 +291,32 @@ def test_the_resume_form_shows_each_image_as_a_thumbnail(deployed, tmp_path) -> 
         while client.read_flow_run(flow_run.id).state.type is not StateType.PAUSED:
             assert time.monotonic() < deadline, "the run never paused for a person"
             time.sleep(1)
-        click = ("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Resume')?.click()"
-                 " ?? true")
-        in_form = IMAGES_LOADED.replace("document.images", "document.querySelector('[role=dialog], .p-modal')"
-                                        "?.querySelectorAll('img') ?? []").replace("{n}", "2")
-        widths = page_until(f"{env['PREFECT_UI_URL']}/runs/flow-run/{flow_run.id}", in_form, launcher.free_port(),
-                            timeout=90, screenshot=tmp_path / "resume-form.png", act=click)
-        print(f"resume form screenshot {tmp_path / 'resume-form.png'}")
-        assert widths and all(0 < w <= 192 for w in widths), f"the Resume form shows no loaded thumbnails: {widths}"
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-            resume_flow_run(flow_run.id, run_input={"image_1": "approve", "image_2": "reject"})
+        page = f"{env['PREFECT_UI_URL']}/runs/flow-run/{flow_run.id}"
+        both = (f"(() => {{ const boxes = {image_boxes(RESUME_DIALOG, 3)}; const fields = {FORM_FIELDS};"
+                " return boxes && fields ? {boxes, fields} : null; })()")
+        seen = page_until(page, both, launcher.free_port(), timeout=90, screenshot=tmp_path / "resume-form.png",
+                          act=click_button("Resume"))
+        print(f"resume form screenshot {tmp_path / 'resume-form.png'}: {seen}")
+        assert seen, "the Resume form shows no loaded images"
+        assert [(f["label"], [i["alt"] for i in f["images"]], f["value"]) for f in seen["fields"]] == [
+            ("a #1", ["a #1", "input of a #1"], "reject"), ("b #1", ["b #1"], "reject")], seen["fields"]
+        for field, prompt in zip(seen["fields"], ("a cat", "a dog"), strict=True):
+            assert f"prompt: {prompt}" in field["text"] and "checks: readable True" in field["text"], field
+            assert all(image["bottom"] <= field["select"] for image in field["images"]), field  # above its select
+        assert seen["fields"][0]["select"] < min(i["bottom"] for i in seen["fields"][1]["images"])  # not the next one's
+        thumbs = {box["alt"]: box for box in seen["boxes"]}
+        assert_thumbnails([thumbs["a #1"], thumbs["b #1"]], 192)
+        assert_thumbnails([thumbs["input of a #1"]], 96)
+        sent = page_until(page, f"window.__submitted && !{RESUME_DIALOG}", launcher.free_port(), timeout=60,
+                          act=submit_resume_form({0: "approve"}))
+        assert sent, "the form was not submitted"
         final = wait_final(client, flow_run.id)
     assert final.state.is_completed(), final.state.message
+    s3 = s3_client(sandbox)
+    listed = {o["Key"] for prefix in ("server-human/2026-09-20/", "quarantine/server-human/2026-09-20/")
+              for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=prefix).get("Contents", [])}
+    assert {"server-human/2026-09-20/a-1.png", "quarantine/server-human/2026-09-20/b-1.png"} <= listed, listed
+    assert "server-human/2026-09-20/b-1.png" not in listed  # the person approved a, left b at the default
 
 
 def test_a_long_review_suspends_the_run_and_the_decision_resumes_it_paying_nothing_again(deployed, sandbox) -> None:
