@@ -25,11 +25,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
 from blocks.archive import archive_bucket
+from flows.budget import close_run, open_run
 from flows.slots import reclaim_expired
 from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
 from flows.review import ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
@@ -581,6 +583,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
                              f"{ {p: budget[p] for p in over} }; nothing was submitted")
     logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
                 parsed.name, run_date, len(plans), len(reused), estimated)
+    spend = open_run(str(flow_run.id), budget)  # the caps held on what the providers charge
     if dry_run:
         return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",
                 "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),
@@ -645,6 +648,11 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
                               frozenset(reused), charges=_charges_of_failed(plans, outcomes))
     manifest["estimated_credits"] = estimated
+    manifest["spend"] = spend.summary()  # per provider: cap, charged, reserved (maybe charged)
+    close_run(str(flow_run.id))
+    for item_error in (e for _, e in outcomes if e and e.get("error") == "BudgetReached"):
+        logger.error("%s", item_error["message"])
+        break
     publish(parsed, run_date, manifest)
     _finish_renames(renames)
     return manifest

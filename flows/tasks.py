@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger, task
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
@@ -21,6 +22,7 @@ from blocks import load_provider
 from blocks.archive import archive_bucket, read_json, write_bytes, write_json
 from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
+from flows.budget import Reservation, for_run
 from flows.slots import PrefectLimiter
 from flows import images
 from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
@@ -142,9 +144,12 @@ class ItemJournal:
     is sent unrecorded); after that the job goes on, its id is logged, and the record is
     written again at the end of the step (`flush`)."""
 
-    def __init__(self, ledger: JobLedger, record: JobRecord | None, identity: dict[str, Any]) -> None:
+    def __init__(self, ledger: JobLedger, record: JobRecord | None, identity: dict[str, Any],
+                 cost: float = 0.0) -> None:
         self.ledger, self.record, self.identity = ledger, record, identity
         self.unsaved = False
+        self.cost = cost  # this paid call's estimated credits, reserved against the run's budget
+        self.held: Reservation | None = None
 
     def _move(self, to: State, **changes: Any) -> None:
         self.record = move(self.record, to, **{**self.identity, **changes})
@@ -170,19 +175,52 @@ class ItemJournal:
             self.unsaved = False
 
     def sending(self) -> None:
-        self._move(State.SENDING, reason=None)
+        """Reserve the call's cost (`BudgetReached`: nothing is sent), then record `sending`."""
+        budget = for_run(flow_run.id)
+        if budget is not None and self.held is not None and not self.held.settled:
+            budget.resend(self.held)  # the same request again, where the provider dedupes
+        elif budget is not None:
+            self.held = budget.reserve(self.identity["provider"], self.cost)
+        try:
+            self._move(State.SENDING, reason=None)
+        except BaseException:
+            self._answered(given_back=True)
+            raise
+
+    def _answered(self, *, charged: float | None = None, given_back: bool = False, settle: bool = False) -> None:
+        """The call's answer is in: settle or give back its reservation; the next call may go."""
+        budget, held = for_run(flow_run.id), self.held
+        if budget is None or held is None:
+            return
+        if given_back:
+            budget.give_back(held)
+        elif settle or charged is not None:
+            budget.settle(held, charged)
+        budget.answered(held)
+
+    def settle(self, charged: float | None) -> None:
+        """The job is over: what the provider reported it charged (None: the estimate stands)."""
+        self._answered(charged=charged, settle=True)
+
+    def close(self) -> None:
+        """The step is over: a call still holding its provider's send lock lets it go (its
+        reservation stays: maybe charged)."""
+        self._answered()
 
     def refused(self, error: BaseException) -> None:
         self._move(State.REFUSED, reason=f"{type(error).__name__}: {error}")
+        self._answered(given_back=True)
 
     def unknown(self, error: BaseException) -> None:
         self._move(State.UNKNOWN, reason=f"{type(error).__name__}: {error}")
+        self._answered()
 
     def submitted(self, job_id: str, charged: float | None = None) -> None:
         if self.identity["step"] is Step.GENERATE:
             get_run_logger().info("%s: %s accepted request %s as job %s", self.identity["item_id"],
                                   self.identity["provider"], self.identity["request_id"], job_id)
         self._move(State.SUBMITTED, job_id=job_id, **({"charged": charged} if charged is not None else {}))
+        self._answered(charged=charged)
 
     def done(self, job_id: str, images: list[bytes]) -> None:
         try:
@@ -193,6 +231,7 @@ class ItemJournal:
             keys = []
         self._move(State.DONE, job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id,
                    results=keys)
+        self._answered(settle=True)  # a synchronous call: its answer was the results; the estimate stands
 
     def failed(self, reason: str) -> None:
         self._move(State.FAILED, reason=reason)
@@ -200,7 +239,9 @@ class ItemJournal:
 
 def _flush_or_log(journal: ItemJournal) -> None:
     """Record what a step's unsaved writes said; if S3 is still away, log it (the job id is in
-    the log) and go on: the archive step records the item once its images are in S3."""
+    the log) and go on: the archive step records the item once its images are in S3. The
+    step's paid call lets its provider's next call go, whatever happened."""
+    journal.close()
     try:
         journal.flush()
     except LedgerUnavailable as exc:
@@ -313,7 +354,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
     journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base,
                                            "request_id": rid, "attempt": attempt, "provider": plan.provider,
-                                           "block": plan.block})
+                                           "block": plan.block}, cost=plan.estimate.credits if plan.estimate else 0.0)
     state = record.state if record else None
     job_id = None
     submitted = datetime.now(timezone.utc)
@@ -352,6 +393,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                     raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,
                                         code="SubmitUnknown") from exc
                 result = provider.run_job(request, job_id=job_id, **run)
+            journal.settle(result.credits if result.credits_source == "charged" else None)
         except (JobFailed, ContentRejected) as exc:
             if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
                 journal.failed(exc.message)
@@ -381,7 +423,8 @@ def _refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, generat
     state = record.state if record else None
     journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
                                            "base_request_id": base, "request_id": base, "attempt": 1,
-                                           "provider": plan.provider, "block": plan.block})
+                                           "provider": plan.provider, "block": plan.block},
+                           cost=plan.refine_credits / max(1, plan.request.count))
     if state is State.DONE and record.results:  # type: ignore[union-attr]
         return ledger.read_results(record)[0]  # type: ignore[arg-type]
     if state in (State.SENDING, State.UNKNOWN):

@@ -199,6 +199,7 @@ class ChuzhanState:
     hold_max: float = 60.0  # [A] longest a `waitUtilEnd` request is held (the document: "may be cut, retry")
     refund_failed: bool = True  # [A] the document: refund on failure "not documented", assumed refunded
     rounding: str = "image_first"  # [A] where several images' credits are rounded (see `price`)
+    price_rise: float = 1.0  # sandbox only: a draw takes this many times its quote (a price rose since)
     details: SlidingWindow = field(default_factory=lambda: SlidingWindow(10**9))  # status requests a second
     tasks: dict[str, Task] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {
@@ -275,6 +276,7 @@ class ChuzhanEmulator:
             fault = self._take_fault()
             if fault is not None and fault["kind"] == "error_before":
                 raise Refused(500, "系统繁忙 (injected fault, no task created)")
+            cost = round(cost * st.price_rise) if st.price_rise != 1.0 else cost
             with st.lock:
                 in_flight = sum(self._state_of(t) in ("in_queue", "running") for t in st.tasks.values())
                 turned_away = (Refused(429, f"同时进行的任务数已达上限 ({st.task_limit})") if in_flight >= st.task_limit else
@@ -389,6 +391,7 @@ class ChuzhanEmulator:
             st.task_limit = int(data.get("task_limit", st.task_limit))
             st.hold_max = float(data.get("hold_max", st.hold_max))
             st.refund_failed = bool(data.get("refund_failed", st.refund_failed))
+            st.price_rise = float(data.get("price_rise", st.price_rise))
             if data.get("rounding", st.rounding) not in ROUNDINGS:
                 return JSONResponse({"error": f"rounding: one of {', '.join(ROUNDINGS)}"}, status_code=400)
             st.rounding = str(data.get("rounding", st.rounding))
@@ -396,6 +399,7 @@ class ChuzhanEmulator:
             self.callbacks.sandbox = bool(data.get("sandbox_callbacks", self.callbacks.sandbox))
         return JSONResponse({"latency": st.latency, "balance": st.balance, "task_limit": st.task_limit,
                              "hold_max": st.hold_max, "refund_failed": st.refund_failed, "rounding": st.rounding,
+                             "price_rise": st.price_rise,
                              "callback_step": self.callbacks.step,
                              "sandbox_callbacks": self.callbacks.sandbox})
 

@@ -1,0 +1,88 @@
+"""The budget holds on what the providers charge: a reservation before each paid call, settled
+with the charge the provider reports, so a price that rose since the quote stops the run at the
+cap (on the emulator's own count), not after paying for every item."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date
+
+import httpx
+import pytest
+
+from flows.budget import BudgetReached, RunBudget
+from tests.conftest import chuzhan_stats, run_spec
+
+
+def test_a_reservation_that_does_not_fit_is_refused_and_a_higher_charge_raises_the_next() -> None:
+    budget = RunBudget({"chuzhan": 20.0})
+    first = budget.reserve("chuzhan", 4.0)
+    budget.settle(first, 16.0)  # the provider took four times its quote
+    budget.answered(first)
+    with pytest.raises(BudgetReached, match="16 charged and 0 reserved, and the next call would reserve 16"):
+        budget.reserve("chuzhan", 4.0)
+    assert budget.summary()["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0}
+
+
+def test_a_refused_call_gives_its_reservation_back_and_an_unknown_one_keeps_it() -> None:
+    budget = RunBudget({"tams": 3.0})
+    refused = budget.reserve("tams", 1.5)
+    budget.give_back(refused)
+    budget.answered(refused)
+    unknown = budget.reserve("tams", 1.5)
+    budget.answered(unknown)  # no answer seen: maybe charged, kept
+    assert budget.summary()["tams"]["reserved"] == 1.5
+    budget.answered(budget.reserve("tams", 1.5))
+    with pytest.raises(BudgetReached):
+        budget.reserve("tams", 1.5)
+
+
+def test_calls_of_one_provider_reserve_and_send_one_at_a_time() -> None:
+    budget = RunBudget({})
+    held = budget.reserve("chuzhan", 1.0)  # no cap: still one send at a time
+    second: list[float] = []
+    thread = threading.Thread(target=lambda: second.append(budget.reserve("chuzhan", 1.0).amount))
+    thread.start()
+    thread.join(0.3)
+    assert second == []  # waits for the first call's answer
+    budget.answered(held)
+    thread.join(5)
+    assert second == [1.0]
+
+
+SPEC = """\
+version: 1
+name: {name}
+provider: chuzhan
+blocks: {{chuzhan: sandbox}}
+generate: {{width: 512, height: 512}}
+archive: {{bucket: imagegen-test, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 3, max_credits: {{chuzhan: 20}}}}
+items:
+{items}"""
+
+
+def test_a_provider_charging_four_times_its_quote_stops_at_the_cap(sandbox_blocks, tmp_path) -> None:
+    """Quoted 4 credits an image, five items: 20, within the cap of 20. The emulator takes 16
+    an image: the first charge (16) is seen before the next call, which would pass the cap, so
+    only one image is paid; the run ends Failed saying the budget was reached, with the spend."""
+    url = sandbox_blocks.url("chuzhan")
+    httpx.post(f"{url}/_sandbox/config", json={"price_rise": 4.0}).raise_for_status()
+    name = "budget-charged"
+    items = "".join(f"  - {{id: p{k}, prompt: 'poster {k} of {name}'}}\n" for k in range(5))
+    try:
+        before = chuzhan_stats(sandbox_blocks)
+        state = run_spec(tmp_path, SPEC.format(name=name, items=items), date(2026, 8, 20))
+        after = chuzhan_stats(sandbox_blocks)
+    finally:
+        httpx.post(f"{url}/_sandbox/config", json={"price_rise": 1.0})
+    assert after["charged_credits"] - before["charged_credits"] == 16  # one image; never past the cap of 20
+    assert after["submits"] - before["submits"] == 1
+    assert state.is_failed()
+    from tests.test_limits_and_faults import manifest_of
+
+    manifest = manifest_of(state)
+    errors = [i["error"] for i in manifest["items"] if i.get("error")]
+    assert len(errors) == 4 and {e["error"] for e in errors} == {"BudgetReached"}
+    assert "run.max_credits for chuzhan is 20" in errors[0]["message"]
+    assert manifest["spend"]["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0}
