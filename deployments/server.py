@@ -75,8 +75,12 @@ class ServerState:
 
 def server_env(home: Path, database_url: str | None) -> dict[str, str]:
     """The environment of the server process: its home, durable leases, retention, database."""
-    keep = ("PREFECT_SERVER_API_AUTH_STRING",)  # basic auth, for a server other machines reach
+    keep = ("PREFECT_SERVER_API_AUTH_STRING",  # basic auth, for a server other machines reach
+            "PREFECT_SERVER_UI_V2_ENABLED")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k in keep}
+    # The classic UI unless the user chose: the review form's images render there (the V2 UI of
+    # 3.8.8 shows a field description's HTML as text; docs/what-you-see.md).
+    env.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
                 "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": EVENTS_RETENTION,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
@@ -150,8 +154,12 @@ def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeo
             else:
                 raise ServerError(f"PostgreSQL (running as user postgres) cannot reach {root}")
         if database == "postgres":
+            print(f"starting PostgreSQL in {root / 'postgres'} (its first start creates the cluster)",
+                  file=sys.stderr, flush=True)
             url, pg_port = cluster.start(), cluster.port
     home = root / "home"
+    print(f"starting the Prefect server on {host}:{port} ({database}; a first start creates its database, up to a "
+          f"minute); log {root / 'server.log'}", file=sys.stderr, flush=True)
     home.mkdir(exist_ok=True)
     log = (root / "server.log").open("ab")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host,

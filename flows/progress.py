@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,10 @@ class RunProgress:
     started: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _logged: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.log is not None:  # a line every LOG_EVERY seconds even while nothing changes
+            threading.Thread(target=_tick, args=(weakref.ref(self),), name="progress-tick", daemon=True).start()
 
     def update(self, **changes: Any) -> None:
         """Add to the counts (`done=1`, `credits=2.5`) or set `waiting`; tell the listeners."""
@@ -80,6 +85,19 @@ class RunProgress:
         """Share of items finished; below 1 while anything, a person included, is awaited."""
         finished = (self.done + self.failed) / self.total if self.total else 1.0
         return min(finished, 0.99) if self.waiting else finished
+
+
+def _tick(ref: weakref.ReferenceType[RunProgress]) -> None:
+    """Update a run's progress every half `LOG_EVERY` until it finishes or is gone (a run that
+    stopped on an error never calls `finish`)."""
+    while True:
+        time.sleep(LOG_EVERY / 2)
+        progress = ref()
+        if progress is None or progress.finished:
+            return
+        with contextlib.suppress(Exception):  # a progress line must never break the run
+            progress.update()
+        del progress
 
 
 def _clock(seconds: float) -> str:

@@ -36,3 +36,17 @@ def test_a_failing_listener_never_breaks_the_run() -> None:
     with listening(broken):
         progress.update(done=1)
     assert progress.done == 1
+
+
+def test_the_run_log_gets_a_line_every_few_seconds_while_nothing_changes(monkeypatch) -> None:
+    """A run waiting (an unknown submit's hold, a long job) still says it is alive."""
+    import time
+
+    import flows.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.2)
+    lines: list[str] = []
+    run = progress.RunProgress("quiet", 2, log=lines.append)
+    time.sleep(0.9)
+    run.finish()
+    assert len(lines) >= 3 and all(line.startswith("quiet: 0/2 items started") for line in lines)
