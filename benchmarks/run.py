@@ -38,6 +38,7 @@ import httpx
 
 from benchmarks.measure import MARK
 from deployments.postgres import Cluster, binaries
+from flows import SERVER_TUNING
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
 from sandbox.accounts import emulator, emulators
@@ -56,7 +57,7 @@ def start_server(home: Path, database_url: str | None = None) -> tuple[subproces
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
            **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url} if database_url else {}),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_LOGGING_LEVEL": "WARNING", **SERVER_TUNING}
     log = (home / "server.log").open("ab")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flows import SERVER_TUNING
+
 import httpx
 
 DEFAULT_DIR = Path(".prefect-server")
@@ -81,6 +83,7 @@ def server_env(home: Path, database_url: str | None) -> dict[str, str]:
     # The classic UI unless the user chose: the review form's images render there (the V2 UI of
     # 3.8.8 shows a field description's HTML as text; docs/what-you-see.md).
     env.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
+    env.update({k: os.environ.get(k, v) for k, v in SERVER_TUNING.items()})
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
                 "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": EVENTS_RETENTION,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})

@@ -12,6 +12,9 @@ commands, a local backfill). A value the user set is never changed.
   busy two-core machine every time (the user's first command then failed).
 - Its telemetry is off: the heartbeat competes with the run for SQLite's lock and prints a
   `database is locked` traceback on every command.
+- `SERVER_TUNING`: its task-run recorder writes task runs in batches instead of one
+  transaction per event (Prefect's default), which SQLite serialises. Every server this
+  project starts (`imagegen server up`, the benchmark's) gets the same settings.
 """
 
 from __future__ import annotations
@@ -21,8 +24,16 @@ import os
 LEASE_STORAGE_SETTING = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_SECONDS = 300
+SERVER_TUNING = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+"""Server settings for bulk runs (a user's own value of any of them is kept)."""
 
 if not os.environ.get("PREFECT_API_URL"):
     os.environ.setdefault(LEASE_STORAGE_SETTING, "prefect.server.concurrency.lease_storage.filesystem")
     os.environ.setdefault(STARTUP_SETTING, str(STARTUP_SECONDS))
+    for _name, _value in SERVER_TUNING.items():
+        os.environ.setdefault(_name, _value)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -40,9 +40,10 @@ from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_
 from flows.claim import run_claim
 from flows.owner import own_name
 from flows.progress import RunProgress, count_when_done
-from flows.ledger import State
-from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, generate, keep_for_reentry, lane_of,
-                         ledger_of, provider_for, review, upload, upscale)
+from flows.archived import Listing, confirm_outcomes, found_in_archive, missing
+from flows.ledger import TRANSITIONS, State
+from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, attempt_of, generate, keep_for_reentry,
+                         lane_of, ledger_of, provider_for, review, upload, upscale)
 from flows.yamlpos import closest_position, load_with_positions, snippet
 
 
@@ -314,13 +315,75 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None, *,
     return per_provider, rejected
 
 
-def archived_before(plan: ItemPlan) -> ArchivedItem | None:
-    """The item as an earlier run of this date archived it, if the request is unchanged."""
-    record = ledger_of(plan).get(plan.item_id)
-    if (record is not None and record.state is State.ARCHIVED and record.archived
-            and record.base_request_id == plan.request.request_id):
-        return ArchivedItem.model_validate(record.archived)
-    return None
+def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: set[str] | None = None,
+                    rebuild: bool = False) -> ArchivedItem | None:
+    """The item as an earlier run of this date archived it, if its request is unchanged and the
+    bucket still holds it (the archive is the last word, `flows.archived`): from its ledger
+    record, or, where that is gone or never said archived, from the sidecars naming its
+    request. With `rebuild`, an item found so gets its record back (archived, with its job id),
+    so an image missing from it is fetched again, not paid again. `recorded`: the items with a
+    ledger record (None: read each)."""
+    listing = listing or Listing(archive_bucket(plan.archive.bucket, plan.archive.credentials))
+    ledger = ledger_of(plan)
+    record = ledger.get(plan.item_id) if recorded is None or plan.item_id in recorded else None
+    record = record if record is not None and record.base_request_id == plan.request.request_id else None
+    if record is not None and record.state is State.ARCHIVED and record.archived:
+        item = ArchivedItem.model_validate(record.archived)
+        if (why := missing(item, listing)) is None:
+            return item
+        _log().warning("%s: %s; its job %s is fetched again, not paid again", plan.item_id, why, item.job_id)
+        return None
+    if record is not None and State.ARCHIVED not in TRANSITIONS[record.state]:
+        return None  # refused, unknown or failed: the ledger's word stands
+    found = found_in_archive(plan, listing)
+    if found is None:
+        return None
+    if rebuild and (record is None or found.complete):
+        identity = {} if record is not None else {
+            "item_id": plan.item_id, "base_request_id": plan.request.request_id, "request_id": found.request_id,
+            "attempt": attempt_of(found.request_id, plan.request.request_id), "provider": plan.provider,
+            "block": plan.block}
+        ledger.move(record, State.ARCHIVED, job_id=found.item.job_id, archived=found.item.model_dump(mode="json"),
+                    reason="rebuilt from the archive's sidecars", **identity)
+        _log().warning("%s: no ledger record said archived; its sidecars in the bucket name job %s (%s)",
+                       plan.item_id, found.item.job_id, "all its images" if found.complete else
+                       "some of its images: the rest are fetched again from the job")
+    return found.item if found.complete else None
+
+
+def _log() -> Any:
+    """The run's logger inside a flow, the module's outside (`imagegen backfill` estimates)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("imagegen.archive")
+
+
+def _reusable(plans: list[ItemPlan], rebuild: bool) -> dict[str, ArchivedItem]:
+    """The items archived before and still in the bucket (one ledger listing, one bucket listing
+    a folder)."""
+    if not plans:
+        return {}
+    recorded = ledger_of(plans[0]).recorded()  # one ledger per pipeline and date
+    listing = Listing(archive_bucket(plans[0].archive.bucket, plans[0].archive.credentials))
+    return {p.item_id: a for p in plans if (a := archived_before(p, listing, recorded, rebuild)) is not None}
+
+
+def _confirmed(spec: PipelineSpec, outcomes: list[tuple[Any, dict[str, str] | None]]
+               ) -> tuple[list[tuple[Any, dict[str, str] | None]], dict[str, tuple[float | None, str]]]:
+    """The outcomes as the bucket confirms them (an item whose object is not listed as written
+    fails `ArchiveMissing`), and what such items cost: their jobs ran and were paid."""
+    listing = Listing(archive_bucket(spec.archive.bucket, spec.archive.credentials))
+    confirmed = confirm_outcomes(outcomes, listing)
+    lost: dict[str, tuple[float | None, str]] = {}
+    for (before, _), (_, error) in zip(outcomes, confirmed, strict=True):
+        if isinstance(before, ArchivedItem) and error is not None:
+            _log().error("%s: %s", before.item_id, error["message"])
+            lost[before.item_id] = (before.credits, "paid: its job ran; its archived images were lost")
+    return confirmed, lost
 
 
 def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Generated, list[Verdict]]],
@@ -391,7 +454,7 @@ def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFu
     up = upload.submit(plan) if plan.input_image is not None else None
     if up is not None:
         chain.append(("upload", up))
-    made = generate.with_options(tags={f"provider:{plan.provider}"}).submit(plan, up)
+    made = generate.submit(plan, up)  # no tags: each costs the server ~3 rows a task run, and none is read
     chain.append(("generate", made))
     if plan.upscales_after_job:
         made = upscale.submit(plan, made)
@@ -554,7 +617,8 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
     logger = get_run_logger()
     reason = {"step": "run", "error": type(error).__name__, "message": str(error)}
     try:
-        outcomes = [(archived, None) if (archived := archived_before(plan)) is not None else (None, reason)
+        listing = Listing(archive_bucket(parsed.archive.bucket, parsed.archive.credentials))
+        outcomes = [(archived, None) if (archived := archived_before(plan, listing)) is not None else (None, reason)
                     for plan in plans]
         manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started)
         publish(parsed, run_date, manifest)
@@ -567,8 +631,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     """Everything after planning: reuse, estimate, budget, submit, review, archive, manifest."""
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
-    recorded = ledger_of(plans[0]).recorded() if plans else set()  # one ledger per pipeline and date
-    reused = {p.item_id: a for p in plans if p.item_id in recorded and (a := archived_before(p)) is not None}
+    reused = _reusable(plans, rebuild=not dry_run)  # what the bucket holds is paid for, whatever the ledger says
     left_out = {p.item_id: {"step": "not submitted", "error": NOT_SELECTED,
                             "message": "not among this run's overrides.items"}
                 for p in plans if selected is not None and p.item_id not in selected and p.item_id not in reused}
@@ -645,8 +708,9 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
         if error and error.get("error") == "SubmitUnknown":
             logger.error("%s", error["message"])  # what a person checks, and the command that settles it
     unstage(parsed, staged)
+    outcomes, lost = _confirmed(parsed, outcomes)  # a manifest lists only what the bucket holds
     manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
-                              frozenset(reused), charges=_charges_of_failed(plans, outcomes))
+                              frozenset(reused), charges={**_charges_of_failed(plans, outcomes), **lost})
     manifest["estimated_credits"] = estimated
     manifest["spend"] = spend.summary()  # per provider: cap, charged, reserved (maybe charged)
     close_run(str(flow_run.id))
