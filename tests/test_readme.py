@@ -19,10 +19,16 @@ ROOT = Path(__file__).parent.parent
 PORTS = (4200, 8700, 8702, 8703, 8333)  # prefect server, the emulators, S3: the README's defaults
 
 
-def quick_start() -> str:
-    """The README's shell block that deploys (the one with `prefect --no-prompt deploy --all`)."""
+def readme_block(marker: str) -> str:
+    """The README's first shell block holding `marker`."""
     blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    return next(block for block in blocks if "prefect --no-prompt deploy --all" in block)
+    return next(block for block in blocks if marker in block)
+
+
+def quick_start() -> str:
+    """The README's shell block that deploys (`prefect --no-prompt deploy --all`), then its
+    backfill block (`imagegen backfill` and the `backfill` deployment), as a reader types them."""
+    return readme_block("prefect --no-prompt deploy --all") + readme_block("imagegen backfill demo")
 
 
 def taken(port: int) -> bool:
@@ -50,7 +56,7 @@ def test_the_deployment_quick_start_runs_as_written(tmp_path: Path) -> None:
     proc = subprocess.Popen(["bash", str(script)], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=600)
+        out, _ = proc.communicate(timeout=900)
     finally:
         for what in ("sandbox", "server"):  # what the block started in the background, in its own sessions
             subprocess.run([str(clone / ".venv" / "bin" / "imagegen"), what, "down"], cwd=clone, env=env,
@@ -59,7 +65,9 @@ def test_the_deployment_quick_start_runs_as_written(tmp_path: Path) -> None:
     assert proc.returncode == 0, out[-4000:]
     assert "export PREFECT_API_URL=http://127.0.0.1:4200/api" in out, out[-4000:]
     assert "registered Blocks:" in out and "work pool imagegen-process" in out, out[-4000:]
-    assert "Flow run finished successfully in 'Completed'." in out, out[-4000:]
+    assert out.count("Flow run finished successfully in 'Completed'.") == 2, out[-4000:]  # the run, the backfill
+    dates = [line.split()[1] for line in out.splitlines() if line.startswith("2026-01-0")]
+    assert dates == ["done", "done", "done"], out[-4000:]  # imagegen backfill's table: every date done
 
 
 def _stop_group(pgid: int) -> None:
