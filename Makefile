@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # missing and the tests that need them skip with that reason.
 SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1 chromium postgresql redis-server
 
-.PHONY: setup system-libs bench-libs demo test bench clean sandbox-up sandbox-down
+.PHONY: setup system-libs bench-libs demo check test bench clean sandbox-up sandbox-down
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ demo: $(STAMP)
 	$(BIN)/imagegen sandbox up --free-ports  # works whatever holds the default ports
 	@$(BIN)/imagegen run pipelines/demo.yaml; rc=$$?; $(BIN)/imagegen sandbox down; exit $$rc
 
+# The unit tier (no sandbox, no Prefect server, nothing slow; under a minute): run it while you work.
+check: $(STAMP)
+	$(BIN)/python -m pytest -m unit -q $(PYTEST_ARGS)
+
+# Everything: the unit, sandbox, server and slow tiers (see README "Tests").
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -1,11 +1,16 @@
 """Shared fixtures: a Prefect test harness (real API on temp SQLite) and a real sandbox
-(TAMS emulator process + SeaweedFS process) on free loopback ports, one per session."""
+(TAMS emulator process + SeaweedFS process) on free loopback ports, one per session.
+
+Tiers: each test is marked by what it starts (`pytest_collection_modifyitems` below): `sandbox`
+(emulator and S3 processes), `server` (a Prefect API), `slow` (seconds to minutes: a fresh
+`imagegen` process per call, kills, workers, replicas, fresh clones, the benchmark); `unit` is
+everything else, what `make check` runs."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import date
 from pathlib import Path
 
@@ -27,6 +32,51 @@ from sandbox.accounts import emulators  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 TEST_BUCKET = "imagegen-test"
+
+# Fixtures that start processes, by the tier marker they give a test that uses them (directly or
+# through another fixture). Tests that start such things themselves carry the marker in their file.
+SANDBOX_FIXTURES = frozenset({"sandbox", "toy"})
+SERVER_FIXTURES = frozenset({"prefect_api", "server", "deployed", "recipe", "replicas", "receiver"})
+# Tests that take seconds to minutes for what no fixture gives away: `file` (all of it),
+# `file::test` (all its parameters) or `file::test[params]`.
+SLOW = frozenset({
+    # minutes: kills and reruns, workers, replicas, fresh clones, the benchmark
+    "test_limits_and_faults.py::test_killed_run_resumes_without_paying_twice",
+    "test_pay_once.py::test_a_killed_run_frees_its_slots_and_the_rerun_pays_once",
+    "test_pay_once.py::test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good",
+    "test_workers_recipe.py",
+    "test_api_replicas.py",
+    "test_readme.py",
+    "test_benchmark.py::test_benchmark_smoke",
+    "test_first_hour.py",  # `make demo` in a fresh clone; its other tests as below
+    # 3-12 s each: a fresh `imagegen` process (it imports Prefect) per call, Real-ESRGAN
+    "test_spec.py::test_cli_validate",
+    "test_spec.py::test_cli_validate_applies_provider_rules",
+    "test_spec.py::test_an_items_own_setting_is_checked_at_its_line",
+    "test_hostile_specs.py::test_validate_refuses_each_in_one_process_with_bounded_memory",
+    "test_fourth_provider.py::test_sandbox_up_refuses_a_taken_port_and_names_its_holder",
+    "test_review.py::test_local_upscale_of_a_real_image[realesrgan-2]",
+    "test_review.py::test_local_upscale_of_a_real_image[realesrgan-4]",
+})
+TIERS = ("sandbox", "server", "slow")
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    """The tier markers `item` gets from its fixtures and the SLOW list."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    names = {item.path.name, f"{item.path.name}::{getattr(item, 'originalname', item.name)}",
+             f"{item.path.name}::{item.name}"}
+    return ({"sandbox"} if fixtures & SANDBOX_FIXTURES else set()) \
+        | ({"server"} if fixtures & SERVER_FIXTURES else set()) \
+        | ({"slow"} if names & SLOW else set())
+
+
+def pytest_collection_modifyitems(items: Iterable[pytest.Item]) -> None:
+    for item in items:
+        for tier in tiers_of(item):
+            item.add_marker(tier)
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker("unit")
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,8 @@ def test_a_corrupt_sandbox_state_file_is_named_with_the_fix(tmp_path: Path) -> N
     assert "state.json is not a sandbox state file" in out.stderr and "remove it" in out.stderr
 
 
+@pytest.mark.sandbox  # `make demo` starts both itself (the tier markers: tests/conftest.py)
+@pytest.mark.server
 def test_make_demo_works_the_first_time_on_a_fresh_prefect_home_while_the_machine_is_busy(tmp_path: Path) -> None:
     """`make demo` as a new user types it: a fresh clone, a Prefect home with no database yet,
     and two processes keeping both cores busy (Prefect's own 20 s wait for its temporary server

@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sandbox.launcher import free_port
+
+pytestmark = pytest.mark.server  # each test starts `imagegen server up` itself
 
 ROOT = Path(__file__).parent.parent
 HOLD = """
