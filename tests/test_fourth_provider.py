@@ -274,9 +274,10 @@ def test_sandbox_up_refuses_a_taken_port_and_names_its_holder(tmp_path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
+        # --free-ports for the others: only the held port decides, whatever holds the default ones.
         out = subprocess.run([sys.executable, "-m", "flows.cli", "sandbox", "up", "--state-dir", str(tmp_path),
-                              "--no-register", "--port", f"tams={port}"], capture_output=True, text=True, timeout=60,
-                             cwd=Path(__file__).parent.parent)
+                              "--no-register", "--free-ports", "--port", f"tams={port}"], capture_output=True,
+                             text=True, timeout=60, cwd=Path(__file__).parent.parent)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"port {port} for the tams sandbox is taken by pid {os.getpid()}" in out.stderr
     assert "--port tams=PORT" in out.stderr
