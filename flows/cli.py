@@ -10,6 +10,7 @@ from pathlib import Path
 from flows.spec import SpecError, load_spec, resolve_spec_path
 
 DEFAULT_SERVER_DIR = Path(".prefect-server")
+SHOWN_IDS = 5  # item ids `imagegen validate` shows (a catalogue's are made from its rows)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -28,6 +29,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         images = sum(item.count for item in spec.items)
         print(f"OK {path}: pipeline {spec.name!r}, {len(spec.items)} item(s), {images} image(s)")
+        ids = [spec.item_id(n) for n in range(min(len(spec.items), SHOWN_IDS + 1))]
+        print(f"  items: {', '.join(ids[:SHOWN_IDS])}" + (", ..." if len(spec.items) > SHOWN_IDS else ""))
         for note in notes:
             print(f"note: {note}")
     return status

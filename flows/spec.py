@@ -387,7 +387,7 @@ class PipelineSpec(_Strict):
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     archive: ArchiveSettings
     run: RunSettings = Field(default_factory=RunSettings)
-    items: list[Item] = Field(min_length=1, max_length=MAX_ITEMS)
+    items: list[Item] = Field(min_length=1)  # bounded where they are read: MAX_ITEMS in YAML, the catalogue's cap
 
     def generate_for(self, item: Item, provider: str) -> GenerateSettings:
         """The generate settings of `item` on `provider`: the spec's, with the item's own over
@@ -589,6 +589,8 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
                                    f"{MAX_ITEMS:,} (split it into several specs)", snippet(text, pos))])
     if overrides:
         data = merge(data, overrides)
+    if "items_from" in data or "matrix" in data:
+        data = _with_catalogue_items(data, positions, text, name, base_dir)
     try:
         spec = PipelineSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
@@ -606,6 +608,33 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
     if issues:
         raise SpecError(issues)
     return spec
+
+
+def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name: str,
+                          base_dir: Path | None) -> dict[str, Any]:
+    """`data` with the items its `items_from` catalogue (and `matrix`) make after its own
+    `items:`; `SpecError` at the spec's line for a template, at the catalogue's for a row."""
+    from flows.catalogue import CatalogueError, expand
+
+    data = dict(data)
+    source, matrix = data.pop("items_from", None), data.pop("matrix", None)
+    try:
+        if source is None:
+            raise CatalogueError([("", 0, 0, "matrix", "a matrix multiplies the rows of `items_from`; add one")])
+        made = expand(source, matrix, base_dir)
+    except CatalogueError as exc:
+        issues = []
+        for file, line, column, field, message in exc.problems:
+            if file:
+                where = Path(file) if base_dir is None else (base_dir / file)
+                shown = str(Path(name).parent / file) if base_dir is not None else str(where)
+                issues.append(SpecIssue(shown, line, column, field, message, ""))
+            else:
+                pos = closest_position(tuple(field.split(".")), positions, value=True)
+                issues.append(SpecIssue(name, pos.line, pos.column, field, message, snippet(text, pos)))
+        raise SpecError(issues) from None
+    data["items"] = [*(data.get("items") or []), *made]
+    return data
 
 
 def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> list[SpecIssue]:

@@ -1,0 +1,278 @@
+"""Items from a catalogue: a CSV (with a header row) or JSONL file, prompt templates and a matrix.
+
+A spec's `items_from` names the file and templates; `matrix` makes each row once per
+combination of its values. `expand()` turns them into ordinary `items:` entries before the
+spec is validated, so ids, reruns, budgets, `--items` and the ledger treat them as any other
+item. The file is read as a stream, one row at a time, and never twice; reading stops (and the
+spec is refused) once the expansion passes `max_items()`.
+
+Errors name their place: a template naming an unknown field points at the spec's line; a
+row's problem at the catalogue's file and line (`products.csv:7: ...`), several at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import itertools
+import json
+import os
+import re
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows import confine
+
+MAX_ITEMS_SETTING = "IMAGEGEN_MAX_CATALOGUE_ITEMS"
+MAX_ITEMS = 50_000
+"""Items a catalogue may expand to (rows x matrix combinations); `IMAGEGEN_MAX_CATALOGUE_ITEMS` raises it."""
+MAX_ERRORS = 20
+TEMPLATES = ("id", "prompt", "negative_prompt", "input_image", "seed", "provider")
+REQUIRED = ("path", "id", "prompt")
+
+
+class CatalogueError(ValueError):
+    """Problems found in a catalogue or its templates: `(file, line, column, field, message)` each."""
+
+    def __init__(self, problems: list[tuple[str, int, int, str, str]]) -> None:
+        super().__init__("; ".join(p[4] for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Template:
+    """A `{column}` template; `{{` and `}}` are literal braces."""
+
+    key: str
+    text: str
+    fields: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, key: str, text: Any) -> Template:
+        if not isinstance(text, str | int):
+            raise ValueError(f"items_from.{key} must be a text template such as \"{{column}}\"")
+        text = str(text)
+        try:
+            parts = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ValueError(f"items_from.{key}: malformed template ({exc}); write {{{{ and }}}} for braces") from None
+        fields = []
+        for _, field, spec, conversion in parts:
+            if field is None:
+                continue
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ .-]*", field) or spec or conversion:
+                raise ValueError(f"items_from.{key}: {{{field}{'!' + conversion if conversion else ''}"
+                                 f"{':' + spec if spec else ''}}} is not a plain {{column}} field")
+            fields.append(field)
+        return cls(key, text, tuple(fields))
+
+    def render(self, values: dict[str, str]) -> str:
+        return self.text.format_map(values)
+
+
+def max_items() -> int:
+    text = os.environ.get(MAX_ITEMS_SETTING, "")
+    return int(text) if text.isdigit() and int(text) > 0 else MAX_ITEMS
+
+
+def slug(text: str) -> str:
+    """An item id from a rendered id template: lowercase, runs of other characters as `-`."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._")[:63]
+
+
+def rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """`(line, row)` for each data row of a .csv (header first) or .jsonl file, streamed; a row
+    that cannot be read is `(line, message)`."""
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise CatalogueError([(str(path), 1, 1, "", "a catalogue is a .csv file with a header row or a .jsonl file")])
+    with path.open("rb") as raw:
+        head = raw.read(8192)
+        if b"\0" in head:
+            raise CatalogueError([(str(path), 1, 1, "", "a binary file, not a text catalogue")])
+        raw.seek(0)
+        lines = _decoded_lines(raw, path)
+        yield from (_csv_rows(lines) if path.suffix.lower() == ".csv" else _jsonl_rows(lines))
+
+
+def _decoded_lines(raw: Any, path: Path) -> Iterator[tuple[int, str]]:
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield number, decoder.decode(line)
+        except UnicodeDecodeError as exc:
+            raise CatalogueError([(str(path), number, exc.start + 1, "",
+                                   f"not UTF-8 text (byte 0x{line[exc.start]:02x}); save the file as UTF-8")]) from None
+
+
+def _csv_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    numbered = iter(lines)
+    current = [0]
+
+    def texts() -> Iterator[str]:
+        for number, text in numbered:
+            current[0] = number
+            yield text
+
+    reader = csv.reader(texts())
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        yield current[0], f"unreadable header row: {exc}"
+        return
+    header = [h.strip() for h in header]
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield current[0], f"malformed CSV row: {exc}"
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield current[0], f"{len(cells)} field(s) where the header has {len(header)}"
+            continue
+        yield current[0], dict(zip(header, cells, strict=True))
+
+
+def _jsonl_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            yield number, f"not JSON: {exc}"
+            continue
+        if not isinstance(row, dict):
+            yield number, f"a JSONL line must be an object, not {type(row).__name__}"
+            continue
+        yield number, {k: "" if v is None else v for k, v in row.items()}
+
+
+def templates(source: dict[str, Any], matrix: dict[str, list[Any]]) -> dict[str, Template]:
+    """The templates of `items_from`, checked against each other and the matrix."""
+    problems: list[tuple[str, int, int, str, str]] = []
+    unknown = sorted(set(source) - {"path", *TEMPLATES})
+    problems += [("", 0, 0, f"items_from.{k}", f"unknown key (one of path, {', '.join(TEMPLATES)})") for k in unknown]
+    problems += [("", 0, 0, "items_from", f"items_from needs `{k}`") for k in REQUIRED if k not in source]
+    parsed: dict[str, Template] = {}
+    for key in TEMPLATES:
+        if key in source:
+            try:
+                parsed[key] = Template.parse(key, source[key])
+            except ValueError as exc:
+                problems.append(("", 0, 0, f"items_from.{key}", str(exc)))
+    if "id" in parsed:
+        missing = [k for k in matrix if k not in parsed["id"].fields]
+        if missing:
+            problems.append(("", 0, 0, "items_from.id", f"the id template must name every matrix key, so each "
+                             f"combination has its own id: add {', '.join('{' + k + '}' for k in missing)}"))
+    if problems:
+        raise CatalogueError(problems)
+    return parsed
+
+
+def check_matrix(matrix: Any) -> dict[str, list[Any]]:
+    if matrix is None:
+        return {}
+    if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
+        raise CatalogueError([("", 0, 0, "matrix", "matrix maps each key to a non-empty list of values")])
+    return {str(k): v for k, v in matrix.items()}
+
+
+def catalogue_path(path: Any, base_dir: Path | None) -> Path:
+    """The catalogue file, inside the spec's folder (or `IMAGEGEN_INPUT_ROOTS`), as inputs are."""
+    if not isinstance(path, str) or not path.strip():
+        raise CatalogueError([("", 0, 0, "items_from.path", "give the catalogue's path, beside the spec")])
+    if "://" in path:
+        raise CatalogueError([("", 0, 0, "items_from.path", "a catalogue is a file beside the spec (s3:// and URLs "
+                               "are not read; copy the file next to the spec)")])
+    full = (base_dir or Path.cwd()) / path
+    try:
+        confine.check_local_input(full, base_dir)
+    except confine.InputRefused as exc:
+        raise CatalogueError([("", 0, 0, "items_from.path", str(exc).replace("input image", "catalogue"))]) from None
+    if not full.is_file():
+        raise CatalogueError([("", 0, 0, "items_from.path", f"no catalogue file {path!r} beside the spec")])
+    return full
+
+
+def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, Any]]:
+    """The items a catalogue makes, in file order, each combination of the matrix in turn;
+    `CatalogueError` with every problem found (at most `MAX_ERRORS`)."""
+    if not isinstance(source, dict):
+        raise CatalogueError([("", 0, 0, "items_from", "items_from is a mapping: path, id, prompt, ...")])
+    combos = check_matrix(matrix)
+    parsed = templates(source, combos)
+    path = catalogue_path(source.get("path"), base_dir)
+    label, limit = str(source["path"]), max_items()
+    items: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    problems: list[tuple[str, int, int, str, str]] = []
+    checked_columns = False
+    for line, row in rows(path):
+        if len(problems) >= MAX_ERRORS:
+            break
+        if isinstance(row, str):
+            problems.append((label, line, 1, "", row))
+            continue
+        if not checked_columns and path.suffix.lower() == ".csv":
+            checked_columns = True
+            _check_columns(parsed, set(row) | set(combos))
+        for values in _combinations(combos):
+            item, why = _item(parsed, {**{k: str(v) for k, v in row.items()}, **values})
+            if why is None and item["id"] in seen:
+                why = f"duplicate item id {item['id']!r} (also line {seen[item['id']]})"
+            if why is not None:
+                problems.append((label, line, 1, "", why))
+                break
+            seen[item["id"]] = line
+            items.append(item)
+        if len(items) > limit:
+            problems.append((label, line, 1, "", f"more than {limit:,} items ({MAX_ITEMS_SETTING} raises the cap); "
+                             "split the catalogue or the matrix"))
+            break
+    if problems:
+        raise CatalogueError(problems)
+    return items
+
+
+def _check_columns(parsed: dict[str, Template], known: set[str]) -> None:
+    problems = [("", 0, 0, f"items_from.{t.key}", f"{{{f}}} names no column of the catalogue or matrix key "
+                 f"(known: {', '.join(sorted(known))})") for t in parsed.values() for f in t.fields if f not in known]
+    if problems:
+        raise CatalogueError(problems)
+
+
+def _combinations(combos: dict[str, list[Any]]) -> Iterator[dict[str, str]]:
+    keys = list(combos)
+    for values in itertools.product(*(combos[k] for k in keys)):
+        yield {k: str(v) for k, v in zip(keys, values, strict=True)}
+
+
+def _item(parsed: dict[str, Template], values: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+    """One item from one row and combination, or why it cannot be made."""
+    for template in parsed.values():
+        for field in template.fields:
+            if field not in values:
+                return {}, f"column {field!r} is missing (items_from.{template.key} uses it)"
+            if template.key in REQUIRED and not values[field].strip():
+                return {}, f"column {field!r} is empty (items_from.{template.key} uses it)"
+    item: dict[str, Any] = {"id": slug(parsed["id"].render(values)), "prompt": parsed["prompt"].render(values)}
+    if not item["id"]:
+        return {}, "the id template makes an empty id"
+    for key in ("negative_prompt", "input_image", "provider"):
+        if key in parsed and (text := parsed[key].render(values).strip()):
+            item[key] = text
+    if "seed" in parsed and (text := parsed["seed"].render(values).strip()):
+        if not text.isdigit():
+            return {}, f"seed {text!r} is not a whole number"
+        item["seed"] = int(text)
+    return item, None

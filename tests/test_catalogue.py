@@ -1,0 +1,134 @@
+"""Catalogue-driven specs: `items_from` (CSV or JSONL) with templates and a matrix expands into
+ordinary items with stable ids; every problem is named at its place (the spec's line for a
+template, the catalogue's file and line for a row), several at once; the expansion is capped.
+Run on the sandbox on all three providers: a rerun pays nothing, a new row pays once."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows.spec import SpecError, load_spec
+from tests.conftest import TEST_BUCKET, run_spec
+
+SPEC = """\
+version: 1
+name: {name}
+provider: tams
+blocks: {{tams: sandbox, chuzhan: sandbox, tencent: sandbox}}
+generate: {{width: 768, height: 768, steps: 20, provider_options: {{tencent: {{LogoAdd: 0}}}}}}
+items_from:
+  path: {path}
+  id: "{{sku}}-{{style}}"
+  prompt: "a {{color}} {{name}}, {{style}} photo"
+  provider: "{{provider}}"
+matrix:
+  style: [studio, lifestyle]
+archive: {{bucket: {bucket}, credentials: sandbox}}
+run: {{poll_interval: 0.2, job_timeout: 60, max_parallel: 4}}
+"""
+ROWS = "sku,name,color,provider\nSNK-01,sneaker,red,tams\nBAG-02,backpack,blue,chuzhan\nLMP-03,lamp,brass,tencent\n"
+
+
+def write(tmp_path: Path, rows: str = ROWS, name: str = "cat", path: str = "products.csv",
+          edits: dict[str, str] | None = None) -> Path:
+    (tmp_path / path).write_text(rows)
+    text = SPEC.format(name=name, path=path, bucket=TEST_BUCKET)
+    for old, new in (edits or {}).items():
+        assert old in text
+        text = text.replace(old, new)
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(text)
+    return spec
+
+
+def problems(spec: Path) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec)
+    return [f"{Path(i.file).name}:{i.line}: {i.message}" for i in caught.value.issues]
+
+
+def test_rows_times_the_matrix_make_items_with_stable_ids(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path))
+    ids = [spec.item_id(n) for n in range(len(spec.items))]
+    assert ids == ["snk-01-studio", "snk-01-lifestyle", "bag-02-studio", "bag-02-lifestyle", "lmp-03-studio",
+                   "lmp-03-lifestyle"]
+    assert spec.items[0].prompt == "a red sneaker, studio photo" and spec.items[2].provider == "chuzhan"
+    assert [spec.item_id(n) for n in range(6)] == ids  # the same on every load and date
+
+
+def test_jsonl_rows_are_the_same_items(tmp_path: Path) -> None:
+    lines = "".join(json.dumps(dict(zip(["sku", "name", "color", "provider"], r.split(",")))) + "\n"
+                    for r in ROWS.splitlines()[1:])
+    spec = load_spec(write(tmp_path, rows=lines, path="products.jsonl"))
+    assert spec.items[1].prompt == "a red sneaker, lifestyle photo" and len(spec.items) == 6
+
+
+def test_a_template_naming_an_unknown_column_points_at_the_spec_line(tmp_path: Path) -> None:
+    spec = write(tmp_path, edits={"{color}": "{colour}"})
+    [issue] = problems(spec)
+    assert issue.startswith("cat.yaml:9: {colour} names no column")
+
+
+def test_the_id_must_name_every_matrix_key(tmp_path: Path) -> None:
+    [issue] = problems(write(tmp_path, edits={'"{sku}-{style}"': '"{sku}"'}))
+    assert issue.startswith("cat.yaml:8: the id template must name every matrix key") and "{style}" in issue
+
+
+def test_row_problems_are_named_at_the_catalogue_line_several_at_once(tmp_path: Path) -> None:
+    rows = ROWS + "HAT-04,,green,tams\nSNK-01,sneaker,red,tams\nBAD,row\n\"unclosed,x,y,tams\n"
+    found = problems(write(tmp_path, rows=rows))
+    assert found[0] == "products.csv:5: column 'name' is empty (items_from.prompt uses it)"
+    assert found[1] == "products.csv:6: duplicate item id 'snk-01-studio' (also line 2)"
+    assert found[2] == "products.csv:7: 2 field(s) where the header has 4"
+    assert len(found) >= 3
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"sku,name\n\x00\x01\x02", "a binary file"),
+    (b"sku,name,color,provider\nA,caf\xe9,red,tams\n", "not UTF-8 text"),
+])
+def test_an_unreadable_catalogue_is_refused_at_its_line(tmp_path: Path, content: bytes, says: str) -> None:
+    spec = write(tmp_path)
+    (tmp_path / "products.csv").write_bytes(content)
+    [issue] = problems(spec)
+    assert says in issue and issue.startswith("products.csv:")
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path: Path) -> None:
+    rows = '{"sku": "A", "name": "n", "color": "c", "provider": "tams"}\n[1, 2]\n'
+    [issue] = problems(write(tmp_path, rows=rows, path="products.jsonl"))
+    assert issue == "products.jsonl:2: a JSONL line must be an object, not list"
+
+
+def test_the_expansion_is_capped_and_says_how_to_raise_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("IMAGEGEN_MAX_CATALOGUE_ITEMS", "4")
+    [issue] = problems(write(tmp_path))
+    assert "more than 4 items (IMAGEGEN_MAX_CATALOGUE_ITEMS raises the cap)" in issue
+
+
+def test_a_catalogue_outside_the_spec_folder_is_refused(tmp_path: Path) -> None:
+    spec = write(tmp_path)
+    spec.write_text(spec.read_text().replace("path: products.csv", "path: ../../etc/passwd.csv"))
+    [issue] = problems(spec)
+    assert "outside the spec's folder" in issue
+
+
+def test_a_catalogue_runs_on_three_providers_then_pays_nothing_again_and_once_for_a_new_row(
+        sandbox_blocks, tmp_path) -> None:
+    from tests.test_pay_once import charges
+
+    name, day = "cat-run", date(2026, 9, 1)
+    spec = write(tmp_path, name=name, edits={"{style} photo": "{style} photo of " + name})
+    assert run_spec(tmp_path, spec.read_text(), day, path=spec).is_completed()
+    paid = {p: charges(sandbox_blocks, p, name) for p in ("tams", "chuzhan", "tencent")}
+    assert all(len(v) == 2 and set(v.values()) == {1} for v in paid.values()), paid  # two styles each, once
+    assert run_spec(tmp_path, spec.read_text(), day, path=spec).is_completed()
+    assert {p: charges(sandbox_blocks, p, name) for p in paid} == paid  # the rerun pays nothing
+    (tmp_path / "products.csv").write_text(ROWS + "CAP-04,cap,green,tams\n")
+    assert run_spec(tmp_path, spec.read_text(), day, path=spec).is_completed()
+    after = charges(sandbox_blocks, "tams", name)
+    assert len(after) == 4 and set(after.values()) == {1}  # the new row's two items, once each
