@@ -56,6 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BlockMissing as exc:
         print(f"run not started: {exc}", file=sys.stderr)
         return 1
+    from flows.owner import name_taken
+
+    if not args.take_over_name and (taken := name_taken(spec, path)) is not None:
+        print(f"run not started: {taken}", file=sys.stderr)
+        return 1
     if (note := large_run_note(len(plans))) is not None:
         print(f"note: {note}", file=sys.stderr)
     with terminal_line():

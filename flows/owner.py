@@ -31,6 +31,19 @@ def spec_identity(path: Path) -> str:
     return str(resolved.relative_to(project)) if resolved.is_relative_to(project) else str(resolved)
 
 
+def name_taken(spec: PipelineSpec, path: Path) -> str | None:
+    """Why `spec.name` is not this spec file's to archive under (read only; `own_name` decides
+    at the run), or None: lets `imagegen run` refuse in one line before starting the flow."""
+    found = read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials),
+                      OWNER_KEY.format(pipeline=spec.name))
+    mine = spec_identity(path)
+    if found is None or found.get("spec") == mine:
+        return None
+    return (f"pipeline name {spec.name!r} in s3://{spec.archive.bucket}/{spec.name}/ belongs to spec "
+            f"{found.get('spec')} (since {found.get('since', '?')}); this spec is {mine}. Give this spec its own "
+            "`name:`, or, if it replaces that one, run once with --take-over-name")
+
+
 def own_name(spec: PipelineSpec, path: Path, spec_sha256: str, *, take_over: bool = False) -> None:
     """Record `path` as the owner of `spec.name` in the archive, or raise `NameTaken`."""
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)

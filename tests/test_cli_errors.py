@@ -58,3 +58,21 @@ def test_a_large_run_on_the_temporary_sqlite_server_says_when_to_switch(monkeypa
     assert "imagegen server up" in large_run_note(300) and "300 items" in large_run_note(300)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert large_run_note(300) is None
+
+
+def test_a_pipeline_name_another_spec_owns_is_one_line_before_the_run(sandbox_blocks, tmp_path: Path,
+                                                                        capsys) -> None:
+    from datetime import date
+
+    from tests.conftest import TEST_BUCKET, run_spec
+
+    text = SPEC.replace("no-such-account", "sandbox").replace("no-such-credentials", "sandbox") \
+        .replace("imagegen-test", TEST_BUCKET).replace("name: cli-errors", "name: cli-name-taken")
+    text = text.replace("  - {id: bag, prompt: a blue bag, provider: tencent}\n", "")
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    assert run_spec(tmp_path, text, date(2026, 5, 1), path=first).is_completed()
+    second.write_text(text)
+    assert main(["run", str(second)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "run not started: pipeline name 'cli-name-taken'" in err, err
+    assert "--take-over-name" in err and str(first) in err
