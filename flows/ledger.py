@@ -6,7 +6,8 @@ retried task or a rerun reads it before anything is paid, and `move()` is the on
 record changes state:
 
     state       meaning                                          may move to
-    (none)      never tried                                      sending
+    (none)      never tried, or its record was lost              sending, archived (rebuilt from
+                                                                 the archive's sidecars)
     sending     written inside the job slot right before the     submitted, refused, unknown,
                 request; found later, the process died while it   done, archived (when every
                 may have been on the wire                         write between was lost)
@@ -21,7 +22,9 @@ record changes state:
     failed      the job ran and ended failed (not charged)       sending (a new attempt)
     done        results safe: kept in S3 when the provider        done, archived
                 cannot give them again (synchronous answers)
-    archived    the item's images and sidecars are in S3          (final for this request)
+    archived    the item's images and sidecars are in S3          archived (archived again after
+                                                                 an object was lost: its job is
+                                                                 fetched again, never paid again)
 
 A record of another request (the spec changed what is paid for) is replaced by a new one.
 Writes are retried with backoff; `LedgerUnavailable` says they still failed.
@@ -66,15 +69,17 @@ class PreconditionFailed(Exception):
     """A conditional write found the object other than it expected (HTTP 412)."""
 
 
-def put_conditionally(bucket: Any, key: str, body: bytes, *, if_match: str | None) -> str:
-    """Write JSON `body` at `key` only if the object still has ETag `if_match` (or, with None,
+def put_conditionally(bucket: Any, key: str, body: bytes, *, if_match: str | None,
+                      content_type: str = "application/json", metadata: dict[str, str] | None = None) -> str:
+    """Write `body` at `key` only if the object still has ETag `if_match` (or, with None,
     does not exist yet); return the new ETag or raise `PreconditionFailed`. On an S3 server
     without conditional writes (501) it writes unconditionally, once warned."""
     client = bucket.credentials.get_s3_client()
     condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+    put = {"Bucket": bucket.bucket_name, "Key": key, "Body": body, "ContentType": content_type,
+           **({"Metadata": metadata} if metadata else {})}
     try:
-        return client.put_object(Bucket=bucket.bucket_name, Key=key, Body=body, ContentType="application/json",
-                                 **condition)["ETag"]
+        return client.put_object(**put, **condition)["ETag"]
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -82,8 +87,7 @@ def put_conditionally(bucket: Any, key: str, body: bytes, *, if_match: str | Non
             raise PreconditionFailed(key) from None
         if status == 501 or code == "NotImplemented":
             _warn_unconditional()
-            return client.put_object(Bucket=bucket.bucket_name, Key=key, Body=body,
-                                     ContentType="application/json")["ETag"]
+            return client.put_object(**put)["ETag"]
         raise
 
 
@@ -107,14 +111,14 @@ class Step(StrEnum):
 
 
 TRANSITIONS: dict[State | None, frozenset[State]] = {
-    None: frozenset({State.SENDING}),
+    None: frozenset({State.SENDING, State.ARCHIVED}),
     State.SENDING: frozenset({State.SUBMITTED, State.REFUSED, State.UNKNOWN, State.DONE, State.ARCHIVED}),
     State.REFUSED: frozenset({State.SENDING}),
     State.UNKNOWN: frozenset({State.SENDING, State.SUBMITTED, State.REFUSED}),
     State.SUBMITTED: frozenset({State.SUBMITTED, State.DONE, State.FAILED, State.ARCHIVED, State.UNKNOWN}),
     State.FAILED: frozenset({State.SENDING}),
     State.DONE: frozenset({State.DONE, State.ARCHIVED}),
-    State.ARCHIVED: frozenset(),
+    State.ARCHIVED: frozenset({State.ARCHIVED}),
 }
 
 

@@ -162,10 +162,11 @@ class ArchiveSettings(_Strict):
         description="Object key of each image; fields: pipeline, run_date, item, index, provider.",
     )
     quarantine_prefix: str = Field(
-        "quarantine", description="Prefix put before the key of images the review rejected."
-    )
+        "quarantine", description=("Folder, inside the pipeline's own prefix, of images the review rejected: "
+                                   "`<pipeline>/<quarantine_prefix>/<the key after <pipeline>/>`."))
     quarantine: Literal["keep", "drop"] = Field("keep", description="Keep rejected images (quarantined) or drop them.")
-    review_prefix: str = Field("_review", description="Where images wait for a person's decision.")
+    review_prefix: str = Field("_review", description=("Folder, inside the pipeline's own prefix, where images wait "
+                                                       "for a person's decision."))
     manifest_template: str = Field(
         "{pipeline}/{run_date}/manifest.json", description="Object key of the run manifest."
     )
@@ -208,13 +209,31 @@ class ArchiveSettings(_Strict):
         """The folder of a run date's job ledger, beside its manifest."""
         return beside(self.manifest_key(pipeline, run_date), LEDGER_DIR + "/")
 
+    # Quarantine and review staging lie inside the pipeline's own prefix (`{pipeline}/`, which
+    # key_template starts with and `_owner.json` claims), so no prefix can reach another
+    # pipeline's keys: `p/2026-07-02/a-1.png` is quarantined at `p/quarantine/2026-07-02/a-1.png`.
     def quarantined(self, key: str) -> str:
-        """Where an image the review rejected goes (`quarantined("")` is the whole namespace)."""
-        return f"{self.quarantine_prefix.strip('/')}/{key}"
+        """Where an image the review rejected goes: its key with the quarantine folder after `{pipeline}/`."""
+        pipeline, _, rest = key.partition("/")
+        return f"{self.quarantine_root(pipeline)}{rest}"
 
     def in_review(self, key: str) -> str:
-        """Where an image waits for a person's decision (`in_review("")` is the whole namespace)."""
-        return f"{self.review_prefix.strip('/')}/{key}"
+        """Where an image waits for a person's decision: its key with the review folder after `{pipeline}/`."""
+        pipeline, _, rest = key.partition("/")
+        return f"{self.review_root(pipeline)}{rest}"
+
+    def quarantine_root(self, pipeline: str) -> str:
+        """The whole quarantine namespace of `pipeline`."""
+        return f"{pipeline}/{self.quarantine_prefix.strip('/')}/"
+
+    def review_root(self, pipeline: str) -> str:
+        """The whole review staging namespace of `pipeline`."""
+        return f"{pipeline}/{self.review_prefix.strip('/')}/"
+
+    def legacy_quarantined(self, key: str) -> str:
+        """Where releases before issue 25 quarantined an image (`<quarantine_prefix>/<key>`,
+        outside the pipeline's prefix): read, never written, to recognise what they archived."""
+        return f"{self.quarantine_prefix.strip('/')}/{key}"
 
 
 def check_template(template: str, allowed: set[str]) -> set[str]:
@@ -690,19 +709,21 @@ def key_collisions(spec: PipelineSpec, run_date: date, ids: list[str]) -> list[t
     linear in the number of images."""
     archive = spec.archive
     manifest = archive.manifest_key(spec.name, run_date)
-    quarantine, staging = archive.quarantined(""), archive.in_review("")
+    quarantine, staging = archive.quarantine_root(spec.name), archive.review_root(spec.name)
     ledger = archive.ledger_prefix(spec.name, run_date)
     own = spec.name + "/"
     template_at = ("archive", "key_template")
     writers: dict[str, str] = {manifest: "the manifest", archive.phashes_key(spec.name, run_date):
                                "the run's perceptual hashes",
                                OWNER_KEY.format(pipeline=spec.name): "the pipeline's owner record"}
-    out: list[tuple[tuple[str | int, ...], str]] = []
     if quarantine == staging:
         return [(("archive", "review_prefix"), "review_prefix and quarantine_prefix must differ")]
-    for prefix, what in ((quarantine, "quarantine_prefix"), (staging, "review_prefix")):
-        if manifest.startswith(prefix) or own.startswith(prefix):
-            out.append((("archive", what), f"{what} {prefix!r} holds this pipeline's own keys"))
+    neutral = render_key(archive.key_template, pipeline=spec.name, run_date=run_date, item="x", index=1,
+                         provider=spec.provider)
+    out: list[tuple[tuple[str | int, ...], str]] = [
+        (("archive", what), f"{what} {prefix!r} holds this pipeline's own keys")
+        for prefix, what in ((quarantine, "quarantine_prefix"), (staging, "review_prefix"))
+        if any(key.startswith(prefix) for key in (manifest, neutral, ledger)) or prefix.startswith(ledger)]
     if out:
         return out
 

@@ -8,6 +8,7 @@ directory, not in memory, so a large run does not hold every image at once.
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import date, datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from blocks import load_provider
-from blocks.archive import archive_bucket, read_json, write_bytes, write_json
+from blocks.archive import archive_bucket, read_json
 from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
 from flows.budget import Reservation, for_run
@@ -97,6 +98,7 @@ class ArchivedItem(BaseModel):
     credits: float
     credits_source: str
     objects: list[dict[str, Any]]
+    images: int | None = Field(None, description="How many images its job made (None: one an object).")
 
 
 @lru_cache(maxsize=32)
@@ -375,8 +377,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                                 code="SubmitUnknown")
     if result is None:
         if job_id is not None and not provider.can_fetch_again(job_id):
-            raise SubmitUnknown(unknown_help(plan, record), provider=plan.provider,  # type: ignore[arg-type]
-                                code="SubmitUnknown")
+            raise _not_fetchable(plan, ledger, record, job_id)  # type: ignore[arg-type]
         request, waker = with_callback(plan, provider, ledger, request)
         run = dict(poll_interval=plan.poll_interval, timeout=plan.job_timeout, estimate=plan.estimate,
                    journal=journal, unknown_hold=plan.unknown_hold, waker=waker)
@@ -412,6 +413,20 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                      credits_source=result.credits_source if charged is None else "charged", files=files,
                      submitted_at=submitted, finished_at=datetime.now(timezone.utc), upscaled_by=upscaled,
                      rejected=result.rejected)
+
+
+def _not_fetchable(plan: ItemPlan, ledger: JobLedger, record: JobRecord, job_id: str) -> Exception:
+    """Why a job whose results came only with its submit's answer (a synchronous call) is not
+    resumed: an archived item's images are gone; or the answer was never recorded (unknown)."""
+    if record.state is State.ARCHIVED:
+        from flows.archived import ArchivedImagesLost
+
+        return ArchivedImagesLost(
+            f"{plan.item_id}: its archived images are gone from the bucket, and {plan.provider} cannot give the "
+            f"answer of {job_id} again (a synchronous call), so it is not paid for again on its own. To pay for it "
+            f"once more, delete its ledger record s3://{ledger.bucket.bucket_name}/{ledger.key(plan.item_id)} and "
+            "run the date again")
+    return SubmitUnknown(unknown_help(plan, record), provider=plan.provider, code="SubmitUnknown")
 
 
 def _refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, generated: Generated, index: int,
@@ -503,12 +518,28 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
     return verdicts
 
 
+def retry_unless_taken(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry an archive write, but not one refused because another pipeline owns the key."""
+    from flows.owned import KeyTaken
+
+    try:
+        state.result()
+    except KeyTaken:
+        return False
+    except Exception:  # noqa: BLE001 - S3 faults: retried
+        return True
+    return False
+
+
 @task(task_run_name="archive-{plan.item_id}", retries=3, retry_delay_seconds=exponential_backoff(2),
-      retry_jitter_factor=0.5)
+      retry_jitter_factor=0.5, retry_condition_fn=retry_unless_taken)
 def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> ArchivedItem:
-    """Write each image and its JSON sidecar; rejected images go under the quarantine prefix."""
+    """Write each image and its JSON sidecar, each only over an object of this pipeline's item
+    (`flows.owned`); rejected images go under the pipeline's quarantine folder."""
+    from flows.owned import Owner, put_owned
+
     bucket = archive_bucket(plan.archive.bucket, plan.archive.credentials)
-    request = plan.request
+    owner = Owner(plan.pipeline, plan.item_id)
     objects = []
     for name, verdict in zip(generated.files, verdicts, strict=True):
         data = Path(name).read_bytes()
@@ -522,35 +553,61 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
             continue
         if not verdict.approved:
             key = plan.archive.quarantined(key)
-        uri = write_bytes(bucket, key, data)
-        sidecar = sidecar_key(key)
-        sidecar_doc = {
-            "pipeline": plan.pipeline, "spec_sha256": plan.spec_sha256, "run_date": plan.run_date.isoformat(),
-            "item": plan.item_id, "index": verdict.index, "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt, "seed": request.seed, "provider": plan.provider,
-            "provider_job_id": generated.job_id, "request_id": generated.request_id,
-            "job_credits": generated.credits, "credits_source": generated.credits_source,
-            "images_in_job": len(generated.files), "upscaled_by": generated.upscaled_by,
-            "review": verdict.model_dump(), "verdict": "approved" if verdict.approved else "rejected",
-            "sha256": digest, "bytes": len(data), "s3_uri": uri,
-            "submitted_at": generated.submitted_at, "finished_at": generated.finished_at,
-            "archived_at": datetime.now(timezone.utc),
-        }
-        sidecar_uri = write_json(bucket, sidecar, sidecar_doc)
-        objects.append({"index": verdict.index, "s3_uri": uri, "sidecar": sidecar_uri, "sha256": digest,
-                        "phash": phash, "verdict": sidecar_doc["verdict"], "reasons": verdict.reasons})
+        etag = put_owned(bucket, key, data, owner, content_type="image/png", metadata={"sha256": digest})
+        uri, sidecar = f"s3://{bucket.bucket_name}/{key}", sidecar_key(key)
+        doc = _sidecar(plan, generated, verdict, uri, digest, len(data))
+        put_owned(bucket, sidecar, json.dumps(doc, indent=2, sort_keys=True, default=str).encode(), owner,
+                  content_type="application/json")
+        objects.append({"index": verdict.index, "s3_uri": uri, "sidecar": f"s3://{bucket.bucket_name}/{sidecar}",
+                        "sha256": digest, "bytes": len(data), "etag": etag, "phash": phash,
+                        "verdict": doc["verdict"], "reasons": verdict.reasons})
     archived = ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=generated.job_id,
-                            credits=generated.credits, credits_source=generated.credits_source, objects=objects)
+                            credits=generated.credits, credits_source=generated.credits_source, objects=objects,
+                            images=len(generated.files))
+    _record_archived(plan, generated, archived)
+    return archived
+
+
+def _sidecar(plan: ItemPlan, generated: Generated, verdict: Verdict, uri: str, digest: str,
+             size: int) -> dict[str, Any]:
+    """The JSON sidecar of one archived image: what was asked, who made it, what it cost, its review."""
+    request = plan.request
+    return {
+        "pipeline": plan.pipeline, "spec_sha256": plan.spec_sha256, "run_date": plan.run_date.isoformat(),
+        "item": plan.item_id, "index": verdict.index, "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt, "seed": request.seed, "provider": plan.provider,
+        "provider_job_id": generated.job_id, "request_id": generated.request_id,
+        "job_credits": generated.credits, "credits_source": generated.credits_source,
+        "images_in_job": len(generated.files), "upscaled_by": generated.upscaled_by,
+        "review": verdict.model_dump(), "verdict": "approved" if verdict.approved else "rejected",
+        "sha256": digest, "bytes": size, "s3_uri": uri,
+        "submitted_at": generated.submitted_at, "finished_at": generated.finished_at,
+        "archived_at": datetime.now(timezone.utc),
+    }
+
+
+def _record_archived(plan: ItemPlan, generated: Generated, archived: ArchivedItem) -> None:
+    """Move the item's ledger record to archived (again, after a lost object; or anew, when the
+    record itself was lost), and delete the results kept in the ledger."""
     ledger = ledger_of(plan)
     record = _current(ledger.get(plan.item_id), plan.request.request_id)
-    if record is not None and record.state is not State.ARCHIVED:
-        ledger.move(record, State.ARCHIVED, job_id=generated.job_id, archived=archived.model_dump(mode="json"))
-        kept = list(record.results)
-        if plan.provider_refines:
-            kept += [key for index in range(1, len(generated.files) + 1)
-                     if (refined := ledger.get(plan.item_id, Step.REFINE, index)) is not None for key in refined.results]
-        _forget(ledger, kept)
-    return archived
+    identity = {} if record is not None else {
+        "item_id": plan.item_id, "base_request_id": plan.request.request_id, "request_id": generated.request_id,
+        "attempt": attempt_of(generated.request_id, plan.request.request_id), "provider": plan.provider,
+        "block": plan.block}
+    ledger.move(record, State.ARCHIVED, job_id=generated.job_id, archived=archived.model_dump(mode="json"),
+                **identity)
+    kept = list(record.results) if record is not None else []
+    if plan.provider_refines:
+        kept += [key for index in range(1, len(generated.files) + 1)
+                 if (refined := ledger.get(plan.item_id, Step.REFINE, index)) is not None for key in refined.results]
+    _forget(ledger, kept)
+
+
+def attempt_of(request_id: str, base: str) -> int:
+    """The attempt number a sent request id carries (`<base>-<n>`; the base alone is 1)."""
+    suffix = request_id.removeprefix(base + "-")
+    return int(suffix) if suffix != request_id and suffix.isdigit() else 1
 
 
 def keep_for_reentry(kept: list[tuple[ItemPlan, Generated]]) -> None:

@@ -283,7 +283,7 @@ def test_images_the_audit_holds_for_a_person_are_kept_flagged(chuzhan, tmp_path)
     for item, word in ((confirm, "a person should confirm"), (private, "shown privately")):
         assert not item.get("error"), item
         (obj,) = item["objects"]
-        assert obj["s3_uri"].startswith("s3://imagegen-test/quarantine/") and word in obj["reasons"][0]
+        assert obj["s3_uri"].startswith("s3://imagegen-test/cz-audit-person/quarantine/") and word in obj["reasons"][0]
 
 
 def test_images_that_fail_the_providers_audit_are_archived_as_rejected(chuzhan, tmp_path) -> None:
@@ -297,7 +297,7 @@ def test_images_that_fail_the_providers_audit_are_archived_as_rejected(chuzhan, 
     assert state.is_completed(), manifest
     first, second = manifest["items"][0]["objects"]
     assert first["verdict"] == "rejected" and "failed the provider's audit" in first["reasons"][0]
-    assert first["s3_uri"].startswith("s3://imagegen-test/quarantine/")
+    assert first["s3_uri"].startswith("s3://imagegen-test/cz-audit-part/quarantine/")
     assert second["verdict"] == "approved"
     assert after["submits"] - before["submits"] == 1
 

@@ -71,7 +71,7 @@ def test_moderation_score_lands_in_the_sidecar_and_a_forced_flag_quarantines(san
     state = run_spec(tmp_path, spec_text("mod-flag", items, review=", moderation: {threshold: 0.000001}"),
                      date(2026, 5, 1))
     assert state.is_completed()
-    flagged = sidecar("quarantine/mod-flag/2026-05-01/calm-1.json", s3)
+    flagged = sidecar("mod-flag/quarantine/2026-05-01/calm-1.json", s3)
     assert flagged["verdict"] == "rejected" and "moderation: NSFW score" in flagged["review"]["reasons"][0]
     assert "mod-flag/2026-05-01/calm-1.png" not in keys(s3, "mod-flag/")
 
@@ -86,7 +86,7 @@ def test_blank_image_and_duplicate_are_caught(sandbox_blocks, tmp_path) -> None:
     assert verdicts["again"]["verdict"] == "rejected" and "duplicate of first#1" in verdicts["again"]["reasons"][0]
     assert verdicts["empty"]["verdict"] == "rejected" and "blank or near-uniform" in verdicts["empty"]["reasons"][0]
     s3 = s3_client(sandbox_blocks)
-    dup = sidecar("quarantine/dupes/2026-05-02/again-1.json", s3)["review"]["checks"]["duplicate"]
+    dup = sidecar("dupes/quarantine/2026-05-02/again-1.json", s3)["review"]["checks"]["duplicate"]
     assert dup == {"value": 0, "threshold": 4, "nearest": "first#1"}
     assert keys(s3, "dupes/2026-05-02/") >= {"dupes/2026-05-02/first-1.png", "dupes/2026-05-02/other-1.png"}
     # Against the archive: the same image on another date is a duplicate of the archived one.
@@ -119,12 +119,12 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
             time.sleep(0.3)
     assert paused is not None, "the run never paused for a person"
     s3 = s3_client(sandbox_blocks)
-    assert keys(s3, "_review/human/2026-05-04/") == {f"_review/human/2026-05-04/{name}" for name in (
+    assert keys(s3, "human/_review/2026-05-04/") == {f"human/_review/2026-05-04/{name}" for name in (
         "keep-1.png", "drop-1.png", "keep-1.thumb.png", "drop-1.thumb.png",  # copies and their thumbnails
         "keep-1.input.thumb.png")}  # and the input image `keep` was made from
-    thumb = s3.get_object(Bucket=TEST_BUCKET, Key="_review/human/2026-05-04/keep-1.thumb.png")["Body"].read()
+    thumb = s3.get_object(Bucket=TEST_BUCKET, Key="human/_review/2026-05-04/keep-1.thumb.png")["Body"].read()
     assert max(Image.open(BytesIO(thumb)).size) == 192
-    source = s3.get_object(Bucket=TEST_BUCKET, Key="_review/human/2026-05-04/keep-1.input.thumb.png")["Body"].read()
+    source = s3.get_object(Bucket=TEST_BUCKET, Key="human/_review/2026-05-04/keep-1.input.thumb.png")["Body"].read()
     assert max(Image.open(BytesIO(source)).size) == 96
     # The form the UI draws, as stored for this pause: each field holds its own image and prompt.
     fields = stored_form(paused)["properties"]
@@ -152,10 +152,10 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
     assert any("paused for a person: 2 image(s)" in line for line in lines)
     assert any("resumed: a person approved keep#1 and rejected drop#1" in line for line in lines)
     assert "human/2026-05-04/keep-1.png" in keys(s3, "human/")
-    assert "quarantine/human/2026-05-04/drop-1.png" in keys(s3, "quarantine/")
+    assert "human/quarantine/2026-05-04/drop-1.png" in keys(s3, "human/quarantine/")
     assert "human/2026-05-04/drop-1.png" not in keys(s3, "human/")
-    assert keys(s3, "_review/human/") == set()  # staged copies removed
-    decision = sidecar("quarantine/human/2026-05-04/drop-1.json", s3)["review"]["checks"]["human"]
+    assert keys(s3, "human/_review/") == set()  # staged copies removed
+    decision = sidecar("human/quarantine/2026-05-04/drop-1.json", s3)["review"]["checks"]["human"]
     assert decision == {"value": "reject", "threshold": None, "by": "person"}
 
 
@@ -171,7 +171,7 @@ def test_human_timeout_applies_the_default(sandbox_blocks, tmp_path) -> None:
     assert stored == {"human-timeout/2026-05-05/manifest.json", "human-timeout/2026-05-05/_jobs/lone.json",
                       "human-timeout/2026-05-05/_jobs/_run.json",  # the ledger and the run claim's note
                       "human-timeout/_owner.json"}  # which spec file owns the name
-    assert keys(s3_client(sandbox_blocks), "quarantine/human-timeout/") == set()
+    assert keys(s3_client(sandbox_blocks), "human-timeout/quarantine/") == set()
 
 
 def test_gallery_artifact_links_approved_and_rejected(sandbox_blocks, tmp_path) -> None:

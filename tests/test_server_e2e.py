@@ -313,9 +313,9 @@ def test_the_resume_form_shows_each_image_beside_its_own_field(deployed, sandbox
         final = wait_final(client, flow_run.id)
     assert final.state.is_completed(), final.state.message
     s3 = s3_client(sandbox)
-    listed = {o["Key"] for prefix in ("server-human/2026-09-20/", "quarantine/server-human/2026-09-20/")
+    listed = {o["Key"] for prefix in ("server-human/2026-09-20/", "server-human/quarantine/2026-09-20/")
               for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=prefix).get("Contents", [])}
-    assert {"server-human/2026-09-20/a-1.png", "quarantine/server-human/2026-09-20/b-1.png"} <= listed, listed
+    assert {"server-human/2026-09-20/a-1.png", "server-human/quarantine/2026-09-20/b-1.png"} <= listed, listed
     assert "server-human/2026-09-20/b-1.png" not in listed  # the person approved a, left b at the default
 
 
@@ -360,9 +360,7 @@ def test_a_long_review_suspends_the_run_and_the_decision_resumes_it_paying_nothi
     listed = {o["Key"] for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="server-long/").get("Contents", [])}
     assert "server-long/2026-09-21/a-1.png" in listed and "server-long/2026-09-21/b-1.png" not in listed
     assert not any(key.endswith(".png") for key in listed if "/_jobs/" in key)  # the kept copies are gone
-    quarantined = {o["Key"] for o in s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="quarantine/server-long/")
-                   .get("Contents", [])}
-    assert "quarantine/server-long/2026-09-21/b-1.png" in quarantined
+    assert "server-long/quarantine/2026-09-21/b-1.png" in listed  # quarantine lies in the pipeline's own prefix
 
 
 def _running(pid: int) -> bool:
