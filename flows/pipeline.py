@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
@@ -38,7 +39,7 @@ from flows.review import ask_a_person, field_name, form_intro, mark_duplicates, 
 from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
                         read_spec_text, resolve_spec_path)
 from flows.claim import run_claim
-from flows.owner import own_name
+from flows.owner import NameTaken, own_name
 from flows.progress import RunProgress, count_when_done
 from flows.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.ledger import TRANSITIONS, State
@@ -531,6 +532,17 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: RunOverride
         dry_run: Validate and estimate only; no paid call is made.
         take_over_name: This spec replaces another spec file that had the same `name`.
     """
+    try:
+        return _run_pipeline(spec, run_date, overrides, dry_run, take_over_name)
+    except (PipelineIncomplete, BudgetExceeded, NameTaken, UnknownItems, SpecError) as exc:
+        # A person's to act on, said in one line: the run ends Failed with it, no traceback.
+        get_run_logger().error("%s: %s", type(exc).__name__, exc)
+        return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)
+
+
+def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | dict | None, dry_run: bool,
+                  take_over_name: bool) -> dict[str, Any]:
+    """The flow's body (see `run_pipeline`)."""
     from prefect.runtime import deployment
 
     logger = get_run_logger()
