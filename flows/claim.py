@@ -6,6 +6,11 @@ when its process dies, see `flows.slots`). A second run of the same date waits f
 first to finish, logging which flow run it waits for, and then reuses what the first archived:
 it never pays for the same item. Held where the provider limits already live, so it needs no
 conditional writes from the S3 server.
+
+It fails closed: once the claim's lease is lost (the Prefect server said so, or was away for
+longer than the lease), the run logs it in one line and starts no more paid calls
+(`flows.paidcalls`), and writes no manifest over the one of the run that may hold the claim
+now.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import contextlib
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
 
+from flows import paidcalls
+from flows.leases import Lease
 from flows.slots import api_client, configured_lease, hold
 from flows.ledger import JobLedger
 
@@ -57,7 +64,14 @@ def run_claim(pipeline: str, run_date: date, ledger: JobLedger) -> Iterator[None
             "items it archived are reused, not paid again", pipeline, run_date, note.get("flow_run_name", "?"),
             note.get("flow_run_id", "?"), note.get("started_at", "?"))
 
-    with hold(name, configured_lease(CLAIM_LEASE_SECONDS), holder=holder, on_wait=waiting):
+    logger = get_run_logger()
+
+    def lost(lease: Lease) -> None:
+        logger.error("%s", paidcalls.lost_claim_message(lease))
+
+    with hold(name, configured_lease(CLAIM_LEASE_SECONDS), holder=holder, on_wait=waiting) as lease:
+        lease.on_lost.append(lost)
         ledger.write_claim_note({"flow_run_id": str(flow_run.id) if flow_run.id else None,
                                  "flow_run_name": flow_run.name, "started_at": datetime.now(timezone.utc).isoformat()})
-        yield
+        with paidcalls.claim(flow_run.id, lease):
+            yield

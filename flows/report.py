@@ -177,12 +177,17 @@ def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket
 
 
 def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str:
-    """Write the manifest to S3, create the summary table artifact, log the table."""
+    """Write the manifest to S3, create the summary table artifact, log the table. A run whose
+    claim is lost writes nothing (`ClaimLost`): the run that may hold the claim now writes its own."""
     from prefect import get_run_logger
     from prefect.artifacts import create_table_artifact
+    from prefect.runtime import flow_run
 
     from blocks.archive import archive_bucket, write_json
+    from flows.paidcalls import ClaimLost, claim_lost
 
+    if (why := claim_lost(flow_run.id)) is not None:
+        raise ClaimLost(f"the manifest of {spec.name} {run_date} is not written by this run: its claim is lost ({why})")
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     uri = write_json(bucket, spec.archive.manifest_key(spec.name, run_date), manifest)
     manifest["manifest_uri"] = uri

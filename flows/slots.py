@@ -12,8 +12,9 @@ sits idle; and asking with `max_retries=0` to wait our own way logs an ERROR per
   the ~one-spacing Retry-After the refusal carries, which is the wait another process's slot
   gets here.
 - `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
-  while full, renewed by one background thread per process, released however the job ends.
-  A release that fails is logged and left to the lease; it never replaces the job's outcome.
+  while full, renewed by one background thread per process (`flows.leases`, which also tells
+  when a lease is lost), released however the job ends. A release that fails is logged and
+  left to the lease; it never replaces the job's outcome.
 - `reclaim_expired()`: frees the slots of leases that expired (their holder died). Prefect's
   repossessor does that on `prefect server start`, but never in an ephemeral server (the
   temporary one every `imagegen run` without `PREFECT_API_URL` starts, and the test harness):
@@ -43,6 +44,8 @@ from blocks.base import retry_after_seconds
 from blocks.errors import LimiterError
 from deployments.limits import (JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits,
                                 rate_name)
+from flows import paidcalls
+from flows.leases import Lease, renewer
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
@@ -147,46 +150,6 @@ def take_rate(name: str, per_second: float) -> Callable[[], None]:
             return pacer.answered.set
 
 
-class _Renewer:
-    """Renews the leases this process holds, every third of their duration."""
-
-    def __init__(self) -> None:
-        self.leases: dict[UUID, float] = {}
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def add(self, lease_id: UUID, duration: float) -> None:
-        with self.lock:
-            self.leases[lease_id] = duration
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="imagegen-lease-renewer", daemon=True)
-                self.thread.start()
-
-    def remove(self, lease_id: UUID) -> None:
-        with self.lock:
-            self.leases.pop(lease_id, None)
-
-    def _run(self) -> None:
-        from prefect.logging import get_logger
-
-        while True:
-            with self.lock:
-                leases = dict(self.leases)
-            if not leases:
-                time.sleep(1.0)
-                continue
-            for lease_id, duration in leases.items():
-                try:
-                    api_client().renew_concurrency_lease(lease_id, duration)
-                except Exception as exc:  # noqa: BLE001 - keep renewing the others
-                    get_logger("imagegen.slots").warning("could not renew lease %s: %s", lease_id,
-                                                         type(exc).__name__)
-            time.sleep(min(leases.values()) / 3)
-
-
-_renewer = _Renewer()
-
-
 def _holder() -> Any:
     """The task run holding the slot, shown with the lease on the server, if in one."""
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
@@ -262,8 +225,9 @@ def reclaim_expired(force: bool = False) -> int:
 
 @contextlib.contextmanager
 def hold(name: str, lease_seconds: float, holder: Any = None,
-         on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold one slot of the concurrency limit `name` for the duration of the block.
+         on_wait: Callable[[], None] | None = None) -> Iterator[Lease]:
+    """Hold one slot of the concurrency limit `name` for the duration of the block, on the
+    `Lease` it yields (renewed meanwhile; see `flows.leases` for when it counts as lost).
 
     While the limit is full, ask again when a holder in this process releases a slot, or
     after `RETRY_SECONDS` (a holder elsewhere may have released one, or died: expired leases
@@ -274,6 +238,7 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
         released = _released.setdefault(name, threading.Condition())
     waited = False
     while True:
+        asked = time.monotonic()
         try:
             answer = _slot_call(f"slot of {name}", lambda: api_client().increment_concurrency_slots_with_lease(
                 [name], 1, "concurrency", lease_seconds, holder))
@@ -291,15 +256,15 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
         if not body.get("limits"):
             raise LimitMissing(f"concurrency limit {name!r} does not exist on the Prefect server; "
                                "run `imagegen limits apply`")
-        lease_id = UUID(body["lease_id"])
+        lease = Lease(UUID(body["lease_id"]), name, lease_seconds, confirmed=asked)
         break
-    _renewer.add(lease_id, lease_seconds)
+    renewer.add(lease)
     try:
-        yield
+        yield lease
     finally:
-        _renewer.remove(lease_id)
-        try:
-            _slot_call(f"release of {name}", lambda: api_client().release_concurrency_slots_with_lease(lease_id))
+        renewer.remove(lease)
+        try:  # a lost lease too: the server may still count its slot (a no-op where it was freed)
+            _slot_call(f"release of {name}", lambda: api_client().release_concurrency_slots_with_lease(lease.id))
         except Exception as exc:  # noqa: BLE001 - the lease frees it; the job's own outcome stands
             from prefect.logging import get_logger
 
@@ -330,10 +295,12 @@ class PrefectLimiter:
         """A rate slot for one request, held until it is answered (see `slots.take_rate`)."""
         key = self.rate_action(action)
         if key is None:
+            paidcalls.check_armed()
             yield
             return
         answered = take_rate(rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key]))
         try:
+            paidcalls.check_armed()  # a paid call's request waited for its slot: is the run's claim still its own?
             yield
         finally:
             answered()
@@ -345,10 +312,12 @@ class PrefectLimiter:
 
     @contextlib.contextmanager
     def job(self, action: str) -> Iterator[None]:
-        """Hold one in-flight slot on the server for the whole job (a lease renewed while held)."""
+        """Hold one in-flight slot on the server for the whole job (a lease renewed while held;
+        a paid call of the job is not sent once it is lost, see `flows.paidcalls`)."""
         cap = self.job_cap(action)
         if cap is None:
             yield
             return
-        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(JOB_LEASE_SECONDS)):
+        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(JOB_LEASE_SECONDS)) as lease, \
+                paidcalls.job_slot(lease):
             yield

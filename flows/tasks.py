@@ -25,6 +25,7 @@ from blocks.base import CreditEstimate, GenerationRequest, ImageProvider, JobRes
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown, is_retryable
 from flows.budget import Reservation, for_run
 from flows.slots import PrefectLimiter
+from flows import paidcalls
 from flows import images
 from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings, render_key, sidecar_key
@@ -177,13 +178,16 @@ class ItemJournal:
             self.unsaved = False
 
     def sending(self) -> None:
-        """Reserve the call's cost (`BudgetReached`: nothing is sent), then record `sending`."""
+        """Reserve the call's cost (`BudgetReached`: nothing is sent), check that the run may
+        still pay (`flows.paidcalls`: its claim and job slot held, no stop asked; else a
+        `PaidCallRefused` and nothing is sent), then record `sending`."""
         budget = for_run(flow_run.id)
         if budget is not None and self.held is not None and not self.held.settled:
             budget.resend(self.held)  # the same request again, where the provider dedupes
         elif budget is not None:
             self.held = budget.reserve(self.identity["provider"], self.cost)
         try:
+            paidcalls.begin(flow_run.id)
             self._move(State.SENDING, reason=None)
         except BaseException:
             self._answered(given_back=True)
@@ -191,6 +195,7 @@ class ItemJournal:
 
     def _answered(self, *, charged: float | None = None, given_back: bool = False, settle: bool = False) -> None:
         """The call's answer is in: settle or give back its reservation; the next call may go."""
+        paidcalls.end()
         budget, held = for_run(flow_run.id), self.held
         if budget is None or held is None:
             return
@@ -368,6 +373,7 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
     elif state in (State.SUBMITTED, State.DONE, State.ARCHIVED) and record.job_id:  # type: ignore[union-attr]
         job_id = record.job_id  # type: ignore[union-attr]  # resume: poll the job we already paid for
     elif state is State.SENDING:  # the process that was sending it died before the answer was recorded
+        paidcalls.ensure_claim(flow_run.id)  # unless this run lost its claim: the sender may be the run holding it
         journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
         state = State.UNKNOWN  # where the provider dedupes, it is sent again below under the same id
     if state is State.UNKNOWN and not provider.idempotent_submit:
@@ -444,6 +450,7 @@ def _refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, generat
         return ledger.read_results(record)[0]  # type: ignore[arg-type]
     if state in (State.SENDING, State.UNKNOWN):
         if state is State.SENDING:
+            paidcalls.ensure_claim(flow_run.id)
             journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
         raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
                             code="SubmitUnknown")

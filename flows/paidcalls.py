@@ -1,0 +1,147 @@
+"""Fail closed: a paid call starts only while its run surely holds its claim and job slot.
+
+The run's claim (`flows.claim`) and a job's in-flight slot (`flows.slots`) are leases on the
+Prefect server (`flows.leases`). While the server is away they cannot be renewed, and once
+away longer than a lease they may be someone else's: a second run of the same date can get
+the claim and pay for the same items. So a paid call is checked twice: `begin` right before
+it is recorded `sending` (`flows.tasks.ItemJournal.sending`), and `check_armed` once each of
+its requests got its rate slot, right before it goes on the wire (a rate slot can wait out an
+outage). It raises a `PaidCallRefused` (nothing was sent; never retried) when
+
+- the run's claim is lost (`ClaimLost`), or this job's slot is (`JobSlotLost`);
+- the process was asked to stop between paid calls (`RunStopping`, see `flows.detach`).
+
+While a lease is in doubt (its renewals fail, not yet expired) the call waits: it goes on if
+the lease is renewed in time and is refused if not. Calls already sent are recorded as usual,
+and jobs already paid for are polled to the end: only new paid calls stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flows.leases import Lease, LeaseState
+
+WAIT_STEP = 0.25  # seconds between two looks at a lease in doubt
+
+
+class PaidCallRefused(RuntimeError):
+    """No paid call may start now; nothing was sent for this one."""
+
+
+class ClaimLost(PaidCallRefused):
+    """The run's claim on its pipeline and date is lost: another run may hold it now."""
+
+
+class JobSlotLost(PaidCallRefused):
+    """The job's in-flight slot is lost: the provider's cap may be someone else's now."""
+
+
+class RunStopping(PaidCallRefused):
+    """The process was asked to stop (SIGHUP): it stops between paid calls."""
+
+
+_claims: dict[str, Lease] = {}
+_local = threading.local()
+_stop: list[str] = []
+
+
+def _key(run_id: Any) -> str:
+    return str(run_id) if run_id else ""
+
+
+@contextlib.contextmanager
+def claim(run_id: Any, lease: Lease) -> Iterator[None]:
+    """`lease` is the claim of flow run `run_id` for the block."""
+    _claims[_key(run_id)] = lease
+    try:
+        yield
+    finally:
+        _claims.pop(_key(run_id), None)
+
+
+def claim_lost(run_id: Any) -> str | None:
+    """Why the claim of flow run `run_id` is lost, or None (held, or no claim at all)."""
+    lease = _claims.get(_key(run_id))
+    return lease.lost if lease is not None and lease.state() is LeaseState.LOST else None
+
+
+def lost_claim_message(lease: Lease) -> str:
+    """What a lost claim means, in one line."""
+    return (f"the claim {lease.name} is lost: {lease.lost}. Another run of this date may hold it now, so this run "
+            "starts no more paid calls; jobs already paid for are polled to the end")
+
+
+@contextlib.contextmanager
+def job_slot(lease: Lease) -> Iterator[None]:
+    """`lease` is the in-flight slot of the job this thread runs, for the block."""
+    slots: list[Lease] = _local.__dict__.setdefault("slots", [])
+    slots.append(lease)
+    try:
+        yield
+    finally:
+        slots.remove(lease)
+
+
+def request_stop(why: str) -> None:
+    """No paid call starts in this process from now on (`RunStopping`)."""
+    if not _stop:
+        _stop.append(why)
+
+
+def stop_requested() -> str | None:
+    return _stop[0] if _stop else None
+
+
+def _sure(lease: Lease) -> bool:
+    """Wait while `lease` is in doubt; True when held, False when lost."""
+    while (state := lease.state()) is LeaseState.IN_DOUBT and not _stop:
+        time.sleep(WAIT_STEP)
+    return state is LeaseState.HELD
+
+
+def check(run_id: Any) -> None:
+    """Raise a `PaidCallRefused` unless flow run `run_id` (None: no run) may start a paid call
+    now; wait while its claim or this thread's job slot is in doubt."""
+    claimed = _claims.get(_key(run_id))
+    if claimed is not None and not _sure(claimed) and claimed.lost:
+        raise ClaimLost(lost_claim_message(claimed) + " (nothing was sent for this one)")
+    for slot in list(_local.__dict__.get("slots", [])):
+        if not _sure(slot) and slot.lost:
+            raise JobSlotLost(f"the job slot {slot.name} is lost: {slot.lost}; its provider's cap may be another "
+                              "holder's now, so this paid call is not sent")
+    if (why := stop_requested()) is not None:
+        raise RunStopping(f"{why}: this run starts no more paid calls (nothing was sent for this one); jobs "
+                          "already paid for are polled to the end")
+
+
+def ensure_claim(run_id: Any) -> None:
+    """Raise `ClaimLost` if flow run `run_id`'s claim is lost (waiting while it is in doubt):
+    before a run takes over what another run left in the ledger."""
+    claimed = _claims.get(_key(run_id))
+    if claimed is not None and not _sure(claimed) and claimed.lost:
+        raise ClaimLost(lost_claim_message(claimed))
+
+
+def begin(run_id: Any) -> None:
+    """A paid call of flow run `run_id` is about to be recorded `sending`: check, then arm
+    `check_armed` for its requests until `end`."""
+    check(run_id)
+    _local.armed = (run_id,)
+
+
+def end() -> None:
+    """The paid call was answered (or never sent): its requests are no longer checked."""
+    _local.armed = None
+
+
+def check_armed() -> None:
+    """A request of this thread got its rate slot: if it belongs to a paid call, check again
+    right before it is sent."""
+    armed = _local.__dict__.get("armed")
+    if armed is not None:
+        check(armed[0])
