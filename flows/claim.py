@@ -10,7 +10,7 @@ conditional writes from the S3 server.
 It fails closed: once the claim's lease is lost (the Prefect server said so, or was away for
 longer than the lease), the run logs it in one line and starts no more paid calls
 (`flows.paidcalls`), and writes no manifest over the one of the run that may hold the claim
-now.
+now. While the run holds its claim, SIGHUP stops it between paid calls (`flows.detach`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
 
-from flows import paidcalls
+from flows import detach, paidcalls
 from flows.leases import Lease
 from flows.slots import api_client, configured_lease, hold
 from flows.ledger import JobLedger
@@ -73,5 +73,5 @@ def run_claim(pipeline: str, run_date: date, ledger: JobLedger) -> Iterator[None
         lease.on_lost.append(lost)
         ledger.write_claim_note({"flow_run_id": str(flow_run.id) if flow_run.id else None,
                                  "flow_run_name": flow_run.name, "started_at": datetime.now(timezone.utc).isoformat()})
-        with paidcalls.claim(flow_run.id, lease):
+        with paidcalls.claim(flow_run.id, lease), detach.stop_on_hangup(logger):
             yield
