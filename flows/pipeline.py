@@ -40,6 +40,7 @@ from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_
                         read_spec_text, resolve_spec_path)
 from flows.claim import run_claim
 from flows.owner import NameTaken, own_name
+from flows.paidcalls import PaidCallRefused
 from flows.progress import RunProgress, count_when_done
 from flows.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.ledger import TRANSITIONS, State
@@ -534,7 +535,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: RunOverride
     """
     try:
         return _run_pipeline(spec, run_date, overrides, dry_run, take_over_name)
-    except (PipelineIncomplete, BudgetExceeded, NameTaken, UnknownItems, SpecError) as exc:
+    except (PipelineIncomplete, BudgetExceeded, NameTaken, UnknownItems, SpecError, PaidCallRefused) as exc:
         # A person's to act on, said in one line: the run ends Failed with it, no traceback.
         get_run_logger().error("%s: %s", type(exc).__name__, exc)
         return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)
