@@ -1,0 +1,268 @@
+"""Runs that fail closed (issue 25, items 3 and 4), on real processes.
+
+1. The Prefect server goes away for longer than a lease while a run is between paid calls:
+   the run finds its claim lost, says so in one line, and starts no paid call after it; a
+   second run of the date, started once the server is back, waits for the claim and pays for
+   the rest. The emulator witnesses: every image charged once.
+2. A run's console dies (the worker that read its output was killed): the run goes on instead
+   of dying in whatever it was doing, and SIGHUP then stops it between paid calls, leaving
+   nothing `sending`.
+
+Then the checks alone, without a server: a claim in doubt holds a paid call back until it is
+renewed; one unrenewed for its whole lease is lost for good; one lost while a paid call waits
+for its request slot stops that call before the wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from uuid import uuid4
+
+import httpx
+import pytest
+import respx
+
+from deployments import server
+from sandbox.launcher import free_port
+from tests.test_pay_once import (charges, configure, emulators, ledger_states, once_each,  # noqa: F401 - a fixture
+                                 spec_text, write_spec)
+
+ROOT = Path(__file__).parent.parent
+
+
+def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert proc is None or proc.poll() is None, f"the run ended before {what}: " + (log.read_text()[-3000:] if log else "")
+        assert time.monotonic() < deadline, f"no {what} in {timeout:.0f} s: " + (log.read_text()[-3000:] if log else "")
+        time.sleep(0.2)
+    return found
+
+
+def run_env(api_url: str, home: Path) -> dict[str, str]:
+    """A run's environment against the server at `api_url` (its own repossessor frees leases)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "PREFECT_API_URL": api_url,
+            "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO", "IMAGEGEN_RECLAIM_LEASES": "0",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # A request sent while the server restarts can hang for the client's whole timeout (60 s).
+            "PREFECT_API_REQUEST_TIMEOUT": "10"}
+
+
+def register_on(api_url: str, sandbox) -> None:  # noqa: ANN001
+    """The sandbox's Blocks and limits, saved on the server at `api_url`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.limits import apply_limits
+    from sandbox import launcher
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        launcher.register_blocks(sandbox)
+        apply_limits({p: [launcher.BLOCK_NAME] for p in sandbox.providers})
+
+
+def kill_server(root: Path) -> None:
+    """The server stops at once (SIGKILL; faster than `server.down`, which waits for it)."""
+    state = server.ServerState.load(root)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(state.pid, signal.SIGKILL)
+    while server.running(state):
+        time.sleep(0.1)
+
+
+@pytest.mark.slow  # a minute's outage, its own server
+def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(emulators, tmp_path) -> None:  # noqa: F811
+    name, day, n = "failclosed-outage", date(2026, 8, 3), 4
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+    root, port = tmp_path / "server", free_port()
+    state = server.up(root, port=port, database="sqlite")
+    env = run_env(state.api_url, tmp_path / "client-home")
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = second = None
+    try:
+        register_on(state.api_url, emulators)
+        configure(emulators, "tencent", latency=5)  # the first job stays in flight through the outage
+        argv = [sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()]
+        first = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=first_log.open("w"), stderr=subprocess.STDOUT)
+        wait_for("submitted job", lambda: "submitted" in ledger_states(path, day).values(), 120, first, first_log)
+        # Between paid calls (a job in flight), the server goes away for longer than the claim's lease.
+        stopped = time.monotonic()
+        assert server.down(root)
+        lost = f"the claim imagegen:run:{name}:{day} is lost"
+        wait_for("lost claim", lambda: lost in first_log.read_text(), 75, first, first_log)
+        print(f"the first run found its claim lost {time.monotonic() - stopped:.0f} s into the outage")
+        restarting = time.monotonic()
+        server.up(root, port=port)
+        print(f"the server took {time.monotonic() - restarting:.0f} s to start again")
+        configure(emulators, "tencent", latency=0.6)
+        # Once the first run tried its next paid call (its job polled to the end), the second
+        # run of the date starts: it waits for the claim until the server frees it, then pays.
+        refused = "Task run encountered an exception ClaimLost"
+        wait_for("refused paid call", lambda: refused in first_log.read_text(), 90, None, first_log)
+        second = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=second_log.open("w"), stderr=subprocess.STDOUT)
+        print(f"the second run started {time.monotonic() - stopped:.0f} s after the outage began; the first run "
+              f"{'was still running' if first.poll() is None else 'had ended'}")
+        assert first.wait(timeout=120) == 1, first_log.read_text()[-3000:]
+        assert second.wait(timeout=120) == 0, second_log.read_text()[-3000:]
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        kill_server(root)
+    text = first_log.read_text()
+    said = [line for line in text.splitlines() if lost in line and "Flow run" in line]
+    assert len(said) == 1 and "expired on the Prefect server" in said[0], said
+    after = text[text.index(said[0]):]
+    assert "accepted request" not in after, after[-3000:]  # no paid call after the loss, though it tried
+    assert "Task run encountered an exception ClaimLost: the claim" in after, after[-3000:]
+    print(said[0])
+    assert charges(emulators, "tencent", name) == once_each(name, n)
+    assert set(ledger_states(path, day).values()) == {"archived"}
+    from flows.backfill import manifest_status
+    from flows.spec import load_spec
+
+    assert (manifest_status(load_spec(path), day) or {}).get("status") == "complete"  # the second run's
+
+
+def run_logs_named(run_name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
+        assert len(runs) == 1, runs
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))]
+
+
+@pytest.mark.slow  # an `imagegen run` process
+def test_a_run_whose_console_dies_goes_on_and_sighup_stops_it_between_paid_calls(emulators, tmp_path) -> None:  # noqa: F811
+    from tests.test_limits_and_faults import cli_env
+
+    name, day, n = "failclosed-console", date(2026, 8, 4), 4
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+    configure(emulators, "tencent", latency=1.5)
+    # As a process worker starts a flow run: a session of its own, output to a pipe the worker reads.
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
+                            env={**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO"}, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "accepted request" in line:
+                break
+        proc.stdout.close()  # the worker dies: nobody reads the run's output any more
+        wait_for("item sent after the console died",
+                 lambda: list(ledger_states(path, day).values()).count("archived") >= 2, 60, proc)
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=120)
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        if proc.poll() is None:
+            proc.kill()
+    states = ledger_states(path, day)
+    assert set(states.values()) == {"archived"} and 2 <= len(states) < n, states  # nothing left sending
+    assert charges(emulators, "tencent", name) == {f"item {k} of {name}": 1 for k in range(len(states))}
+    logs = run_logs_named(f"{name}-{day}")
+    assert any("console is gone" in line for line in logs), logs[-20:]
+    assert any(line.startswith("SIGHUP: this run starts no more paid calls") for line in logs), logs[-20:]
+    stopped = [line for line in logs if re.search(r"RunStopping.*the process got SIGHUP", line)]
+    assert stopped, logs[-20:]
+    print(f"after its console died the run archived {len(states)} of {n} items; SIGHUP stopped it, refusing "
+          f"{len(stopped)} paid call(s)")
+
+
+# --- the checks themselves, without a server ------------------------------------------------------
+
+CLAIM = "imagegen:run:unit:2026-01-01"
+
+
+def test_a_paid_call_waits_while_its_claim_is_in_doubt_and_goes_on_once_renewed() -> None:
+    from flows import paidcalls
+    from flows.leases import Lease
+
+    claim = Lease(uuid4(), CLAIM, 60.0)
+    claim.failed("the Prefect API did not renew it: ConnectError")
+    threading.Timer(0.5, claim.renewed, args=(time.monotonic(),)).start()
+    started = time.monotonic()
+    with paidcalls.claim("run-doubt", claim):
+        paidcalls.begin("run-doubt")
+        paidcalls.end()
+    assert 0.4 < time.monotonic() - started < 3
+
+
+def test_a_claim_unrenewed_for_its_whole_lease_is_lost_for_good_and_said_once() -> None:
+    from flows import paidcalls
+    from flows.leases import Lease
+
+    heard: list[str] = []
+    claim = Lease(uuid4(), CLAIM, 60.0, confirmed=time.monotonic() - 61)
+    claim.on_lost.append(lambda lease: heard.append(paidcalls.lost_claim_message(lease)))
+    with paidcalls.claim("run-lost", claim):
+        for _ in range(2):
+            with pytest.raises(paidcalls.ClaimLost, match="expired on the Prefect server"):
+                paidcalls.begin("run-lost")
+        claim.renewed(time.monotonic())  # a late answer does not bring it back
+        with pytest.raises(paidcalls.ClaimLost):
+            paidcalls.begin("run-lost")
+    assert len(heard) == 1 and heard[0].startswith(f"the claim {CLAIM} is lost: no renewal of its 60 s lease"), heard
+
+
+class LosingJournal:
+    """Begins the paid call as `ItemJournal.sending` does; the claim is then lost while the
+    call waits for its request slot (a server that went away)."""
+
+    def __init__(self, claim) -> None:  # noqa: ANN001
+        self.claim, self.heard = claim, []
+
+    def sending(self) -> None:
+        from flows import paidcalls
+
+        paidcalls.begin("run-armed")
+        self.heard.append("sending")
+        self.claim.lose("lost while the call waited for its request slot")
+
+    def refused(self, error: BaseException) -> None:
+        from flows import paidcalls
+
+        paidcalls.end()
+        self.heard.append(f"refused {type(error).__name__}")
+
+    def unknown(self, error: BaseException) -> None:
+        self.heard.append("unknown")
+
+    def submitted(self, job_id: str, charged: float | None = None) -> None:
+        self.heard.append("submitted")
+
+    def done(self, job_id: str, images: list[bytes]) -> None:
+        self.heard.append("done")
+
+
+@pytest.mark.parametrize("name", ["chuzhan", "tams", "tencent"])
+@respx.mock(assert_all_called=False)
+def test_a_claim_lost_while_a_paid_call_waits_for_its_request_slot_sends_nothing(name: str) -> None:
+    """The check right before the wire, in the flow's limiter: the call is refused after its
+    slot, nothing reaches the provider, and the journal records it refused (safe to send again)."""
+    from blocks.base import CreditEstimate
+    from deployments.limits import LimitsFile, ProviderLimits
+    from flows import paidcalls
+    from flows.leases import Lease
+    from flows.slots import PrefectLimiter
+    from tests.test_sending import block
+
+    route = respx.route(host="provider.test").mock(return_value=httpx.Response(500))
+    provider = block(name)
+    provider.use_limiter(PrefectLimiter(name, "unit", LimitsFile(providers={name: ProviderLimits()})))
+    claim = Lease(uuid4(), CLAIM, 60.0)
+    journal = LosingJournal(claim)
+    with paidcalls.claim("run-armed", claim), pytest.raises(paidcalls.ClaimLost):
+        provider.run_job(type(provider).sample_request(), poll_interval=0.0, timeout=1.0, journal=journal,
+                         estimate=CreditEstimate(credits=1.0, source="formula"))
+    assert route.call_count == 0 and journal.heard == ["sending", "refused ClaimLost"]
