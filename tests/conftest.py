@@ -169,3 +169,15 @@ def flow_logs_at_info() -> Iterator[None]:
     logger.setLevel(logging.INFO)
     yield
     logger.setLevel(level)
+
+
+def latest_artifacts(*keys: str) -> dict:
+    """The latest artifact of each key, asked by key (a plain listing is one page, which other
+    tests' artifacts may fill first)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=list(keys))))
+    return {a.key: a for a in found}

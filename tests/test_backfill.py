@@ -11,7 +11,7 @@ import pytest
 
 from flows.backfill import (BackfillFailed, BackfillRefused, backfill, check_arguments, dates_between, portable_spec,
                             same_failure)
-from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, latest_artifacts, s3_client, tams_stats
 
 
 def spec(tmp_path: Path, name: str, items: str = "  - {id: a, prompt: a cat}\n  - {id: b, prompt: a dog}\n") -> str:
@@ -84,7 +84,7 @@ def test_backfill_table_artifact(sandbox_blocks, tmp_path) -> None:
 
     backfill(spec=spec(tmp_path, "bf-art"), start=date(2026, 8, 1), end=date(2026, 8, 2))
     with get_client(sync_client=True) as client:
-        arts = {a.key: a for a in client.read_latest_artifacts()}
+        arts = latest_artifacts("bf-art-backfill", "bf-art-backfill-progress")
     assert arts["bf-art-backfill"].type == "table" and "2 done" in arts["bf-art-backfill"].description
     assert arts["bf-art-backfill-progress"].type == "progress" and float(arts["bf-art-backfill-progress"].data) == 100.0
 

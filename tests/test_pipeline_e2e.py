@@ -12,7 +12,7 @@ import pytest
 
 from flows.report import PipelineIncomplete
 from flows.spec import SpecError
-from tests.conftest import TEST_BUCKET, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, latest_artifacts, s3_client, tams_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -129,12 +129,8 @@ def test_spec_the_provider_would_refuse_makes_no_call(run) -> None:
 
 
 def test_summary_table_artifact(run) -> None:
-    from prefect.client.orchestration import get_client
-
     state, _, _ = run(spec_text("artifacted", "  - {id: a, prompt: a cat}\n"), date(2026, 1, 19))
-    with get_client(sync_client=True) as client:
-        artifact = client.read_latest_artifacts()
-        table = [a for a in artifact if a.key == "artifacted-summary"]
+    table = list(latest_artifacts("artifacted-summary").values())
     assert table and table[0].type == "table"
     rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
     assert rows[0]["item"] == "a" and rows[0]["verdict"] == "approved"

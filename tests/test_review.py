@@ -15,7 +15,7 @@ from PIL import Image
 
 from flows.report import PipelineIncomplete
 from flows.review import REVIEW_EXTRA, MissingDependency, distance, nsfw_score, require
-from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tams_stats
+from tests.conftest import TEST_BUCKET, latest_artifacts, run_logs, run_spec, s3_client, tams_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -133,7 +133,7 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
         fields["image_1"]["description"] and "a lighthouse" in fields["image_1"]["description"]
     assert "drop-1.thumb.png" in fields["image_2"]["description"] and "keep-1" not in fields["image_2"]["description"]
     with get_client(sync_client=True) as client:
-        latest = {a.key: a for a in client.read_latest_artifacts() if a.key in ("human-progress", "human-to-review")}
+        latest = latest_artifacts("human-progress", "human-to-review")
         # While a person decides the run is not done: its progress stays below 100%.
         assert latest["human-progress"].data < 100
     waiting = latest["human-to-review"].data
@@ -143,7 +143,7 @@ def test_human_approval_pauses_and_resumes_with_decisions(sandbox_blocks, tmp_pa
     state = result[0]
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
-        latest = {a.key: a for a in client.read_latest_artifacts() if a.key in ("human-progress", "human-to-review")}
+        latest = latest_artifacts("human-progress", "human-to-review")
     # After the decision the review artifact shows it, and no link to the staged copies, now gone.
     decided = latest["human-to-review"].data
     assert "decided by a person" in decided and "| reject |" in decided and "X-Amz-Signature" not in decided
@@ -180,7 +180,7 @@ def test_gallery_artifact_links_approved_and_rejected(sandbox_blocks, tmp_path) 
     items = "  - {id: good, prompt: a harbour, seed: 4}\n  - {id: flat, prompt: \"x [[blank]]\", seed: 4}\n"
     run_spec(tmp_path, spec_text("gallery", items), date(2026, 5, 6))
     with get_client(sync_client=True) as client:
-        art = next(a for a in client.read_latest_artifacts() if a.key == "gallery-gallery")
+        art = latest_artifacts("gallery-gallery")["gallery-gallery"]
     assert art.type == "markdown" and "<b>good #1</b> approved" in art.data and "<b>flat #1</b> rejected" in art.data
     assert rows_of(art.data) == [2]  # one row: both images side by side
     assert art.data.count('width="192"') == 2 and art.data.count("X-Amz-Signature") >= 2
