@@ -117,21 +117,15 @@ def _csv_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str,
             yield text
 
     reader = csv.reader(texts())
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as exc:
-        yield current[0], f"unreadable header row: {exc}"
+    header = _next_cells(reader)
+    if isinstance(header, str):
+        yield current[0], f"unreadable header row: {header}"
+    if not isinstance(header, list):
         return
     header = [h.strip() for h in header]
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield current[0], f"malformed CSV row: {exc}"
+    while (cells := _next_cells(reader)) is not None:
+        if isinstance(cells, str):
+            yield current[0], f"malformed CSV row: {cells}"
             continue
         if not any(c.strip() for c in cells):
             continue
@@ -139,6 +133,16 @@ def _csv_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str,
             yield current[0], f"{len(cells)} field(s) where the header has {len(header)}"
             continue
         yield current[0], dict(zip(header, cells, strict=True))
+
+
+def _next_cells(reader: Any) -> list[str] | str | None:
+    """The next CSV row's cells, why it cannot be read, or None at the end."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        return str(exc)
 
 
 def _jsonl_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | str]]:

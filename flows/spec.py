@@ -644,9 +644,8 @@ def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name
     except CatalogueError as exc:
         issues = []
         for file, line, column, field, message in exc.problems:
-            if file:
-                where = Path(file) if base_dir is None else (base_dir / file)
-                shown = str(Path(name).parent / file) if base_dir is not None else str(where)
+            if file:  # the catalogue's place as the spec's name shows it: beside the spec
+                shown = str(Path(name).parent / file) if base_dir is not None else file
                 issues.append(SpecIssue(shown, line, column, field, message, ""))
             else:
                 pos = closest_position(tuple(field.split(".")), positions, value=True)
