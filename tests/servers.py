@@ -46,6 +46,19 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 1
         time.sleep(0.5)
 
 
+def clone_sharing_this_venv(into: Path) -> Path:
+    """A fresh `git clone` of the committed checkout at `into`, as a new user gets it, whose
+    `.venv` is this one (already set up for it): `make` there finds it installed."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(into)], check=True)
+    (into / ".venv").symlink_to(Path(sys.prefix))
+    stamp = Path(sys.prefix) / ".installed-stamp"
+    if stamp.exists():  # older than the stamp, so make does not install again
+        old = stamp.stat().st_mtime - 60
+        for name in ("pyproject.toml", "requirements.txt", "constraints.txt"):
+            os.utime(into / name, (old, old))
+    return into
+
+
 def snapshot_repository(into: Path) -> Path:
     """A git repository holding this working tree as it is (tracked and new files), committed."""
     listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,

@@ -90,14 +90,9 @@ def test_make_demo_works_the_first_time_on_a_fresh_prefect_home_while_the_machin
     failed here every time)."""
     import sys
 
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    (clone / ".venv").symlink_to(Path(sys.prefix))  # `make` finds it set up: the clone shares this one
-    stamp = Path(sys.prefix) / ".installed-stamp"
-    if stamp.exists():
-        old = stamp.stat().st_mtime - 60
-        for name in ("pyproject.toml", "requirements.txt", "constraints.txt"):
-            os.utime(clone / name, (old, old))
+    from tests.servers import clone_sharing_this_venv
+
+    clone = clone_sharing_this_venv(tmp_path / "clone")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "IMAGEGEN_"))}
     env["PREFECT_HOME"] = str(tmp_path / "new-prefect-home")
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]

@@ -10,10 +10,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.servers import clone_sharing_this_venv
 
 # It starts the sandbox and a Prefect server itself (the tier markers: tests/conftest.py).
 pytestmark = [pytest.mark.sandbox, pytest.mark.server]
@@ -48,15 +49,7 @@ def taken(port: int) -> bool:
 def test_the_deployment_quick_start_runs_as_written(tmp_path: Path) -> None:
     if busy := [port for port in PORTS if taken(port)]:
         pytest.skip(f"ports {busy} are taken; the README's commands use them")
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    # `make setup` finds the virtualenv made: the clone shares this one, already set up for it.
-    (clone / ".venv").symlink_to(Path(sys.prefix))
-    stamp = Path(sys.prefix) / ".installed-stamp"
-    if stamp.exists():
-        old = stamp.stat().st_mtime - 60
-        for name in ("pyproject.toml", "requirements.txt", "constraints.txt"):
-            os.utime(clone / name, (old, old))
+    clone = clone_sharing_this_venv(tmp_path / "clone")
     script = tmp_path / "quick-start.sh"
     script.write_text("set -euo pipefail\n" + quick_start())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
