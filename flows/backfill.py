@@ -140,9 +140,10 @@ def check_arguments(max_parallel: int, max_credits: float | None) -> None:
         raise BackfillRefused(f"max_credits is {max_credits}: give a finite number of credits, 0 or more")
 
 
-def skipped_row(run_date: date, manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"date": run_date.isoformat(), "status": "skipped", "credits": 0.0,
-            "flow_run_id": manifest.get("flow_run_id"), "state": "already complete", "reason": ""}
+def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id: str | None = None) -> dict[str, Any]:
+    """The row of a date no run of this backfill paid for: skipped, not started, or whose task failed."""
+    return {"date": run_date.isoformat(), "status": status, "credits": 0.0, "flow_run_id": flow_run_id,
+            "state": state, "reason": reason, "ran_items": False}
 
 
 @flow(name="backfill", log_prints=True)
@@ -161,7 +162,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
     for run_date in dates:
         manifest = manifest_status(parsed, run_date)
         if manifest and manifest.get("status") == "complete":
-            rows[run_date] = skipped_row(run_date, manifest)
+            rows[run_date] = unrun_row(run_date, "skipped", "already complete", "", manifest.get("flow_run_id"))
     todo = [d for d in dates if d not in rows]
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
                 parsed.name, start, end, len(todo), len(rows))
@@ -224,8 +225,8 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
                      "%s; fix that and run the backfill again (%d date(s) not started)", dates.name, FAIL_FAST,
                      stop_reason, len(waiting))
         for run_date in waiting:
-            rows[run_date] = {"date": run_date.isoformat(), "status": "failed", "credits": 0.0, "flow_run_id": None,
-                              "state": "not started", "reason": f"not started: earlier dates failed with: {stop_reason}"}
+            rows[run_date] = unrun_row(run_date, "failed", "not started",
+                                       f"not started: earlier dates failed with: {stop_reason}")
     tracker.finish()
     return rows
 
@@ -243,9 +244,8 @@ def same_failure(rows: Any) -> str | None:
 def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dict[str, Any]:
     """A finished date's row (a date whose task itself failed gets one too), counted."""
     result = final_state(future).result(raise_on_failure=False)
-    row = result if isinstance(result, dict) else {
-        "date": run_date.isoformat(), "status": "failed", "credits": 0.0, "flow_run_id": None,
-        "state": "Failed", "reason": f"{type(result).__name__}: {result}"[:300], "ran_items": False}
+    row = result if isinstance(result, dict) else unrun_row(run_date, "failed", "Failed",
+                                                            f"{type(result).__name__}: {result}"[:300])
     tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"),
                    credits=float(row.get("credits") or 0.0))
     return row
