@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # missing and the tests that need them skip with that reason.
 SYSTEM_LIBS := libomp5-14 libvulkan1 libgl1 chromium postgresql redis-server
 
-.PHONY: setup system-libs bench-libs demo check test bench clean sandbox-up sandbox-down
+.PHONY: setup system-libs bench-libs demo check faults test bench clean sandbox-up sandbox-down
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ demo: $(STAMP)
 # The unit tier (no sandbox, no Prefect server, nothing slow; under a minute): run it while you work.
 check: $(STAMP)
 	$(BIN)/python -m pytest -m unit -q $(PYTEST_ARGS)
+
+# The fault matrix: every moment of a paid step stopped, on every provider (a few minutes; docs/paying-once.md).
+faults: $(STAMP)
+	$(BIN)/python -m pytest -m faults -q $(PYTEST_ARGS)
 
 # Everything: the unit, sandbox, server and slow tiers (see README "Tests").
 test: $(STAMP)

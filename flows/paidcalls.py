@@ -4,7 +4,7 @@ The run's claim (`flows.claim`) and a job's in-flight slot (`flows.slots`) are l
 Prefect server (`flows.leases`). While the server is away they cannot be renewed, and once
 away longer than a lease they may be someone else's: a second run of the same date can get
 the claim and pay for the same items. So a paid call is checked twice: `begin` right before
-it is recorded `sending` (`flows.tasks.ItemJournal.sending`), and `check_armed` once each of
+it is recorded `sending` (`flows.journal.ItemJournal.sending`), and `check_armed` once each of
 its requests got its rate slot, right before it goes on the wire (a rate slot can wait out an
 outage). It raises a `PaidCallRefused` (nothing was sent; never retried) when
 

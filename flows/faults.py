@@ -1,0 +1,56 @@
+"""Fault points: the named moments of a paid step at which a test stops it.
+
+A run installs nothing, and `at()` costs one dictionary lookup. The fault matrix
+(`tests/test_fault_matrix.py`) installs an action for one moment of one item's step, and reruns
+the date; `IMAGEGEN_STOP_AT=<moment>[:<item>]` makes a real process kill itself there (SIGKILL,
+no cleanup), for the tests that stop a whole process.
+
+The moments, in the order a paid step meets them (`MOMENTS`):
+
+- `slot`: the step starts; nothing is recorded or sent yet.
+- `sending`: its record says `sending`; the request is not on the wire yet.
+- `answered`: the provider answered (a job id, or a synchronous call's images); nothing recorded.
+- `polling`: the record says `submitted`; the job is running.
+- `generated`: the job's images are in the work directory; the archive step has not started.
+- `archiving`: the first image is written to the archive; its sidecar is not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+MOMENTS = ("slot", "sending", "answered", "polling", "generated", "archiving")
+
+_installed: dict[tuple[str, str, str], Callable[[], None]] = {}
+
+
+class Stopped(Exception):  # noqa: N818 - what happened, not an error of ours
+    """A fault point's stop: the step ends here, with whatever it recorded so far. Never retried."""
+
+
+def install(moment: str, item_id: str, action: Callable[[], None], step: str = "generate") -> None:
+    """Run `action` the next time `item_id`'s `step` reaches `moment` (once)."""
+    if moment not in MOMENTS:
+        raise ValueError(f"unknown fault moment {moment!r}; one of {', '.join(MOMENTS)}")
+    _installed[(moment, item_id, step)] = action
+
+
+def clear() -> None:
+    _installed.clear()
+
+
+def stop() -> None:
+    """The action that stops the step where it is."""
+    raise Stopped("stopped by a fault point")
+
+
+def at(moment: str, item_id: str, step: str = "generate") -> None:
+    """A fault point: run what is installed for this moment, item and step, if anything."""
+    action = _installed.pop((moment, item_id, step), None)
+    if action is not None:
+        action()
+    wanted = os.environ.get("IMAGEGEN_STOP_AT")
+    if wanted and wanted in (moment, f"{moment}:{item_id}", f"{step}:{moment}:{item_id}"):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,141 @@
+"""The ledger as a provider's `Journal` for one paid step of one item: every answer of a paid
+call moves its record (`flows.ledger`), settles its budget reservation (`flows.budget`) and
+lets the provider's next call go (`flows.paidcalls`). Fault points (`flows.faults`) name the
+moments a process may stop at."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from flows import faults, paidcalls
+from flows.budget import Reservation, for_run
+from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
+
+
+class ItemJournal:
+    """The ledger as a provider's `Journal` for one paid step of one item.
+
+    A record that cannot be written after its retries stops the step before `sending` (nothing
+    is sent unrecorded); after that the job goes on, its id is logged, and the record is
+    written again at the end of the step (`flush`)."""
+
+    def __init__(self, ledger: JobLedger, record: JobRecord | None, identity: dict[str, Any],
+                 cost: float = 0.0) -> None:
+        self.ledger, self.record, self.identity = ledger, record, identity
+        self.unsaved = False
+        self.cost = cost  # this paid call's estimated credits, reserved against the run's budget
+        self.held: Reservation | None = None
+
+    def _move(self, to: State, **changes: Any) -> None:
+        self.record = move(self.record, to, **{**self.identity, **changes})
+        try:
+            self.ledger.put(self.record)
+        except LedgerConflict:
+            if to is State.SENDING:
+                raise  # another run has this item: nothing is sent from here
+            get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
+                                   self.identity["item_id"], self.identity["step"], to.value,
+                                   f" (job {self.record.job_id})" if self.record.job_id else "")
+        except LedgerUnavailable as exc:
+            if to is State.SENDING:
+                raise
+            self.unsaved = True
+            get_run_logger().error("ledger write failed (%s): %s %s is %s%s; it is recorded again at the end of "
+                                   "the step", exc, self.identity["item_id"], self.identity["step"], to.value,
+                                   f", job {self.record.job_id}" if self.record.job_id else "")
+
+    def flush(self) -> None:
+        if self.unsaved and self.record is not None:
+            self.ledger.put(self.record)
+            self.unsaved = False
+
+    def sending(self) -> None:
+        """Reserve the call's cost (`BudgetReached`: nothing is sent), check that the run may
+        still pay (`flows.paidcalls`: its claim and job slot held, no stop asked; else a
+        `PaidCallRefused` and nothing is sent), then record `sending`."""
+        budget = for_run(flow_run.id)
+        if budget is not None and self.held is not None and not self.held.settled:
+            budget.resend(self.held)  # the same request again, where the provider dedupes
+        elif budget is not None:
+            self.held = budget.reserve(self.identity["provider"], self.cost)
+        try:
+            paidcalls.begin(flow_run.id)
+            self._move(State.SENDING, reason=None)
+        except BaseException:
+            self._answered(given_back=True)
+            raise
+        self._fault("sending")
+
+    def _fault(self, moment: str) -> None:
+        faults.at(moment, self.identity["item_id"], Step(self.identity["step"]).value)
+
+    def _answered(self, *, charged: float | None = None, given_back: bool = False, settle: bool = False) -> None:
+        """The call's answer is in: settle or give back its reservation; the next call may go."""
+        paidcalls.end()
+        budget, held = for_run(flow_run.id), self.held
+        if budget is None or held is None:
+            return
+        if given_back:
+            budget.give_back(held)
+        elif settle or charged is not None:
+            budget.settle(held, charged)
+        budget.answered(held)
+
+    def settle(self, charged: float | None) -> None:
+        """The job is over: what the provider reported it charged (None: the estimate stands)."""
+        self._answered(charged=charged, settle=True)
+
+    def close(self) -> None:
+        """The step is over: a call still holding its provider's send lock lets it go (its
+        reservation stays: maybe charged)."""
+        self._answered()
+
+    def refused(self, error: BaseException) -> None:
+        self._move(State.REFUSED, reason=f"{type(error).__name__}: {error}")
+        self._answered(given_back=True)
+
+    def unknown(self, error: BaseException) -> None:
+        self._move(State.UNKNOWN, reason=f"{type(error).__name__}: {error}")
+        self._answered()
+
+    def submitted(self, job_id: str, charged: float | None = None) -> None:
+        self._fault("answered")
+        if self.identity["step"] is Step.GENERATE:
+            get_run_logger().info("%s: %s accepted request %s as job %s", self.identity["item_id"],
+                                  self.identity["provider"], self.identity["request_id"], job_id)
+        self._move(State.SUBMITTED, job_id=job_id, **({"charged": charged} if charged is not None else {}))
+        self._answered(charged=charged)
+        self._fault("polling")
+
+    def done(self, job_id: str, images: list[bytes]) -> None:
+        self._fault("answered")
+        try:
+            keys = self.ledger.keep_results(self.record, images) if self.record is not None else []
+        except LedgerUnavailable as exc:  # the images are in memory: the step goes on and archives them
+            get_run_logger().error("could not keep the results of %s %s (%s); they are archived from memory",
+                                   self.identity["item_id"], self.identity["step"], exc)
+            keys = []
+        self._move(State.DONE, job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id,
+                   results=keys)
+        self._answered(settle=True)  # a synchronous call: its answer was the results; the estimate stands
+
+    def failed(self, reason: str) -> None:
+        self._move(State.FAILED, reason=reason)
+
+
+def flush_or_log(journal: ItemJournal) -> None:
+    """Record what a step's unsaved writes said; if S3 is still away, log it (the job id is in
+    the log) and go on: the archive step records the item once its images are in S3. The
+    step's paid call lets its provider's next call go, whatever happened."""
+    journal.close()
+    try:
+        journal.flush()
+    except LedgerUnavailable as exc:
+        record = journal.record
+        get_run_logger().error("ledger still unavailable (%s): %s %s stays unrecorded as %s%s", exc,
+                               journal.identity["item_id"], journal.identity["step"],
+                               record.state.value if record else "?",
+                               f", job {record.job_id}" if record and record.job_id else "")

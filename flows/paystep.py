@@ -1,0 +1,307 @@
+"""The owner of every paid step: what a first try, a retry or a rerun does, decided by one table.
+
+Before anything is paid, `decide()` reads the step's ledger record (`flows.ledger`) and what the
+provider can do (`Caps`), and `TABLE` answers with one `Do`. The generate task and the paid
+upscale (`flows.tasks`) call `generate_result()` and `refined()`, which carry the answer out. No
+other code reads a ledger state to choose what to pay for. `docs/paying-once.md` shows the
+table, and `tests/test_paystep.py` names each cell and the test that walks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from blocks.archive import read_json
+from blocks.base import GenerationRequest, ImageProvider, JobResult, Waker
+from blocks.errors import ContentRejected, JobFailed, SubmitUnknown
+from flows import paidcalls
+from flows.journal import ItemJournal, flush_or_log
+from flows.ledger import JobLedger, JobRecord, State, Step
+
+if TYPE_CHECKING:
+    from flows.tasks import ItemPlan
+
+
+class Caps(NamedTuple):
+    """What a provider's paid call allows, as far as paying once goes."""
+
+    dedupes: bool = False  # the same request id returns the job it made (TAMS `requestId`)
+    confirms: bool = False  # its status of a job names our request: a job a callback names can be confirmed
+    synchronous: bool = False  # the answer is the images, given once (Tencent ImageToImage)
+
+    @property
+    def column(self) -> str:
+        """The table's column for these capabilities."""
+        if self.synchronous:
+            return "synchronous"
+        return "dedupes" if self.dedupes else "confirms" if self.confirms else "neither"
+
+
+COLUMNS = ("dedupes", "confirms", "neither", "synchronous")
+ROWS = ("none", "refused", "failed", "sending", "unknown", "submitted", "done, kept", "done", "archived")
+
+
+class Do(Enum):
+    """What the step does."""
+
+    SEND = "send it"
+    SEND_AGAIN = "send again under the same request id (the provider returns the job it made)"
+    NEW_ATTEMPT = "send a new attempt `<id>-<n>` (a failed job is not charged)"
+    POLL = "resume the job by its id: poll, then download"
+    READ_KEPT = "read the kept results back; nothing is sent"
+    CONFIRM = "adopt the job a callback names once the provider's status confirms it; else stop for a person"
+    PERSON = "stop the item for a person (`imagegen ledger resolve`); nothing is sent"
+    LOST = "stop: the answer cannot be given again and its images are gone (`ArchivedImagesLost`)"
+
+
+_UNKNOWN = {"dedupes": Do.SEND_AGAIN, "confirms": Do.CONFIRM, "neither": Do.PERSON, "synchronous": Do.PERSON}
+
+
+def _column(column: str) -> dict[str, Do]:
+    resume = Do.LOST if column == "synchronous" else Do.POLL
+    return {"none": Do.SEND, "refused": Do.SEND, "failed": Do.NEW_ATTEMPT, "sending": _UNKNOWN[column],
+            "unknown": _UNKNOWN[column], "submitted": resume, "done, kept": Do.READ_KEPT, "done": resume,
+            "archived": resume}
+
+
+TABLE: dict[tuple[str, str], Do] = {(row, column): do for column in COLUMNS for row, do in _column(column).items()}
+"""(ledger row, provider column) -> what the step does. A record found `sending` is first moved to
+`unknown` (the process that sent it died, or stopped, before the answer was recorded)."""
+
+
+def row_of(record: JobRecord | None) -> str:
+    """The table's row for a step's ledger record."""
+    if record is None:
+        return "none"
+    if record.state is State.DONE:
+        return "done, kept" if record.results else "done"
+    if record.state in (State.SUBMITTED, State.DONE, State.ARCHIVED) and not record.job_id:
+        return "none"  # a record that names no job has nothing to resume (written by hand)
+    return record.state.value
+
+
+def caps_of(provider: ImageProvider, job_id: str | None = None, step: Step = Step.GENERATE) -> Caps:
+    """The capabilities of `provider`'s paid call of `step` (of the job `job_id`, when known)."""
+    if step is Step.REFINE:
+        return Caps()  # Tencent RefineImage: no idempotency key, a result URL to download again
+    return Caps(dedupes=provider.idempotent_submit,
+                confirms=type(provider).status_names.__func__ is not ImageProvider.status_names.__func__,
+                synchronous=job_id is not None and not provider.can_fetch_again(job_id))
+
+
+def decide(record: JobRecord | None, caps: Caps) -> Do:
+    return TABLE[(row_of(record), caps.column)]
+
+
+def current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
+    """The record if it is of this request; a record of another request does not count."""
+    return record if record is not None and record.base_request_id == base_request_id else None
+
+
+def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Caps, do: Do) -> None:
+    if record is not None:
+        get_run_logger().info("%s %s: ledger %s, %s provider: %s", plan.item_id, step.value, row_of(record),
+                              caps.column, do.name)
+
+
+def unknown_help(plan: ItemPlan, record: JobRecord) -> str:
+    """What a person does about an `unknown` record: the command that settles it."""
+    where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
+    return (f"{plan.item_id}: the {record.step.value} request {record.request_id} may have reached {plan.provider} "
+            f"({record.reason or 'the run stopped while sending it'}), and {plan.provider} cannot be asked for it, "
+            f"so it is not sent again. Look for it in the provider console (prompt and seed are in the ledger), "
+            f"then run `imagegen ledger resolve {where} --job-id <id>` if it exists, or `--not-sent` if it does "
+            f"not; the next run resumes or submits it")
+
+
+def for_a_person(plan: ItemPlan, journal: ItemJournal, cause: BaseException | None = None) -> NoReturn:
+    """Stop the step as `unknown`, with the command that settles it (the one place this is said)."""
+    raise SubmitUnknown(unknown_help(plan, journal.record), provider=plan.provider,  # type: ignore[arg-type]
+                        code="SubmitUnknown") from cause
+
+
+def left_sending(plan: ItemPlan, journal: ItemJournal) -> None:
+    """A record found `sending`: the process sending it stopped before the answer was recorded.
+    It becomes `unknown`, unless this run lost its claim (the sender may be the run holding it)."""
+    paidcalls.ensure_claim(flow_run.id)
+    journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
+
+
+def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Exception:
+    """Why a synchronous call's job is not resumed: an archived item's images are gone, or the
+    answer was never recorded."""
+    from flows.archived import ArchivedImagesLost
+
+    if record.state is not State.ARCHIVED:
+        return SubmitUnknown(unknown_help(plan, record), provider=plan.provider, code="SubmitUnknown")
+    return ArchivedImagesLost(
+        f"{plan.item_id}: its archived images are gone from the bucket, and {plan.provider} cannot give the "
+        f"answer of {record.job_id} again (a synchronous call), so it is not paid for again on its own. To pay for "
+        f"it once more, delete its ledger record s3://{ledger.bucket.bucket_name}/{ledger.key(plan.item_id)} and "
+        "run the date again")
+
+
+# --- generate ------------------------------------------------------------------------------------------
+
+def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -> tuple[ItemJournal, GenerationRequest]:
+    """The generate step's journal over its current record, and the request this attempt sends."""
+    base = plan.request.request_id
+    record = current(ledger.get(plan.item_id), base)
+    attempt = 1 if record is None else record.attempt + (record.state is State.FAILED)
+    rid = base if attempt == 1 else f"{base}-{attempt}"
+    request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
+    identity = {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base, "request_id": rid,
+                "attempt": attempt, "provider": plan.provider, "block": plan.block}
+    return ItemJournal(ledger, record, identity, cost=plan.estimate.credits if plan.estimate else 0.0), request
+
+
+def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, input_ref: str | None) -> tuple[
+        JobResult, ItemJournal, GenerationRequest]:
+    """The generate step, as the table says: the job's result, its journal and the request sent."""
+    journal, request = generate_journal(plan, ledger, input_ref)
+    record = journal.record
+    caps = caps_of(provider, record.job_id if record else None)
+    do = decide(record, caps)
+    _log_decision(plan, Step.GENERATE, record, caps, do)
+    if do is Do.READ_KEPT:
+        return JobResult(job_id=record.job_id or "", images=ledger.read_results(record),  # type: ignore[union-attr]
+                         credits=plan.estimate.credits if plan.estimate else 0.0,
+                         credits_source=plan.estimate.source if plan.estimate else "formula", polls=0), journal, request
+    if do is Do.LOST:
+        raise lost_answer(plan, ledger, record)  # type: ignore[arg-type]
+    if record is not None and record.state is State.SENDING:
+        left_sending(plan, journal)
+    job_id = record.job_id if do is Do.POLL else None  # type: ignore[union-attr]
+    if do is Do.CONFIRM:
+        job_id = settled_by_callback(plan, ledger, journal, provider, request) or for_a_person(plan, journal)
+    elif do is Do.PERSON:
+        for_a_person(plan, journal)
+    return _run_job(plan, provider, ledger, journal, request, job_id), journal, request
+
+
+def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal: ItemJournal,
+             request: GenerationRequest, job_id: str | None) -> JobResult:
+    """Send (or resume) the job and wait for its end; an answer lost on the way is settled once,
+    through callbacks where the provider confirms jobs, else left for a person."""
+    request, waker = with_callback(plan, provider, ledger, request)
+    run = dict(poll_interval=plan.poll_interval, timeout=plan.job_timeout, estimate=plan.estimate,
+               journal=journal, unknown_hold=plan.unknown_hold, waker=waker)
+    try:
+        try:
+            result = provider.run_job(request, job_id=job_id, **run)
+        except SubmitUnknown as exc:
+            if journal.record is None or journal.record.state is not State.UNKNOWN:
+                raise
+            if provider.idempotent_submit:  # asked twice under one id: the next run asks again, paying once
+                raise SubmitUnknown(f"{plan.item_id}: {plan.provider} left request {request.request_id} unanswered "
+                                    "twice; the next run asks again under the same request id", provider=plan.provider,
+                                    code="SubmitUnknown") from exc
+            if not caps_of(provider).confirms:
+                for_a_person(plan, journal, exc)
+            if waker is not None:  # the job's callback names it, where the submit's answer was lost
+                waker.wait(provider.callback_fallback)
+            job_id = settled_by_callback(plan, ledger, journal, provider, request) or for_a_person(plan, journal, exc)
+            result = provider.run_job(request, job_id=job_id, **run)
+        journal.settle(result.credits if result.credits_source == "charged" else None)
+        return result
+    except (JobFailed, ContentRejected) as exc:
+        if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
+            journal.failed(exc.message)
+        raise
+    finally:
+        flush_or_log(journal)
+
+
+def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
+                  request: GenerationRequest) -> tuple[GenerationRequest, Waker | None]:
+    """The request with its own callback URL, and what wakes its wait, where the account's
+    Block names a receiver (`flows.callbacks`); unchanged and None otherwise. Where the Prefect
+    event stream cannot be reached, the job still sends its callback URL (the receiver records
+    it) and is polled as without one."""
+    base = provider.callback_base
+    if not base:
+        return request, None
+    from flows import wakeup
+    from flows.callbacks import JobRef, cached_key, capability_url
+
+    ref = JobRef(provider=plan.provider, block=plan.block, request_id=request.request_id, bucket=plan.archive.bucket,
+                 credentials=plan.archive.credentials, ledger_prefix=ledger.prefix, record_key=ledger.key(plan.item_id))
+    request = request.model_copy(update={"callback_url": capability_url(base, ref, cached_key())})
+    listener = wakeup.listener()
+    if not listener.ready():
+        get_run_logger().warning("%s: the Prefect event stream did not answer in %.0f s; the job is polled, not "
+                                 "woken by its callback", plan.item_id, wakeup.CONNECT_TIMEOUT)
+        return request, None
+    def read_note(job_id: str, state: str, digest: str) -> Any | None:
+        return (read_json(ledger.bucket, ref.heard_key(job_id, state, digest)) or {}).get("body")
+
+    return request, listener.waker(request.request_id, read_note)
+
+
+ADOPT_CANDIDATES = 5
+"""Jobs named by callbacks that are looked up for one lost submit (each costs a status request)."""
+
+
+def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal, provider: ImageProvider,
+                        request: GenerationRequest) -> str | None:
+    """An `unknown` submit settled through its callbacks. A callback naming a job is a hint
+    where to look, never the answer (whoever holds the URL can name any job): a job is adopted
+    only when the provider's own status of it names this request (`ImageProvider.owns_job`),
+    and only if exactly one does. The record then becomes `submitted` with it; else None."""
+    from flows.callbacks import heard_notes
+
+    record = journal.record
+    if record is None:
+        return None
+    named = list(dict.fromkeys(str(n["job_id"]) for n in heard_notes(ledger.bucket, ledger.prefix, record.request_id)
+                               if n.get("job_id")))[:ADOPT_CANDIDATES]
+    owned = [job_id for job_id in named if provider.owns_job(job_id, request)]
+    log = get_run_logger()
+    if len(owned) != len(named):
+        log.warning("%s: the submit's answer was lost; callbacks name %s for request %s, but %s's status of %s does "
+                    "not name this request, so it is not adopted", plan.item_id, ", ".join(named), record.request_id,
+                    plan.provider, ", ".join(j for j in named if j not in owned))
+    if len(owned) != 1:
+        return None
+    log.warning("%s: the submit's answer was lost; %s confirms job %s is request %s's; resuming it (nothing is sent "
+                "again)", plan.item_id, plan.provider, owned[0], record.request_id)
+    journal.submitted(owned[0])
+    return owned[0]
+
+
+# --- the provider's separate paid upscale ---------------------------------------------------------------
+
+def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_id: str, index: int,
+            data: bytes) -> bytes:
+    """Image `index` through the provider's paid upscaler, as the table says: a call already
+    answered is downloaded again or read back, never paid twice."""
+    base = hashlib.sha256(f"{request_id}:refine:{index}".encode()).hexdigest()[:32]
+    record = current(ledger.get(plan.item_id, Step.REFINE, index), base)
+    journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
+                                           "base_request_id": base, "request_id": base, "attempt": 1,
+                                           "provider": plan.provider, "block": plan.block},
+                          cost=plan.refine_credits / max(1, plan.request.count))
+    caps = caps_of(provider, step=Step.REFINE)
+    do = decide(record, caps)
+    _log_decision(plan, Step.REFINE, record, caps, do)
+    if do is Do.READ_KEPT:
+        return ledger.read_results(record)[0]  # type: ignore[arg-type]
+    if do is Do.PERSON:
+        if record is not None and record.state is State.SENDING:
+            left_sending(plan, journal)
+        for_a_person(plan, journal)
+    resume = record.job_id if do is Do.POLL else None  # type: ignore[union-attr]
+    try:
+        return provider.refine(data, journal, result_url=resume)  # type: ignore[call-arg]
+    except SubmitUnknown as exc:
+        if journal.record is None or journal.record.state is not State.UNKNOWN:
+            raise
+        for_a_person(plan, journal, exc)
+    finally:
+        flush_or_log(journal)

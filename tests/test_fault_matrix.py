@@ -1,0 +1,216 @@
+"""The fault matrix: every moment of a paid step, stopped, on every provider; and the provider's
+own faults at the moments they happen. Each cell is a real run in this process (real HTTP to the
+emulators, the real S3 ledger, the real Prefect API) stopped at a fault point (`flows.faults`),
+then rerun until it completes, with a person settling what only a person can. It holds when the
+emulators charged each image exactly once (per their own counts) and every item is archived.
+
+The outcome of each cell is compared with the table in `docs/paying-once.md` ("The fault
+matrix"), so the table says what was measured. A stop here ends the step where it is and unwinds
+it, as a stopped process leaves its records; the real SIGKILL tests (`test_pay_once.py`,
+`test_limits_and_faults.py`) stop whole processes, leases and all.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows import faults
+from flows.cli import main as imagegen
+from flows.ledger import JobLedger, State, Step
+from flows.spec import load_spec
+from tests.conftest import run_spec
+from tests.test_limits_and_faults import manifest_of
+from tests.test_pay_once import charges, emulators, inject, spec_text, stats  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.faults  # its own tier: `make faults`
+
+ROOT = Path(__file__).parent.parent
+DOC = ROOT / "docs" / "paying-once.md"
+DAY = date(2026, 8, 1)
+MAX_RERUNS = 3
+
+STOPPED = ("slot", "sending", "answered", "polling", "generated", "archiving")
+REFINE_STOPPED = ("sending", "answered", "polling")
+COLUMNS = {"tams": "tams", "chuzhan": "chuzhan", "tencent": "tencent", "tencent RefineImage": "tencent"}
+
+PROVIDER_FAULTS = {  # fault -> provider -> what the emulator is told (the next matching call)
+    "5xx, nothing created": {
+        "tams": {"kind": "http_500", "count": 1, "method": "POST", "path": "/v1/jobs", "exact": True},
+        "chuzhan": {"kind": "error_before", "count": 1},
+        "tencent": {"code": "InternalError", "count": 1, "action": "SubmitTextToImageJob"}},
+    "refused (an account error)": {
+        "tencent": {"code": "ResourceUnavailable.InArrears", "count": 1, "action": "SubmitTextToImageJob"}},
+    "answer cut, job created": {
+        "tams": {"kind": "drop", "count": 1, "method": "POST", "path": "/v1/jobs", "exact": True},
+        "chuzhan": {"kind": "drop_after", "count": 1},
+        "tencent": {"kind": "drop", "after": True, "count": 1, "action": "SubmitTextToImageJob"}},
+    "5xx after the job was created": {  # (TAMS answers no error after creating a job)
+        "chuzhan": {"kind": "error_after", "count": 1},
+        "tencent": {"kind": "http_502", "after": True, "count": 1, "action": "SubmitTextToImageJob"}},
+    "5xx while polling": {
+        "tams": {"kind": "http_500", "count": 2, "method": "GET", "path": "/v1/jobs/"},
+        "tencent": {"code": "InternalError", "count": 2, "action": "QueryTextToImageJob"}},
+}
+
+
+def doc_table() -> dict[tuple[str, str, str], str]:
+    """The matrix as `docs/paying-once.md` states it: (column, moment, fault) -> outcome."""
+    text = DOC.read_text().split("## The fault matrix", 1)[1]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    out = {}
+    for line in rows[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        fault, moment = cells[0], cells[1].strip("`")
+        for column, outcome in zip(header[2:], cells[2:], strict=True):
+            if outcome != "-":
+                out[(column, moment, fault)] = outcome
+    return out
+
+
+def spec_for(column: str, name: str, n: int) -> str:
+    text = spec_text(COLUMNS[column], name, n, run=", max_parallel: 8")
+    if column == "tencent RefineImage":
+        text = text.replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
+    return text
+
+
+def settle_as_a_person(provider: str, path: Path, name: str) -> list[str]:
+    """Every item left `unknown` (or `sending`) resolved as a person would from the provider's
+    console: with the job made for its prompt, or `--not-sent` where there is none (a paid
+    upscale has no job to name: it is sent again)."""
+    spec = load_spec(path)
+    settled = []
+    for record in JobLedger(spec.archive, spec.name, DAY).records():
+        if record.state not in (State.UNKNOWN, State.SENDING):
+            continue
+        how = ["--not-sent"]
+        if record.step is Step.GENERATE:
+            prompt = f"item {record.item_id.removeprefix('i')} of {name}"
+            made = stats_jobs(provider)
+            job = next((j for j, v in made.items() if v["prompt"] == prompt), None)
+            how = ["--job-id", job] if job else how
+        extra = ["--step", "refine", "--index", str(record.index)] if record.step is Step.REFINE else []
+        assert imagegen(["ledger", "resolve", str(path), record.item_id, "--run-date", DAY.isoformat(),
+                         *extra, *how]) == 0
+        settled.append(f"{record.item_id}/{record.step.value}")
+    return settled
+
+
+_EMULATORS = {}
+
+
+def stats_jobs(provider: str) -> dict:
+    found = stats(_EMULATORS["state"], provider)
+    return found["tasks" if provider == "chuzhan" else "jobs"]
+
+
+def rerun_until_done(tmp_path: Path, path: Path, name: str, provider: str) -> tuple[object, list[str]]:
+    """Rerun the date (a person settling what the run leaves for one) until it completes."""
+    settled: list[str] = []
+    for _ in range(MAX_RERUNS):
+        state = run_spec(tmp_path, path.read_text(), DAY, path=path)
+        if state.is_completed():
+            return state, settled
+        settled += settle_as_a_person(provider, path, name)
+    return state, settled
+
+
+def decisions(text: str) -> dict[str, tuple[str, str]]:
+    """The cell (ledger row, action) each item's step took when first rerun, from the log
+    (`flows.paystep`): `i1 generate` -> ("sending", "CONFIRM")."""
+    found: dict[str, tuple[str, str]] = {}
+    for step, row, action in re.findall(r"(\S+ (?:generate|refine)): ledger (.+?), \w+ provider: (\w+)", text):
+        found.setdefault(step, (row, action))
+    return found
+
+
+RERUN_TAKES = {  # moment -> provider column -> the cell its step's rerun takes first (none: no record)
+    "sending": {"dedupes": ("sending", "SEND_AGAIN"), "confirms": ("sending", "CONFIRM"),
+                "neither": ("sending", "PERSON")},
+    "answered": {"dedupes": ("sending", "SEND_AGAIN"), "confirms": ("sending", "CONFIRM"),
+                 "neither": ("sending", "PERSON")},
+    "polling": {c: ("submitted", "POLL") for c in ("dedupes", "confirms", "neither")},
+    "generated": {c: ("submitted", "POLL") for c in ("dedupes", "confirms", "neither")},
+    "archiving": {c: ("submitted", "POLL") for c in ("dedupes", "confirms", "neither")},
+}
+COLUMN_OF = {"tams": "dedupes", "chuzhan": "confirms", "tencent": "neither", "tencent RefineImage": "neither"}
+
+
+def outcome(settled: list[str], item: str, paid: int) -> str:
+    if any(s.startswith(item + "/") for s in settled):
+        return "person" if paid == 1 else f"person, paid {paid}x"
+    return "held" if paid == 1 else f"PAID {paid}x"
+
+
+@pytest.fixture()
+def matrix(emulators, tmp_path, caplog):
+    """Faults cleared around each test; task-run INFO lines (the paid step's decisions) logged."""
+    logger = logging.getLogger("prefect.task_runs")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    caplog.set_level(logging.INFO, logger="prefect.task_runs")
+    _EMULATORS["state"] = emulators
+    faults.clear()
+    yield
+    faults.clear()
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("column", list(COLUMNS))
+def test_a_step_stopped_at_any_moment_is_paid_once_on_the_rerun(matrix, emulators, tmp_path, caplog, column) -> None:
+    """One item per moment, each stopped there; the reruns archive every item, the emulator
+    charged each image once, and the items a person settled are those the table says."""
+    provider, refine = COLUMNS[column], column.endswith("RefineImage")
+    moments = REFINE_STOPPED if refine else STOPPED
+    name = f"matrix-stop-{column.replace(' ', '-').lower()}"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(spec_for(column, name, len(moments)))
+    refines_before = refine_charges(emulators) if refine else 0
+    for k, moment in enumerate(moments):
+        faults.install(moment, f"i{k}", faults.stop, step="refine" if refine else "generate")
+    first = run_spec(tmp_path, path.read_text(), DAY, path=path)
+    assert not first.is_completed(), "every item was stopped somewhere"
+    errors = {i["item"]: i["error"]["error"] for i in manifest_of(first)["items"] if i.get("error")}
+    assert set(errors) == {f"i{k}" for k in range(len(moments))} and set(errors.values()) == {"Stopped"}, errors
+    state, settled = rerun_until_done(tmp_path, path, name, provider)
+    assert state.is_completed(), manifest_of(state)
+    paid = charges(emulators, provider, name)
+    assert paid == {f"item {k} of {name}": 1 for k in range(len(moments))}, paid
+    seen = {(column, moment, "stop"): outcome(settled, f"i{k}", 1) for k, moment in enumerate(moments)}
+    if refine:  # a RefineImage answer lost with its process cannot be asked for again: a person sends it again
+        refines = refine_charges(emulators) - refines_before
+        assert refines == len(moments) + 1, f"RefineImage charged {refines} times for {len(moments)} images"
+    took = decisions(caplog.text)
+    print(column, seen, took)
+    for k, moment in enumerate(moments):
+        step = "refine" if refine else "generate"
+        assert took.get(f"i{k} {step}") == RERUN_TAKES.get(moment, {}).get(COLUMN_OF[column]), (moment, took)
+    expected = doc_table()
+    assert seen == {key: expected.get(key) for key in seen}, (seen, settled)
+
+
+def refine_charges(state) -> int:
+    return sum(v["charges"] for v in stats(state, "tencent")["paid"].values() if v["label"].startswith("RefineImage"))
+
+
+@pytest.mark.parametrize(("fault", "provider"), [(f, p) for f, by in PROVIDER_FAULTS.items() for p in by])
+def test_a_provider_fault_is_paid_once_on_the_rerun(matrix, emulators, tmp_path, caplog, fault, provider) -> None:
+    """The provider's own fault at its moment, on one item: the run (or its task's retries) and
+    the reruns end with it archived and charged once."""
+    name = f"matrix-{provider}-{re.sub(r'[^a-z0-9]+', '-', fault.lower()).strip('-')}"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(spec_for(provider, name, 1))
+    inject(emulators, provider, **PROVIDER_FAULTS[fault][provider])
+    state, settled = rerun_until_done(tmp_path, path, name, provider)
+    assert state.is_completed(), manifest_of(state)
+    paid = charges(emulators, provider, name)
+    moment = "polling" if "polling" in fault else "sending"
+    got = outcome(settled, "i0", paid.get(f"item 0 of {name}", 0))
+    assert got == doc_table().get((provider, moment, fault)), (got, decisions(caplog.text))
+    assert paid == {f"item 0 of {name}": 1}
