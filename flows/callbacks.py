@@ -277,9 +277,8 @@ class Receiver:
         headers = {"Connection": "close"} if status != 200 else None
         if self._may_wake(ref.request_id):
             try:
-                if raw is not None:
-                    await run_in_threadpool(keep_unreadable, ref, raw, reason)
-                await run_in_threadpool(self.announce, ref, "", UNREADABLE)
+                digest = await run_in_threadpool(keep_unreadable, ref, raw, reason)
+                await run_in_threadpool(self.announce, ref, "", UNREADABLE, digest)
             except Exception as failure:  # noqa: BLE001 - S3 or the Prefect API away: let the provider retry
                 with self._lock:
                     self._woke.pop(ref.request_id, None)
@@ -421,22 +420,24 @@ def announce(ref: JobRef, job_id: str, state: str, client: Any, digest: str = ""
     client.request("POST", "/events", json=[event.model_dump(mode="json")]).raise_for_status()
 
 
-def keep_unreadable(ref: JobRef, raw: bytes, reason: str) -> bool:
-    """Keep an unreadable body (its first `KEPT_RAW` characters) as a note beside the heard
-    notes, once per distinct body: what the provider really sends, for whoever fixes its Block."""
+def keep_unreadable(ref: JobRef, raw: bytes | None, reason: str) -> str:
+    """Keep an unreadable body (its first `KEPT_RAW` characters; none, for a body refused before
+    it was read) as a note beside the heard notes, once per distinct body: what the provider
+    really sends, for whoever fixes its Block, and what confirms the wake-up it causes. Returns
+    the note's body digest."""
     from blocks.archive import archive_bucket
     from flows.ledger import PreconditionFailed, put_conditionally
 
-    digest = body_digest(raw)
+    digest = body_digest(raw if raw is not None else reason.encode())
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": None,
             "state": UNREADABLE, "reason": reason, "heard_at": datetime.now(timezone.utc).isoformat(),
-            "size": len(raw), "raw": raw.decode("utf-8", errors="replace")[:KEPT_RAW]}
+            "size": len(raw or b""), "raw": (raw or b"").decode("utf-8", errors="replace")[:KEPT_RAW]}
     try:
         put_conditionally(archive_bucket(ref.bucket, ref.credentials), ref.heard_key("", UNREADABLE, digest),
                           json.dumps(note, sort_keys=True).encode(), if_match=None)
     except PreconditionFailed:
-        return False
-    return True
+        pass  # the same body was kept before
+    return digest
 
 
 def serve(host: str, port: int) -> None:

@@ -238,8 +238,11 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
         get_run_logger().warning("%s: the Prefect event stream did not answer in %.0f s; the job is polled, not "
                                  "woken by its callback", plan.item_id, wakeup.CONNECT_TIMEOUT)
         return request, None
-    def read_note(job_id: str, state: str, digest: str) -> Any | None:
-        return (read_json(ledger.bucket, ref.heard_key(job_id, state, digest)) or {}).get("body")
+    def read_note(job_id: str, state: str, digest: str) -> dict[str, Any] | None:
+        try:
+            return read_json(ledger.bucket, ref.heard_key(job_id, state, digest))
+        except Exception:  # noqa: BLE001 - S3 away: the wake-up is not confirmed; the job is polled as without one
+            return None
 
     return request, listener.waker(request.request_id, read_note)
 

@@ -10,8 +10,11 @@ heard while a connection was being made is not missed. A callback heard before i
 is kept until the task asks.
 
 Anyone who may post events to the Prefect API can post this one. So an event is only a reason
-to look: a waiter takes only events naming its own job (or no job: a body the receiver could
-not read), and the Block looks at most once per `callback_wake_gap` seconds however many come.
+to look, and only once confirmed: a waiter takes only events naming its own job (or no job: a
+body the receiver could not read), and only those whose heard note the receiver wrote in S3
+before posting the event (an event posted straight to the Prefect API has none, and costs one
+S3 read, never a status request). A holder of the job's callback URL can still make the receiver
+write notes; the Block then looks at most once per `callback_wake_gap` seconds however many come.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Listener:
         self._heard: dict[str, dict[str, tuple[float, str, str]]] = {}  # request id -> job id -> (when, state, body)
         self._cond = threading.Condition()
         self._ready = threading.Event()
-        self.woken: deque[str] = deque(maxlen=10_000)  # request ids whose wait a callback ended, latest last
+        self.woken: deque[str] = deque(maxlen=10_000)  # request ids whose wait a recorded callback ended, latest last
         context = contextvars.copy_context()  # the caller's Prefect settings (its API URL) go with it
         threading.Thread(target=context.run, args=(lambda: asyncio.run(self._listen()),), name="imagegen-callbacks",
                          daemon=True).start()
@@ -101,7 +104,6 @@ class Listener:
         with self._cond:
             if not self._cond.wait_for(take, timeout=seconds):
                 return None
-            self.woken.append(request_id)
             return taken[0]
 
     def waker(self, request_id: str, read_note: Callable[[str, str, str], Any | None]) -> JobWaker:
@@ -112,18 +114,34 @@ class JobWaker:
     """A `blocks.base.Waker` for one request id; `read_note(job id, state, body digest)` reads
     the body the receiver kept of a callback (its heard note, named by the event)."""
 
-    def __init__(self, listener: Listener, request_id: str, read_note: Callable[[str, str, str], Any | None]) -> None:
+    def __init__(self, listener: Listener, request_id: str,
+                 read_note: Callable[[str, str, str], dict[str, Any] | None]) -> None:
         self.listener, self.request_id, self.read_note = listener, request_id, read_note
         self.last: tuple[str, str, str] | None = None
+        self.note: dict[str, Any] | None = None
+        self.unconfirmed: set[tuple[str, str, str]] = set()  # events with no heard note: read once, then ignored
 
     def wait(self, seconds: float, job_id: str | None = None) -> bool:
-        self.last = self.listener.wait(self.request_id, seconds, job_id)
-        return self.last is not None
+        """True once a callback the receiver recorded is heard; events it did not record (posted
+        straight to the Prefect API) are passed over, and the wait goes on for the rest of `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.last = self.listener.wait(self.request_id, max(0.0, deadline - time.monotonic()), job_id)
+            if self.last is None:
+                return False
+            if self.last not in self.unconfirmed:
+                self.note = self.read_note(*self.last)
+                if self.note is not None:
+                    self.listener.woken.append(self.request_id)
+                    return True
+                self.unconfirmed.add(self.last)
+                log.warning("a callback event for request %s names job %s, but the receiver recorded no such callback; "
+                            "it is ignored (forged, or posted by hand)", self.request_id, self.last[0] or "-")
 
     def heard(self) -> Any | None:
-        if self.last is None or not self.last[0] or self.last[1] == UNREADABLE:
+        if self.last is None or self.note is None or not self.last[0] or self.last[1] == UNREADABLE:
             return None  # an unreadable body kept no job's callback to read
-        return self.read_note(*self.last)
+        return self.note.get("body")
 
 
 _listener: list[Listener] = []
