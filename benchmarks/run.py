@@ -190,7 +190,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Latency {cfg['latency']} s a job, poll interval {cfg['poll_interval']} s, "
         f"max_parallel {cfg['max_parallel']}, moderation {'on' if cfg['moderation'] else 'off'}; "
-        f"Prefect API: {cfg['prefect_api']}; {cfg['machine']}.",
+        f"Prefect API: {cfg['prefect_api']}; {cfg['machine']}; "
+        f"{cfg.get('background_load', 0)} busy-loop process(es) beside each run.",
         "",
         f"| workload ({'/'.join(PROVIDERS)}) | way | database | wall s | ceiling s | of ceiling | of polling ceiling "
         "| polls/job | violations | CPU s/image | peak RSS MB | vs baseline | result |",
@@ -220,6 +221,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def background_load(n: int) -> list[subprocess.Popen]:
+    """N processes that keep a core busy each, until killed: the other work of a busy machine."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[300], help="items of the mixed workload per run")
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-url", help="use this Prefect API instead of starting a server")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, specs) for inspection")
+    parser.add_argument("--background-load", type=int, default=0, metavar="N",
+                        help="N busy-loop processes beside every measured run, as on a busy worker machine")
     args = parser.parse_args(argv)
     if args.database == "auto":
         args.database = "postgres" if binaries() is not None else "sqlite"
@@ -276,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         save_variants(api, receiver_url)
         database = "given" if args.api_url else args.database
         runs: list[dict[str, Any]] = []
+        load = background_load(args.background_load)
+        if load:
+            say(f"{len(load)} busy-loop process(es) running beside every run")
 
         def measure(workload: Workload, side: str, mode: str, label: str, run_env: dict[str, str],
                     on: str) -> dict[str, Any]:
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": {"latency": args.latency, "poll_interval": args.poll_interval, "max_parallel": args.max_parallel,
-                       "moderation": not args.no_moderation,
+                       "moderation": not args.no_moderation, "background_load": args.background_load,
                        "prefect_api": "given" if args.api_url else f"prefect server start ({args.database})",
                        "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}"},
             "polls_needed": polls_needed(args.latency, args.poll_interval), "runs": runs,
@@ -330,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + table)
         return 0 if all(r["status"] == "complete" for r in runs) else 1
     finally:
+        for busy in locals().get("load") or []:
+            busy.kill()
         if receiver is not None:
             stop(receiver)
         if server is not None:
