@@ -10,6 +10,7 @@ takes its slot, strictly. This module is setup only; taking slots at run time is
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,9 +115,10 @@ def _read_imagegen_limits(client) -> list:  # noqa: ANN001
         offset += 200
 
 
-def show_limits(leases: Path | None = None) -> list[dict[str, object]]:
+def show_limits(leases: Path | None = None, reclaim: Callable[[], object] | None = None) -> list[dict[str, object]]:
     """The imagegen limits on the current Prefect API with their current usage (the slots of
-    expired leases freed first, where this process is the one to do it). Run claims
+    expired leases freed first by `reclaim`, which the run-time layer passes: `flows.slots`
+    builds on this module, not the other way). Run claims
     (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held.
 
     With `leases` (the server's filesystem lease storage), each in-flight limit also gets
@@ -126,9 +128,8 @@ def show_limits(leases: Path | None = None) -> list[dict[str, object]]:
     counted as unleased."""
     from prefect.client.orchestration import get_client
 
-    from flows.slots import reclaim_expired
-
-    reclaim_expired(force=True)
+    if reclaim is not None:
+        reclaim()
     with get_client(sync_client=True) as client:
         before = _read_imagegen_limits(client)
         held = leased_slots(leases) if leases is not None and leases.is_dir() else None

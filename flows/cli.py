@@ -197,7 +197,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
-    from deployments.limits import apply_limits, reset_limit, show_limits
+    from deployments.limits import apply_limits, reset_limit
+    from flows.slots import limits_in_use
 
     if args.action == "reset":
         if not args.name:
@@ -223,7 +224,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
             print(f"applied {name}: " + (f"rate {decay}/s" if decay else f"{limit} in flight"))
         return 0
     leases = Path(args.leases) if args.leases else local_lease_storage()
-    rows = show_limits(leases)
+    rows = limits_in_use(leases)
     for row in rows:
         kind = f"rate {row['slot_decay_per_second']}/s" if row["slot_decay_per_second"] else f"limit {row['limit']}"
         orphans = (f", {row['unleased']} held by no live lease (free: imagegen limits reset {row['name']})"

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.limits import apply_limits, load_limits, show_limits, wanted_limits
+from deployments.limits import apply_limits, load_limits, wanted_limits
+from flows.slots import limits_in_use
 from flows.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tams_stats
 
@@ -83,7 +84,7 @@ def test_limits_apply_is_idempotent_and_shows_usage(sandbox_blocks) -> None:
     first = apply_limits({"tams": ["acct-a"]})
     again = apply_limits({"tams": ["acct-a"]})
     assert first == again == {"imagegen:tams:acct-a:rate:api": (1, 4.5)}
-    shown = [r for r in show_limits() if r["name"] == "imagegen:tams:acct-a:rate:api"]
+    shown = [r for r in limits_in_use() if r["name"] == "imagegen:tams:acct-a:rate:api"]
     assert len(shown) == 1 and shown[0]["slot_decay_per_second"] == 4.5 and shown[0]["limit"] == 1
     out = subprocess.run([sys.executable, "-m", "flows.cli", "limits", "show"], capture_output=True, text=True,
                          env=cli_env(), cwd=ROOT, timeout=120)
@@ -337,7 +338,7 @@ def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_block
     for thread in threads:
         thread.join(timeout=60)
     assert peak[0] == 1
-    slots = {r["name"]: r["active_slots"] for r in show_limits()}
+    slots = {r["name"]: r["active_slots"] for r in limits_in_use()}
     assert slots["imagegen:tencent:slots-test:jobs:SubmitTextToImageJob"] == 0
 
 

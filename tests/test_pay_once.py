@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.limits import show_limits
+from flows.slots import limits_in_use
 from flows.ledger import JobLedger, LedgerConflict, State
 from flows.spec import ArchiveSettings
 from flows.spec import load_spec
@@ -294,7 +294,7 @@ def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_pat
     # A lease the dead run renewed last may outlive the rerun by a few seconds: it frees itself
     # within one lease period of the kill, and nothing else may still hold the lanes.
     def lanes_free() -> bool:
-        return all(r["active_slots"] == 0 for r in show_limits() if f":{provider}:sandbox:jobs:" in str(r["name"]))
+        return all(r["active_slots"] == 0 for r in limits_in_use() if f":{provider}:sandbox:jobs:" in str(r["name"]))
 
     wait_for(lanes_free, "the dead run's last lease", timeout=max(5.0, 90 - (time.monotonic() - started)))
 
