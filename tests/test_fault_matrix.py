@@ -36,7 +36,10 @@ MAX_RERUNS = 3
 
 STOPPED = ("slot", "sending", "answered", "polling", "generated", "archiving")
 REFINE_STOPPED = ("sending", "answered", "polling")
-COLUMNS = {"tams": "tams", "chuzhan": "chuzhan", "tencent": "tencent", "tencent RefineImage": "tencent"}
+SYNC_STOPPED = ("slot", "sending", "answered", "generated", "archiving")
+COLUMNS = {"tams": "tams", "chuzhan": "chuzhan", "tencent": "tencent", "tencent RefineImage": "tencent",
+           "tencent ImageToImage": "tencent"}
+ASSET = ROOT / "pipelines" / "assets" / "sneaker-sketch.png"
 
 PROVIDER_FAULTS = {  # fault -> provider -> what the emulator is told (the next matching call)
     "5xx, nothing created": {
@@ -77,6 +80,9 @@ def spec_for(column: str, name: str, n: int) -> str:
     text = spec_text(COLUMNS[column], name, n, run=", max_parallel: 8")
     if column == "tencent RefineImage":
         text = text.replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
+    if column == "tencent ImageToImage":  # a synchronous call: its answer is the image, given once
+        text = text.replace("options: {LogoAdd: 0}", 'options: {LogoAdd: 0, Resolution: "768:1024"}')
+        text = text.replace("'}\n", f"', input_image: {ASSET}}}\n")
     return text
 
 
@@ -139,7 +145,10 @@ RERUN_TAKES = {  # moment -> provider column -> the cell its step's rerun takes 
     "generated": {c: ("submitted", "POLL") for c in ("dedupes", "confirms", "neither")},
     "archiving": {c: ("submitted", "POLL") for c in ("dedupes", "confirms", "neither")},
 }
-COLUMN_OF = {"tams": "dedupes", "chuzhan": "confirms", "tencent": "neither", "tencent RefineImage": "neither"}
+COLUMN_OF = {"tams": "dedupes", "chuzhan": "confirms", "tencent": "neither", "tencent RefineImage": "neither",
+             "tencent ImageToImage": "synchronous"}
+RERUN_TAKES_SYNC = {"sending": ("sending", "PERSON"), "answered": ("sending", "PERSON"),  # no job id yet: `neither`
+                    "generated": ("done, kept", "READ_KEPT"), "archiving": ("done, kept", "READ_KEPT")}
 
 
 def outcome(settled: list[str], item: str, paid: int) -> str:
@@ -167,7 +176,7 @@ def test_a_step_stopped_at_any_moment_is_paid_once_on_the_rerun(matrix, emulator
     """One item per moment, each stopped there; the reruns archive every item, the emulator
     charged each image once, and the items a person settled are those the table says."""
     provider, refine = COLUMNS[column], column.endswith("RefineImage")
-    moments = REFINE_STOPPED if refine else STOPPED
+    moments = REFINE_STOPPED if refine else SYNC_STOPPED if column.endswith("ImageToImage") else STOPPED
     name = f"matrix-stop-{column.replace(' ', '-').lower()}"
     path = tmp_path / f"{name}.yaml"
     path.write_text(spec_for(column, name, len(moments)))
@@ -181,18 +190,22 @@ def test_a_step_stopped_at_any_moment_is_paid_once_on_the_rerun(matrix, emulator
     state, settled = rerun_until_done(tmp_path, path, name, provider)
     assert state.is_completed(), manifest_of(state)
     paid = charges(emulators, provider, name)
-    assert paid == {f"item {k} of {name}": 1 for k in range(len(moments))}, paid
-    seen = {(column, moment, "stop"): outcome(settled, f"i{k}", 1) for k, moment in enumerate(moments)}
+    seen = {(column, moment, "stop"): outcome(settled, f"i{k}", paid.get(f"item {k} of {name}", 0))
+            for k, moment in enumerate(moments)}
     if refine:  # a RefineImage answer lost with its process cannot be asked for again: a person sends it again
         refines = refine_charges(emulators) - refines_before
         assert refines == len(moments) + 1, f"RefineImage charged {refines} times for {len(moments)} images"
     took = decisions(caplog.text)
     print(column, seen, took)
+    takes = RERUN_TAKES_SYNC if column.endswith("ImageToImage") else \
+        {m: by.get(COLUMN_OF[column]) for m, by in RERUN_TAKES.items()}
     for k, moment in enumerate(moments):
         step = "refine" if refine else "generate"
-        assert took.get(f"i{k} {step}") == RERUN_TAKES.get(moment, {}).get(COLUMN_OF[column]), (moment, took)
+        assert took.get(f"i{k} {step}") == takes.get(moment), (moment, took)
     expected = doc_table()
     assert seen == {key: expected.get(key) for key in seen}, (seen, settled)
+    assert all(paid.get(f"item {k} of {name}") == 1 for k, m in enumerate(moments)
+               if seen[(column, m, "stop")] == "held"), paid
 
 
 def refine_charges(state) -> int:
@@ -214,3 +227,22 @@ def test_a_provider_fault_is_paid_once_on_the_rerun(matrix, emulators, tmp_path,
     got = outcome(settled, "i0", paid.get(f"item 0 of {name}", 0))
     assert got == doc_table().get((provider, moment, fault)), (got, decisions(caplog.text))
     assert paid == {f"item 0 of {name}": 1}
+
+
+def test_a_synchronous_answer_whose_archived_image_is_lost_is_not_paid_again(matrix, emulators, tmp_path) -> None:
+    """Tencent ImageToImage answers once, with the image. When that image is gone from the
+    archive after its run, the rerun cannot fetch it again, and does not pay for it again on its
+    own: the item fails `ArchivedImagesLost`, naming how to pay once more; the emulator charged
+    once."""
+    from tests.conftest import TEST_BUCKET, s3_client
+
+    name = "matrix-sync-lost"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(spec_for("tencent ImageToImage", name, 1))
+    assert run_spec(tmp_path, path.read_text(), DAY, path=path).is_completed()
+    s3 = s3_client(emulators)
+    s3.delete_object(Bucket=TEST_BUCKET, Key=f"{name}/{DAY}/i0-1.png")
+    again = run_spec(tmp_path, path.read_text(), DAY, path=path)
+    errors = {i["item"]: i["error"] for i in manifest_of(again)["items"] if i.get("error")}
+    assert errors["i0"]["error"] == "ArchivedImagesLost" and "delete its ledger record" in errors["i0"]["message"], errors
+    assert charges(emulators, "tencent", name) == {f"item 0 of {name}": 1}

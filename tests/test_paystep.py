@@ -32,6 +32,9 @@ WALKED_BY: dict[tuple[str, str], list[str]] = {
     ("unknown", "neither"): ["tests/test_pay_once.py::test_a_person_can_say_not_sent_and_the_next_run_submits_it"],
     **{("done, kept", c): ["tests/test_review.py::test_human_approval_pauses_and_resumes_with_decisions"]
        for c in ("dedupes",)},
+    ("done, kept", "synchronous"): [MATRIX],
+    ("archived", "synchronous"): [
+        "tests/test_fault_matrix.py::test_a_synchronous_answer_whose_archived_image_is_lost_is_not_paid_again"],
     **{("archived", c): ["tests/test_archive_last_word.py::test_an_image_lost_from_the_archive_is_fetched_again_not_paid_again"]
        for c in ("dedupes", "confirms", "neither")},
 }
@@ -88,8 +91,8 @@ def test_the_tests_named_for_a_cell_exist() -> None:
 
 UNWALKED = sorted([
     ("failed", "confirms"), ("failed", "neither"), ("failed", "synchronous"),
-    ("done, kept", "confirms"), ("done, kept", "neither"), ("done, kept", "synchronous"),
+    ("done, kept", "confirms"), ("done, kept", "neither"),
     ("done", "dedupes"), ("done", "confirms"), ("done", "neither"), ("done", "synchronous"),
     ("refused", "synchronous"), ("sending", "synchronous"), ("unknown", "synchronous"),
-    ("submitted", "synchronous"), ("archived", "synchronous"),
+    ("submitted", "synchronous"),
 ])
