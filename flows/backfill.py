@@ -61,16 +61,67 @@ def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None
                      spec.archive.manifest_key(spec.name, run_date))
 
 
-def estimate_range(spec: PipelineSpec, dates: list[date]) -> float:
-    """Credits the dates would cost (items already archived on a date cost nothing)."""
+def estimate_dates(spec: PipelineSpec, dates: list[date]) -> dict[date, dict[str, float]]:
+    """Credits each date would cost, per provider (items already archived on a date cost nothing)."""
     from flows.pipeline import archived_before, estimate_plans, plan_items
 
-    total, cache = 0.0, {}
+    out, cache = {}, {}
     for run_date in dates:
         plans = [p for p in plan_items(spec, "", run_date, "") if archived_before(p) is None]
         per_provider, _ = estimate_plans(plans, cache)
-        total += sum(per_provider.values())
-    return round(total, 4)
+        out[run_date] = {provider: float(credits) for provider, credits in per_provider.items()}
+    return out
+
+
+def estimate_range(spec: PipelineSpec, dates: list[date]) -> float:
+    """Credits the dates would cost (items already archived on a date cost nothing)."""
+    return round(sum(sum(by.values()) for by in estimate_dates(spec, dates).values()), 4)
+
+
+class Pool:
+    """The backfill's `max_credits`, held on what the dates' runs were charged. Each date's run
+    is started with a cap of its own (`allot`): what is left of the pool after the dates
+    running and the estimates of the dates still waiting, and never above the spec's own cap.
+    A date that was charged more than its estimate takes from that slack, and from then on every
+    estimate is scaled by the highest charge/quote ratio seen; a date whose (scaled) estimate no
+    longer fits is not started. So the dates together are never charged more than the cap, save
+    what one paid call's answer takes past its date's cap before the higher price was seen."""
+
+    def __init__(self, cap: float | None, estimates: dict[date, dict[str, float]], spec_caps: dict[str, float]) -> None:
+        self.cap, self.estimates, self.spec_caps = cap, estimates, spec_caps
+        self.charged, self.allotted = 0.0, {}
+        self.ratio = 1.0  # the highest charge/estimate seen in a date's run: estimates scaled by it from then on
+
+    def allot(self, run_date: date, waiting: list[date]) -> dict[str, float] | None:
+        """This date's per-provider cap; None (no cap from the pool) without a backfill cap.
+        `PoolSpent` when what is left does not cover its estimate."""
+        if self.cap is None:
+            return None
+        later = self.ratio * sum(sum(self.estimates.get(d, {}).values()) for d in waiting)
+        left = self.cap - self.charged - sum(self.allotted.values()) - later
+        mine = self.estimates.get(run_date, {})
+        need = self.ratio * sum(mine.values())
+        if left + 1e-9 < need:
+            raise PoolSpent(f"not started: the backfill's max_credits {self.cap:g} leaves {max(0.0, left):g} credits "
+                            f"for this date, estimated at {need:g}" + (f" ({self.ratio:g}x the quote, as the "
+                            f"providers charged)" if self.ratio > 1 else "") + f"; {self.charged:g} charged so far")
+        self.allotted[run_date] = left
+        share = {p: left * (c / need) if need else left / max(1, len(mine)) for p, c in mine.items()}
+        return {p: round(min(v, self.spec_caps.get(p, v)), 4) for p, v in share.items() if v > 0}
+
+    def settle(self, run_date: date, row: dict[str, Any]) -> None:
+        """The date's run is over: what its manifest says it was charged counts (with no
+        manifest, its whole allotment: what it spent is not known), and its allotment is free."""
+        allotted = self.allotted.pop(run_date, 0.0)
+        charged = float(row.get("credits") or 0.0)
+        self.charged += charged if row.get("ran_items") else allotted
+        estimate = sum(self.estimates.get(run_date, {}).values())
+        if charged and estimate and row.get("items") and row.get("paid_items"):
+            self.ratio = max(self.ratio, charged / (estimate * row["paid_items"] / row["items"]))
+
+
+class PoolSpent(RuntimeError):
+    """The backfill's cap, held on charges, cannot cover the next date's estimate."""
 
 
 def _deployment_id(name: str) -> str | None:
@@ -86,25 +137,33 @@ def _deployment_id(name: str) -> str | None:
 
 @task(task_run_name="run-{run_date}")
 def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str, name: str,
-                  local_spec: str) -> dict[str, Any]:
+                  local_spec: str, cap: dict[str, float] | None = None) -> dict[str, Any]:
     """Run one date: through the deployment (any worker) or as a subflow, named
     `<pipeline>-<date>`; report its manifest (read with `local_spec`, the spec's path here),
     and why it failed."""
     if deployment_id is not None:
         from prefect.deployments import run_deployment
 
-        flow_run = run_deployment(deployment_id, parameters={"spec": spec, "run_date": run_date.isoformat()},
+        parameters: dict[str, Any] = {"spec": spec, "run_date": run_date.isoformat()}
+        if cap:
+            parameters["overrides"] = {"max_credits": cap}
+        flow_run = run_deployment(deployment_id, parameters=parameters,
                                   idempotency_key=key, flow_run_name=f"{name}-{run_date}", tags=["backfill"])
         run_id, state = str(flow_run.id), flow_run.state
     else:
         from flows.pipeline import run_pipeline
 
-        state = run_pipeline(spec=spec, run_date=run_date, return_state=True)  # named <pipeline>-<date>
+        from flows.spec import RunOverrides
+
+        state = run_pipeline(spec=spec, run_date=run_date, overrides=RunOverrides(max_credits=cap) if cap else None,
+                             return_state=True)  # named <pipeline>-<date>
         run_id = str(state.state_details.flow_run_id)
     manifest = manifest_status(load_spec(local_spec), run_date)
     done = bool(manifest) and manifest.get("status") == "complete"
+    items = (manifest or {}).get("items", [])
     return {"date": run_date.isoformat(), "status": "done" if done else "failed",
             "credits": (manifest or {}).get("totals", {}).get("credits_this_run", 0.0), "flow_run_id": run_id,
+            "paid_items": sum(1 for i in items if not i.get("reused") and i.get("credits")), "items": len(items),
             "state": state.name if state else "unknown",
             "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None}
 
@@ -166,7 +225,8 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
     todo = [d for d in dates if d not in rows]
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
                 parsed.name, start, end, len(todo), len(rows))
-    estimated = estimate_range(parsed, todo) if todo else 0.0
+    estimates = estimate_dates(parsed, todo) if todo else {}
+    estimated = round(sum(sum(by.values()) for by in estimates.values()), 4)
     if max_credits is not None and estimated > max_credits:
         raise BackfillRefused(f"{len(todo)} date(s) to run are estimated at {estimated} credits, above the cap "
                               f"of {max_credits}; nothing was run")
@@ -175,7 +235,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
                 parsed.name, start, end, len(todo), len(rows), estimated,
                 f"deployment {deployment}" if deployment_id else "subflows")
     rows.update(run_dates(Dates(parsed.name, portable_spec(path, deployment_id is not None), str(path.resolve()),
-                                todo, start, end),
+                                todo, start, end, Pool(max_credits, estimates, parsed.budget())),
                           deployment_id, max_parallel, logger))
     return finish(parsed.name, start, end, [rows[d] for d in dates])
 
@@ -190,6 +250,7 @@ class Dates:
     todo: list[date]
     start: date
     end: date
+    pool: Pool
 
 
 def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger: Any) -> dict[date, dict[str, Any]]:
@@ -208,15 +269,22 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
     while waiting or running:
         if waiting and stop_reason is None and len(running) < max_parallel:
             run_date = waiting.pop(0)
+            try:
+                cap = dates.pool.allot(run_date, waiting)
+            except PoolSpent as exc:
+                logger.error("backfill %s: %s: %s", dates.name, run_date, exc)
+                rows[run_date] = unrun_row(run_date, "failed", "not started", str(exc))
+                continue
             key = f"backfill:{flow_run.id}:{dates.name}:{run_date.isoformat()}"
             running[run_date] = run_date_task.submit(dates.spec, run_date, deployment_id, key, dates.name,
-                                                     dates.local_spec)
+                                                     dates.local_spec, cap)
             tracker.update(submitted=1)
             continue
         if stop_reason is not None and not running:
             break
         for run_date in [d for d, f in running.items() if f.wrapped_future.done()]:
             rows[run_date] = date_row(run_date, running.pop(run_date), tracker)
+            dates.pool.settle(run_date, rows[run_date])
             update_progress_artifact(progress, 100.0 * len(rows) / max(1, len(dates.todo)))
         stop_reason = stop_reason or same_failure(rows.values())
         time.sleep(0.1)

@@ -86,3 +86,33 @@ def test_a_provider_charging_four_times_its_quote_stops_at_the_cap(sandbox_block
     assert len(errors) == 4 and {e["error"] for e in errors} == {"BudgetReached"}
     assert "run.max_credits for chuzhan is 20" in errors[0]["message"]
     assert manifest["spend"]["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0}
+
+
+def test_a_backfill_cap_holds_on_what_the_dates_were_charged(sandbox_blocks, tmp_path) -> None:
+    """Three dates of two items, quoted 4 credits an image: 24, within the backfill's cap of 30.
+    The emulator takes 16 an image. The first date's run gets a cap of 14 (30 less the next two
+    dates' 16): one image, 16 charged. From then on estimates are scaled by the 4x seen, and no
+    other date fits what is left: they are not started, saying why. 16 charged in all, not 96."""
+    from flows.backfill import BackfillFailed, backfill
+
+    url = sandbox_blocks.url("chuzhan")
+    name = "budget-backfill"
+    items = "".join(f"  - {{id: p{k}, prompt: 'poster {k} of {name}'}}\n" for k in range(2))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, items=items).replace("max_credits: {chuzhan: 20}", "max_credits: {chuzhan: 100}"))
+    httpx.post(f"{url}/_sandbox/config", json={"price_rise": 4.0}).raise_for_status()
+    try:
+        before = chuzhan_stats(sandbox_blocks)
+        state = backfill(spec=str(path), start=date(2026, 8, 21), end=date(2026, 8, 23), max_parallel=1,
+                         max_credits=30, deployment=None, return_state=True)
+        after = chuzhan_stats(sandbox_blocks)
+    finally:
+        httpx.post(f"{url}/_sandbox/config", json={"price_rise": 1.0})
+    assert after["charged_credits"] - before["charged_credits"] == 16
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BackfillFailed), error
+    rows = {r["date"]: r for r in error.rows}
+    print(rows)
+    assert rows["2026-08-21"]["credits"] == 16 and "budget" in rows["2026-08-21"]["reason"].lower(), rows
+    for day in ("2026-08-22", "2026-08-23"):
+        assert rows[day]["state"] == "not started" and "backfill's max_credits 30" in rows[day]["reason"], rows[day]
