@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from datetime import date
 from pathlib import Path
 
@@ -412,6 +413,13 @@ def _apply_sandbox_limits(state, block_name: str) -> None:  # noqa: ANN001 - a S
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagegen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_spec_commands, _date_commands, _service_commands):
+        add(sub)
+    return p
+
+
+def _spec_commands(sub: Any) -> None:
+    """validate, run, estimate: what a spec is and does."""
     v = sub.add_parser("validate", help="check spec files; exit 1 on any error")
     v.add_argument("specs", nargs="+", metavar="SPEC")
     v.set_defaults(func=cmd_validate)
@@ -425,6 +433,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("spec", metavar="SPEC")
     e.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
     e.set_defaults(func=cmd_estimate)
+
+
+def _date_commands(sub: Any) -> None:
+    """ledger, limits, backfill: a run date's records, the limits, ranges of dates."""
     led = sub.add_parser("ledger", help="a run date's job ledger: show it, or settle an unknown item")
     led.add_argument("action", choices=["show", "resolve"])
     led.add_argument("spec", metavar="SPEC")
@@ -450,11 +462,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--start", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
     b.add_argument("--end", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
     b.add_argument("--max-parallel", type=int, default=2, metavar="N", help="dates running at once")
-    b.add_argument("--max-credits", type=float, default=None, metavar="C", help="refuse if the range costs more")
+    b.add_argument("--max-credits", type=float, default=None, metavar="C", help="the cap on the range: on its estimate, and on what its dates are charged")
     b.add_argument("--deployment", default="run-pipeline/run-pipeline",
                    help="run each date through this deployment when it exists (default %(default)s)")
     b.add_argument("--local", action="store_true", help="run each date as a subflow here, even if deployed")
     b.set_defaults(func=cmd_backfill)
+
+
+def _service_commands(sub: Any) -> None:
+    """setup-server, server, callbacks, sandbox: the processes around the runs."""
     ss = sub.add_parser("setup-server", help="create the work pool, apply provider limits and name the repository workers clone")
     ss.add_argument("--pool", default="imagegen-process")
     ss.add_argument("--repository", help="the git URL workers clone the flows from "
@@ -488,7 +504,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bucket", action="append", help="bucket to create (repeatable)")
     s.add_argument("--no-register", action="store_true", help="do not save Prefect Blocks")
     s.set_defaults(func=cmd_sandbox)
-    return p
 
 
 NEEDS_PREFECT = {"run", "estimate", "ledger", "limits", "backfill", "setup-server", "sandbox:up", "sandbox:register"}

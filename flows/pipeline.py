@@ -671,52 +671,12 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     # Duplicates across the run and a person's approval need every image first; without
     # them each item archives as soon as it is reviewed.
     run_level = parsed.review.duplicates is not None or parsed.review.human is not None
-    chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
-    committed: dict[str, float] = {}
-    watch, account_stop = [], None
-    for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
-        cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
-        stop = account_stop = account_stop or _account_stop(watch)
-        spent = committed.get(plan.provider, 0.0)
-        if stop is None and plan.provider in budget and spent + cost > budget[plan.provider]:
-            stop = f"run.max_credits for {plan.provider} ({budget[plan.provider]}) reached ({spent} committed)"
-        if stop is not None:
-            skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
-            progress.update(total=-1)
-            continue
-        committed[plan.provider] = spent + cost
-        chains[plan.item_id] = _submit_item(plan, archive_now=not run_level)
-        watch.append(dict(chains[plan.item_id])["generate"])
-        progress.update(submitted=1)
-        count_when_done(chains[plan.item_id], progress)
-    done, shown = {}, 0
+    chains = _submit_all(parsed, todo, skipped, progress, archive_now=not run_level)
     renames: list[threading.Thread] = []
-    for n, (item, chain) in enumerate(chains.items(), start=1):
-        done[item] = _outcome(chain, item, renames)
-        # At most 100 updates, not one per item; below 100% while run-level review is ahead.
-        if (percent := min(100 * n // len(chains), 99 if run_level else 100)) > shown:
-            update_progress_artifact(progress_artifact, float(percent))
-            shown = percent
-    staged: list[str] = []
-    if run_level:
-        ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
-                 for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
-        progress.update(waiting="a person's review" if parsed.review.human is not None else "the run-level review")
-        staged = decide(parsed, run_date, list(ready.values()), before_suspend=lambda: keep_for_reentry(
-            [(plan, dict(chains[item])["generate"].result()) for item, (plan, _, _) in ready.items()]))
-        progress.update(waiting=None)
-        archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
-        done.update({item: _outcome([("archive", future)], item, renames) for item, future in archived.items()})
-        update_progress_artifact(progress_artifact, 100.0)
+    done, staged = _wait_all(parsed, run_date, todo, chains, (progress, progress_artifact), run_level, renames)
     progress.finish()
-    outcomes = []
-    for plan in plans:
-        if plan.item_id in reused:
-            outcomes.append((reused[plan.item_id], None))
-        elif plan.item_id in skipped:
-            outcomes.append((None, skipped[plan.item_id]))
-        else:
-            outcomes.append(done[plan.item_id])
+    outcomes = [(reused[p.item_id], None) if p.item_id in reused else (None, skipped[p.item_id])
+                if p.item_id in skipped else done[p.item_id] for p in plans]
     for plan, (_, error) in zip(plans, outcomes, strict=True):
         if error and error.get("error") == "SubmitUnknown":
             logger.error("%s", error["message"])  # what a person checks, and the command that settles it
@@ -733,3 +693,56 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     publish(parsed, run_date, manifest)
     _finish_renames(renames)
     return manifest
+
+
+def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, dict[str, Any]],
+                progress: RunProgress, archive_now: bool) -> dict[str, list[tuple[str, PrefectFuture]]]:
+    """Submit each item's task chain in lane order, until a provider's cap is committed or an
+    account stop is seen (the rest are `skipped`, saying why)."""
+    budget = parsed.budget()
+    chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
+    committed: dict[str, float] = {}
+    watch, account_stop = [], None
+    for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
+        cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
+        stop = account_stop = account_stop or _account_stop(watch)
+        spent = committed.get(plan.provider, 0.0)
+        if stop is None and plan.provider in budget and spent + cost > budget[plan.provider]:
+            stop = f"run.max_credits for {plan.provider} ({budget[plan.provider]}) reached ({spent} committed)"
+        if stop is not None:
+            skipped[plan.item_id] = {"step": "not submitted", "error": "RunStopped", "message": stop}
+            progress.update(total=-1)
+            continue
+        committed[plan.provider] = spent + cost
+        chains[plan.item_id] = _submit_item(plan, archive_now=archive_now)
+        watch.append(dict(chains[plan.item_id])["generate"])
+        progress.update(submitted=1)
+        count_when_done(chains[plan.item_id], progress)
+    return chains
+
+
+def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
+              chains: dict[str, list[tuple[str, PrefectFuture]]], shown_in: tuple[RunProgress, Any], run_level: bool,
+              renames: list[threading.Thread]) -> tuple[dict[str, Any], list[str]]:
+    """Each submitted item's outcome; with run-level review, the review (maybe a person's) and
+    then the archive of what it kept. Returns the outcomes and the staged keys to clean."""
+    progress, progress_artifact = shown_in
+    done, shown = {}, 0
+    for n, (item, chain) in enumerate(chains.items(), start=1):
+        done[item] = _outcome(chain, item, renames)
+        # At most 100 updates, not one per item; below 100% while run-level review is ahead.
+        if (percent := min(100 * n // len(chains), 99 if run_level else 100)) > shown:
+            update_progress_artifact(progress_artifact, float(percent))
+            shown = percent
+    if not run_level:
+        return done, []
+    ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
+             for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
+    progress.update(waiting="a person's review" if parsed.review.human is not None else "the run-level review")
+    staged = decide(parsed, run_date, list(ready.values()), before_suspend=lambda: keep_for_reentry(
+        [(plan, dict(chains[item])["generate"].result()) for item, (plan, _, _) in ready.items()]))
+    progress.update(waiting=None)
+    archived = {item: archive.submit(plan, gen, verdicts) for item, (plan, gen, verdicts) in ready.items()}
+    done.update({item: _outcome([("archive", future)], item, renames) for item, future in archived.items()})
+    update_progress_artifact(progress_artifact, 100.0)
+    return done, staged
