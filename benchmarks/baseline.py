@@ -34,7 +34,7 @@ from flows.images import measure
 from flows.pipeline import plan_items
 from flows.review import nsfw_score
 from flows.spec import load_spec, render_key
-from flows.tasks import ItemPlan
+from flows.models import ItemPlan
 from sandbox.launcher import SandboxState
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from blocks.archive import read_json
 from flows.spec import render_key, sidecar_key
-from flows.tasks import ArchivedItem, ItemPlan
+from flows.models import ArchivedItem, ItemPlan
 
 
 class ArchiveMissing(RuntimeError):

@@ -25,7 +25,7 @@ from flows.journal import ItemJournal, flush_or_log
 from flows.ledger import JobLedger, JobRecord, State, Step
 
 if TYPE_CHECKING:
-    from flows.tasks import ItemPlan
+    from flows.models import ItemPlan
 
 
 class Caps(NamedTuple):

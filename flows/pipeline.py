@@ -44,8 +44,9 @@ from flows.paidcalls import PaidCallRefused
 from flows.progress import RunProgress, count_when_done
 from flows.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.ledger import TRANSITIONS, State
-from flows.tasks import (ArchivedItem, Generated, ItemPlan, Verdict, archive, attempt_of, generate, keep_for_reentry,
-                         lane_of, ledger_of, provider_for, review, upload, upscale)
+from flows.models import ArchivedItem, Generated, ItemPlan, Verdict
+from flows.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
+                         upload, upscale)
 from flows.yamlpos import closest_position, load_with_positions, snippet
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from flows.review import CELL_PX, THUMB_PX, one_line
 from flows.spec import PipelineSpec
-from flows.tasks import ArchivedItem, ItemPlan
+from flows.models import ArchivedItem, ItemPlan
 
 
 class PipelineIncomplete(RuntimeError):

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, create_model
 from flows.spec import DuplicateSettings, HumanSettings, PipelineSpec
 
 if TYPE_CHECKING:
-    from flows.tasks import Generated, ItemPlan, Verdict
+    from flows.models import Generated, ItemPlan, Verdict
 
 REVIEW_EXTRA = "pip install 'imagegen-pipelines[review]'"
 

@@ -19,7 +19,7 @@ import pytest
 from blocks.archive import archive_bucket
 from flows.archived import Listing, confirm_outcomes
 from flows.owned import KeyTaken, Owner, put_owned
-from flows.tasks import ArchivedItem
+from flows.models import ArchivedItem
 from tests.conftest import TEST_BUCKET, run_spec, s3_client
 from tests.test_limits_and_faults import manifest_of
 from tests.test_pay_once import (PROVIDERS, charges, emulators, ledger_states, once_each, spec_text,  # noqa: F401

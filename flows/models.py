@@ -1,0 +1,84 @@
+"""The data one item carries between its tasks: its plan, its generated images, their review
+and what was archived. A module of its own, so the tasks, the review and the paid step all
+build on it without importing one another."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from blocks.base import CreditEstimate, GenerationRequest
+from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings
+
+
+class ItemPlan(BaseModel):
+    """One item of one run, fully decided before any paid call."""
+
+    pipeline: str
+    spec_sha256: str
+    run_date: date
+    item_id: str
+    provider: str
+    block: str
+    request: GenerationRequest
+    final_size: tuple[int, int] | None = Field(
+        description="Size of the archived images after every upscale; None when only the run can tell.")
+    input_image: str | None
+    upscale: UpscaleSettings | None
+    review: ReviewSettings
+    archive: ArchiveSettings
+    work_dir: str
+    estimate: CreditEstimate | None = None
+    refine_credits: float = Field(0.0, description="Estimated credits of a separate paid upscale.")
+    http_timeout: float
+    poll_interval: float
+    job_timeout: float
+    unknown_hold: float = Field(60.0, description="Seconds a job slot stays held after an ambiguous submit answer.")
+    spec_file: str = Field("", description="The spec's path, for the commands an error names.")
+
+    @property
+    def upscales_after_job(self) -> bool:
+        """The item has an upscale step of its own (not one inside the provider's job)."""
+        return self.upscale is not None and not self.request.upscale_factor
+
+    @property
+    def provider_refines(self) -> bool:
+        """The provider upscales in a separate paid call after the job (e.g. Tencent RefineImage)."""
+        return self.upscales_after_job and self.upscale.engine == "provider"  # type: ignore[union-attr]
+
+
+class Generated(BaseModel):
+    """Images of one item on local disk, with where they came from."""
+
+    job_id: str
+    request_id: str
+    credits: float
+    credits_source: Literal["api", "formula", "charged"]
+    files: list[str]
+    submitted_at: datetime
+    finished_at: datetime
+    upscaled_by: str | None = None
+    rejected: dict[int, str] = Field(default_factory=dict, description="Images the provider's own audit failed.")
+
+
+class Verdict(BaseModel):
+    """The review of one image: each check with its value and threshold."""
+
+    index: int
+    approved: bool
+    reasons: list[str] = Field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class ArchivedItem(BaseModel):
+    """What landed in S3 for one item."""
+
+    item_id: str
+    provider: str
+    job_id: str
+    credits: float
+    credits_source: str
+    objects: list[dict[str, Any]]
+    images: int | None = Field(None, description="How many images its job made (None: one an object).")
