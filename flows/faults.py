@@ -13,6 +13,9 @@ The moments, in the order a paid step meets them (`MOMENTS`):
 - `polling`: the record says `submitted`; the job is running.
 - `generated`: the job's images are in the work directory; the archive step has not started.
 - `archiving`: the first image is written to the archive; its sidecar is not.
+
+And the ledger's writes, where S3 may be away (`write-<state>`: the record about to be written
+as `sending`, `submitted`, `done`, `archived`, ...), and the archive's first image (`put-image`).
 """
 
 from __future__ import annotations
@@ -22,19 +25,20 @@ import signal
 from collections.abc import Callable
 
 MOMENTS = ("slot", "sending", "answered", "polling", "generated", "archiving")
+WRITES = ("write-sending", "write-submitted", "write-done", "write-archived", "put-image")
 
-_installed: dict[tuple[str, str, str], Callable[[], None]] = {}
+_installed: dict[tuple[str, str, str], list[Callable[[], None]]] = {}
 
 
 class Stopped(Exception):  # noqa: N818 - what happened, not an error of ours
     """A fault point's stop: the step ends here, with whatever it recorded so far. Never retried."""
 
 
-def install(moment: str, item_id: str, action: Callable[[], None], step: str = "generate") -> None:
-    """Run `action` the next time `item_id`'s `step` reaches `moment` (once)."""
-    if moment not in MOMENTS:
-        raise ValueError(f"unknown fault moment {moment!r}; one of {', '.join(MOMENTS)}")
-    _installed[(moment, item_id, step)] = action
+def install(moment: str, item_id: str, action: Callable[[], None], step: str = "generate", times: int = 1) -> None:
+    """Run `action` the next `times` times `item_id`'s `step` reaches `moment`."""
+    if moment not in MOMENTS + WRITES:
+        raise ValueError(f"unknown fault moment {moment!r}; one of {', '.join(MOMENTS + WRITES)}")
+    _installed[(moment, item_id, step)] = [action] * times
 
 
 def clear() -> None:
@@ -48,9 +52,9 @@ def stop() -> None:
 
 def at(moment: str, item_id: str, step: str = "generate") -> None:
     """A fault point: run what is installed for this moment, item and step, if anything."""
-    action = _installed.pop((moment, item_id, step), None)
-    if action is not None:
-        action()
+    actions = _installed.get((moment, item_id, step))
+    if actions:
+        actions.pop()()
     wanted = os.environ.get("IMAGEGEN_STOP_AT")
     if wanted and wanted in (moment, f"{moment}:{item_id}", f"{step}:{moment}:{item_id}"):
         os.kill(os.getpid(), signal.SIGKILL)

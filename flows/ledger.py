@@ -51,6 +51,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, field_validator
 
 from blocks.archive import archive_bucket, read_bytes, read_json, write_bytes, write_json
+from flows import faults
 from flows.spec import ArchiveSettings
 
 _warned: list[bool] = []
@@ -235,6 +236,7 @@ class JobLedger:
         """Write `record` if nobody changed it since this ledger read it (`LedgerConflict`
         otherwise), retried with backoff (`LedgerUnavailable` when S3 stays away)."""
         key = self.key(record.item_id, record.step, record.index)
+        faults.at(f"write-{record.state.value}", record.item_id, record.step.value)
         body = json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
         self._etags[key] = with_backoff(lambda: self._put_if_unchanged(key, body), f"ledger write {key}")
         return record

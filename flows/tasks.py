@@ -194,6 +194,7 @@ def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> Ar
             continue
         if not verdict.approved:
             key = plan.archive.quarantined(key)
+        faults.at("put-image", plan.item_id)
         etag = put_owned(bucket, key, data, owner, content_type="image/png", metadata={"sha256": digest})
         faults.at("archiving", plan.item_id)
         uri, sidecar = f"s3://{bucket.bucket_name}/{key}", sidecar_key(key)

@@ -21,7 +21,7 @@ import pytest
 
 from flows import faults
 from flows.cli import main as imagegen
-from flows.ledger import JobLedger, State, Step
+from flows.ledger import JobLedger, LedgerUnavailable, State, Step
 from flows.spec import load_spec
 from tests.conftest import run_spec
 from tests.test_limits_and_faults import manifest_of
@@ -246,3 +246,39 @@ def test_a_synchronous_answer_whose_archived_image_is_lost_is_not_paid_again(mat
     errors = {i["item"]: i["error"] for i in manifest_of(again)["items"] if i.get("error")}
     assert errors["i0"]["error"] == "ArchivedImagesLost" and "delete its ledger record" in errors["i0"]["message"], errors
     assert charges(emulators, "tencent", name) == {f"item 0 of {name}": 1}
+
+
+S3_AWAY = {  # the write -> how many times in a row it fails: past every retry of its task in the first run
+    "write-sending": 3, "write-submitted": 2, "put-image": 4, "write-archived": 4}
+
+
+def s3_gone(moment: str) -> object:
+    def fail() -> None:
+        if moment == "put-image":
+            raise ConnectionError("S3 unavailable (fault point)")
+        raise LedgerUnavailable("S3 unavailable (fault point)")
+    return fail
+
+
+@pytest.mark.parametrize("provider", ["tams", "chuzhan", "tencent"])
+def test_s3_away_at_each_write_is_paid_once(matrix, emulators, tmp_path, caplog, provider) -> None:
+    """One item per write of a paid step, each failing as when S3 stays away past the ledger's
+    retries (`LedgerUnavailable`) and past its task's retries: the `sending` record (nothing is
+    sent), the `submitted` record and its rewrite at the step's end (the job goes on; its id is
+    logged), the first archived image, the `archived` record (the images and sidecars are in
+    the bucket). The first run and a rerun archive every item, each charged once."""
+    name = f"matrix-s3-{provider}"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(spec_for(provider, name, len(S3_AWAY)))
+    for k, (moment, times) in enumerate(S3_AWAY.items()):
+        faults.install(moment, f"i{k}", s3_gone(moment), times=times)
+    state, settled = rerun_until_done(tmp_path, path, name, provider)
+    assert state.is_completed(), manifest_of(state)
+    paid = charges(emulators, provider, name)
+    seen = {(provider, moment, "S3 away"): outcome(settled, f"i{k}", paid.get(f"item {k} of {name}", 0))
+            for k, moment in enumerate(S3_AWAY)}
+    print(provider, seen)
+    expected = doc_table()
+    assert seen == {key: expected.get(key) for key in seen}, (seen, settled)
+    assert paid == {f"item {k} of {name}": 1 for k in range(len(S3_AWAY))}, paid
+    assert "stays unrecorded as" in caplog.text  # the submitted record's rewrite failed too: logged, with the job
