@@ -202,7 +202,7 @@ def check_arguments(max_parallel: int, max_credits: float | None) -> None:
 def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id: str | None = None) -> dict[str, Any]:
     """The row of a date no run of this backfill paid for: skipped, not started, or whose task failed."""
     return {"date": run_date.isoformat(), "status": status, "credits": 0.0, "flow_run_id": flow_run_id,
-            "state": state, "reason": reason, "ran_items": False}
+            "paid_items": 0, "items": 0, "state": state, "reason": reason, "ran_items": False}
 
 
 @flow(name="backfill", log_prints=True)
