@@ -57,9 +57,11 @@ check: $(STAMP)
 faults: $(STAMP)
 	$(BIN)/python -m pytest -m faults -q $(PYTEST_ARGS)
 
-# Everything: the unit, sandbox, server and slow tiers (see README "Tests").
+# Everything: the unit, sandbox, server and slow tiers (see README "Tests"), a file per worker at
+# a time: most tests wait on leases, jobs and servers, so TEST_WORKERS exceeds the cores.
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 sandbox-up: $(STAMP)
 	$(BIN)/imagegen sandbox up

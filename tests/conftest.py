@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="imagegen-test-prefect-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs files in parallel: a Prefect home each
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"imagegen-test-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+else:
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="imagegen-test-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # As `imagegen run` does on its own server: leases on disk, so a killed run's slots can be reclaimed.
@@ -49,6 +52,8 @@ SLOW = frozenset({
     "test_readme.py",
     "test_benchmark.py::test_benchmark_smoke",
     "test_first_hour.py",  # `make demo` in a fresh clone; its other tests as below
+    "test_fail_closed.py::test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it",
+    "test_server_restart.py",  # a Prefect server stopped and started again, a lease outlived
     # 3-12 s each: a fresh `imagegen` process (it imports Prefect) per call, Real-ESRGAN
     "test_spec.py::test_cli_validate",
     "test_spec.py::test_cli_validate_applies_provider_rules",
@@ -71,12 +76,19 @@ def tiers_of(item: pytest.Item) -> set[str]:
         | ({"slow"} if names & SLOW else set())
 
 
-def pytest_collection_modifyitems(items: Iterable[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for tier in tiers_of(item):
             item.add_marker(tier)
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker("unit")
+    # Files with minutes-long tests first, unit files last: `make test` hands whole files to its
+    # parallel workers in this order, so the long ones start early and short ones fill the gaps.
+    rank: dict[Path, int] = {}
+    for item in items:
+        mine = 0 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("unit") else 1
+        rank[item.path] = min(rank.get(item.path, 2), mine)
+    items.sort(key=lambda item: rank[item.path])  # stable: a file's tests stay together, in order
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,17 @@ def wait_final(client, flow_run_id, timeout: float = 240):  # noqa: ANN001, ANN2
             return run
         assert time.monotonic() < deadline, f"flow run still {run.state.name if run.state else None}"
         time.sleep(1)
+
+
+def logs_of(client, flow_run_ids, must_contain: str, timeout: float = 60) -> list[str]:  # noqa: ANN001
+    """The runs' log lines, waiting until one contains `must_contain` (a run's logs are shipped in
+    batches, after its final state may already be set) or the timeout passes."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))), limit=200)]
+        if any(must_contain in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(1)

@@ -19,7 +19,7 @@ import pytest
 
 from sandbox import launcher
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
-from tests.servers import BIN, cli, client_for, snapshot_repository, start, stop, wait_final, wait_healthy
+from tests.servers import BIN, cli, client_for, logs_of, snapshot_repository, start, stop, wait_final, wait_healthy
 
 TRIGGERED: dict = {}
 
@@ -158,8 +158,6 @@ def test_run_triggered_through_the_api_lands_in_s3(deployed, sandbox) -> None:
 def test_a_spec_parameter_outside_the_spec_roots_is_refused_and_never_echoed(deployed, tmp_path) -> None:
     """Someone types a secrets file's path as the deployment's `spec` in the UI: the run fails
     naming the rule, and none of the file's content reaches Prefect's logs or the run's state."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
     env, _ = deployed
     secret = tmp_path / "aws.env"
     secret.write_text("version: 1\nname: x\nAWS_SECRET_ACCESS_KEY: hostile-secret-value-do-not-print\n")
@@ -168,8 +166,7 @@ def test_a_spec_parameter_outside_the_spec_roots_is_refused_and_never_echoed(dep
         runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"spec": spec})
                 for spec in (str(secret), "../../../etc/passwd")]
         finals = [wait_final(client, run.id) for run in runs]
-        logs = [log.message for run in runs
-                for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
+        logs = logs_of(client, [run.id for run in runs], "IMAGEGEN_SPEC_ROOTS")
     for final in finals:
         assert final.state.is_failed()
         assert "a deployment's spec must be a name in pipelines/" in final.state.message
