@@ -58,7 +58,17 @@ PROVIDER_FAULTS = {  # fault -> provider -> what the emulator is told (the next 
     "5xx while polling": {
         "tams": {"kind": "http_500", "count": 2, "method": "GET", "path": "/v1/jobs/"},
         "tencent": {"code": "InternalError", "count": 2, "action": "QueryTextToImageJob"}},
+    # Answers later than the Block's `timeout` (IMPATIENT): the client stops waiting, the provider
+    # goes on (TAMS creates the job once its answer's delay is over; the others before it).
+    "timeout, job created": {
+        "tams": {"kind": "slow", "delay": 4, "count": 1, "method": "POST", "path": "/v1/jobs", "exact": True},
+        "chuzhan": {"kind": "slow", "delay": 4, "count": 1},
+        "tencent": {"kind": "slow", "delay": 4, "after": True, "count": 1, "action": "SubmitTextToImageJob"}},
+    "timeout while polling": {
+        "tams": {"kind": "slow", "delay": 4, "count": 2, "method": "GET", "path": "/v1/jobs/"},
+        "tencent": {"kind": "slow", "delay": 4, "after": True, "count": 2, "action": "QueryTextToImageJob"}},
 }
+IMPATIENT = 1.5  # the `timeout` of the Block the timeout faults run with (the sandbox's: 30-60 s)
 
 
 def doc_table() -> dict[tuple[str, str, str], str]:
@@ -218,7 +228,10 @@ def test_a_provider_fault_is_paid_once_on_the_rerun(matrix, emulators, tmp_path,
     the reruns end with it archived and charged once."""
     name = f"matrix-{provider}-{re.sub(r'[^a-z0-9]+', '-', fault.lower()).strip('-')}"
     path = tmp_path / f"{name}.yaml"
-    path.write_text(spec_for(provider, name, 1))
+    text = spec_for(provider, name, 1)
+    if fault.startswith("timeout"):
+        text = text.replace(f"{{{provider}: sandbox}}", f"{{{provider}: {impatient_block(emulators, provider)}}}")
+    path.write_text(text)
     inject(emulators, provider, **PROVIDER_FAULTS[fault][provider])
     state, settled = rerun_until_done(tmp_path, path, name, provider)
     assert state.is_completed(), manifest_of(state)
@@ -227,6 +240,17 @@ def test_a_provider_fault_is_paid_once_on_the_rerun(matrix, emulators, tmp_path,
     got = outcome(settled, "i0", paid.get(f"item 0 of {name}", 0))
     assert got == doc_table().get((provider, moment, fault)), (got, decisions(caplog.text))
     assert paid == {f"item 0 of {name}": 1}
+
+
+def impatient_block(emulators, provider: str) -> str:  # noqa: ANN001
+    """The sandbox account's Block with a `timeout` of IMPATIENT seconds, saved; its name."""
+    from deployments.limits import apply_limits
+
+    block = emulators.block(provider)
+    block.timeout = IMPATIENT
+    block.save("impatient", overwrite=True)
+    apply_limits({provider: ["sandbox", "impatient"]})
+    return "impatient"
 
 
 def test_a_synchronous_answer_whose_archived_image_is_lost_is_not_paid_again(matrix, emulators, tmp_path) -> None:
