@@ -21,7 +21,7 @@ import yaml
 from blocks import registry
 from blocks.base import ImageProvider
 from deployments.limits import LimitsFile, load_limits
-from flows.slots import PrefectLimiter
+from flows.paying.slots import PrefectLimiter
 from sandbox.accounts import emulators
 
 def _providers() -> dict[str, type[ImageProvider]]:

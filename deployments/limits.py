@@ -2,9 +2,9 @@
 
 `load_limits()` reads `limits.yaml`; `apply_limits()` upserts one Prefect global concurrency
 limit per declared rate (a limit of 1 whose slot decays `rate x safety` times a second, so
-requests are spaced, not burst) and per declared in-flight cap; `flows.slots.PrefectLimiter` is
+requests are spaced, not burst) and per declared in-flight cap; `flows.paying.slots.PrefectLimiter` is
 what the flow plugs into a provider Block so every request and every job
-takes its slot, strictly. This module is setup only; taking slots at run time is `flows/slots.py`.
+takes its slot, strictly. This module is setup only; taking slots at run time is `flows/paying/slots.py`.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _read_imagegen_limits(client) -> list:  # noqa: ANN001
 
 def show_limits(leases: Path | None = None, reclaim: Callable[[], object] | None = None) -> list[dict[str, object]]:
     """The imagegen limits on the current Prefect API with their current usage (the slots of
-    expired leases freed first by `reclaim`, which the run-time layer passes: `flows.slots`
+    expired leases freed first by `reclaim`, which the run-time layer passes: `flows.paying.slots`
     builds on this module, not the other way). Run claims
     (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held.
 

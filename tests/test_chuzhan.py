@@ -17,7 +17,7 @@ from blocks.base import GenerationRequest
 from blocks.chuzhan import (ChuzhanProvider, TaskFailed, check_caps, credit_readings, credits_for, map_error,
                             output_size)
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
-from flows.report import PipelineIncomplete
+from flows.running.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.spec import MAX_ITEMS, MAX_SPEC_BYTES, SpecRefused, resolve_spec_path
+from flows.specs.spec import MAX_ITEMS, MAX_SPEC_BYTES, SpecRefused, resolve_spec_path
 from tests.conftest import TEST_BUCKET, chuzhan_stats, s3_client, tams_stats, tencent_stats
 from tests.test_limits_and_faults import cli_env
 

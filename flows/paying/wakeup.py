@@ -1,6 +1,6 @@
 """Waking the task that waits on a job when its callback is heard, in any process or machine.
 
-The receiver (`flows.callbacks`) posts the Prefect event `imagegen.callback.heard` on resource
+The receiver (`flows.paying.callbacks`) posts the Prefect event `imagegen.callback.heard` on resource
 `imagegen.job.<request id>`. Each worker process keeps one subscription to the Prefect server's
 event stream (`/events/out`, a websocket served by every API replica; across replicas the
 server's Redis messaging carries it), filtered to those events, and wakes the thread waiting on
@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX, UNREADABLE
+from flows.paying.callbacks import HEARD_EVENT, RESOURCE_PREFIX, UNREADABLE
 
 CONNECT_TIMEOUT = 15.0
 KEEP_HEARD = 600.0
