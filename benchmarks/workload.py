@@ -20,7 +20,7 @@ import yaml
 
 from blocks import registry
 from blocks.base import ImageProvider
-from deployments.limits import LimitsFile, load_limits
+from flows.paying.limits import LimitsFile, load_limits
 from flows.paying.slots import PrefectLimiter
 from sandbox.accounts import emulators
 

@@ -199,7 +199,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 def cmd_limits(args: argparse.Namespace) -> int:
     from deployments.limits import apply_limits, reset_limit
-    from flows.paying.slots import limits_in_use
+    from deployments.limits import limits_in_use
 
     if args.action == "reset":
         if not args.name:

@@ -251,7 +251,7 @@ def test_a_claim_lost_while_a_paid_call_waits_for_its_request_slot_sends_nothing
     """The check right before the wire, in the flow's limiter: the call is refused after its
     slot, nothing reaches the provider, and the journal records it refused (safe to send again)."""
     from blocks.base import CreditEstimate
-    from deployments.limits import LimitsFile, ProviderLimits
+    from flows.paying.limits import LimitsFile, ProviderLimits
     from flows.paying import paidcalls
     from flows.paying.leases import Lease
     from flows.paying.slots import PrefectLimiter

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.limits import apply_limits, load_limits, wanted_limits
-from flows.paying.slots import limits_in_use
+from deployments.limits import apply_limits
+from flows.paying.limits import load_limits, wanted_limits
+from deployments.limits import limits_in_use
 from flows.running.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tams_stats
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.paying.slots import limits_in_use
+from deployments.limits import limits_in_use
 from flows.paying.ledger import JobLedger, LedgerConflict, State
 from flows.specs.spec import ArchiveSettings
 from flows.specs.spec import load_spec

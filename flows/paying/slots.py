@@ -35,7 +35,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -43,8 +42,7 @@ import httpx
 
 from blocks.base import retry_after_seconds
 from blocks.errors import LimiterError
-from deployments.limits import (JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits,
-                                rate_name, show_limits)
+from flows.paying.limits import JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits, rate_name
 from flows.paying import paidcalls
 from flows.paying.leases import Lease, renewer
 
@@ -323,7 +321,3 @@ class PrefectLimiter:
                 paidcalls.job_slot(lease):
             yield
 
-
-def limits_in_use(leases: Path | None = None) -> list[dict[str, object]]:
-    """`deployments.limits.show_limits`, the slots of expired leases freed first (`reclaim_expired`)."""
-    return show_limits(leases, reclaim=lambda: reclaim_expired(force=True))
