@@ -55,17 +55,23 @@ class Listener:
 
         event_filter = EventFilter(event=EventNameFilter(name=[HEARD_EVENT]),
                                    resource=EventResourceFilter(id_prefix=[RESOURCE_PREFIX]))
+        away = False  # said once per outage, not every 5 s
         while True:
             try:
                 async with PrefectEventSubscriber(filter=event_filter, reconnect_on_clean_close=True) as events:
                     self._ready.set()
+                    if away:
+                        log.warning("the Prefect event stream is back; callbacks wake their jobs again")
+                        away = False
                     async for event in events:
                         self._hear(event.resource.id.removeprefix(RESOURCE_PREFIX),
                                    event.resource.get("imagegen.job-id", ""), event.resource.get("imagegen.state", ""),
                                    event.resource.get("imagegen.body", ""))
             except Exception as exc:  # noqa: BLE001 - the stream is away: jobs fall back to polling meanwhile
-                log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
-                            type(exc).__name__)
+                if not away:
+                    log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
+                                type(exc).__name__)
+                away = True
             await asyncio.sleep(5)
 
     def _hear(self, request_id: str, job_id: str = "", state: str = "", digest: str = "") -> None:
