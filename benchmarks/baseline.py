@@ -29,11 +29,11 @@ from botocore.config import Config
 
 from blocks.base import ApiCall, ImageProvider, JobState
 from blocks.errors import TransientError
-from flows.slots import PrefectLimiter
-from flows.images import measure
+from flows.paying.slots import PrefectLimiter
+from flows.imaging.images import measure
 from flows.pipeline import plan_items
-from flows.review import nsfw_score
-from flows.spec import load_spec, render_key
+from flows.imaging.review import nsfw_score
+from flows.specs.spec import load_spec, render_key
 from flows.models import ItemPlan
 from sandbox.launcher import SandboxState
 

@@ -34,7 +34,7 @@ archive: {{bucket: imagegen-demo, credentials: sandbox}}
 def main() -> None:
     rows, styles = (int(a) for a in (sys.argv[1:] + ["10000", "2"])[:2])
     from flows.pipeline import estimate_plans, plan_items, preflight
-    from flows.spec import load_spec
+    from flows.specs.spec import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = write(Path(tmp), rows, styles)

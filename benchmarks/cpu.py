@@ -2,13 +2,13 @@
 and waiting threads are not sampled), and each sample goes to the part of the work its stack is
 in, decided by the innermost frame of this project's code:
 
-- limits: `flows/slots.py` (slot calls to the Prefect server)
-- ledger: `flows/ledger.py`, `flows/claim.py`, `flows/callbacks.py` (its S3 reads and writes)
-- review: `flows/review.py`, `flows/images.py` (moderation model, image checks)
+- limits: `flows/paying/slots.py` (slot calls to the Prefect server)
+- ledger: `flows/paying/ledger.py`, `flows/paying/claim.py`, `flows/paying/callbacks.py` (its S3 reads and writes)
+- review: `flows/imaging/review.py`, `flows/imaging/images.py` (moderation model, image checks)
 - archive (S3): `blocks/archive.py`, or S3 client frames under any other project frame
 - provider HTTP: the Blocks (`blocks/`), signing and downloads included
 - Prefect: Prefect's own frames with no project frame inside them (task runs, states, events,
-  logs, the engine), or under the flow's orchestration (`flows/pipeline.py`, `flows/tasks.py`)
+  logs, the engine), or under the flow's orchestration (`flows/pipeline.py`, `flows/running/tasks.py`)
 - other: the rest (the flow's own Python, the interpreter, libraries)
 
 Without py-spy (the `bench` extra) the breakdown is left out.
@@ -26,11 +26,11 @@ from pathlib import Path
 
 RATE = 11  # samples a second: low, so sampling 60-odd threads costs the measured run little
 RULES = (
-    ("flows/slots.py", "limits"), ("flows/ledger.py", "ledger"), ("flows/claim.py", "ledger"),
-    ("flows/callbacks.py", "ledger"), ("flows/review.py", "review"), ("flows/images.py", "review"),
+    ("flows/paying/slots.py", "limits"), ("flows/paying/ledger.py", "ledger"), ("flows/paying/claim.py", "ledger"),
+    ("flows/paying/callbacks.py", "ledger"), ("flows/imaging/review.py", "review"), ("flows/imaging/images.py", "review"),
     ("blocks/archive.py", "archive (S3)"), ("blocks/", "provider HTTP"),
 )
-ORCHESTRATION = ("benchmarks/baseline.py", "flows/pipeline.py", "flows/tasks.py", "flows/progress.py", "flows/report.py", "flows/wakeup.py")
+ORCHESTRATION = ("benchmarks/baseline.py", "flows/pipeline.py", "flows/running/tasks.py", "flows/running/progress.py", "flows/running/report.py", "flows/paying/wakeup.py")
 S3_PACKAGES = ("botocore/", "boto3/", "s3transfer/", "prefect_aws/")
 
 
@@ -64,7 +64,7 @@ class Sampler:
 
 def filename(frame: str) -> str:
     """The file of a py-spy frame `func (path:line)`, as py-spy shortens it (relative to the
-    `sys.path` entry it was imported from: `flows/slots.py`, `prefect/engine.py`)."""
+    `sys.path` entry it was imported from: `flows/paying/slots.py`, `prefect/engine.py`)."""
     inside = frame[frame.rfind("(") + 1:].rstrip(")")
     return inside.rpartition(":")[0] or inside
 

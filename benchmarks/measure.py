@@ -27,7 +27,7 @@ def _cpu() -> float:
 
 def run_flow(spec: str, run_date: date) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
-    from flows.report import PipelineIncomplete
+    from flows.running.report import PipelineIncomplete
 
     state = run_pipeline(spec=spec, run_date=run_date, return_state=True)
     outcome = state.result(raise_on_failure=False)

@@ -38,6 +38,7 @@ import httpx
 
 from benchmarks.measure import MARK
 from deployments.postgres import Cluster, binaries
+from deployments.processes import answers, spawn, stop, wait_until
 from flows import SERVER_TUNING
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
@@ -58,36 +59,10 @@ def start_server(home: Path, database_url: str | None = None) -> tuple[subproces
            **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url} if database_url else {}),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "WARNING", **SERVER_TUNING}
-    log = (home / "server.log").open("ab")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_healthy(api, proc, 180, f"prefect server did not start; see {home / 'server.log'}")
+    proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                 home / "server.log", env=env)
+    wait_until(answers(f"{api}/health"), proc.pid, home / "server.log", what="the Prefect server", timeout=180)
     return proc, api
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, failure: str) -> None:
-    """Wait until `url/health` answers 200; `failure` if the process ends or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(failure)
-        time.sleep(0.3)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def emulator_counts(state: launcher.SandboxState) -> dict[str, dict[str, int]]:
@@ -132,10 +107,9 @@ def save_variants(api: str, receiver: str) -> None:
 def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     """`imagegen callbacks serve` for the benchmark's Prefect API; returns it and its URL."""
     port = launcher.free_port()
-    proc = subprocess.Popen([str(BIN / "imagegen"), "callbacks", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn([str(BIN / "imagegen"), "callbacks", "serve", "--port", str(port)], log, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, 60, f"the callback receiver did not start; see {log}")
+    wait_until(answers(f"{url}/health"), proc.pid, log, what="the callback receiver", timeout=60)
     return proc, url
 
 
@@ -324,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure(Workload.build(args.sqlite_size, args.latency, args.poll_interval), "flow", "polling", "mixed",
                         lite_env, "sqlite")
             finally:
-                stop(lite)
+                stop(lite.pid, grace=20)
 
         report = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -344,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         for busy in locals().get("load") or []:
             busy.kill()
         if receiver is not None:
-            stop(receiver)
+            stop(receiver.pid, grace=20)
         if server is not None:
-            stop(server)
+            stop(server.pid, grace=20)
         if cluster is not None:
             cluster.stop()
         launcher.down(state_dir)

@@ -20,8 +20,8 @@ import yaml
 
 from blocks import registry
 from blocks.base import ImageProvider
-from deployments.limits import LimitsFile, load_limits
-from flows.slots import PrefectLimiter
+from flows.paying.limits import LimitsFile, load_limits
+from flows.paying.slots import PrefectLimiter
 from sandbox.accounts import emulators
 
 def _providers() -> dict[str, type[ImageProvider]]:

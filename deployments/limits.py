@@ -1,78 +1,20 @@
-"""Provider limits as code, held on the Prefect server.
+"""Provider limits as code, held on the Prefect server (setup; the model and the names are
+`flows.paying.limits`).
 
-`load_limits()` reads `limits.yaml`; `apply_limits()` upserts one Prefect global concurrency
-limit per declared rate (a limit of 1 whose slot decays `rate x safety` times a second, so
-requests are spaced, not burst) and per declared in-flight cap; `flows.slots.PrefectLimiter` is
-what the flow plugs into a provider Block so every request and every job
-takes its slot, strictly. This module is setup only; taking slots at run time is `flows/slots.py`.
+`apply_limits()` upserts one Prefect global concurrency limit per declared rate (a limit of 1
+whose slot decays `rate x safety` times a second, so requests are spaced, not burst) and per
+declared in-flight cap; `show_limits()` and `reset_limit()` are `imagegen limits show/reset`.
+Taking slots at run time is `flows/paying/slots.py`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
-
-LIMITS_FILE = Path(__file__).with_name("limits.yaml")
-JOB_LEASE_SECONDS = 60  # a crashed holder frees its slot after about this long
-
-
-class ProviderLimits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rate: dict[str, float] = Field(default_factory=dict, description="requests/second per action")
-    jobs: dict[str, int] = Field(default_factory=dict, description="jobs in flight per action")
-
-
-class LimitsFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rate_safety: float = Field(0.9, gt=0, le=1)
-    providers: dict[str, ProviderLimits]
-    accounts: dict[str, list[str]] = Field(default_factory=dict)
-
-    def applied_rate(self, per_second: float) -> float:
-        """The rate a limit is held at: the published one times `rate_safety`."""
-        return round(per_second * self.rate_safety, 4)
-
-
-EXTRA_LIMITS = "IMAGEGEN_LIMITS_FILES"  # limits of providers other packages add (os.pathsep-separated)
-
-
-def load_limits(path: Path = LIMITS_FILE) -> LimitsFile:
-    """`path`, with the providers and accounts of every file in `IMAGEGEN_LIMITS_FILES` added
-    (a provider package outside this repository declares its limits in its own file)."""
-    limits = LimitsFile.model_validate(yaml.safe_load(path.read_text()))
-    for extra in filter(None, os.environ.get(EXTRA_LIMITS, "").split(os.pathsep)):
-        more = LimitsFile.model_validate(yaml.safe_load(Path(extra).read_text()))
-        limits.providers.update(more.providers)
-        for provider, blocks in more.accounts.items():
-            limits.accounts[provider] = sorted({*limits.accounts.get(provider, []), *blocks})
-    return limits
-
-
-def rate_name(provider: str, block: str, action: str) -> str:
-    return f"imagegen:{provider}:{block}:rate:{action}"
-
-
-def jobs_name(provider: str, block: str, action: str) -> str:
-    return f"imagegen:{provider}:{block}:jobs:{action}"
-
-
-def wanted_limits(limits: LimitsFile, accounts: dict[str, list[str]] | None = None) -> dict[str, tuple[int, float | None]]:
-    """Every limit name with (limit, slot decay per second or None)."""
-    out: dict[str, tuple[int, float | None]] = {}
-    for provider, blocks in (accounts or limits.accounts).items():
-        declared = limits.providers.get(provider, ProviderLimits())
-        for block in blocks:
-            for action, per_second in declared.rate.items():
-                out[rate_name(provider, block, action)] = (1, limits.applied_rate(per_second))
-            for action, cap in declared.jobs.items():
-                out[jobs_name(provider, block, action)] = (cap, None)
-    return out
+from flows.paying.limits import LIMITS_FILE, load_limits, wanted_limits
 
 
 def apply_limits(accounts: dict[str, list[str]] | None = None, path: Path = LIMITS_FILE) -> dict[str, tuple[int, float | None]]:
@@ -117,7 +59,7 @@ def _read_imagegen_limits(client) -> list:  # noqa: ANN001
 
 def show_limits(leases: Path | None = None, reclaim: Callable[[], object] | None = None) -> list[dict[str, object]]:
     """The imagegen limits on the current Prefect API with their current usage (the slots of
-    expired leases freed first by `reclaim`, which the run-time layer passes: `flows.slots`
+    expired leases freed first by `reclaim`, which the run-time layer passes: `flows.paying.slots`
     builds on this module, not the other way). Run claims
     (`imagegen:run:<pipeline>:<date>`, one per date ever run) are listed only while held.
 
@@ -157,3 +99,10 @@ def reset_limit(name: str) -> int:
         held = client.read_global_concurrency_limit_by_name(name).active_slots
         client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
     return held
+
+
+def limits_in_use(leases: Path | None = None) -> list[dict[str, object]]:
+    """`show_limits`, the slots of expired leases freed first (`flows.paying.slots.reclaim_expired`)."""
+    from flows.paying.slots import reclaim_expired  # imports Prefect's client: only when asked
+
+    return show_limits(leases, reclaim=lambda: reclaim_expired(force=True))

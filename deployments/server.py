@@ -19,16 +19,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deployments.processes import alive, answers, spawn, stop, wait_until
 from flows import SERVER_TUNING
 
-import httpx
 
 DEFAULT_DIR = Path(".prefect-server")
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
@@ -122,14 +119,7 @@ def replica_env(database_url: str, redis_url: str, home: Path) -> dict[str, str]
 def running(state: ServerState | None) -> bool:
     if state is None:
         return False
-    try:
-        os.kill(state.pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return httpx.get(f"{state.local_url}/health", timeout=3).status_code == 200
-    except httpx.TransportError:
-        return False
+    return alive(state.pid) and answers(f"{state.local_url}/health")()
 
 
 def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeout: float = 180.0,
@@ -164,17 +154,12 @@ def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeo
     print(f"starting the Prefect server on {host}:{port} ({database}; a first start creates its database, up to a "
           f"minute); log {root / 'server.log'}", file=sys.stderr, flush=True)
     home.mkdir(exist_ok=True)
-    log = (root / "server.log").open("ab")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host,
-                             "--port", str(port)], env=server_env(home, url), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = spawn([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host, "--port", str(port)],
+                 root / "server.log", env=server_env(home, url))
     state = ServerState(str(root), port, proc.pid, database, pg_port, host)
     state.save()
-    deadline = time.monotonic() + timeout
-    while not running(state):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise ServerError(f"the Prefect server did not start; see {root / 'server.log'}")
-        time.sleep(0.5)
+    wait_until(lambda: running(state), proc.pid, root / "server.log", what="the Prefect server", timeout=timeout,
+               error=ServerError)
     return state
 
 
@@ -185,14 +170,7 @@ def down(root: Path = DEFAULT_DIR) -> bool:
     state = ServerState.load(Path(root).resolve())
     if state is None:
         return False
-    try:
-        os.killpg(state.pid, signal.SIGTERM)
-        for _ in range(60):
-            os.killpg(state.pid, 0)
-            time.sleep(0.25)
-        os.killpg(state.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop(state.pid)
     if state.database == "postgres" and binaries():
         Cluster(Path(state.root) / "postgres", port=state.postgres_port).stop()
     return True

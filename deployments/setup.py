@@ -144,7 +144,7 @@ def setup_server(pool: str = POOL, accounts: dict[str, list[str]] | None = None,
         done += set_source(client, repository, branch)
         done.append(ensure_zombie_automation(client))
     done += [f"limit {name}" for name in apply_limits(accounts)]
-    from flows.callbacks import KEY_BLOCK, callback_key
+    from flows.paying.callbacks import KEY_BLOCK, callback_key
 
     callback_key(create=True)
     done.append(f"callback key in the Secret block {KEY_BLOCK} (for `imagegen callbacks serve`)")

@@ -1,4 +1,12 @@
-"""The flows, their tasks, the spec loader and the `imagegen` CLI.
+"""The flows and the `imagegen` CLI, over four packages, each importing only those before it:
+
+- `flows.specs`: reading specs and catalogues;
+- `flows.models`: the values one step hands the next (a module of its own);
+- `flows.paying`: paying once (ledger, the paid step's owner, claims, limits, budget, callbacks);
+- `flows.imaging`: image work and review;
+- `flows.running`: the Prefect tasks, progress and the report;
+- `flows.pipeline` and `flows.backfill`: the flows (the deployments' entry points), and
+  `flows.cli`: the `imagegen` command, on top.
 
 Importing this package before Prefect sets defaults for the temporary Prefect server that
 any process without `PREFECT_API_URL` starts on its own (`imagegen run`, the CLI's other
@@ -6,7 +14,7 @@ commands, a local backfill). A value the user set is never changed.
 
 - Its concurrency leases live in `PREFECT_HOME` (Prefect's filesystem lease storage) instead
   of the server's memory, so a killed run's slots can be found and freed by the next run
-  (`flows.slots.reclaim_expired`) instead of staying held for good.
+  (`flows.paying.slots.reclaim_expired`) instead of staying held for good.
 - It is given `STARTUP_SECONDS` to answer instead of Prefect's 20 s: its first start on a new
   `PREFECT_HOME` creates and migrates the SQLite database, which took longer than 20 s on a
   busy two-core machine every time (the user's first command then failed).

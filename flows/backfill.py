@@ -23,8 +23,8 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
-from flows.progress import RunProgress, final_state
-from flows.spec import PIPELINES_DIR, PipelineSpec, load_spec, resolve_spec_path
+from flows.running.progress import RunProgress, final_state
+from flows.specs.spec import PIPELINES_DIR, PipelineSpec, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
@@ -153,7 +153,7 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
     else:
         from flows.pipeline import run_pipeline
 
-        from flows.spec import RunOverrides
+        from flows.specs.spec import RunOverrides
 
         state = run_pipeline(spec=spec, run_date=run_date, overrides=RunOverrides(max_credits=cap) if cap else None,
                              return_state=True)  # named <pipeline>-<date>
@@ -334,6 +334,6 @@ def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> li
 
 
 def _key(name: str) -> str:
-    from flows.report import artifact_key
+    from flows.running.report import artifact_key
 
     return artifact_key(name)

@@ -8,7 +8,7 @@ from typing import Any
 from datetime import date
 from pathlib import Path
 
-from flows.spec import SpecError, load_spec, resolve_spec_path
+from flows.specs.spec import SpecError, load_spec, resolve_spec_path
 
 DEFAULT_SERVER_DIR = Path(".prefect-server")
 SHOWN_IDS = 5  # item ids `imagegen validate` shows (a catalogue's are made from its rows)
@@ -40,8 +40,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from blocks.errors import BlockMissing
     from flows.pipeline import plan_items, preflight, run_pipeline, saved_blocks
-    from flows.progress import terminal_line
-    from flows.report import PipelineIncomplete, format_table, summary_rows
+    from flows.running.progress import terminal_line
+    from flows.running.report import PipelineIncomplete, format_table, summary_rows
 
     try:  # refuse a bad spec, provider rules included, before starting Prefect at all
         path = resolve_spec_path(args.spec)
@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BlockMissing as exc:
         print(f"run not started: {exc}", file=sys.stderr)
         return 1
-    from flows.owner import name_taken
+    from flows.paying.owner import name_taken
 
     if not args.take_over_name and (taken := name_taken(spec, path)) is not None:
         print(f"run not started: {taken}", file=sys.stderr)
@@ -158,8 +158,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Show a run date's ledger, or settle an item whose submit may have reached the provider."""
-    from flows.ledger import JobLedger, State, Step
-    from flows.report import format_table
+    from flows.paying.ledger import JobLedger, State, Step
+    from flows.running.report import format_table
 
     try:
         spec = load_spec(resolve_spec_path(args.spec))
@@ -199,7 +199,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 def cmd_limits(args: argparse.Namespace) -> int:
     from deployments.limits import apply_limits, reset_limit
-    from flows.slots import limits_in_use
+    from deployments.limits import limits_in_use
 
     if args.action == "reset":
         if not args.name:
@@ -253,8 +253,8 @@ def local_lease_storage() -> Path | None:
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
     from flows.backfill import BackfillFailed, BackfillRefused, backfill, check_arguments
-    from flows.progress import terminal_line
-    from flows.report import format_table
+    from flows.running.progress import terminal_line
+    from flows.running.report import format_table
 
     try:
         check_arguments(args.max_parallel, args.max_credits)
@@ -311,10 +311,10 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_callbacks(args: argparse.Namespace) -> int:
-    """Receive provider callbacks (see `flows.callbacks`) for the Prefect server in PREFECT_API_URL."""
+    """Receive provider callbacks (see `flows.paying.callbacks`) for the Prefect server in PREFECT_API_URL."""
     import os
 
-    from flows.callbacks import serve
+    from flows.paying.callbacks import serve
 
     if not os.environ.get("PREFECT_API_URL"):
         print("callbacks not served: set PREFECT_API_URL to the Prefect server the workers use (a run's own "

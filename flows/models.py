@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from blocks.base import CreditEstimate, GenerationRequest
-from flows.spec import ArchiveSettings, ReviewSettings, UpscaleSettings
+from flows.specs.spec import ArchiveSettings, ReviewSettings, UpscaleSettings
 
 
 class ItemPlan(BaseModel):

@@ -32,22 +32,22 @@ from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
 from blocks.archive import archive_bucket
-from flows.budget import close_run, open_run
-from flows.slots import reclaim_expired
-from flows.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
-from flows.review import ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
-from flows.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
+from flows.paying.budget import close_run, open_run
+from flows.paying.slots import reclaim_expired
+from flows.running.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
+from flows.imaging.review import ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
+from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
                         read_spec_text, resolve_spec_path)
-from flows.claim import run_claim
-from flows.owner import NameTaken, own_name
-from flows.paidcalls import PaidCallRefused
-from flows.progress import RunProgress, count_when_done
-from flows.archived import Listing, confirm_outcomes, found_in_archive, missing
-from flows.ledger import TRANSITIONS, State
+from flows.paying.claim import run_claim
+from flows.paying.owner import NameTaken, own_name
+from flows.paying.paidcalls import PaidCallRefused
+from flows.running.progress import RunProgress, count_when_done
+from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
+from flows.paying.ledger import TRANSITIONS, State
 from flows.models import ArchivedItem, Generated, ItemPlan, Verdict
-from flows.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
+from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
-from flows.yamlpos import closest_position, load_with_positions, snippet
+from flows.specs.yamlpos import closest_position, load_with_positions, snippet
 
 
 
@@ -178,8 +178,8 @@ def _option_location(message: str, provider: str, positions: dict, index: int) -
 
 def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, positions: dict, text: str) -> list[SpecIssue]:
     """A spec that asks for moderation, duplicates or Real-ESRGAN needs their packages."""
-    from flows.images import _realesrgan
-    from flows.review import REVIEW_EXTRA, MissingDependency, require
+    from flows.imaging.images import _realesrgan
+    from flows.imaging.review import REVIEW_EXTRA, MissingDependency, require
 
     if not plans:
         return []
@@ -321,7 +321,7 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None, *,
 def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: set[str] | None = None,
                     rebuild: bool = False) -> ArchivedItem | None:
     """The item as an earlier run of this date archived it, if its request is unchanged and the
-    bucket still holds it (the archive is the last word, `flows.archived`): from its ledger
+    bucket still holds it (the archive is the last word, `flows.paying.archived`): from its ledger
     record, or, where that is gone or never said archived, from the sidecars naming its
     request. With `rebuild`, an item found so gets its record back (archived, with its job id),
     so an image missing from it is fetched again, not paid again. `recorded`: the items with a

@@ -253,19 +253,23 @@ class ChuzhanEmulator:
             data["hrScale"] = float(data["hrScale"])
         return data
 
+    def _refuse_bad(self, params: dict[str, Any]) -> None:
+        """Refuse bad parameters (400) and a sensitive prompt (403), counted; nothing is charged."""
+        why = refusal(params, private_callbacks=self.callbacks.sandbox)
+        if why is not None:
+            with self.state.lock:
+                self.state.counters["param_rejections"] += 1
+            raise Refused(400, f"参数错误: {why}")
+        if "[[nsfw]]" in str(params.get("prompt")):
+            with self.state.lock:
+                self.state.counters["sensitive_rejections"] += 1
+            raise Refused(403, "词条中涉及敏感词，请调整后再生成图片")
+
     async def draw(self, request: Request) -> Response:
         st = self.state
         try:
             params = await self._body(request)
-            why = refusal(params, private_callbacks=self.callbacks.sandbox)
-            if why is not None:
-                with st.lock:
-                    st.counters["param_rejections"] += 1
-                raise Refused(400, f"参数错误: {why}")
-            if "[[nsfw]]" in str(params.get("prompt")):
-                with st.lock:
-                    st.counters["sensitive_rejections"] += 1
-                raise Refused(403, "词条中涉及敏感词，请调整后再生成图片")
+            self._refuse_bad(params)
             cost, terms = price(params, st.rounding)
             if params.get("predictConsume"):
                 with st.lock:

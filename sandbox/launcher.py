@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from deployments.processes import alive, answers, spawn, stop, wait_until
 from sandbox.accounts import emulator, emulators, read_secret, secret_file
 from sandbox.s3 import weed_binary, weed_command, write_identity
 
@@ -89,7 +86,7 @@ class PortTaken(SandboxError):
 def running(state_dir: Path = DEFAULT_STATE_DIR) -> SandboxState | None:
     """The sandbox of `state_dir` when every one of its processes is alive."""
     state = SandboxState.load(Path(state_dir).resolve())
-    return state if state and state.pids and all(_alive(pid) for pid in state.pids.values()) else None
+    return state if state and state.pids and all(alive(pid) for pid in state.pids.values()) else None
 
 
 def _port_free(port: int) -> bool:
@@ -134,38 +131,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(cmd: list[str], log: Path) -> int:
-    with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    return process.pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie child of ours counts as dead
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
-
-
-def _wait_http(url: str, pid: int, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise SandboxError(f"sandbox process {pid} exited while starting; log {log}:\n{tail}")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise SandboxError(f"sandbox service at {url} not ready after {timeout:.0f}s; log {log}")
-
-
 def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = None, s3_port: int = 8333,
        latency: float = 2.0, buckets: tuple[str, ...] = DEFAULT_BUCKETS,
        providers: list[str] | None = None) -> SandboxState:
@@ -178,7 +143,7 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = SandboxState.load(state_dir)
-    if existing and any(_alive(pid) for pid in existing.pids.values()):
+    if existing and any(alive(pid) for pid in existing.pids.values()):
         down(state_dir)  # a sandbox partly dead: what is left of it goes; the caller reuses a whole one
 
     chosen = {name: (ports or {}).get(name, emulator(name).DEFAULT_PORT) for name in providers or emulators()}
@@ -195,8 +160,8 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
         account = module.sandbox_account(state_dir)
         account_file = Path(secret_file(state_dir, f"{name}_account.json", json.dumps(account)))
         logs[name] = state_dir / f"{name}.log"
-        pids[name] = _spawn([sys.executable, "-m", "sandbox.serve", name, "--port", str(port),
-                             "--latency", str(latency), "--account", str(account_file)], logs[name])
+        pids[name] = spawn([sys.executable, "-m", "sandbox.serve", name, "--port", str(port),
+                            "--latency", str(latency), "--account", str(account_file)], logs[name]).pid
         accounts[name] = {"url": f"http://127.0.0.1:{port}", **account}
     access_key, secret_key = "sandbox" + secrets.token_hex(6), secrets.token_urlsafe(24)
     s3_config = state_dir / "s3-identity.json"
@@ -207,14 +172,16 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
                                                "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
                                                "admin.port.grpc")}
     s3_ports["s3.port"] = s3_port
-    pids["s3"] = _spawn(weed_command(state_dir / "s3-data", s3_config, s3_ports), s3_log)
+    pids["s3"] = spawn(weed_command(state_dir / "s3-data", s3_config, s3_ports), s3_log).pid
     state = SandboxState(state_dir=str(state_dir), providers=accounts, s3_url=f"http://127.0.0.1:{s3_port}",
                          s3_access_key=access_key, s3_secret_key=secret_key, buckets=list(buckets), pids=pids)
     state.save()
     try:
         for name in accounts:
-            _wait_http(f"{state.url(name)}/_sandbox/health", pids[name], logs[name])
-        _wait_http(state.s3_url, pids["s3"], s3_log)
+            wait_until(answers(f"{state.url(name)}/_sandbox/health"), pids[name], logs[name],
+                       what=f"the {name} emulator", timeout=60, error=SandboxError)
+        wait_until(answers(state.s3_url, healthy=False), pids["s3"], s3_log, what="the S3 server", timeout=60,
+                   error=SandboxError)
         _create_buckets(state)
     except Exception:
         down(state_dir)
@@ -249,16 +216,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> bool:
     if state is None:
         return False
     for pid in state.pids.values():
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            deadline = time.monotonic() + 5
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if not _alive(pid):
-                break
+        stop(pid, grace=5)
     state.pids = {}
     state.save()
     return True

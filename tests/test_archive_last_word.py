@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from blocks.archive import archive_bucket
-from flows.archived import Listing, confirm_outcomes
-from flows.owned import KeyTaken, Owner, put_owned
+from flows.paying.archived import Listing, confirm_outcomes
+from flows.paying.owned import KeyTaken, Owner, put_owned
 from flows.models import ArchivedItem
 from tests.conftest import TEST_BUCKET, run_spec, s3_client
 from tests.test_limits_and_faults import manifest_of

@@ -109,7 +109,7 @@ def test_dates_failing_for_one_reason_before_any_item_stop_the_backfill() -> Non
 
 
 def test_a_deployment_s_dates_get_the_spec_by_its_place_in_the_checkout(tmp_path) -> None:
-    from flows.spec import PIPELINES_DIR
+    from flows.specs.spec import PIPELINES_DIR
 
     assert portable_spec(PIPELINES_DIR / "demo.yaml", deployed=True) == "pipelines/demo.yaml"
     assert portable_spec(PIPELINES_DIR / "demo.yaml", deployed=False) == str((PIPELINES_DIR / "demo.yaml").resolve())

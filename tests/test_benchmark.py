@@ -32,18 +32,18 @@ def test_cpu_samples_go_to_the_innermost_project_frame() -> None:
     def stack(*files: str) -> list[str]:
         return [f"fn ({name}:1)" for name in files]
 
-    engine = ("threading.py", "prefect/task_engine.py", "flows/tasks.py")
+    engine = ("threading.py", "prefect/task_engine.py", "flows/running/tasks.py")
     assert category(stack(*engine, "blocks/base.py", "httpx/_client.py")) == "provider HTTP"
-    assert category(stack(*engine, "blocks/base.py", "flows/slots.py", "prefect/client/base.py")) == "limits"
-    assert category(stack(*engine, "flows/ledger.py", "botocore/endpoint.py")) == "ledger"
+    assert category(stack(*engine, "blocks/base.py", "flows/paying/slots.py", "prefect/client/base.py")) == "limits"
+    assert category(stack(*engine, "flows/paying/ledger.py", "botocore/endpoint.py")) == "ledger"
     assert category(stack(*engine, "blocks/archive.py", "botocore/endpoint.py")) == "archive (S3)"
     assert category(stack(*engine, "boto3/s3/transfer.py")) == "archive (S3)"
     assert category(stack("prefect/task_engine.py", "prefect/blocks/core.py")) == "Prefect"  # not our blocks/
     assert category(stack("flows/pipeline.py", "prefect/futures.py")) == "Prefect"
-    assert category(stack(*engine, "flows/review.py", "onnxruntime/session.py")) == "review"
+    assert category(stack(*engine, "flows/imaging/review.py", "onnxruntime/session.py")) == "review"
     assert category(stack("threading.py", "json/encoder.py")) == "other"
     raw = ("thread (1): MainThread;fn (flows/pipeline.py:1);fn (prefect/futures.py:2) 3\n"
-           "thread (2): worker;fn (flows/ledger.py:1) 1\n")
+           "thread (2): worker;fn (flows/paying/ledger.py:1) 1\n")
     assert breakdown(raw) == {"Prefect": 0.75, "ledger": 0.25}
 
 

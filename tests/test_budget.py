@@ -10,7 +10,7 @@ from datetime import date
 import httpx
 import pytest
 
-from flows.budget import BudgetReached, RunBudget
+from flows.paying.budget import BudgetReached, RunBudget
 from tests.conftest import chuzhan_stats, run_spec
 
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from flows.callbacks import Forged, JobRef, capability_url, read_capability
+from flows.paying.callbacks import Forged, JobRef, capability_url, read_capability
 from sandbox import launcher
 from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client, tams_stats
 from tests.servers import wait_healthy
@@ -174,7 +174,7 @@ def archived(name: str, state, run_date: date) -> list[str]:  # noqa: ANN001
 def test_jobs_end_by_callback_with_one_confirming_poll_each(receiver, sandbox_blocks, tmp_path, provider) -> None:
     """Each job is woken by its callback (the Prefect event reached this process) and polled
     once to confirm it; every image is paid once."""
-    from flows import wakeup
+    from flows.paying import wakeup
 
     before, heard = stats_of(provider, sandbox_blocks), httpx.get(f"{receiver}/v1/stats").json()
     state = run_spec(tmp_path, spec(f"cb-{provider}", provider, 4), date(2026, 5, 1))
@@ -336,7 +336,7 @@ def test_forged_events_cost_no_status_request(receiver, sandbox_blocks, tmp_path
 polls on its own only after 60 s)."""
     from prefect.client.orchestration import get_client
 
-    from flows.callbacks import announce
+    from flows.paying.callbacks import announce
 
     tams, day = sandbox_blocks.url("tams"), date(2026, 5, 6)
     httpx.post(f"{tams}/_sandbox/config", json={"latency": 8}).raise_for_status()
@@ -371,7 +371,7 @@ def test_an_unreadable_tams_body_wakes_its_job(receiver, sandbox_blocks, tmp_pat
     """TAMS's notification body is not documented: one in a shape the Block does not read is
     still a reason to look. It wakes its job (one poll, no 4 s fallback wait), is counted and
     logged, and kept in the ledger as an `unreadable` note for whoever fixes the Block."""
-    from flows import wakeup
+    from flows.paying import wakeup
 
     tams, day = sandbox_blocks.url("tams"), date(2026, 5, 7)
     for _ in range(2):
@@ -393,7 +393,7 @@ def test_an_unreadable_tams_body_wakes_its_job(receiver, sandbox_blocks, tmp_pat
 
 
 def direct_url(receiver: str, request_id: str = "0" * 32) -> str:
-    from flows.callbacks import cached_key
+    from flows.paying.callbacks import cached_key
 
     good = JobRef(provider="chuzhan", block="cb", request_id=request_id, bucket=TEST_BUCKET, credentials="sandbox",
                   ledger_prefix="cb-direct/2026-05-09/_jobs/", record_key="cb-direct/2026-05-09/_jobs/x.json")
@@ -406,7 +406,7 @@ def test_the_receiver_refuses_what_it_cannot_verify_and_asks_again_when_it_canno
     names no job is kept as unreadable and wakes its job (200); another job's nonce is 409; a
     real URL whose ledger cannot be written (its credentials Block does not exist) is 503, so the
     provider's retries send it again; a forged body naming the job never shadows the real one."""
-    from flows.callbacks import cached_key
+    from flows.paying.callbacks import cached_key
 
     url = direct_url(receiver)
     body = {"taskId": "f" * 32, "nonce": "0" * 32, "state": "success"}
@@ -480,7 +480,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(receiver, sandbox_blocks
 def test_slow_connections_are_cut_within_their_deadlines(receiver, sandbox_blocks) -> None:
     """100 connections trickling their headers and 100 their body at a byte a second: each is
     cut within its deadline (headers 10 s, body 10 s more), and the receiver answers meanwhile."""
-    from flows.callbacks import BODY_TIMEOUT, HEADER_TIMEOUT
+    from flows.paying.callbacks import BODY_TIMEOUT, HEADER_TIMEOUT
 
     path = urlparse(direct_url(receiver, "2" * 32)).path
     port = urlparse(receiver).port

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.spec import SpecError, load_spec
+from flows.specs.spec import SpecError, load_spec
 from tests.conftest import TEST_BUCKET, run_spec
 
 SPEC = """\

@@ -17,7 +17,7 @@ from blocks.base import GenerationRequest
 from blocks.chuzhan import (ChuzhanProvider, TaskFailed, check_caps, credit_readings, credits_for, map_error,
                             output_size)
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
-from flows.report import PipelineIncomplete
+from flows.running.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
@@ -390,7 +390,7 @@ def test_a_long_poll_asks_once_a_job_and_again_when_let_go(chuzhan, long_poll, h
 def test_status_requests_have_a_rate_limit_the_client_takes() -> None:
     """chuzhan.md "Limits": no request rate is published, so limits.yaml holds an assumed, modest
     one for status requests, under the very action name the client's status requests take."""
-    from deployments.limits import LIMITS_FILE, load_limits
+    from flows.paying.limits import LIMITS_FILE, load_limits
 
     assert load_limits().providers["chuzhan"].rate == {"v1.task.detail": 2}
     assert "ASSUMED" in next(line for line in LIMITS_FILE.read_text().splitlines() if "v1.task.detail" in line)

@@ -128,7 +128,7 @@ def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(em
     assert charges(emulators, "tencent", name) == once_each(name, n)
     assert set(ledger_states(path, day).values()) == {"archived"}
     from flows.backfill import manifest_status
-    from flows.spec import load_spec
+    from flows.specs.spec import load_spec
 
     assert (manifest_status(load_spec(path), day) or {}).get("status") == "complete"  # the second run's
 
@@ -185,8 +185,8 @@ CLAIM = "imagegen:run:unit:2026-01-01"
 
 
 def test_a_paid_call_waits_while_its_claim_is_in_doubt_and_goes_on_once_renewed() -> None:
-    from flows import paidcalls
-    from flows.leases import Lease
+    from flows.paying import paidcalls
+    from flows.paying.leases import Lease
 
     claim = Lease(uuid4(), CLAIM, 60.0)
     claim.failed("the Prefect API did not renew it: ConnectError")
@@ -199,8 +199,8 @@ def test_a_paid_call_waits_while_its_claim_is_in_doubt_and_goes_on_once_renewed(
 
 
 def test_a_claim_unrenewed_for_its_whole_lease_is_lost_for_good_and_said_once() -> None:
-    from flows import paidcalls
-    from flows.leases import Lease
+    from flows.paying import paidcalls
+    from flows.paying.leases import Lease
 
     heard: list[str] = []
     claim = Lease(uuid4(), CLAIM, 60.0, confirmed=time.monotonic() - 61)
@@ -223,14 +223,14 @@ class LosingJournal:
         self.claim, self.heard = claim, []
 
     def sending(self) -> None:
-        from flows import paidcalls
+        from flows.paying import paidcalls
 
         paidcalls.begin("run-armed")
         self.heard.append("sending")
         self.claim.lose("lost while the call waited for its request slot")
 
     def refused(self, error: BaseException) -> None:
-        from flows import paidcalls
+        from flows.paying import paidcalls
 
         paidcalls.end()
         self.heard.append(f"refused {type(error).__name__}")
@@ -251,10 +251,10 @@ def test_a_claim_lost_while_a_paid_call_waits_for_its_request_slot_sends_nothing
     """The check right before the wire, in the flow's limiter: the call is refused after its
     slot, nothing reaches the provider, and the journal records it refused (safe to send again)."""
     from blocks.base import CreditEstimate
-    from deployments.limits import LimitsFile, ProviderLimits
-    from flows import paidcalls
-    from flows.leases import Lease
-    from flows.slots import PrefectLimiter
+    from flows.paying.limits import LimitsFile, ProviderLimits
+    from flows.paying import paidcalls
+    from flows.paying.leases import Lease
+    from flows.paying.slots import PrefectLimiter
     from tests.test_sending import block
 
     route = respx.route(host="provider.test").mock(return_value=httpx.Response(500))

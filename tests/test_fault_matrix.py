@@ -1,6 +1,6 @@
 """The fault matrix: every moment of a paid step, stopped, on every provider; and the provider's
 own faults at the moments they happen. Each cell is a real run in this process (real HTTP to the
-emulators, the real S3 ledger, the real Prefect API) stopped at a fault point (`flows.faults`),
+emulators, the real S3 ledger, the real Prefect API) stopped at a fault point (`flows.paying.faults`),
 then rerun until it completes, with a person settling what only a person can. It holds when the
 emulators charged each image exactly once (per their own counts) and every item is archived.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from flows import faults
+from flows.paying import faults
 from flows.cli import main as imagegen
-from flows.ledger import JobLedger, LedgerUnavailable, State, Step
-from flows.spec import load_spec
+from flows.paying.ledger import JobLedger, LedgerUnavailable, State, Step
+from flows.specs.spec import load_spec
 from tests.conftest import run_spec
 from tests.test_limits_and_faults import manifest_of
 from tests.test_pay_once import charges, emulators, inject, spec_text, stats  # noqa: F401 - a fixture
@@ -139,7 +139,7 @@ def rerun_until_done(tmp_path: Path, path: Path, name: str, provider: str) -> tu
 
 def decisions(text: str) -> dict[str, tuple[str, str]]:
     """The cell (ledger row, action) each item's step took when first rerun, from the log
-    (`flows.paystep`): `i1 generate` -> ("sending", "CONFIRM")."""
+    (`flows.paying.paystep`): `i1 generate` -> ("sending", "CONFIRM")."""
     found: dict[str, tuple[str, str]] = {}
     for step, row, action in re.findall(r"(\S+ (?:generate|refine)): ledger (.+?), \w+ provider: (\w+)", text):
         found.setdefault(step, (row, action))

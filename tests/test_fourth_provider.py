@@ -1,6 +1,6 @@
 """A fourth provider, added the way a provider package adds one: its Block module, its emulator
 module and its limits, declared by entry points (`imagegen.providers`, `imagegen.emulators`)
-and a limits file. Nothing else in the project changes. The toy then runs a spec end to end:
+and its `limits.yaml` (`imagegen.limits`). Nothing else in the project changes. The toy then runs a spec end to end:
 its own sandbox (emulator process and S3), the Prefect API, its Prefect limits and the flow.
 Also here: what a person sees of a run (its name) and of a sandbox that cannot start."""
 
@@ -176,6 +176,9 @@ toy = toy_imagegen.block:ToyProvider
 
 [imagegen.emulators]
 toy = toy_imagegen.emulator
+
+[imagegen.limits]
+toy = toy_imagegen
 """
 
 
@@ -200,10 +203,9 @@ def toy(tmp_path_factory, monkeypatch, prefect_api):
     from sandbox import accounts, launcher
 
     root = tmp_path_factory.mktemp("site")
-    package = install_toy(root)
+    install_toy(root)
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("PYTHONPATH", f"{root}:{Path(__file__).parent.parent}")  # the emulator's process
-    monkeypatch.setenv("IMAGEGEN_LIMITS_FILES", str(package / "limits.yaml"))
     registry.refresh()
     accounts.emulators.cache_clear()
     state_dir = tmp_path_factory.mktemp("toy-sandbox")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.spec import MAX_ITEMS, MAX_SPEC_BYTES, SpecRefused, resolve_spec_path
+from flows.specs.spec import MAX_ITEMS, MAX_SPEC_BYTES, SpecRefused, resolve_spec_path
 from tests.conftest import TEST_BUCKET, chuzhan_stats, s3_client, tams_stats, tencent_stats
 from tests.test_limits_and_faults import cli_env
 
@@ -78,12 +78,41 @@ def bounded_imagegen(args: list[str], env: dict[str, str]) -> tuple[int, str, st
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=out, stderr=err, env=env,
                                 cwd=ROOT)
+        peak = PeakRss(proc.pid)
         killer = threading.Timer(120, proc.kill)
         killer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status = os.waitpid(proc.pid, 0)
         killer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out_path.read_text(), err_path.read_text(), usage.ru_maxrss / 1024
+    return proc.returncode, out_path.read_text(), err_path.read_text(), peak.stop()
+
+
+class PeakRss:
+    """A child's peak resident set (`VmHWM`), read from /proc every 20 ms while it runs. Not
+    `wait4`'s `ru_maxrss`: Linux carries a forking parent's high-water mark across `exec`, so a
+    child of a large test process (an xdist worker) reports the parent's size."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kb, self._done = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            self._done.wait(0.02)
+
+    def stop(self) -> float:
+        """The peak seen, in MB."""
+        self._done.set()
+        self._thread.join()
+        return self.peak_kb / 1024
 
 
 def issue_lines(stderr: str, path: Path) -> str:

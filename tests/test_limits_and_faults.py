@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.limits import apply_limits, load_limits, wanted_limits
-from flows.slots import limits_in_use
-from flows.report import PipelineIncomplete
+from deployments.limits import apply_limits
+from flows.paying.limits import load_limits, wanted_limits
+from deployments.limits import limits_in_use
+from flows.running.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tams_stats
 
 ROOT = Path(__file__).parent.parent
@@ -92,8 +93,8 @@ def test_limits_apply_is_idempotent_and_shows_usage(sandbox_blocks) -> None:
 
 
 def test_a_missing_limit_is_an_error_not_a_silent_pass(sandbox_blocks) -> None:
-    from flows.slots import PrefectLimiter
-    from flows.slots import LimitMissing
+    from flows.paying.slots import PrefectLimiter
+    from flows.paying.slots import LimitMissing
 
     with pytest.raises(LimitMissing, match="imagegen limits apply"), \
             PrefectLimiter("tams", "account-without-limits").request("api"):
@@ -213,7 +214,7 @@ def test_an_outage_at_run_start_is_retried_and_a_fatal_error_still_leaves_a_true
 def test_budget_is_per_provider_in_its_own_unit(emulator, tmp_path) -> None:
     """Two providers' credits are never added up: a single number is refused for a mixed spec
     at file:line, and a per-provider cap stops only that provider's items."""
-    from flows.spec import SpecError, load_spec
+    from flows.specs.spec import SpecError, load_spec
 
     mixed = spec_text("budget-mixed", 4, extra_run=", max_credits: 3").replace(
         "  - {id: x3, prompt: item 3 of budget-mixed}",
@@ -312,7 +313,7 @@ def test_lanes_keep_a_capped_provider_from_filling_the_window() -> None:
 def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_blocks) -> None:
     import threading
 
-    from flows.slots import PrefectLimiter
+    from flows.paying.slots import PrefectLimiter
 
     apply_limits({"tencent": ["slots-test"]})  # SubmitTextToImageJob: 1 in flight
     limiter = PrefectLimiter("tencent", "slots-test")
@@ -343,7 +344,7 @@ def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_block
 
 
 def test_rate_slots_are_never_taken_faster_than_the_limit(sandbox_blocks) -> None:
-    from flows.slots import take_rate
+    from flows.paying.slots import take_rate
 
     apply_limits({"tams": ["rate-test"]})  # api: 5/s x 0.9 safety = 4.5/s on the server
     started = time.monotonic()

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.slots import limits_in_use
-from flows.ledger import JobLedger, LedgerConflict, State
-from flows.spec import ArchiveSettings
-from flows.spec import load_spec
+from deployments.limits import limits_in_use
+from flows.paying.ledger import JobLedger, LedgerConflict, State
+from flows.specs.spec import ArchiveSettings
+from flows.specs.spec import load_spec
 from tests.conftest import TEST_BUCKET, run_spec, s3_client
 from tests.test_limits_and_faults import cli_env, manifest_of
 
@@ -454,9 +454,9 @@ def test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good(emul
 def leave_sending(path: Path, day: date, *, reached_provider: bool) -> str:
     """What a process killed right after recording `sending` leaves behind: the record, and,
     when its request was on the wire, the job the provider created for it."""
-    from flows.ledger import move
+    from flows.paying.ledger import move
     from flows.pipeline import plan_items
-    from flows.tasks import provider_for
+    from flows.running.tasks import provider_for
 
     spec = load_spec(path)
     plan = plan_items(spec, "", day, "")[0]

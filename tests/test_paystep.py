@@ -1,4 +1,4 @@
-"""The paid step's table (`flows.paystep`): each cell by name, against the table in
+"""The paid step's table (`flows.paying.paystep`): each cell by name, against the table in
 `docs/paying-once.md`; and, for each cell, the integration test that walks it for real (or why
 none does)."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.ledger import JobRecord, State
-from flows.paystep import COLUMNS, ROWS, TABLE, Caps, Do, decide, row_of
+from flows.paying.ledger import JobRecord, State
+from flows.paying.paystep import COLUMNS, ROWS, TABLE, Caps, Do, decide, row_of
 
 ROOT = Path(__file__).parent.parent
 DOC = ROOT / "docs" / "paying-once.md"

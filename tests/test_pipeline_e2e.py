@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import PipelineIncomplete
-from flows.spec import SpecError
+from flows.running.report import PipelineIncomplete
+from flows.specs.spec import SpecError
 from tests.conftest import TEST_BUCKET, latest_artifacts, s3_client, tams_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"

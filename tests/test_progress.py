@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.progress import RunProgress, listening
+from flows.running.progress import RunProgress, listening
 
 
 def test_progress_counts_and_stays_below_done_while_a_person_decides() -> None:
@@ -42,7 +42,7 @@ def test_the_run_log_gets_a_line_every_few_seconds_while_nothing_changes(monkeyp
     """A run waiting (an unknown submit's hold, a long job) still says it is alive."""
     import time
 
-    import flows.progress as progress
+    import flows.running.progress as progress
 
     monkeypatch.setattr(progress, "LOG_EVERY", 0.2)
     lines: list[str] = []

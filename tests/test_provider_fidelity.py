@@ -20,7 +20,7 @@ from blocks.base import MAX_RETRY_AFTER, GenerationRequest, retry_after_seconds,
 from blocks.errors import AccountStop, BadRequest, ContentRejected, TransientError
 from blocks.tams import TamsProvider
 from blocks.tencent import TencentAiArtProvider, check_image, map_error
-from flows.images import mime_of
+from flows.imaging.images import mime_of
 from tests.conftest import TEST_BUCKET, run_spec, tams_stats, tencent_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"

@@ -9,7 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from flows.pipeline import plan_items
-from flows.spec import load_spec
+from flows.specs.spec import load_spec
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 DAY = date(2026, 3, 1)
@@ -80,7 +80,7 @@ def test_what_the_provider_is_paid_for_changes_the_id(tmp_path) -> None:
 def test_two_items_asking_for_the_same_thing_need_ids(tmp_path) -> None:
     import pytest
 
-    from flows.spec import SpecError
+    from flows.specs.spec import SpecError
 
     path = tmp_path / "twins.yaml"
     path.write_text(spec("  - {prompt: a cat}\n  - {prompt: a cat}\n"))

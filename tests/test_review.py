@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.report import PipelineIncomplete
-from flows.review import REVIEW_EXTRA, MissingDependency, distance, nsfw_score, require
+from flows.running.report import PipelineIncomplete
+from flows.imaging.review import REVIEW_EXTRA, MissingDependency, distance, nsfw_score, require
 from tests.conftest import TEST_BUCKET, latest_artifacts, run_logs, run_spec, s3_client, tams_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
@@ -207,8 +207,8 @@ def stored_form(flow_run) -> dict:  # noqa: ANN001 - a paused FlowRun
     return schema
 
 
-def shown(n: int, input_url: str | None = None):  # noqa: ANN201 - a flows.review.Shown
-    from flows.review import Shown
+def shown(n: int, input_url: str | None = None):  # noqa: ANN201 - a flows.imaging.review.Shown
+    from flows.imaging.review import Shown
 
     return Shown(image_id=f"it{n}#1", label=f"it{n} #1", prompt=f"prompt {n}: a <b>bold</b> &\nmultiline prompt",
                  checks=f"stddev {n}.5 (threshold 3.0)",
@@ -219,7 +219,7 @@ def shown(n: int, input_url: str | None = None):  # noqa: ANN201 - a flows.revie
 def test_the_gallery_is_a_grid_of_thumbnails_four_wide() -> None:
     """Seven images and a failed item: two rows of four cells; each image shown 192 px wide (so
     not cropped) as a link to itself, with its id, verdict, checks and a full-size link."""
-    from flows.report import gallery_markdown
+    from flows.running.report import gallery_markdown
 
     items = [{"item": f"it{n}", "objects": [{"index": 1, "s3_uri": f"s3://bucket/it{n}.png", "verdict": "approved",
                                              "reasons": []}]} for n in range(1, 8)]
@@ -238,8 +238,8 @@ def test_each_form_field_holds_its_own_image_prompt_checks_and_input() -> None:
     """The Resume form's schema: one field per image, titled with it, described by one line of
     HTML (thumbnail linked to the full image, prompt, checks, input image); every field required
     (no "(Optional)" in the UI) and set to the default."""
-    from flows.review import approval_form
-    from flows.spec import HumanSettings
+    from flows.imaging.review import approval_form
+    from flows.specs.spec import HumanSettings
 
     form = approval_form([shown(1), shown(2, input_url="https://s3.example/it2.input.thumb.png")],
                          HumanSettings(default="reject"))
@@ -258,7 +258,7 @@ def test_each_form_field_holds_its_own_image_prompt_checks_and_input() -> None:
 
 
 def test_checks_in_a_few_words() -> None:
-    from flows.review import checks_text
+    from flows.imaging.review import checks_text
 
     assert checks_text({"readable": {"value": True, "threshold": True}, "stddev": {"value": 45.0661, "threshold": 3.0},
                         "phash": {"value": "ff00", "threshold": None},
@@ -268,7 +268,7 @@ def test_checks_in_a_few_words() -> None:
 
 @pytest.mark.parametrize(("engine", "factor"), [("lanczos", 2), ("realesrgan", 2), ("realesrgan", 4)])
 def test_local_upscale_of_a_real_image(engine: str, factor: int) -> None:
-    from flows import images
+    from flows.imaging import images
 
     source = ASSET.read_bytes()
     if engine == "realesrgan":
@@ -281,7 +281,7 @@ def test_local_upscale_of_a_real_image(engine: str, factor: int) -> None:
 
 
 def test_realesrgan_in_a_pipeline(sandbox_blocks, tmp_path) -> None:
-    from flows import images
+    from flows.imaging import images
 
     try:
         images._realesrgan(2)

@@ -20,14 +20,14 @@ pytestmark = pytest.mark.server  # each test starts `imagegen server up` itself
 ROOT = Path(__file__).parent.parent
 HOLD = """
 import sys, time
-from flows.slots import hold
+from flows.paying.slots import hold
 with hold(sys.argv[1], 60):
     print("held", flush=True)
     time.sleep(3600)
 """
 TAKE = """
 import sys, time
-from flows.slots import hold
+from flows.paying.slots import hold
 started = time.monotonic()
 with hold(sys.argv[1], 60):
     print(f"took {time.monotonic() - started:.1f}", flush=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.spec import SpecError, load_spec, render_key
+from flows.specs.spec import SpecError, load_spec, render_key
 
 GOOD = """\
 version: 1
@@ -170,7 +170,7 @@ def test_run_overrides_are_typed_with_a_spec_escape_hatch() -> None:
     (as before) still accepted as the escape hatch, and unknown typed fields refused."""
     from pydantic import ValidationError
 
-    from flows.spec import RunOverrides
+    from flows.specs.spec import RunOverrides
 
     typed = RunOverrides.model_validate({"max_credits": {"tams": 40}, "max_parallel": 2, "items": ["a"],
                                          "spec": {"run": {"poll_interval": 0.5}}})

@@ -20,7 +20,7 @@ from blocks.base import GenerationRequest
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
 from blocks.tencent import (ERROR_CODES, REFINE_MAX_BASE64, ReviewFailed, TC3Signer, TencentAiArtProvider,
                             canonical_request, check_image, map_error, string_to_sign, tc3_signature)
-from flows.report import PipelineIncomplete
+from flows.running.report import PipelineIncomplete
 from tests.conftest import TEST_BUCKET, run_spec, s3_client, tencent_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"

@@ -103,7 +103,7 @@ def worker_of(env: dict[str, str], flow_run_id) -> str | None:  # noqa: ANN001
 def errors(path: Path, days: list[date]) -> dict[str, dict[str, str]]:
     """The errors each date's manifest records, by item."""
     from flows.backfill import manifest_status
-    from flows.spec import load_spec
+    from flows.specs.spec import load_spec
 
     spec = load_spec(path)
     return {str(d): {i["item"]: i["error"] for i in (manifest_status(spec, d) or {}).get("items", []) if i.get("error")}

@@ -1,8 +1,8 @@
 """The owner of every paid step: what a first try, a retry or a rerun does, decided by one table.
 
-Before anything is paid, `decide()` reads the step's ledger record (`flows.ledger`) and what the
+Before anything is paid, `decide()` reads the step's ledger record (`flows.paying.ledger`) and what the
 provider can do (`Caps`), and `TABLE` answers with one `Do`. The generate task and the paid
-upscale (`flows.tasks`) call `generate_result()` and `refined()`, which carry the answer out. No
+upscale (`flows.running.tasks`) call `generate_result()` and `refined()`, which carry the answer out. No
 other code reads a ledger state to choose what to pay for. `docs/paying-once.md` shows the
 table, and `tests/test_paystep.py` names each cell and the test that walks it.
 """
@@ -20,9 +20,9 @@ from prefect.runtime import flow_run
 from blocks.archive import read_json
 from blocks.base import GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown
-from flows import paidcalls
-from flows.journal import ItemJournal, flush_or_log
-from flows.ledger import JobLedger, JobRecord, State, Step
+from flows.paying import paidcalls
+from flows.paying.journal import ItemJournal, flush_or_log
+from flows.paying.ledger import JobLedger, JobRecord, State, Step
 
 if TYPE_CHECKING:
     from flows.models import ItemPlan
@@ -136,7 +136,7 @@ def left_sending(plan: ItemPlan, journal: ItemJournal) -> None:
 def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Exception:
     """Why a synchronous call's job is not resumed: an archived item's images are gone, or the
     answer was never recorded."""
-    from flows.archived import ArchivedImagesLost
+    from flows.paying.archived import ArchivedImagesLost
 
     if record.state is not State.ARCHIVED:
         return SubmitUnknown(unknown_help(plan, record), provider=plan.provider, code="SubmitUnknown")
@@ -221,14 +221,14 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
 def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
                   request: GenerationRequest) -> tuple[GenerationRequest, Waker | None]:
     """The request with its own callback URL, and what wakes its wait, where the account's
-    Block names a receiver (`flows.callbacks`); unchanged and None otherwise. Where the Prefect
+    Block names a receiver (`flows.paying.callbacks`); unchanged and None otherwise. Where the Prefect
     event stream cannot be reached, the job still sends its callback URL (the receiver records
     it) and is polled as without one."""
     base = provider.callback_base
     if not base:
         return request, None
-    from flows import wakeup
-    from flows.callbacks import JobRef, cached_key, capability_url
+    from flows.paying import wakeup
+    from flows.paying.callbacks import JobRef, cached_key, capability_url
 
     ref = JobRef(provider=plan.provider, block=plan.block, request_id=request.request_id, bucket=plan.archive.bucket,
                  credentials=plan.archive.credentials, ledger_prefix=ledger.prefix, record_key=ledger.key(plan.item_id))
@@ -257,7 +257,7 @@ def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal,
     where to look, never the answer (whoever holds the URL can name any job): a job is adopted
     only when the provider's own status of it names this request (`ImageProvider.owns_job`),
     and only if exactly one does. The record then becomes `submitted` with it; else None."""
-    from flows.callbacks import heard_notes
+    from flows.paying.callbacks import heard_notes
 
     record = journal.record
     if record is None:

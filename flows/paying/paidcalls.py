@@ -1,15 +1,15 @@
 """Fail closed: a paid call starts only while its run surely holds its claim and job slot.
 
-The run's claim (`flows.claim`) and a job's in-flight slot (`flows.slots`) are leases on the
-Prefect server (`flows.leases`). While the server is away they cannot be renewed, and once
+The run's claim (`flows.paying.claim`) and a job's in-flight slot (`flows.paying.slots`) are leases on the
+Prefect server (`flows.paying.leases`). While the server is away they cannot be renewed, and once
 away longer than a lease they may be someone else's: a second run of the same date can get
 the claim and pay for the same items. So a paid call is checked twice: `begin` right before
-it is recorded `sending` (`flows.journal.ItemJournal.sending`), and `check_armed` once each of
+it is recorded `sending` (`flows.paying.journal.ItemJournal.sending`), and `check_armed` once each of
 its requests got its rate slot, right before it goes on the wire (a rate slot can wait out an
 outage). It raises a `PaidCallRefused` (nothing was sent; never retried) when
 
 - the run's claim is lost (`ClaimLost`), or this job's slot is (`JobSlotLost`);
-- the process was asked to stop between paid calls (`RunStopping`, see `flows.detach`).
+- the process was asked to stop between paid calls (`RunStopping`, see `flows.paying.detach`).
 
 While a lease is in doubt (its renewals fail, not yet expired) the call waits: it goes on if
 the lease is renewed in time and is refused if not. Calls already sent are recorded as usual,
@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flows.leases import Lease, LeaseState
+from flows.paying.leases import Lease, LeaseState
 
 WAIT_STEP = 0.25  # seconds between two looks at a lease in doubt
 

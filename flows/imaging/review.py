@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from PIL import Image
 from pydantic import ConfigDict, Field, create_model
 
-from flows.spec import DuplicateSettings, HumanSettings, PipelineSpec
+from flows.specs.spec import DuplicateSettings, HumanSettings, PipelineSpec
 
 if TYPE_CHECKING:
     from flows.models import Generated, ItemPlan, Verdict
@@ -183,8 +183,8 @@ def stage(spec: PipelineSpec, run_date: date,
     input image (as a thumbnail) under the archive's in-review prefix, behind presigned links.
     Returns what to show, and the keys written (removed once the decisions are archived)."""
     from blocks.archive import archive_bucket, presigned_url, write_bytes
-    from flows.images import thumbnail
-    from flows.spec import render_key
+    from flows.imaging.images import thumbnail
+    from flows.specs.spec import render_key
 
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     shown: list[Shown] = []
@@ -217,7 +217,7 @@ def _input_thumbnail(plan: ItemPlan) -> bytes | None:
     (then the person decides without it, and the log says so)."""
     from prefect import get_run_logger
 
-    from flows import images
+    from flows.imaging import images
 
     if plan.input_image is None:
         return None

@@ -32,7 +32,7 @@ Writes are retried with backoff; `LedgerUnavailable` says they still failed.
 Every write is conditional on what this ledger last read (`If-Match` on the record's ETag, or
 `If-None-Match: *` for a new one): if another run moved the record meanwhile, the write fails
 with `LedgerConflict` instead of overwriting it, so a second writer stops before it sends. The
-run claim (`flows.claim`) keeps two runs of a date apart; this holds even if it did not. Where
+run claim (`flows.paying.claim`) keeps two runs of a date apart; this holds even if it did not. Where
 an S3 server does not implement conditional writes (HTTP 501), writes fall back to plain ones
 with a warning.
 """
@@ -51,8 +51,8 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, field_validator
 
 from blocks.archive import archive_bucket, read_bytes, read_json, write_bytes, write_json
-from flows import faults
-from flows.spec import ArchiveSettings
+from flows.paying import faults
+from flows.specs.spec import ArchiveSettings
 
 _warned: list[bool] = []
 

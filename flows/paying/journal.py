@@ -1,6 +1,6 @@
 """The ledger as a provider's `Journal` for one paid step of one item: every answer of a paid
-call moves its record (`flows.ledger`), settles its budget reservation (`flows.budget`) and
-lets the provider's next call go (`flows.paidcalls`). Fault points (`flows.faults`) name the
+call moves its record (`flows.paying.ledger`), settles its budget reservation (`flows.paying.budget`) and
+lets the provider's next call go (`flows.paying.paidcalls`). Fault points (`flows.paying.faults`) name the
 moments a process may stop at."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from flows import faults, paidcalls
-from flows.budget import Reservation, for_run
-from flows.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
+from flows.paying import faults
+from flows.paying import paidcalls
+from flows.paying.budget import Reservation, for_run
+from flows.paying.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 
 
 class ItemJournal:
@@ -54,7 +55,7 @@ class ItemJournal:
 
     def sending(self) -> None:
         """Reserve the call's cost (`BudgetReached`: nothing is sent), check that the run may
-        still pay (`flows.paidcalls`: its claim and job slot held, no stop asked; else a
+        still pay (`flows.paying.paidcalls`: its claim and job slot held, no stop asked; else a
         `PaidCallRefused` and nothing is sent), then record `sending`."""
         budget = for_run(flow_run.id)
         if budget is not None and self.held is not None and not self.held.settled:

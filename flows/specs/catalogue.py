@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows import confine
+from flows.specs import confine
 
 MAX_ITEMS_SETTING = "IMAGEGEN_MAX_CATALOGUE_ITEMS"
 MAX_ITEMS = 50_000

@@ -15,7 +15,7 @@ process was gone 12 s after the worker. Importing this module changes that for t
 
 And while a run holds its claim (`stop_on_hangup`), SIGHUP (a closed terminal, or a person:
 `kill -HUP <pid>`) stops it between paid calls: no paid call starts after it
-(`flows.paidcalls.RunStopping`), calls already sent are recorded, and jobs already paid for
+(`flows.paying.paidcalls.RunStopping`), calls already sent are recorded, and jobs already paid for
 are polled to the end.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from flows import paidcalls
+from flows.paying import paidcalls
 
 _loggers: list[Any] = []  # the logger of the run in progress, where a run holds its claim
 

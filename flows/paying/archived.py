@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blocks.archive import read_json
-from flows.spec import render_key, sidecar_key
+from flows.specs.spec import render_key, sidecar_key
 from flows.models import ArchivedItem, ItemPlan
 
 

@@ -1,6 +1,6 @@
 """The leases this process holds on Prefect limits: renewed in the background, failing closed.
 
-Every slot `flows.slots.hold` takes (a provider job slot, a run's claim) is held on a lease
+Every slot `flows.paying.slots.hold` takes (a provider job slot, a run's claim) is held on a lease
 that the Prefect server frees when it is not renewed in time. `Renewer` renews each one every
 third of its duration, and each `Lease` knows whether it is still surely this process's:
 

@@ -2,15 +2,15 @@
 
 The claim is a Prefect global concurrency limit of 1 named `imagegen:run:<pipeline>:<date>`,
 held on a lease for the whole run (renewed while the run lives, freed within one lease period
-when its process dies, see `flows.slots`). A second run of the same date waits for the
+when its process dies, see `flows.paying.slots`). A second run of the same date waits for the
 first to finish, logging which flow run it waits for, and then reuses what the first archived:
 it never pays for the same item. Held where the provider limits already live, so it needs no
 conditional writes from the S3 server.
 
 It fails closed: once the claim's lease is lost (the Prefect server said so, or was away for
 longer than the lease), the run logs it in one line and starts no more paid calls
-(`flows.paidcalls`), and writes no manifest over the one of the run that may hold the claim
-now. While the run holds its claim, SIGHUP stops it between paid calls (`flows.detach`).
+(`flows.paying.paidcalls`), and writes no manifest over the one of the run that may hold the claim
+now. While the run holds its claim, SIGHUP stops it between paid calls (`flows.paying.detach`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import contextlib
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
 
-from flows import detach, paidcalls
-from flows.leases import Lease
-from flows.slots import api_client, configured_lease, hold
-from flows.ledger import JobLedger
+from flows.paying import detach
+from flows.paying import paidcalls
+from flows.paying.leases import Lease
+from flows.paying.slots import api_client, configured_lease, hold
+from flows.paying.ledger import JobLedger
 
 CLAIM_LEASE_SECONDS = 60
 

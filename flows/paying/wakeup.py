@@ -1,6 +1,6 @@
 """Waking the task that waits on a job when its callback is heard, in any process or machine.
 
-The receiver (`flows.callbacks`) posts the Prefect event `imagegen.callback.heard` on resource
+The receiver (`flows.paying.callbacks`) posts the Prefect event `imagegen.callback.heard` on resource
 `imagegen.job.<request id>`. Each worker process keeps one subscription to the Prefect server's
 event stream (`/events/out`, a websocket served by every API replica; across replicas the
 server's Redis messaging carries it), filtered to those events, and wakes the thread waiting on
@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from flows.callbacks import HEARD_EVENT, RESOURCE_PREFIX, UNREADABLE
+from flows.paying.callbacks import HEARD_EVENT, RESOURCE_PREFIX, UNREADABLE
 
 CONNECT_TIMEOUT = 15.0
 KEEP_HEARD = 600.0
@@ -55,17 +55,23 @@ class Listener:
 
         event_filter = EventFilter(event=EventNameFilter(name=[HEARD_EVENT]),
                                    resource=EventResourceFilter(id_prefix=[RESOURCE_PREFIX]))
+        away = False  # said once per outage, not every 5 s
         while True:
             try:
                 async with PrefectEventSubscriber(filter=event_filter, reconnect_on_clean_close=True) as events:
                     self._ready.set()
+                    if away:
+                        log.warning("the Prefect event stream is back; callbacks wake their jobs again")
+                        away = False
                     async for event in events:
                         self._hear(event.resource.id.removeprefix(RESOURCE_PREFIX),
                                    event.resource.get("imagegen.job-id", ""), event.resource.get("imagegen.state", ""),
                                    event.resource.get("imagegen.body", ""))
             except Exception as exc:  # noqa: BLE001 - the stream is away: jobs fall back to polling meanwhile
-                log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
-                            type(exc).__name__)
+                if not away:
+                    log.warning("the Prefect event stream is unreachable (%s); jobs poll until it is back",
+                                type(exc).__name__)
+                away = True
             await asyncio.sleep(5)
 
     def _hear(self, request_id: str, job_id: str = "", state: str = "", digest: str = "") -> None:

@@ -12,7 +12,7 @@ sits idle; and asking with `max_retries=0` to wait our own way logs an ERROR per
   the ~one-spacing Retry-After the refusal carries, which is the wait another process's slot
   gets here.
 - `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
-  while full, renewed by one background thread per process (`flows.leases`, which also tells
+  while full, renewed by one background thread per process (`flows.paying.leases`, which also tells
   when a lease is lost), released however the job ends. A release that fails is logged and
   left to the lease; it never replaces the job's outcome.
 - `reclaim_expired()`: frees the slots of leases that expired (their holder died). Prefect's
@@ -35,7 +35,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -43,10 +42,9 @@ import httpx
 
 from blocks.base import retry_after_seconds
 from blocks.errors import LimiterError
-from deployments.limits import (JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits,
-                                rate_name, show_limits)
-from flows import paidcalls
-from flows.leases import Lease, renewer
+from flows.paying.limits import JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits, rate_name
+from flows.paying import paidcalls
+from flows.paying.leases import Lease, renewer
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
@@ -228,7 +226,7 @@ def reclaim_expired(force: bool = False) -> int:
 def hold(name: str, lease_seconds: float, holder: Any = None,
          on_wait: Callable[[], None] | None = None) -> Iterator[Lease]:
     """Hold one slot of the concurrency limit `name` for the duration of the block, on the
-    `Lease` it yields (renewed meanwhile; see `flows.leases` for when it counts as lost).
+    `Lease` it yields (renewed meanwhile; see `flows.paying.leases` for when it counts as lost).
 
     While the limit is full, ask again when a holder in this process releases a slot, or
     after `RETRY_SECONDS` (a holder elsewhere may have released one, or died: expired leases
@@ -314,7 +312,7 @@ class PrefectLimiter:
     @contextlib.contextmanager
     def job(self, action: str) -> Iterator[None]:
         """Hold one in-flight slot on the server for the whole job (a lease renewed while held;
-        a paid call of the job is not sent once it is lost, see `flows.paidcalls`)."""
+        a paid call of the job is not sent once it is lost, see `flows.paying.paidcalls`)."""
         cap = self.job_cap(action)
         if cap is None:
             yield
@@ -323,7 +321,3 @@ class PrefectLimiter:
                 paidcalls.job_slot(lease):
             yield
 
-
-def limits_in_use(leases: Path | None = None) -> list[dict[str, object]]:
-    """`deployments.limits.show_limits`, the slots of expired leases freed first (`reclaim_expired`)."""
-    return show_limits(leases, reclaim=lambda: reclaim_expired(force=True))

@@ -1,0 +1,71 @@
+"""The providers' limits as the run takes them: their model, where they are declared, and the
+Prefect limit names they become.
+
+`deployments/limits.yaml` declares this project's providers and accounts. A provider package
+outside this repository ships its own `limits.yaml` and names its package in the
+`imagegen.limits` entry point group; `load_limits()` adds them. `deployments/limits.py`
+applies them to a Prefect server (setup); `flows.paying.slots` takes their slots at run time.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+LIMITS_FILE = Path(__file__).resolve().parents[2] / "deployments" / "limits.yaml"
+GROUP = "imagegen.limits"  # provider packages: name = the package holding its `limits.yaml`
+JOB_LEASE_SECONDS = 60  # a crashed holder frees its slot after about this long
+
+
+class ProviderLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate: dict[str, float] = Field(default_factory=dict, description="requests/second per action")
+    jobs: dict[str, int] = Field(default_factory=dict, description="jobs in flight per action")
+
+
+class LimitsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate_safety: float = Field(0.9, gt=0, le=1)
+    providers: dict[str, ProviderLimits]
+    accounts: dict[str, list[str]] = Field(default_factory=dict)
+
+    def applied_rate(self, per_second: float) -> float:
+        """The rate a limit is held at: the published one times `rate_safety`."""
+        return round(per_second * self.rate_safety, 4)
+
+
+def load_limits(path: Path = LIMITS_FILE) -> LimitsFile:
+    """`path`, with the providers and accounts of every installed provider package's
+    `limits.yaml` (entry point group `imagegen.limits`) added."""
+    limits = LimitsFile.model_validate(yaml.safe_load(path.read_text()))
+    for point in entry_points(group=GROUP):
+        more = LimitsFile.model_validate(yaml.safe_load((resources.files(point.value) / "limits.yaml").read_text()))
+        limits.providers.update(more.providers)
+        for provider, blocks in more.accounts.items():
+            limits.accounts[provider] = sorted({*limits.accounts.get(provider, []), *blocks})
+    return limits
+
+
+def rate_name(provider: str, block: str, action: str) -> str:
+    return f"imagegen:{provider}:{block}:rate:{action}"
+
+
+def jobs_name(provider: str, block: str, action: str) -> str:
+    return f"imagegen:{provider}:{block}:jobs:{action}"
+
+
+def wanted_limits(limits: LimitsFile, accounts: dict[str, list[str]] | None = None) -> dict[str, tuple[int, float | None]]:
+    """Every limit name with (limit, slot decay per second or None)."""
+    out: dict[str, tuple[int, float | None]] = {}
+    for provider, blocks in (accounts or limits.accounts).items():
+        declared = limits.providers.get(provider, ProviderLimits())
+        for block in blocks:
+            for action, per_second in declared.rate.items():
+                out[rate_name(provider, block, action)] = (1, limits.applied_rate(per_second))
+            for action, cap in declared.jobs.items():
+                out[jobs_name(provider, block, action)] = (cap, None)
+    return out
