@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from blocks.errors import BadRequest, JobFailed, ProviderError, SubmitUnknown, TransientError
 
@@ -244,6 +244,31 @@ def status_error(what: str, response: httpx.Response, provider: str) -> Provider
     return BadRequest(f"{what}: HTTP {code}", provider=provider)
 
 
+class CallbackFields(BaseModel):
+    """The fields of a provider whose jobs call back when they end (TAMS, 触站AI), declared
+    once. The callback URL's own field keeps the provider's name for it (`notify_url`,
+    `callback`); `result_domains` are the provider's own domains, `result_hosts`' default."""
+
+    result_domains: ClassVar[tuple[str, ...]] = ()
+
+    callback_fallback_seconds: float = Field(60.0, gt=0, description=(
+        "Seconds a job waits for its callback before polling anyway (a lost callback, the receiver down)."))
+    trust_callbacks: bool = Field(False, description=(
+        "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
+        "without a confirming status request, when it says the job succeeded with results on result_hosts "
+        "(a failure is always confirmed by a poll)."))
+    result_hosts: list[str] | None = Field(None, description=(
+        "Domains (and their subdomains) a trusted callback's result URLs may be on; other hosts are polled for. "
+        "The endpoint's own host is always allowed. Default: the provider's own domains."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_domains(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("result_hosts") is None:
+            data = {**data, "result_hosts": list(cls.result_domains)}
+        return data
+
+
 class ImageProvider(Block, ABC):
     """A provider account: subclasses hold credentials and speak one wire protocol."""
 
@@ -263,9 +288,24 @@ class ImageProvider(Block, ABC):
     """Request fields the client fills from validated spec fields (wire name -> spec field):
     `generate.options` may not set them, or an option would override a checked value."""
 
+    default_timeout: ClassVar[float] = 30.0
+    """The `timeout` a Block of this provider gets when none is given."""
+
+    timeout: float = Field(30.0, gt=0, description=(
+        "Seconds for one HTTP request (default 30; Tencent's 60, as its synchronous calls take a while)."))
+    max_attempts: int = Field(5, ge=1, description="Attempts per call through transient errors (429, 5xx, network).")
+
     _limiter: Limiter = PrivateAttr(default_factory=NoLimits)
     _http: httpx.Client | None = PrivateAttr(default=None)
     _http_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_defaults(cls, data: Any) -> Any:
+        """The provider's own default `timeout` where the Block gives none."""
+        if isinstance(data, dict) and data.get("timeout") is None:
+            data = {**data, "timeout": cls.default_timeout}
+        return data
 
     def client(self) -> httpx.Client:
         """The account's HTTP client, built once and shared by every thread."""
@@ -307,7 +347,7 @@ class ImageProvider(Block, ABC):
     @property
     def attempts(self) -> int:
         """Attempts per call through transient faults: the Block's `max_attempts` field."""
-        return int(getattr(self, "max_attempts", 3))
+        return self.max_attempts
 
     def send(self, call: ApiCall) -> Any:
         """Send `call` in its request slot, retrying transient faults with backoff (within
@@ -469,12 +509,12 @@ class ImageProvider(Block, ABC):
     def trusts_callbacks(self) -> bool:
         """True where the Block's `trust_callbacks` takes a verified callback's own status as
         the job's end (no confirming poll); its results are still downloaded from the provider."""
-        return bool(getattr(self, "trust_callbacks", False))
+        return isinstance(self, CallbackFields) and self.trust_callbacks
 
     @property
     def callback_fallback(self) -> float:
         """Seconds a job with a callback waits for it before polling anyway (a lost callback)."""
-        return float(getattr(self, "callback_fallback_seconds", 60.0))
+        return self.callback_fallback_seconds if isinstance(self, CallbackFields) else 60.0
 
 
     def result_url_declared(self, url: str) -> bool:
@@ -489,8 +529,8 @@ class ImageProvider(Block, ABC):
             return True
         if private_host(host):
             return False
-        return any(host == d or host.endswith("." + d) for d in (h.lower().strip(".") for h in
-                                                                 getattr(self, "result_hosts", None) or ()))
+        declared = (self.result_hosts or []) if isinstance(self, CallbackFields) else []
+        return any(host == d or host.endswith("." + d) for d in (h.lower().strip(".") for h in declared))
 
     def refuse_private_results(self, status: JobStatus) -> None:
         """`ResultRefused` for a result URL on a private address, unless the provider's own

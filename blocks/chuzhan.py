@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import httpx
 from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator
 
-from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
+from blocks.base import (CallbackFields, ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
                          download, status_error)
 from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
                            TransientError)
@@ -258,7 +258,7 @@ def map_error(code: int, message: str) -> ProviderError:
     return kind(f"code {code}: {message or 'no message'}", provider=PROVIDER, code=str(code))
 
 
-class ChuzhanProvider(ImageProvider):
+class ChuzhanProvider(ImageProvider, CallbackFields):
     """触站AI open-platform account: API token and endpoint.
 
     Example:
@@ -267,6 +267,8 @@ class ChuzhanProvider(ImageProvider):
         provider = ChuzhanProvider.load("BLOCK_NAME")
         ```
     """
+
+    result_domains: ClassVar[tuple[str, ...]] = RESULT_HOSTS
 
     _block_type_name = "Chuzhan Provider"
     _block_type_slug = "chuzhan-provider"
@@ -285,15 +287,6 @@ class ChuzhanProvider(ImageProvider):
     callback: str | None = Field(None, description=(
         "Public URL of `imagegen callbacks serve`: each task then calls back to a URL of its own there, and "
         "is polled only to confirm (or every callback_fallback_seconds when no callback comes)."))
-    callback_fallback_seconds: float = Field(60.0, description="Seconds a task waits for its callback before "
-                                             "polling anyway (a lost callback, the receiver down).")
-    trust_callbacks: bool = Field(False, description=(
-        "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
-        "without a confirming status request, when it says the job succeeded with results on result_hosts "
-        "(a failure is always confirmed by a poll)."))
-    result_hosts: list[str] = Field(default_factory=lambda: list(RESULT_HOSTS), description=(
-        "Domains (and their subdomains) a trusted callback's result URLs may be on; other hosts are polled for. "
-        "The endpoint's own host is always allowed."))
 
     @field_validator("callback")
     @classmethod
@@ -301,8 +294,6 @@ class ChuzhanProvider(ImageProvider):
         if value and not public_url(value) and not on_loopback(str(info.data.get("endpoint") or "")):
             raise ValueError("callback must be a public http(s) URL: the provider refuses localhost and LAN addresses")
         return value
-    timeout: float = Field(30.0, description="Seconds for one HTTP request.")
-    max_attempts: int = Field(5, description="Attempts per call on transient errors.")
     long_poll: bool = Field(False, description=(
         "Ask for a task's status with waitUtilEnd: the provider holds each request until the task ends, so a "
         "job costs one status request instead of one per poll interval. For accounts with no public callback URL."))

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import Field, SecretStr, model_validator
 
-from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
+from blocks.base import (CallbackFields, ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
                          download, retry_after_seconds, status_error, with_retries)
 from blocks.errors import AccountStop, BadRequest, ProviderError, TransientError
 
@@ -130,7 +130,7 @@ def map_error(status_code: int, body: Any, retry_after: float | None = None) -> 
     return kind(text, provider=PROVIDER, code=str(code))
 
 
-class TamsProvider(ImageProvider):
+class TamsProvider(ImageProvider, CallbackFields):
     """Tensor.Art TAMS account: app id, RSA private key and endpoint.
 
     Example:
@@ -139,6 +139,8 @@ class TamsProvider(ImageProvider):
         provider = TamsProvider.load("BLOCK_NAME")
         ```
     """
+
+    result_domains: ClassVar[tuple[str, ...]] = RESULT_HOSTS
 
     _block_type_name = "TAMS Provider"
     _block_type_slug = "tams-provider"
@@ -157,20 +159,9 @@ class TamsProvider(ImageProvider):
     api_token: SecretStr | None = Field(
         None, description="The app's token: simple authentication (`Authorization: Bearer`). Give this or private_key.")
     endpoint: str = Field("https://ap-east-1.tensorart.cloud", description="The app's endpoint URL.")
-    timeout: float = Field(30.0, description="Seconds for one HTTP request.")
-    max_attempts: int = Field(5, description="Attempts per call on transient errors (429, 5xx, network).")
     notify_url: str | None = Field(None, description=(
         "Public URL of `imagegen callbacks serve`: each job is then sent with a notifyUrl of its own there and "
         "polled only to confirm its end, which saves the 5-a-second request budget for submits."))
-    callback_fallback_seconds: float = Field(60.0, description="Seconds a job waits for its callback before "
-                                             "polling anyway (a lost callback, the receiver down).")
-    trust_callbacks: bool = Field(False, description=(
-        "Take a callback that came through the job's own signed URL, naming its job, as the job's end "
-        "without a confirming status request, when it says the job succeeded with results on result_hosts "
-        "(a failure is always confirmed by a poll)."))
-    result_hosts: list[str] = Field(default_factory=lambda: list(RESULT_HOSTS), description=(
-        "Domains (and their subdomains) a trusted callback's result URLs may be on; other hosts are polled for. "
-        "The endpoint's own host is always allowed."))
 
     @model_validator(mode="after")
     def _one_credential(self) -> TamsProvider:

@@ -225,6 +225,8 @@ class TencentAiArtProvider(ImageProvider):
         ```
     """
 
+    default_timeout: ClassVar[float] = 60.0  # its synchronous calls (ImageToImage, RefineImage) take a while
+
     _block_type_name = "Tencent AI Art Provider"
     _block_type_slug = "tencent-aiart-provider"
     _documentation_url = "https://www.tencentcloud.com/document/product/1238"
@@ -244,8 +246,6 @@ class TencentAiArtProvider(ImageProvider):
         default_factory=dict, description=("Region per action where it differs from `region`, e.g. "
                                            "{SubmitTextToImageJob: ap-guangzhou} (the region is not signed)."))
     endpoint: str = Field("https://aiart.tencentcloudapi.com", description="API endpoint.")
-    timeout: float = Field(60.0, description="Seconds for one HTTP request (sync actions take a while).")
-    max_attempts: int = Field(5, description="Attempts per call on transient errors.")
     review_failure_retries: int = Field(0, ge=0, le=MAX_REVIEW_FAILURE_RETRIES, description=(
         "ImageToImage calls made again after FailedOperation.GenerateImageFailed (\"please try again\"; the "
         "document: once or twice). Each such call may be charged: 0 rejects the item at the first."))
