@@ -63,6 +63,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.base import Emulator
+
 from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.callbacks import KINDS as CALLBACK_FAULTS
 from sandbox.callbacks import CallbackSender, private_target
@@ -213,23 +215,22 @@ class ChuzhanState:
     results: SignedUrls = field(default_factory=lambda: SignedUrls(RESULT_TTL))
 
 
-class ChuzhanEmulator:
+class ChuzhanEmulator(Emulator):
     """The Starlette app and its state (one account)."""
 
     def __init__(self, token: str, *, latency: float = 2.0, task_limit: int = 2, balance: float = 100_000,
                  sandbox_callbacks: bool = False) -> None:
         self.state = ChuzhanState(token=token, latency=latency, task_limit=task_limit, balance=balance)
         self.callbacks = CallbackSender(sandbox=sandbox_callbacks)
-        self.app = Starlette(routes=[
+        self.app = self.build_app()
+
+    def provider_routes(self) -> list[Route]:
+        return [
             Route("/v1/draw", self.draw, methods=["POST"]),
             Route("/v1/task/detail", self.detail, methods=["POST"]),
             Route("/v1/customer/detail", self.customer, methods=["POST"]),
             Route("/_results/{sign}/{index:int}.png", self.result_image, methods=["GET"]),
-            Route("/_sandbox/stats", self.stats, methods=["GET"]),
-            Route("/_sandbox/config", self.config, methods=["POST"]),
-            Route("/_sandbox/faults", self.set_faults, methods=["POST", "DELETE"]),
-            Route("/_sandbox/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
-        ])
+        ]
 
     async def _body(self, request: Request) -> dict[str, Any]:
         st = self.state

@@ -55,6 +55,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.base import Emulator
+
 from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.callbacks import KINDS as CALLBACK_FAULTS
 from sandbox.callbacks import CallbackSender
@@ -143,7 +145,7 @@ class TamsState:
     results: SignedUrls = field(default_factory=lambda: SignedUrls(RESULT_TTL, "Expires", "Signature"))
 
 
-class TamsEmulator:
+class TamsEmulator(Emulator):
     """The Starlette app and its state."""
 
     def __init__(self, public_keys: dict[str, bytes], *, latency: float = 2.0,
@@ -152,7 +154,10 @@ class TamsEmulator:
         self.state = TamsState(latency=latency, apps=apps, token=token,
                                balance={app: balance for app in apps})
         self.callbacks = CallbackSender(sandbox=sandbox_callbacks)
-        self.app = Starlette(routes=[
+        self.app = self.build_app()
+
+    def provider_routes(self) -> list[Route]:
+        return [
             Route("/v1/resource/image", self.create_resource, methods=["POST"]),
             Route("/v1/jobs/credits", self.credits, methods=["POST"]),
             Route("/v1/jobs", self.create_job, methods=["POST"]),
@@ -160,11 +165,7 @@ class TamsEmulator:
             Route("/v1/jobs/{job_id}", self.cancel_job, methods=["DELETE"]),
             Route("/_storage/{resource_id}", self.put_resource, methods=["PUT"]),
             Route("/_results/{job_id}/{index:int}.png", self.result_image, methods=["GET"]),
-            Route("/_sandbox/stats", self.stats, methods=["GET"]),
-            Route("/_sandbox/config", self.config, methods=["POST"]),
-            Route("/_sandbox/faults", self.set_faults, methods=["POST", "DELETE"]),
-            Route("/_sandbox/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
-        ])
+        ]
 
     # --- authentication and limits -----------------------------------------------------------
     async def _authorize(self, request: Request) -> tuple[str, bytes]:

@@ -53,6 +53,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.base import Emulator
+
 from sandbox.accounts import read_secret, secret_file
 from sandbox.faults import DroppedResponse, fault_hook
 from sandbox.images import render_png
@@ -145,19 +147,18 @@ class TencentState:
     urls: SignedUrls = field(default_factory=lambda: SignedUrls(3600))  # result URLs live an hour
 
 
-class TencentEmulator:
+class TencentEmulator(Emulator):
     """The Starlette app and its state."""
 
     def __init__(self, credentials: dict[str, str], *, latency: float = 2.0) -> None:
         self.state = TencentState(secrets=dict(credentials), latency=latency)
-        self.app = Starlette(routes=[
+        self.app = self.build_app()
+
+    def provider_routes(self) -> list[Route]:
+        return [
             Route("/", self.dispatch, methods=["POST"]),
             Route("/_results/{rid}.png", self.result_image, methods=["GET"]),
-            Route("/_sandbox/stats", self.stats, methods=["GET"]),
-            Route("/_sandbox/config", self.config, methods=["POST"]),
-            Route("/_sandbox/faults", self.set_faults, methods=["POST", "DELETE"]),
-            Route("/_sandbox/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
-        ])
+        ]
 
     # --- envelope, auth and limits ---------------------------------------------------------------
     async def dispatch(self, request: Request) -> Response:

@@ -96,6 +96,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.accounts import new_token, read_secret, secret_file
+from sandbox.base import Emulator
 
 DEFAULT_PORT = 8799
 
@@ -152,15 +153,21 @@ def make_app(account: dict[str, str], latency: float) -> Starlette:
         Image.effect_noise((job["width"], job["height"]), 60).convert("RGB").save(out, format="PNG")
         return Response(out.getvalue(), media_type="image/png")
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"ok": True})
+    class Toy(Emulator):  # the sandbox's hooks (health, stats, config, faults) come from the base
+        def provider_routes(self) -> list[Route]:
+            return [Route("/jobs", submit, methods=["POST"]), Route("/jobs/{job_id}", poll),
+                    Route("/images/{job_id}/{n}", image)]
 
-    async def stats_view(request: Request) -> Response:
-        return JSONResponse(stats)
+        async def stats(self, request: Request) -> Response:
+            return JSONResponse(stats)
 
-    return Starlette(routes=[Route("/jobs", submit, methods=["POST"]), Route("/jobs/{job_id}", poll),
-                             Route("/images/{job_id}/{n}", image), Route("/_sandbox/health", health),
-                             Route("/_sandbox/stats", stats_view)])
+        async def config(self, request: Request) -> Response:
+            return JSONResponse({"latency": latency})
+
+        async def set_faults(self, request: Request) -> Response:
+            return JSONResponse({"error": "the toy takes no faults"}, status_code=400)
+
+    return Toy().build_app()
 '''
 
 TOY_LIMITS = """\
