@@ -1,4 +1,6 @@
-"""The S3 archive, written through prefect-aws (`AwsCredentials`, `S3Bucket`, boto3 underneath)."""
+"""The S3 archive, through prefect-aws (`AwsCredentials`, `S3Bucket`, boto3 underneath): every S3
+call of the flows is one of these functions (reads, listings, writes, conditional writes,
+deletes, presigned links); the key layout is `flows.specs.spec`'s."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from collections.abc import Iterator
+
 from botocore.config import Config
+from botocore.exceptions import ClientError
 from prefect_aws import AwsCredentials, S3Bucket
 
 
@@ -46,6 +51,81 @@ def read_bytes(bucket: S3Bucket, key: str) -> bytes:
     """The bytes of the object at `key` (raises when there is none)."""
     client = bucket.credentials.get_s3_client()
     return client.get_object(Bucket=bucket.bucket_name, Key=key)["Body"].read()
+
+
+def read_object(bucket: S3Bucket, key: str) -> tuple[bytes, str] | None:
+    """The bytes and ETag of the object at `key`, or None when there is none."""
+    client = bucket.credentials.get_s3_client()
+    try:
+        answer = client.get_object(Bucket=bucket.bucket_name, Key=key)
+    except client.exceptions.NoSuchKey:
+        return None
+    return answer["Body"].read(), answer["ETag"]
+
+
+def head(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
+    """The object's head (`ETag`, `Metadata`, ...), or None when there is none."""
+    client = bucket.credentials.get_s3_client()
+    try:
+        return client.head_object(Bucket=bucket.bucket_name, Key=key)
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None
+        raise
+
+
+def list_objects(bucket: S3Bucket, prefix: str, *, folder_only: bool = False,
+                 limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """The objects under `prefix` (`Key`, `Size`, `ETag`), page by page; with `folder_only`,
+    not those in its subfolders; at most `limit`, if given."""
+    client = bucket.credentials.get_s3_client()
+    ask: dict[str, Any] = {"Bucket": bucket.bucket_name, "Prefix": prefix, **({"Delimiter": "/"} if folder_only else {})}
+    if limit is not None:
+        ask["PaginationConfig"] = {"MaxItems": limit}
+    for page in client.get_paginator("list_objects_v2").paginate(**ask):
+        yield from page.get("Contents", [])
+
+
+def delete(bucket: S3Bucket, key: str) -> None:
+    bucket.credentials.get_s3_client().delete_object(Bucket=bucket.bucket_name, Key=key)
+
+
+class PreconditionFailed(Exception):
+    """A conditional write found the object other than it expected (HTTP 412)."""
+
+
+_warned: list[bool] = []
+
+
+def _warn_unconditional() -> None:
+    if not _warned:
+        _warned.append(True)
+        from prefect.logging import get_logger
+
+        get_logger("imagegen.ledger").warning("this S3 server does not implement conditional writes; the ledger "
+                                              "relies on the run claim alone to keep two runs apart")
+
+
+def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str | None,
+                      content_type: str = "application/json", metadata: dict[str, str] | None = None) -> str:
+    """Write `body` at `key` only if the object still has ETag `if_match` (or, with None,
+    does not exist yet); return the new ETag or raise `PreconditionFailed`. On an S3 server
+    without conditional writes (501) it writes unconditionally, once warned."""
+    client = bucket.credentials.get_s3_client()
+    condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+    put = {"Bucket": bucket.bucket_name, "Key": key, "Body": body, "ContentType": content_type,
+           **({"Metadata": metadata} if metadata else {})}
+    try:
+        return client.put_object(**put, **condition)["ETag"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "PreconditionFailed":
+            raise PreconditionFailed(key) from None
+        if status == 501 or code == "NotImplemented":
+            _warn_unconditional()
+            return client.put_object(**put)["ETag"]
+        raise
 
 
 def read_uri(uri: str, credentials: str) -> bytes:

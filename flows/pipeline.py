@@ -31,7 +31,7 @@ from prefect.states import Failed
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
-from blocks.archive import archive_bucket
+from blocks.archive import archive_bucket, delete
 from flows.paying.budget import close_run, open_run
 from flows.paying.slots import reclaim_expired
 from flows.running.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
@@ -428,9 +428,9 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
 def unstage(spec: PipelineSpec, keys: list[str]) -> None:
     """Remove the copies staged for the person once the decisions are archived."""
     if keys:
-        client = archive_bucket(spec.archive.bucket, spec.archive.credentials).credentials.get_s3_client()
+        bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
         for key in keys:
-            client.delete_object(Bucket=spec.archive.bucket, Key=key)
+            delete(bucket, key)
 
 
 def _account_stop(watch: list[PrefectFuture]) -> str | None:

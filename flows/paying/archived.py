@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from blocks.archive import read_json
+from blocks.archive import head, list_objects, read_bytes, read_json
 from flows.specs.spec import render_key, sidecar_key
 from flows.models import ArchivedItem, ItemPlan
 
@@ -51,12 +51,8 @@ class Listing:
         return self._folders[folder].get(key)
 
     def _list(self, folder: str) -> Iterator[tuple[str, Listed]]:
-        client = self.bucket.credentials.get_s3_client()
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket.bucket_name, Prefix=folder,
-                                                                 Delimiter="/")
-        for page in pages:
-            for obj in page.get("Contents", []):
-                yield obj["Key"], Listed(size=int(obj["Size"]), etag=str(obj.get("ETag", "")))
+        for obj in list_objects(self.bucket, folder, folder_only=True):
+            yield obj["Key"], Listed(size=int(obj["Size"]), etag=str(obj.get("ETag", "")))
 
 
 def key_of(uri: str, bucket_name: str) -> str:
@@ -107,11 +103,10 @@ def _same_bytes(bucket: Any, key: str, doc: dict[str, Any], listed: Listed) -> b
     metadata where it was written with one, else read and hashed)."""
     if listed.size != doc.get("bytes"):
         return False
-    client = bucket.credentials.get_s3_client()
-    meta = client.head_object(Bucket=bucket.bucket_name, Key=key).get("Metadata") or {}
+    meta = (head(bucket, key) or {}).get("Metadata") or {}
     digest = meta.get("sha256")
     if digest is None:
-        digest = hashlib.sha256(client.get_object(Bucket=bucket.bucket_name, Key=key)["Body"].read()).hexdigest()
+        digest = hashlib.sha256(read_bytes(bucket, key)).hexdigest()
     return digest == doc["sha256"]
 
 

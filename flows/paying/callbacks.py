@@ -395,7 +395,7 @@ def record(ref: JobRef, job_id: str, state: str, nonce: str | None, body: Any, d
     """Write the heard note (with the callback's body, for a Block that trusts callbacks)
     unless it exists; True when this call wrote it."""
     from blocks.archive import archive_bucket
-    from flows.paying.ledger import PreconditionFailed, put_conditionally
+    from blocks.archive import PreconditionFailed, put_conditionally
 
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": job_id,
             "state": state, "nonce": nonce, "heard_at": datetime.now(timezone.utc).isoformat(), "body": body}
@@ -426,7 +426,7 @@ def keep_unreadable(ref: JobRef, raw: bytes | None, reason: str) -> str:
     really sends, for whoever fixes its Block, and what confirms the wake-up it causes. Returns
     the note's body digest."""
     from blocks.archive import archive_bucket
-    from flows.paying.ledger import PreconditionFailed, put_conditionally
+    from blocks.archive import PreconditionFailed, put_conditionally
 
     digest = body_digest(raw if raw is not None else reason.encode())
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": None,
@@ -455,10 +455,8 @@ def serve(host: str, port: int) -> None:
 def heard_notes(bucket: Any, ledger_prefix: str, request_id: str, limit: int = 50) -> list[dict[str, Any]]:
     """The first `limit` heard notes of one request, oldest first (for settling an `unknown`
     record; a forger who floods a URL with notes costs this at most `limit` reads)."""
-    from blocks.archive import read_json
+    from blocks.archive import list_objects, read_json
 
-    client = bucket.credentials.get_s3_client()
     prefix = f"{ledger_prefix}_heard/{request_id}/"
-    listed = client.list_objects_v2(Bucket=bucket.bucket_name, Prefix=prefix, MaxKeys=limit)
-    notes = [read_json(bucket, obj["Key"]) for obj in listed.get("Contents", [])]
+    notes = [read_json(bucket, obj["Key"]) for obj in list_objects(bucket, prefix, limit=limit)]
     return sorted((n for n in notes if n), key=lambda n: n.get("heard_at", ""))

@@ -47,50 +47,12 @@ from datetime import date, datetime, timezone
 from enum import StrEnum
 from typing import Any
 
-from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, field_validator
 
-from blocks.archive import archive_bucket, read_bytes, read_json, write_bytes, write_json
+from blocks.archive import (PreconditionFailed, archive_bucket, list_objects, put_conditionally, read_bytes,
+                           read_json, read_object, write_bytes, write_json)
 from flows.paying import faults
 from flows.specs.spec import ArchiveSettings
-
-_warned: list[bool] = []
-
-
-def _warn_unconditional() -> None:
-    if not _warned:
-        _warned.append(True)
-        from prefect.logging import get_logger
-
-        get_logger("imagegen.ledger").warning("this S3 server does not implement conditional writes; the ledger "
-                                              "relies on the run claim alone to keep two runs apart")
-
-
-class PreconditionFailed(Exception):
-    """A conditional write found the object other than it expected (HTTP 412)."""
-
-
-def put_conditionally(bucket: Any, key: str, body: bytes, *, if_match: str | None,
-                      content_type: str = "application/json", metadata: dict[str, str] | None = None) -> str:
-    """Write `body` at `key` only if the object still has ETag `if_match` (or, with None,
-    does not exist yet); return the new ETag or raise `PreconditionFailed`. On an S3 server
-    without conditional writes (501) it writes unconditionally, once warned."""
-    client = bucket.credentials.get_s3_client()
-    condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
-    put = {"Bucket": bucket.bucket_name, "Key": key, "Body": body, "ContentType": content_type,
-           **({"Metadata": metadata} if metadata else {})}
-    try:
-        return client.put_object(**put, **condition)["ETag"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "PreconditionFailed":
-            raise PreconditionFailed(key) from None
-        if status == 501 or code == "NotImplemented":
-            _warn_unconditional()
-            return client.put_object(**put)["ETag"]
-        raise
-
 
 PER_IMAGE = re.compile(r"\.[a-z]+-\d+\.json$")  # `<item>.refine-<n>.json`
 WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
@@ -204,12 +166,7 @@ class JobLedger:
         return f"{self.prefix}{item_id}{suffix}.json"
 
     def _read(self, key: str) -> tuple[bytes, str] | None:
-        client = self.bucket.credentials.get_s3_client()
-        try:
-            answer = client.get_object(Bucket=self.bucket.bucket_name, Key=key)
-        except client.exceptions.NoSuchKey:
-            return None
-        return answer["Body"].read(), answer["ETag"]
+        return read_object(self.bucket, key)
 
     def get(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> JobRecord | None:
         key = self.key(item_id, step, index)
@@ -218,9 +175,7 @@ class JobLedger:
         return JobRecord.model_validate_json(found[0]) if found else None
     def _record_names(self) -> list[str]:
         """Names (under the prefix) of every record, from one listing."""
-        client = self.bucket.credentials.get_s3_client()
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket.bucket_name, Prefix=self.prefix)
-        names = (obj["Key"][len(self.prefix):] for page in pages for obj in page.get("Contents", []))
+        names = (obj["Key"][len(self.prefix):] for obj in list_objects(self.bucket, self.prefix))
         return sorted(n for n in names if n.endswith(".json") and "/" not in n and not n.startswith("_"))
 
     def recorded(self) -> set[str]:

@@ -8,7 +8,7 @@ pipeline and item. The overwrite is conditional on the ETag read (`If-Match`), s
 that changes meanwhile is looked at again instead of overwritten. Anything else raises
 `KeyTaken`, and the object stays byte for byte as it was.
 
-On an S3 server without conditional writes (501, see `flows.paying.ledger.put_conditionally`) the
+On an S3 server without conditional writes (501, see `blocks.archive.put_conditionally`) the
 owner is still checked before the write, but a writer between the check and the write is not
 seen.
 """
@@ -19,9 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from flows.paying.ledger import PreconditionFailed, put_conditionally
+from blocks.archive import PreconditionFailed, head, put_conditionally, read_object
 from flows.specs.spec import sidecar_key
 
 ATTEMPTS = 3  # an object that changes between the look and the write is looked at again
@@ -59,35 +57,30 @@ def put_owned(bucket: Any, key: str, body: bytes, owner: Owner, *, content_type:
 def _etag_if_ours(bucket: Any, key: str, owner: Owner) -> str | None:
     """The ETag of the object at `key` when it is `owner`'s, None when there is none;
     `KeyTaken` when it is someone else's."""
-    client = bucket.credentials.get_s3_client()
-    try:
-        head = client.head_object(Bucket=bucket.bucket_name, Key=key)
-    except ClientError as exc:
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return None
-        raise
-    meta = head.get("Metadata") or {}
+    found = head(bucket, key)
+    if found is None:
+        return None
+    meta = found.get("Metadata") or {}
     if "imagegen-pipeline" in meta:
         claimed = (meta.get("imagegen-pipeline"), meta.get("imagegen-item"))
         how = "its metadata"
     else:
-        sidecar = _read_json(client, bucket.bucket_name, sidecar_key(key)) or {}
+        sidecar = _read_json(bucket, sidecar_key(key)) or {}
         claimed, how = (sidecar.get("pipeline"), sidecar.get("item")), "its sidecar"
     if claimed == (owner.pipeline, owner.item):
-        return str(head["ETag"])
+        return str(found["ETag"])
     who = f"pipeline {claimed[0]!r}, item {claimed[1]!r}" if claimed[0] else "a writer nothing names"
     raise KeyTaken(f"s3://{bucket.bucket_name}/{key} holds an object of {who} ({how}); {owner.pipeline} "
                    f"{owner.item} does not overwrite it")
 
 
-def _read_json(client: Any, bucket_name: str, key: str) -> dict[str, Any] | None:
+def _read_json(bucket: Any, key: str) -> dict[str, Any] | None:
     """The JSON object at `key`; None when absent or not a JSON object."""
-    try:
-        body = client.get_object(Bucket=bucket_name, Key=key)["Body"].read()
-    except client.exceptions.NoSuchKey:
+    answer = read_object(bucket, key)
+    if answer is None:
         return None
     try:
-        found = json.loads(body)
+        found = json.loads(answer[0])
     except ValueError:
         return None
     return found if isinstance(found, dict) else None

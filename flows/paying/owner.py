@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from blocks.archive import archive_bucket, read_json, write_json
-from flows.paying.ledger import PreconditionFailed, put_conditionally, with_backoff
+from blocks.archive import PreconditionFailed, put_conditionally
+from flows.paying.ledger import with_backoff
 from flows.specs.spec import OWNER_KEY, PIPELINES_DIR, PipelineSpec
 
 

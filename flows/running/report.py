@@ -103,19 +103,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     """Perceptual hashes of the approved images of the pipeline's other run dates."""
-    from blocks.archive import archive_bucket, read_json
+    from blocks.archive import archive_bucket, list_objects, read_json
 
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     template = spec.archive.manifest_template
     prefix = template.split("{run_date", 1)[0].format(pipeline=spec.name) if "{run_date" in template else ""
     mine = spec.archive.phashes_key(spec.name, run_date)
-    client = bucket.credentials.get_s3_client()
     out: dict[str, str] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=spec.archive.bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith("/phashes.json") and obj["Key"] != mine:
-                date_dir = obj["Key"].rsplit("/", 1)[0]
-                out.update({f"{date_dir}:{k}": v for k, v in (read_json(bucket, obj["Key"]) or {}).items()})
+    for obj in list_objects(bucket, prefix):
+        if obj["Key"].endswith("/phashes.json") and obj["Key"] != mine:
+            date_dir = obj["Key"].rsplit("/", 1)[0]
+            out.update({f"{date_dir}:{k}": v for k, v in (read_json(bucket, obj["Key"]) or {}).items()})
     return out
 
 

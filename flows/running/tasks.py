@@ -16,7 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.tasks import exponential_backoff
 from blocks import load_provider
-from blocks.archive import archive_bucket
+from blocks.archive import archive_bucket, delete
 from blocks.base import ImageProvider
 from blocks.errors import is_retryable
 from flows.paying import faults
@@ -270,9 +270,8 @@ def keep_for_reentry(kept: list[tuple[ItemPlan, Generated]]) -> None:
 
 def _forget(ledger: JobLedger, keys: list[str]) -> None:
     """Results kept in the ledger are archived now: delete the copies (best effort)."""
-    client = ledger.bucket.credentials.get_s3_client()
     for key in keys:
         try:
-            client.delete_object(Bucket=ledger.bucket.bucket_name, Key=key)
+            delete(ledger.bucket, key)
         except Exception:  # noqa: BLE001 - a leftover copy costs storage, not money
             pass
