@@ -8,6 +8,10 @@
 - `flows.pipeline` and `flows.backfill`: the flows (the deployments' entry points), and
   `flows.cli`: the `imagegen` command, on top.
 
+Imports inside functions are of Prefect, prefect-aws, optional packages (moderation, Real-ESRGAN)
+and, in `flows.cli`, of the layers a command needs: kept out of the start-up of commands that
+need none of them (`imagegen validate` answers in about a second).
+
 Importing this package before Prefect sets defaults for the temporary Prefect server that
 any process without `PREFECT_API_URL` starts on its own (`imagegen run`, the CLI's other
 commands, a local backfill). A value the user set is never changed.

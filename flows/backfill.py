@@ -23,8 +23,10 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from blocks.archive import archive_bucket, read_json
+from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
 from flows.running.progress import RunProgress, final_state
-from flows.specs.spec import PIPELINES_DIR, PipelineSpec, load_spec, resolve_spec_path
+from flows.running.report import artifact_key
+from flows.specs.spec import PIPELINES_DIR, PipelineSpec, RunOverrides, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
@@ -63,8 +65,6 @@ def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None
 
 def estimate_dates(spec: PipelineSpec, dates: list[date]) -> dict[date, dict[str, float]]:
     """Credits each date would cost, per provider (items already archived on a date cost nothing)."""
-    from flows.pipeline import archived_before, estimate_plans, plan_items
-
     out, cache = {}, {}
     for run_date in dates:
         plans = [p for p in plan_items(spec, "", run_date, "") if archived_before(p) is None]
@@ -151,10 +151,6 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
                                   idempotency_key=key, flow_run_name=f"{name}-{run_date}", tags=["backfill"])
         run_id, state = str(flow_run.id), flow_run.state
     else:
-        from flows.pipeline import run_pipeline
-
-        from flows.specs.spec import RunOverrides
-
         state = run_pipeline(spec=spec, run_date=run_date, overrides=RunOverrides(max_credits=cap) if cap else None,
                              return_state=True)  # named <pipeline>-<date>
         run_id = str(state.state_details.flow_run_id)
@@ -334,6 +330,4 @@ def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> li
 
 
 def _key(name: str) -> str:
-    from flows.running.report import artifact_key
-
     return artifact_key(name)

@@ -35,7 +35,8 @@ from blocks.archive import archive_bucket, delete
 from flows.paying.budget import close_run, open_run
 from flows.paying.slots import reclaim_expired
 from flows.running.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
-from flows.imaging.review import ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
+from flows.imaging.images import MissingDependency, _realesrgan
+from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
 from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
                         read_spec_text, resolve_spec_path)
 from flows.paying.claim import run_claim
@@ -178,9 +179,6 @@ def _option_location(message: str, provider: str, positions: dict, index: int) -
 
 def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, positions: dict, text: str) -> list[SpecIssue]:
     """A spec that asks for moderation, duplicates or Real-ESRGAN needs their packages."""
-    from flows.imaging.images import _realesrgan
-    from flows.imaging.review import REVIEW_EXTRA, MissingDependency, require
-
     if not plans:
         return []
     needs: list[tuple[tuple[str, ...], Any]] = []

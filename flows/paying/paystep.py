@@ -20,7 +20,9 @@ from prefect.runtime import flow_run
 from blocks.archive import read_json
 from blocks.base import GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown
-from flows.paying import paidcalls
+from flows.paying import paidcalls, wakeup
+from flows.paying.archived import ArchivedImagesLost
+from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_notes
 from flows.paying.journal import ItemJournal, flush_or_log
 from flows.paying.ledger import JobLedger, JobRecord, State, Step
 
@@ -136,8 +138,6 @@ def left_sending(plan: ItemPlan, journal: ItemJournal) -> None:
 def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Exception:
     """Why a synchronous call's job is not resumed: an archived item's images are gone, or the
     answer was never recorded."""
-    from flows.paying.archived import ArchivedImagesLost
-
     if record.state is not State.ARCHIVED:
         return SubmitUnknown(unknown_help(plan, record), provider=plan.provider, code="SubmitUnknown")
     return ArchivedImagesLost(
@@ -227,9 +227,6 @@ def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
     base = provider.callback_base
     if not base:
         return request, None
-    from flows.paying import wakeup
-    from flows.paying.callbacks import JobRef, cached_key, capability_url
-
     ref = JobRef(provider=plan.provider, block=plan.block, request_id=request.request_id, bucket=plan.archive.bucket,
                  credentials=plan.archive.credentials, ledger_prefix=ledger.prefix, record_key=ledger.key(plan.item_id))
     request = request.model_copy(update={"callback_url": capability_url(base, ref, cached_key())})
@@ -257,8 +254,6 @@ def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal,
     where to look, never the answer (whoever holds the URL can name any job): a job is adopted
     only when the provider's own status of it names this request (`ImageProvider.owns_job`),
     and only if exactly one does. The record then becomes `submitted` with it; else None."""
-    from flows.paying.callbacks import heard_notes
-
     record = journal.record
     if record is None:
         return None

@@ -21,6 +21,8 @@ from blocks.base import ImageProvider
 from blocks.errors import is_retryable
 from flows.paying import faults
 from flows.imaging import images
+from flows.imaging import review as checks_
+from flows.paying.owned import KeyTaken, Owner, put_owned
 from flows.paying import paystep
 from flows.paying.ledger import JobLedger, LedgerUnavailable, State, Step
 from flows.paying.slots import PrefectLimiter
@@ -127,8 +129,6 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
 def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
     """Per-image checks: readable, not blank, the size asked, the moderation score, and the
     perceptual hash the run-level duplicate check compares."""
-    from flows.imaging import review as checks_
-
     verdicts = []
     settings = plan.review
     for index, name in enumerate(generated.files, start=1):
@@ -162,8 +162,6 @@ def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
 
 def retry_unless_taken(task: Any, task_run: Any, state: Any) -> bool:
     """Retry an archive write, but not one refused because another pipeline owns the key."""
-    from flows.paying.owned import KeyTaken
-
     try:
         state.result()
     except (KeyTaken, faults.Stopped):
@@ -178,8 +176,6 @@ def retry_unless_taken(task: Any, task_run: Any, state: Any) -> bool:
 def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> ArchivedItem:
     """Write each image and its JSON sidecar, each only over an object of this pipeline's item
     (`flows.paying.owned`); rejected images go under the pipeline's quarantine folder."""
-    from flows.paying.owned import Owner, put_owned
-
     faults.at("generated", plan.item_id)
     bucket = archive_bucket(plan.archive.bucket, plan.archive.credentials)
     owner = Owner(plan.pipeline, plan.item_id)

@@ -22,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloa
                       field_validator, model_validator)
 
 from flows.specs import confine
+from flows.specs.catalogue import CatalogueError, expand
 from flows.specs.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
@@ -633,8 +634,6 @@ def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name
                           base_dir: Path | None) -> dict[str, Any]:
     """`data` with the items its `items_from` catalogue (and `matrix`) make after its own
     `items:`; `SpecError` at the spec's line for a template, at the catalogue's for a row."""
-    from flows.specs.catalogue import CatalogueError, expand
-
     data = dict(data)
     source, matrix = data.pop("items_from", None), data.pop("matrix", None)
     try:
