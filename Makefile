@@ -61,7 +61,7 @@ faults: $(STAMP)
 # a time: most tests wait on leases, jobs and servers, so TEST_WORKERS exceeds the cores.
 TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 sandbox-up: $(STAMP)
 	$(BIN)/imagegen sandbox up

@@ -64,6 +64,10 @@ SLOW = frozenset({
     "test_review.py::test_local_upscale_of_a_real_image[realesrgan-4]",
 })
 TIERS = ("sandbox", "server", "slow")
+# The files that take longest in all (minutes), longest first: `make test` starts them first.
+LONGEST_FIRST = ("test_pay_once.py", "test_workers_recipe.py", "test_readme.py", "test_fault_matrix.py",
+                 "test_first_hour.py", "test_fail_closed.py", "test_server_restart.py", "test_server_e2e.py",
+                 "test_limits_and_faults.py", "test_benchmark.py", "test_api_replicas.py")
 
 
 def tiers_of(item: pytest.Item) -> set[str]:
@@ -82,12 +86,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(tier)
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker("unit")
-    # Files with minutes-long tests first, unit files last: `make test` hands whole files to its
-    # parallel workers in this order, so the long ones start early and short ones fill the gaps.
+    # The longest files first, then those with slow tests, unit files last: `make test` hands whole
+    # files to its parallel workers in this order, so the long ones start early and short ones fill
+    # the gaps.
     rank: dict[Path, int] = {}
     for item in items:
-        mine = 0 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("unit") else 1
-        rank[item.path] = min(rank.get(item.path, 2), mine)
+        tier = 0 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("unit") else 1
+        mine = LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST) + tier
+        rank[item.path] = min(rank.get(item.path, mine), mine)
     items.sort(key=lambda item: rank[item.path])  # stable: a file's tests stay together, in order
 
 
