@@ -318,9 +318,9 @@ class ImageProvider(Block, ABC):
         """Build the HTTP client from `client_options`."""
         return httpx.Client(**self.client_options())
 
+    @abstractmethod
     def client_options(self) -> dict[str, Any]:
         """The HTTP client's base URL, timeout, auth and headers (sync or async client alike)."""
-        raise NotImplementedError(f"{type(self).__name__} gives no HTTP client options")
 
     def use_limiter(self, limiter: Limiter) -> None:
         """Take every request and job slot from `limiter` from now on."""
@@ -468,21 +468,21 @@ class ImageProvider(Block, ABC):
         return self.read_status(job_id, self.send(self.poll_call(job_id)))
 
     # The request shapes of an asynchronous job (the benchmark's plain client sends them too).
+    @abstractmethod
     def submit_call(self, request: GenerationRequest) -> ApiCall:
         """The call that starts `request`'s job."""
-        raise NotImplementedError(f"{type(self).__name__} shapes no submit call")
 
+    @abstractmethod
     def read_job_id(self, answer: Any) -> str:
         """The job id in a submit's answer."""
-        raise NotImplementedError(f"{type(self).__name__} reads no submit answer")
 
+    @abstractmethod
     def poll_call(self, job_id: str) -> ApiCall:
         """The call that asks for a job's status."""
-        raise NotImplementedError(f"{type(self).__name__} shapes no poll call")
 
+    @abstractmethod
     def read_status(self, job_id: str, answer: Any) -> JobStatus:
         """A job's status from a poll's answer."""
-        raise NotImplementedError(f"{type(self).__name__} reads no poll answer")
 
     @abstractmethod
     def fetch(self, status: JobStatus) -> list[bytes]:
