@@ -33,7 +33,8 @@ from flows.paying.slots import PrefectLimiter
 from flows.imaging.images import measure
 from flows.pipeline import plan_items
 from flows.imaging.review import nsfw_score
-from flows.specs.spec import load_spec, render_key
+from flows.specs.spec import load_spec
+from flows.storage import render_key
 from flows.models import ItemPlan
 from sandbox.launcher import SandboxState
 

@@ -5,7 +5,7 @@ in, decided by the innermost frame of this project's code:
 - limits: `flows/paying/slots.py` (slot calls to the Prefect server)
 - ledger: `flows/paying/ledger.py`, `flows/paying/claim.py`, `flows/paying/callbacks.py` (its S3 reads and writes)
 - review: `flows/imaging/review.py`, `flows/imaging/images.py` (moderation model, image checks)
-- archive (S3): `blocks/archive.py`, or S3 client frames under any other project frame
+- archive (S3): `flows/storage.py`, or S3 client frames under any other project frame
 - provider HTTP: the Blocks (`blocks/`), signing and downloads included
 - Prefect: Prefect's own frames with no project frame inside them (task runs, states, events,
   logs, the engine), or under the flow's orchestration (`flows/pipeline.py`, `flows/running/tasks.py`)
@@ -28,7 +28,7 @@ RATE = 11  # samples a second: low, so sampling 60-odd threads costs the measure
 RULES = (
     ("flows/paying/slots.py", "limits"), ("flows/paying/ledger.py", "ledger"), ("flows/paying/claim.py", "ledger"),
     ("flows/paying/callbacks.py", "ledger"), ("flows/imaging/review.py", "review"), ("flows/imaging/images.py", "review"),
-    ("blocks/archive.py", "archive (S3)"), ("blocks/", "provider HTTP"),
+    ("flows/storage.py", "archive (S3)"), ("blocks/", "provider HTTP"),
 )
 ORCHESTRATION = ("benchmarks/baseline.py", "flows/pipeline.py", "flows/running/tasks.py", "flows/running/progress.py", "flows/running/report.py", "flows/paying/wakeup.py")
 S3_PACKAGES = ("botocore/", "boto3/", "s3transfer/", "prefect_aws/")

@@ -1,5 +1,6 @@
 """The flows and the `imagegen` CLI, over four packages, each importing only those before it:
 
+- `flows.storage`: the archive's key layout and every S3 call (beneath all the others);
 - `flows.specs`: reading specs and catalogues;
 - `flows.models`: the values one step hands the next (a module of its own);
 - `flows.paying`: paying once (ledger, the paid step's owner, claims, limits, budget, callbacks);

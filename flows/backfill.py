@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 
-from blocks.archive import archive_bucket, read_json
+from flows.storage import archive_bucket, read_json
 from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
 from flows.running.progress import RunProgress, final_state
 from flows.running.report import artifact_key

@@ -31,7 +31,7 @@ from prefect.states import Failed
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
-from blocks.archive import archive_bucket, delete
+from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, open_run
 from flows.paying.slots import reclaim_expired
 from flows.running.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish

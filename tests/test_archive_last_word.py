@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from blocks.archive import archive_bucket
+from flows.storage import archive_bucket
 from flows.paying.archived import Listing, confirm_outcomes
 from flows.paying.owned import KeyTaken, Owner, put_owned
 from flows.models import ArchivedItem

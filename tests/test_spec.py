@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.specs.spec import SpecError, load_spec, render_key
+from flows.specs.spec import SpecError, load_spec
+from flows.storage import render_key
 
 GOOD = """\
 version: 1

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from PIL import Image, ImageStat
 
-from blocks.archive import read_uri
+from flows.storage import read_uri
 from flows.specs.confine import InputRefused, check_url
 
 # MPO is what many phone cameras write: a JPEG with further pictures after the first (CIPA DC-007).

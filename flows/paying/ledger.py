@@ -49,7 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from blocks.archive import (PreconditionFailed, archive_bucket, list_objects, put_conditionally, read_bytes,
+from flows.storage import (PreconditionFailed, archive_bucket, list_objects, put_conditionally, read_bytes,
                            read_json, read_object, write_bytes, write_json)
 from flows.paying import faults
 from flows.specs.spec import ArchiveSettings

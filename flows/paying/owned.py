@@ -8,7 +8,7 @@ pipeline and item. The overwrite is conditional on the ETag read (`If-Match`), s
 that changes meanwhile is looked at again instead of overwritten. Anything else raises
 `KeyTaken`, and the object stays byte for byte as it was.
 
-On an S3 server without conditional writes (501, see `blocks.archive.put_conditionally`) the
+On an S3 server without conditional writes (501, see `flows.storage.put_conditionally`) the
 owner is still checked before the write, but a writer between the check and the write is not
 seen.
 """
@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from blocks.archive import PreconditionFailed, head, put_conditionally, read_object
-from flows.specs.spec import sidecar_key
+from flows.storage import PreconditionFailed, head, put_conditionally, read_object
+from flows.storage import sidecar_key
 
 ATTEMPTS = 3  # an object that changes between the look and the write is looked at again
 

@@ -16,10 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from blocks.archive import archive_bucket, read_json, write_json
-from blocks.archive import PreconditionFailed, put_conditionally
+from flows.storage import archive_bucket, read_json, write_json
+from flows.storage import PreconditionFailed, put_conditionally
 from flows.paying.ledger import with_backoff
-from flows.specs.spec import OWNER_KEY, PIPELINES_DIR, PipelineSpec
+from flows.specs.spec import PIPELINES_DIR, PipelineSpec
+from flows.storage import OWNER_KEY
 
 
 class NameTaken(RuntimeError):

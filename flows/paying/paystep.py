@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from blocks.archive import read_json
+from flows.storage import read_json
 from blocks.base import GenerationRequest, ImageProvider, JobResult, Waker
 from blocks.errors import ContentRejected, JobFailed, SubmitUnknown
 from flows.paying import paidcalls, wakeup

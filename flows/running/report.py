@@ -103,7 +103,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     """Perceptual hashes of the approved images of the pipeline's other run dates."""
-    from blocks.archive import archive_bucket, list_objects, read_json
+    from flows.storage import archive_bucket, list_objects, read_json
 
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     template = spec.archive.manifest_template
@@ -164,7 +164,7 @@ def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket
     a grid of thumbnails from presigned S3 URLs (valid 7 days)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from blocks.archive import presigned_url
+    from flows.storage import presigned_url
 
     def url_of(uri: str) -> str:
         return presigned_url(bucket, uri.removeprefix(f"s3://{bucket.bucket_name}/"))
@@ -181,7 +181,7 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
     from prefect.artifacts import create_table_artifact
     from prefect.runtime import flow_run
 
-    from blocks.archive import archive_bucket, write_json
+    from flows.storage import archive_bucket, write_json
     from flows.paying.paidcalls import ClaimLost, claim_lost
 
     if (why := claim_lost(flow_run.id)) is not None:

@@ -12,7 +12,7 @@ import json
 import re
 import string
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -22,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloa
                       field_validator, model_validator)
 
 from flows.specs import confine
+from flows.storage import KEY_FIELDS, OWNER_KEY, KeyLayout, check_template, key_problem, render_key, sidecar_key
 from flows.specs.catalogue import CatalogueError, expand
 from flows.specs.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
@@ -40,11 +41,8 @@ def _known_provider(name: str) -> str:
 
 ProviderName = Annotated[str, AfterValidator(_known_provider)]
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-KEY_FIELDS = {"pipeline", "run_date", "item", "index", "provider"}
 MAX_SPEC_BYTES = 1_000_000
 MAX_ITEMS = 10_000
-LEDGER_DIR = "_jobs"
-OWNER_KEY = "{pipeline}/_owner.json"
 
 
 def input_digest(input_image: str | None) -> str | None:
@@ -151,7 +149,7 @@ class ReviewSettings(_Strict):
     human: HumanSettings | None = None
 
 
-class ArchiveSettings(_Strict):
+class ArchiveSettings(_Strict, KeyLayout):
     """Where approved images, their sidecars and the run manifest go."""
 
     bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -198,111 +196,6 @@ class ArchiveSettings(_Strict):
             raise ValueError(problem)
         return value
 
-    # --- the keys a run writes besides images and sidecars (one derivation, for writers and checks)
-    def manifest_key(self, pipeline: str, run_date: date) -> str:
-        return render_manifest_key(self.manifest_template, pipeline=pipeline, run_date=run_date)
-
-    def phashes_key(self, pipeline: str, run_date: date) -> str:
-        """The perceptual hashes of a run's approved images, beside its manifest."""
-        return beside(self.manifest_key(pipeline, run_date), "phashes.json")
-
-    def ledger_prefix(self, pipeline: str, run_date: date) -> str:
-        """The folder of a run date's job ledger, beside its manifest."""
-        return beside(self.manifest_key(pipeline, run_date), LEDGER_DIR + "/")
-
-    # Quarantine and review staging lie inside the pipeline's own prefix (`{pipeline}/`, which
-    # key_template starts with and `_owner.json` claims), so no prefix can reach another
-    # pipeline's keys: `p/2026-07-02/a-1.png` is quarantined at `p/quarantine/2026-07-02/a-1.png`.
-    def quarantined(self, key: str) -> str:
-        """Where an image the review rejected goes: its key with the quarantine folder after `{pipeline}/`."""
-        pipeline, _, rest = key.partition("/")
-        return f"{self.quarantine_root(pipeline)}{rest}"
-
-    def in_review(self, key: str) -> str:
-        """Where an image waits for a person's decision: its key with the review folder after `{pipeline}/`."""
-        pipeline, _, rest = key.partition("/")
-        return f"{self.review_root(pipeline)}{rest}"
-
-    def quarantine_root(self, pipeline: str) -> str:
-        """The whole quarantine namespace of `pipeline`."""
-        return f"{pipeline}/{self.quarantine_prefix.strip('/')}/"
-
-    def review_root(self, pipeline: str) -> str:
-        """The whole review staging namespace of `pipeline`."""
-        return f"{pipeline}/{self.review_prefix.strip('/')}/"
-
-    def legacy_quarantined(self, key: str) -> str:
-        """Where releases before issue 25 quarantined an image (`<quarantine_prefix>/<key>`,
-        outside the pipeline's prefix): read, never written, to recognise what they archived."""
-        return f"{self.quarantine_prefix.strip('/')}/{key}"
-
-
-def check_template(template: str, allowed: set[str]) -> set[str]:
-    """The fields of a key template; `ValueError` unless it starts with `{pipeline}/`, has
-    `{run_date}`, uses only `allowed` fields and no format spec that could make two different
-    values one key (only `{index:03d}`-style padding and a `{run_date:...}` strftime format that
-    tells every date apart)."""
-    try:
-        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise ValueError(f"malformed template: {exc}") from None
-    fields = {f for f, _, _ in parsed}
-    unknown = sorted(fields - allowed)
-    if unknown:
-        raise ValueError(f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)} in template; "
-                         f"allowed: {', '.join('{' + f + '}' for f in sorted(allowed))}")
-    for field, spec, conv in parsed:
-        if conv:
-            raise ValueError(f"{{{field}!{conv}}}: conversions change what a key says; use {{{field}}}")
-        if not spec:
-            continue
-        if field == "index" and re.fullmatch(r"0?[1-9]?d?", spec):
-            continue
-        if field == "run_date" and _tells_dates_apart(spec):
-            continue
-        why = ("a strftime format that gives two dates one key (it needs the year, month and day)"
-               if field == "run_date" else "a format spec, which can cut or change the value and make keys collide")
-        raise ValueError(f"{{{field}:{spec}}} has {why}")
-    if not template.startswith("{pipeline}/"):
-        raise ValueError("template must start with {pipeline}/ so that it writes only in this pipeline's own prefix")
-    if "run_date" not in fields:
-        raise ValueError("template must contain {run_date}, or every run date overwrites the last")
-    return fields
-
-
-def _tells_dates_apart(strftime: str) -> bool:
-    if "{" in strftime or "}" in strftime:
-        return False
-    days = [date(2024, 1, 1) + timedelta(days=n) for n in range(4 * 366)]
-    days += [date(year, month, 28) for year in range(2000, 2100) for month in (1, 12)]
-    try:
-        return len({d.strftime(strftime) for d in days}) == len(set(days))
-    except ValueError:
-        return False
-
-
-def key_problem(key: str) -> str | None:
-    """Why `key` is no safe S3 key of ours (absolute, empty/`.`/`..` segment, control
-    characters, too long), or None."""
-    if key.startswith("/"):
-        return f"{key!r} is absolute (starts with '/')"
-    if any(part in ("", ".", "..") for part in key.split("/")):
-        return f"{key!r} has an empty, '.' or '..' path segment"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        return f"{key!r} has a control character"
-    if len(key.encode()) > 1024:
-        return "a key is longer than S3's 1024 bytes"
-    return None
-
-
-def beside(key: str, name: str) -> str:
-    """`name` in the folder of `key`."""
-    return (key.rsplit("/", 1)[0] + "/" if "/" in key else "") + name
-
-
-def sidecar_key(key: str) -> str:
-    """The JSON sidecar beside an image key: its extension replaced by `.json`."""
-    return key.rsplit(".", 1)[0] + ".json" if "." in key.rsplit("/", 1)[-1] else key + ".json"
 
 
 class RunSettings(_Strict):
@@ -449,28 +342,6 @@ class PipelineSpec(_Strict):
         if isinstance(cap, dict):
             return dict(cap)
         return {provider: float(cap) for provider in self.providers_used()}
-
-
-def render_key(
-    template: str, *, pipeline: str, run_date: date, item: str, index: int, provider: str
-) -> str:
-    """Fill a key template; `{run_date}` is ISO unless given a strftime format."""
-    return template.format(
-        pipeline=pipeline, run_date=_IsoDate(run_date), item=item, index=index, provider=provider
-    )
-
-
-def render_manifest_key(template: str, *, pipeline: str, run_date: date) -> str:
-    """Fill the manifest key template (fields pipeline and run_date)."""
-    return template.format(pipeline=pipeline, run_date=_IsoDate(run_date))
-
-
-class _IsoDate:
-    def __init__(self, value: date) -> None:
-        self.value = value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.strftime(spec) if spec else self.value.isoformat()
 
 
 @dataclass(frozen=True)
