@@ -79,9 +79,16 @@ def kill_server(root: Path) -> None:
 
 
 @pytest.mark.slow  # a minute's outage, its own server
-def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(emulators, tmp_path) -> None:  # noqa: F811
-    name, day, n = "failclosed-outage", date(2026, 8, 3), 4
-    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+@pytest.mark.parametrize("provider", ["tencent", "tams", "chuzhan"])
+def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(emulators, tmp_path, provider) -> None:  # noqa: F811
+    """The Prefect server goes away for longer than the claim's lease while a paid job is in
+    flight: the run says once that its claim is lost, makes no paid call after it, and a second
+    run of the date completes it; every image charged once (the emulator's count). The row
+    "Prefect away past a lease" of the fault matrix's table (`docs/paying-once.md`)."""
+    from tests.test_fault_matrix import doc_table
+
+    name, day, n = f"failclosed-outage-{provider}", date(2026, 8, 3), 4
+    path = write_spec(tmp_path, spec_text(provider, name, n, ", max_parallel: 1"), name)
     root, port = tmp_path / "server", free_port()
     state = server.up(root, port=port, database="sqlite")
     env = run_env(state.api_url, tmp_path / "client-home")
@@ -89,7 +96,7 @@ def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(em
     first = second = None
     try:
         register_on(state.api_url, emulators)
-        configure(emulators, "tencent", latency=5)  # the first job stays in flight through the outage
+        configure(emulators, provider, latency=5)  # the first job stays in flight through the outage
         argv = [sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()]
         first = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=first_log.open("w"), stderr=subprocess.STDOUT)
         wait_for("submitted job", lambda: "submitted" in ledger_states(path, day).values(), 120, first, first_log)
@@ -102,7 +109,7 @@ def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(em
         restarting = time.monotonic()
         server.up(root, port=port)
         print(f"the server took {time.monotonic() - restarting:.0f} s to start again")
-        configure(emulators, "tencent", latency=0.6)
+        configure(emulators, provider, latency=0.6)
         # Once the first run tried its next paid call (its job polled to the end), the second
         # run of the date starts: it waits for the claim until the server frees it, then pays.
         refused = "Task run encountered an exception ClaimLost"
@@ -113,7 +120,7 @@ def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(em
         assert first.wait(timeout=120) == 1, first_log.read_text()[-3000:]
         assert second.wait(timeout=120) == 0, second_log.read_text()[-3000:]
     finally:
-        configure(emulators, "tencent", latency=0.6)
+        configure(emulators, provider, latency=0.6)
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -125,8 +132,9 @@ def test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it(em
     assert "accepted request" not in after, after[-3000:]  # no paid call after the loss, though it tried
     assert "Task run encountered an exception ClaimLost: the claim" in after, after[-3000:]
     print(said[0])
-    assert charges(emulators, "tencent", name) == once_each(name, n)
+    assert charges(emulators, provider, name) == once_each(name, n)
     assert set(ledger_states(path, day).values()) == {"archived"}
+    assert doc_table()[(provider, "polling", "Prefect away past a lease")] == "held"
     from flows.backfill import manifest_status
     from flows.specs.spec import load_spec
 
