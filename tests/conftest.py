@@ -65,7 +65,7 @@ SLOW = frozenset({
 })
 TIERS = ("sandbox", "server", "slow")
 # The files that take longest in all (minutes), longest first: `make test` starts them first.
-LONGEST_FIRST = ("test_fail_closed.py", "test_pay_once.py", "test_workers_recipe.py", "test_readme.py",
+LONGEST_FIRST = ("test_fail_closed.py", "test_prefect_away.py", "test_pay_once.py", "test_workers_recipe.py", "test_readme.py",
                  "test_fault_matrix.py", "test_first_hour.py", "test_server_restart.py", "test_server_e2e.py",
                  "test_limits_and_faults.py", "test_benchmark.py", "test_api_replicas.py")
 

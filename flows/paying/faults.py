@@ -3,7 +3,9 @@
 A run installs nothing, and `at()` costs one dictionary lookup. The fault matrix
 (`tests/test_fault_matrix.py`) installs an action for one moment of one item's step, and reruns
 the date; `IMAGEGEN_STOP_AT=<moment>[:<item>]` makes a real process kill itself there (SIGKILL,
-no cleanup), for the tests that stop a whole process.
+no cleanup), for the tests that stop a whole process; `IMAGEGEN_PAUSE_AT=<moment>:<item>,...`
+makes it wait there while a marker file in `IMAGEGEN_PAUSE_DIR` exists, for the tests that take
+a server away at that moment.
 
 The moments, in the order a paid step meets them (`MOMENTS`):
 
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 MOMENTS = ("slot", "sending", "answered", "polling", "generated", "archiving")
 WRITES = ("write-sending", "write-submitted", "write-done", "write-archived", "put-image")
@@ -55,6 +59,19 @@ def at(moment: str, item_id: str, step: str = "generate") -> None:
     actions = _installed.get((moment, item_id, step))
     if actions:
         actions.pop()()
+    names = (moment, f"{moment}:{item_id}", f"{step}:{moment}:{item_id}")
     wanted = os.environ.get("IMAGEGEN_STOP_AT")
-    if wanted and wanted in (moment, f"{moment}:{item_id}", f"{step}:{moment}:{item_id}"):
+    if wanted and wanted in names:
         os.kill(os.getpid(), signal.SIGKILL)
+    paused = os.environ.get("IMAGEGEN_PAUSE_AT")
+    if paused and set(paused.split(",")) & set(names[1:]):
+        _pause(Path(os.environ["IMAGEGEN_PAUSE_DIR"]) / f"{moment}-{item_id}")
+
+
+def _pause(marker: Path, most: float = 600.0) -> None:
+    """Create `marker` and wait while it exists (the test does what it tests meanwhile, then
+    removes it), at most `most` seconds."""
+    marker.touch()
+    deadline = time.monotonic() + most
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
