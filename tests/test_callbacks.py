@@ -121,10 +121,12 @@ def receiver(sandbox_blocks):
         httpx.post(f"{sandbox_blocks.url(provider)}/_sandbox/config", json={"callback_step": 0.3})
         block.trust_callbacks = True
         block.save("cb-trust", overwrite=True)
-    patient = sandbox_blocks.block("tams")  # polls only after 60 s: what ends its wait early is a callback
-    patient.notify_url, patient.callback_fallback_seconds = url, 60.0
-    patient.save("cb-patient", overwrite=True)
-    apply_limits({"chuzhan": ["cb", "cb-trust"], "tams": ["cb", "cb-trust", "cb-patient"]})
+    for provider, field in (("chuzhan", "callback"), ("tams", "notify_url")):
+        patient = sandbox_blocks.block(provider)  # polls only after 60 s: what ends its wait early is a callback
+        setattr(patient, field, url)
+        patient.callback_fallback_seconds = 60.0
+        patient.save("cb-patient", overwrite=True)
+    apply_limits({"chuzhan": ["cb", "cb-trust", "cb-patient"], "tams": ["cb", "cb-trust", "cb-patient"]})
     yield url
     proc.terminate()
     proc.wait(10)
@@ -177,8 +179,9 @@ def test_jobs_end_by_callback_with_one_confirming_poll_each(receiver, sandbox_bl
     from flows.paying import wakeup
 
     before, heard = stats_of(provider, sandbox_blocks), httpx.get(f"{receiver}/v1/stats").json()
-    state = run_spec(tmp_path, spec(f"cb-{provider}", provider, 4), date(2026, 5, 1))
-    # Each job's wait was ended by its callback, not left to the 4 s fallback.
+    state = run_spec(tmp_path, spec(f"cb-{provider}", provider, 4, block="cb-patient"), date(2026, 5, 1))
+    # Each job's wait was ended by its callback, not left to the fallback (60 s on this Block, so
+    # a callback slowed by a loaded machine still comes first).
     ids = request_ids(f"cb-{provider}", sandbox_blocks, date(2026, 5, 1))
     assert len(ids) == 4 and set(ids) <= set(wakeup.listener().woken)
     after, now = stats_of(provider, sandbox_blocks), httpx.get(f"{receiver}/v1/stats").json()
