@@ -59,7 +59,7 @@ faults: $(STAMP)
 
 # Everything: the unit, sandbox, server and slow tiers (see README "Tests"), a file per worker at
 # a time: most tests wait on leases, jobs and servers, so TEST_WORKERS exceeds the cores.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
