@@ -299,6 +299,19 @@ class ImageProvider(Block, ABC):
     _http: httpx.Client | None = PrivateAttr(default=None)
     _http_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
+    @classmethod
+    def _inject_field_positions(cls, schema: dict[str, Any], model_cls: type[Block], by_alias: bool) -> None:
+        """The form's order in the Prefect UI: the provider's own fields (credentials, endpoint)
+        first, then those every provider shares (`timeout`, `max_attempts`, the callback fields),
+        which pydantic would list first as inherited."""
+        shared = set(ImageProvider.model_fields) | set(CallbackFields.model_fields)
+        names = list(model_cls.model_fields)
+        for position, name in enumerate([n for n in names if n not in shared] + [n for n in names if n in shared]):
+            info = model_cls.model_fields[name]
+            key = (info.alias or name) if by_alias else name
+            if key in schema.get("properties", {}):
+                schema["properties"][key]["position"] = position
+
     @model_validator(mode="before")
     @classmethod
     def _provider_defaults(cls, data: Any) -> Any:

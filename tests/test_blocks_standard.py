@@ -33,3 +33,13 @@ def test_prefect_finds_the_blocks_through_its_collections_entry_point() -> None:
     assert "imagegen_pipelines" in loaded and not isinstance(loaded["imagegen_pipelines"], Exception)
     slugs = set(get_registry_for_type(Block) or {})
     assert {"tams-provider", "chuzhan-provider", "tencent-aiart-provider"} <= slugs
+
+
+@pytest.mark.parametrize(("block_class", "first"), [(TamsProvider, "app_id"), (ChuzhanProvider, "api_token"),
+                                                    (TencentAiArtProvider, "secret_id")])
+def test_the_ui_form_starts_with_the_provider_s_own_fields(block_class, first) -> None:  # noqa: ANN001
+    """The shared fields (declared once on the base) come after the account's own in the form."""
+    properties = block_class.model_json_schema()["properties"]
+    order = sorted(properties, key=lambda name: properties[name]["position"])
+    assert order[0] == first, order
+    assert order.index("timeout") > order.index("endpoint")
