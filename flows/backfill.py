@@ -255,7 +255,7 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
     date would meet it) and none succeeded."""
     from prefect.runtime import flow_run
 
-    progress = create_progress_artifact(0.0, key=f"{_key(dates.name)}-backfill-progress",
+    progress = create_progress_artifact(0.0, key=f"{artifact_key(dates.name)}-backfill-progress",
                                         description=f"Backfill of {dates.name} {dates.start}..{dates.end}")
     tracker = RunProgress(f"backfill {dates.name} {dates.start}..{dates.end}", len(dates.todo), log=logger.info,
                           unit="dates")
@@ -319,7 +319,7 @@ def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> li
     """The table artifact; `BackfillFailed` (the run ends Failed) when any date failed."""
     table = [{k: v for k, v in row.items() if k != "ran_items"} for row in table]
     counts = {s: sum(r["status"] == s for r in table) for s in ("done", "skipped", "failed")}
-    create_table_artifact(table, key=f"{_key(name)}-backfill",
+    create_table_artifact(table, key=f"{artifact_key(name)}-backfill",
                           description=f"Backfill of **{name}** {start}..{end}: {counts['done']} done, "
                                       f"{counts['skipped']} skipped, {counts['failed']} failed")
     if counts["failed"]:
@@ -327,7 +327,3 @@ def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> li
         raise BackfillFailed(f"{counts['failed']} of {len(table)} date(s) failed; most often: "
                              f"{reasons.most_common(1)[0][0]}", table)
     return table
-
-
-def _key(name: str) -> str:
-    return artifact_key(name)

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from PIL import Image
 from pydantic import ConfigDict, Field, create_model
 
-from flows.storage import archive_bucket, presigned_url, write_bytes
+from flows.storage import archive_bucket, presigned_url, render_key, write_bytes
 from flows.imaging.images import MissingDependency, read_input, thumbnail
 from flows.specs.spec import DuplicateSettings, HumanSettings, PipelineSpec
-from flows.storage import render_key
 
 if TYPE_CHECKING:
     from flows.models import Generated, ItemPlan, Verdict

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flows.storage import head, list_objects, read_bytes, read_json
-from flows.storage import render_key, sidecar_key
+from flows.storage import head, list_objects, read_bytes, read_json, render_key, sidecar_key
 from flows.models import ArchivedItem, ItemPlan
 
 

@@ -46,6 +46,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from flows.storage import PreconditionFailed, archive_bucket, list_objects, put_conditionally, read_json
+
 KEY_BLOCK = "imagegen-callback-key"
 HEARD_EVENT = "imagegen.callback.heard"
 RESOURCE_PREFIX = "imagegen.job."
@@ -384,8 +386,6 @@ class Guarded(H11Protocol):
 def recorded_job_differs(ref: JobRef, job_id: str) -> bool:
     """True when the ledger records a job for this request id and it is not `job_id` (before the
     submit's answer is recorded there is none to compare: the nonce, where echoed, still is)."""
-    from flows.storage import archive_bucket, read_json
-
     record = read_json(archive_bucket(ref.bucket, ref.credentials), ref.record_key) or {}
     return (record.get("request_id") == ref.request_id and bool(record.get("job_id"))
             and str(record["job_id"]) != job_id)
@@ -394,9 +394,6 @@ def recorded_job_differs(ref: JobRef, job_id: str) -> bool:
 def record(ref: JobRef, job_id: str, state: str, nonce: str | None, body: Any, digest: str = "") -> bool:
     """Write the heard note (with the callback's body, for a Block that trusts callbacks)
     unless it exists; True when this call wrote it."""
-    from flows.storage import archive_bucket
-    from flows.storage import PreconditionFailed, put_conditionally
-
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": job_id,
             "state": state, "nonce": nonce, "heard_at": datetime.now(timezone.utc).isoformat(), "body": body}
     bucket = archive_bucket(ref.bucket, ref.credentials)
@@ -425,9 +422,6 @@ def keep_unreadable(ref: JobRef, raw: bytes | None, reason: str) -> str:
     it was read) as a note beside the heard notes, once per distinct body: what the provider
     really sends, for whoever fixes its Block, and what confirms the wake-up it causes. Returns
     the note's body digest."""
-    from flows.storage import archive_bucket
-    from flows.storage import PreconditionFailed, put_conditionally
-
     digest = body_digest(raw if raw is not None else reason.encode())
     note = {"request_id": ref.request_id, "provider": ref.provider, "block": ref.block, "job_id": None,
             "state": UNREADABLE, "reason": reason, "heard_at": datetime.now(timezone.utc).isoformat(),
@@ -455,8 +449,6 @@ def serve(host: str, port: int) -> None:
 def heard_notes(bucket: Any, ledger_prefix: str, request_id: str, limit: int = 50) -> list[dict[str, Any]]:
     """The first `limit` heard notes of one request, oldest first (for settling an `unknown`
     record; a forger who floods a URL with notes costs this at most `limit` reads)."""
-    from flows.storage import list_objects, read_json
-
     prefix = f"{ledger_prefix}_heard/{request_id}/"
     notes = [read_json(bucket, obj["Key"]) for obj in list_objects(bucket, prefix, limit=limit)]
     return sorted((n for n in notes if n), key=lambda n: n.get("heard_at", ""))

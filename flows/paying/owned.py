@@ -19,8 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flows.storage import PreconditionFailed, head, put_conditionally, read_object
-from flows.storage import sidecar_key
+from flows.storage import PreconditionFailed, head, put_conditionally, read_object, sidecar_key
 
 ATTEMPTS = 3  # an object that changes between the look and the write is looked at again
 

@@ -16,11 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.storage import archive_bucket, read_json, write_json
-from flows.storage import PreconditionFailed, put_conditionally
+from flows.storage import OWNER_KEY, PreconditionFailed, archive_bucket, put_conditionally, read_json, write_json
 from flows.paying.ledger import with_backoff
 from flows.specs.spec import PIPELINES_DIR, PipelineSpec
-from flows.storage import OWNER_KEY
 
 
 class NameTaken(RuntimeError):

@@ -9,6 +9,7 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 from flows.imaging.review import CELL_PX, THUMB_PX, one_line
+from flows.storage import archive_bucket, list_objects, presigned_url, read_json, write_json
 from flows.specs.spec import PipelineSpec
 from flows.models import ArchivedItem, ItemPlan
 
@@ -103,8 +104,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def archived_hashes(spec: PipelineSpec, run_date: date) -> dict[str, str]:
     """Perceptual hashes of the approved images of the pipeline's other run dates."""
-    from flows.storage import archive_bucket, list_objects, read_json
-
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     template = spec.archive.manifest_template
     prefix = template.split("{run_date", 1)[0].format(pipeline=spec.name) if "{run_date" in template else ""
@@ -164,8 +163,6 @@ def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket
     a grid of thumbnails from presigned S3 URLs (valid 7 days)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.storage import presigned_url
-
     def url_of(uri: str) -> str:
         return presigned_url(bucket, uri.removeprefix(f"s3://{bucket.bucket_name}/"))
 
@@ -181,7 +178,6 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
     from prefect.artifacts import create_table_artifact
     from prefect.runtime import flow_run
 
-    from flows.storage import archive_bucket, write_json
     from flows.paying.paidcalls import ClaimLost, claim_lost
 
     if (why := claim_lost(flow_run.id)) is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.tasks import exponential_backoff
 from blocks import load_provider
-from flows.storage import archive_bucket, delete
+from flows.storage import archive_bucket, delete, render_key, sidecar_key
 from blocks.base import ImageProvider
 from blocks.errors import is_retryable
 from flows.paying import faults
@@ -27,7 +27,6 @@ from flows.paying import paystep
 from flows.paying.ledger import JobLedger, LedgerUnavailable, State, Step
 from flows.paying.slots import PrefectLimiter
 from flows.models import ArchivedItem, Generated, ItemPlan, Verdict
-from flows.storage import render_key, sidecar_key
 
 
 @lru_cache(maxsize=32)
