@@ -115,7 +115,7 @@ def test_runs_on_two_api_replicas_share_the_provider_limits(replicas, sandbox_bl
     after = {p: emulator(p).bench_counts(stats(sandbox_blocks, p))["violations"] for p in PROVIDERS}
     # Tencent's one text job in flight and both rates, across the replicas. Limits each replica
     # kept apart would let twice the rate and two Tencent jobs through: dozens of refusals here.
-    # A slot's request can still leave late on a loaded machine (three test workers on two cores)
+    # A slot's request can still leave late on a loaded machine (four test workers on two cores)
     # and meet the next one's within the provider's second: one such refusal (answered by the
     # client's wait and retry, paid once as below) is allowed.
     assert all(after[p] - before[p] <= 1 for p in PROVIDERS), (before, after)
