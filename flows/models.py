@@ -4,13 +4,27 @@ build on it without importing one another."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
 from blocks.base import CreditEstimate, GenerationRequest
 from flows.specs.spec import ArchiveSettings, ReviewSettings, UpscaleSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Upstream(Generic[T]):
+    """An earlier step's result (or its Prefect future) handed to the next task. Prefect treats a
+    future inside it as it does a future argument: the task waits for it, an upstream failure
+    stops the task, and the UI draws the dependency. But a future passed as an argument itself
+    also makes Prefect read the upstream task run from the API as the task starts (one request
+    per future per task run, three an item); inside this box it does not."""
+
+    value: T
 
 
 class ItemPlan(BaseModel):

@@ -1,7 +1,9 @@
 """The tasks one item goes through: upload -> generate -> upscale -> review -> archive.
 
 Each task takes an `ItemPlan` (everything the item needs, decided before any paid call) and
-what the previous task returned. Images travel between tasks as files in the run's work
+what the previous task returned, in an `Upstream` box (`flows.models`). None caches
+(`NO_CACHE`): what is paid for or done again is the ledger's to decide, and a cache key would
+hash every input of every task run. Images travel between tasks as files in the run's work
 directory, not in memory, so a large run does not hold every image at once.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from blocks import load_provider
 from flows.storage import archive_bucket, delete, render_key, sidecar_key
@@ -26,7 +29,7 @@ from flows.paying.owned import KeyTaken, Owner, put_owned
 from flows.paying import paystep
 from flows.paying.ledger import JobLedger, LedgerUnavailable, State, Step
 from flows.paying.slots import PrefectLimiter
-from flows.models import ArchivedItem, Generated, ItemPlan, Verdict
+from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict
 
 
 @lru_cache(maxsize=32)
@@ -67,8 +70,8 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(task_run_name="upload-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(2),
-      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+@task(task_run_name="upload-{plan.item_id}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def upload(plan: ItemPlan) -> str | None:
     """Send the item's input image to the provider; None when the item has none."""
     if plan.input_image is None:
@@ -78,15 +81,15 @@ def upload(plan: ItemPlan) -> str | None:
     return provider_for(plan.provider, plan.block).upload(data, mime)
 
 
-@task(task_run_name="generate-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
-      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
-def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
+@task(task_run_name="generate-{plan.item_id}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def generate(plan: ItemPlan, uploaded: Upstream[str | None]) -> Generated:
     """Run the provider job to its end and save its images in the work directory. What is paid
     for, resumed or read back is decided by the paid step's table (`flows.paying.paystep`)."""
     faults.at("slot", plan.item_id)
     submitted = datetime.now(timezone.utc)
     result, journal, request = paystep.generate_result(plan, provider_for(plan.provider, plan.block),
-                                                       ledger_of(plan), input_ref)
+                                                       ledger_of(plan), uploaded.value)
     files = []
     for index, data in enumerate(result.images, start=1):
         path = Path(plan.work_dir) / f"{plan.item_id}-{index}.png"
@@ -101,11 +104,12 @@ def generate(plan: ItemPlan, input_ref: str | None) -> Generated:
                      rejected=result.rejected)
 
 
-@task(task_run_name="upscale-{plan.item_id}", retries=2, retry_delay_seconds=exponential_backoff(5),
-      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
-def upscale(plan: ItemPlan, generated: Generated) -> Generated:
+@task(task_run_name="upscale-{plan.item_id}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def upscale(plan: ItemPlan, made: Upstream[Generated]) -> Generated:
     """Upscale: locally (`lanczos`), or with the provider's separate upscaler (a paid call, e.g.
     Tencent RefineImage); where the provider upscales inside the job it already happened."""
+    generated = made.value
     if not plan.upscales_after_job:
         return generated
     engine, factor = plan.upscale.engine, plan.upscale.factor  # type: ignore[union-attr]
@@ -124,10 +128,11 @@ def upscale(plan: ItemPlan, generated: Generated) -> Generated:
     return generated.model_copy(update={"files": files, "upscaled_by": engine, "credits": credits})
 
 
-@task(task_run_name="review-{plan.item_id}")
-def review(plan: ItemPlan, generated: Generated) -> list[Verdict]:
+@task(task_run_name="review-{plan.item_id}", cache_policy=NO_CACHE)
+def review(plan: ItemPlan, made: Upstream[Generated]) -> list[Verdict]:
     """Per-image checks: readable, not blank, the size asked, the moderation score, and the
     perceptual hash the run-level duplicate check compares."""
+    generated = made.value
     verdicts = []
     settings = plan.review
     for index, name in enumerate(generated.files, start=1):
@@ -170,11 +175,12 @@ def retry_unless_taken(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(task_run_name="archive-{plan.item_id}", retries=3, retry_delay_seconds=exponential_backoff(2),
-      retry_jitter_factor=0.5, retry_condition_fn=retry_unless_taken)
-def archive(plan: ItemPlan, generated: Generated, verdicts: list[Verdict]) -> ArchivedItem:
+@task(task_run_name="archive-{plan.item_id}", cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5, retry_condition_fn=retry_unless_taken)
+def archive(plan: ItemPlan, made: Upstream[Generated], reviewed: Upstream[list[Verdict]]) -> ArchivedItem:
     """Write each image and its JSON sidecar, each only over an object of this pipeline's item
     (`flows.paying.owned`); rejected images go under the pipeline's quarantine folder."""
+    generated, verdicts = made.value, reviewed.value
     faults.at("generated", plan.item_id)
     bucket = archive_bucket(plan.archive.bucket, plan.archive.credentials)
     owner = Owner(plan.pipeline, plan.item_id)
