@@ -110,6 +110,10 @@ class PreconditionFailed(Exception):
     """A conditional write found the object other than it expected (HTTP 412)."""
 
 
+class NotConditional(Exception):
+    """The S3 server has no conditional writes (501), and the caller would not write without."""
+
+
 _warned: list[bool] = []
 
 
@@ -123,10 +127,12 @@ def _warn_unconditional() -> None:
 
 
 def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str | None,
-                      content_type: str = "application/json", metadata: dict[str, str] | None = None) -> str:
+                      content_type: str = "application/json", metadata: dict[str, str] | None = None,
+                      unconditional: bool = True) -> str:
     """Write `body` at `key` only if the object still has ETag `if_match` (or, with None,
     does not exist yet); return the new ETag or raise `PreconditionFailed`. On an S3 server
-    without conditional writes (501) it writes unconditionally, once warned."""
+    without conditional writes (501) it writes unconditionally, once warned; or, with
+    `unconditional=False`, writes nothing and raises `NotConditional`."""
     from botocore.exceptions import ClientError
 
     client = bucket.credentials.get_s3_client()
@@ -141,6 +147,8 @@ def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str 
         if code == "PreconditionFailed":
             raise PreconditionFailed(key) from None
         if status == 501 or code == "NotImplemented":
+            if not unconditional:
+                raise NotConditional(key) from None
             _warn_unconditional()
             return client.put_object(**put)["ETag"]
         raise

@@ -1,7 +1,8 @@
 """Keys belong to one pipeline: image and sidecar writes never overwrite another's object.
 
 Every image and sidecar is written conditionally. A new object is created only if absent
-(`If-None-Match: *`). Where one exists, it is overwritten only when it is this pipeline's and
+(`If-None-Match: *`): that is the first try, with no look before it, since most keys are new.
+Where one exists (the server answers 412), it is overwritten only when it is this pipeline's and
 this item's: its own metadata says so (`imagegen-pipeline`, `imagegen-item`, written with
 every object since issue 25), or, for an object without them, its sidecar names the same
 pipeline and item. The overwrite is conditional on the ETag read (`If-Match`), so an object
@@ -9,8 +10,8 @@ that changes meanwhile is looked at again instead of overwritten. Anything else 
 `KeyTaken`, and the object stays byte for byte as it was.
 
 On an S3 server without conditional writes (501, see `flows.storage.put_conditionally`) the
-owner is still checked before the write, but a writer between the check and the write is not
-seen.
+first try writes nothing, and the owner is checked before every write from then on, but a
+writer between the check and the write is not seen.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flows.storage import PreconditionFailed, head, put_conditionally, read_object, sidecar_key
+from flows.storage import NotConditional, PreconditionFailed, head, put_conditionally, read_object, sidecar_key
 
 ATTEMPTS = 3  # an object that changes between the look and the write is looked at again
+_unconditional: set[str] = set()  # buckets whose S3 server answered that it has no conditional writes
 
 
 class KeyTaken(RuntimeError):
@@ -42,11 +44,18 @@ class Owner:
 def put_owned(bucket: Any, key: str, body: bytes, owner: Owner, *, content_type: str,
               metadata: dict[str, str] | None = None) -> str:
     """Write `body` at `key` unless another owner's object is there (`KeyTaken`); return the ETag."""
+    put = {"content_type": content_type, "metadata": owner.metadata(**(metadata or {}))}
+    if bucket.bucket_name not in _unconditional:
+        try:  # a new key: created if still absent, with no look first
+            return put_conditionally(bucket, key, body, if_match=None, unconditional=False, **put)
+        except PreconditionFailed:
+            pass  # something is there: whose?
+        except NotConditional:
+            _unconditional.add(bucket.bucket_name)  # its server overwrites whatever: look before every write
     for _ in range(ATTEMPTS):
-        etag = _etag_if_ours(bucket, key, owner)  # None: no object yet
+        etag = _etag_if_ours(bucket, key, owner)  # None: no object (any more)
         try:
-            return put_conditionally(bucket, key, body, if_match=etag, content_type=content_type,
-                                     metadata=owner.metadata(**(metadata or {})))
+            return put_conditionally(bucket, key, body, if_match=etag, **put)
         except PreconditionFailed:
             continue  # created or changed since the look: look again
     raise KeyTaken(f"s3://{bucket.bucket_name}/{key} kept changing while {owner.pipeline} {owner.item} wrote it; "
