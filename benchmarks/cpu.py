@@ -1,11 +1,15 @@
-"""Where a benchmark process spends its CPU: py-spy samples the process's running threads (idle
-and waiting threads are not sampled), and each sample goes to the part of the work its stack is
-in, decided by the innermost frame of this project's code:
+"""Where a benchmark process spends its CPU: py-spy samples the thread holding the GIL (`--gil`),
+and each sample goes to the part of the work its stack is in, decided by the innermost frame of
+this project's code. Sampling "running" threads instead counted threads waiting on a socket, a
+queue or a lock (py-spy cannot tell them apart without pausing the process): a third of the
+samples. Work outside the GIL (the moderation model's inference, image decoding) is undercounted
+here; the total CPU per image comes from the process's own rusage, not from these shares.
 
 - limits: `flows/paying/slots.py` (slot calls to the Prefect server)
 - ledger: `flows/paying/ledger.py`, `flows/paying/claim.py`, `flows/paying/callbacks.py` (its S3 reads and writes)
 - review: `flows/imaging/review.py`, `flows/imaging/images.py` (moderation model, image checks)
-- archive (S3): `flows/storage.py`, or S3 client frames under any other project frame
+- archive (S3): `flows/storage.py` (ledger when called from a ledger module), or S3 client frames
+  under any other project frame
 - provider HTTP: the Blocks (`blocks/`), signing and downloads included
 - Prefect: Prefect's own frames with no project frame inside them (task runs, states, events,
   logs, the engine), or under the flow's orchestration (`flows/pipeline.py`, `flows/running/tasks.py`)
@@ -24,12 +28,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-RATE = 11  # samples a second: low, so sampling 60-odd threads costs the measured run little
+RATE = 29  # samples a second: one thread each (the GIL holder), so the measured run pays little
 RULES = (
     ("flows/paying/slots.py", "limits"), ("flows/paying/ledger.py", "ledger"), ("flows/paying/claim.py", "ledger"),
     ("flows/paying/callbacks.py", "ledger"), ("flows/imaging/review.py", "review"), ("flows/imaging/images.py", "review"),
     ("flows/storage.py", "archive (S3)"), ("blocks/", "provider HTTP"),
 )
+LEDGER = ("flows/paying/ledger.py", "flows/paying/claim.py", "flows/paying/callbacks.py", "flows/paying/journal.py")
 ORCHESTRATION = ("benchmarks/baseline.py", "flows/pipeline.py", "flows/running/tasks.py", "flows/running/progress.py", "flows/running/report.py", "flows/paying/wakeup.py")
 S3_PACKAGES = ("botocore/", "boto3/", "s3transfer/", "prefect_aws/")
 
@@ -47,7 +52,7 @@ class Sampler:
         binary = _binary()
         self.proc = None if binary is None else subprocess.Popen(
             [binary, "record", "--pid", str(os.getpid()), "--rate", str(RATE), "--format", "raw", "--nonblocking",
-             "--threads", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--gil", "--threads", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> dict[str, float] | None:
         """Stop sampling; the share of samples in each part (None without py-spy or samples)."""
@@ -74,6 +79,8 @@ def category(stack: list[str]) -> str:
     files = [filename(f) for f in stack]
     for depth in range(len(files) - 1, -1, -1):
         here, inner = files[depth], files[depth + 1:]
+        if here.startswith("flows/storage.py") and any(f.startswith(LEDGER) for f in files[:depth]):
+            return "ledger"
         for prefix, name in RULES:
             if here.startswith(prefix):
                 if name not in ("ledger", "limits") and any(f.startswith(S3_PACKAGES) for f in inner):

@@ -63,6 +63,9 @@ def main(argv: list[str]) -> None:
         outcome["status"] = "complete" if not outcome["failed"] else "incomplete"
     wall, cpu = time.monotonic() - wall0, _cpu() - cpu0
     parts = sampler.stop()
+    keep = os.environ.get("IMAGEGEN_BENCH_KEEP_PROFILE")  # `benchmarks.run --keep`: for a flame graph
+    if keep and sampler.out.exists():
+        sampler.out.replace(Path(keep) / f"{mode}-{os.getpid()}.pyspy.raw")
     sampler.out.unlink(missing_ok=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(MARK + json.dumps({"mode": mode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),

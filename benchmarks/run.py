@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                              "of Debian's postgresql; auto takes it when installed, else SQLite")
     parser.add_argument("--api-url", help="use this Prefect API instead of starting a server")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, specs) for inspection")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, specs, py-spy samples) for inspection")
     parser.add_argument("--background-load", type=int, default=0, metavar="N",
                         help="N busy-loop processes beside every measured run, as on a busy worker machine")
     args = parser.parse_args(argv)
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 cluster = Cluster(work / "postgres")
             server, api = start_server(home, cluster.start() if cluster else None)
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+               **({"IMAGEGEN_BENCH_KEEP_PROFILE": str(work)} if args.keep else {}),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
         subprocess.run([str(BIN / "imagegen"), "sandbox", "register", "--state-dir", str(state_dir), "--block-name",
                         BLOCK], env=env, cwd=ROOT, check=True, capture_output=True)

@@ -36,6 +36,7 @@ def test_cpu_samples_go_to_the_innermost_project_frame() -> None:
     assert category(stack(*engine, "blocks/base.py", "httpx/_client.py")) == "provider HTTP"
     assert category(stack(*engine, "blocks/base.py", "flows/paying/slots.py", "prefect/client/base.py")) == "limits"
     assert category(stack(*engine, "flows/paying/ledger.py", "botocore/endpoint.py")) == "ledger"
+    assert category(stack(*engine, "flows/paying/ledger.py", "flows/storage.py", "botocore/endpoint.py")) == "ledger"
     assert category(stack(*engine, "flows/storage.py", "botocore/endpoint.py")) == "archive (S3)"
     assert category(stack(*engine, "boto3/s3/transfer.py")) == "archive (S3)"
     assert category(stack("prefect/task_engine.py", "prefect/blocks/core.py")) == "Prefect"  # not our blocks/
