@@ -185,7 +185,7 @@ def markdown(report: dict[str, Any]) -> str:
               "callback ends the job, 1 held request for the long poll); 'of ceiling' = ceiling / wall; 'of polling "
               "ceiling' = the polling ceiling / wall (above 100%: faster than any polling client can be). "
               "Violations: requests the emulators refused over a limit.", "",
-              "CPU seconds per image, by where py-spy found the process's running threads (`benchmarks/cpu.py`):",
+              "CPU seconds per image, by where py-spy found the thread holding the GIL (`benchmarks/cpu.py`):",
               "", "| workload | way | database | " + " | ".join(PARTS) + " |", "|---|---|---|" + "---|" * len(PARTS)]
     for run in report["runs"]:
         parts = run.get("cpu_s_per_image_parts") or {}
@@ -202,7 +202,8 @@ def background_load(n: int) -> list[subprocess.Popen]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[300], help="items of the mixed workload per run")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[300],
+                        help="items of the mixed workload per run (none: skip it)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="ways the flow runs the mixed workload")
     parser.add_argument("--tams-only", type=int, default=200, metavar="N",
