@@ -8,8 +8,8 @@ here; the total CPU per image comes from the process's own rusage, not from thes
 - limits: `flows/paying/slots.py` (slot calls to the Prefect server)
 - ledger: `flows/paying/ledger.py`, `flows/paying/claim.py`, `flows/paying/callbacks.py` (its S3 reads and writes)
 - review: `flows/imaging/review.py`, `flows/imaging/images.py` (moderation model, image checks)
-- archive (S3): `flows/storage.py` (ledger when called from a ledger module), or S3 client frames
-  under any other project frame
+- archive (S3): S3 work (`flows/storage.py`, the S3 client) under any project frame but the
+  ledger's and the limits'; `flows/storage.py` itself is no part: its caller's decides
 - provider HTTP: the Blocks (`blocks/`), signing and downloads included
 - Prefect: Prefect's own frames with no project frame inside them (task runs, states, events,
   logs, the engine), or under the flow's orchestration (`flows/pipeline.py`, `flows/running/tasks.py`)
@@ -32,11 +32,10 @@ RATE = 29  # samples a second: one thread each (the GIL holder), so the measured
 RULES = (
     ("flows/paying/slots.py", "limits"), ("flows/paying/ledger.py", "ledger"), ("flows/paying/claim.py", "ledger"),
     ("flows/paying/callbacks.py", "ledger"), ("flows/imaging/review.py", "review"), ("flows/imaging/images.py", "review"),
-    ("flows/storage.py", "archive (S3)"), ("blocks/", "provider HTTP"),
+    ("blocks/", "provider HTTP"),
 )
-LEDGER = ("flows/paying/ledger.py", "flows/paying/claim.py", "flows/paying/callbacks.py", "flows/paying/journal.py")
 ORCHESTRATION = ("benchmarks/baseline.py", "flows/pipeline.py", "flows/running/tasks.py", "flows/running/progress.py", "flows/running/report.py", "flows/paying/wakeup.py")
-S3_PACKAGES = ("botocore/", "boto3/", "s3transfer/", "prefect_aws/")
+S3_WORK = ("flows/storage.py", "botocore/", "boto3/", "s3transfer/", "prefect_aws/")
 
 
 def _binary() -> str | None:
@@ -79,15 +78,13 @@ def category(stack: list[str]) -> str:
     files = [filename(f) for f in stack]
     for depth in range(len(files) - 1, -1, -1):
         here, inner = files[depth], files[depth + 1:]
-        if here.startswith("flows/storage.py") and any(f.startswith(LEDGER) for f in files[:depth]):
-            return "ledger"
         for prefix, name in RULES:
             if here.startswith(prefix):
-                if name not in ("ledger", "limits") and any(f.startswith(S3_PACKAGES) for f in inner):
+                if name not in ("ledger", "limits") and any(f.startswith(S3_WORK) for f in inner):
                     return "archive (S3)"
                 return name
         if here.startswith(ORCHESTRATION):
-            if any(f.startswith(S3_PACKAGES) for f in inner):
+            if any(f.startswith(S3_WORK) for f in inner):
                 return "archive (S3)"
             return "Prefect" if any(f.startswith("prefect/") for f in inner) else "other"
     return "Prefect" if any(f.startswith("prefect/") for f in files) else "other"
