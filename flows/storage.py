@@ -114,16 +114,22 @@ class NotConditional(Exception):
     """The S3 server has no conditional writes (501), and the caller would not write without."""
 
 
-_warned: list[bool] = []
+_unconditional: set[str] = set()  # buckets whose S3 server answered 501 to a conditional write
 
 
-def _warn_unconditional() -> None:
-    if not _warned:
-        _warned.append(True)
+def conditional_writes(bucket: S3Bucket) -> bool:
+    """False once the bucket's S3 server has answered that it has no conditional writes."""
+    return bucket.bucket_name not in _unconditional
+
+
+def _no_conditional_writes(bucket: S3Bucket) -> None:
+    """Remember the bucket's server has no conditional writes; the first time, say so."""
+    if not _unconditional:
         from prefect.logging import get_logger
 
         get_logger("imagegen.ledger").warning("this S3 server does not implement conditional writes; the ledger "
                                               "relies on the run claim alone to keep two runs apart")
+    _unconditional.add(bucket.bucket_name)
 
 
 def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str | None,
@@ -147,9 +153,9 @@ def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str 
         if code == "PreconditionFailed":
             raise PreconditionFailed(key) from None
         if status == 501 or code == "NotImplemented":
+            _no_conditional_writes(bucket)
             if not unconditional:
                 raise NotConditional(key) from None
-            _warn_unconditional()
             return client.put_object(**put)["ETag"]
         raise
 

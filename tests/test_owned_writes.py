@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from flows.paying import owned
+from flows import storage
 from flows.paying.owned import KeyTaken, Owner, put_owned
 
 
@@ -63,7 +63,7 @@ class Bucket:
 
 @pytest.fixture(autouse=True)
 def _fresh_servers(monkeypatch) -> None:
-    monkeypatch.setattr(owned, "_unconditional", set())
+    monkeypatch.setattr(storage, "_unconditional", set())
 
 
 MINE, OTHER = Owner("p", "a"), Owner("q", "a")

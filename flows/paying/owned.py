@@ -20,10 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flows.storage import NotConditional, PreconditionFailed, head, put_conditionally, read_object, sidecar_key
+from flows.storage import (NotConditional, PreconditionFailed, conditional_writes, head, put_conditionally, read_object,
+                           sidecar_key)
 
 ATTEMPTS = 3  # an object that changes between the look and the write is looked at again
-_unconditional: set[str] = set()  # buckets whose S3 server answered that it has no conditional writes
 
 
 class KeyTaken(RuntimeError):
@@ -45,13 +45,11 @@ def put_owned(bucket: Any, key: str, body: bytes, owner: Owner, *, content_type:
               metadata: dict[str, str] | None = None) -> str:
     """Write `body` at `key` unless another owner's object is there (`KeyTaken`); return the ETag."""
     put = {"content_type": content_type, "metadata": owner.metadata(**(metadata or {}))}
-    if bucket.bucket_name not in _unconditional:
+    if conditional_writes(bucket):
         try:  # a new key: created if still absent, with no look first
             return put_conditionally(bucket, key, body, if_match=None, unconditional=False, **put)
-        except PreconditionFailed:
-            pass  # something is there: whose?
-        except NotConditional:
-            _unconditional.add(bucket.bucket_name)  # its server overwrites whatever: look before every write
+        except (PreconditionFailed, NotConditional):
+            pass  # something is there (whose?), or the server would overwrite it: look first
     for _ in range(ATTEMPTS):
         etag = _etag_if_ours(bucket, key, owner)  # None: no object (any more)
         try:
