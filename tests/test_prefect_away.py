@@ -3,9 +3,10 @@ processes: an `imagegen run` reaches a server of its own through a proxy on loop
 (`tests/netcut.py`); the run waits at a fault point (`IMAGEGEN_PAUSE_AT`,
 `flows/paying/faults.py`), the proxy cuts every connection there and refuses new ones, the run
 goes on without its API, and the proxy lets it through again AWAY_SECONDS later (shorter than a
-lease, whatever the machine's load: longer outages are `test_fail_closed.py`'s). Each item meets one moment. The run, and a rerun where it ends
-incomplete, finish the date with every image charged once per the emulator's own count and no
-person needed: the rows "Prefect away briefly" of the fault matrix's table."""
+lease, whatever the machine's load: longer outages are `test_fail_closed.py`'s). Each item
+meets one moment. The run, and a rerun where it ends incomplete, finish the date with every
+image charged once per the emulator's own count and no person needed: the rows "Prefect away
+briefly" of the fault matrix's table."""
 
 from __future__ import annotations
 
