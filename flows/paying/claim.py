@@ -22,10 +22,11 @@ from datetime import date, datetime, timezone
 from flows.paying import detach
 from flows.paying import paidcalls
 from flows.paying.leases import Lease
+from flows.paying.limits import JOB_LEASE_SECONDS
 from flows.paying.slots import api_client, configured_lease, hold
 from flows.paying.ledger import JobLedger
 
-CLAIM_LEASE_SECONDS = 60
+CLAIM_LEASE_SECONDS = JOB_LEASE_SECONDS  # one lease for everything a run holds, and one reason
 
 
 def claim_name(pipeline: str, run_date: date) -> str:
