@@ -53,6 +53,11 @@ def main(argv: list[str]) -> None:
     from benchmarks.cpu import Sampler
 
     sampler = Sampler(Path(tempfile.gettempdir()) / f"imagegen-bench-{os.getpid()}.raw")
+    traced = os.environ.get("IMAGEGEN_BENCH_TRACEMALLOC")  # see benchmarks.memgrowth
+    if traced:
+        from benchmarks.memgrowth import Growth
+
+        growth = Growth(Path(traced))
     cpu0, wall0 = _cpu(), time.monotonic()
     if mode == "flow":
         outcome = run_flow(spec, run_date)
@@ -62,12 +67,15 @@ def main(argv: list[str]) -> None:
         outcome = baseline([spec, *rest])
         outcome["status"] = "complete" if not outcome["failed"] else "incomplete"
     wall, cpu = time.monotonic() - wall0, _cpu() - cpu0
+    # The run's own peak: reading the profile below takes memory in proportion to the run's length.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if traced:
+        print(f"memory growth: {growth.stop()}", file=sys.stderr)
     parts = sampler.stop()
     keep = os.environ.get("IMAGEGEN_BENCH_KEEP_PROFILE")  # `benchmarks.run --keep`: for a flame graph
     if keep and sampler.out.exists():
         sampler.out.replace(Path(keep) / f"{mode}-{os.getpid()}.pyspy.raw")
     sampler.out.unlink(missing_ok=True)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(MARK + json.dumps({"mode": mode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                              "peak_rss_mb": round(peak_mb, 1), "cpu_parts": parts, **outcome}), flush=True)
 
