@@ -59,19 +59,22 @@ def run_claim(pipeline: str, run_date: date, ledger: JobLedger) -> Iterator[None
     _ensure_limit(name)
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
 
+    lease_seconds = configured_lease(CLAIM_LEASE_SECONDS)
+
     def waiting() -> None:
         note = ledger.read_claim_note() or {}
         get_run_logger().warning(
             "another run of %s for %s is in progress (flow run %s %s, started %s); waiting for it to finish, then "
-            "items it archived are reused, not paid again", pipeline, run_date, note.get("flow_run_name", "?"),
-            note.get("flow_run_id", "?"), note.get("started_at", "?"))
+            "items it archived are reused, not paid again (if that run was killed, its claim frees itself at most "
+            "%.0f s after its last renewal)", pipeline, run_date, note.get("flow_run_name", "?"),
+            note.get("flow_run_id", "?"), note.get("started_at", "?"), lease_seconds)
 
     logger = get_run_logger()
 
     def lost(lease: Lease) -> None:
         logger.error("%s", paidcalls.lost_claim_message(lease))
 
-    with hold(name, configured_lease(CLAIM_LEASE_SECONDS), holder=holder, on_wait=waiting) as lease:
+    with hold(name, lease_seconds, holder=holder, on_wait=waiting) as lease:
         lease.on_lost.append(lost)
         ledger.write_claim_note({"flow_run_id": str(flow_run.id) if flow_run.id else None,
                                  "flow_run_name": flow_run.name, "started_at": datetime.now(timezone.utc).isoformat()})
