@@ -8,6 +8,7 @@ the first snapshot and the last one taken while the run was still going.
 
 from __future__ import annotations
 
+import os
 import threading
 import tracemalloc
 from pathlib import Path
@@ -21,7 +22,7 @@ class Growth:
     """Snapshots of live allocations, the first and the latest, taken in a thread of their own."""
 
     def __init__(self, out_dir: Path, every: float = EVERY) -> None:
-        self.out = out_dir / f"memgrowth-{threading.get_native_id()}.txt"
+        self.out = out_dir / f"memgrowth-{os.getpid()}.txt"
         self.every = every
         self.first: tracemalloc.Snapshot | None = None
         self.last: tracemalloc.Snapshot | None = None
