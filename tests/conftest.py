@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.serve
 # The test harness is an ephemeral server (no repossessor runs) that is reached by URL.
 os.environ.setdefault("IMAGEGEN_RECLAIM_LEASES", "1")
 # Tests that kill a run wait for its leases to expire: Prefect's minimum lease, not the default
-# (three minutes, `JOB_LEASE_SECONDS`), which `tests/test_server_e2e.py` uses on a real server.
+# (three minutes, `LEASE_SECONDS`), which `tests/test_server_e2e.py` uses on a real server.
 os.environ.setdefault("IMAGEGEN_LEASE_SECONDS", "60")
 # Specs written in tmp folders use the project's sample input images.
 os.environ.setdefault("IMAGEGEN_INPUT_ROOTS", str(Path(__file__).resolve().parent.parent / "pipelines" / "assets"))

@@ -81,6 +81,20 @@ def test_every_provider_declares_its_limits() -> None:
     assert limits.providers["tams"].rate == {"api": 5}
 
 
+def test_the_lease_setting_is_bounded_and_a_bad_one_is_named(monkeypatch) -> None:
+    """`IMAGEGEN_LEASE_SECONDS` within Prefect's bounds; a value that is no number is an error
+    naming the setting and the fix, before anything is held."""
+    from flows.paying.slots import LeaseSettingInvalid, configured_lease
+
+    for value, seconds in (("", 180.0), ("5", 60.0), ("90", 90.0), ("1e9", 86400.0)):
+        monkeypatch.setenv("IMAGEGEN_LEASE_SECONDS", value)
+        assert configured_lease(180) == seconds
+    for value in ("3m", "nan"):
+        monkeypatch.setenv("IMAGEGEN_LEASE_SECONDS", value)
+        with pytest.raises(LeaseSettingInvalid, match=f"IMAGEGEN_LEASE_SECONDS='{value}' .* unset it for the default of 180"):
+            configured_lease(180)
+
+
 def test_limits_apply_is_idempotent_and_shows_usage(sandbox_blocks) -> None:
     first = apply_limits({"tams": ["acct-a"]})
     again = apply_limits({"tams": ["acct-a"]})

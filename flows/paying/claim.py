@@ -22,11 +22,9 @@ from datetime import date, datetime, timezone
 from flows.paying import detach
 from flows.paying import paidcalls
 from flows.paying.leases import Lease
-from flows.paying.limits import JOB_LEASE_SECONDS
+from flows.paying.limits import LEASE_SECONDS
 from flows.paying.slots import api_client, configured_lease, hold
 from flows.paying.ledger import JobLedger
-
-CLAIM_LEASE_SECONDS = JOB_LEASE_SECONDS  # one lease for everything a run holds, and one reason
 
 
 def claim_name(pipeline: str, run_date: date) -> str:
@@ -59,7 +57,7 @@ def run_claim(pipeline: str, run_date: date, ledger: JobLedger) -> Iterator[None
     _ensure_limit(name)
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
 
-    lease_seconds = configured_lease(CLAIM_LEASE_SECONDS)
+    lease_seconds = configured_lease(LEASE_SECONDS)
 
     def waiting() -> None:
         note = ledger.read_claim_note() or {}

@@ -20,10 +20,9 @@ LIMITS_FILE = Path(__file__).resolve().parents[2] / "deployments" / "limits.yaml
 GROUP = "imagegen.limits"  # provider packages: name = the package holding its `limits.yaml`
 # The lease of every slot a run holds (its job slots and its date's claim): a crashed holder's
 # slot is freed about this long after its last renewal, and a holder whose renewals go unanswered
-# this long counts its slot as lost. Longer than a SQLite Prefect server that stops answering:
-# its writers wait up to 60 s for the database, and its limit of 100 requests at once then keeps
-# every other request (a renewal too) waiting behind them (docs/paying-once.md).
-JOB_LEASE_SECONDS = 180
+# this long counts its slot as lost. Three minutes rides out a SQLite Prefect server that stops
+# answering for a minute at a time, as one did until deployments/sqlite_cursors.py (docs/paying-once.md).
+LEASE_SECONDS = 180
 
 
 class ProviderLimits(BaseModel):

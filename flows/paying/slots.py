@@ -42,7 +42,7 @@ import httpx
 
 from blocks.base import retry_after_seconds
 from blocks.errors import LimiterError
-from flows.paying.limits import JOB_LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits, rate_name
+from flows.paying.limits import LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits, rate_name
 from flows.paying import paidcalls
 from flows.paying.leases import Lease, renewer
 
@@ -55,6 +55,10 @@ FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 
 class LimitMissing(RuntimeError):
     """The limit does not exist on the Prefect server (run `imagegen limits apply`)."""
+
+
+class LeaseSettingInvalid(ValueError):
+    """`IMAGEGEN_LEASE_SECONDS` is not a number of seconds."""
 
 
 _client_lock = threading.Lock()
@@ -165,8 +169,15 @@ def configured_lease(default: float) -> float:
     """The lease of held slots: `IMAGEGEN_LEASE_SECONDS` if set, else `default`, within Prefect's
     bounds (60 s to a day). A holder that dies frees its slots at most this long after its last
     renewal (renewals come every third of it)."""
-    value = os.environ.get("IMAGEGEN_LEASE_SECONDS")
-    return min(86400.0, max(60.0, float(value) if value else default))
+    value = os.environ.get("IMAGEGEN_LEASE_SECONDS", "").strip()
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = float("nan")
+    if seconds != seconds:  # not a number (also "nan" itself)
+        raise LeaseSettingInvalid(f"IMAGEGEN_LEASE_SECONDS={value!r} is not a number of seconds: set 60 to 86400, "
+                                  f"or unset it for the default of {default:.0f}")
+    return min(86400.0, max(60.0, seconds))
 
 
 _reclaimed_at = [0.0]
@@ -317,7 +328,7 @@ class PrefectLimiter:
         if cap is None:
             yield
             return
-        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(JOB_LEASE_SECONDS)) as lease, \
+        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(LEASE_SECONDS)) as lease, \
                 paidcalls.job_slot(lease):
             yield
 
