@@ -31,8 +31,8 @@ CLONE_ONLY_SPEC = "from-the-clone"  # a spec in the snapshot's pipelines/ and no
 def server(sandbox, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = launcher.free_port()
-    # The project's default lease (IMAGEGEN_LEASE_SECONDS unset): on a busy machine this SQLite
-    # server stops answering for a minute now and then (docs/paying-once.md).
+    # The project's default lease (IMAGEGEN_LEASE_SECONDS unset), as a user's runs beside a
+    # SQLite server have it (docs/paying-once.md, "Why three minutes").
     inherited = {k: v for k, v in os.environ.items() if k != "IMAGEGEN_LEASE_SECONDS"}
     env = {**inherited, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
@@ -282,7 +282,7 @@ def test_the_resume_form_shows_each_image_beside_its_own_field(deployed, sandbox
     shutil.copy(Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png",
                 human.with_name("sketch.png"))
     human.write_text(Path(spec).read_text().replace("name: server-e2e", "name: server-human").replace(
-        "archive:", "review: {human: {timeout_seconds: 240, poll_interval: 1}}\narchive:").replace(
+        "archive:", "review: {human: {timeout_seconds: 900, poll_interval: 1}}\narchive:").replace(
         "{id: a, prompt: a cat}", "{id: a, prompt: a cat, input_image: sketch.png}"))
     with client_for(env) as client:
         deployment = client.read_deployment_by_name("run-pipeline/run-pipeline")
@@ -295,7 +295,7 @@ def test_the_resume_form_shows_each_image_beside_its_own_field(deployed, sandbox
         page = f"{env['PREFECT_UI_URL']}/runs/flow-run/{flow_run.id}"
         both = (f"(() => {{ const boxes = {image_boxes(RESUME_DIALOG, 3)}; const fields = {FORM_FIELDS};"
                 " return boxes && fields ? {boxes, fields} : null; })()")
-        seen = page_until(page, both, launcher.free_port(), timeout=90, screenshot=tmp_path / "resume-form.png",
+        seen = page_until(page, both, launcher.free_port(), screenshot=tmp_path / "resume-form.png",
                           act=click_button("Resume"))
         print(f"resume form screenshot {tmp_path / 'resume-form.png'}: {seen}")
         assert seen, "the Resume form shows no loaded images"
@@ -308,8 +308,8 @@ def test_the_resume_form_shows_each_image_beside_its_own_field(deployed, sandbox
         thumbs = {box["alt"]: box for box in seen["boxes"]}
         assert_thumbnails([thumbs["a #1"], thumbs["b #1"]], 192)
         assert_thumbnails([thumbs["input of a #1"]], 96)
-        sent = page_until(page, f"window.__submitted && !{RESUME_DIALOG}", launcher.free_port(), timeout=60,
-                          act=submit_resume_form({0: "approve"}))
+        sent = page_until(page, f"window.__submitted && !{RESUME_DIALOG}", launcher.free_port(),
+                          screenshot=tmp_path / "resume-submitted.png", act=submit_resume_form({0: "approve"}))
         assert sent, "the form was not submitted"
         final = wait_final(client, flow_run.id)
     assert final.state.is_completed(), final.state.message
