@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def close_on_its_thread(cursor: Any) -> None:
-    """Queue `cursor`'s close on its connection's thread (after whatever is queued there)."""
-    connection = cursor._conn
-    if connection._running:  # a stopped connection's thread is gone; its statements go with it
-        connection._tx.put_nowait((None, cursor._cursor.close))
+    """Queue `cursor`'s close on its connection's thread (after whatever is queued there). It
+    never raises: it runs while the call's own error is on its way to the caller."""
+    try:
+        connection = cursor._conn
+        if connection._running:  # a stopped connection's thread is gone; its statements go with it
+            connection._tx.put_nowait((None, cursor._cursor.close))
+    except Exception:  # an aiosqlite this does not know: the cursor is left as before
+        log.debug("could not queue the close of an aiosqlite cursor", exc_info=True)
 
 
 def closing_on_failure(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -116,6 +116,17 @@ def test_a_cancelled_fetch_leaves_no_open_statement(tmp_path) -> None:
     asyncio.run(scenario())
 
 
+def test_the_call_s_own_error_reaches_the_caller_whatever_the_cursor() -> None:
+    """Closing is best effort: a cursor this does not know leaves the call's error as it was."""
+
+    async def fails(self: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    with pytest.raises(sqlite3.OperationalError, match="locked") as raised:
+        asyncio.run(sqlite_cursors.closing_on_failure(fails)(object()))
+    assert raised.value.__context__ is None
+
+
 def test_every_prefect_process_here_loads_it() -> None:
     """The `prefect.collections` entry point a Prefect server imports at start names the module,
     and installing twice wraps once."""
