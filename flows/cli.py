@@ -37,6 +37,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def _lease_setting_refused() -> str | None:
+    """Why `IMAGEGEN_LEASE_SECONDS` cannot be used, checked before Prefect starts (else None)."""
+    from flows.paying.limits import LEASE_SECONDS
+    from flows.paying.slots import LeaseSettingInvalid, configured_lease
+
+    try:
+        configured_lease(LEASE_SECONDS)
+    except LeaseSettingInvalid as exc:
+        return str(exc)
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from blocks.errors import BlockMissing
     from flows.pipeline import plan_items, preflight, run_pipeline, saved_blocks
@@ -533,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlockMissing
 
     args = parser().parse_args(argv)
+    if args.command in ("run", "backfill") and (refused := _lease_setting_refused()) is not None:
+        print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
+        return 1
     if (note := temporary_server_note(args)) is not None:
         print(note, file=sys.stderr, flush=True)
     try:

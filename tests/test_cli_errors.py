@@ -76,3 +76,16 @@ def test_a_pipeline_name_another_spec_owns_is_one_line_before_the_run(sandbox_bl
     err = capsys.readouterr().err
     assert "Traceback" not in err and "run not started: pipeline name 'cli-name-taken'" in err, err
     assert "--take-over-name" in err and str(first) in err
+
+
+@pytest.mark.parametrize("command", ["run", "backfill"])
+def test_a_lease_setting_that_is_no_number_is_one_line_before_anything_starts(spec: Path, capsys, monkeypatch,
+                                                                               command: str) -> None:
+    """`IMAGEGEN_LEASE_SECONDS=3m`: one line naming the setting and the fix, and no Prefect
+    server started, no Block read, no flow run."""
+    monkeypatch.setenv("IMAGEGEN_LEASE_SECONDS", "3m")
+    dates = ["--start", "2026-11-01", "--end", "2026-11-02"] if command == "backfill" else []
+    assert main([command, str(spec), *dates]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"{command} not started: IMAGEGEN_LEASE_SECONDS='3m' is not a number of seconds: "
+                           "set 60 to 86400, or unset it for the default of 180"), err
