@@ -59,14 +59,13 @@ def closing_on_failure(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
 def install() -> bool:
     """Wrap aiosqlite's cursor calls (once); False where aiosqlite is missing or not the one this knows."""
     try:
-        from aiosqlite.core import Connection
+        import aiosqlite
         from aiosqlite.cursor import Cursor
     except ImportError:
         return False
-    if not all(hasattr(Connection, name) for name in ("_execute", "stop")) or \
-            not all(hasattr(Cursor, name) for name in CALLS):
+    if not all(hasattr(Cursor, name) for name in CALLS):
         log.warning("aiosqlite %s is not the one this project knows: a SQLite Prefect server may stop answering "
-                    "for a minute when its database is busy", getattr(__import__("aiosqlite"), "__version__", "?"))
+                    "for a minute when its database is busy", getattr(aiosqlite, "__version__", "?"))
         return False
     for name in CALLS:
         call = getattr(Cursor, name)

@@ -30,6 +30,7 @@ fault while taking a slot is a `LimiterError` (nothing was sent), never a provid
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import threading
@@ -174,7 +175,7 @@ def configured_lease(default: float) -> float:
         seconds = float(value) if value else default
     except ValueError:
         seconds = float("nan")
-    if seconds != seconds:  # not a number (also "nan" itself)
+    if math.isnan(seconds):  # not a number (also "nan" itself)
         raise LeaseSettingInvalid(f"IMAGEGEN_LEASE_SECONDS={value!r} is not a number of seconds: set 60 to 86400, "
                                   f"or unset it for the default of {default:.0f}")
     return min(86400.0, max(60.0, seconds))
