@@ -181,9 +181,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {run['ceiling_s']} | {run['fraction_of_ceiling']:.0%} | {run['vs_polling_ceiling']:.0%} | {polls} "
             f"| {run['violations_total']} | {run['cpu_s_per_image']} | {run['peak_rss_mb']} | {ratio} | {result} |")
     lines += ["", "Ceiling: the published limits' bound for the way measured, `max over providers of N_p x "
-              f"max((1+p)/R, L/C)` with p polls a job ({report['polls_needed']} when polling, 0 where a trusted "
-              "callback ends the job, 1 held request for the long poll); 'of ceiling' = ceiling / wall; 'of polling "
-              "ceiling' = the polling ceiling / wall (above 100%: faster than any polling client can be). "
+              f"max((1+p)/R, L/C)` with p polls a job ({report['polls_needed']} when polling every interval from "
+              "the submit, 0 where a trusted callback ends the job, 1 held request for the long poll); 'of ceiling' "
+              "= ceiling / wall; 'of polling ceiling' = the polling ceiling / wall (above 100%: fewer status "
+              "requests than polling every interval needs: TAMS's first poll waits as long as recent jobs took, "
+              "or callbacks end the jobs). "
               "Violations: requests the emulators refused over a limit.", "",
               "CPU seconds per image, by where py-spy found the thread holding the GIL (`benchmarks/cpu.py`):",
               "", "| workload | way | database | " + " | ".join(PARTS) + " |", "|---|---|---|" + "---|" * len(PARTS)]

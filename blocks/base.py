@@ -33,6 +33,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from blocks.errors import BadRequest, JobFailed, ProviderError, SubmitUnknown, TransientError
+from blocks.first_poll import FirstPoll, first_poll
 
 
 class GenerationRequest(BaseModel):
@@ -612,13 +613,18 @@ class ImageProvider(Block, ABC):
             fresh = job_id is None
             if job_id is None:
                 job_id = self._submit_recorded(request, journal, unknown_hold)
+            submitted = time.monotonic()
             if not self.can_fetch_again(job_id):  # its images exist only in this process
                 images = self.fetch(self.poll(job_id))
                 journal.done(job_id, images)
                 return JobResult(job_id=job_id, images=images, credits=estimate.credits,
                                  credits_source=estimate.source, polls=0)
+            learner = self._first_poll(request) if fresh and waker is None else None
+            first_wait = min(timeout, learner.wait(poll_interval)) if learner else poll_interval if fresh else 0.0
             status, polls = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
-                                       first_wait=poll_interval if fresh else 0.0, waker=waker)
+                                       first_wait=first_wait, waker=waker)
+            if learner is not None:
+                learner.ended(time.monotonic() - submitted)
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
@@ -724,6 +730,19 @@ class ImageProvider(Block, ABC):
                                  job_id, ", ".join(sorted({origin(u)[1] or "?" for u in foreign})), self.provider_name)
             return None
         return status
+
+    @property
+    def polls_share_submits_rate(self) -> bool:
+        """True where status requests count against the same rate limit as submits, so that a
+        poll finding a job still running costs a submit: a job just submitted is then first
+        polled after the time recent jobs took (`blocks.first_poll`)."""
+        return False
+
+    def _first_poll(self, request: GenerationRequest) -> FirstPoll | None:
+        """The learned first-poll wait of `request`'s job, where polls cost submits (and are not held)."""
+        if not self.polls_share_submits_rate or self.holds_polls:
+            return None
+        return first_poll((self.provider_name, str(getattr(self, "endpoint", "")), self.job_action(request)))
 
     @property
     def holds_polls(self) -> bool:

@@ -315,6 +315,11 @@ class TamsProvider(ImageProvider, CallbackFields):
     def poll_call(self, job_id: str) -> ApiCall:
         return self.api("GET", f"/v1/jobs/{job_id}")
 
+    @property
+    def polls_share_submits_rate(self) -> bool:
+        """5 requests a second per application, "every call counts, including polls"."""
+        return True
+
     def read_status(self, job_id: str, answer: Any) -> JobStatus:
         job = answer.get("job") or {}
         status = str(job.get("status", "DEFAULT"))

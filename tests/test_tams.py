@@ -171,6 +171,21 @@ def test_job_with_upload_and_upscale_runs_and_is_charged_once(sandbox) -> None:
     assert after["charged_credits"] - before["charged_credits"] == pytest.approx(result.credits)
 
 
+def test_a_job_after_the_first_is_polled_once_when_the_first_took_longer_than_an_interval(sandbox,
+                                                                                         monkeypatch) -> None:
+    """Every TAMS call counts against its 5 a second: the second job is first asked about after the
+    time the first took to end (0.6 s jobs, polled every 0.2 s), so one status request finds it ended."""
+    from blocks import first_poll
+
+    monkeypatch.setattr(first_poll, "_timers", {})
+    provider = sandbox_provider(sandbox)
+    before = tams_stats(sandbox)["polls"]
+    first = provider.run_job(request(request_id="tams-first-poll-1"), poll_interval=0.2, timeout=30)
+    second = provider.run_job(request(request_id="tams-first-poll-2"), poll_interval=0.2, timeout=30)
+    assert first.polls >= 3 and second.polls == 1, (first.polls, second.polls)
+    assert tams_stats(sandbox)["polls"] - before == first.polls + second.polls
+
+
 def test_failed_job_is_not_charged(sandbox) -> None:
     provider = sandbox_provider(sandbox)
     before = tams_stats(sandbox)

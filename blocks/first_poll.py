@@ -1,0 +1,60 @@
+"""When to ask first about a job just submitted, where a status request costs a submit.
+
+TAMS counts every call against one rate (5 a second), polls included, so a status request that
+finds the job still running is a submit that was not sent: polling a 2 s job every second spends
+three requests a job where two would do, and where that rate binds, the provider's lane runs a
+third slower. Where a Block says its polls share the submits' rate
+(`ImageProvider.polls_share_submits_rate`), a job just submitted is first polled after the
+shortest time this process has recently seen a job of that Block and action take to end, never
+before one poll interval:
+
+- one job in `PROBE_EVERY` (and the first) is polled after one interval as before, so jobs that
+  become shorter are learned too; jobs that become longer are polled as before until they are
+  the shortest remembered;
+- only the last `REMEMBERED` jobs count, so a slow hour is forgotten;
+- a job's time runs from its submit's answer to the status request that found it ended, so the
+  wait is never shorter than a job the process saw take that long.
+
+A wait never changes what is paid or kept: only when the first status request is sent.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Hashable
+
+PROBE_EVERY = 8
+REMEMBERED = 32
+
+
+class FirstPoll:
+    """The first-poll wait of one Block and action, learned from the jobs it saw end."""
+
+    def __init__(self) -> None:
+        self._seen: deque[float] = deque(maxlen=REMEMBERED)
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def wait(self, interval: float) -> float:
+        """Seconds to wait before the first status request of a job submitted now."""
+        with self._lock:
+            self._started += 1
+            if not self._seen or self._started % PROBE_EVERY == 1:
+                return interval
+            return max(interval, min(self._seen))
+
+    def ended(self, seconds: float) -> None:
+        """A job ended `seconds` after its submit was answered (as its status request found)."""
+        with self._lock:
+            self._seen.append(seconds)
+
+
+_timers: dict[Hashable, FirstPoll] = {}
+_timers_lock = threading.Lock()
+
+
+def first_poll(key: Hashable) -> FirstPoll:
+    """The process's `FirstPoll` for `key` (a Block's provider, endpoint and job action)."""
+    with _timers_lock:
+        return _timers.setdefault(key, FirstPoll())
