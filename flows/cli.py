@@ -74,8 +74,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.take_over_name and (taken := name_taken(spec, path)) is not None:
         print(f"run not started: {taken}", file=sys.stderr)
         return 1
-    if (note := large_run_note(len(plans))) is not None:
-        print(f"note: {note}", file=sys.stderr)
     with terminal_line():
         state = run_pipeline(spec=args.spec, run_date=args.run_date, take_over_name=args.take_over_name,
                              return_state=True)
@@ -90,24 +88,6 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{totals['rejected']} rejected), {totals['failed_items']} failed item(s), "
           f"{totals['credits']} credits; manifest {manifest.get('manifest_uri')}")
     return 0 if manifest["status"] == "complete" else 1
-
-
-LARGE_RUN = 100
-"""Items from which a run on a temporary SQLite Prefect server is slower than the providers allow."""
-
-
-def large_run_note(items: int) -> str | None:
-    """What to say before a large run on the temporary server `imagegen run` starts on SQLite
-    (README "Performance": 300 mixed items reached 32% of the providers' limits there, 82% on
-    PostgreSQL)."""
-    import os
-
-    if items < LARGE_RUN or os.environ.get("PREFECT_API_URL"):
-        return None
-    return (f"{items} items on a temporary Prefect server on SQLite: above about {LARGE_RUN} items its database "
-            "becomes the bottleneck (measured at 300 items: a third of what the providers' limits allow, where "
-            "PostgreSQL reached over 80%). For large runs start `imagegen server up` (PostgreSQL where installed) "
-            "and export the PREFECT_API_URL it prints")
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:

@@ -50,16 +50,6 @@ def test_estimate_without_the_providers_says_so_and_uses_published_formulas(pref
     assert "tencent: 1 item(s), 1.00 billable calls (from the provider's formula estimate)" in out, out
 
 
-def test_a_large_run_on_the_temporary_sqlite_server_says_when_to_switch(monkeypatch) -> None:
-    from flows.cli import LARGE_RUN, large_run_note
-
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert large_run_note(LARGE_RUN - 1) is None
-    assert "imagegen server up" in large_run_note(300) and "300 items" in large_run_note(300)
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
-    assert large_run_note(300) is None
-
-
 def test_a_pipeline_name_another_spec_owns_is_one_line_before_the_run(sandbox_blocks, tmp_path: Path,
                                                                         capsys) -> None:
     from datetime import date
