@@ -184,8 +184,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"max((1+p)/R, L/C)` with p polls a job ({report['polls_needed']} when polling every interval from "
               "the submit, 0 where a trusted callback ends the job, 1 held request for the long poll); 'of ceiling' "
               "= ceiling / wall; 'of polling ceiling' = the polling ceiling / wall (above 100%: fewer status "
-              "requests than polling every interval needs: TAMS's first poll waits as long as recent jobs took, "
-              "or callbacks end the jobs). "
+              "requests than polling every interval needs: TAMS's and 触站AI's first poll waits as long as recent "
+              "jobs took, or callbacks end the jobs). "
               "Violations: requests the emulators refused over a limit.", "",
               "CPU seconds per image, by where py-spy found the thread holding the GIL (`benchmarks/cpu.py`):",
               "", "| workload | way | database | " + " | ".join(PARTS) + " |", "|---|---|---|" + "---|" * len(PARTS)]

@@ -732,15 +732,16 @@ class ImageProvider(Block, ABC):
         return status
 
     @property
-    def polls_share_submits_rate(self) -> bool:
-        """True where status requests count against the same rate limit as submits, so that a
-        poll finding a job still running costs a submit: a job just submitted is then first
-        polled after the time recent jobs took (`blocks.first_poll`)."""
+    def polls_are_scarce(self) -> bool:
+        """True where status requests spend a rate that binds the provider's lane (TAMS: one rate
+        for every call; 触站AI: one for all tasks' status requests), so a poll finding a job still
+        running is worth avoiding: a job just submitted is then first polled after the time
+        recent jobs took (`blocks.first_poll`)."""
         return False
 
     def _first_poll(self, request: GenerationRequest) -> FirstPoll | None:
-        """The learned first-poll wait of `request`'s job, where polls cost submits (and are not held)."""
-        if not self.polls_share_submits_rate or self.holds_polls:
+        """The learned first-poll wait of `request`'s job, where polls are scarce (and not held)."""
+        if not self.polls_are_scarce or self.holds_polls:
             return None
         return first_poll((self.provider_name, str(getattr(self, "endpoint", "")), self.job_action(request)))
 

@@ -462,6 +462,12 @@ class ChuzhanProvider(ImageProvider, CallbackFields):
     def holds_polls(self) -> bool:
         return self.long_poll
 
+    @property
+    def polls_are_scarce(self) -> bool:
+        """Status requests share one rate for all tasks (2 a second, assumed: none is published),
+        which polling two tasks in flight every second would exceed."""
+        return True
+
     def poll(self, job_id: str) -> JobStatus:
         """In long-poll mode, `long_poll_floor_seconds` at least between the starts of two status
         requests of one task: a held request that comes back at once is not asked again at once."""

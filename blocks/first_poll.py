@@ -1,19 +1,19 @@
-"""When to ask first about a job just submitted, where a status request costs a submit.
+"""When to ask first about a job just submitted, where status requests are scarce.
 
-TAMS counts every call against one rate (5 a second), polls included, so a status request that
-finds the job still running is a submit that was not sent: polling a 2 s job every second spends
-three requests a job where two would do, and where that rate binds, the provider's lane runs a
-third slower. Where a Block says its polls share the submits' rate
-(`ImageProvider.polls_share_submits_rate`), a job just submitted is first polled after the
-shortest time this process has recently seen a job of that Block and action take to end, never
-before one poll interval:
+A status request that finds a job still running is wasted, and where status requests spend a
+rate that binds, it is a request another job needed: TAMS counts every call against one rate
+(5 a second), polls included, so it is a submit not sent; 触站AI has one status-request rate for
+all tasks (2 a second, assumed), which polling its two tasks in flight every second exceeds.
+Where a Block says its polls are scarce (`ImageProvider.polls_are_scarce`), a job just submitted
+is first polled after the shortest time this process has recently seen a job of that Block and
+action take to end, never before one poll interval:
 
 - one job in `PROBE_EVERY` (and the first) is polled after one interval as before, so jobs that
   become shorter are learned too; jobs that become longer are polled as before until they are
   the shortest remembered;
 - only the last `REMEMBERED` jobs count, so a slow hour is forgotten;
-- a job's time runs from its submit's answer to the status request that found it ended, so the
-  wait is never shorter than a job the process saw take that long.
+- a job's time runs from its submit's answer to the status request that found it ended: the
+  wait is what the quickest recent job took to be seen ended.
 
 A wait never changes what is paid or kept: only when the first status request is sent.
 """

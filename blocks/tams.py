@@ -316,8 +316,9 @@ class TamsProvider(ImageProvider, CallbackFields):
         return self.api("GET", f"/v1/jobs/{job_id}")
 
     @property
-    def polls_share_submits_rate(self) -> bool:
-        """5 requests a second per application, "every call counts, including polls"."""
+    def polls_are_scarce(self) -> bool:
+        """5 requests a second per application, "every call counts, including polls": a status
+        request that finds the job running is a submit not sent."""
         return True
 
     def read_status(self, job_id: str, answer: Any) -> JobStatus:

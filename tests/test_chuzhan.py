@@ -361,11 +361,14 @@ def _polls(state) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("long_poll", "hold_max"), [(False, 60.0), (True, 60.0), (True, 0.5), (True, 0.0)])
-def test_a_long_poll_asks_once_a_job_and_again_when_let_go(chuzhan, long_poll, hold_max) -> None:
+def test_a_long_poll_asks_once_a_job_and_again_when_let_go(chuzhan, long_poll, hold_max, monkeypatch) -> None:
     """`long_poll` (waitUtilEnd): the emulator holds the status request until the task ends, so a
     2 s job costs one status request where polling every 0.3 s costs several; a provider that
     lets go early (after 0.5 s here) is asked again until the task ends, and one that answers at
     once (hold_max 0) is asked at most once a `long_poll_floor_seconds` (1 s), not every 0.2 s."""
+    from blocks import first_poll
+
+    monkeypatch.setattr(first_poll, "_timers", {})  # polling: the first job polls every interval (no learned wait)
     httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"latency": 2.0, "hold_max": hold_max})
     try:
         block = chuzhan.block("chuzhan").model_copy(update={"long_poll": long_poll})

@@ -44,9 +44,8 @@ def test_only_the_last_remembered_jobs_count() -> None:
     assert timer.wait(1.0) == 5.0
 
 
-def test_only_a_provider_whose_polls_cost_submits_learns() -> None:
-    """TAMS: one rate for every call. 触站AI and Tencent: status requests have a rate of their
-    own and the in-flight cap binds, so a later first poll would only hold the job's slot longer."""
-    assert TamsProvider.polls_share_submits_rate.fget(None) is True  # type: ignore[attr-defined]
-    for cls in (ChuzhanProvider, TencentAiArtProvider):
-        assert cls.polls_share_submits_rate.fget(None) is False  # type: ignore[attr-defined]
+def test_only_providers_whose_status_requests_spend_a_binding_rate_learn() -> None:
+    """TAMS: one rate for every call. 触站AI: one status-request rate for all tasks. Tencent: 20
+    status requests a second per action, which its one job in flight never nears."""
+    for cls, scarce in ((TamsProvider, True), (ChuzhanProvider, True), (TencentAiArtProvider, False)):
+        assert cls.polls_are_scarce.fget(None) is scarce, cls  # type: ignore[attr-defined]
