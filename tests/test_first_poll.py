@@ -1,4 +1,4 @@
-"""The first-poll wait where a status request costs a submit (blocks/first_poll.py): learned from
+"""The first-poll wait where status requests are scarce (blocks/first_poll.py): learned from
 the jobs seen end, never below one interval, probed every `PROBE_EVERY` jobs, forgetting old jobs."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from deployments import sqlite_slots
 LIMIT = "rate:tams"
 
 
-async def _database(path: Path) -> tuple[Any, Any, Any]:
+async def _database(path: Path) -> tuple[Any, Any]:
     """Prefect's SQLite configuration on `path`, with one limit of 5 slots and a table of others' writes."""
     config = configurations.AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{path}")
     engine = await config.engine()
@@ -34,14 +34,14 @@ async def _database(path: Path) -> tuple[Any, Any, Any]:
         await connection.exec_driver_sql("CREATE TABLE other_writes (x INTEGER)")
     async with await config.session(engine) as session, config.begin_transaction(session):
         session.add(db.ConcurrencyLimitV2(name=LIMIT, limit=5, active=True, slot_decay_per_second=5.0))
-    return config, engine, db
+    return config, engine
 
 
 async def _take_slot_while_another_write_commits(path: Path) -> tuple[bool, int]:
     """Prefect's slot-taking transaction, with another connection's write begun right after its
     read (given up to 1 s to commit first); returns whether the slot was granted and the other
     writes committed in the end."""
-    config, engine, db = await _database(path)
+    config, engine = await _database(path)
     read = models.bulk_read_concurrency_limits
     others: list[asyncio.Task[None]] = []
 
