@@ -37,10 +37,10 @@ async def _database(path: Path) -> tuple[Any, Any]:
     return config, engine
 
 
-async def _take_slot_while_another_write_commits(path: Path) -> tuple[bool, int]:
+async def _take_slot_while_another_write_commits(path: Path, give_it: float | None) -> tuple[bool, int]:
     """Prefect's slot-taking transaction, with another connection's write begun right after its
-    read (given up to 1 s to commit first); returns whether the slot was granted and the other
-    writes committed in the end."""
+    read and given `give_it` seconds to commit first (None: until it has); returns whether the
+    slot was granted and the other writes committed in the end."""
     config, engine = await _database(path)
     read = models.bulk_read_concurrency_limits
     others: list[asyncio.Task[None]] = []
@@ -52,7 +52,7 @@ async def _take_slot_while_another_write_commits(path: Path) -> tuple[bool, int]
     async def read_then_let_another_write_commit(**kwargs: Any) -> Any:
         limits = await read(**kwargs)
         others.append(asyncio.create_task(other_write()))
-        await asyncio.wait([others[0]], timeout=1.0)  # commits at once unless the read took the write lock
+        await asyncio.wait([others[0]], timeout=give_it)  # commits at once unless the read took the write lock
         return limits
 
     models.bulk_read_concurrency_limits = read_then_let_another_write_commit
@@ -71,7 +71,7 @@ async def _take_slot_while_another_write_commits(path: Path) -> tuple[bool, int]
 def test_a_slot_is_granted_while_another_write_commits_beside_it(tmp_path) -> None:
     """Installed: the other write waits for the slot's transaction, then commits; both go through."""
     assert sqlite_slots.install()
-    assert asyncio.run(_take_slot_while_another_write_commits(tmp_path / "db.sqlite")) == (True, 1)
+    assert asyncio.run(_take_slot_while_another_write_commits(tmp_path / "db.sqlite", give_it=1.0)) == (True, 1)
 
 
 def test_without_it_a_write_beside_the_slot_call_gets_it_refused_as_locked(tmp_path, monkeypatch) -> None:
@@ -80,7 +80,7 @@ def test_without_it_a_write_beside_the_slot_call_gets_it_refused_as_locked(tmp_p
     sqlite_slots.install()
     monkeypatch.setattr(models, "bulk_read_concurrency_limits", models.bulk_read_concurrency_limits.__wrapped__)
     with pytest.raises(sa.exc.OperationalError, match="database is locked"):
-        asyncio.run(_take_slot_while_another_write_commits(tmp_path / "db.sqlite"))
+        asyncio.run(_take_slot_while_another_write_commits(tmp_path / "db.sqlite", give_it=None))
 
 
 def test_a_read_outside_a_write_transaction_begins_no_transaction(tmp_path) -> None:
