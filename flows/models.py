@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Generic, Literal, TypeVar
 
+from prefect.utilities.annotations import opaque, quote
 from pydantic import BaseModel, Field
 
 from blocks.base import CreditEstimate, GenerationRequest
@@ -22,9 +23,23 @@ class Upstream(Generic[T]):
     future inside it as it does a future argument: the task waits for it, an upstream failure
     stops the task, and the UI draws the dependency. But a future passed as an argument itself
     also makes Prefect read the upstream task run from the API as the task starts (one request
-    per future per task run, three an item); inside this box it does not."""
+    per future per task run, three an item); inside this box it does not. `after(future)`
+    boxes it `opaque`: Prefect waits for the future and hands over its result without walking
+    into it (a result is ours, never holding futures)."""
 
     value: T
+
+    @classmethod
+    def after(cls, future: Any) -> Upstream[Any]:
+        """The box for an upstream task's future (or None where there is none)."""
+        return cls(None if future is None else opaque(future))
+
+
+def plan_arg(plan: ItemPlan) -> Any:
+    """An `ItemPlan` as a task argument: `quote`d, so Prefect hands it over as it is instead of
+    walking every field of it for futures three times a task run (about 0.9 ms of CPU each
+    task run, measured); a plan never holds one."""
+    return quote(plan)
 
 
 class ItemPlan(BaseModel):

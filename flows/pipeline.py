@@ -45,7 +45,7 @@ from flows.paying.paidcalls import PaidCallRefused
 from flows.running.progress import RunProgress, count_when_done
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, State
-from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict
+from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
 from flows.specs.yamlpos import closest_position, load_with_positions, snippet
@@ -452,17 +452,18 @@ def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFu
     archive when no run-level review has to see every image first. Each task run is a few
     writes on the Prefect server, so steps with nothing to do are not tasks at all."""
     chain: list[tuple[str, PrefectFuture]] = []
-    up = upload.submit(plan) if plan.input_image is not None else None
+    arg = plan_arg(plan)
+    up = upload.submit(arg) if plan.input_image is not None else None
     if up is not None:
         chain.append(("upload", up))
-    made = generate.submit(plan, Upstream(up))  # no tags: each costs the server ~3 rows a task run, and none is read
+    made = generate.submit(arg, Upstream.after(up))  # no tags: each costs the server ~3 rows a task run, and none is read
     chain.append(("generate", made))
     if plan.upscales_after_job:
-        made = upscale.submit(plan, Upstream(made))
+        made = upscale.submit(arg, Upstream.after(made))
         chain.append(("upscale", made))
-    chain.append(("review", review.submit(plan, Upstream(made))))
+    chain.append(("review", review.submit(arg, Upstream.after(made))))
     if archive_now:
-        chain.append(("archive", archive.submit(plan, Upstream(made), Upstream(chain[-1][1]))))
+        chain.append(("archive", archive.submit(arg, Upstream.after(made), Upstream.after(chain[-1][1]))))
     return chain
 
 
@@ -741,7 +742,7 @@ def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
     staged = decide(parsed, run_date, list(ready.values()), before_suspend=lambda: keep_for_reentry(
         [(plan, dict(chains[item])["generate"].result()) for item, (plan, _, _) in ready.items()]))
     progress.update(waiting=None)
-    archived = {item: archive.submit(plan, Upstream(gen), Upstream(verdicts))
+    archived = {item: archive.submit(plan_arg(plan), Upstream(gen), Upstream(verdicts))
                 for item, (plan, gen, verdicts) in ready.items()}
     done.update({item: _outcome([("archive", future)], item, renames) for item, future in archived.items()})
     update_progress_artifact(progress_artifact, 100.0)
