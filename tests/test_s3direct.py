@@ -1,0 +1,108 @@
+"""The ledger's small S3 calls sent directly (`flows.s3direct`): signed as S3 documents it, the
+same answers as through boto3 from a real S3 server (SeaweedFS checks every signature), and
+boto3's calls, error types included, wherever the direct call cannot tell."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from flows import s3direct, storage
+from tests.netcut import CuttableProxy
+
+
+def test_the_signature_of_aws_documented_get_example() -> None:
+    """AWS's own worked example (S3 API reference, "Signature Calculations for the Authorization
+    Header: Transferring Payload in a Single Chunk", GET Object): the signature it prints."""
+    signed = s3direct.sign("GET", "https://examplebucket.s3.amazonaws.com/test.txt", "examplebucket.s3.amazonaws.com",
+                           {"Range": "bytes=0-9"}, s3direct.EMPTY_SHA256, "us-east-1", "AKIAIOSFODNN7EXAMPLE",
+                           "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", None, datetime(2013, 5, 24, tzinfo=timezone.utc))
+    assert signed["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
+
+
+@pytest.mark.parametrize("key", ["p/_jobs/item-1.json", "p/2026-07-01/a b+c=d,e;f@g~h(1).json"])
+def test_a_conditional_put_is_signed_as_botocore_signs_it(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same request through botocore's own S3 signer gives the same signature (session token,
+    metadata and condition headers included; keys with characters S3 escapes)."""
+    import botocore.auth
+
+    now = datetime(2026, 12, 3, 19, 30, 5, tzinfo=timezone.utc)
+    body = b'{"state": "sending"}'
+    url = "http://127.0.0.1:9000/bucket/" + s3direct.quote_key(key)
+    headers = {"Content-Type": "application/json", "If-None-Match": "*", "x-amz-meta-imagegen-item": "item-1"}
+    ours = s3direct.sign("PUT", url, "127.0.0.1:9000", headers, hashlib.sha256(body).hexdigest(), "eu-west-1",
+                         "AK", "SK", "TOKEN", now)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now)
+    request = AWSRequest(method="PUT", url=url, data=body, headers=headers)
+    S3SigV4Auth(Credentials("AK", "SK", "TOKEN"), "s3", "eu-west-1").add_auth(request)
+    assert request.headers["x-amz-content-sha256"] == ours["x-amz-content-sha256"]
+    assert ours["authorization"] == request.headers["Authorization"]
+
+
+def _bucket(url: str, access_key: str, secret_key: str, name: str):  # noqa: ANN202 - an S3Bucket
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    creds = AwsCredentials(aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name="us-east-1",
+                           aws_client_parameters={"endpoint_url": url})
+    return S3Bucket(bucket_name=name, credentials=creds)
+
+
+def test_direct_answers_are_boto3s_answers_on_a_real_s3_server(sandbox) -> None:  # noqa: ANN001
+    bucket = _bucket(sandbox.s3_url, sandbox.s3_access_key, sandbox.s3_secret_key, sandbox.buckets[0])
+    client = bucket.credentials.get_s3_client()
+    key = f"direct/{uuid.uuid4().hex}/a b+c.json"
+    assert storage.read_object(bucket, key) is None and storage.head(bucket, key) is None
+    etag = storage.put_conditionally(bucket, key, b'{"n": 1}', if_match=None, metadata={"imagegen-item": "i1"})
+    assert s3direct.route(bucket) is not None  # the direct path answered, and is still on
+    with pytest.raises(storage.PreconditionFailed):
+        storage.put_conditionally(bucket, key, b'{"n": 2}', if_match=None)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.put_conditionally(bucket, key, b'{"n": 2}', if_match='"not-its-etag"')
+    found = client.get_object(Bucket=bucket.bucket_name, Key=key)
+    assert (found["Body"].read(), found["ETag"], found["ContentType"], found["Metadata"]) == (
+        b'{"n": 1}', etag, "application/json", {"imagegen-item": "i1"})
+    assert storage.read_object(bucket, key) == (b'{"n": 1}', etag)
+    assert storage.head(bucket, key) == {"ETag": etag, "Metadata": {"imagegen-item": "i1"}}
+    again = storage.put_conditionally(bucket, key, b'{"n": 3}', if_match=etag)
+    assert client.get_object(Bucket=bucket.bucket_name, Key=key)["ETag"] == again != etag
+
+
+def test_what_the_direct_call_cannot_tell_goes_through_boto3_with_its_errors(sandbox) -> None:  # noqa: ANN001
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    missing = _bucket(sandbox.s3_url, sandbox.s3_access_key, sandbox.s3_secret_key, f"no-such-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ClientError, match="NoSuchBucket"):  # a 404 that is not NoSuchKey: boto3's error, as before
+        storage.read_object(missing, "k.json")
+    proxy = CuttableProxy(int(sandbox.s3_url.rpartition(":")[2]))
+    try:
+        bucket = _bucket(proxy.url, sandbox.s3_access_key, sandbox.s3_secret_key, sandbox.buckets[0])
+        key = f"direct/{uuid.uuid4().hex}.json"
+        storage.put_conditionally(bucket, key, b"{}", if_match=None)
+        proxy.cut()
+        with pytest.raises(BotoCoreError):  # boto3's own error for a server gone, as before
+            storage.read_object(bucket, key)
+        proxy.restore()
+        assert storage.read_object(bucket, key)[0] == b"{}"
+        assert s3direct.route(bucket) is not None  # a connection that failed does not switch it off
+    finally:
+        proxy.close()
+
+
+def test_a_bucket_boto3_answered_for_is_boto3s_from_then_on(sandbox) -> None:  # noqa: ANN001
+    bucket = _bucket(sandbox.s3_url, sandbox.s3_access_key, sandbox.s3_secret_key, sandbox.buckets[0])
+    s3direct.route(bucket)
+    s3direct.switch_off(bucket, s3direct.Fallback("answered 301", answered=True))
+    with pytest.raises(s3direct.Fallback):
+        s3direct.route(bucket)
+    key = f"direct/{uuid.uuid4().hex}.json"
+    etag = storage.put_conditionally(bucket, key, b"{}", if_match=None)  # through boto3 now
+    assert storage.read_object(bucket, key) == (b"{}", etag)
