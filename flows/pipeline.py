@@ -483,22 +483,25 @@ def in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, Prefe
         lanes.setdefault(key, deque()).append(plan)
         caps[key] = max_parallel if cap is None else min(max_parallel, cap + 1)
     busy: dict[Any, list[str]] = {key: [] for key in lanes}
+    ended = threading.Event()  # set as any submitted chain ends: only then can room free up
 
     def in_flight(item_id: str) -> bool:
         return not chains[item_id][-1][1].wrapped_future.done()
 
     while any(lanes.values()):
+        ended.clear()  # before looking: a chain ending after the look sets it again
         for key in busy:
             busy[key] = [item for item in busy[key] if in_flight(item)]
         ready = [key for key, queue in lanes.items() if queue and len(busy[key]) < caps[key]]
         if not ready or sum(map(len, busy.values())) >= max_parallel:
-            time.sleep(0.05)
+            ended.wait(1.0)  # woken by the chain that ends (the timeout only a safety net)
             continue
         key = min(ready, key=lambda k: order[lanes[k][0].item_id])
         plan = lanes[key].popleft()
         yield plan  # the caller submits it (or records why not) before asking for the next
         if plan.item_id in chains:
             busy[key].append(plan.item_id)
+            chains[plan.item_id][-1][1].wrapped_future.add_done_callback(lambda _: ended.set())
 
 
 def run_name() -> str:

@@ -324,6 +324,41 @@ def test_lanes_keep_a_capped_provider_from_filling_the_window() -> None:
     assert plan.item_id == "fast2"  # slow2 must wait for a slow item to finish, fast2 need not
 
 
+def test_a_full_window_waits_for_a_chain_to_end_without_polling() -> None:
+    """With the window full, the submitting loop sleeps until a chain ends (its done-callback
+    wakes it) instead of looking at every item in flight again and again."""
+    import threading
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from flows.pipeline import in_lane_order
+
+    class Counted(Future):
+        looks = 0
+
+        def done(self) -> bool:
+            Counted.looks += 1
+            return super().done()
+
+    plans = [SimpleNamespace(item_id=f"i{n}", provider="p") for n in range(3)]
+    chains: dict = {}
+    order = in_lane_order(plans, chains, max_parallel=2, lane=lambda plan: ("p", None))
+    futures = []
+    for _ in range(2):
+        plan = next(order)
+        futures.append(Counted())
+        chains[plan.item_id] = [("archive", SimpleNamespace(wrapped_future=futures[-1]))]
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(next(order).item_id), daemon=True)
+    waiter.start()
+    waiter.join(0.5)  # the loop looks once, finds no room, and waits
+    looks = Counted.looks
+    futures[0].set_result(None)
+    waiter.join(30)
+    assert got == ["i2"]
+    assert looks <= 4, looks  # polling every 0.05 s looked 20 times or more
+
+
 def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_blocks) -> None:
     import threading
 
