@@ -152,15 +152,19 @@ def _send(bucket: Any, method: str, key: str, headers: dict[str, str] | None = N
     if not all(str(v).isascii() for v in headers.values()):
         raise Fallback("a header value is not ASCII")
     url = found.base + quote_key(key)
-    frozen = found.credentials.get_frozen_credentials()
+    try:
+        frozen = found.credentials.get_frozen_credentials()
+    except Exception as exc:  # noqa: BLE001 - a refresh that failed: boto3's to report
+        raise Fallback(f"credentials: {type(exc).__name__}") from None
     signed = sign(method, url, found.host, headers, hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
                   found.region, frozen.access_key, frozen.secret_key, frozen.token, datetime.now(timezone.utc))
     import urllib3
 
     if _pool is None:
-        _pool = urllib3.PoolManager(maxsize=64, retries=False)
+        with _lock:
+            _pool = _pool or urllib3.PoolManager(maxsize=64, retries=False)
     try:
-        answer = _pool.request(method, url, body=body or None, headers=signed, redirect=False, preload_content=True,
+        answer = _pool.request(method, url, body=body if method == "PUT" else None, headers=signed, redirect=False,
                                timeout=urllib3.Timeout(connect=found.timeout[0], read=found.timeout[1]))
     except Exception as exc:  # noqa: BLE001 - whatever failed, boto3 makes the call (and says why)
         raise Fallback(f"{type(exc).__name__}: {exc}") from None
