@@ -203,10 +203,12 @@ class NotMatched(Exception):
     """The object is not as the condition says (412 `PreconditionFailed`)."""
 
 
-def put(bucket: Any, key: str, body: bytes, *, condition: dict[str, str], content_type: str,
+def put(bucket: Any, key: str, body: bytes, *, if_match: str | None, content_type: str,
         metadata: dict[str, str] | None) -> str:
-    """Write `body` under `condition` (`If-Match` or `If-None-Match`); the new ETag, or `NotMatched`."""
-    headers = {"content-type": content_type, **{k.lower(): v for k, v in condition.items()},
+    """Write `body` if the object still has ETag `if_match` (None: if there is none yet); the
+    new ETag, or `NotMatched`."""
+    condition = {"if-match": if_match} if if_match else {"if-none-match": "*"}
+    headers = {"content-type": content_type, **condition,
                **{f"x-amz-meta-{k.lower()}": v for k, v in (metadata or {}).items()}}
     status, answer, data = _send(bucket, "PUT", key, headers, body)
     if status == 200 and "etag" in answer:

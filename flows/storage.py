@@ -73,11 +73,17 @@ def read_bytes(bucket: S3Bucket, key: str) -> bytes:
 
 def read_object(bucket: S3Bucket, key: str) -> tuple[bytes, str] | None:
     """The bytes and ETag of the object at `key`, or None when there is none."""
+    return _direct_first(bucket, lambda: s3direct.get(bucket, key), lambda: _read_object(bucket, key))
+
+
+def _direct_first(bucket: S3Bucket, direct: Any, through_boto3: Any) -> Any:
+    """The direct call's answer (`flows.s3direct`); where it cannot tell, boto3's, after which
+    a bucket whose answer the direct call could not read is boto3's from then on."""
     try:
-        return s3direct.get(bucket, key)
+        return direct()
     except s3direct.Fallback as why:
-        found = _read_object(bucket, key)
-        s3direct.switch_off(bucket, why)  # boto3 answered where the direct call could not
+        found = through_boto3()
+        s3direct.switch_off(bucket, why)
         return found
 
 
@@ -92,12 +98,7 @@ def _read_object(bucket: S3Bucket, key: str) -> tuple[bytes, str] | None:
 
 def head(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
     """The object's head (`ETag`, `Metadata`, ...), or None when there is none."""
-    try:
-        return s3direct.head(bucket, key)
-    except s3direct.Fallback as why:
-        found = _head(bucket, key)
-        s3direct.switch_off(bucket, why)
-        return found
+    return _direct_first(bucket, lambda: s3direct.head(bucket, key), lambda: _head(bucket, key))
 
 
 def _head(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
@@ -161,25 +162,24 @@ def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str 
     does not exist yet); return the new ETag or raise `PreconditionFailed`. On an S3 server
     without conditional writes (501) it writes unconditionally, once warned; or, with
     `unconditional=False`, writes nothing and raises `NotConditional`."""
-    condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+    def through_boto3() -> str:
+        return _put_conditionally(bucket, key, body, if_match, content_type, metadata, unconditional)
+
     if not conditional_writes(bucket):
-        return _put_conditionally(bucket, key, body, condition, content_type, metadata, unconditional)
+        return through_boto3()
     try:
-        return s3direct.put(bucket, key, body, condition={"If-Match" if if_match else "If-None-Match": if_match or "*"},
-                            content_type=content_type, metadata=metadata)
+        return _direct_first(bucket, lambda: s3direct.put(bucket, key, body, if_match=if_match,
+                                                          content_type=content_type, metadata=metadata), through_boto3)
     except s3direct.NotMatched:
         raise PreconditionFailed(key) from None
-    except s3direct.Fallback as why:
-        etag = _put_conditionally(bucket, key, body, condition, content_type, metadata, unconditional)
-        s3direct.switch_off(bucket, why)
-        return etag
 
 
-def _put_conditionally(bucket: S3Bucket, key: str, body: bytes, condition: dict[str, str], content_type: str,
+def _put_conditionally(bucket: S3Bucket, key: str, body: bytes, if_match: str | None, content_type: str,
                        metadata: dict[str, str] | None, unconditional: bool) -> str:
     from botocore.exceptions import ClientError
 
     client = bucket.credentials.get_s3_client()
+    condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
     put = {"Bucket": bucket.bucket_name, "Key": key, "Body": body, "ContentType": content_type,
            **({"Metadata": metadata} if metadata else {})}
     try:
