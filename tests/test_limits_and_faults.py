@@ -392,6 +392,35 @@ def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_block
     assert slots["imagegen:tencent:slots-test:jobs:SubmitTextToImageJob"] == 0
 
 
+def test_a_waiter_does_not_ask_while_its_own_process_holds_the_whole_cap(sandbox_blocks, monkeypatch) -> None:
+    import threading
+
+    from flows.paying import slots
+
+    apply_limits({"tencent": ["wait-test"]})  # SubmitTextToImageJob: 1 in flight
+    limiter = slots.PrefectLimiter("tencent", "wait-test")
+    asks: list[str] = []
+    real_call = slots._slot_call
+    monkeypatch.setattr(slots, "_slot_call", lambda what, call: (asks.append(what), real_call(what, call))[1])
+    taken, order = threading.Event(), []
+
+    def first() -> None:
+        with limiter.job("SubmitTextToImageJob"):
+            taken.set()
+            time.sleep(2.0)  # asking every 0.25 s meanwhile is 6 asks or more
+            order.append("first released")
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert taken.wait(60)
+    with limiter.job("SubmitTextToImageJob"):
+        order.append("second in")
+    holder.join(60)
+    assert order == ["first released", "second in"]
+    waiter_asks = [what for what in asks if what.startswith("slot of")][1:]  # [0] is the holder's own
+    assert len(waiter_asks) <= 3, waiter_asks  # refused once, then asked again at the release
+
+
 def test_rate_slots_are_never_taken_faster_than_the_limit(sandbox_blocks) -> None:
     from flows.paying.slots import take_rate
 

@@ -12,7 +12,9 @@ sits idle; and asking with `max_retries=0` to wait our own way logs an ERROR per
   the ~one-spacing Retry-After the refusal carries, which is the wait another process's slot
   gets here.
 - `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
-  while full, renewed by one background thread per process (`flows.paying.leases`, which also tells
+  while full, or as soon as a holder in this process releases one; while this process itself
+  holds every slot of the cap, only then (or after `LOCAL_FULL_WAIT`): no other slot can free
+  up. Renewed by one background thread per process (`flows.paying.leases`, which also tells
   when a lease is lost), released however the job ends. A release that fails is logged and
   left to the lease; it never replaces the job's outcome.
 - `reclaim_expired()`: frees the slots of leases that expired (their holder died). Prefect's
@@ -48,6 +50,7 @@ from flows.paying import paidcalls
 from flows.paying.leases import Lease, renewer
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
+LOCAL_FULL_WAIT = 2.0  # ... and while this process holds the whole cap (a lost lease or a raised limit may free one)
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
 API_ATTEMPTS = 4  # attempts of one slot call through API faults before it is a LimiterError
 RECLAIM_EVERY = 2.0  # seconds between two looks for expired leases while a waiter waits
@@ -163,7 +166,26 @@ def _holder() -> Any:
     return ConcurrencyLeaseHolder(type="task_run", id=ctx.task_run.id) if ctx else None
 
 
-_released: dict[str, threading.Condition] = {}
+class _Holders:
+    """This process's holders of one limit: how many slots they hold, how many they have
+    released so far, and a condition notified at each release."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.held = 0
+        self.releases = 0
+
+    def wait_for_release(self, seen: int, cap: int | None) -> None:
+        """Wait until a release after the `seen`-th one, at most `LOCAL_FULL_WAIT` while this
+        process holds the whole `cap` (only its own release can free a slot), else
+        `RETRY_SECONDS` (a holder elsewhere may release meanwhile)."""
+        with self.changed:
+            whole_cap_here = cap is not None and self.held >= cap
+            timeout = LOCAL_FULL_WAIT if whole_cap_here else RETRY_SECONDS * random.uniform(0.75, 1.25)
+            self.changed.wait_for(lambda: self.releases != seen, timeout)
+
+
+_holders: dict[str, _Holders] = {}
 
 
 def configured_lease(default: float) -> float:
@@ -236,19 +258,22 @@ def reclaim_expired(force: bool = False) -> int:
 
 @contextlib.contextmanager
 def hold(name: str, lease_seconds: float, holder: Any = None,
-         on_wait: Callable[[], None] | None = None) -> Iterator[Lease]:
+         on_wait: Callable[[], None] | None = None, cap: int | None = None) -> Iterator[Lease]:
     """Hold one slot of the concurrency limit `name` for the duration of the block, on the
     `Lease` it yields (renewed meanwhile; see `flows.paying.leases` for when it counts as lost).
 
     While the limit is full, ask again when a holder in this process releases a slot, or
     after `RETRY_SECONDS` (a holder elsewhere may have released one, or died: expired leases
-    are reclaimed meanwhile). `on_wait()` runs once when the first ask is refused. `holder`
-    (default: the current task run) is shown with the lease on the server."""
+    are reclaimed meanwhile), or after `LOCAL_FULL_WAIT` while holders in this process hold
+    all `cap` slots (the limit's declared size). `on_wait()` runs once when the first ask is
+    refused. `holder` (default: the current task run) is shown with the lease on the server."""
     holder = holder if holder is not None else _holder()
     with _pacers_lock:
-        released = _released.setdefault(name, threading.Condition())
+        here = _holders.setdefault(name, _Holders())
     waited = False
     while True:
+        with here.changed:
+            seen = here.releases
         asked = time.monotonic()
         try:
             answer = _slot_call(f"slot of {name}", lambda: api_client().increment_concurrency_slots_with_lease(
@@ -260,14 +285,15 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
                 on_wait()
             waited = True
             reclaim_expired()
-            with released:
-                released.wait(RETRY_SECONDS * random.uniform(0.75, 1.25))
+            here.wait_for_release(seen, cap)
             continue
         body = answer.json()
         if not body.get("limits"):
             raise LimitMissing(f"concurrency limit {name!r} does not exist on the Prefect server; "
                                "run `imagegen limits apply`")
         lease = Lease(UUID(body["lease_id"]), name, lease_seconds, confirmed=asked)
+        with here.changed:
+            here.held += 1
         break
     renewer.add(lease)
     try:
@@ -281,8 +307,10 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
 
             get_logger("imagegen.slots").warning("could not release slot of %s (%s); it frees itself when its "
                                                  "lease expires", name, exc)
-        with released:
-            released.notify()
+        with here.changed:
+            here.held -= 1
+            here.releases += 1
+            here.changed.notify()
 
 
 class PrefectLimiter:
@@ -329,7 +357,7 @@ class PrefectLimiter:
         if cap is None:
             yield
             return
-        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(LEASE_SECONDS)) as lease, \
+        with hold(jobs_name(self.provider, self.block, cap[0]), configured_lease(LEASE_SECONDS), cap=cap[1]) as lease, \
                 paidcalls.job_slot(lease):
             yield
 
