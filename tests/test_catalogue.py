@@ -87,6 +87,19 @@ def test_row_problems_are_named_at_the_catalogue_line_several_at_once(tmp_path: 
     assert len(found) >= 3
 
 
+def test_ids_made_of_characters_an_id_drops_name_the_fix(tmp_path: Path) -> None:
+    rows = "sku,name,color,provider\n连衣裙,dress,red,tams\n衬衫,shirt,blue,tams\n"
+    issue, second = problems(write(tmp_path, rows=rows, edits={'"{sku}-{style}"': '"{sku}{style}"',
+                                                               "style: [studio, lifestyle]": "style: [正面]"}))
+    assert second.startswith("products.csv:3: the id template makes no id of '衬衫正面'")
+    assert issue.startswith("products.csv:2: the id template makes no id of '连衣裙正面'")
+    assert "a SKU, a row number" in issue
+    found = problems(write(tmp_path, rows=rows))
+    assert found == ["products.csv:3: duplicate item id 'studio': '衬衫-studio' and '连衣裙-studio' (line 2) make the same id "
+                     "(an id keeps only a-z, 0-9, '.', '_' and '-'); build items_from.id from a column that tells them "
+                     "apart (a SKU, a row number)"]
+
+
 @pytest.mark.parametrize("content, says", [
     (b"sku,name\n\x00\x01\x02", "a binary file"),
     (b"sku,name,color,provider\nA,caf\xe9,red,tams\n", "not UTF-8 text"),

@@ -218,7 +218,7 @@ def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, An
     path = catalogue_path(source.get("path"), base_dir)
     label, limit = str(source["path"]), max_items()
     items: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # id -> (line, the id template's text there)
     problems: list[tuple[str, int, int, str, str]] = []
     checked_columns = False
     for line, row in rows(path):
@@ -231,13 +231,14 @@ def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, An
             checked_columns = True
             _check_columns(parsed, set(row) | set(combos))
         for values in _combinations(combos):
-            item, why = _item(parsed, {**{k: str(v) for k, v in row.items()}, **values})
+            values = {**{k: str(v) for k, v in row.items()}, **values}
+            item, why = _item(parsed, values)
             if why is None and item["id"] in seen:
-                why = f"duplicate item id {item['id']!r} (also line {seen[item['id']]})"
+                why = _duplicate(item["id"], parsed["id"].render(values), *seen[item["id"]])
             if why is not None:
                 problems.append((label, line, 1, "", why))
                 break
-            seen[item["id"]] = line
+            seen[item["id"]] = (line, parsed["id"].render(values))
             items.append(item)
         if len(items) > limit:
             problems.append((label, line, 1, "", f"more than {limit:,} items ({MAX_ITEMS_SETTING} raises the cap); "
@@ -261,6 +262,17 @@ def _combinations(combos: dict[str, list[Any]]) -> Iterator[dict[str, str]]:
         yield {k: str(v) for k, v in zip(keys, values, strict=True)}
 
 
+ID_CHARACTERS = "an id keeps only a-z, 0-9, '.', '_' and '-'"
+
+
+def _duplicate(item_id: str, rendered: str, line: int, other: str) -> str:
+    """Why an id already made at `line` (from the text `other`) cannot be made again."""
+    if rendered.strip().lower() == other.strip().lower():
+        return f"duplicate item id {item_id!r} (also line {line})"
+    return (f"duplicate item id {item_id!r}: {rendered!r} and {other!r} (line {line}) make the same id "
+            f"({ID_CHARACTERS}); build items_from.id from a column that tells them apart (a SKU, a row number)")
+
+
 def _item(parsed: dict[str, Template], values: dict[str, str]) -> tuple[dict[str, Any], str | None]:
     """One item from one row and combination, or why it cannot be made."""
     for template in parsed.values():
@@ -269,9 +281,11 @@ def _item(parsed: dict[str, Template], values: dict[str, str]) -> tuple[dict[str
                 return {}, f"column {field!r} is missing (items_from.{template.key} uses it)"
             if template.key in REQUIRED and not values[field].strip():
                 return {}, f"column {field!r} is empty (items_from.{template.key} uses it)"
-    item: dict[str, Any] = {"id": slug(parsed["id"].render(values)), "prompt": parsed["prompt"].render(values)}
+    rendered = parsed["id"].render(values)
+    item: dict[str, Any] = {"id": slug(rendered), "prompt": parsed["prompt"].render(values)}
     if not item["id"]:
-        return {}, "the id template makes an empty id"
+        return {}, (f"the id template makes no id of {rendered!r} ({ID_CHARACTERS}); build items_from.id "
+                    "from a column that has them (a SKU, a row number)")
     for key in ("negative_prompt", "input_image", "provider"):
         if key in parsed and (text := parsed[key].render(values).strip()):
             item[key] = text
