@@ -230,15 +230,16 @@ def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, An
         if not checked_columns and path.suffix.lower() == ".csv":
             checked_columns = True
             _check_columns(parsed, set(row) | set(combos))
-        for values in _combinations(combos):
-            values = {**{k: str(v) for k, v in row.items()}, **values}
+        for combination in _combinations(combos):
+            values = {**{k: str(v) for k, v in row.items()}, **combination}
             item, why = _item(parsed, values)
+            rendered = parsed["id"].render(values) if why is None else ""  # made: every field is there
             if why is None and item["id"] in seen:
-                why = _duplicate(item["id"], parsed["id"].render(values), *seen[item["id"]])
+                why = _duplicate(item["id"], rendered, *seen[item["id"]])
             if why is not None:
                 problems.append((label, line, 1, "", why))
                 break
-            seen[item["id"]] = (line, parsed["id"].render(values))
+            seen[item["id"]] = (line, rendered)
             items.append(item)
         if len(items) > limit:
             problems.append((label, line, 1, "", f"more than {limit:,} items ({MAX_ITEMS_SETTING} raises the cap); "
