@@ -43,12 +43,16 @@ from flows.paying.claim import run_claim
 from flows.paying.owner import NameTaken, own_name
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running.progress import RunProgress, count_when_done
+from flows.running.settle import forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, State
 from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
 from flows.specs.yamlpos import closest_position, load_with_positions, snippet
+
+Chain = list[tuple[str, PrefectFuture]]  # an item's steps, in order, with their task runs' futures
+Outcome = tuple[Any, dict[str, str] | None]  # an item's last result, or its failed step and why
 
 
 
@@ -207,8 +211,7 @@ def _default_run_date() -> date:
     return scheduled.astimezone(timezone.utc).date() if scheduled else datetime.now(timezone.utc).date()
 
 
-def _outcome(chain: list[tuple[str, PrefectFuture]], item: str,
-             renames: list[threading.Thread]) -> tuple[Any, dict[str, str] | None]:
+def _outcome(chain: Chain, item: str, renames: list[threading.Thread]) -> Outcome:
     """The last result of a chain, or the first step that did not complete and why. The steps
     after it never ran, and Prefect names such task runs by a random key (`archive-0e6`): they
     are renamed `<step>-<item>` like the rest."""
@@ -227,7 +230,7 @@ def _outcome(chain: list[tuple[str, PrefectFuture]], item: str,
 RENAME_WAIT = 10.0  # seconds the end of a run waits, in all, for the renames still going on
 
 
-def _name_never_run(steps: list[tuple[str, PrefectFuture]], item: str, renames: list[threading.Thread]) -> None:
+def _name_never_run(steps: Chain, item: str, renames: list[threading.Thread]) -> None:
     """Name the task runs of steps that never ran (an earlier step failed) after step and item,
     in a thread of their own (the run does not wait on them; its end waits `RENAME_WAIT` at most).
     A task run's record on the API follows its events, which carry the random name: the name is
@@ -446,12 +449,12 @@ def _account_stop(watch: list[PrefectFuture]) -> str | None:
     return None
 
 
-def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFuture]]:
+def _submit_item(plan: ItemPlan, archive_now: bool) -> Chain:
     """Submit an item's steps, each waiting on the one before: upload (only with an input
     image), generate, upscale (only when the spec upscales after the job), review, and
     archive when no run-level review has to see every image first. Each task run is a few
     writes on the Prefect server, so steps with nothing to do are not tasks at all."""
-    chain: list[tuple[str, PrefectFuture]] = []
+    chain: Chain = []
     arg = plan_arg(plan)
     up = upload.submit(arg) if plan.input_image is not None else None
     if up is not None:
@@ -467,7 +470,7 @@ def _submit_item(plan: ItemPlan, archive_now: bool) -> list[tuple[str, PrefectFu
     return chain
 
 
-def in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, PrefectFuture]]], max_parallel: int,
+def in_lane_order(plans: list[ItemPlan], chains: dict[str, Chain], max_parallel: int,
                   lane: Callable[[ItemPlan], tuple[Any, int | None]] = lane_of) -> Iterator[ItemPlan]:
     """Yield plans in spec order as room frees up: at most `max_parallel` items in flight, and
     per lane (provider account and job action) no more than its declared in-flight cap plus
@@ -485,8 +488,8 @@ def in_lane_order(plans: list[ItemPlan], chains: dict[str, list[tuple[str, Prefe
     busy: dict[Any, list[str]] = {key: [] for key in lanes}
     ended = threading.Event()  # set as any submitted chain ends: only then can room free up
 
-    def in_flight(item_id: str) -> bool:
-        return not chains[item_id][-1][1].wrapped_future.done()
+    def in_flight(item_id: str) -> bool:  # an ended chain may have left `chains` already
+        return (chain := chains.get(item_id)) is not None and not chain[-1][1].wrapped_future.done()
 
     while any(lanes.values()):
         ended.clear()  # before looking: a chain ending after the look sets it again
@@ -674,9 +677,10 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     # Duplicates across the run and a person's approval need every image first; without
     # them each item archives as soon as it is reviewed.
     run_level = parsed.review.duplicates is not None or parsed.review.human is not None
-    chains = _submit_all(parsed, todo, skipped, progress, archive_now=not run_level)
     renames: list[threading.Thread] = []
-    done, staged = _wait_all(parsed, run_date, todo, chains, (progress, progress_artifact), run_level, renames)
+    chains, settled = _submit_all(parsed, todo, skipped, progress, archive_now=not run_level, renames=renames)
+    done, staged = _wait_all(parsed, run_date, todo, (chains, settled), (progress, progress_artifact), run_level,
+                             renames)
     progress.finish()
     outcomes = [(reused[p.item_id], None) if p.item_id in reused else (None, skipped[p.item_id])
                 if p.item_id in skipped else done[p.item_id] for p in plans]
@@ -699,11 +703,15 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
 
 
 def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, dict[str, Any]],
-                progress: RunProgress, archive_now: bool) -> dict[str, list[tuple[str, PrefectFuture]]]:
+                progress: RunProgress, archive_now: bool, renames: list[threading.Thread]
+                ) -> tuple[dict[str, Chain], dict[str, Outcome]]:
     """Submit each item's task chain in lane order, until a provider's cap is committed or an
-    account stop is seen (the rest are `skipped`, saying why)."""
+    account stop is seen (the rest are `skipped`, saying why). Returns the chains still held and,
+    when each item archives on its own (`archive_now`), the outcomes of those already ended:
+    their chains are let go as the run goes on, so its memory does not grow with its length."""
     budget = parsed.budget()
-    chains: dict[str, list[tuple[str, PrefectFuture]]] = {}
+    chains: dict[str, Chain] = {}
+    settled: dict[str, Outcome] = {}
     committed: dict[str, float] = {}
     watch, account_stop = [], None
     for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
@@ -721,20 +729,33 @@ def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, d
         watch.append(dict(chains[plan.item_id])["generate"])
         progress.update(submitted=1)
         count_when_done(chains[plan.item_id], progress)
-    return chains
+        if archive_now:
+            _settle_ended(chains, settled, renames)
+    return chains, settled
+
+
+def _settle_ended(chains: dict[str, Chain], settled: dict[str, Outcome], renames: list[threading.Thread]) -> None:
+    """Move each chain that has ended from `chains` to its outcome in `settled`, and drop what
+    Prefect keeps of its task runs. `chains` then holds only the items in flight."""
+    for item in [item for item, chain in chains.items() if chain[-1][1].wrapped_future.done()]:
+        chain = chains.pop(item)
+        settled[item] = _outcome(chain, item, renames)
+        forget(chain)
 
 
 def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
-              chains: dict[str, list[tuple[str, PrefectFuture]]], shown_in: tuple[RunProgress, Any], run_level: bool,
-              renames: list[threading.Thread]) -> tuple[dict[str, Any], list[str]]:
-    """Each submitted item's outcome; with run-level review, the review (maybe a person's) and
-    then the archive of what it kept. Returns the outcomes and the staged keys to clean."""
+              submitted: tuple[dict[str, Chain], dict[str, Outcome]], shown_in: tuple[RunProgress, Any],
+              run_level: bool, renames: list[threading.Thread]) -> tuple[dict[str, Any], list[str]]:
+    """Each submitted item's outcome (`submitted`: the chains still held, the outcomes already
+    settled); with run-level review, the review (maybe a person's) and then the archive of what
+    it kept. Returns the outcomes and the staged keys to clean."""
+    chains, settled = submitted
     progress, progress_artifact = shown_in
-    done, shown = {}, 0
-    for n, (item, chain) in enumerate(chains.items(), start=1):
+    done, shown, total = dict(settled), 0, len(settled) + len(chains)
+    for n, (item, chain) in enumerate(chains.items(), start=len(settled) + 1):
         done[item] = _outcome(chain, item, renames)
         # At most 100 updates, not one per item; below 100% while run-level review is ahead.
-        if (percent := min(100 * n // len(chains), 99 if run_level else 100)) > shown:
+        if (percent := min(100 * n // total, 99 if run_level else 100)) > shown:
             update_progress_artifact(progress_artifact, float(percent))
             shown = percent
     if not run_level:

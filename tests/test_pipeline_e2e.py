@@ -177,3 +177,40 @@ def test_a_run_of_chosen_items_pays_only_for_them(run, sandbox_blocks, tmp_path)
                            overrides={"items": ["shoe", "sheo"]})
     assert isinstance(refused.result(raise_on_failure=False), UnknownItems)
     assert "no item 'sheo' in this spec" in refused.message
+
+
+def test_a_run_lets_go_of_the_items_that_ended(run, sandbox_blocks, monkeypatch) -> None:
+    """A long run's memory does not grow with its length: as each item ends, the run keeps its
+    outcome and lets go of its task runs (their futures, Prefect's per-flow-run copy of each
+    final state, its task runner's cancel events). Seen at each submit, after the first items
+    ended: the earlier items' futures are gone but for those in flight or just ended."""
+    import gc
+    import weakref
+
+    from prefect.context import FlowRunContext
+
+    import flows.pipeline as pipeline
+
+    real, futures, seen = pipeline._submit_item, [], []
+
+    def submit_and_watch(plan, archive_now):  # noqa: ANN001, ANN202
+        gc.collect()
+        context = FlowRunContext.get()
+        seen.append({"before": len(futures), "alive": sum(ref() is not None for ref in futures),
+                     "run_results": len(context.run_results), "cancel_events": len(context.task_runner._cancel_events)})
+        chain = real(plan, archive_now)
+        futures.extend(weakref.ref(future) for _, future in chain)
+        return chain
+
+    monkeypatch.setattr(pipeline, "_submit_item", submit_and_watch)
+    items = "".join(f"  - {{id: item{n}, prompt: a lamp number {n}}}\n" for n in range(10))
+    state, before, after = run(spec_text("letgo", items, upscale="lanczos").replace("max_parallel: 3", "max_parallel: 2"),
+                               date(2026, 1, 22))
+    assert state.is_completed(), state.message
+    assert state.result()["totals"]["failed_items"] == 0
+    print(seen)
+    last = seen[-1]
+    assert last["before"] == 9 * 4  # generate, upscale, review, archive for each earlier item
+    assert last["alive"] <= 4 * 4, seen  # two in flight, at most two ended since the last look
+    assert last["cancel_events"] <= 4 * 4, seen
+    assert last["run_results"] <= seen[3]["run_results"] + 2 * 4 * 8, seen
