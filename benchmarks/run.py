@@ -42,7 +42,7 @@ from deployments.processes import answers, spawn, stop, wait_until
 from flows import SERVER_TUNING
 from benchmarks.workload import PROVIDERS, Workload, polls_needed
 from sandbox import launcher
-from sandbox.accounts import emulator, emulators
+from sandbox.accounts import emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"benchmark work dir {work}")
     try:
-        state = launcher.up(state_dir, ports={name: launcher.free_port() for name in emulators()},
-                            s3_port=launcher.free_port(), latency=args.latency, buckets=(BUCKET,))
+        state = launcher.up_on_free_ports(state_dir, latency=args.latency, buckets=(BUCKET,))
         if args.api_url:
             api = args.api_url
         else:

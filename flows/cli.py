@@ -350,17 +350,17 @@ def _sandbox_up(args: argparse.Namespace, state_dir: Path) -> int:
     """Start the sandbox, or reuse the one running in `state_dir` (its ports and keys, which
     Blocks saved earlier name, stay as they are); then save its Blocks and limits here."""
     from sandbox import launcher
-    from sandbox.accounts import emulators
 
     state = launcher.running(state_dir)
     if state is not None:
         print(f"sandbox already running (its ports and keys kept; `imagegen sandbox down` first for a new one): "
               f"{', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, S3 {state.s3_url}")
     else:
-        ports = {name: launcher.free_port() for name in emulators()} if args.free_ports else {}
-        ports.update(dict(args.port or []))
-        state = launcher.up(state_dir, ports=ports, s3_port=launcher.free_port() if args.free_ports else args.s3_port,
-                            latency=args.latency, buckets=tuple(args.bucket or launcher.DEFAULT_BUCKETS))
+        options = {"latency": args.latency, "buckets": tuple(args.bucket or launcher.DEFAULT_BUCKETS)}
+        if args.free_ports:
+            state = launcher.up_on_free_ports(state_dir, fixed=dict(args.port or []), **options)
+        else:
+            state = launcher.up(state_dir, ports=dict(args.port or []), s3_port=args.s3_port, **options)
         print(f"sandbox up: {', '.join(f'{name} emulator {state.url(name)}' for name in state.providers)}, "
               f"S3 (SeaweedFS) {state.s3_url}, buckets {', '.join(state.buckets)}")
     if not args.no_register:

@@ -15,8 +15,11 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from deployments.processes import alive, answers, spawn, stop, wait_until
 from sandbox.accounts import emulator, emulators, read_secret, secret_file
@@ -126,9 +129,42 @@ def port_holder(port: int) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free now."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """`count` distinct loopback ports free now, none in `taken`: each is held until all are chosen,
+    so the kernel cannot hand one out twice."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] in taken:
+                sock.close()  # bound to no port again: the next bind gets another
+                continue
+            held.append(sock)
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def up_on_free_ports(state_dir: Path = DEFAULT_STATE_DIR, *, fixed: dict[str, int] | None = None,
+                     providers: list[str] | None = None, attempts: int = 3, **options: Any) -> SandboxState:
+    """`up()` with every emulator (but those in `fixed`) and S3 on ports free now; chosen again
+    when another process binds one of them before its server does."""
+    names = [name for name in providers or emulators() if name not in (fixed or {})]
+    for attempt in range(attempts):
+        *chosen, s3_port = free_ports(len(names) + 1, frozenset((fixed or {}).values()))
+        try:
+            return up(state_dir, ports={**dict(zip(names, chosen)), **(fixed or {})}, s3_port=s3_port,
+                      providers=providers, **options)
+        except PortTaken as exc:
+            if attempt == attempts - 1 or any(f"port {port} " in str(exc) for port in (fixed or {}).values()):
+                raise
+    raise AssertionError("unreachable")
 
 
 def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = None, s3_port: int = 8333,
@@ -154,34 +190,23 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
                             f"choose another port with {flag} (or --free-ports)")
     accounts: dict[str, dict[str, str]] = {}
     pids: dict[str, int] = {}
-    logs: dict[str, Path] = {}
     for name, port in chosen.items():
         module = emulator(name)
         account = module.sandbox_account(state_dir)
         account_file = Path(secret_file(state_dir, f"{name}_account.json", json.dumps(account)))
-        logs[name] = state_dir / f"{name}.log"
         pids[name] = spawn([sys.executable, "-m", "sandbox.serve", name, "--port", str(port),
-                            "--latency", str(latency), "--account", str(account_file)], logs[name]).pid
+                            "--latency", str(latency), "--account", str(account_file)],
+                           state_dir / f"{name}.log").pid
         accounts[name] = {"url": f"http://127.0.0.1:{port}", **account}
     access_key, secret_key = "sandbox" + secrets.token_hex(6), secrets.token_urlsafe(24)
-    s3_config = state_dir / "s3-identity.json"
-    write_identity(s3_config, access_key, secret_key)
-    (state_dir / "s3-data").mkdir(exist_ok=True)
-    s3_log = state_dir / "s3.log"
-    s3_ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                                               "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
-                                               "admin.port.grpc")}
-    s3_ports["s3.port"] = s3_port
-    pids["s3"] = spawn(weed_command(state_dir / "s3-data", s3_config, s3_ports), s3_log).pid
+    write_identity(state_dir / "s3-identity.json", access_key, secret_key)
     state = SandboxState(state_dir=str(state_dir), providers=accounts, s3_url=f"http://127.0.0.1:{s3_port}",
                          s3_access_key=access_key, s3_secret_key=secret_key, buckets=list(buckets), pids=pids)
     state.save()
     try:
-        for name in accounts:
-            wait_until(answers(f"{state.url(name)}/_sandbox/health"), pids[name], logs[name],
-                       what=f"the {name} emulator", timeout=60, error=SandboxError)
-        wait_until(answers(state.s3_url, healthy=False), pids["s3"], s3_log, what="the S3 server", timeout=60,
-                   error=SandboxError)
+        for name, port in chosen.items():
+            _wait(answers(f"{state.url(name)}/_sandbox/health"), state, name, port, what=f"the {name} emulator")
+        _start_s3(state, s3_port, taken=frozenset(chosen.values()))
         _create_buckets(state)
     except Exception:
         down(state_dir)
@@ -189,13 +214,61 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     return state
 
 
-def _create_buckets(state: SandboxState, timeout: float = 30.0) -> None:
+S3_INTERNAL_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                     "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")
+PORT_TAKEN = {"s3": "(specified by flag s3.port)"}  # else uvicorn's words, below
+
+
+def _wait(ready: Callable[[], bool], state: SandboxState, name: str, port: int, *, what: str) -> None:
+    """Wait until `ready()`; PortTaken when the process `name` exited because `port` was taken."""
+    try:
+        wait_until(ready, state.pids[name], Path(state.state_dir) / f"{name}.log", what=what, timeout=60,
+                   error=SandboxError)
+    except SandboxError as exc:
+        if "exited while starting" in str(exc) and PORT_TAKEN.get(name, "address already in use") in str(exc):
+            raise PortTaken(f"port {port} for the {name} sandbox was taken while it started, by "
+                            f"{port_holder(port)}: {exc}") from None
+        raise
+
+
+def _start_s3(state: SandboxState, s3_port: int, taken: frozenset[int], attempts: int = 3) -> None:
+    """Start SeaweedFS on `s3_port`, its own ports chosen here (again, when another process binds
+    one first), and wait until SeaweedFS itself answers there."""
+    state_dir = Path(state.state_dir)
+    (state_dir / "s3-data").mkdir(exist_ok=True)
+    for attempt in range(attempts):
+        internal = dict(zip(S3_INTERNAL_PORTS, free_ports(len(S3_INTERNAL_PORTS), taken | {s3_port})))
+        command = weed_command(state_dir / "s3-data", state_dir / "s3-identity.json", {**internal, "s3.port": s3_port})
+        state.pids["s3"] = spawn(command, state_dir / "s3.log").pid
+        state.save()
+        try:
+            _wait(_seaweed_answers(state.s3_url), state, "s3", s3_port, what="the S3 server")
+            return
+        except PortTaken:
+            raise
+        except SandboxError as exc:
+            if attempt == attempts - 1 or "Port allocation failed" not in str(exc):
+                raise  # else one of its own ports was taken meanwhile: again, on others
+
+
+def _seaweed_answers(url: str) -> Callable[[], bool]:
+    """A check: SeaweedFS answers at `url` (not some other server that took the port)."""
+    def check() -> bool:
+        try:
+            return "seaweedfs" in httpx.get(url, timeout=2).headers.get("server", "").lower()
+        except httpx.TransportError:
+            return False
+    return check
+
+
+def _create_buckets(state: SandboxState, timeout: float = 60.0) -> None:
     import boto3
     from botocore.config import Config
 
     client = boto3.client("s3", endpoint_url=state.s3_url, aws_access_key_id=state.s3_access_key,
                           aws_secret_access_key=state.s3_secret_key, region_name="us-east-1",
                           config=Config(signature_version="s3v4", retries={"max_attempts": 1}))
+    log = Path(state.state_dir) / "s3.log"
     deadline = time.monotonic() + timeout
     for bucket in state.buckets:
         while True:  # the filer may answer before it accepts writes
@@ -204,9 +277,11 @@ def _create_buckets(state: SandboxState, timeout: float = 30.0) -> None:
                 break
             except client.exceptions.BucketAlreadyOwnedByYou:
                 break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
+            except Exception as exc:
+                if not alive(state.pids["s3"]) or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    raise SandboxError(f"the S3 server did not create bucket {bucket} ({exc}); log {log}:\n"
+                                       f"{tail}") from None
                 time.sleep(0.2)
 
 

@@ -34,7 +34,6 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from sandbox import launcher  # noqa: E402
-from sandbox.accounts import emulators  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 TEST_BUCKET = "imagegen-test"
@@ -113,8 +112,7 @@ def prefect_api() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.SandboxState]:
     state_dir = tmp_path_factory.mktemp("sandbox")
-    state = launcher.up(state_dir, ports={name: launcher.free_port() for name in emulators()},
-                        s3_port=launcher.free_port(), latency=0.6, buckets=(TEST_BUCKET,))
+    state = launcher.up_on_free_ports(state_dir, latency=0.6, buckets=(TEST_BUCKET,))
     try:
         yield state
     finally:

@@ -216,8 +216,7 @@ def toy(tmp_path_factory, monkeypatch, prefect_api):
     registry.refresh()
     accounts.emulators.cache_clear()
     state_dir = tmp_path_factory.mktemp("toy-sandbox")
-    state = launcher.up(state_dir, ports={"toy": launcher.free_port()}, s3_port=launcher.free_port(),
-                        latency=0.3, buckets=("toy-archive",), providers=["toy"])
+    state = launcher.up_on_free_ports(state_dir, latency=0.3, buckets=("toy-archive",), providers=["toy"])
     try:
         yield state
     finally:
