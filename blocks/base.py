@@ -298,6 +298,7 @@ class ImageProvider(Block, ABC):
 
     _limiter: Limiter = PrivateAttr(default_factory=NoLimits)
     _http: httpx.Client | None = PrivateAttr(default=None)
+    _paid_http: httpx.Client | None = PrivateAttr(default=None)
     _http_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @classmethod
@@ -321,16 +322,25 @@ class ImageProvider(Block, ABC):
             data = {**data, "timeout": cls.default_timeout}
         return data
 
-    def client(self) -> httpx.Client:
-        """The account's HTTP client, built once and shared by every thread."""
+    def client(self, fresh_connections: bool = False) -> httpx.Client:
+        """The account's HTTP client, built once and shared by every thread; with
+        `fresh_connections`, its twin that opens a connection for every request (for calls that
+        may charge: see `new_client`)."""
         with self._http_lock:
+            if fresh_connections:
+                self._paid_http = self._paid_http or self.new_client(keep_alive=False)
+                return self._paid_http
             if self._http is None:
                 self._http = self.new_client()
             return self._http
 
-    def new_client(self) -> httpx.Client:
-        """Build the HTTP client from `client_options`."""
-        return httpx.Client(**self.client_options())
+    def new_client(self, keep_alive: bool = True) -> httpx.Client:
+        """Build the HTTP client from `client_options`. Without `keep_alive` no connection is
+        reused: a server closes an idle connection when its own timer says so (5 s is common),
+        and a request that goes out on it just then fails as a cut connection, which for a
+        call that may charge is an unknown outcome (`SubmitUnknown`, held for a person)."""
+        limits = {} if keep_alive else {"limits": httpx.Limits(max_keepalive_connections=0)}
+        return httpx.Client(**self.client_options(), **limits)
 
     @abstractmethod
     def client_options(self) -> dict[str, Any]:
@@ -386,8 +396,8 @@ class ImageProvider(Block, ABC):
         with self._limiter.request(call.action):
             try:
                 extra = {} if call.timeout is None else {"timeout": call.timeout}
-                return self.client().request(call.method, call.path, content=call.body, headers=dict(call.headers),
-                                             **extra)
+                return self.client(fresh_connections=not call.safe_to_repeat).request(
+                    call.method, call.path, content=call.body, headers=dict(call.headers), **extra)
             except httpx.TransportError as exc:
                 fault = exc
         raise self.transport_fault(call, fault)

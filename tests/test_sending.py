@@ -6,6 +6,8 @@ over respx; the same rules run against the emulators in the integration tests.""
 from __future__ import annotations
 
 import contextlib
+import http.server
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +16,7 @@ import respx
 
 from blocks import registry
 from blocks.base import ImageProvider
-from blocks.errors import SubmitUnknown, TransientError
+from blocks.errors import ProviderError, SubmitUnknown, TransientError
 
 ENDPOINT = "https://provider.test"
 CREDENTIALS = {"tams": {"app_id": "app", "api_token": "token"}, "chuzhan": {"api_token": "token"},
@@ -90,3 +92,60 @@ def test_a_call_that_never_connected_is_retried_on_every_provider(name: str) -> 
         provider.submit(type(provider).sample_request())
     assert route.call_count == 2
 
+
+
+class _ClosesReusedConnections(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 that answers the first request of a connection and closes the connection at any
+    later one unanswered, as a server does when its idle timer fires just as a request arrives."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, int]] = []  # (path, its number on its connection), per request in order
+
+    def setup(self) -> None:
+        super().setup()
+        self.served = 0
+
+    def do_POST(self) -> None:
+        self.served += 1
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).seen.append((self.path, self.served))
+        if self.served > 1:
+            self.close_connection = True
+            return
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_a_paid_call_never_goes_out_on_a_reused_connection(name: str) -> None:
+    """A connection the client keeps for reuse may be closed by the server as a request goes
+    out on it; for a call that may charge that is `SubmitUnknown`, an item held for a person.
+    So such calls open their own connection; calls safe to repeat keep reusing theirs."""
+    _ClosesReusedConnections.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ClosesReusedConnections)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cls = registry.provider(name)
+        provider = cls(**CREDENTIALS[name], endpoint=f"http://127.0.0.1:{server.server_address[1]}", max_attempts=1)
+        shaped = cls.model_construct()
+        poll, submit = shaped.poll_call("job-1"), shaped.submit_call(cls.sample_request())
+        for call in (poll, submit, submit):
+            with contextlib.suppress(ProviderError):  # `{}` is no provider's answer: only the connection matters
+                provider.send(call)
+    finally:
+        server.shutdown()
+        server.server_close()
+    numbers = [n for _, n in _ClosesReusedConnections.seen]  # each request's number on its connection
+    if submit.safe_to_repeat:  # TAMS dedupes: its submit reuses the poll's connection, as any safe call
+        assert numbers[:2] == [1, 2]
+    else:
+        assert numbers == [1, 1, 1]
