@@ -220,7 +220,12 @@ def _presigner(creds: AwsCredentials) -> Any:
 
 
 def presigned_url(bucket: S3Bucket, key: str, expires: int = 7 * 24 * 3600) -> str:
-    """A SigV4 presigned GET URL (at most 7 days), for links in artifacts."""
+    """A SigV4 presigned GET URL (at most 7 days), for links in artifacts: signed directly
+    where the bucket's direct path is on (`flows.s3direct`), else by a boto3 client of its own."""
+    try:
+        return s3direct.presigned(bucket, key, expires)
+    except s3direct.Fallback:
+        pass
     client = _presigner(bucket.credentials)
     return client.generate_presigned_url("get_object", Params={"Bucket": bucket.bucket_name, "Key": key},
                                          ExpiresIn=expires)
