@@ -182,7 +182,7 @@ def test_a_run_of_chosen_items_pays_only_for_them(run, sandbox_blocks, tmp_path)
 def test_a_run_lets_go_of_the_items_that_ended(run, sandbox_blocks, monkeypatch) -> None:
     """A long run's memory does not grow with its length: as each item ends, the run keeps its
     outcome and lets go of its task runs (their futures, Prefect's per-flow-run copy of each
-    final state, its task runner's cancel events). Seen at each submit, after the first items
+    final state, its task runner's cancel events, its tasks' assets). Seen at each submit, after the first items
     ended: the earlier items' futures are gone but for those in flight or just ended."""
     import gc
     import weakref
@@ -197,7 +197,8 @@ def test_a_run_lets_go_of_the_items_that_ended(run, sandbox_blocks, monkeypatch)
         gc.collect()
         context = FlowRunContext.get()
         seen.append({"before": len(futures), "alive": sum(ref() is not None for ref in futures),
-                     "run_results": len(context.run_results), "cancel_events": len(context.task_runner._cancel_events)})
+                     "run_results": len(context.run_results), "cancel_events": len(context.task_runner._cancel_events),
+                     "assets": len(context.task_run_assets)})
         chain = real(plan, archive_now)
         futures.extend(weakref.ref(future) for _, future in chain)
         return chain
@@ -213,4 +214,5 @@ def test_a_run_lets_go_of_the_items_that_ended(run, sandbox_blocks, monkeypatch)
     assert last["before"] == 9 * 4  # generate, upscale, review, archive for each earlier item
     assert last["alive"] <= 4 * 4, seen  # two in flight, at most two ended since the last look
     assert last["cancel_events"] <= 4 * 4, seen
+    assert last["assets"] <= 4 * 4, seen
     assert last["run_results"] <= seen[3]["run_results"] + 2 * 4 * 8, seen
