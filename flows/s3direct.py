@@ -166,14 +166,20 @@ def _signature(canonical: str, stamp: str, scope: str, secret_key: str) -> str:
     return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
+def _frozen(found: Route) -> Any:
+    """The route's credentials as of now (refreshed as botocore refreshes them); `Fallback`
+    where that fails."""
+    try:
+        return found.credentials.get_frozen_credentials()
+    except Exception as exc:  # noqa: BLE001 - a refresh that failed: boto3's to report
+        raise Fallback(f"credentials: {type(exc).__name__}") from None
+
+
 def presigned(bucket: Any, key: str, expires: int) -> str:
     """A presigned GET URL of `key`, signed here with the bucket's route (no second boto3 client:
     one costs ~10 MB of botocore's models); `Fallback` where the direct path is off for it."""
     found = route(bucket)
-    try:
-        frozen = found.credentials.get_frozen_credentials()
-    except Exception as exc:  # noqa: BLE001 - a refresh that failed: boto3's to report
-        raise Fallback(f"credentials: {type(exc).__name__}") from None
+    frozen = _frozen(found)
     return presign_get(found.base + quote_key(key), found.host, expires, found.region, frozen.access_key,
                        frozen.secret_key, frozen.token, datetime.now(timezone.utc))
 
@@ -188,10 +194,7 @@ def _send(bucket: Any, method: str, key: str, headers: dict[str, str] | None = N
     if not all(str(v).isascii() for v in headers.values()):
         raise Fallback("a header value is not ASCII")
     url = found.base + quote_key(key)
-    try:
-        frozen = found.credentials.get_frozen_credentials()
-    except Exception as exc:  # noqa: BLE001 - a refresh that failed: boto3's to report
-        raise Fallback(f"credentials: {type(exc).__name__}") from None
+    frozen = _frozen(found)
     signed = sign(method, url, found.host, headers, hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
                   found.region, frozen.access_key, frozen.secret_key, frozen.token, datetime.now(timezone.utc))
     import urllib3

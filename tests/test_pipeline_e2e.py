@@ -182,8 +182,9 @@ def test_a_run_of_chosen_items_pays_only_for_them(run, sandbox_blocks, tmp_path)
 def test_a_run_lets_go_of_the_items_that_ended(run, sandbox_blocks, monkeypatch) -> None:
     """A long run's memory does not grow with its length: as each item ends, the run keeps its
     outcome and lets go of its task runs (their futures, Prefect's per-flow-run copy of each
-    final state, its task runner's cancel events, its tasks' assets). Seen at each submit, after the first items
-    ended: the earlier items' futures are gone but for those in flight or just ended."""
+    final state, its task runner's cancel events, its tasks' assets). Seen at each submit, after
+    the first items ended: the earlier items' futures are gone but for those in flight or just
+    ended."""
     import gc
     import weakref
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from urllib.parse import parse_qs
 from datetime import datetime, timezone
+from urllib.parse import parse_qs
 
 import pytest
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
