@@ -52,8 +52,9 @@ class BackfillFailed(RuntimeError):
 
 
 def dates_between(start: date, end: date) -> list[date]:
+    """Every date from `start` to `end`, both included (`BackfillRefused` when `end` is earlier)."""
     if end < start:
-        raise ValueError(f"end {end} is before start {start}")
+        raise BackfillRefused(f"the end {end} is before the start {start}: give an end on or after the start")
     return [start + timedelta(days=n) for n in range((end - start).days + 1)]
 
 

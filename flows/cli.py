@@ -37,14 +37,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
-def _lease_setting_refused() -> str | None:
-    """Why `IMAGEGEN_LEASE_SECONDS` cannot be used, checked before Prefect starts (else None)."""
+def _refused_before_start(args: argparse.Namespace) -> str | None:
+    """Why a run or backfill cannot start, checked before Prefect starts (else None): an
+    `IMAGEGEN_LEASE_SECONDS` that cannot be used, a backfill's end before its start."""
+    from flows.backfill import BackfillRefused, dates_between
     from flows.paying.limits import LEASE_SECONDS
     from flows.paying.slots import LeaseSettingInvalid, configured_lease
 
     try:
         configured_lease(LEASE_SECONDS)
-    except LeaseSettingInvalid as exc:
+        if args.command == "backfill":
+            dates_between(args.start, args.end)
+    except (LeaseSettingInvalid, BackfillRefused) as exc:
         return str(exc)
     return None
 
@@ -525,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlockMissing
 
     args = parser().parse_args(argv)
-    if args.command in ("run", "backfill") and (refused := _lease_setting_refused()) is not None:
+    if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
         print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
         return 1
     if (note := temporary_server_note(args)) is not None:

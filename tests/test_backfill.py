@@ -31,7 +31,7 @@ items:
 
 def test_dates_between() -> None:
     assert dates_between(date(2026, 1, 30), date(2026, 2, 2))[-1] == date(2026, 2, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(BackfillRefused, match="the end 2026-01-30 is before the start 2026-02-02: give an end on"):
         dates_between(date(2026, 2, 2), date(2026, 1, 30))
 
 

@@ -79,3 +79,12 @@ def test_a_lease_setting_that_is_no_number_is_one_line_before_anything_starts(sp
     err = capsys.readouterr().err
     assert err.strip() == (f"{command} not started: IMAGEGEN_LEASE_SECONDS='3m' is not a number of seconds: "
                            "set 60 to 86400, or unset it for the default of 180"), err
+
+
+def test_a_backfill_ending_before_it_starts_is_one_line_before_anything_starts(spec: Path, capsys) -> None:
+    """`--end` before `--start`: one line saying so and what to give, and no Prefect server
+    started (the refusal comes before the temporary server's note)."""
+    assert main(["backfill", str(spec), "--start", "2026-01-05", "--end", "2026-01-01"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("backfill not started: the end 2026-01-01 is before the start 2026-01-05: "
+                           "give an end on or after the start"), err
