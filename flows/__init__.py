@@ -7,7 +7,7 @@
 - `flows.imaging`: image work and review;
 - `flows.running`: the Prefect tasks, progress and the report;
 - `flows.pipeline` and `flows.backfill`: the flows (the deployments' entry points), and
-  `flows.cli`: the `imagegen` command, on top.
+  `flows.cli`: the `imagegen` command, on top (`flows.tempserver`: the temporary Prefect server it starts).
 
 Imports inside functions are of Prefect, prefect-aws, optional packages (moderation, Real-ESRGAN)
 and, in `flows.cli`, of the layers a command needs: kept out of the start-up of commands that

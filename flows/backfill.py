@@ -23,6 +23,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 
 from flows.storage import archive_bucket, read_json
+from flows.paying import paidcalls
 from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
 from flows.running.progress import RunProgress, final_state
 from flows.running.report import artifact_key
@@ -264,6 +265,10 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
     rows: dict[date, dict[str, Any]] = {}
     waiting, stop_reason = list(dates.todo), None
     while waiting or running:
+        if waiting and (stopping := paidcalls.stop_requested()) is not None:  # Ctrl-C, SIGHUP
+            logger.warning("backfill %s: %s: %d date(s) not started", dates.name, stopping, len(waiting))
+            rows.update((d, unrun_row(d, "failed", "not started", f"not started: {stopping}")) for d in waiting)
+            waiting = []
         if waiting and stop_reason is None and len(running) < max_parallel:
             run_date = waiting.pop(0)
             try:

@@ -55,6 +55,7 @@ def _refused_before_start(args: argparse.Namespace) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from blocks.errors import BlockMissing
+    from flows.paying.detach import INTERRUPTED, interrupted, stop_on_interrupt
     from flows.pipeline import plan_items, preflight, run_pipeline, saved_blocks
     from flows.running.progress import terminal_line
     from flows.running.report import PipelineIncomplete, format_table, summary_rows
@@ -78,20 +79,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.take_over_name and (taken := name_taken(spec, path)) is not None:
         print(f"run not started: {taken}", file=sys.stderr)
         return 1
-    with terminal_line():
+    with terminal_line(), stop_on_interrupt():
         state = run_pipeline(spec=args.spec, run_date=args.run_date, take_over_name=args.take_over_name,
                              return_state=True)
     outcome = state.result(raise_on_failure=False)
     manifest = outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
     if not isinstance(manifest, dict):
         print(f"run failed: {outcome}", file=sys.stderr)
-        return 1
-    print(format_table(summary_rows(manifest)))
-    totals = manifest["totals"]
-    print(f"\n{manifest['status']}: {totals['images']} image(s) archived ({totals['approved']} approved, "
-          f"{totals['rejected']} rejected), {totals['failed_items']} failed item(s), "
-          f"{totals['credits']} credits; manifest {manifest.get('manifest_uri')}")
-    return 0 if manifest["status"] == "complete" else 1
+    else:
+        print(format_table(summary_rows(manifest)))
+        totals = manifest["totals"]
+        print(f"\n{manifest['status']}: {totals['images']} image(s) archived ({totals['approved']} approved, "
+              f"{totals['rejected']} rejected), {totals['failed_items']} failed item(s), "
+              f"{totals['credits']} credits; manifest {manifest.get('manifest_uri')}")
+    complete = isinstance(manifest, dict) and manifest["status"] == "complete"
+    if interrupted():
+        print(INTERRUPTED_DONE if complete else INTERRUPTED_RUN, file=sys.stderr)
+        return 0 if complete else INTERRUPTED
+    return 0 if complete else 1
+
+
+INTERRUPTED_RUN = ("interrupted (Ctrl-C): items not done were stopped before paying; run the same command again to "
+                   "finish them (nothing is paid twice)")
+INTERRUPTED_DONE = "Ctrl-C came after every item was paid for: the run completed"
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -249,6 +259,7 @@ def local_lease_storage() -> Path | None:
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
     from flows.backfill import BackfillFailed, BackfillRefused, backfill, check_arguments
+    from flows.paying.detach import INTERRUPTED, interrupted, stop_on_interrupt
     from flows.running.progress import terminal_line
     from flows.running.report import format_table
 
@@ -258,20 +269,26 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     except (SpecError, BackfillRefused) as exc:
         print(exc, file=sys.stderr)
         return 1
-    with terminal_line():
+    with terminal_line(), stop_on_interrupt():
         state = backfill(spec=args.spec, start=args.start, end=args.end, max_parallel=args.max_parallel,
                          max_credits=args.max_credits, deployment=None if args.local else args.deployment,
                          return_state=True)
     rows = state.result(raise_on_failure=False)
+    status = 0
     if isinstance(rows, BackfillFailed):
         print(format_table(rows.rows))
         print(f"\nbackfill failed: {rows}", file=sys.stderr)
-        return 1
-    if isinstance(rows, BaseException):
+        status = 1
+    elif isinstance(rows, BaseException):
         print(f"backfill failed: {type(rows).__name__}: {rows}", file=sys.stderr)
-        return 1
-    print(format_table(rows))
-    return 0
+        status = 1
+    else:
+        print(format_table(rows))
+    if interrupted():
+        print("interrupted (Ctrl-C): dates not done were stopped before paying; run the same backfill again to finish "
+              "them (dates done are skipped, nothing is paid twice)", file=sys.stderr)
+        return INTERRUPTED
+    return status
 
 
 def cmd_setup_server(args: argparse.Namespace) -> int:
@@ -532,9 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
         print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
         return 1
-    if (note := temporary_server_note(args)) is not None:
-        print(note, file=sys.stderr, flush=True)
+    note = temporary_server_note(args)
     try:
+        if note is not None:
+            from flows import tempserver
+
+            print(note, file=sys.stderr, flush=True)
+            tempserver.start()  # here, in the main thread, out of the terminal's Ctrl-C
         return args.func(args)
     except BlockMissing as exc:  # one line naming the Block and how to save it, not a traceback
         print(exc, file=sys.stderr)

@@ -17,6 +17,11 @@ And while a run holds its claim (`stop_on_hangup`), SIGHUP (a closed terminal, o
 `kill -HUP <pid>`) stops it between paid calls: no paid call starts after it
 (`flows.paying.paidcalls.RunStopping`), calls already sent are recorded, and jobs already paid for
 are polled to the end.
+
+Ctrl-C in the terminal of `imagegen run` or `backfill` (`stop_on_interrupt`) does the same, and
+says so on the terminal; a second Ctrl-C leaves at once, as a killed process does (every paid
+call is in the ledger before it is sent: the next run of the date collects what was paid,
+without paying again), after telling the Prefect API the run crashed (3 s at most).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -82,3 +88,86 @@ def stop_on_hangup(logger: Any) -> Iterator[None]:
         if previous is not None:
             signal.signal(signal.SIGHUP, previous)
         _loggers.remove(logger)
+
+
+LEAVE_REPORT_SECONDS = 3.0  # how long a second Ctrl-C waits for the API to hear that the run crashed
+INTERRUPTED = 130  # the exit status of a process ended by Ctrl-C (128 + SIGINT)
+
+FIRST_CTRL_C = ("\nCtrl-C: stopping. No new paid call starts; jobs already paid for are collected and archived, "
+                "then the run ends. Ctrl-C again to leave at once: the next run of the same date collects those "
+                "jobs without paying again.\n")
+SECOND_CTRL_C = ("\nCtrl-C again: leaving now. Every paid call is in the ledger: run the same command again to "
+                 "collect what was paid (nothing is paid twice; it may first wait for this run's claim to expire, "
+                 "at most one lease).\n")
+
+
+def _say(text: str) -> None:
+    """Write to the terminal from a signal handler: straight to the file descriptor, taking no
+    lock that the interrupted code may hold (logging's, rich's)."""
+    with contextlib.suppress(OSError):
+        os.write(sys.__stderr__.fileno() if sys.__stderr__ else 2, text.encode())
+
+
+def _report_crash(run_id: Any) -> None:
+    """Tell the Prefect API that flow run `run_id` crashed and send the logs not sent yet (best
+    effort, `LEAVE_REPORT_SECONDS` at most)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    def report() -> None:
+        from prefect.logging.handlers import APILogWorker
+
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Crashed(message="interrupted twice (Ctrl-C): left at once; the next "
+                                                              "run of this date collects what was paid"), force=True)
+        with contextlib.suppress(Exception):
+            APILogWorker.drain_all(timeout=LEAVE_REPORT_SECONDS)  # the run's last lines, on its page in the UI
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    thread.join(LEAVE_REPORT_SECONDS)
+
+
+def _top_run_id() -> Any:
+    """The flow run the main thread is in, if any."""
+    with contextlib.suppress(Exception):
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        return context.flow_run.id if context and context.flow_run else None
+    return None
+
+
+_interrupted: list[bool] = []
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    if not _interrupted:
+        _interrupted.append(True)
+        paidcalls.request_stop("Ctrl-C")
+        _say(FIRST_CTRL_C)
+        _later("Ctrl-C: this run starts no more paid calls; jobs already paid for are polled to the end, then it ends")
+        return
+    _say(SECOND_CTRL_C)
+    if (run_id := _top_run_id()) is not None:
+        _report_crash(run_id)
+    os._exit(INTERRUPTED)
+
+
+def interrupted() -> bool:
+    """True once a Ctrl-C stopped this process's run (`stop_on_interrupt`)."""
+    return bool(_interrupted)
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[None]:
+    """For the block (a command's run, in the main thread), Ctrl-C stops the run between paid
+    calls and a second one leaves at once (see the module)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,74 @@
+"""Prefect's temporary server, out of the terminal's Ctrl-C, never outliving the command.
+
+Any `imagegen` command without `PREFECT_API_URL` talks to a temporary Prefect server that
+Prefect starts as a child process (`SubprocessASGIServer`, uvicorn). Prefect starts it in the
+command's process group, so a person's Ctrl-C in the terminal reaches it too: it died at once
+while the run it served could no longer record anything, and `imagegen run` hung retrying calls
+to it. `start()` starts the same server, the same way, with two differences:
+
+- its own process group: a Ctrl-C reaches `imagegen` alone, which stops its run and then stops
+  the server (`atexit`, as Prefect does);
+- on Linux it gets SIGTERM when `imagegen` dies, however it dies (`PR_SET_PDEATHSIG`): out of
+  the terminal's process group, a closed terminal or a `kill -9` would otherwise orphan it.
+
+The server is registered where Prefect looks for it (`SubprocessASGIServer()`, keyed by no
+port), so every client of the process uses it. `start()` is called from the main thread: the
+death signal follows the thread that started the child.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (AttributeError, OSError):\n"
+    "    pass  # not Linux: the server is stopped at exit only\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)  # the command died before the signal was set\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+"""Run before uvicorn in the server's process: ask for SIGTERM when the parent dies, then exec."""
+
+
+def server_command(port: int, parent: int) -> list[str]:
+    """The server's command line: Prefect's own (uvicorn on Prefect's app factory, API only),
+    behind `GUARD`."""
+    import prefect
+
+    return [sys.executable, "-c", GUARD, str(parent), "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+def _shielded_class() -> type:
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class ShieldedServer(SubprocessASGIServer):
+        """Prefect's temporary server in a process group of its own (see the module)."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+            return subprocess.Popen(server_command(self.port, os.getpid()), env=env, stdin=subprocess.DEVNULL,
+                                    process_group=0)
+
+    return ShieldedServer
+
+
+def start() -> Any:
+    """Start the temporary server (or return the one already started) and return it."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    if server is None:
+        server = _shielded_class()()
+    server.start()
+    return server
+

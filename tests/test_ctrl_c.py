@@ -1,0 +1,187 @@
+"""Ctrl-C in the terminal of `imagegen run`, as a person presses it: the run in a pseudo-terminal,
+`^C` written to it, so the terminal itself sends SIGINT to the foreground process group.
+
+1. One Ctrl-C stops the run between paid calls: jobs already paid for are collected and archived,
+   no new paid call starts, the command ends with 130 and says how to finish; the rerun pays for
+   the rest. The emulator witnesses: every image charged once.
+2. A second Ctrl-C leaves at once, telling the Prefect API the run crashed. (What a rerun does
+   after a process that left at any moment is walked by the kill tests: `test_limits_and_faults`,
+   `test_fault_matrix`.)
+3. The temporary Prefect server a command starts (no `PREFECT_API_URL`) is out of the terminal's
+   Ctrl-C (it died with it, and the run hung calling it), and dies with the command however
+   the command dies.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_fail_closed import run_logs_named, wait_for
+from tests.test_limits_and_faults import cli_env
+from tests.test_pay_once import (charges, configure, emulators, ledger_states, once_each,  # noqa: F401 - a fixture
+                                 spec_text, write_spec)
+
+ROOT = Path(__file__).parent.parent
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class Terminal:
+    """`imagegen` in a pseudo-terminal of its own, its output kept."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the terminal's foreground process group
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "flows.cli", *args], env)
+        self.output = b""
+        self.status: int | None = None
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.output.decode(errors="replace")).replace("\r", "\n")
+
+    def read(self, seconds: float) -> None:
+        """Read what it writes for up to `seconds`, or until it ends."""
+        deadline = time.monotonic() + seconds
+        while self.status is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    self.output += os.read(self.fd, 65536)
+                except OSError:  # the child is gone and the terminal closed
+                    pass
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.status = os.waitstatus_to_exitcode(status)
+
+    def until(self, text: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while text not in self.text:
+            assert self.status is None, f"ended ({self.status}) before {text!r}: {self.text[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} in {seconds:.0f} s: {self.text[-3000:]}"
+            self.read(0.5)
+
+    def ctrl_c(self) -> None:
+        os.write(self.fd, b"\x03")  # the terminal sends SIGINT to its foreground process group
+
+    def kill(self) -> None:
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def run_in_terminal(path: Path, day: date) -> Terminal:
+    env = {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"}
+    return Terminal(["run", str(path), "--run-date", day.isoformat()], env)
+
+
+@pytest.mark.slow  # `imagegen run` processes
+def test_one_ctrl_c_stops_between_paid_calls_and_the_rerun_pays_for_the_rest(emulators, tmp_path) -> None:  # noqa: F811
+    name, day, n = "ctrlc-once", date(2026, 8, 11), 4
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+    configure(emulators, "tencent", latency=1.5)
+    term = run_in_terminal(path, day)
+    try:
+        term.until("accepted request", 120)
+        term.ctrl_c()
+        term.read(120)
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        term.kill()
+    text = term.text
+    assert term.status == 130, text[-3000:]
+    assert "Ctrl-C: stopping. No new paid call starts" in text and "interrupted (Ctrl-C)" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    states = ledger_states(path, day)
+    assert set(states.values()) == {"archived"} and 1 <= len(states) < n, states  # paid: collected; nothing sending
+    assert charges(emulators, "tencent", name) == {f"item {k} of {name}": 1 for k in range(len(states))}
+
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
+                           env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert charges(emulators, "tencent", name) == once_each(name, n)
+
+
+@pytest.mark.slow  # an `imagegen run` process
+def test_a_second_ctrl_c_leaves_at_once_and_the_api_hears_the_run_crashed(emulators, tmp_path) -> None:  # noqa: F811
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    name, day, n = "ctrlc-twice", date(2026, 8, 12), 3
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 3"), name)
+    configure(emulators, "tencent", latency=8.0)  # its jobs outlast both presses
+    term = run_in_terminal(path, day)
+    try:
+        term.until("accepted request", 120)
+        term.ctrl_c()
+        term.until("Ctrl-C: stopping", 10)
+        term.ctrl_c()
+        pressed = time.monotonic()
+        term.read(30)
+        took = time.monotonic() - pressed
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        term.kill()
+    text = term.text
+    assert term.status == 130, text[-3000:]
+    assert took < 20, f"{took:.1f} s after the second Ctrl-C: {text[-3000:]}"  # bound: a 3 s report, not a job
+    assert "Ctrl-C again: leaving now" in text and "Traceback" not in text, text[-3000:]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{name}-{day}"])))
+    assert [run.state.name for run in runs] == ["Crashed"], runs
+    assert any("Ctrl-C: this run starts no more paid calls" in line for line in run_logs_named(f"{name}-{day}"))
+
+
+GUARDED = """
+import signal, sys, time
+from flows import tempserver
+server = tempserver.start()
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # this command outlives the Ctrl-C, to see the server's fate
+print(server.server_process.pid, server.api_url, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow  # a temporary Prefect server on a new Prefect home (its database is created)
+def test_the_temporary_server_is_out_of_the_terminals_ctrl_c_and_dies_with_the_command(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    command = subprocess.Popen([sys.executable, "-c", GUARDED], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)  # a terminal's job: a process group of its own
+    server = None
+    try:
+        pid, api = command.stdout.readline().split()
+        server = int(pid)
+        assert os.getpgid(server) == server != os.getpgid(command.pid)
+        os.killpg(command.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the command's process group
+        time.sleep(1.0)
+        assert httpx.get(f"{api}/health", timeout=10).status_code == 200  # the server did not get it
+        command.kill()  # however the command dies (here `kill -9`), the server goes with it
+        command.wait(10)
+        wait_for("the server's end", lambda: not alive(server), 30)
+    finally:
+        command.kill()
+        if server is not None and alive(server):
+            os.kill(server, signal.SIGKILL)
