@@ -21,13 +21,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
+from prefect.states import Failed
 
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
 from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
 from flows.running.progress import RunProgress, final_state
 from flows.running.report import artifact_key
-from flows.specs.spec import PIPELINES_DIR, PipelineSpec, RunOverrides, load_spec, resolve_spec_path
+from flows.specs.spec import PIPELINES_DIR, PipelineSpec, RunOverrides, SpecError, load_spec, resolve_spec_path
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
@@ -207,7 +208,17 @@ def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id:
 def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credits: float | None = None,
              deployment: str | None = DEPLOYMENT) -> list[dict[str, Any]]:
     """Run `spec` for every date from `start` to `end`, skipping dates already complete. Ends
-    Failed (`BackfillFailed`, with the per-date table) when any date failed."""
+    Failed (`BackfillFailed`, with the per-date table) when any date failed, or when refused
+    (`BackfillRefused`, a bad spec): said in one line, no traceback."""
+    try:
+        return _backfill(spec, start, end, max_parallel, max_credits, deployment)
+    except (BackfillFailed, BackfillRefused, SpecError) as exc:
+        get_run_logger().error("%s: %s", type(exc).__name__, exc)
+        return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)  # type: ignore[return-value]
+
+
+def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits: float | None,
+              deployment: str | None) -> list[dict[str, Any]]:
     from prefect.runtime import deployment as this_deployment  # `deployment` is the parameter
 
     logger = get_run_logger()

@@ -279,6 +279,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(format_table(rows.rows))
         print(f"\nbackfill failed: {rows}", file=sys.stderr)
         status = 1
+    elif isinstance(rows, (BackfillRefused, SpecError)):
+        print(f"backfill not started: {rows}", file=sys.stderr)
+        status = 1
     elif isinstance(rows, BaseException):
         print(f"backfill failed: {type(rows).__name__}: {rows}", file=sys.stderr)
         status = 1

@@ -79,6 +79,24 @@ def test_backfill_over_its_credit_cap_runs_nothing(sandbox_blocks, tmp_path) -> 
     assert tams_stats(sandbox_blocks)["submits"] == before["submits"]
 
 
+def test_a_refused_backfill_is_one_line_in_the_terminal_without_a_traceback(sandbox_blocks, tmp_path) -> None:
+    """As a person types it: the refusal comes from inside the backfill flow, which ends Failed
+    with it (Prefect printed its traceback first)."""
+    import subprocess
+    import sys
+
+    from tests.test_limits_and_faults import cli_env
+
+    path = spec(tmp_path, "bf-cap-cli")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "backfill", path, "--start", "2026-07-05", "--end",
+                          "2026-07-06", "--max-credits", "1", "--local"], env={**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO"},
+                         capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "Traceback" not in text, text[-3000:]
+    assert "backfill not started: 2 date(s) to run are estimated at" in out.stderr, text[-3000:]
+    assert "above the cap of 1.0; nothing was run" in out.stderr, text[-3000:]
+
+
 def test_backfill_table_artifact(sandbox_blocks, tmp_path) -> None:
     from prefect.client.orchestration import get_client
 
