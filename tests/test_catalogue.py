@@ -87,6 +87,27 @@ def test_row_problems_are_named_at_the_catalogue_line_several_at_once(tmp_path: 
     assert len(found) >= 3
 
 
+def test_a_rows_value_the_spec_refuses_is_named_at_the_row_once_with_the_row(tmp_path: Path) -> None:
+    """A value checked by the spec's rules (not the catalogue's) is still the row's problem: told
+    at its line, with the row, once for all its matrix values (it was the spec's line 1, twice)."""
+    rows = ROWS.replace("blue,chuzhan", "blue,chuzan")
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, rows=rows))
+    [issue] = caught.value.issues
+    assert (Path(issue.file).name, issue.line, issue.field) == ("products.csv", 3, "provider"), issue
+    assert issue.message == "'chuzan' is no provider: it should be 'chuzhan', 'tams' or 'tencent'"
+    assert issue.snippet == "  3 | BAG-02,backpack,blue,chuzan"
+
+
+@pytest.mark.parametrize("rows, says", [
+    ("sku,name,color,provider\n", "the catalogue products.csv has no rows after its header"),
+    ("", "the catalogue products.csv has no rows (an empty file)"),
+])
+def test_a_catalogue_with_no_rows_is_refused_at_its_path_in_the_spec(tmp_path: Path, rows: str, says: str) -> None:
+    [issue] = problems(write(tmp_path, rows=rows))
+    assert issue.startswith(f"cat.yaml:7: {says}: check that it is the file meant"), issue
+
+
 def test_ids_made_of_characters_an_id_drops_name_the_fix(tmp_path: Path) -> None:
     rows = "sku,name,color,provider\n连衣裙,dress,red,tams\n衬衫,shirt,blue,tams\n"
     issue, second = problems(write(tmp_path, rows=rows, edits={'"{sku}-{style}"': '"{sku}{style}"',

@@ -85,6 +85,23 @@ def test_bad_spec_names_file_line_and_field(tmp_path: Path, text: str, line: int
         assert f"{line} |" in first.snippet and "^" in first.snippet
 
 
+@pytest.mark.parametrize(("run", "message"), [
+    ("{max_credits: {tams: -5}}", "the cap of tams should be a number above 0, not -5"),
+    ("{max_credits: -5}", "a cap (one number, or one per provider: {tams: 500, tencent: 50}) should be a number above "
+                          "0, not -5"),
+    ("{max_credits: {tams: abc}}", "the cap of tams should be a number above 0, not 'abc'"),
+    ("{max_credits: {tamz: 5}}", "'tamz' is no provider: it should be 'chuzhan', 'tams' or 'tencent'"),
+    ("{max_credits: 1e12}", "a cap (one number, or one per provider: {tams: 500, tencent: 50}) should be a number above "
+                            "0 ('1e12' is text in YAML: write it as 1.0e+12 with a dot and a sign, or in digits)"),
+    ("{poll_interval: \"2\"}", "Input should be a valid number ('2' is text: write it without quotes)"),
+])
+def test_a_cap_or_number_mistake_is_one_line_saying_why(tmp_path: Path, run: str, message: str) -> None:
+    """One line each, in a person's terms (the cap's two forms gave two lines in pydantic's, and a
+    YAML `1e12`, which YAML reads as text, was only "not a valid number")."""
+    [issue] = issue_of(tmp_path, GOOD + f"run: {run}\n")
+    assert (issue.line, issue.field, issue.message) == (12, f"run.{run[1:].split(':')[0]}", message), str(issue)
+
+
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     text = GOOD.replace("  width: 512\n", "  width: -1\n  colour: red\n").replace("provider: tams\n", "provider: x\n")
     fields = {i.field for i in issue_of(tmp_path, text)}

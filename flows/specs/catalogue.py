@@ -208,9 +208,28 @@ def catalogue_path(path: Any, base_dir: Path | None) -> Path:
     return full
 
 
-def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Made:
+    """The items a catalogue made, and for each the catalogue's name and the line of its row."""
+
+    items: list[dict[str, Any]]
+    label: str
+    lines: list[int]
+    path: Path
+
+    def row_text(self, line: int) -> str:
+        """The text of line `line` of the catalogue (for an error's snippet), cut to 200 characters."""
+        with self.path.open("rb") as raw:
+            for number, text in enumerate(raw, start=1):
+                if number == line:
+                    return text.decode("utf-8-sig", errors="replace").rstrip("\r\n")[:200]
+        return ""
+
+
+def expand(source: Any, matrix: Any, base_dir: Path | None) -> Made:
     """The items a catalogue makes, in file order, each combination of the matrix in turn;
-    `CatalogueError` with every problem found (at most `MAX_ERRORS`)."""
+    `CatalogueError` with every problem found (at most `MAX_ERRORS`), or for a catalogue with no
+    rows (a wrong or truncated file, most likely)."""
     if not isinstance(source, dict):
         raise CatalogueError([("", 0, 0, "items_from", "items_from is a mapping: path, id, prompt, ...")])
     combos = check_matrix(matrix)
@@ -218,6 +237,7 @@ def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, An
     path = catalogue_path(source.get("path"), base_dir)
     label, limit = str(source["path"]), max_items()
     items: list[dict[str, Any]] = []
+    lines: list[int] = []
     seen: dict[str, tuple[int, str]] = {}  # id -> (line, the id template's text there)
     problems: list[tuple[str, int, int, str, str]] = []
     checked_columns = False
@@ -241,13 +261,18 @@ def expand(source: Any, matrix: Any, base_dir: Path | None) -> list[dict[str, An
                 break
             seen[item["id"]] = (line, rendered)
             items.append(item)
+            lines.append(line)
         if len(items) > limit:
             problems.append((label, line, 1, "", f"more than {limit:,} items ({MAX_ITEMS_SETTING} raises the cap); "
                              "split the catalogue or the matrix"))
             break
     if problems:
         raise CatalogueError(problems)
-    return items
+    if not items:
+        raise CatalogueError([("", 0, 0, "items_from.path", f"the catalogue {label} has no rows"
+                               + (" after its header" if path.stat().st_size else " (an empty file)")
+                               + ": check that it is the file meant, and that it was written in full")])
+    return Made(items, label, lines, path)
 
 
 def _check_columns(parsed: dict[str, Template], known: set[str]) -> None:

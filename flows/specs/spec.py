@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import string
 from dataclasses import dataclass
@@ -18,12 +19,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from flows.specs import confine
 from flows.storage import KEY_FIELDS, OWNER_KEY, KeyLayout, check_template, key_problem, render_key, sidecar_key
-from flows.specs.catalogue import CatalogueError, expand
+from flows.specs.catalogue import CatalogueError, Made, expand
 from flows.specs.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
@@ -34,13 +35,53 @@ def _known_provider(name: str) -> str:
 
     known = registry.entry_point_names()
     if name not in known:
-        raise ValueError(f"Input should be {', '.join(repr(n) for n in known[:-1])} or {known[-1]!r}"
-                         if len(known) > 1 else f"unknown provider; known: {known}")
+        raise ValueError(f"{name!r} is no provider: it should be {', '.join(repr(n) for n in known[:-1])} or "
+                         f"{known[-1]!r}" if len(known) > 1 else f"{name!r} is no provider; known: {known}")
     return name
 
 
 ProviderName = Annotated[str, AfterValidator(_known_provider)]
+
+
+def _positive_number(value: Any, what: str) -> None:
+    """`value` is a number above 0, or a `ValueError` saying what it is instead."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} should be a number above 0{text_number_hint(value) or f', not {value!r}'}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} should be a number above 0, not {value}")
+
+
+def _credit_cap(value: Any) -> Any:
+    """`run.max_credits`: one number above 0, or one per known provider; one line per mistake
+    (the two forms otherwise each gave theirs, in pydantic's terms)."""
+    if isinstance(value, dict):
+        for provider, cap in value.items():
+            _known_provider(str(provider))
+            _positive_number(cap, f"the cap of {provider}")
+    elif value is not None:
+        _positive_number(value, "a cap (one number, or one per provider: {tams: 500, tencent: 50})")
+    return value
+
+
+CreditCap = Annotated[PositiveFloat | dict[ProviderName, PositiveFloat] | None, BeforeValidator(_credit_cap)]
+
+
+def text_number_hint(value: Any, integer: bool = False) -> str:
+    """Why a number written in YAML was read as text, where it was: quotes, or an exponent YAML
+    does not read as a number (`1e12`; `1.0e+12` is one)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not re.fullmatch(r"\s*[-+]?[0-9_.]+[eE][-+]?[0-9]+\s*", value):
+        return f" ({value!r} is text: write it without quotes)"
+    if integer or not math.isfinite(number):
+        return f" ({value!r} is text in YAML: write it in digits)"
+    return f" ({value!r} is text in YAML: write it as {number:.1e} with a dot and a sign, or in digits)"
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+NUMBER_ERRORS = frozenset({"float_type", "int_type", "float_parsing", "int_parsing"})
 MAX_SPEC_BYTES = 1_000_000
 MAX_ITEMS = 10_000
 
@@ -208,7 +249,7 @@ class RunSettings(_Strict):
     unknown_hold: float = Field(
         60, ge=0, le=3600,
         description="Seconds a job slot stays held after an ambiguous submit answer (the job may be running).")
-    max_credits: PositiveFloat | dict[ProviderName, PositiveFloat] | None = Field(
+    max_credits: CreditCap = Field(
         None, description=("Per provider, in its own unit (e.g. {tams: 500, chuzhan: 300, tencent: 50}: TAMS and "
                            "触站AI credits, Tencent billable calls): refuse a run estimated above it, stop submitting "
                            "that provider's items when reached. A single number only where the spec uses one provider."))
@@ -357,7 +398,7 @@ class SpecIssue:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}"
-        return f"{where}: {self.field or '<document>'}: {self.message}\n{self.snippet}"
+        return f"{where}: {self.field or '<document>'}: {self.message}" + (f"\n{self.snippet}" if self.snippet else "")
 
 
 class SpecError(ValueError):
@@ -480,31 +521,73 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
                                    f"{MAX_ITEMS:,} (split it into several specs)", snippet(text, pos))])
     if overrides:
         data = merge(data, overrides)
+    where = Where(name, text, positions)
     if "items_from" in data or "matrix" in data:
-        data = _with_catalogue_items(data, positions, text, name, base_dir)
+        data, where.rows = _with_catalogue_items(data, positions, text, name, base_dir)
     try:
         spec = PipelineSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        issues = []
-        for err in exc.errors(include_url=False, include_input=False):
-            loc = tuple(err["loc"])
-            # An unknown key points at the key itself; other errors at the offending value.
-            pos = closest_position(loc, positions, value=err["type"] != "extra_forbidden")
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown key"
-            issues.append(SpecIssue(name, pos.line, pos.column, location_name(loc), message, snippet(text, pos)))
-        raise SpecError(issues) from None
-    issues = _cross_checks(spec, positions, text, name)
+        issues = [_issue(where, err) for err in exc.errors(include_url=False)]
+        raise SpecError(list(dict.fromkeys(issues))) from None  # a row's problem once, not once per matrix value
+    issues = _cross_checks(spec, where)
     if issues:
         raise SpecError(issues)
     return spec
 
 
+def _issue(where: Where, err: Any) -> SpecIssue:
+    """One line for one of pydantic's errors: an unknown key points at the key itself, other
+    errors at the offending value; a number written as text says why it is text."""
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] in NUMBER_ERRORS:
+        message += text_number_hint(err.get("input"), integer=err["type"].startswith("int"))
+    return where.issue(tuple(err["loc"]), message, value=err["type"] != "extra_forbidden")
+
+
+@dataclass
+class Where:
+    """How a problem at a spec location is told: at the spec's line, or, for an item a catalogue
+    made, at the catalogue's row (`products.csv:7: provider: ...`)."""
+
+    name: str
+    text: str
+    positions: dict
+    rows: CatalogueRows | None = None
+
+    def issue(self, loc: tuple[Any, ...], message: str, *, value: bool = True) -> SpecIssue:
+        if self.rows is not None and (at_row := self.rows.issue(loc, message)) is not None:
+            return at_row
+        pos = closest_position(loc, self.positions, value=value)
+        return SpecIssue(self.name, pos.line, pos.column, location_name(loc), message, snippet(self.text, pos))
+
+
+@dataclass(frozen=True)
+class CatalogueRows:
+    """Where the items a catalogue made came from: `items[first + k]` is the row at `lines[k]` of
+    `file` (so a problem of such an item is told at its row, not at the spec's line)."""
+
+    first: int
+    file: str
+    made: Made
+
+    def issue(self, loc: tuple[Any, ...], message: str) -> SpecIssue | None:
+        """The problem at its catalogue row, where `loc` is in an item the catalogue made."""
+        if len(loc) < 2 or loc[0] != "items" or not isinstance(loc[1], int):
+            return None
+        k = loc[1] - self.first
+        if not 0 <= k < len(self.made.lines):
+            return None
+        line = self.made.lines[k]
+        return SpecIssue(self.file, line, 1, location_name(loc[2:]), message, f"  {line} | {self.made.row_text(line)}")
+
+
 def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name: str,
-                          base_dir: Path | None) -> dict[str, Any]:
+                          base_dir: Path | None) -> tuple[dict[str, Any], CatalogueRows]:
     """`data` with the items its `items_from` catalogue (and `matrix`) make after its own
-    `items:`; `SpecError` at the spec's line for a template, at the catalogue's for a row."""
+    `items:`, and where they came from; `SpecError` at the spec's line for a template, at the
+    catalogue's for a row."""
     data = dict(data)
     source, matrix = data.pop("items_from", None), data.pop("matrix", None)
     try:
@@ -521,50 +604,41 @@ def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name
                 pos = closest_position(tuple(field.split(".")), positions, value=True)
                 issues.append(SpecIssue(name, pos.line, pos.column, field, message, snippet(text, pos)))
         raise SpecError(issues) from None
-    data["items"] = [*(data.get("items") or []), *made]
-    return data
+    own = len(data.get("items") or [])
+    data["items"] = [*(data.get("items") or []), *made.items]
+    return data, CatalogueRows(own, str(Path(name).parent / made.label) if base_dir is not None else made.label, made)
 
 
-def _cross_checks(spec: PipelineSpec, positions: dict, text: str, name: str) -> list[SpecIssue]:
+def _cross_checks(spec: PipelineSpec, where: Where) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
     seen: dict[str, int] = {}
     ids = [spec.item_id(index) for index in range(len(spec.items))]  # id-less items hash their input: once
     for index, item_id in enumerate(ids):
         if item_id in seen:
-            pos = closest_position(("items", index, "id"), positions, value=True)
-            issues.append(
-                SpecIssue(name, pos.line, pos.column, f"items[{index}].id",
-                          f"duplicate item id {item_id!r} (also items[{seen[item_id]}])" if spec.items[index].id else
-                          f"asks for exactly what items[{seen[item_id]}] asks for; give the two an `id` each "
-                          "(or a different seed) if both are meant", snippet(text, pos))
-            )
+            issues.append(where.issue(
+                ("items", index, "id"),
+                f"duplicate item id {item_id!r} (also items[{seen[item_id]}])" if spec.items[index].id else
+                f"asks for exactly what items[{seen[item_id]}] asks for; give the two an `id` each "
+                "(or a different seed) if both are meant"))
         seen.setdefault(item_id, index)
     used = spec.providers_used()
     if isinstance(spec.run.max_credits, float | int) and len(used) > 1:
-        pos = closest_position(("run", "max_credits"), positions, value=True)
-        issues.append(SpecIssue(
-            name, pos.line, pos.column, "run.max_credits",
+        issues.append(where.issue(
+            ("run", "max_credits"),
             f"this spec uses {', '.join(used)}, whose credits are different units (Tencent counts billable calls); "
-            f"give one per provider, e.g. {{{', '.join(f'{p}: 100' for p in used)}}}", snippet(text, pos)))
+            f"give one per provider, e.g. {{{', '.join(f'{p}: 100' for p in used)}}}"))
     fields = {f for _, f, _, _ in string.Formatter().parse(spec.archive.key_template) if f}
     if "index" not in fields and any(item.count > 1 for item in spec.items):
-        pos = closest_position(("archive", "key_template"), positions, value=True)
-        issues.append(
-            SpecIssue(name, pos.line, pos.column, "archive.key_template",
-                      "an item has count > 1, so the key template needs {index}", snippet(text, pos))
-        )
+        issues.append(where.issue(("archive", "key_template"), "an item has count > 1, so the key template needs {index}"))
         return issues
     for index, item in enumerate(spec.items):
         if item.input_image and item.input_image.startswith("s3://"):
             try:
                 confine.check_s3_input(item.input_image, spec.archive.bucket)
             except confine.InputRefused as exc:
-                pos = closest_position(("items", index, "input_image"), positions, value=True)
-                issues.append(SpecIssue(name, pos.line, pos.column, f"items[{index}].input_image", str(exc),
-                                        snippet(text, pos)))
+                issues.append(where.issue(("items", index, "input_image"), str(exc)))
     for loc, message in key_collisions(spec, date.today(), ids):
-        pos = closest_position(loc, positions, value=True)
-        issues.append(SpecIssue(name, pos.line, pos.column, location_name(loc), message, snippet(text, pos)))
+        issues.append(where.issue(loc, message))
         if len(issues) >= 20:
             break
     return issues
