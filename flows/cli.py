@@ -69,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
+    shield_server(args)
     try:
         saved_blocks(spec, plans)
     except BlockMissing as exc:
@@ -269,6 +270,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     except (SpecError, BackfillRefused) as exc:
         print(exc, file=sys.stderr)
         return 1
+    shield_server(args)
     with terminal_line(), stop_on_interrupt():
         state = backfill(spec=args.spec, start=args.start, end=args.end, max_parallel=args.max_parallel,
                          max_credits=args.max_credits, deployment=None if args.local else args.deployment,
@@ -545,6 +547,19 @@ def temporary_server_note(args: argparse.Namespace) -> str | None:
     return "starting a temporary Prefect server (set PREFECT_API_URL to use a lasting one)"
 
 
+SPEC_FIRST = ("run", "backfill")
+"""Commands that read their spec before anything of Prefect (a refused spec answers at once)."""
+
+
+def shield_server(args: argparse.Namespace) -> None:
+    """Where the command will start Prefect's temporary server, make it the one out of the
+    terminal's Ctrl-C (`flows.tempserver`), saying `temporary_server_note` once it starts."""
+    if (note := temporary_server_note(args)) is not None:
+        from flows import tempserver
+
+        tempserver.register(note)
+
+
 def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlockMissing
 
@@ -552,13 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
         print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
         return 1
-    note = temporary_server_note(args)
+    if args.command not in SPEC_FIRST:
+        shield_server(args)
     try:
-        if note is not None:
-            from flows import tempserver
-
-            print(note, file=sys.stderr, flush=True)
-            tempserver.start()  # here, in the main thread, out of the terminal's Ctrl-C
         return args.func(args)
     except BlockMissing as exc:  # one line naming the Block and how to save it, not a traceback
         print(exc, file=sys.stderr)

@@ -12,8 +12,10 @@ to it. `start()` starts the same server, the same way, with two differences:
   the terminal's process group, a closed terminal or a `kill -9` would otherwise orphan it.
 
 The server is registered where Prefect looks for it (`SubprocessASGIServer()`, keyed by no
-port), so every client of the process uses it. `start()` is called from the main thread: the
-death signal follows the thread that started the child.
+port), so every client of the process uses it, and it starts when the first of them needs it
+(a spec refused first starts none), saying so. The death signal follows the thread that
+started the child: it is asked for only when that is the main thread, which lives as long as
+the process; otherwise the server is stopped at exit only, as Prefect's is.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from typing import Any
 
 GUARD = (
     "import ctypes, os, signal, sys\n"
     "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    if sys.argv[1] != '0':\n"
+    "        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
     "except (AttributeError, OSError):\n"
     "    pass  # not Linux: the server is stopped at exit only\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
+    "if sys.argv[1] != '0' and os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(0)  # the command died before the signal was set\n"
     "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
 )
@@ -38,7 +42,7 @@ GUARD = (
 
 def server_command(port: int, parent: int) -> list[str]:
     """The server's command line: Prefect's own (uvicorn on Prefect's app factory, API only),
-    behind `GUARD`."""
+    behind `GUARD` (`parent` 0: no death signal)."""
     import prefect
 
     return [sys.executable, "-c", GUARD, str(parent), "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
@@ -53,22 +57,37 @@ def _shielded_class() -> type:
     class ShieldedServer(SubprocessASGIServer):
         """Prefect's temporary server in a process group of its own (see the module)."""
 
+        note = ""
+
+        def start(self, timeout: int | None = None) -> None:
+            if not self.running and self.note:
+                print(self.note, file=sys.stderr, flush=True)
+            super().start(timeout)
+
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
-            return subprocess.Popen(server_command(self.port, os.getpid()), env=env, stdin=subprocess.DEVNULL,
-                                    process_group=0)
+            main = threading.current_thread() is threading.main_thread()
+            return subprocess.Popen(server_command(self.port, os.getpid() if main else 0), env=env,
+                                    stdin=subprocess.DEVNULL, process_group=0)
 
     return ShieldedServer
 
 
-def start() -> Any:
-    """Start the temporary server (or return the one already started) and return it."""
+def register(note: str = "") -> Any:
+    """Make the process's temporary server the shielded one (started when first needed, saying
+    `note` then); return it. Before any Prefect client of the process exists."""
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer._instances.get(None)
     if server is None:
         server = _shielded_class()()
-    server.start()
+        server.note = note
     return server
 
+
+def start() -> Any:
+    """Start the shielded temporary server now (or return the one already started)."""
+    server = register()
+    server.start()
+    return server

@@ -88,3 +88,14 @@ def test_a_backfill_ending_before_it_starts_is_one_line_before_anything_starts(s
     err = capsys.readouterr().err
     assert err.strip() == ("backfill not started: the end 2026-01-01 is before the start 2026-01-05: "
                            "give an end on or after the start"), err
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_misspelt_spec_name_is_one_line_suggesting_the_shipped_one(command: str, capsys, monkeypatch) -> None:
+    """`imagegen run demoo`: the shipped spec closest to the name, and no Prefect server started
+    for a spec that is not there."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main([command, "demoo"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("demoo:1:1: <document>: cannot read spec: No such file or directory (did you mean 'demo', "
+                           "pipelines/demo.yaml?)"), err

@@ -459,6 +459,17 @@ def merge(base: Any, overrides: Any) -> Any:
     return overrides
 
 
+def _did_you_mean(path: Path) -> str:
+    """For a spec that is not there: the shipped spec whose name is closest, if one is close."""
+    import difflib
+
+    if path.exists():
+        return ""
+    shipped = sorted(p.stem for p in PIPELINES_DIR.glob("*.y*ml"))
+    close = difflib.get_close_matches(path.stem, shipped, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}, {PIPELINES_DIR.name}/{close[0]}.yaml?)" if close else ""
+
+
 def read_spec_text(path: Path) -> str:
     """The text of a spec file: at most `MAX_SPEC_BYTES`, UTF-8; `SpecError` in one line otherwise."""
     name = str(path)
@@ -466,7 +477,8 @@ def read_spec_text(path: Path) -> str:
         with path.open("rb") as handle:
             raw = handle.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
-        raise SpecError([SpecIssue(name, 1, 1, "", f"cannot read spec: {exc.strerror}", "")]) from None
+        raise SpecError([SpecIssue(name, 1, 1, "", f"cannot read spec: {exc.strerror}{_did_you_mean(path)}",
+                                   "")]) from None
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError([SpecIssue(name, 1, 1, "", f"spec file is larger than {MAX_SPEC_BYTES:,} bytes; "
                                    f"split it (at most {MAX_ITEMS:,} items a spec)", "")])
