@@ -68,8 +68,9 @@ def _shielded_class() -> type:
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
             main = threading.current_thread() is threading.main_thread()
+            own_group: dict[str, Any] = {"process_group": 0} if os.name == "posix" else {}
             return subprocess.Popen(server_command(self.port, os.getpid() if main else 0), env=env,
-                                    stdin=subprocess.DEVNULL, process_group=0)
+                                    stdin=subprocess.DEVNULL, **own_group)
 
     return ShieldedServer
 
