@@ -32,9 +32,10 @@ from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
 from flows.storage import archive_bucket, delete
-from flows.paying.budget import close_run, open_run
+from flows.paying.budget import close_run, for_run, open_run
 from flows.paying.slots import reclaim_expired
-from flows.running.report import PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish
+from flows.running.report import (PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish,
+                                  with_spend)
 from flows.imaging.images import MissingDependency, _realesrgan
 from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
 from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
@@ -626,6 +627,10 @@ def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str
                                                  "a failed job gives it back")
         elif record.state in (State.UNKNOWN, State.SENDING):
             out[plan.item_id] = (None, "may have been charged: the answer to its submit was not seen")
+        elif record.state in (State.SUBMITTED, State.DONE):
+            cost = record.charged if record.charged is not None else plan.estimate.credits if plan.estimate else None
+            out[plan.item_id] = (cost, "paid for, not archived: the next run of this date collects its job without "
+                                       "paying again")
     return out
 
 
@@ -639,7 +644,11 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
         listing = Listing(archive_bucket(parsed.archive.bucket, parsed.archive.credentials))
         outcomes = [(archived, None) if (archived := archived_before(plan, listing)) is not None else (None, reason)
                     for plan in plans]
-        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started)
+        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
+                                  charges=_charges_of_failed(plans, outcomes))
+        if (spend := for_run(str(flow_run.id))) is not None:  # it paid: what it may have been charged
+            with_spend(manifest, spend.summary())
+            close_run(str(flow_run.id))
         publish(parsed, run_date, manifest)
     except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
         logger.error("could not write the manifest after %s: %s", type(error).__name__, exc)
@@ -692,7 +701,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
                               frozenset(reused), charges={**_charges_of_failed(plans, outcomes), **lost})
     manifest["estimated_credits"] = estimated
-    manifest["spend"] = spend.summary()  # per provider: cap, charged, reserved (maybe charged)
+    with_spend(manifest, spend.summary())  # per provider: cap, charged, reserved (maybe charged)
     close_run(str(flow_run.id))
     for item_error in (e for _, e in outcomes if e and e.get("error") == "BudgetReached"):
         logger.error("%s", item_error["message"])

@@ -292,6 +292,30 @@ def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tence
     assert after["peak_in_flight"].get("RefineImage", 0) <= 1
 
 
+def test_a_paid_item_that_did_not_archive_counts_and_the_rerun_counts_only_what_it_paid(tencent, tmp_path) -> None:
+    """The generation is paid, its paid upscale refused: the manifest counts the paid job (it said
+    0 credits) and `credits_this_run` what this run's calls cost; the rerun collects the kept
+    generation without paying again and pays the upscale: its `credits_this_run` is 1 (it was 2,
+    counting the job another run paid for)."""
+    day = date(2026, 4, 6)
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
+               json={"code": "InvalidParameterValue.ParameterValueError", "count": 1, "action": "RefineImage"})
+    before = tencent_stats(tencent)
+    first = run_spec(tmp_path, spec_text("tc-paid-left", "  - {id: fox, prompt: a red fox in snow}\n"), day)
+    outcome = first.result(raise_on_failure=False)
+    assert isinstance(outcome, PipelineIncomplete), outcome
+    [fox] = outcome.manifest["items"]
+    assert fox["error"]["step"] == "upscale" and fox["credits"] == 1.0, fox
+    assert fox["charge"].startswith("paid for, not archived"), fox
+    assert outcome.manifest["totals"]["credits_this_run"] == 1.0 == tencent_stats(tencent)["charges"] - before["charges"]
+
+    again = run_spec(tmp_path, spec_text("tc-paid-left", "  - {id: fox, prompt: a red fox in snow}\n"), day)
+    assert again.is_completed(), again.result(raise_on_failure=False)
+    assert tencent_stats(tencent)["charges"] - before["charges"] == 2  # the generation once, the upscale once
+    totals = again.result()["totals"]
+    assert (totals["credits"], totals["credits_this_run"]) == (2.0, 1.0), totals
+
+
 def test_content_rejection_is_recorded_not_retried(tencent, tmp_path) -> None:
     items = "  - {id: ok, prompt: a calm lake}\n  - {id: bad, prompt: \"a [[nsfw]] scene\"}\n"
     before = tencent_stats(tencent)

@@ -69,6 +69,18 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
     }
 
 
+def with_spend(manifest: dict[str, Any], spend: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """The manifest with the run's own spend (per provider: cap, charged, reserved = maybe
+    charged), and `totals.credits_this_run` from it: what this run's paid calls cost or may have
+    cost, whether or not their items archived, and nothing another run paid for (without it,
+    the credits of the items this run archived, which counts a job an earlier run paid for and
+    this one collected, and misses one paid for that did not archive)."""
+    manifest["spend"] = spend
+    manifest["totals"]["credits_this_run"] = round(sum((s["charged"] or 0.0) + (s["reserved"] or 0.0)
+                                                       for s in spend.values()), 4)
+    return manifest
+
+
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per image (or per failed item): the table shown in the UI and the terminal."""
     rows = []
