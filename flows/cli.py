@@ -560,6 +560,21 @@ def shield_server(args: argparse.Namespace) -> None:
         tempserver.register(note)
 
 
+def _ctrl_c_inside(exc: BaseException) -> bool:
+    """True when `exc` stands for a Ctrl-C that struck inside a library: in its cause or context,
+    or in the text of a pydantic serialisation error (pydantic's Rust core keeps only the text:
+    `PydanticSerializationError: Error calling function ...: KeyboardInterrupt`)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt) or (type(seen).__name__ == "PydanticSerializationError"
+                                                   and "KeyboardInterrupt:" in str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlockMissing
 
@@ -579,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - a person gets one line naming the fix, never a traceback
         import os
+
+        if _ctrl_c_inside(exc):
+            print("interrupted", file=sys.stderr)
+            return 130
 
         from flows.cli_errors import DEBUG, explain
 

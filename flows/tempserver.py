@@ -9,7 +9,10 @@ to it. `start()` starts the same server, the same way, with two differences:
 - its own process group: a Ctrl-C reaches `imagegen` alone, which stops its run and then stops
   the server (`atexit`, as Prefect does);
 - on Linux it gets SIGTERM when `imagegen` dies, however it dies (`PR_SET_PDEATHSIG`): out of
-  the terminal's process group, a closed terminal or a `kill -9` would otherwise orphan it.
+  the terminal's process group, a closed terminal or a `kill -9` would otherwise orphan it;
+- what it says goes to `temporary-server.log` in `PREFECT_HOME`, not the terminal: a server
+  stopped while it writes (the command left at once) printed a traceback over the shell's
+  prompt. A server that does not start says why, from its log, in the command's error.
 
 The server is registered where Prefect looks for it (`SubprocessASGIServer()`, keyed by no
 port), so every client of the process uses it, and it starts when the first of them needs it
@@ -24,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 GUARD = (
@@ -61,18 +65,43 @@ def _shielded_class() -> type:
 
         def start(self, timeout: int | None = None) -> None:
             if not self.running and self.note:
-                print(self.note, file=sys.stderr, flush=True)
-            super().start(timeout)
+                print(f"{self.note}; its log: {log_path()}", file=sys.stderr, flush=True)
+            try:
+                super().start(timeout)
+            except RuntimeError as exc:  # it did not answer: what it said is in its log
+                raise RuntimeError(f"{str(exc).splitlines()[0]} Its log ({log_path()}) ends: {log_tail()}") from None
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
             main = threading.current_thread() is threading.main_thread()
             own_group: dict[str, Any] = {"process_group": 0} if os.name == "posix" else {}
-            return subprocess.Popen(server_command(self.port, os.getpid() if main else 0), env=env,
-                                    stdin=subprocess.DEVNULL, **own_group)
+            log_path().parent.mkdir(parents=True, exist_ok=True)
+            with log_path().open("wb") as log:  # the child keeps its own copy of the descriptor
+                return subprocess.Popen(server_command(self.port, os.getpid() if main else 0), env=env,
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **own_group)
 
     return ShieldedServer
+
+
+LOG_NAME = "temporary-server.log"
+TAIL_CHARACTERS = 600
+
+
+def log_path() -> Path:
+    """Where the temporary server writes what it says (the last start's only): in `PREFECT_HOME`."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home) / LOG_NAME
+
+
+def log_tail() -> str:
+    """The end of the server's log, on one line."""
+    try:
+        text = log_path().read_bytes()[-TAIL_CHARACTERS:].decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or "(empty)"
 
 
 def register(note: str = "") -> Any:

@@ -99,3 +99,31 @@ def test_a_misspelt_spec_name_is_one_line_suggesting_the_shipped_one(command: st
     err = capsys.readouterr().err
     assert err.strip() == ("demoo:1:1: <document>: cannot read spec: No such file or directory (did you mean 'demo', "
                            "pipelines/demo.yaml?)"), err
+
+
+def test_a_ctrl_c_inside_pydantic_is_told_as_an_interruption() -> None:
+    """Ctrl-C during `imagegen sandbox up` struck while pydantic serialised a Block: its Rust
+    core turned the KeyboardInterrupt into a `PydanticSerializationError` naming it, which the
+    command told as an error (exit 1) instead of an interruption (130)."""
+    from pydantic import BaseModel, model_serializer
+
+    from flows.cli import _ctrl_c_inside
+
+    class Saved(BaseModel):
+        name: str = "sandbox"
+
+        @model_serializer(mode="wrap")
+        def _serialise(self, handler):  # noqa: ANN001, ANN202 - where the person's Ctrl-C lands
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception) as caught:
+        Saved().model_dump()
+    assert _ctrl_c_inside(caught.value)
+    assert not _ctrl_c_inside(ValueError("a value error"))
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as wrapped:
+        assert _ctrl_c_inside(wrapped)

@@ -145,6 +145,34 @@ def test_a_second_ctrl_c_leaves_at_once_and_the_api_hears_the_run_crashed(emulat
     assert any("Ctrl-C: this run starts no more paid calls" in line for line in run_logs_named(f"{name}-{day}"))
 
 
+@pytest.mark.slow  # an `imagegen backfill` process
+def test_a_second_ctrl_c_in_a_backfill_marks_its_dates_runs_crashed_too(emulators, tmp_path) -> None:  # noqa: F811
+    """Each date's run is a flow run of its own, in a thread: left Running for good before."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    name, days = "ctrlc-backfill", (date(2026, 8, 13), date(2026, 8, 14))
+    path = write_spec(tmp_path, spec_text("tencent", name, 2, ", max_parallel: 2"), name)
+    configure(emulators, "tencent", latency=8.0)
+    env = {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"}
+    term = Terminal(["backfill", str(path), "--start", days[0].isoformat(), "--end", days[1].isoformat(), "--local",
+                     "--max-parallel", "2"], env)
+    try:
+        term.until("accepted request", 120)
+        term.ctrl_c()
+        term.until("Ctrl-C: stopping", 10)
+        term.ctrl_c()
+        term.read(30)
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        term.kill()
+    assert term.status == 130, term.text[-3000:]
+    names = [f"{name}-{day}" for day in days]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+    assert runs and {run.state.name for run in runs} == {"Crashed"}, [(r.name, r.state.name) for r in runs]
+
+
 GUARDED = """
 import signal, sys, time
 from flows import tempserver
@@ -169,7 +197,7 @@ def test_the_temporary_server_is_out_of_the_terminals_ctrl_c_and_dies_with_the_c
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = subprocess.Popen([sys.executable, "-c", GUARDED], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                               start_new_session=True)  # a terminal's job: a process group of its own
+                               stderr=subprocess.PIPE, start_new_session=True)  # a terminal's job: a process group
     server = None
     try:
         pid, api = command.stdout.readline().split()
@@ -181,6 +209,9 @@ def test_the_temporary_server_is_out_of_the_terminals_ctrl_c_and_dies_with_the_c
         command.kill()  # however the command dies (here `kill -9`), the server goes with it
         command.wait(10)
         wait_for("the server's end", lambda: not alive(server), 30)
+        said = command.stderr.read()
+        assert "Traceback" not in said and "uvicorn" not in said, said  # its words go to its log, not the terminal
+        assert (tmp_path / "home" / "temporary-server.log").exists()
     finally:
         command.kill()
         if server is not None and alive(server):

@@ -98,7 +98,18 @@ FIRST_CTRL_C = ("\nCtrl-C: stopping. No new paid call starts; jobs already paid 
                 "jobs without paying again.\n")
 SECOND_CTRL_C = ("\nCtrl-C again: leaving now. Every paid call is in the ledger: run the same command again to "
                  "collect what was paid (nothing is paid twice; it may first wait for this run's claim to expire, "
-                 "at most one lease).\n")
+                 "{lease} after its last renewal).\n")
+
+
+def _lease() -> str:
+    """The claim's lease, as the second Ctrl-C's line says it."""
+    from flows.paying.limits import LEASE_SECONDS
+    from flows.paying.slots import configured_lease
+
+    try:
+        return f"at most {configured_lease(LEASE_SECONDS):.0f} s"
+    except ValueError:
+        return "at most one lease"
 
 
 def _say(text: str) -> None:
@@ -108,9 +119,9 @@ def _say(text: str) -> None:
         os.write(sys.__stderr__.fileno() if sys.__stderr__ else 2, text.encode())
 
 
-def _report_crash(run_id: Any) -> None:
-    """Tell the Prefect API that flow run `run_id` crashed and send the logs not sent yet (best
-    effort, `LEAVE_REPORT_SECONDS` at most)."""
+def _report_crash(run_ids: list[Any]) -> None:
+    """Tell the Prefect API that the flow runs `run_ids` crashed and send the logs not sent yet
+    (best effort, `LEAVE_REPORT_SECONDS` at most)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
@@ -118,8 +129,8 @@ def _report_crash(run_id: Any) -> None:
         from prefect.logging.handlers import APILogWorker
 
         with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-            client.set_flow_run_state(run_id, Crashed(message="interrupted twice (Ctrl-C): left at once; the next "
-                                                              "run of this date collects what was paid"), force=True)
+            for run_id in run_ids:
+                client.set_flow_run_state(run_id, Crashed(message=CRASHED), force=True)
         with contextlib.suppress(Exception):
             APILogWorker.drain_all(timeout=LEAVE_REPORT_SECONDS)  # the run's last lines, on its page in the UI
 
@@ -128,14 +139,21 @@ def _report_crash(run_id: Any) -> None:
     thread.join(LEAVE_REPORT_SECONDS)
 
 
-def _top_run_id() -> Any:
-    """The flow run the main thread is in, if any."""
+CRASHED = ("interrupted twice (Ctrl-C): left at once; every paid call is in the ledger, and a rerun of the same "
+           "date collects what was paid without paying again")
+
+
+def _runs_in_progress() -> list[Any]:
+    """The flow run the main thread is in (a run, or a backfill), then every run of this
+    process that holds its claim (a backfill's dates)."""
+    runs: list[Any] = []
     with contextlib.suppress(Exception):
         from prefect.context import FlowRunContext
 
         context = FlowRunContext.get()
-        return context.flow_run.id if context and context.flow_run else None
-    return None
+        if context and context.flow_run:
+            runs.append(str(context.flow_run.id))
+    return runs + [run for run in paidcalls.claimed_runs() if run not in runs]
 
 
 _interrupted: list[bool] = []
@@ -148,9 +166,9 @@ def _interrupt(signum: int, frame: Any) -> None:
         _say(FIRST_CTRL_C)
         _later("Ctrl-C: this run starts no more paid calls; jobs already paid for are polled to the end, then it ends")
         return
-    _say(SECOND_CTRL_C)
-    if (run_id := _top_run_id()) is not None:
-        _report_crash(run_id)
+    _say(SECOND_CTRL_C.format(lease=_lease()))
+    if runs := _runs_in_progress():
+        _report_crash(runs)
     os._exit(INTERRUPTED)
 
 

@@ -64,6 +64,11 @@ def claim(run_id: Any, lease: Lease) -> Iterator[None]:
         _claims.pop(_key(run_id), None)
 
 
+def claimed_runs() -> list[str]:
+    """The flow runs of this process that hold their claim now (runs in progress)."""
+    return [run for run in list(_claims) if run]
+
+
 def claim_lost(run_id: Any) -> str | None:
     """Why the claim of flow run `run_id` is lost, or None (held, or no claim at all)."""
     lease = _claims.get(_key(run_id))
