@@ -69,7 +69,10 @@ def _shielded_class() -> type:
             try:
                 super().start(timeout)
             except RuntimeError as exc:  # it did not answer: what it said is in its log
-                raise RuntimeError(f"{str(exc).splitlines()[0]} Its log ({log_path()}) ends: {log_tail()}") from None
+                waited = get_current_settings().server.ephemeral.startup_timeout_seconds
+                raise RuntimeError(f"{str(exc).splitlines()[0]} Its log ({log_path()}) ends: {log_tail()}. If it "
+                                   f"only needs longer, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+                                   f"({waited} s now), or set PREFECT_API_URL to a lasting server") from None
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
