@@ -4,6 +4,7 @@ human approval through a Prefect pause resumed programmatically, local upscaling
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import date
@@ -232,6 +233,24 @@ def test_the_gallery_is_a_grid_of_thumbnails_four_wide() -> None:
     assert '<a href="https://s3/bucket/it3.png?X-Amz-Signature=x&amp;y=1"><img src=' in markdown
     assert "<b>it3 #1</b> rejected<br>blank or near-uniform (stddev 1 &lt; 3)" in markdown
     assert markdown.count(">full size</a>") == 7 and "&lt;script&gt;" in markdown and "<script>" not in markdown
+
+
+def test_a_large_gallery_is_pages_of_bounded_size_with_every_image_once() -> None:
+    """1,201 images (links as long as real presigned ones) on pages of at most ~200 KB: every image
+    on exactly one page, in order; each page says which cells it holds (one document of every
+    image was 6.8 MB at 5,000 images, above what the Prefect server publishes as an event)."""
+    from flows.running.report import gallery_pages
+
+    items = [{"item": f"it{n}", "objects": [{"index": 1, "s3_uri": f"s3://bucket/it{n}.png", "verdict": "approved",
+                                             "reasons": []}]} for n in range(1201)]
+    pages = list(gallery_pages("big 2026-05-01", {"items": items}, lambda uri: uri + "?X-Amz-Signature=" + "0" * 400,
+                               page_bytes=200_000))
+    assert len(pages) > 5 and all(len(page) < 210_000 for page in pages)
+    shown = [alt for page in pages for alt in re.findall(r'alt="(it\d+) #1"', page)]
+    assert shown == [f"it{n}" for n in range(1201)]
+    assert "Cells 1-" in pages[0] and "the other pages are on this run's Artifacts tab" in pages[0]
+    assert pages[-1].splitlines()[2].endswith("of 1201.")
+    assert all(rows_of(page) for page in pages)  # each one table, one markdown block
 
 
 def test_each_form_field_holds_its_own_image_prompt_checks_and_input() -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import html
+import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -139,48 +140,75 @@ def html_grid(cells: list[str], columns: int = GALLERY_COLUMNS) -> str:
     return "\n".join(["<table>", *rows, "</table>"])
 
 
-def gallery_cells(manifest: dict[str, Any], url_of: Callable[[str], str]) -> list[str]:
-    """One HTML cell per image (and per failed item): the image shown `THUMB_PX` wide (never
-    cropped) as a link to itself, its id, verdict and checks, and a "full size" link.
-    `url_of` turns an `s3://` URI into a link a browser can load."""
-    cells = []
+def gallery_cells(manifest: dict[str, Any], url_of: Callable[[str], str]) -> Iterator[str]:
+    """One HTML cell per image (and per failed item), made as it is asked for: the image shown
+    `THUMB_PX` wide (never cropped) as a link to itself, its id, verdict and checks, and a "full
+    size" link. `url_of` turns an `s3://` URI into a link a browser can load."""
     for item in manifest["items"]:
         for obj in item["objects"]:
             label = one_line(f"{item['item']} #{obj['index']}")
             text = (f"<b>{label}</b> {one_line(obj['verdict'])}<br>"
                     f"{one_line('; '.join(obj.get('reasons') or []) or 'all checks passed')}")
             if not obj["s3_uri"]:
-                cells.append(f"{text}<br>(dropped: not archived)")
+                yield f"{text}<br>(dropped: not archived)"
                 continue
             url = html.escape(url_of(obj["s3_uri"]))
-            cells.append(f'<a href="{url}"><img src="{url}" width="{THUMB_PX}" loading="lazy" alt="{label}"></a>'
-                         f'<br>{text}<br><a href="{url}">full size</a>')
+            yield (f'<a href="{url}"><img src="{url}" width="{THUMB_PX}" loading="lazy" alt="{label}"></a>'
+                   f'<br>{text}<br><a href="{url}">full size</a>')
         if item.get("error"):
             error = item["error"]
-            cells.append(f"<b>{one_line(item['item'])}</b> {one_line(error['error'])}<br>"
-                         f"{one_line(error['message'][:160])}")
-    return cells
+            yield (f"<b>{one_line(item['item'])}</b> {one_line(error['error'])}<br>"
+                   f"{one_line(error['message'][:160])}")
+
+
+GALLERY_PAGE_BYTES = 600_000
+"""The most markdown one gallery artifact holds (about 400 images with the sandbox's links); a
+run with more has more pages. One document of every image was 6.8 MB at 5,000 images, held
+about three times over while sent, and larger than the Prefect server publishes as an event
+(1.5 MB, `PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES`)."""
+
+
+def gallery_pages(title: str, manifest: dict[str, Any], url_of: Callable[[str], str],
+                  page_bytes: int = GALLERY_PAGE_BYTES) -> Iterator[str]:
+    """The gallery, at most `page_bytes` of cells a page (at least one cell), each page made
+    when asked for: a heading, a count (and, past one page, which cells), and a grid of
+    `gallery_cells`."""
+    shown = sum(1 for i in manifest["items"] for o in i["objects"] if o["s3_uri"])
+    total = sum(len(i["objects"]) + bool(i.get("error")) for i in manifest["items"])
+    cells, first, chunk, size = gallery_cells(manifest, url_of), 1, [], 0
+    for cell in itertools.chain(cells, [None]):
+        if chunk and (cell is None or size + len(cell) > page_bytes):
+            last = first + len(chunk) - 1
+            where = "" if first == 1 and cell is None else (
+                f" Cells {first}-{last} of {total}" + ("; the other pages are on this run's Artifacts tab."
+                                                       if first == 1 else "."))
+            yield f"### {title}\n\n{shown} image(s); click one for full size.{where}\n\n{html_grid(chunk)}\n"
+            first, chunk, size = last + 1, [], 0
+        if cell is not None:
+            chunk.append(cell)
+            size += len(cell)
+    if total == 0:
+        yield f"### {title}\n\n0 image(s); click one for full size.\n\n(no images)\n"
 
 
 def gallery_markdown(title: str, manifest: dict[str, Any], url_of: Callable[[str], str]) -> str:
-    """The gallery artifact: a heading, a count, and the grid of `gallery_cells`."""
-    cells = gallery_cells(manifest, url_of)
-    shown = sum(1 for i in manifest["items"] for o in i["objects"] if o["s3_uri"])
-    grid = html_grid(cells) if cells else "(no images)"
-    return f"### {title}\n\n{shown} image(s); click one for full size.\n\n{grid}\n"
+    """The gallery's first page (all of it, up to `GALLERY_PAGE` cells)."""
+    return next(gallery_pages(title, manifest, url_of))
 
 
 def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket: Any) -> None:
-    """A markdown artifact with every archived image (approved and quarantined) and its verdict,
-    a grid of thumbnails from presigned S3 URLs (valid 7 days)."""
+    """Markdown artifacts with every archived image (approved and quarantined) and its verdict,
+    a grid of thumbnails from presigned S3 URLs (valid 7 days): the first page under the key
+    `<pipeline>-gallery`, the others on the run's Artifacts tab, each made and sent in turn."""
     from prefect.artifacts import create_markdown_artifact
 
     def url_of(uri: str) -> str:
         return presigned_url(bucket, uri.removeprefix(f"s3://{bucket.bucket_name}/"))
 
-    create_markdown_artifact(gallery_markdown(f"{spec.name} {run_date}", manifest, url_of),
-                             key=artifact_key(f"{spec.name}-gallery"),
-                             description=f"Images of {spec.name} {run_date} with their verdicts")
+    for page, markdown in enumerate(gallery_pages(f"{spec.name} {run_date}", manifest, url_of), start=1):
+        create_markdown_artifact(markdown, key=artifact_key(f"{spec.name}-gallery") if page == 1 else None,
+                                 description=f"Images of {spec.name} {run_date} with their verdicts"
+                                             + (f", page {page}" if page > 1 else ""))
 
 
 def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str:
