@@ -278,7 +278,7 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
     while waiting or running:
         if waiting and (stopping := paidcalls.stop_requested()) is not None:  # Ctrl-C, SIGHUP
             logger.warning("backfill %s: %s: %d date(s) not started", dates.name, stopping, len(waiting))
-            rows.update((d, unrun_row(d, "failed", "not started", f"not started: {stopping}")) for d in waiting)
+            rows.update((d, unrun_row(d, "stopped", "not started", f"not started: {stopping}")) for d in waiting)
             waiting = []
         if waiting and stop_reason is None and len(running) < max_parallel:
             run_date = waiting.pop(0)
@@ -335,12 +335,16 @@ def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dic
 def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The table artifact; `BackfillFailed` (the run ends Failed) when any date failed."""
     table = [{k: v for k, v in row.items() if k != "ran_items"} for row in table]
-    counts = {s: sum(r["status"] == s for r in table) for s in ("done", "skipped", "failed")}
+    counts = {s: sum(r["status"] == s for r in table) for s in ("done", "skipped", "failed", "stopped")}
     create_table_artifact(table, key=f"{artifact_key(name)}-backfill",
                           description=f"Backfill of **{name}** {start}..{end}: {counts['done']} done, "
-                                      f"{counts['skipped']} skipped, {counts['failed']} failed")
-    if counts["failed"]:
+                                      f"{counts['skipped']} skipped, {counts['failed']} failed"
+                                      + (f", {counts['stopped']} not started (stopped)" if counts["stopped"] else ""))
+    if counts["failed"] or counts["stopped"]:
         reasons = Counter(r["reason"] for r in table if r["status"] == "failed")
-        raise BackfillFailed(f"{counts['failed']} of {len(table)} date(s) failed; most often: "
-                             f"{reasons.most_common(1)[0][0]}", table)
+        failed = (f"{counts['failed']} of {len(table)} date(s) failed; most often: {reasons.most_common(1)[0][0]}"
+                  if counts["failed"] else "")
+        stopped = (f"{counts['stopped']} date(s) not started: {next(r['reason'] for r in table if r['status'] == 'stopped')}"
+                   .replace(": not started: ", ": ") if counts["stopped"] else "")
+        raise BackfillFailed("; ".join(part for part in (failed, stopped) if part), table)
     return table
