@@ -83,24 +83,36 @@ class Terminal:
         os.close(self.fd)
 
 
-def run_in_terminal(path: Path, day: date) -> Terminal:
+def pressed(emulators, args: list[str], *, latency: float, presses: int) -> tuple[Terminal, float]:  # noqa: ANN001, F811
+    """`imagegen <args>` in a terminal, Tencent's jobs taking `latency` s: Ctrl-C once its first
+    paid call is accepted, and again once it says it is stopping (`presses` 2); read to its end.
+    The terminal, and the seconds from the last press to the end."""
+    configure(emulators, "tencent", latency=latency)
     env = {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"}
-    return Terminal(["run", str(path), "--run-date", day.isoformat()], env)
+    term = Terminal(args, env)
+    try:
+        term.until("accepted request", 120)
+        term.ctrl_c()
+        if presses == 2:
+            term.until("Ctrl-C: stopping", 10)
+            term.ctrl_c()
+        last = time.monotonic()
+        term.read(120)
+        return term, time.monotonic() - last
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        term.kill()
+
+
+def run_args(path: Path, day: date) -> list[str]:
+    return ["run", str(path), "--run-date", day.isoformat()]
 
 
 @pytest.mark.slow  # `imagegen run` processes
 def test_one_ctrl_c_stops_between_paid_calls_and_the_rerun_pays_for_the_rest(emulators, tmp_path) -> None:  # noqa: F811
     name, day, n = "ctrlc-once", date(2026, 8, 11), 4
     path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
-    configure(emulators, "tencent", latency=1.5)
-    term = run_in_terminal(path, day)
-    try:
-        term.until("accepted request", 120)
-        term.ctrl_c()
-        term.read(120)
-    finally:
-        configure(emulators, "tencent", latency=0.6)
-        term.kill()
+    term, _ = pressed(emulators, run_args(path, day), latency=1.5, presses=1)
     text = term.text
     assert term.status == 130, text[-3000:]
     assert "Ctrl-C: stopping. No new paid call starts" in text and "interrupted (Ctrl-C)" in text, text[-3000:]
@@ -122,19 +134,7 @@ def test_a_second_ctrl_c_leaves_at_once_and_the_api_hears_the_run_crashed(emulat
 
     name, day, n = "ctrlc-twice", date(2026, 8, 12), 3
     path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 3"), name)
-    configure(emulators, "tencent", latency=8.0)  # its jobs outlast both presses
-    term = run_in_terminal(path, day)
-    try:
-        term.until("accepted request", 120)
-        term.ctrl_c()
-        term.until("Ctrl-C: stopping", 10)
-        term.ctrl_c()
-        pressed = time.monotonic()
-        term.read(30)
-        took = time.monotonic() - pressed
-    finally:
-        configure(emulators, "tencent", latency=0.6)
-        term.kill()
+    term, took = pressed(emulators, run_args(path, day), latency=8.0, presses=2)  # its jobs outlast both presses
     text = term.text
     assert term.status == 130, text[-3000:]
     assert took < 20, f"{took:.1f} s after the second Ctrl-C: {text[-3000:]}"  # bound: a 3 s report, not a job
@@ -153,19 +153,8 @@ def test_a_second_ctrl_c_in_a_backfill_marks_its_dates_runs_crashed_too(emulator
 
     name, days = "ctrlc-backfill", (date(2026, 8, 13), date(2026, 8, 14))
     path = write_spec(tmp_path, spec_text("tencent", name, 2, ", max_parallel: 2"), name)
-    configure(emulators, "tencent", latency=8.0)
-    env = {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"}
-    term = Terminal(["backfill", str(path), "--start", days[0].isoformat(), "--end", days[1].isoformat(), "--local",
-                     "--max-parallel", "2"], env)
-    try:
-        term.until("accepted request", 120)
-        term.ctrl_c()
-        term.until("Ctrl-C: stopping", 10)
-        term.ctrl_c()
-        term.read(30)
-    finally:
-        configure(emulators, "tencent", latency=0.6)
-        term.kill()
+    term, _ = pressed(emulators, ["backfill", str(path), "--start", days[0].isoformat(), "--end", days[1].isoformat(),
+                                  "--local", "--max-parallel", "2"], latency=8.0, presses=2)
     assert term.status == 130, term.text[-3000:]
     names = [f"{name}-{day}" for day in days]
     with get_client(sync_client=True) as client:
