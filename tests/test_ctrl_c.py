@@ -145,6 +145,36 @@ def test_a_second_ctrl_c_leaves_at_once_and_the_api_hears_the_run_crashed(emulat
     assert any("Ctrl-C: this run starts no more paid calls" in line for line in run_logs_named(f"{name}-{day}"))
 
 
+@pytest.mark.slow  # two `imagegen run` processes
+def test_ctrl_c_while_waiting_for_another_run_of_the_date_stops_the_wait(emulators, tmp_path) -> None:  # noqa: F811
+    """A second run of a date waits for the first's claim; a Ctrl-C there ended nothing before
+    (it waited on, up to the first run's end): now it stops the wait, paying nothing."""
+    name, day, n = "ctrlc-waiting", date(2026, 8, 15), 3
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+    configure(emulators, "tencent", latency=8.0)  # the first run lasts well beyond the second's start
+    first = subprocess.Popen([sys.executable, "-m", "flows.cli", *run_args(path, day)], env=cli_env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"}
+    second = None
+    try:
+        wait_for("the first run's paid call", lambda: ledger_states(path, day), 120, first)
+        second = Terminal(run_args(path, day), env)
+        second.until("waiting for it to finish", 120)
+        second.ctrl_c()
+        pressed_at = time.monotonic()
+        second.read(60)
+        took = time.monotonic() - pressed_at
+        assert first.wait(120) == 0
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        first.kill()
+        if second is not None:
+            second.kill()
+    assert second.status == 130 and took < 30, (took, second.text[-3000:])
+    assert "stopped while waiting for a slot of imagegen:run:" in second.text, second.text[-3000:]
+    assert charges(emulators, "tencent", name) == once_each(name, n)  # the first run's, once each
+
+
 @pytest.mark.slow  # an `imagegen backfill` process
 def test_a_second_ctrl_c_in_a_backfill_marks_its_dates_runs_crashed_too(emulators, tmp_path) -> None:  # noqa: F811
     """Each date's run is a flow run of its own, in a thread: left Running for good before."""
