@@ -35,7 +35,7 @@ GUARD = (
     "try:\n"
     "    if sys.argv[1] != '0':\n"
     "        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "except (AttributeError, OSError):\n"
+    "except (AttributeError, OSError, TypeError):\n"
     "    pass  # not Linux: the server is stopped at exit only\n"
     "if sys.argv[1] != '0' and os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(0)  # the command died before the signal was set\n"
