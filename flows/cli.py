@@ -86,7 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = state.result(raise_on_failure=False)
     manifest = outcome.manifest if isinstance(outcome, PipelineIncomplete) else outcome
     if not isinstance(manifest, dict):
-        print(f"run failed: {outcome}", file=sys.stderr)
+        from flows.cli_errors import explain
+
+        print(f"run failed: {explain(outcome) if isinstance(outcome, BaseException) else outcome}", file=sys.stderr)
     else:
         print(format_table(summary_rows(manifest)))
         totals = manifest["totals"]

@@ -40,7 +40,8 @@ def _s3(exc: BaseException) -> str | None:
             return f"S3 refused the archive's credentials ({code}): check the AwsCredentials Block the spec names"
         return f"S3 answered {code or 'an error'}: {exc}"
     if isinstance(exc, (EndpointConnectionError, NoCredentialsError)):
-        return f"S3 is not reachable with the archive's credentials Block ({exc}); is the S3 server up?"
+        return (f"S3 is not reachable with the archive's credentials Block ({exc}); is the S3 server up? Start it "
+                "and run the same command again: what was paid is in the ledger and is not paid again")
     return None
 
 

@@ -46,7 +46,7 @@ from flows.paying.paidcalls import PaidCallRefused
 from flows.running.progress import RunProgress, count_when_done
 from flows.running.settle import forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
-from flows.paying.ledger import TRANSITIONS, State
+from flows.paying.ledger import TRANSITIONS, State, Step
 from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
@@ -629,9 +629,20 @@ def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str
             out[plan.item_id] = (None, "may have been charged: the answer to its submit was not seen")
         elif record.state in (State.SUBMITTED, State.DONE):
             cost = record.charged if record.charged is not None else plan.estimate.credits if plan.estimate else None
-            out[plan.item_id] = (cost, "paid for, not archived: the next run of this date collects its job without "
-                                       "paying again")
+            cost = None if cost is None else cost + _refines_paid(plan)
+            out[plan.item_id] = (cost, "paid for, not archived: a rerun of this date asks the provider for its job "
+                                       "again, without sending it again")
     return out
+
+
+def _refines_paid(plan: ItemPlan) -> float:
+    """What the item's paid upscales (one per image) that were sent cost, by their estimate."""
+    if not plan.refine_credits:
+        return 0.0
+    ledger = ledger_of(plan)
+    sent = [ledger.get(plan.item_id, Step.REFINE, index) for index in range(1, plan.request.count + 1)]
+    per_image = plan.refine_credits / max(1, plan.request.count)
+    return per_image * sum(1 for r in sent if r is not None and r.state is not State.REFUSED)  # sending: maybe charged
 
 
 def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date,

@@ -95,7 +95,8 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             err = item["error"]
             verdict = ("rejected by the provider" if err["error"] in PROVIDER_REJECTIONS
                        else f"failed at {err['step']}: {err['error']}")
-            rows.append({"item": item["item"], "index": "-", "provider": item["provider"], "job_credits": 0.0,
+            rows.append({"item": item["item"], "index": "-", "provider": item["provider"],
+                         "job_credits": item.get("credits") or 0.0,
                          "verdict": verdict, "s3_uri": err["message"][:200]})
     return rows
 
