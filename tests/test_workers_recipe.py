@@ -153,7 +153,7 @@ def test_a_killed_worker_s_date_completes_on_rerun_paying_once(recipe, sandbox_b
     path = specs / f"{name}.yaml"
     path.write_text(spec_text("tencent", name, 2))
     before = violations(sandbox_blocks)
-    configure(sandbox_blocks, "tencent", latency=6)  # jobs stay in flight long enough to be caught
+    configure(sandbox_blocks, "tencent", latency=20)  # a job outlasts finding its worker (up to 15 s) on a busy machine
     argv = [str(BIN / "imagegen"), "backfill", str(path), "--start", days[0].isoformat(), "--end",
             days[-1].isoformat(), "--max-parallel", str(DATES)]
     backfill = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -161,7 +161,7 @@ def test_a_killed_worker_s_date_completes_on_rerun_paying_once(recipe, sandbox_b
         deadline, victim = time.monotonic() + 240, None
         while victim is None:
             assert backfill.poll() is None and time.monotonic() < deadline, "no run got as far as a submitted job"
-            # A job just accepted (6 s to run) and nothing being sent: no kill between a send
+            # A job just accepted (20 s to run) and nothing being sent: no kill between a send
             # and its answer, the one moment a person would have to settle (see test_pay_once).
             states = {d: set(ledger_states(path, d).values()) for d in days}
             if not any("sending" in s for s in states.values()):
