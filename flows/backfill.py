@@ -344,7 +344,7 @@ def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> li
         reasons = Counter(r["reason"] for r in table if r["status"] == "failed")
         failed = (f"{counts['failed']} of {len(table)} date(s) failed; most often: {reasons.most_common(1)[0][0]}"
                   if counts["failed"] else "")
-        stopped = (f"{counts['stopped']} date(s) not started: {next(r['reason'] for r in table if r['status'] == 'stopped')}"
-                   .replace(": not started: ", ": ") if counts["stopped"] else "")
+        why = next((r["reason"].removeprefix("not started: ") for r in table if r["status"] == "stopped"), "")
+        stopped = f"{counts['stopped']} date(s) not started: {why}" if counts["stopped"] else ""
         raise BackfillFailed("; ".join(part for part in (failed, stopped) if part), table)
     return table

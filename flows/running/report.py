@@ -193,7 +193,7 @@ def gallery_pages(title: str, manifest: dict[str, Any], url_of: Callable[[str], 
 
 
 def gallery_markdown(title: str, manifest: dict[str, Any], url_of: Callable[[str], str]) -> str:
-    """The gallery's first page (all of it, up to `GALLERY_PAGE` cells)."""
+    """The gallery's first page (all of it, up to `GALLERY_PAGE_BYTES` of cells)."""
     return next(gallery_pages(title, manifest, url_of))
 
 

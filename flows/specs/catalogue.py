@@ -217,13 +217,18 @@ class Made:
     lines: list[int]
     path: Path
 
-    def row_text(self, line: int) -> str:
-        """The text of line `line` of the catalogue (for an error's snippet), cut to 200 characters."""
+    def row_texts(self, lines: set[int]) -> dict[int, str]:
+        """The text of each of `lines` of the catalogue (for errors' snippets), cut to 200
+        characters, in one pass over the file (one pass per error was quadratic in a catalogue
+        whose every row is refused)."""
+        found: dict[int, str] = {}
         with self.path.open("rb") as raw:
             for number, text in enumerate(raw, start=1):
-                if number == line:
-                    return text.decode("utf-8-sig", errors="replace").rstrip("\r\n")[:200]
-        return ""
+                if number in lines:
+                    found[number] = text.decode("utf-8-sig", errors="replace").rstrip("\r\n")[:200]
+                    if len(found) == len(lines):
+                        break
+        return found
 
 
 def expand(source: Any, matrix: Any, base_dir: Path | None) -> Made:

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -539,8 +539,8 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
     try:
         spec = PipelineSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        issues = [_issue(where, err) for err in exc.errors(include_url=False)]
-        raise SpecError(list(dict.fromkeys(issues))) from None  # a row's problem once, not once per matrix value
+        issues = list(dict.fromkeys(_issue(where, err) for err in exc.errors(include_url=False)))  # a row's once
+        raise SpecError(where.rows.with_rows(issues) if where.rows else issues) from None
     issues = _cross_checks(spec, where)
     if issues:
         raise SpecError(issues)
@@ -591,8 +591,13 @@ class CatalogueRows:
         k = loc[1] - self.first
         if not 0 <= k < len(self.made.lines):
             return None
-        line = self.made.lines[k]
-        return SpecIssue(self.file, line, 1, location_name(loc[2:]), message, f"  {line} | {self.made.row_text(line)}")
+        return SpecIssue(self.file, self.made.lines[k], 1, location_name(loc[2:]), message, "")
+
+    def with_rows(self, issues: list[SpecIssue]) -> list[SpecIssue]:
+        """`issues`, those at this catalogue's rows with their row as the snippet (read in one pass)."""
+        texts = self.made.row_texts({i.line for i in issues if i.file == self.file and not i.snippet})
+        return [replace(i, snippet=f"  {i.line} | {texts.get(i.line, '')}") if i.file == self.file and not i.snippet
+                else i for i in issues]
 
 
 def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name: str,
@@ -609,16 +614,20 @@ def _with_catalogue_items(data: dict[str, Any], positions: dict, text: str, name
     except CatalogueError as exc:
         issues = []
         for file, line, column, field, message in exc.problems:
-            if file:  # the catalogue's place as the spec's name shows it: beside the spec
-                shown = str(Path(name).parent / file) if base_dir is not None else file
-                issues.append(SpecIssue(shown, line, column, field, message, ""))
+            if file:
+                issues.append(SpecIssue(_beside(name, file, base_dir), line, column, field, message, ""))
             else:
                 pos = closest_position(tuple(field.split(".")), positions, value=True)
                 issues.append(SpecIssue(name, pos.line, pos.column, field, message, snippet(text, pos)))
         raise SpecError(issues) from None
     own = len(data.get("items") or [])
     data["items"] = [*(data.get("items") or []), *made.items]
-    return data, CatalogueRows(own, str(Path(name).parent / made.label) if base_dir is not None else made.label, made)
+    return data, CatalogueRows(own, _beside(name, made.label, base_dir), made)
+
+
+def _beside(name: str, file: str, base_dir: Path | None) -> str:
+    """A catalogue's place as the spec's name shows it: beside the spec (where it is read from)."""
+    return str(Path(name).parent / file) if base_dir is not None else file
 
 
 def _cross_checks(spec: PipelineSpec, where: Where) -> list[SpecIssue]:
