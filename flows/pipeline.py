@@ -42,6 +42,7 @@ from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, 
                         read_spec_text, resolve_spec_path)
 from flows.paying.claim import run_claim
 from flows.paying.owner import NameTaken, own_name
+from flows.paying import paidcalls
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running.progress import RunProgress, count_when_done
 from flows.running.settle import forget
@@ -541,7 +542,8 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: RunOverride
         take_over_name: This spec replaces another spec file that had the same `name`.
     """
     try:
-        return _run_pipeline(spec, run_date, overrides, dry_run, take_over_name)
+        with paidcalls.running(flow_run.id):  # a second Ctrl-C marks it Crashed (`flows.paying.detach`)
+            return _run_pipeline(spec, run_date, overrides, dry_run, take_over_name)
     except (PipelineIncomplete, BudgetExceeded, NameTaken, UnknownItems, SpecError, PaidCallRefused) as exc:
         # A person's to act on, said in one line: the run ends Failed with it, no traceback.
         get_run_logger().error("%s: %s", type(exc).__name__, exc)

@@ -145,7 +145,7 @@ CRASHED = ("interrupted twice (Ctrl-C): left at once; every paid call is in the 
 
 def _runs_in_progress() -> list[Any]:
     """The flow run the main thread is in (a run, or a backfill), then every run of this
-    process that holds its claim (a backfill's dates)."""
+    process in progress (a backfill's dates)."""
     runs: list[Any] = []
     with contextlib.suppress(Exception):
         from prefect.context import FlowRunContext
@@ -153,7 +153,7 @@ def _runs_in_progress() -> list[Any]:
         context = FlowRunContext.get()
         if context and context.flow_run:
             runs.append(str(context.flow_run.id))
-    return runs + [run for run in paidcalls.claimed_runs() if run not in runs]
+    return runs + [run for run in paidcalls.runs_in_progress() if run not in runs]
 
 
 _interrupted: list[bool] = []

@@ -64,9 +64,23 @@ def claim(run_id: Any, lease: Lease) -> Iterator[None]:
         _claims.pop(_key(run_id), None)
 
 
-def claimed_runs() -> list[str]:
-    """The flow runs of this process that hold their claim now (runs in progress)."""
-    return [run for run in list(_claims) if run]
+_running: dict[str, None] = {}  # the flow runs of this process in progress, claim or not yet
+
+
+@contextlib.contextmanager
+def running(run_id: Any) -> Iterator[None]:
+    """Flow run `run_id` is in progress in this process for the block (`runs_in_progress`)."""
+    _running[_key(run_id)] = None
+    try:
+        yield
+    finally:
+        _running.pop(_key(run_id), None)
+
+
+def runs_in_progress() -> list[str]:
+    """The flow runs of this process in progress now: started, whether or not they hold their
+    claim yet (a backfill's date started just before a second Ctrl-C was left Running)."""
+    return [run for run in list(_running) if run]
 
 
 def claim_lost(run_id: Any) -> str | None:
