@@ -32,6 +32,8 @@ import pytest
 import respx
 
 from deployments import server
+from flows.paying.ledger import JobLedger
+from flows.specs.spec import load_spec
 from sandbox.launcher import free_port
 from tests.test_pay_once import (charges, configure, emulators, ledger_states, once_each,  # noqa: F401 - a fixture
                                  spec_text, write_spec)
@@ -175,15 +177,20 @@ def test_a_run_whose_console_dies_goes_on_and_sighup_stops_it_between_paid_calls
         configure(emulators, "tencent", latency=0.6)
         if proc.poll() is None:
             proc.kill()
-    states = ledger_states(path, day)
-    assert set(states.values()) == {"archived"} and 2 <= len(states) < n, states  # nothing left sending
-    assert charges(emulators, "tencent", name) == {f"item {k} of {name}": 1 for k in range(len(states))}
+    records = {r.item_id: r for r in JobLedger(load_spec(path).archive, name, day).records()}
+    states = {item: r.state.value for item, r in records.items()}
+    done = sorted(item for item, state in states.items() if state == "archived")
+    assert set(states.values()) <= {"archived", "refused"} and 2 <= len(done) < n, states  # nothing left sending
+    # A call recorded `sending` whose request then waited for its rate slot is stopped before the
+    # wire: `refused`, nothing sent (the emulator charged it nothing), sent once by the next run.
+    assert all(records[item].reason.startswith("RunStopping") for item in states if item not in done), records
+    assert charges(emulators, "tencent", name) == {f"item {item[1:]} of {name}": 1 for item in done}
     logs = run_logs_named(f"{name}-{day}")
     assert any("console is gone" in line for line in logs), logs[-20:]
     assert any(line.startswith("SIGHUP: this run starts no more paid calls") for line in logs), logs[-20:]
     stopped = [line for line in logs if re.search(r"RunStopping.*the process got SIGHUP", line)]
     assert stopped, logs[-20:]
-    print(f"after its console died the run archived {len(states)} of {n} items; SIGHUP stopped it, refusing "
+    print(f"after its console died the run archived {len(done)} of {n} items; SIGHUP stopped it, refusing "
           f"{len(stopped)} paid call(s)")
 
 
@@ -204,6 +211,18 @@ def test_a_paid_call_waits_while_its_claim_is_in_doubt_and_goes_on_once_renewed(
         paidcalls.begin("run-doubt")
         paidcalls.end()
     assert 0.4 < time.monotonic() - started < 3
+
+
+def test_a_stop_ends_waits_for_what_would_pay_not_for_a_job_paid_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.paying import paidcalls
+
+    assert paidcalls.stops_waiting() is None
+    monkeypatch.setattr(paidcalls, "_stop", ["SIGHUP"])
+    assert paidcalls.stops_waiting() == "SIGHUP"  # a new job's slot, the claim: no wait once stopping
+    with paidcalls.collecting():
+        with paidcalls.collecting(False):  # nested: still collecting
+            assert paidcalls.stops_waiting() is None  # a resumed job's slot is waited for: it is polled to the end
+    assert paidcalls.stops_waiting() == "SIGHUP"
 
 
 def test_a_claim_unrenewed_for_its_whole_lease_is_lost_for_good_and_said_once() -> None:

@@ -116,6 +116,24 @@ def stop_requested() -> str | None:
     return _stop[0] if _stop else None
 
 
+@contextlib.contextmanager
+def collecting(paid: bool = True) -> Iterator[None]:
+    """With `paid`, this thread collects a job already paid for (a resumed job) in the block: a
+    stop does not end its waits (`stops_waiting`), since jobs paid for are polled to the end."""
+    before = _local.__dict__.get("collecting", False)
+    _local.collecting = before or paid
+    try:
+        yield
+    finally:
+        _local.collecting = before
+
+
+def stops_waiting() -> str | None:
+    """Why a wait of this thread for a full limit ends now (a stop was asked and the wait is
+    for something that would pay), or None."""
+    return None if _local.__dict__.get("collecting") else stop_requested()
+
+
 def _sure(lease: Lease) -> bool:
     """Wait while `lease` is in doubt; True when held, False when lost."""
     while (state := lease.state()) is LeaseState.IN_DOUBT and not _stop:

@@ -194,7 +194,8 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
                journal=journal, unknown_hold=plan.unknown_hold, waker=waker)
     try:
         try:
-            result = provider.run_job(request, job_id=job_id, **run)
+            with paidcalls.collecting(job_id is not None):  # paid for: a stop does not end its slot's wait
+                result = provider.run_job(request, job_id=job_id, **run)
         except SubmitUnknown as exc:
             if journal.record is None or journal.record.state is not State.UNKNOWN:
                 raise
@@ -207,7 +208,8 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
             if waker is not None:  # the job's callback names it, where the submit's answer was lost
                 waker.wait(provider.callback_fallback)
             job_id = settled_by_callback(plan, ledger, journal, provider, request) or for_a_person(plan, journal, exc)
-            result = provider.run_job(request, job_id=job_id, **run)
+            with paidcalls.collecting():
+                result = provider.run_job(request, job_id=job_id, **run)
         journal.settle(result.credits if result.credits_source == "charged" else None)
         return result
     except (JobFailed, ContentRejected) as exc:

@@ -267,8 +267,8 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
     are reclaimed meanwhile), or after `LOCAL_FULL_WAIT` while holders in this process hold
     all `cap` slots (the limit's declared size). `on_wait()` runs once when the first ask is
     refused. `holder` (default: the current task run) is shown with the lease on the server.
-    Once the process is asked to stop (`paidcalls.request_stop`), a full limit is not waited for:
-    `RunStopping`."""
+    Once the process is asked to stop (`paidcalls.request_stop`), a full limit is not waited for
+    (`RunStopping`), except by a thread collecting a job already paid for (`paidcalls.collecting`)."""
     holder = holder if holder is not None else _holder()
     with _pacers_lock:
         here = _holders.setdefault(name, _Holders())
@@ -283,7 +283,7 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
         except httpx.HTTPStatusError as exc:
             if _locked(exc) is None:
                 raise LimiterError(f"slot of {name}: HTTP {exc.response.status_code} from the Prefect API") from None
-            if (why := paidcalls.stop_requested()) is not None:  # Ctrl-C, SIGHUP: no wait for what it would pay
+            if (why := paidcalls.stops_waiting()) is not None:  # Ctrl-C, SIGHUP: no wait for what it would pay
                 raise paidcalls.RunStopping(f"{why}: stopped while waiting for a slot of {name}; nothing was sent")
             if not waited and on_wait is not None:
                 on_wait()
