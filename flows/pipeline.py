@@ -272,6 +272,13 @@ class BudgetExceeded(RuntimeError):
     """The run's estimated credits are above the spec's `run.max_credits`."""
 
 
+def over_budget(over: dict[str, float], budget: dict[str, float], items: int) -> str:
+    """What a refused estimate says, in each provider's own credits, and the fix."""
+    said = "; ".join(f"{p}: estimated {over[p]:g} credits, run.max_credits {budget[p]:g}" for p in sorted(over))
+    return (f"{said} ({items} item(s) to run): above the cap, so nothing was submitted; raise run.max_credits "
+            "or run fewer items (overrides.items, or an item's count)")
+
+
 def saved_blocks(spec: PipelineSpec, plans: list[ItemPlan]) -> None:
     """Load every Block the run needs (provider accounts, the archive's credentials), so a
     missing one is one `BlockMissing` line before anything starts, not a traceback mid-run."""
@@ -683,8 +690,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     budget = parsed.budget()
     over = {p: round(per_provider[p], 4) for p, cap in budget.items() if per_provider.get(p, 0.0) > cap}
     if over:
-        raise BudgetExceeded(f"estimated {over} for {len(todo)} item(s) is above run.max_credits "
-                             f"{ {p: budget[p] for p in over} }; nothing was submitted")
+        raise BudgetExceeded(over_budget(over, budget, len(todo)))
     logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
                 parsed.name, run_date, len(plans), len(reused), estimated)
     spend = open_run(str(flow_run.id), budget)  # the caps held on what the providers charge

@@ -195,7 +195,7 @@ def test_spec_over_budget_makes_no_paid_call(emulator, tmp_path) -> None:
     before = tams_stats(emulator)
     state = run_spec(tmp_path, spec_text("budget", 4, extra_run=", max_credits: 3"), date(2026, 2, 4))
     after = tams_stats(emulator)
-    assert state.is_failed() and "above run.max_credits {'tams': 3.0}" in str(state.result(raise_on_failure=False))
+    assert state.is_failed() and "run.max_credits 3 (4 item(s) to run): above the cap" in str(state.result(raise_on_failure=False))
     assert after["submits"] == before["submits"] and after["uploads"] == before["uploads"]
     assert after["charges"] == before["charges"]
 
@@ -240,7 +240,8 @@ def test_budget_is_per_provider_in_its_own_unit(emulator, tmp_path) -> None:
         load_spec(path)
     path.write_text(mixed.replace("max_credits: 3", "max_credits: {tams: 2, chuzhan: 1000}"))
     state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7), path=path)
-    assert state.is_failed() and "{'tams': 3.0}" in str(state.result(raise_on_failure=False))  # 3 TAMS items, cap 2
+    assert state.is_failed() and "tams: estimated 3 credits, run.max_credits 2 (4 item(s) to run)" in str(
+        state.result(raise_on_failure=False))  # 3 TAMS items, cap 2
     path.write_text(mixed.replace("max_credits: 3", "max_credits: {tams: 3, chuzhan: 1000}"))
     before = tams_stats(emulator)
     state = run_spec(tmp_path, path.read_text(), date(2026, 2, 7), path=path)

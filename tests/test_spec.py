@@ -102,6 +102,16 @@ def test_a_cap_or_number_mistake_is_one_line_saying_why(tmp_path: Path, run: str
     assert (issue.line, issue.field, issue.message) == (12, f"run.{run[1:].split(':')[0]}", message), str(issue)
 
 
+def test_a_cap_only_for_a_provider_no_item_uses_is_refused_while_the_used_one_goes_uncapped(tmp_path: Path) -> None:
+    """`{tencent: 5}` on a TAMS spec capped nothing the run pays for, silently."""
+    [issue] = issue_of(tmp_path, GOOD + "run: {max_credits: {tencent: 5}}\n")
+    assert (issue.line, issue.field) == (12, "run.max_credits"), str(issue)
+    assert issue.message == ("caps tencent, which no item uses, and leaves tams (what the items use) without a cap; "
+                             "name it, e.g. {tams: 100}"), issue.message
+    assert load_spec(write(tmp_path, GOOD + "run: {max_credits: {tams: 5, tencent: 5}}\n")).budget() == {
+        "tams": 5.0, "tencent": 5.0}  # a cap for a provider a catalogue may bring later, beside the used one's
+
+
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     text = GOOD.replace("  width: 512\n", "  width: -1\n  colour: red\n").replace("provider: tams\n", "provider: x\n")
     fields = {i.field for i in issue_of(tmp_path, text)}

@@ -648,6 +648,12 @@ def _cross_checks(spec: PipelineSpec, where: Where) -> list[SpecIssue]:
             ("run", "max_credits"),
             f"this spec uses {', '.join(used)}, whose credits are different units (Tencent counts billable calls); "
             f"give one per provider, e.g. {{{', '.join(f'{p}: 100' for p in used)}}}"))
+    if isinstance(spec.run.max_credits, dict) and (unused := sorted(set(spec.run.max_credits) - set(used))) and \
+            (uncapped := [p for p in used if p not in spec.run.max_credits]):
+        issues.append(where.issue(  # a cap meant for this spec's provider, written under another name
+            ("run", "max_credits"),
+            f"caps {', '.join(unused)}, which no item uses, and leaves {', '.join(uncapped)} (what the items use) "
+            f"without a cap; name it, e.g. {{{', '.join(f'{p}: 100' for p in uncapped)}}}"))
     fields = {f for _, f, _, _ in string.Formatter().parse(spec.archive.key_template) if f}
     if "index" not in fields and any(item.count > 1 for item in spec.items):
         issues.append(where.issue(("archive", "key_template"), "an item has count > 1, so the key template needs {index}"))
