@@ -218,6 +218,8 @@ class ChuzhanState:
 class ChuzhanEmulator(Emulator):
     """The Starlette app and its state (one account)."""
 
+    KEPT = ("tasks", "balance", "paid", "charged_credits", "counters", "results")
+
     def __init__(self, token: str, *, latency: float = 2.0, task_limit: int = 2, balance: float = 100_000,
                  sandbox_callbacks: bool = False) -> None:
         self.state = ChuzhanState(token=token, latency=latency, task_limit=task_limit, balance=balance)

@@ -192,10 +192,10 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     pids: dict[str, int] = {}
     for name, port in chosen.items():
         module = emulator(name)
-        account = module.sandbox_account(state_dir)
-        account_file = Path(secret_file(state_dir, f"{name}_account.json", json.dumps(account)))
+        account, account_file = _account(state_dir, name, module)
         pids[name] = spawn([sys.executable, "-m", "sandbox.serve", name, "--port", str(port),
-                            "--latency", str(latency), "--account", str(account_file)],
+                            "--latency", str(latency), "--account", str(account_file),
+                            "--keep", str(state_dir / f"{name}_kept.pickle")],
                            state_dir / f"{name}.log").pid
         accounts[name] = {"url": f"http://127.0.0.1:{port}", **account}
     access_key, secret_key = "sandbox" + secrets.token_hex(6), secrets.token_urlsafe(24)
@@ -212,6 +212,22 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
         down(state_dir)
         raise
     return state
+
+
+def _account(state_dir: Path, name: str, module: Any) -> tuple[dict[str, str], Path]:
+    """The emulated account of `name` and its file: the one an earlier `up` made while its
+    files are all there (a real account outlives our restarts, and so do its jobs), else a new one."""
+    path = state_dir / f"{name}_account.json"
+    try:
+        account = json.loads(path.read_text())
+        if isinstance(account, dict) and all(Path(value).is_file() for key, value in account.items()
+                                             if key.endswith("_file")):
+            return account, path
+    except (OSError, ValueError):
+        pass
+    account = module.sandbox_account(state_dir)
+    (state_dir / f"{name}_kept.pickle").unlink(missing_ok=True)  # a new account has no jobs yet
+    return account, Path(secret_file(state_dir, f"{name}_account.json", json.dumps(account)))
 
 
 S3_INTERNAL_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",

@@ -141,12 +141,15 @@ class TamsState:
     charged_credits: float = 0.0
     window: SlidingWindow = field(default_factory=lambda: SlidingWindow(QPS))
     lock: threading.Lock = field(default_factory=threading.Lock)
-    ids: itertools.count = field(default_factory=lambda: itertools.count(700_000_000_000_000_001))
+    # 64-bit job ids, unique across restarts (the jobs kept from before one keep theirs)
+    ids: itertools.count = field(default_factory=lambda: itertools.count(700_000_000_000_000_000 + time.time_ns() // 1000))
     results: SignedUrls = field(default_factory=lambda: SignedUrls(RESULT_TTL, "Expires", "Signature"))
 
 
 class TamsEmulator(Emulator):
     """The Starlette app and its state."""
+
+    KEPT = ("jobs", "by_request", "uploads", "upload_tokens", "balance", "paid", "charged_credits", "counters", "results")
 
     def __init__(self, public_keys: dict[str, bytes], *, latency: float = 2.0,
                  token: str | None = None, balance: float = 100_000.0, sandbox_callbacks: bool = False) -> None:

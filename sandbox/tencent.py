@@ -150,6 +150,8 @@ class TencentState:
 class TencentEmulator(Emulator):
     """The Starlette app and its state."""
 
+    KEPT = ("jobs", "results", "result_actions", "paid", "counters", "by_action", "urls")
+
     def __init__(self, credentials: dict[str, str], *, latency: float = 2.0) -> None:
         self.state = TencentState(secrets=dict(credentials), latency=latency)
         self.app = self.build_app()

@@ -56,6 +56,7 @@ SLOW = frozenset({
     "test_first_hour.py",  # `make demo` in a fresh clone; its other tests as below
     "test_fail_closed.py::test_a_run_that_loses_its_claim_in_an_outage_starts_no_paid_call_after_it",
     "test_server_restart.py",  # a Prefect server stopped and started again, a lease outlived
+    "test_sandbox_restart.py",  # the sandbox stopped and started again (SeaweedFS twice)
     # 3-12 s each: a fresh `imagegen` process (it imports Prefect) per call, Real-ESRGAN
     "test_spec.py::test_cli_validate",
     "test_spec.py::test_cli_validate_applies_provider_rules",
