@@ -187,13 +187,14 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return 2
     step = Step(args.step)
     record = ledger.get(args.item, step, args.index if step is Step.REFINE else None)
-    if record is None or record.state not in (State.UNKNOWN, State.SENDING):
+    if record is None or record.state not in (State.UNKNOWN, State.SENDING, State.SUBMITTED):
         state = record.state.value if record else "no record"
-        print(f"{args.item} ({step.value}) is {state}: only an unknown (or interrupted sending) record is "
-              "resolved by hand", file=sys.stderr)
+        print(f"{args.item} ({step.value}) is {state}: only an unknown, interrupted sending or submitted record "
+              "is resolved by hand", file=sys.stderr)
         return 1
-    if record.state is State.SENDING:
-        record = ledger.move(record, State.UNKNOWN, reason="the run stopped while sending it")
+    if record.state in (State.SENDING, State.SUBMITTED):
+        record = ledger.move(record, State.UNKNOWN, reason="the run stopped while sending it" if record.state is
+                             State.SENDING else f"a person: {record.provider} does not know job {record.job_id}")
     if args.not_sent:
         ledger.move(record, State.REFUSED, reason="resolved by a person: the provider has no such job")
         print(f"{args.item}: marked not sent; the next run submits it")

@@ -131,6 +131,45 @@ def test_a_refused_submit_is_sent_again_by_the_rerun_and_paid_once(emulators, tm
     assert set(ledger_states(path, day).values()) == {"archived"}
 
 
+# --- a job the provider does not know --------------------------------------------------------------------
+
+UNKNOWN_JOB = {"tams": "700000000000000999", "chuzhan": "0" * 32, "tencent": "00000000-0000-4000-8000-000000000000"}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_paid_job_the_provider_does_not_know_is_told_and_never_paid_again_on_its_own(emulators, tmp_path,
+                                                                                      provider) -> None:
+    """A `submitted` record naming a job its provider does not know (the Block's account changed, the
+    provider dropped the job, a person resolved the item with a mistyped id; the sandbox restarted
+    empty did it too) failed every run `BadRequest: ... job not found`, with no way out: `ledger
+    resolve` refused a submitted record. Now the item says what happened and the two ways out, its
+    record stays `submitted`, nothing is sent; after `resolve --not-sent` the next run pays once."""
+    from flows.paying.ledger import Step
+    from flows.pipeline import plan_items
+
+    name, day = f"gone-{provider}", date(2026, 7, 9)
+    path = write_spec(tmp_path, spec_text(provider, name, 1), name)
+    [plan] = plan_items(load_spec(path), "", day, str(tmp_path), str(path))
+    ledger = JobLedger(load_spec(path).archive, name, day)
+    rid = plan.request.request_id
+    record = ledger.move(None, State.SENDING, item_id="i0", step=Step.GENERATE, base_request_id=rid, request_id=rid,
+                         attempt=1, provider=provider, block=plan.block)
+    ledger.move(record, State.SUBMITTED, job_id=UNKNOWN_JOB[provider])
+    submits = stats(emulators, provider)["submits"]
+    first = run_spec(tmp_path, path.read_text(), day, path=path)
+    error = manifest_of(first)["items"][0]["error"]
+    assert first.is_failed() and error["error"] == "JobGone", error
+    assert f"does not know job {UNKNOWN_JOB[provider]}, which this item paid for" in error["message"], error
+    assert f"imagegen ledger resolve {path} i0 --run-date {day} --not-sent" in error["message"], error
+    assert ledger_states(path, day) == {"i0": "submitted"}
+    assert stats(emulators, provider)["submits"] == submits and charges(emulators, provider, name) == {}
+    settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
+    assert settled.returncode == 0, settled.stderr
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
+    assert again.is_completed(), manifest_of(again)
+    assert charges(emulators, provider, name) == once_each(name, 1)
+
+
 # --- an ambiguous answer after the job was created -----------------------------------------------------
 
 AMBIGUOUS = {

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 
 from flows.storage import read_json
 from blocks.base import GenerationRequest, ImageProvider, JobResult, Waker
-from blocks.errors import ContentRejected, JobFailed, SubmitUnknown
+from blocks.errors import BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown
 from flows.paying import paidcalls, wakeup
 from flows.paying.archived import ArchivedImagesLost
 from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_notes
@@ -210,6 +210,10 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
             job_id = settled_by_callback(plan, ledger, journal, provider, request) or for_a_person(plan, journal, exc)
             with paidcalls.collecting():
                 result = provider.run_job(request, job_id=job_id, **run)
+        except BadRequest as exc:
+            if job_id is None or isinstance(exc, JobFailed) or not unknown_job(provider, job_id):
+                raise
+            raise job_gone(plan, job_id, exc) from None
         journal.settle(result.credits if result.credits_source == "charged" else None)
         return result
     except (JobFailed, ContentRejected) as exc:
@@ -218,6 +222,34 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
         raise
     finally:
         flush_or_log(journal)
+
+
+class JobGone(BadRequest):
+    """The provider refuses to tell a job this item paid for: its record stays `submitted` (nothing
+    is paid again on its own); the message names what a person does."""
+
+
+def job_gone(plan: ItemPlan, job_id: str, refusal: BadRequest) -> JobGone:
+    where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
+    return JobGone(f"{plan.item_id}: {plan.provider} does not know job {job_id}, which this item paid for "
+                   f"({refusal.message}). If the Block's account is not the one that submitted it, restore that "
+                   f"account and run again; if {plan.provider} no longer has the job, `imagegen ledger resolve "
+                   f"{where} --not-sent` lets the next run send it again (paying again)",
+                   provider=plan.provider, code="JobGone")
+
+
+def unknown_job(provider: ImageProvider, job_id: str) -> bool:
+    """Whether the provider refuses to tell `job_id`'s status (a job it does not know), asked
+    once more after a resumed job's call was refused; a fault of another kind is no answer."""
+    try:
+        provider.poll(job_id)
+    except (JobFailed, SubmitUnknown):
+        return False
+    except BadRequest:
+        return True
+    except ProviderError:
+        return False
+    return False
 
 
 def with_callback(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger,
