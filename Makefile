@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 
 # A private Prefect home, so the demo and the tests never touch your own profile or server.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# No usage data sent from the demo and the tests: the server's (its telemetry also printed a
+# `database is locked` traceback on SQLite) and the SDK's (whose first-run notice said to set this).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK ?= 1
 
 # Debian packages: Real-ESRGAN (the `realesrgan` upscale engine) needs the three libraries;
 # the UI test drives Chromium; the multi-worker and API-replica tests run PostgreSQL and Redis.
@@ -45,9 +48,11 @@ bench-libs:
 bench: $(STAMP) bench-libs
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
+# The recipe's shell outlives a Ctrl-C (`trap : INT`; imagegen itself still gets it and stops
+# the run), so the sandbox is stopped however the run ends.
 demo: $(STAMP)
 	$(BIN)/imagegen sandbox up --free-ports  # works whatever holds the default ports
-	@$(BIN)/imagegen run pipelines/demo.yaml; rc=$$?; $(BIN)/imagegen sandbox down; exit $$rc
+	@trap : INT; $(BIN)/imagegen run pipelines/demo.yaml; rc=$$?; $(BIN)/imagegen sandbox down; exit $$rc
 
 # The unit tier (no sandbox, no Prefect server, nothing slow; under a minute): run it while you work.
 check: $(STAMP)

@@ -44,6 +44,7 @@ from flows.paying.claim import run_claim
 from flows.paying.owner import NameTaken, own_name
 from flows.paying import paidcalls
 from flows.paying.paidcalls import PaidCallRefused
+from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done
 from flows.running.settle import forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
@@ -563,6 +564,7 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
     from prefect.runtime import deployment
 
     logger = get_run_logger()
+    oneline.install()  # failed task runs in one line each: the message says what to do
     path = resolve_spec_path(spec, confined=deployment.id is not None)
     overrides = RunOverrides.model_validate(overrides) if isinstance(overrides, dict) else overrides
     parsed = load_spec(path, overrides.spec_overrides() if overrides else None)

@@ -127,3 +127,43 @@ def test_a_ctrl_c_inside_pydantic_is_told_as_an_interruption() -> None:
             raise RuntimeError("wrapped") from exc
     except RuntimeError as wrapped:
         assert _ctrl_c_inside(wrapped)
+
+
+def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_for_a_bug(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect logs a failed task run with its traceback: an S3 server gone mid-run printed ~250
+    lines for four items. Errors raised on purpose say it all in their message; a step that never
+    started because its item's earlier step failed is not told at all."""
+    import logging
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from flows.paying.ledger import LedgerUnavailable
+    from flows.running import oneline
+
+    monkeypatch.delenv(oneline.DEBUG, raising=False)
+    logger, seen = logging.getLogger(oneline.TASK_RUNS), []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(self.format(record))
+
+    handler = Keep()
+    logger.addHandler(handler)
+    oneline.install()
+    oneline.install()  # once
+    try:
+        assert sum(isinstance(f, oneline.OneLine) for f in logger.filters) == 1
+        for exc in (LedgerUnavailable("ledger read: EndpointConnectionError after 6 attempts"),
+                    EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k"), ValueError("a bug")):
+            try:
+                raise exc
+            except Exception:  # noqa: BLE001
+                logger.error("Task run failed with exception: %r - Retries are exhausted", exc, exc_info=True)
+        logger.error("Finished in state NotReady(\"Upstream task run '01a2' did not reach a 'COMPLETED' state.\")")
+        logger.error("Finished in state Failed('Task run encountered an exception ValueError: a bug')")
+    finally:
+        logger.removeHandler(handler)
+        logger.filters = [f for f in logger.filters if not isinstance(f, oneline.OneLine)]
+    assert ["Traceback" in line for line in seen] == [False, False, True, False], seen  # no NotReady line
+    assert "LedgerUnavailable('ledger read" in seen[0] and "Could not connect" in seen[1]

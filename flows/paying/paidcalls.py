@@ -152,8 +152,7 @@ def check(run_id: Any) -> None:
             raise JobSlotLost(f"the job slot {slot.name} is lost: {slot.lost}; its provider's cap may be another "
                               "holder's now, so this paid call is not sent")
     if (why := stop_requested()) is not None:
-        raise RunStopping(f"{why}: this run starts no more paid calls (nothing was sent for this one); jobs "
-                          "already paid for are polled to the end")
+        raise RunStopping(f"{why}: not sent, nothing paid; the next run sends it")  # the run's log says the rest
 
 
 def ensure_claim(run_id: Any) -> None:
