@@ -148,8 +148,7 @@ def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(self.format(record))
 
-    handler = Keep()
-    logger.addHandler(handler)
+    handlers, logger.handlers = logger.handlers, [Keep()]  # not Prefect's: no run to send the records to
     oneline.install()
     oneline.install()  # once
     try:
@@ -163,7 +162,7 @@ def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_
         logger.error("Finished in state NotReady(\"Upstream task run '01a2' did not reach a 'COMPLETED' state.\")")
         logger.error("Finished in state Failed('Task run encountered an exception ValueError: a bug')")
     finally:
-        logger.removeHandler(handler)
+        logger.handlers = handlers
         logger.filters = [f for f in logger.filters if not isinstance(f, oneline.OneLine)]
     assert ["Traceback" in line for line in seen] == [False, False, True, False], seen  # no NotReady line
     assert "LedgerUnavailable('ledger read" in seen[0] and "Could not connect" in seen[1]
