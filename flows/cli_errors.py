@@ -45,6 +45,16 @@ def _s3(exc: BaseException) -> str | None:
     return None
 
 
+def _ledger(exc: BaseException) -> str | None:
+    from flows.paying.ledger import LedgerUnavailable
+
+    if isinstance(exc, LedgerUnavailable):
+        return (f"the ledger in S3 could not be read or written ({exc}); is the S3 server up? Start it and run the "
+                "same command again: what the ledger recorded is not paid again, and the run's log names the jobs "
+                "it could not record")
+    return None
+
+
 def _prefect(exc: BaseException) -> str | None:
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
@@ -55,7 +65,7 @@ def _prefect(exc: BaseException) -> str | None:
     return None
 
 
-EXPLAINERS: tuple[Callable[[BaseException], str | None], ...] = (_unreachable, _s3, _prefect)
+EXPLAINERS: tuple[Callable[[BaseException], str | None], ...] = (_unreachable, _s3, _ledger, _prefect)
 
 
 def explain(exc: BaseException) -> str:

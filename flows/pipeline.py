@@ -48,7 +48,7 @@ from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done
 from flows.running.settle import forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
-from flows.paying.ledger import TRANSITIONS, State, Step
+from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
 from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
@@ -622,28 +622,45 @@ def _only(manifest: dict[str, Any], unselected: set[str]) -> bool:
 
 def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]]
                        ) -> dict[str, tuple[float | None, str]]:
-    """What the items that did not archive may have cost, from their ledger records: a job
-    that ran and failed after the provider took credits at submit (触站AI) may have been charged
-    (its documents say nothing of refunds, and its answers report none); a submit whose answer
-    was never seen may have been charged."""
+    """What the items that did not archive may have cost, from their ledger records (`_charge_of`).
+    Once the ledger cannot be read (S3 away), the rest are not known: one wait for S3, not one an item."""
     out: dict[str, tuple[float | None, str]] = {}
+    readable = True
     for plan, (_, error) in zip(plans, outcomes, strict=True):
         if error is None or error.get("step") in ("not submitted", "estimate"):
             continue
-        record = ledger_of(plan).get(plan.item_id)
-        if record is None or record.base_request_id != plan.request.request_id:
-            continue
-        if record.state is State.FAILED and record.charged:
-            out[plan.item_id] = (record.charged, "maybe charged: taken at submit; the provider does not say whether "
-                                                 "a failed job gives it back")
-        elif record.state in (State.UNKNOWN, State.SENDING):
-            out[plan.item_id] = (None, "may have been charged: the answer to its submit was not seen")
-        elif record.state in (State.SUBMITTED, State.DONE):
-            cost = record.charged if record.charged is not None else plan.estimate.credits if plan.estimate else None
-            cost = None if cost is None else cost + _refines_paid(plan)
-            out[plan.item_id] = (cost, "paid for, not archived: a rerun of this date asks the provider for its job "
-                                       "again, without sending it again")
+        found = None
+        if readable:
+            try:
+                found = _charge_of(plan)
+            except LedgerUnavailable:
+                readable = False
+        if not readable:
+            found = (None, "not known: its ledger record in S3 could not be read (`imagegen ledger show` says, once "
+                           "S3 answers)")
+        if found is not None:
+            out[plan.item_id] = found
     return out
+
+
+def _charge_of(plan: ItemPlan) -> tuple[float | None, str] | None:
+    """What an item that did not archive may have cost: a job that ran and failed after the
+    provider took credits at submit (触站AI) may have been charged (its documents say nothing of
+    refunds, and its answers report none); a submit whose answer was never seen may have been
+    charged; a job paid for and not archived was. None: nothing was paid."""
+    record = ledger_of(plan).get(plan.item_id)
+    if record is None or record.base_request_id != plan.request.request_id:
+        return None
+    if record.state is State.FAILED and record.charged:
+        return record.charged, "maybe charged: taken at submit; the provider does not say whether a failed job gives it back"
+    if record.state in (State.UNKNOWN, State.SENDING):
+        return None, "may have been charged: the answer to its submit was not seen"
+    if record.state in (State.SUBMITTED, State.DONE):
+        cost = record.charged if record.charged is not None else plan.estimate.credits if plan.estimate else None
+        return (None if cost is None else cost + _refines_paid(plan),
+                "paid for, not archived: a rerun of this date asks the provider for its job again, without sending "
+                "it again")
+    return None
 
 
 def _refines_paid(plan: ItemPlan) -> float:

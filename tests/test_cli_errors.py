@@ -166,3 +166,34 @@ def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_
         logger.filters = [f for f in logger.filters if not isinstance(f, oneline.OneLine)]
     assert ["Traceback" in line for line in seen] == [False, False, True, False], seen  # no NotReady line
     assert "LedgerUnavailable('ledger read" in seen[0] and "Could not connect" in seen[1]
+
+
+def test_the_ledger_away_is_one_line_naming_the_fix_and_read_once_for_the_manifest(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """S3 killed mid-run: the run's end read each failed item's ledger record, waiting out the
+    ledger's backoff once an item (two minutes for four), then failed with a traceback and
+    `run failed: LedgerUnavailable: ...`, naming no fix."""
+    from datetime import date
+
+    from flows import pipeline
+    from flows.cli_errors import explain
+    from flows.paying.ledger import LedgerUnavailable
+    from flows.specs.spec import load_spec
+
+    assert explain(LedgerUnavailable("ledger read: EndpointConnectionError after 6 attempts")).startswith(
+        "the ledger in S3 could not be read or written (ledger read: EndpointConnectionError after 6 attempts); "
+        "is the S3 server up? Start it and run the same command again")
+    plans = pipeline.plan_items(load_spec(Path(__file__).parent.parent / "pipelines" / "demo.yaml"), "",
+                                date(2026, 1, 2), str(tmp_path))
+    reads = []
+
+    class Away:
+        def get(self, *args: object) -> None:
+            reads.append(args)
+            raise LedgerUnavailable("ledger read: EndpointConnectionError after 6 attempts")
+
+    monkeypatch.setattr(pipeline, "ledger_of", lambda plan: Away())
+    failed = [(None, {"step": "archive", "error": "EndpointConnectionError", "message": "S3"}) for _ in plans]
+    charges = pipeline._charges_of_failed(plans, failed)
+    assert len(reads) == 1 and set(charges) == {p.item_id for p in plans}
+    assert all(cost is None and note.startswith("not known: its ledger record") for cost, note in charges.values())

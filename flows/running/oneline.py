@@ -11,6 +11,7 @@ import os
 
 DEBUG = "IMAGEGEN_DEBUG"  # as the CLI's tracebacks (`flows.cli_errors`), which this layer does not import
 TASK_RUNS = "prefect.task_runs"  # the logger of Prefect's task run engine
+FLOW_RUNS = "prefect.flow_runs"  # and of its flow run engine
 NOT_READY = "Finished in state NotReady("  # how it tells a task whose upstream task failed
 
 
@@ -46,7 +47,9 @@ class OneLine(logging.Filter):
 
 
 def install() -> None:
-    """Filter Prefect's task run records in this process (once), unless `IMAGEGEN_DEBUG` is set."""
-    logger = logging.getLogger(TASK_RUNS)
-    if not os.environ.get(DEBUG) and not any(isinstance(f, OneLine) for f in logger.filters):
-        logger.addFilter(OneLine())
+    """Filter Prefect's task and flow run records in this process (once), unless `IMAGEGEN_DEBUG`
+    is set (a flow run that failed on S3 printed its traceback too)."""
+    for name in (TASK_RUNS, FLOW_RUNS):
+        logger = logging.getLogger(name)
+        if not os.environ.get(DEBUG) and not any(isinstance(f, OneLine) for f in logger.filters):
+            logger.addFilter(OneLine())
