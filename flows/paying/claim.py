@@ -59,10 +59,15 @@ def run_claim(pipeline: str, run_date: date, ledger: JobLedger) -> Iterator[None
 
     lease_seconds = configured_lease(LEASE_SECONDS)
 
-    def waiting() -> None:
+    def waiting(waited: float) -> None:
+        if waited:  # said again while the wait goes on: a killed run's claim takes up to a lease to free
+            get_run_logger().warning("still waiting for the claim of %s for %s: %.0f s so far (at most %.0f s after "
+                                     "the other run's last renewal, if it was killed)", pipeline, run_date, waited,
+                                     lease_seconds)
+            return
         note = ledger.read_claim_note() or {}
         get_run_logger().warning(
-            "another run of %s for %s is in progress (flow run %s %s, started %s); waiting for it to finish, then "
+            "another run of %s for %s holds its claim (flow run %s %s, started %s); waiting for it to finish, then "
             "items it archived are reused, not paid again (if that run was killed, its claim frees itself at most "
             "%.0f s after its last renewal)", pipeline, run_date, note.get("flow_run_name", "?"),
             note.get("flow_run_id", "?"), note.get("started_at", "?"), lease_seconds)

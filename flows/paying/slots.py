@@ -51,6 +51,7 @@ from flows.paying.leases import Lease, renewer
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
 LOCAL_FULL_WAIT = 2.0  # ... and while this process holds the whole cap (a lost lease or a raised limit may free one)
+WAIT_NOTE_SECONDS = 30.0  # how often a long wait is told again (`hold`'s on_wait)
 PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate`)
 API_ATTEMPTS = 4  # attempts of one slot call through API faults before it is a LimiterError
 RECLAIM_EVERY = 2.0  # seconds between two looks for expired leases while a waiter waits
@@ -258,21 +259,21 @@ def reclaim_expired(force: bool = False) -> int:
 
 @contextlib.contextmanager
 def hold(name: str, lease_seconds: float, holder: Any = None,
-         on_wait: Callable[[], None] | None = None, cap: int | None = None) -> Iterator[Lease]:
+         on_wait: Callable[[float], None] | None = None, cap: int | None = None) -> Iterator[Lease]:
     """Hold one slot of the concurrency limit `name` for the duration of the block, on the
     `Lease` it yields (renewed meanwhile; see `flows.paying.leases` for when it counts as lost).
 
     While the limit is full, ask again when a holder in this process releases a slot, or
     after `RETRY_SECONDS` (a holder elsewhere may have released one, or died: expired leases
     are reclaimed meanwhile), or after `LOCAL_FULL_WAIT` while holders in this process hold
-    all `cap` slots (the limit's declared size). `on_wait()` runs once when the first ask is
-    refused. `holder` (default: the current task run) is shown with the lease on the server.
+    all `cap` slots (the limit's declared size). `on_wait(seconds waited)` runs when the first ask
+    is refused, then every `WAIT_NOTE_SECONDS` while refusals go on. `holder` (default: the current task run) is shown with the lease on the server.
     Once the process is asked to stop (`paidcalls.request_stop`), a full limit is not waited for
     (`RunStopping`), except by a thread collecting a job already paid for (`paidcalls.collecting`)."""
     holder = holder if holder is not None else _holder()
     with _pacers_lock:
         here = _holders.setdefault(name, _Holders())
-    waited = False
+    waited, told, first_refused = False, None, 0.0
     while True:
         with here.changed:
             seen = here.releases
@@ -285,8 +286,11 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
                 raise LimiterError(f"slot of {name}: HTTP {exc.response.status_code} from the Prefect API") from None
             if (why := paidcalls.stops_waiting()) is not None:  # Ctrl-C, SIGHUP: no wait for what it would pay
                 raise paidcalls.RunStopping(f"{why}: stopped while waiting for a slot of {name}; nothing was sent")
-            if not waited and on_wait is not None:
-                on_wait()
+            now = time.monotonic()
+            if on_wait is not None and (told is None or now - told >= WAIT_NOTE_SECONDS):
+                on_wait(0.0 if told is None else now - first_refused)
+                told = now
+            first_refused = first_refused if waited else now
             waited = True
             reclaim_expired()
             here.wait_for_release(seen, cap)
