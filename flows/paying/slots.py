@@ -267,9 +267,10 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
     after `RETRY_SECONDS` (a holder elsewhere may have released one, or died: expired leases
     are reclaimed meanwhile), or after `LOCAL_FULL_WAIT` while holders in this process hold
     all `cap` slots (the limit's declared size). `on_wait(seconds waited)` runs when the first ask
-    is refused, then every `WAIT_NOTE_SECONDS` while refusals go on. `holder` (default: the current task run) is shown with the lease on the server.
-    Once the process is asked to stop (`paidcalls.request_stop`), a full limit is not waited for
-    (`RunStopping`), except by a thread collecting a job already paid for (`paidcalls.collecting`)."""
+    is refused, then every `WAIT_NOTE_SECONDS` while refusals go on. `holder` (default: the
+    current task run) is shown with the lease on the server. Once the process is asked to stop
+    (`paidcalls.request_stop`), a full limit is not waited for (`RunStopping`), except by a
+    thread collecting a job already paid for (`paidcalls.collecting`)."""
     holder = holder if holder is not None else _holder()
     with _pacers_lock:
         here = _holders.setdefault(name, _Holders())
