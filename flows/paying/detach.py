@@ -129,7 +129,7 @@ def _report_crash(run_ids: list[Any]) -> None:
         from prefect.logging.handlers import APILogWorker
 
         with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-            for run_id in run_ids:
+            for run_id in [*run_ids, *_subflows_not_ended(client, run_ids)]:
                 client.set_flow_run_state(run_id, Crashed(message=CRASHED), force=True)
         with contextlib.suppress(Exception):
             APILogWorker.drain_all(timeout=LEAVE_REPORT_SECONDS)  # the run's last lines, on its page in the UI
@@ -137,6 +137,20 @@ def _report_crash(run_ids: list[Any]) -> None:
     thread = threading.Thread(target=report, daemon=True)
     thread.start()
     thread.join(LEAVE_REPORT_SECONDS)
+
+
+def _subflows_not_ended(client: Any, run_ids: list[Any]) -> list[str]:
+    """The subflow runs of `run_ids` the API knows and that have not ended: a backfill's date
+    whose run the engine had created but whose body had not yet started (so not yet in
+    `paidcalls.runs_in_progress`) was left Running."""
+    from uuid import UUID
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(str(run)) for run in run_ids])))
+    known = {str(run) for run in run_ids}
+    return [str(run.id) for run in children if str(run.id) not in known and not (run.state and run.state.is_final())]
 
 
 CRASHED = ("interrupted twice (Ctrl-C): left at once; every paid call is in the ledger, and a rerun of the same "
