@@ -195,7 +195,7 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
         account, account_file = _account(state_dir, name, module)
         pids[name] = spawn([sys.executable, "-m", "sandbox.serve", name, "--port", str(port),
                             "--latency", str(latency), "--account", str(account_file),
-                            "--keep", str(state_dir / f"{name}_kept.pickle")],
+                            "--keep", str(_kept_file(state_dir, name))],
                            state_dir / f"{name}.log").pid
         accounts[name] = {"url": f"http://127.0.0.1:{port}", **account}
     access_key, secret_key = "sandbox" + secrets.token_hex(6), secrets.token_urlsafe(24)
@@ -214,6 +214,11 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     return state
 
 
+def _kept_file(state_dir: Path, name: str) -> Path:
+    """Where emulator `name` keeps its account's jobs across restarts (`sandbox.serve --keep`)."""
+    return state_dir / f"{name}_kept.pickle"
+
+
 def _account(state_dir: Path, name: str, module: Any) -> tuple[dict[str, str], Path]:
     """The emulated account of `name` and its file: the one an earlier `up` made while its
     files are all there (a real account outlives our restarts, and so do its jobs), else a new one."""
@@ -226,7 +231,7 @@ def _account(state_dir: Path, name: str, module: Any) -> tuple[dict[str, str], P
     except (OSError, ValueError):
         pass
     account = module.sandbox_account(state_dir)
-    (state_dir / f"{name}_kept.pickle").unlink(missing_ok=True)  # a new account has no jobs yet
+    _kept_file(state_dir, name).unlink(missing_ok=True)  # a new account has no jobs yet
     return account, Path(secret_file(state_dir, f"{name}_account.json", json.dumps(account)))
 
 

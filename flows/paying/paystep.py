@@ -243,10 +243,8 @@ def unknown_job(provider: ImageProvider, job_id: str) -> bool:
     once more after a resumed job's call was refused; a fault of another kind is no answer."""
     try:
         provider.poll(job_id)
-    except (JobFailed, SubmitUnknown):
-        return False
-    except BadRequest:
-        return True
+    except BadRequest as exc:
+        return not isinstance(exc, (JobFailed, SubmitUnknown))
     except ProviderError:
         return False
     return False

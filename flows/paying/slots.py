@@ -274,7 +274,8 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
     holder = holder if holder is not None else _holder()
     with _pacers_lock:
         here = _holders.setdefault(name, _Holders())
-    waited, told, first_refused = False, None, 0.0
+    told: float | None = None  # when on_wait last ran
+    first_refused: float | None = None
     while True:
         with here.changed:
             seen = here.releases
@@ -288,11 +289,10 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
             if (why := paidcalls.stops_waiting()) is not None:  # Ctrl-C, SIGHUP: no wait for what it would pay
                 raise paidcalls.RunStopping(f"{why}: stopped while waiting for a slot of {name}; nothing was sent")
             now = time.monotonic()
+            first_refused = now if first_refused is None else first_refused
             if on_wait is not None and (told is None or now - told >= WAIT_NOTE_SECONDS):
-                on_wait(0.0 if told is None else now - first_refused)
+                on_wait(now - first_refused)
                 told = now
-            first_refused = first_refused if waited else now
-            waited = True
             reclaim_expired()
             here.wait_for_release(seen, cap)
             continue

@@ -1,5 +1,5 @@
-"""Failed task runs told in one line, and steps that never started not told: Prefect logs each failed task run with its traceback, and
-for the errors this project raises on purpose (a provider's answer, the ledger or S3 away, a
+"""Failed task runs told in one line, and steps that never started not told. Prefect logs each
+failed task run with its traceback, and for the errors this project raises on purpose (a provider's answer, the ledger or S3 away, a
 stopped run, a budget reached) the message says it all. An S3 server gone mid-run printed about
 250 lines of tracebacks for four items, burying the line that says what to do. `IMAGEGEN_DEBUG=1`
 keeps them, and an error of any other type (a bug) keeps its traceback."""
