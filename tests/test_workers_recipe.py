@@ -110,6 +110,15 @@ def errors(path: Path, days: list[date]) -> dict[str, dict[str, str]]:
             for d in days}
 
 
+def finish(proc: subprocess.Popen, seconds: float, what: str) -> str:
+    """`proc`'s output once it ends; past `seconds`, kill it and fail with the tail of what it printed."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{what} had not ended after {seconds:.0f} s; its last output:\n{proc.communicate()[0][-5000:]}")
+
+
 def runs_named(env: dict[str, str], prefix: str) -> list:
     with client_for(env) as client:
         return [r for r in client.read_flow_runs() if r.name.startswith(prefix)]
@@ -181,7 +190,7 @@ def test_a_killed_worker_s_date_completes_on_rerun_paying_once(recipe, sandbox_b
                 os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         configure(sandbox_blocks, "tencent", latency=0.6)
-        out = backfill.communicate(timeout=400)[0]
+        out = finish(backfill, 400, "the backfill after the kill")
     finally:
         configure(sandbox_blocks, "tencent", latency=0.6)
         if backfill.poll() is None:
@@ -193,8 +202,9 @@ def test_a_killed_worker_s_date_completes_on_rerun_paying_once(recipe, sandbox_b
           f"{ended:.0f} s after the kill")
     assert crashed.state.is_crashed(), crashed.state
     assert backfill.returncode == 1 and " failed " in out, out[-3000:]  # that date, the others done
-    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:] + str(errors(path, days))
+    rerun = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = finish(rerun, 600, "the rerun")
+    assert rerun.returncode == 0, out[-5000:] + str(errors(path, days))
     assert charges(sandbox_blocks, "tencent", name) == {f"item {k} of {name}": DATES for k in range(2)}
     assert violations(sandbox_blocks) == before
     # The backfills themselves ran in this process, with no heartbeats, for longer than the
