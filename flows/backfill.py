@@ -143,7 +143,9 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
                   local_spec: str, cap: dict[str, float] | None = None) -> dict[str, Any]:
     """Run one date: through the deployment (any worker) or as a subflow, named
     `<pipeline>-<date>`; report its manifest (read with `local_spec`, the spec's path here),
-    and why it failed."""
+    and why it failed. Asked to stop (Ctrl-C, SIGHUP) before its run is made: not started."""
+    if (stopping := paidcalls.stop_requested()) is not None:  # the task was submitted just before
+        return unrun_row(run_date, "stopped", "not started", f"not started: {stopping}")
     if deployment_id is not None:
         from prefect.deployments import run_deployment
 

@@ -141,3 +141,15 @@ def test_a_deployment_s_dates_get_the_spec_by_its_place_in_the_checkout(tmp_path
 def test_arguments_that_would_hang_or_switch_the_cap_off_are_refused(parallel, cap, why) -> None:
     with pytest.raises(BackfillRefused, match=why):
         check_arguments(parallel, cap)
+
+
+def test_a_date_whose_task_starts_after_a_stop_makes_no_run(monkeypatch, tmp_path) -> None:
+    """Ctrl-C between a date's submit and its run's creation: the engine made the run after the
+    second Ctrl-C had marked the others Crashed, and it was left Running (a suite on a busy machine)."""
+    from flows.backfill import run_date_task
+    from flows.paying import paidcalls
+
+    monkeypatch.setattr(paidcalls, "_stop", ["Ctrl-C"])
+    row = run_date_task.fn("no-such-spec.yaml", date(2026, 8, 14), None, "k", "p", str(tmp_path / "none.yaml"))
+    assert (row["status"], row["state"], row["reason"], row["ran_items"]) == \
+        ("stopped", "not started", "not started: Ctrl-C", False)
