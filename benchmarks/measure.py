@@ -25,6 +25,11 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _sys() -> float:
+    """The kernel's share of `_cpu()` (thread switches, sockets)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def run_flow(spec: str, run_date: date) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
     from flows.running.report import PipelineIncomplete
@@ -58,7 +63,7 @@ def main(argv: list[str]) -> None:
         from benchmarks.memgrowth import Growth
 
         growth = Growth(Path(traced))
-    cpu0, wall0 = _cpu(), time.monotonic()
+    cpu0, sys0, wall0 = _cpu(), _sys(), time.monotonic()
     if mode == "flow":
         outcome = run_flow(spec, run_date)
     else:
@@ -66,7 +71,7 @@ def main(argv: list[str]) -> None:
 
         outcome = baseline([spec, *rest])
         outcome["status"] = "complete" if not outcome["failed"] else "incomplete"
-    wall, cpu = time.monotonic() - wall0, _cpu() - cpu0
+    wall, cpu, kernel = time.monotonic() - wall0, _cpu() - cpu0, _sys() - sys0
     # The run's own peak: reading the profile below takes memory in proportion to the run's length.
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if traced:
@@ -77,7 +82,7 @@ def main(argv: list[str]) -> None:
         sampler.out.replace(Path(keep) / f"{mode}-{os.getpid()}.pyspy.raw")
     sampler.out.unlink(missing_ok=True)
     print(MARK + json.dumps({"mode": mode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                             "peak_rss_mb": round(peak_mb, 1), "cpu_parts": parts, **outcome}), flush=True)
+                             "cpu_sys_s": round(kernel, 2),                             "peak_rss_mb": round(peak_mb, 1), "cpu_parts": parts, **outcome}), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from flows.paying.owner import NameTaken, own_name
 from flows.paying import paidcalls
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
-from flows.running.progress import RunProgress, count_when_done
+from flows.running.progress import RunProgress, count_when_done, future_result
 from flows.running.settle import forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
@@ -227,7 +227,7 @@ def _outcome(chain: Chain, item: str, renames: list[threading.Thread]) -> Outcom
             if isinstance(error, BaseException):
                 return None, {"step": step, "error": type(error).__name__, "message": str(error)}
             return None, {"step": step, "error": state.type.value, "message": state.message or state.name}
-    return chain[-1][1].result(), None
+    return future_result(chain[-1][1]), None
 
 
 RENAME_WAIT = 10.0  # seconds the end of a run waits, in all, for the renames still going on
@@ -807,11 +807,11 @@ def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
             shown = percent
     if not run_level:
         return done, []
-    ready = {p.item_id: (p, chains[p.item_id][-2][1].result(), verdicts)
+    ready = {p.item_id: (p, future_result(chains[p.item_id][-2][1]), verdicts)
              for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
     progress.update(waiting="a person's review" if parsed.review.human is not None else "the run-level review")
     staged = decide(parsed, run_date, list(ready.values()), before_suspend=lambda: keep_for_reentry(
-        [(plan, dict(chains[item])["generate"].result()) for item, (plan, _, _) in ready.items()]))
+        [(plan, future_result(dict(chains[item])["generate"])) for item, (plan, _, _) in ready.items()]))
     progress.update(waiting=None)
     archived = {item: archive.submit(plan_arg(plan), Upstream(gen), Upstream(verdicts))
                 for item, (plan, gen, verdicts) in ready.items()}

@@ -50,3 +50,20 @@ def test_the_run_log_gets_a_line_every_few_seconds_while_nothing_changes(monkeyp
     time.sleep(0.9)
     run.finish()
     assert len(lines) >= 3 and all(line.startswith("quiet: 0/2 items started") for line in lines)
+
+
+def test_a_result_in_memory_is_read_without_prefect_s_event_loop(monkeypatch) -> None:
+    """`result_of` hands over what `State.result()` would, and falls back to it where the
+    result is not simply in memory (a failure)."""
+    from prefect.client.schemas.objects import State
+    from prefect.states import Completed, Failed
+
+    from flows.running.progress import result_of
+
+    assert result_of(Completed(data={"credits": 2})) == State.result(Completed(data={"credits": 2})) == {"credits": 2}
+    failed = Failed(data=ValueError("no"))
+    assert isinstance(result_of(failed, raise_on_failure=False), ValueError)
+    calls = []
+    monkeypatch.setattr(State, "result", lambda self, **kw: calls.append(kw) or "read the usual way")
+    assert result_of(Completed(data={"a": 1})) == {"a": 1} and calls == []
+    assert result_of(failed, raise_on_failure=False) == "read the usual way" and calls == [{"raise_on_failure": False}]

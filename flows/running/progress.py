@@ -173,7 +173,7 @@ def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgres
                 progress.update(failed=1)
             return
         if step == "generate":
-            made = state.result(raise_on_failure=False)
+            made = result_of(state, raise_on_failure=False)
             progress.update(credits=getattr(made, "credits", 0.0) or 0.0)
         if last and not counted.is_set():
             counted.set()
@@ -181,6 +181,27 @@ def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgres
 
     for n, (step, future) in enumerate(chain):
         future.add_done_callback(lambda f, step=step, last=n == len(chain) - 1: ended(step, last, f))
+
+
+def result_of(state: RunState, raise_on_failure: bool = True) -> Any:
+    """`state.result()` without its round trip through Prefect's event-loop thread (about 0.5 ms
+    of CPU a call, measured) where the result is in memory: a completed task's in this process.
+    Anything else (a failure, a persisted result) goes the usual way."""
+    from prefect._internal.result_records import ResultRecordMetadata
+    from prefect.results import ResultRecord
+
+    if state.is_completed():
+        data = state.data
+        if isinstance(data, ResultRecord):
+            return data.result
+        if data is not None and not isinstance(data, ResultRecordMetadata):
+            return data
+    return state.result(raise_on_failure=raise_on_failure)
+
+
+def future_result(future: PrefectFuture) -> Any:
+    """`future.result()`, through `result_of`."""
+    return result_of(final_state(future))
 
 
 def final_state(future: PrefectFuture) -> RunState:
