@@ -141,7 +141,8 @@ def decisions(text: str) -> dict[str, tuple[str, str]]:
     """The cell (ledger row, action) each item's step took when first rerun, from the log
     (`flows.paying.paystep`): `i1 generate` -> ("sending", "CONFIRM")."""
     found: dict[str, tuple[str, str]] = {}
-    for step, row, action in re.findall(r"(\S+ (?:generate|refine)): ledger (.+?), \w+ provider: (\w+)", text):
+    cell = r"(\S+ (?:generate|refine)): an earlier try .*?\[table: ledger (.+?), \w+ provider: (\w+)\]"
+    for step, row, action in re.findall(cell, text):
         found.setdefault(step, (row, action))
     return found
 
