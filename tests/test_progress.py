@@ -67,3 +67,39 @@ def test_a_result_in_memory_is_read_without_prefect_s_event_loop(monkeypatch) ->
     monkeypatch.setattr(State, "result", lambda self, **kw: calls.append(kw) or "read the usual way")
     assert result_of(Completed(data={"a": 1})) == {"a": 1} and calls == []
     assert result_of(failed, raise_on_failure=False) == "read the usual way" and calls == [{"raise_on_failure": False}]
+
+
+def test_the_progress_line_says_when_s3_has_not_answered_a_ledger_call(monkeypatch) -> None:
+    """A frozen S3 server answers nothing: the line tells it, for as long as the call waits,
+    retries and backoff included, and no longer once it returns."""
+    import threading
+    import time
+
+    from flows.paying import stalled
+    from flows.paying.ledger import with_backoff
+
+    monkeypatch.setattr(stalled, "STALL_SECONDS", 0.2)
+    answered, attempts = threading.Event(), []
+
+    def frozen() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TimeoutError("read timed out")  # the first attempt's read timeout, then a backoff
+        answered.wait(10)
+        return "record"
+
+    progress = RunProgress("run p 2026-01-01", 4)
+    call = threading.Thread(target=lambda: with_backoff(frozen, "ledger write p/_jobs/i1.json"))
+    call.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(attempts) < 2 and time.monotonic() < deadline:  # past the first attempt's backoff
+            time.sleep(0.05)
+        assert len(attempts) == 2, attempts
+        line = progress.line()
+        assert "; S3 has not answered a ledger write for " in line and "(is the S3 server up?)" in line, line
+        assert "i1.json" not in line, line
+    finally:
+        answered.set()
+        call.join(10)
+    assert "S3" not in progress.line()

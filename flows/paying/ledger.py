@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from flows.storage import (PreconditionFailed, archive_bucket, list_objects, put_conditionally, read_bytes,
                            read_json, read_object, write_bytes, write_json)
-from flows.paying import faults
+from flows.paying import faults, stalled
 from flows.specs.spec import ArchiveSettings
 
 PER_IMAGE = re.compile(r"\.[a-z]+-\d+\.json$")  # `<item>.refine-<n>.json`
@@ -140,16 +140,18 @@ def move(record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
 
 
 def with_backoff(call: Any, what: str, attempts: int = WRITE_ATTEMPTS) -> Any:
-    """Call, retrying any exception with exponential backoff; `LedgerUnavailable` at the end."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except LedgerConflict:
-            raise
-        except Exception as exc:  # noqa: BLE001 - S3 and network faults alike
-            if attempt + 1 >= attempts:
-                raise LedgerUnavailable(f"{what}: {type(exc).__name__} after {attempts} attempts") from None
-            time.sleep(min(8.0, 0.5 * 2**attempt) * random.uniform(0.8, 1.2))
+    """Call, retrying any exception with exponential backoff; `LedgerUnavailable` at the end.
+    Meanwhile the call is `stalled.waiting_on`: a progress line tells a long wait."""
+    with stalled.waiting_on(what):
+        for attempt in range(attempts):
+            try:
+                return call()
+            except LedgerConflict:
+                raise
+            except Exception as exc:  # noqa: BLE001 - S3 and network faults alike
+                if attempt + 1 >= attempts:
+                    raise LedgerUnavailable(f"{what}: {type(exc).__name__} after {attempts} attempts") from None
+                time.sleep(min(8.0, 0.5 * 2**attempt) * random.uniform(0.8, 1.2))
     raise AssertionError("unreachable")
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flows.paying import stalled
+
 if TYPE_CHECKING:
     from prefect.futures import PrefectFuture
     from prefect.states import State as RunState
@@ -75,7 +77,7 @@ class RunProgress:
         left = ""
         if self.waiting is None and 0 < finished < self.total:
             left = f", about {_clock(elapsed / finished * (self.total - finished))} left"
-        waiting = f"; waiting for {self.waiting}" if self.waiting else ""
+        waiting = (f"; waiting for {self.waiting}" if self.waiting else "") + stalled.hint()
         reused = f" ({self.reused} already archived)" if self.reused else ""
         return (f"{self.label}: {self.submitted}/{self.total} {self.unit} started{reused}, {self.done} done, "
                 f"{self.failed} failed, {self.credits:g} credits, {_clock(elapsed)} elapsed{left}{waiting}")
