@@ -82,7 +82,8 @@ def main(argv: list[str]) -> None:
         sampler.out.replace(Path(keep) / f"{mode}-{os.getpid()}.pyspy.raw")
     sampler.out.unlink(missing_ok=True)
     print(MARK + json.dumps({"mode": mode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                             "cpu_sys_s": round(kernel, 2),                             "peak_rss_mb": round(peak_mb, 1), "cpu_parts": parts, **outcome}), flush=True)
+                             "cpu_sys_s": round(kernel, 2), "peak_rss_mb": round(peak_mb, 1), "cpu_parts": parts,
+                             **outcome}), flush=True)
 
 
 if __name__ == "__main__":

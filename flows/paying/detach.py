@@ -129,36 +129,37 @@ def _report_crash(run_ids: list[Any]) -> None:
         from prefect.logging.handlers import APILogWorker
 
         with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-            for run_id in [*run_ids, *_not_ended(client, run_ids, subflows_only=True)]:
-                client.set_flow_run_state(run_id, Crashed(message=CRASHED), force=True)
+            crash(client, run_ids)  # first, before any read that could fail
+            crash(client, _not_ended(client, run_ids))  # their subflows: the runs themselves have ended now
         with contextlib.suppress(Exception):
             APILogWorker.drain_all(timeout=LEAVE_REPORT_SECONDS - 1)  # the run's last lines, on its page in the UI
         # Once more: a date's run the engine was starting meanwhile (the API lets Running follow
         # Crashed) would be left Running for good.
         with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-            for run_id in _not_ended(client, [*run_ids, *paidcalls.runs_in_progress()]):
-                client.set_flow_run_state(run_id, Crashed(message=CRASHED), force=True)
+            crash(client, _not_ended(client, [*run_ids, *paidcalls.runs_in_progress()]))
+
+    def crash(client: Any, ids: list[Any]) -> None:
+        for run_id in ids:
+            client.set_flow_run_state(run_id, Crashed(message=CRASHED), force=True)
 
     thread = threading.Thread(target=report, daemon=True)
     thread.start()
     thread.join(LEAVE_REPORT_SECONDS + 1)
 
 
-def _not_ended(client: Any, run_ids: list[Any], subflows_only: bool = False) -> list[str]:
-    """The runs `run_ids` (unless `subflows_only`) and their subflow runs that the API knows
-    and that have not ended: a backfill's date whose run the engine had created but whose body
-    had not yet started (so not yet in `paidcalls.runs_in_progress`) was left Running."""
+def _not_ended(client: Any, run_ids: list[Any]) -> list[str]:
+    """The runs `run_ids` and their subflow runs that the API knows and that have not ended: a
+    backfill's date whose run the engine had created but whose body had not yet started (so not
+    yet in `paidcalls.runs_in_progress`) was left Running."""
     from uuid import UUID
 
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
     ids = [UUID(str(run)) for run in dict.fromkeys(str(run) for run in run_ids)]
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids)))
-    if not subflows_only:
-        runs += client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    known = set() if not subflows_only else {str(run) for run in ids}
-    return list(dict.fromkeys(str(run.id) for run in runs
-                              if str(run.id) not in known and not (run.state and run.state.is_final())))
+    runs = [*client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))),
+            *client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids)))]
+    return list(dict.fromkeys(str(run.id) for run in runs if not (run.state and run.state.is_final())))
 
 
 CRASHED = ("interrupted twice (Ctrl-C): left at once; every paid call is in the ledger, and a rerun of the same "

@@ -108,9 +108,9 @@ def current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
 
 def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Caps, do: Do) -> None:
     if record is not None:
+        row = row_of(record)
         get_run_logger().info("%s %s: an earlier try is in the ledger (%s), so: %s [table: ledger %s, %s provider: "
-                              "%s]", plan.item_id, step.value, row_of(record), do.value, row_of(record), caps.column,
-                              do.name)
+                              "%s]", plan.item_id, step.value, row, do.value, row, caps.column, do.name)
 
 
 def unknown_help(plan: ItemPlan, record: JobRecord) -> str:

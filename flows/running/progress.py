@@ -57,10 +57,10 @@ class RunProgress:
         with self._lock:
             for name, value in changes.items():
                 setattr(self, name, value if name == "waiting" else getattr(self, name) + value)
-            line, due = self.line(), time.monotonic() - self._logged >= LOG_EVERY
-            if due:
-                self._logged = time.monotonic()
-        if due and self.log is not None:
+            line = None  # made only when it is logged, not on every task's update
+            if self.log is not None and time.monotonic() - self._logged >= LOG_EVERY:
+                line, self._logged = self.line(), time.monotonic()
+        if line is not None and self.log is not None:
             self.log(line)
         _tell(self)
 
