@@ -363,10 +363,12 @@ def test_a_full_window_waits_for_a_chain_to_end_without_polling() -> None:
 def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_blocks) -> None:
     import threading
 
+    from flows.paying import slotapi
     from flows.paying.slots import PrefectLimiter
 
     apply_limits({"tencent": ["slots-test"]})  # SubmitTextToImageJob: 1 in flight
     limiter = PrefectLimiter("tencent", "slots-test")
+    sent_before = slotapi._path.sent
     inside, peak, lock = [0], [0], threading.Lock()
 
     def job(fail: bool) -> None:
@@ -391,6 +393,8 @@ def test_a_job_slot_is_handed_on_and_released_however_the_job_ends(sandbox_block
     assert peak[0] == 1
     slots = {r["name"]: r["active_slots"] for r in limits_in_use()}
     assert slots["imagegen:tencent:slots-test:jobs:SubmitTextToImageJob"] == 0
+    # the grants, refusals and releases went on the direct path (`flows.paying.slotapi`), not Prefect's client
+    assert slotapi._path.off is None and slotapi._path.sent - sent_before >= 8
 
 
 def test_a_waiter_does_not_ask_while_its_own_process_holds_the_whole_cap(sandbox_blocks, monkeypatch) -> None:

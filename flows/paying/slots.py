@@ -46,7 +46,7 @@ import httpx
 from blocks.base import retry_after_seconds
 from blocks.errors import LimiterError
 from flows.paying.limits import LEASE_SECONDS, LimitsFile, ProviderLimits, jobs_name, load_limits, rate_name
-from flows.paying import paidcalls
+from flows.paying import paidcalls, slotapi
 from flows.paying.leases import Lease, renewer
 
 RETRY_SECONDS = 0.25  # how often a waiter asks again for a full in-flight cap
@@ -81,6 +81,14 @@ def api_client() -> Any:
             client.__enter__()
             _client = client
         return _client
+
+
+def _post(path: str, body: dict[str, Any], through_prefect: Callable[[Any], Any]) -> Any:
+    """A slot call sent directly (`flows.paying.slotapi`), or through Prefect's client where the
+    direct path cannot tell."""
+    client = api_client()
+    answer = slotapi.post(client, path, body)
+    return answer if answer is not None else through_prefect(client)
 
 
 def _slot_call(what: str, call: Callable[[], Any]) -> Any:
@@ -140,7 +148,10 @@ def take_rate(name: str, per_second: float) -> Callable[[], None]:
             asked = time.monotonic()
             try:
                 answer = _slot_call(f"rate slot {name}",
-                                    lambda: api_client().increment_concurrency_slots([name], 1, "rate_limit"))
+                                    lambda: _post("/v2/concurrency_limits/increment",
+                                                  {"names": [name], "slots": 1, "mode": "rate_limit"},
+                                                  lambda client: client.increment_concurrency_slots(
+                                                      [name], 1, "rate_limit")))
             except httpx.HTTPStatusError as exc:
                 wait = _locked(exc)
                 if wait is None:
@@ -281,8 +292,12 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
             seen = here.releases
         asked = time.monotonic()
         try:
-            answer = _slot_call(f"slot of {name}", lambda: api_client().increment_concurrency_slots_with_lease(
-                [name], 1, "concurrency", lease_seconds, holder))
+            answer = _slot_call(f"slot of {name}", lambda: _post(
+                "/v2/concurrency_limits/increment-with-lease",
+                {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": lease_seconds}
+                | ({"holder": holder.model_dump(mode="json")} if holder is not None else {}),
+                lambda client: client.increment_concurrency_slots_with_lease(
+                    [name], 1, "concurrency", lease_seconds, holder)))
         except httpx.HTTPStatusError as exc:
             if _locked(exc) is None:
                 raise LimiterError(f"slot of {name}: HTTP {exc.response.status_code} from the Prefect API") from None
@@ -310,7 +325,9 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
     finally:
         renewer.remove(lease)
         try:  # a lost lease too: the server may still count its slot (a no-op where it was freed)
-            _slot_call(f"release of {name}", lambda: api_client().release_concurrency_slots_with_lease(lease.id))
+            _slot_call(f"release of {name}", lambda: _post(
+                "/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease.id)},
+                lambda client: client.release_concurrency_slots_with_lease(lease.id)))
         except Exception as exc:  # noqa: BLE001 - the lease frees it; the job's own outcome stands
             from prefect.logging import get_logger
 
