@@ -5,7 +5,7 @@ queue or a lock (py-spy cannot tell them apart without pausing the process): a t
 samples. Work outside the GIL (the moderation model's inference, image decoding) is undercounted
 here; the total CPU per image comes from the process's own rusage, not from these shares.
 
-- limits: `flows/paying/slots.py` (slot calls to the Prefect server)
+- limits: `flows/paying/slots.py`, `flows/paying/slotapi.py` (slot calls to the Prefect server)
 - ledger: `flows/paying/ledger.py`, `flows/paying/claim.py`, `flows/paying/callbacks.py` (its S3 reads and writes)
 - review: `flows/imaging/review.py`, `flows/imaging/images.py` (moderation model, image checks)
 - archive (S3): S3 work (`flows/storage.py`, the S3 client) under any project frame but the
@@ -30,7 +30,8 @@ from pathlib import Path
 
 RATE = 29  # samples a second: one thread each (the GIL holder), so the measured run pays little
 RULES = (
-    ("flows/paying/slots.py", "limits"), ("flows/paying/ledger.py", "ledger"), ("flows/paying/claim.py", "ledger"),
+    ("flows/paying/slots.py", "limits"), ("flows/paying/slotapi.py", "limits"),
+    ("flows/paying/ledger.py", "ledger"), ("flows/paying/claim.py", "ledger"),
     ("flows/paying/callbacks.py", "ledger"), ("flows/imaging/review.py", "review"), ("flows/imaging/images.py", "review"),
     ("blocks/", "provider HTTP"),
 )
