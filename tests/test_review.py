@@ -54,6 +54,26 @@ def test_moderation_model_scores_a_real_image() -> None:
     assert 0.0 <= score < 0.2  # a line drawing of a sneaker
 
 
+def test_reviews_that_start_together_load_the_moderation_model_once(monkeypatch) -> None:
+    import threading
+
+    from flows.imaging import review
+
+    monkeypatch.setattr(review, "_classifiers", [])  # as in a fresh process
+    start, models = threading.Barrier(8), []
+
+    def first_review() -> None:
+        start.wait()
+        models.append(review._classifier())
+
+    threads = [threading.Thread(target=first_review) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(models) == 8 and len({id(model) for model in models}) == 1  # one load, not one a thread
+
+
 def test_missing_optional_dependency_names_the_install_command() -> None:
     with pytest.raises(MissingDependency) as caught:
         require("imagegen_no_such_module", REVIEW_EXTRA)

@@ -96,9 +96,8 @@ def _realesrgan(factor: int) -> Any:
 
 def realesrgan(data: bytes, factor: int) -> bytes:
     """Upscale by `factor` (2, 3 or 4) with Real-ESRGAN (animevideov3) on the CPU."""
-    upscaler = _realesrgan(factor)
-    with Image.open(io.BytesIO(data)) as image, _realesrgan_lock:  # one ncnn job at a time
-        bigger = upscaler.process_pil(image.convert("RGB"))
+    with Image.open(io.BytesIO(data)) as image, _realesrgan_lock:  # one ncnn job (and one model load) at a time
+        bigger = _realesrgan(factor).process_pil(image.convert("RGB"))
     out = io.BytesIO()
     bigger.save(out, format="PNG")
     return out.getvalue()
