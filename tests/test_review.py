@@ -74,6 +74,35 @@ def test_reviews_that_start_together_load_the_moderation_model_once(monkeypatch)
     assert len(models) == 8 and len({id(model) for model in models}) == 1  # one load, not one a thread
 
 
+def test_no_more_moderation_runs_at_once_than_cores(monkeypatch) -> None:
+    import threading
+
+    from flows.imaging import review
+
+    model, lock, inside, most = review._classifier(), threading.Lock(), [0], [0]
+
+    class Counted:  # the real model, counting how many of its runs overlap
+        def classify(self, image):  # noqa: ANN001, ANN202
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            try:
+                return model.classify(image)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+    monkeypatch.setattr(review, "_classifiers", [Counted()])
+    data, scores = ASSET.read_bytes(), []
+    threads = [threading.Thread(target=lambda: scores.append(nsfw_score(data))) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(scores) == 12 and len(set(scores)) == 1
+    assert 1 <= most[0] <= review.INFERENCES  # without the bound, 12 threads overlap far more than the cores
+
+
 def test_missing_optional_dependency_names_the_install_command() -> None:
     with pytest.raises(MissingDependency) as caught:
         require("imagegen_no_such_module", REVIEW_EXTRA)
