@@ -34,6 +34,7 @@ from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected
 from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, for_run, open_run
 from flows.paying.slots import reclaim_expired
+from flows.arenas import trim_now_and_then
 from flows.running.report import (PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish,
                                   with_spend)
 from flows.imaging.images import MissingDependency, _realesrgan
@@ -788,6 +789,7 @@ def _settle_ended(chains: dict[str, Chain], settled: dict[str, Outcome], renames
         chain = chains.pop(item)
         settled[item] = _outcome(chain, item, renames)
         forget(chain)
+    trim_now_and_then()
 
 
 def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
