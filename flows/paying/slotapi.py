@@ -1,14 +1,14 @@
 """The slot calls every item makes (a rate slot, a held slot, its release), sent directly.
 
-Through Prefect's sync client one such call cost about 1.8 ms of the flow process's CPU
-(httpx, its retry wrapper, its hooks); five or six an item were 8-13 ms, the largest share of
-the flow's CPU outside Prefect's task runs. Here the same POST, with the same JSON and the
-headers Prefect's client would send (its API version, authorisation and custom headers, read
-from that client), goes on a pooled connection, about 0.5 ms. A fast path only, never a second
-client:
+Through Prefect's sync client one such call cost 1.1-1.7 ms of the calling thread's CPU (httpx,
+its retry wrapper, its hooks), five or six an item. Here the same POST, with the same JSON and
+the headers Prefect's client would send (its API version, authorisation and custom headers,
+read from that client), goes on a pooled connection: 0.5-0.8 ms. A fast path only, never a
+second client:
 
-- it answers only what it can tell for sure: granted or released (200, 204) and full (423, with its
-  Retry-After), as `httpx` objects, so callers read them as they read Prefect's;
+- it answers only what it can tell for sure: granted or released (200, 204), read as Prefect's
+  client's response is read (`Answer`), and full (423, with its Retry-After), raised as the
+  `httpx.HTTPStatusError` Prefect's client raises (`Full`);
 - any other answer makes `post` return None and the call goes through Prefect's client, with
   its retries and error types; after a refusal other than 429 (authorisation, a CSRF token
   asked for, a path unknown) the process takes Prefect's client from then on;
@@ -43,7 +43,7 @@ class _Path:
         self.headers: dict[str, str] = {}
         self.pool: Any = None
         self.timeout: Any = None
-        self.sent = 0  # answered directly (for tests and the benchmark's breakdown)
+        self.sent = 0  # calls answered directly (for tests)
 
 
 _path = _Path()
@@ -105,7 +105,7 @@ class Full(httpx.HTTPStatusError):
 
 def post(client: Any, path: str, body: dict[str, Any]) -> Answer | None:
     """POST `body` to the API's `path` (e.g. `/v2/concurrency_limits/increment`). Returns the
-    200 answer; raises `httpx.HTTPStatusError` for a 423 (full), as Prefect's client does;
+    200 or 204 answer; raises `httpx.HTTPStatusError` for a 423 (full), as Prefect's client does;
     None when the call is to go through Prefect's `client` instead."""
     if not _path.ready:
         with _path.lock:
