@@ -23,6 +23,7 @@ import ctypes
 import os
 import sys
 import time
+from typing import Any
 
 M_ARENA_MAX = -8  # glibc's <malloc.h>
 ARENAS = 2
@@ -30,15 +31,23 @@ TRIM_EVERY = 30.0  # seconds between two `trim_now_and_then` that trim
 _trimmed_at = [0.0]
 
 
+def _glibc(name: str, argtypes: list[Any]) -> Any:
+    """The C library's function `name` returning an int, or None where it has none (not Linux,
+    not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
 def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     """Cap the process's malloc arenas at `arenas`; True when the C library took it."""
-    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_ARENA_MAX"):
+    if os.environ.get("MALLOC_ARENA_MAX") or (mallopt := _glibc("mallopt", [ctypes.c_int, ctypes.c_int])) is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_ARENA_MAX, arenas) == 1
 
 
@@ -47,15 +56,9 @@ def trim_now_and_then(every: float = TRIM_EVERY) -> bool:
     `malloc_trim`), at most once every `every` seconds; True when it ran and released some.
     Images and HTTP bodies of ended items leave freed holes among live objects, which the heap
     keeps resident otherwise."""
-    if os.environ.get("IMAGEGEN_MALLOC_TRIM") == "0" or not sys.platform.startswith("linux"):
-        return False
     now = time.monotonic()
-    if now - _trimmed_at[0] < every:
+    if os.environ.get("IMAGEGEN_MALLOC_TRIM") == "0" or now - _trimmed_at[0] < every:
         return False
     _trimmed_at[0] = now
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return malloc_trim(0) == 1
+    malloc_trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return malloc_trim is not None and malloc_trim(0) == 1

@@ -4,6 +4,7 @@ answers as told: what it reads itself, and what it leaves to Prefect's client.""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,8 +48,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
-    for name in slotapi.PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
     monkeypatch.delenv("IMAGEGEN_DIRECT_SLOTS", raising=False)
     monkeypatch.setattr(slotapi, "_path", slotapi._Path())
     server = Api()
