@@ -2,7 +2,7 @@
 
 Prefect has no backfill of its own. This one reads each date's run manifest in S3 first and
 skips the dates already complete, re-runs the missing and partly failed ones, refuses up front
-when the estimated credits of the whole range exceed the cap, holds its own parallelism cap,
+when the estimated credits of the whole range exceed a provider's cap, holds its own parallelism cap,
 and ends with a table artifact per date. Each date runs through `run_deployment` when the
 `run-pipeline` deployment exists, so the runs spread over every worker of the pool; as a
 subflow of this run otherwise.
@@ -10,6 +10,7 @@ subflow of this run otherwise.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -76,51 +77,104 @@ def estimate_dates(spec: PipelineSpec, dates: list[date]) -> dict[date, dict[str
     return out
 
 
-def estimate_range(spec: PipelineSpec, dates: list[date]) -> float:
-    """Credits the dates would cost (items already archived on a date cost nothing)."""
-    return round(sum(sum(by.values()) for by in estimate_dates(spec, dates).values()), 4)
-
-
 class Pool:
-    """The backfill's `max_credits`, held on what the dates' runs were charged. Each date's run
-    is started with a cap of its own (`allot`): what is left of the pool after the dates
-    running and the estimates of the dates still waiting, and never above the spec's own cap.
-    A date that was charged more than its estimate takes from that slack, and from then on every
-    estimate is scaled by the highest charge/quote ratio seen; a date whose (scaled) estimate no
-    longer fits is not started. So the dates together are never charged more than the cap, save
-    what one paid call's answer takes past its date's cap before the higher price was seen."""
+    """The backfill's `max_credits`, one cap per provider in that provider's own unit, held on
+    what the dates' runs were charged. Each date's run is started with a cap of its own per
+    provider (`allot`): what is left of that provider's cap after the dates running and the
+    estimates of the dates still waiting, and never above the spec's own cap. A date that was
+    charged more than its estimate takes from that slack, and from then on every estimate of
+    that provider is scaled by the highest charge/quote ratio seen; a date whose (scaled)
+    estimate no longer fits is not started. So the dates together are never charged more than
+    a provider's cap, save what one paid call's answer takes past its date's cap before the
+    higher price was seen."""
 
-    def __init__(self, cap: float | None, estimates: dict[date, dict[str, float]], spec_caps: dict[str, float]) -> None:
-        self.cap, self.estimates, self.spec_caps = cap, estimates, spec_caps
-        self.charged, self.allotted = 0.0, {}
-        self.ratio = 1.0  # the highest charge/estimate seen in a date's run: estimates scaled by it from then on
+    def __init__(self, caps: dict[str, float], estimates: dict[date, dict[str, float]], spec_caps: dict[str, float],
+                 one_number: bool = False) -> None:
+        self.caps, self.estimates, self.spec_caps = caps, estimates, spec_caps
+        self.charged = dict.fromkeys(caps, 0.0)
+        self.allotted: dict[date, dict[str, float]] = {}
+        self.ratio = dict.fromkeys(caps, 1.0)  # per provider, the highest charge/estimate seen in a date's run
+        self.label = {p: f"max_credits {c:g}" if one_number else f"max_credits {p}={c:g}" for p, c in caps.items()}
 
     def allot(self, run_date: date, waiting: list[date]) -> dict[str, float] | None:
-        """This date's per-provider cap; None (no cap from the pool) without a backfill cap.
-        `PoolSpent` when what is left does not cover its estimate."""
-        if self.cap is None:
+        """This date's cap per provider; None (no cap from the pool) without a backfill cap.
+        `PoolSpent` when what is left of a provider's cap does not cover its estimate."""
+        if not self.caps:
             return None
-        later = self.ratio * sum(sum(self.estimates.get(d, {}).values()) for d in waiting)
-        left = self.cap - self.charged - sum(self.allotted.values()) - later
         mine = self.estimates.get(run_date, {})
-        need = self.ratio * sum(mine.values())
-        if left + 1e-9 < need:
-            raise PoolSpent(f"not started: the backfill's max_credits {self.cap:g} leaves {max(0.0, left):g} credits "
-                            f"for this date, estimated at {need:g}" + (f" ({self.ratio:g}x the quote, as the "
-                            f"providers charged)" if self.ratio > 1 else "") + f"; {self.charged:g} charged so far")
-        self.allotted[run_date] = left
-        share = {p: left * (c / need) if need else left / max(1, len(mine)) for p, c in mine.items()}
-        return {p: round(min(v, self.spec_caps.get(p, v)), 4) for p, v in share.items() if v > 0}
+        left = {p: self._left(p, waiting) for p in self.caps}
+        for provider, room in left.items():
+            if room + 1e-9 < (need := self.ratio[provider] * mine.get(provider, 0.0)):
+                raise PoolSpent(self._spent(provider, room, need))
+        self.allotted[run_date] = {p: room for p, room in left.items() if mine.get(p)}
+        return {p: round(min(room, self.spec_caps.get(p, room)), 4)
+                for p, room in self.allotted[run_date].items() if room > 0}
+
+    def _left(self, provider: str, waiting: list[date]) -> float:
+        later = self.ratio[provider] * sum(self.estimates.get(d, {}).get(provider, 0.0) for d in waiting)
+        running = sum(a.get(provider, 0.0) for a in self.allotted.values())
+        return self.caps[provider] - self.charged[provider] - running - later
+
+    def _spent(self, provider: str, left: float, need: float) -> str:
+        return (f"not started: the backfill's {self.label[provider]} leaves {max(0.0, left):g} credits for this "
+                f"date, estimated at {need:g}" + (f" ({self.ratio[provider]:g}x the quote, as {provider} charged)"
+                                                  if self.ratio[provider] > 1 else "")
+                + f"; {self.charged[provider]:g} charged so far")
 
     def settle(self, run_date: date, row: dict[str, Any]) -> None:
-        """The date's run is over: what its manifest says it was charged counts (with no
+        """The date's run is over: what its manifest says each provider charged counts (with no
         manifest, its whole allotment: what it spent is not known), and its allotment is free."""
-        allotted = self.allotted.pop(run_date, 0.0)
-        charged = float(row.get("credits") or 0.0)
-        self.charged += charged if row.get("ran_items") else allotted
-        estimate = sum(self.estimates.get(run_date, {}).values())
-        if charged and estimate and row.get("items") and row.get("paid_items"):
-            self.ratio = max(self.ratio, charged / (estimate * row["paid_items"] / row["items"]))
+        allotted = self.allotted.pop(run_date, {})
+        spent = row.get("by_provider") or {}
+        for provider in self.caps:
+            mine = spent.get(provider, {})
+            charged = float(mine.get("credits") or 0.0)
+            self.charged[provider] += charged if row.get("ran_items") else allotted.get(provider, 0.0)
+            estimate = self.estimates.get(run_date, {}).get(provider, 0.0)
+            if charged and estimate and mine.get("items") and mine.get("paid_items"):
+                self.ratio[provider] = max(self.ratio[provider],
+                                           charged / (estimate * mine["paid_items"] / mine["items"]))
+
+
+def provider_caps(max_credits: float | dict[str, float] | None, used: list[str]) -> dict[str, float]:
+    """The backfill's cap per provider the spec uses (`BackfillRefused` for one number where it
+    uses several: their credits are different units, so a sum of them caps nothing), as the
+    spec's own `run.max_credits` is read."""
+    if max_credits is None:
+        return {}
+    if not isinstance(max_credits, dict):
+        if len(used) > 1:
+            raise BackfillRefused(
+                f"max_credits {max_credits:g} is one number, but this spec uses {', '.join(used)}, whose credits "
+                f"are different units (Tencent counts billable calls); give one cap each: --max-credits "
+                f"{','.join(f'{p}=100' for p in used)} (as a flow parameter: {json.dumps(dict.fromkeys(used, 100))})")
+        return {p: float(max_credits) for p in used}
+    unused, uncapped = sorted(set(max_credits) - set(used)), [p for p in used if p not in max_credits]
+    if unused and uncapped:  # a cap meant for this spec's provider, written under another name
+        raise BackfillRefused(f"max_credits caps {', '.join(unused)}, which no item uses, and leaves "
+                              f"{', '.join(uncapped)} (what the items use) without a cap; name it, e.g. "
+                              f"--max-credits {','.join(f'{p}=100' for p in uncapped)}")
+    return {p: float(c) for p, c in max_credits.items() if p in used}
+
+
+def in_units(estimates: dict[date, dict[str, float]]) -> str:
+    """The range's estimate per provider, each in its own unit: `tams 40, tencent 6`."""
+    total: dict[str, float] = {}
+    for by in estimates.values():
+        for provider, credits in by.items():
+            total[provider] = total.get(provider, 0.0) + credits
+    return ", ".join(f"{p} {round(c, 4):g}" for p, c in sorted(total.items())) or "0 credits"
+
+
+def over_caps(caps: dict[str, float], estimates: dict[date, dict[str, float]], one_number: bool) -> str | None:
+    """Why the range's estimate is over a provider's cap, or None."""
+    total = {p: round(sum(by.get(p, 0.0) for by in estimates.values()), 4) for p in caps}
+    over = [p for p, cap in caps.items() if total[p] > cap]
+    if not over:
+        return None
+    if one_number:
+        return f"estimated at {total[over[0]]} credits, above the cap of {caps[over[0]]}"
+    return "estimated above their caps: " + ", ".join(f"{p} {total[p]:g} (cap {caps[p]:g})" for p in over)
 
 
 class PoolSpent(RuntimeError):
@@ -166,7 +220,22 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
             "credits": (manifest or {}).get("totals", {}).get("credits_this_run", 0.0), "flow_run_id": run_id,
             "paid_items": sum(1 for i in items if not i.get("reused") and i.get("credits")), "items": len(items),
             "state": state.name if state else "unknown",
-            "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None}
+            "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None,
+            "by_provider": spend_by_provider(manifest or {})}
+
+
+def spend_by_provider(manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per provider, what a date's run was charged or may have been (`spend`: charged +
+    reserved), and how many of its items it paid for out of those listed."""
+    out: dict[str, dict[str, float]] = {}
+    for provider, spent in (manifest.get("spend") or {}).items():
+        out[provider] = {"credits": round((spent.get("charged") or 0.0) + (spent.get("reserved") or 0.0), 4),
+                         "paid_items": 0, "items": 0}
+    for item in manifest.get("items", []):
+        mine = out.setdefault(item.get("provider", ""), {"credits": 0.0, "paid_items": 0, "items": 0})
+        mine["items"] += 1
+        mine["paid_items"] += int(not item.get("reused") and bool(item.get("credits")))
+    return out
 
 
 def failure_reason(state: Any, manifest: dict[str, Any] | None) -> str:
@@ -191,13 +260,21 @@ def portable_spec(path: Path, deployed: bool) -> str:
     return str(resolved)
 
 
-def check_arguments(max_parallel: int, max_credits: float | None) -> None:
-    """`BackfillRefused` for a parallelism below 1 (it would wait for ever) or a cap that is
-    not a finite number of credits, 0 or more (`nan` would switch it off)."""
+def check_arguments(max_parallel: int, max_credits: float | dict[str, float] | None) -> None:
+    """`BackfillRefused` for a parallelism below 1 (it would wait for ever), a cap that is not
+    a finite number of credits, 0 or more (`nan` would switch it off), or one naming no provider."""
+    from blocks import registry
+
     if max_parallel < 1:
         raise BackfillRefused(f"max_parallel is {max_parallel}: give 1 or more dates at once")
-    if max_credits is not None and not (math.isfinite(max_credits) and max_credits >= 0):
-        raise BackfillRefused(f"max_credits is {max_credits}: give a finite number of credits, 0 or more")
+    caps = max_credits if isinstance(max_credits, dict) else {"": max_credits} if max_credits is not None else {}
+    known = registry.entry_point_names()
+    for provider, cap in caps.items():
+        what = f"max_credits {provider}={cap}" if provider else f"max_credits is {cap}"
+        if provider and provider not in known:
+            raise BackfillRefused(f"{what}: {provider!r} is no provider; name one of {', '.join(known)}")
+        if not (isinstance(cap, int | float) and math.isfinite(cap) and cap >= 0):
+            raise BackfillRefused(f"{what}: give a finite number of credits, 0 or more")
 
 
 def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id: str | None = None) -> dict[str, Any]:
@@ -207,9 +284,12 @@ def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id:
 
 
 @flow(name="backfill", log_prints=True)
-def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credits: float | None = None,
+def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
+             max_credits: float | dict[str, float] | None = None,
              deployment: str | None = DEPLOYMENT) -> list[dict[str, Any]]:
-    """Run `spec` for every date from `start` to `end`, skipping dates already complete. Ends
+    """Run `spec` for every date from `start` to `end`, skipping dates already complete.
+    `max_credits` caps what the dates are charged: one number where the spec uses one
+    provider, else one per provider in its own unit (`{"tams": 500, "tencent": 50}`). Ends
     Failed (`BackfillFailed`, with the per-date table) when any date failed, or when refused
     (`BackfillRefused`, a bad spec): said in one line, no traceback."""
     try:
@@ -219,7 +299,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2, max_credi
         return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)  # type: ignore[return-value]
 
 
-def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits: float | None,
+def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits: float | dict[str, float] | None,
               deployment: str | None) -> list[dict[str, Any]]:
     from prefect.runtime import deployment as this_deployment  # `deployment` is the parameter
 
@@ -227,6 +307,7 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
     check_arguments(max_parallel, max_credits)
     path = resolve_spec_path(spec, confined=this_deployment.id is not None)
     parsed = load_spec(path)
+    caps, one_number = provider_caps(max_credits, parsed.providers_used()), not isinstance(max_credits, dict)
     dates = dates_between(start, end)
     rows: dict[date, dict[str, Any]] = {}
     for run_date in dates:
@@ -237,16 +318,14 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
                 parsed.name, start, end, len(todo), len(rows))
     estimates = estimate_dates(parsed, todo) if todo else {}
-    estimated = round(sum(sum(by.values()) for by in estimates.values()), 4)
-    if max_credits is not None and estimated > max_credits:
-        raise BackfillRefused(f"{len(todo)} date(s) to run are estimated at {estimated} credits, above the cap "
-                              f"of {max_credits}; nothing was run")
+    if (over := over_caps(caps, estimates, one_number)) is not None:
+        raise BackfillRefused(f"{len(todo)} date(s) to run are {over}; nothing was run")
     deployment_id = _deployment_id(deployment) if deployment else None
-    logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete, estimated %s credits, via %s",
-                parsed.name, start, end, len(todo), len(rows), estimated,
+    logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete, estimated %s, via %s",
+                parsed.name, start, end, len(todo), len(rows), in_units(estimates),
                 f"deployment {deployment}" if deployment_id else "subflows")
     rows.update(run_dates(Dates(parsed.name, portable_spec(path, deployment_id is not None), str(path.resolve()),
-                                todo, start, end, Pool(max_credits, estimates, parsed.budget())),
+                                todo, start, end, Pool(caps, estimates, parsed.budget(), one_number)),
                           deployment_id, max_parallel, logger))
     return finish(parsed.name, start, end, [rows[d] for d in dates])
 
@@ -336,7 +415,7 @@ def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dic
 
 def finish(name: str, start: date, end: date, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The table artifact; `BackfillFailed` (the run ends Failed) when any date failed."""
-    table = [{k: v for k, v in row.items() if k != "ran_items"} for row in table]
+    table = [{k: v for k, v in row.items() if k not in ("ran_items", "by_provider")} for row in table]
     counts = {s: sum(r["status"] == s for r in table) for s in ("done", "skipped", "failed", "stopped")}
     create_table_artifact(table, key=f"{artifact_key(name)}-backfill",
                           description=f"Backfill of **{name}** {start}..{end}: {counts['done']} done, "

@@ -260,16 +260,30 @@ def local_lease_storage() -> Path | None:
     return state.home / "concurrency_leases"
 
 
+def credit_caps(text: str) -> float | dict[str, float]:
+    """`--max-credits`: one number, or one per provider (`tams=500,tencent=50`)."""
+    try:
+        if "=" not in text:
+            return float(text)
+        caps = {}
+        for part in text.split(","):
+            provider, _, cap = part.partition("=")
+            caps[provider.strip()] = float(cap)
+        return caps
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number (500) or one per provider (tams=500,tencent=50)") from None
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
-    from flows.backfill import BackfillFailed, BackfillRefused, backfill, check_arguments
+    from flows.backfill import BackfillFailed, BackfillRefused, backfill, check_arguments, provider_caps
     from flows.paying.detach import INTERRUPTED, interrupted, stop_on_interrupt
     from flows.running.progress import terminal_line
     from flows.running.report import format_table
 
     try:
         check_arguments(args.max_parallel, args.max_credits)
-        load_spec(args.spec)
+        provider_caps(args.max_credits, load_spec(args.spec).providers_used())
     except (SpecError, BackfillRefused) as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -483,7 +497,9 @@ def _date_commands(sub: Any) -> None:
     b.add_argument("--start", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
     b.add_argument("--end", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
     b.add_argument("--max-parallel", type=int, default=2, metavar="N", help="dates running at once")
-    b.add_argument("--max-credits", type=float, default=None, metavar="C", help="the cap on the range: on its estimate, and on what its dates are charged")
+    b.add_argument("--max-credits", type=credit_caps, default=None, metavar="C|PROVIDER=C,...",
+                   help="the cap on the range, on its estimate and on what its dates are charged: one number "
+                        "for a one-provider spec, else one per provider in its own unit (tams=500,tencent=50)")
     b.add_argument("--deployment", default="run-pipeline/run-pipeline",
                    help="run each date through this deployment when it exists (default %(default)s)")
     b.add_argument("--local", action="store_true", help="run each date as a subflow here, even if deployed")

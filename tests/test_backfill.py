@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.backfill import (BackfillFailed, BackfillRefused, backfill, check_arguments, dates_between, portable_spec,
-                            same_failure)
+from flows.backfill import (BackfillFailed, BackfillRefused, Pool, PoolSpent, backfill, check_arguments, dates_between,
+                            over_caps, portable_spec, provider_caps, same_failure, spend_by_provider)
 from tests.conftest import TEST_BUCKET, latest_artifacts, s3_client, tams_stats
 
 
@@ -98,11 +98,8 @@ def test_a_refused_backfill_is_one_line_in_the_terminal_without_a_traceback(sand
 
 
 def test_backfill_table_artifact(sandbox_blocks, tmp_path) -> None:
-    from prefect.client.orchestration import get_client
-
     backfill(spec=spec(tmp_path, "bf-art"), start=date(2026, 8, 1), end=date(2026, 8, 2))
-    with get_client(sync_client=True) as client:
-        arts = latest_artifacts("bf-art-backfill", "bf-art-backfill-progress")
+    arts = latest_artifacts("bf-art-backfill", "bf-art-backfill-progress")
     assert arts["bf-art-backfill"].type == "table" and "2 done" in arts["bf-art-backfill"].description
     assert arts["bf-art-backfill-progress"].type == "progress" and float(arts["bf-art-backfill-progress"].data) == 100.0
 
@@ -137,7 +134,9 @@ def test_a_deployment_s_dates_get_the_spec_by_its_place_in_the_checkout(tmp_path
 
 @pytest.mark.parametrize("parallel, cap, why", [(0, None, "max_parallel is 0"), (-1, None, "max_parallel is -1"),
                                                 (2, float("nan"), "max_credits is nan"),
-                                                (2, float("inf"), "max_credits is inf"), (2, -1.0, "max_credits is -1")])
+                                                (2, float("inf"), "max_credits is inf"), (2, -1.0, "max_credits is -1"),
+                                                (2, {"tams": float("nan")}, "max_credits tams=nan: give a finite"),
+                                                (2, {"tensor": 5.0}, "'tensor' is no provider; name one of")])
 def test_arguments_that_would_hang_or_switch_the_cap_off_are_refused(parallel, cap, why) -> None:
     with pytest.raises(BackfillRefused, match=why):
         check_arguments(parallel, cap)
@@ -153,3 +152,58 @@ def test_a_date_whose_task_starts_after_a_stop_makes_no_run(monkeypatch, tmp_pat
     row = run_date_task.fn("no-such-spec.yaml", date(2026, 8, 14), None, "k", "p", str(tmp_path / "none.yaml"))
     assert (row["status"], row["state"], row["reason"], row["ran_items"]) == \
         ("stopped", "not started", "not started: Ctrl-C", False)
+
+
+D1, D2, D3 = date(2026, 9, 1), date(2026, 9, 2), date(2026, 9, 3)
+
+
+def test_one_number_caps_a_one_provider_spec_and_is_refused_for_several() -> None:
+    """Credits of different providers are different units (Tencent counts calls): a single
+    number over several would cap their sum, which means nothing; so it is refused, naming the
+    per-provider form, as the spec's own run.max_credits is."""
+    assert provider_caps(30, ["chuzhan"]) == {"chuzhan": 30.0}
+    assert provider_caps(None, ["tams", "tencent"]) == {}
+    with pytest.raises(BackfillRefused, match=r"one number, but this spec uses tams, tencent.*--max-credits "
+                                              r"tams=100,tencent=100 \(as a flow parameter: \{\"tams\": 100"):
+        provider_caps(30, ["tams", "tencent"])
+    assert provider_caps({"tams": 500, "tencent": 5}, ["tams", "tencent"]) == {"tams": 500.0, "tencent": 5.0}
+    assert provider_caps({"tams": 500}, ["tams", "tencent"]) == {"tams": 500.0}  # tencent: the spec's own cap only
+    with pytest.raises(BackfillRefused, match="caps chuzhan, which no item uses, and leaves tams"):
+        provider_caps({"chuzhan": 5}, ["tams"])
+
+
+def test_each_provider_s_cap_is_held_in_its_own_unit() -> None:
+    """Two providers, each date quoted tams 10 and tencent 2 (calls). Every date's run gets
+    each provider's slack, never the other's; a provider that charged more than quoted scales
+    its own later estimates only, and a date is not started when one provider's cap cannot
+    cover it, saying which."""
+    estimates = {d: {"tams": 10.0, "tencent": 2.0} for d in (D1, D2, D3)}
+    assert over_caps({"tams": 25.0, "tencent": 100.0}, estimates, one_number=False) == \
+        "estimated above their caps: tams 30 (cap 25)"
+    assert over_caps({"tams": 30.0, "tencent": 6.0}, estimates, one_number=False) is None
+    pool = Pool({"tams": 40.0, "tencent": 6.0}, estimates, {"tencent": 3.0})
+    assert pool.allot(D1, [D2, D3]) == {"tams": 20.0, "tencent": 2.0}  # tencent: 6 - 4 waiting = 2 (spec cap 3)
+    pool.settle(D1, {"ran_items": True, "by_provider": {"tams": {"credits": 20.0, "paid_items": 2, "items": 2},
+                                                        "tencent": {"credits": 2.0, "paid_items": 1, "items": 1}}})
+    assert pool.charged == {"tams": 20.0, "tencent": 2.0} and pool.ratio == {"tams": 2.0, "tencent": 1.0}
+    with pytest.raises(PoolSpent, match=r"max_credits tams=40 leaves 0 credits for this date, estimated at 20 "
+                                        r"\(2x the quote, as tams charged\); 20 charged so far"):
+        pool.allot(D2, [D3])  # 40 - 20 charged - 20 (D3, scaled) = 0 left for D2's 20
+
+
+def test_a_date_without_a_manifest_counts_its_whole_allotment_per_provider() -> None:
+    pool = Pool({"tams": 40.0}, {D1: {"tams": 10.0}, D2: {"tams": 10.0}}, {})
+    assert pool.allot(D1, [D2]) == {"tams": 30.0}  # all but what D2 is quoted
+    assert pool.allot(D2, []) == {"tams": 10.0}  # while D1 runs
+    pool.settle(D1, {"ran_items": False, "by_provider": {}})
+    assert pool.charged == {"tams": 30.0} and pool.allotted == {D2: {"tams": 10.0}}
+    assert Pool({}, {D1: {"tams": 10.0}}, {}).allot(D1, []) is None
+
+
+def test_a_manifest_s_spend_is_read_per_provider() -> None:
+    manifest = {"spend": {"tams": {"cap": 40, "charged": 12.0, "reserved": 2.0}, "tencent": {"cap": 5, "charged": 1.0,
+                                                                                              "reserved": None}},
+                "items": [{"provider": "tams", "credits": 6.0}, {"provider": "tams", "credits": 6.0, "reused": True},
+                          {"provider": "tencent", "credits": 1.0}, {"provider": "tencent", "credits": None}]}
+    assert spend_by_provider(manifest) == {"tams": {"credits": 14.0, "paid_items": 1, "items": 2},
+                                           "tencent": {"credits": 1.0, "paid_items": 1, "items": 2}}

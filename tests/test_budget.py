@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from flows.paying.budget import BudgetReached, RunBudget
-from tests.conftest import chuzhan_stats, run_spec
+from tests.conftest import chuzhan_stats, run_spec, tams_stats
 
 
 def test_a_reservation_that_does_not_fit_is_refused_and_a_higher_charge_raises_the_next() -> None:
@@ -116,3 +116,39 @@ def test_a_backfill_cap_holds_on_what_the_dates_were_charged(sandbox_blocks, tmp
     assert rows["2026-08-21"]["credits"] == 16 and "budget" in rows["2026-08-21"]["reason"].lower(), rows
     for day in ("2026-08-22", "2026-08-23"):
         assert rows[day]["state"] == "not started" and "backfill's max_credits 30" in rows[day]["reason"], rows[day]
+
+
+def test_a_backfill_of_two_providers_holds_each_cap_in_its_own_unit(sandbox_blocks, tmp_path) -> None:
+    """Each date has a 触站AI item quoted 4 credits and a TAMS item; the backfill caps 触站AI at
+    30 and TAMS at 1000, each in its own unit (one number over both would cap a sum of two
+    currencies, and is refused). 触站AI takes 16 an image: the first date runs both items; then
+    触站AI's estimates are scaled by the 4x seen, the next dates no longer fit its cap and are not
+    started, saying which cap. On the emulators' counts: 16 charged by 触站AI, one TAMS job."""
+    from flows.backfill import BackfillFailed, BackfillRefused, backfill
+
+    url = sandbox_blocks.url("chuzhan")
+    name = "budget-backfill-two"
+    items = f"  - {{id: c, prompt: 'poster of {name}'}}\n  - {{id: t, prompt: 'a shoe of {name}', provider: tams}}\n"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, items=items)
+                    .replace("blocks: {chuzhan: sandbox}", "blocks: {chuzhan: sandbox, tams: sandbox}")
+                    .replace("max_credits: {chuzhan: 20}", "max_credits: {chuzhan: 100, tams: 1000}"))
+    one_number = backfill(spec=str(path), start=date(2026, 8, 24), end=date(2026, 8, 26), max_credits=30,
+                          deployment=None, return_state=True).result(raise_on_failure=False)
+    assert isinstance(one_number, BackfillRefused) and "uses chuzhan, tams, whose credits are different" in str(one_number)
+    httpx.post(f"{url}/_sandbox/config", json={"price_rise": 4.0}).raise_for_status()
+    try:
+        before, tams_before = chuzhan_stats(sandbox_blocks), tams_stats(sandbox_blocks)
+        state = backfill(spec=str(path), start=date(2026, 8, 24), end=date(2026, 8, 26), max_parallel=1,
+                         max_credits={"chuzhan": 30, "tams": 1000}, deployment=None, return_state=True)
+        after, tams_after = chuzhan_stats(sandbox_blocks), tams_stats(sandbox_blocks)
+    finally:
+        httpx.post(f"{url}/_sandbox/config", json={"price_rise": 1.0})
+    assert after["charged_credits"] - before["charged_credits"] == 16
+    assert tams_after["submits"] - tams_before["submits"] == 1
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BackfillFailed), error
+    rows = {r["date"]: r for r in error.rows}
+    assert rows["2026-08-24"]["status"] == "done", rows
+    for day in ("2026-08-25", "2026-08-26"):
+        assert rows[day]["state"] == "not started" and "max_credits chuzhan=30 leaves" in rows[day]["reason"], rows[day]
