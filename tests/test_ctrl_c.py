@@ -149,9 +149,11 @@ def test_a_second_ctrl_c_leaves_at_once_and_the_api_hears_the_run_crashed(emulat
 def test_ctrl_c_while_waiting_for_another_run_of_the_date_stops_the_wait(emulators, tmp_path) -> None:  # noqa: F811
     """A second run of a date waits for the first's claim; a Ctrl-C there ended nothing before
     (it waited on, up to the first run's end): now it stops the wait, paying nothing."""
-    name, day, n = "ctrlc-waiting", date(2026, 8, 15), 3
+    name, day, n = "ctrlc-waiting", date(2026, 8, 15), 5
     path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
-    configure(emulators, "tencent", latency=8.0)  # the first run lasts well beyond the second's start
+    # The first run lasts well beyond the second's start: 32 s or more after its first paid
+    # call, for a process that starts in 5-15 s on a busy machine.
+    configure(emulators, "tencent", latency=8.0)
     first = subprocess.Popen([sys.executable, "-m", "flows.cli", *run_args(path, day)], env=cli_env(), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"}
