@@ -216,12 +216,22 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
     manifest = manifest_status(load_spec(local_spec), run_date)
     done = bool(manifest) and manifest.get("status") == "complete"
     items = (manifest or {}).get("items", [])
+    spent = spend_by_provider(manifest or {})
     return {"date": run_date.isoformat(), "status": "done" if done else "failed",
-            "credits": (manifest or {}).get("totals", {}).get("credits_this_run", 0.0), "flow_run_id": run_id,
+            "credits": credits_column(spent, manifest or {}), "flow_run_id": run_id,
             "paid_items": sum(1 for i in items if not i.get("reused") and i.get("credits")), "items": len(items),
             "state": state.name if state else "unknown",
             "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None,
-            "by_provider": spend_by_provider(manifest or {})}
+            "by_provider": spent}
+
+
+def credits_column(spent: dict[str, dict[str, float]], manifest: dict[str, Any]) -> float | str:
+    """A date's credits for its row: the number where one provider charged, else each provider's
+    in its own unit (`tams 12, tencent 2`): TAMS credits and Tencent calls do not add up."""
+    charged = {p: s["credits"] for p, s in spent.items() if s["credits"]}
+    if len(charged) > 1:
+        return ", ".join(f"{p} {c:g}" for p, c in sorted(charged.items()))
+    return manifest.get("totals", {}).get("credits_this_run", 0.0)
 
 
 def spend_by_provider(manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -408,8 +418,9 @@ def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dic
     result = final_state(future).result(raise_on_failure=False)
     row = result if isinstance(result, dict) else unrun_row(run_date, "failed", "Failed",
                                                             f"{type(result).__name__}: {result}"[:300])
-    tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"),
-                   credits=float(row.get("credits") or 0.0))
+    tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"))
+    for provider, spent in (row.get("by_provider") or {}).items():
+        tracker.charged(provider, float(spent.get("credits") or 0.0))
     return row
 
 

@@ -776,7 +776,7 @@ def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, d
         chains[plan.item_id] = _submit_item(plan, archive_now=archive_now)
         watch.append(dict(chains[plan.item_id])["generate"])
         progress.update(submitted=1)
-        count_when_done(chains[plan.item_id], progress)
+        count_when_done(chains[plan.item_id], progress, plan.provider)
         if archive_now:
             _settle_ended(chains, settled, renames)
     return chains, settled

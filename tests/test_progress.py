@@ -103,3 +103,13 @@ def test_the_progress_line_says_when_s3_has_not_answered_a_ledger_call(monkeypat
         answered.set()
         call.join(10)
     assert "S3" not in progress.line()
+
+
+def test_a_run_of_several_providers_shows_each_one_s_credits_in_its_own_unit() -> None:
+    """TAMS credits, 触站AI points and Tencent calls do not add up: one total would mean nothing."""
+    progress = RunProgress("mixed 2026-01-31", 3)
+    progress.charged("tams", 1.5)
+    assert "1.5 credits" in progress.line()
+    progress.charged("tencent", 1)
+    progress.charged("tams", 2)
+    assert ", credits tams 3.5, tencent 1, " in progress.line() and "4.5" not in progress.line()

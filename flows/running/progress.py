@@ -40,6 +40,7 @@ class RunProgress:
     done: int = 0
     failed: int = 0
     credits: float = 0.0
+    by_provider: dict[str, float] = field(default_factory=dict)  # credits, each provider in its own unit
     waiting: str | None = None
     reused: int = 0
     unit: str = "items"
@@ -64,6 +65,12 @@ class RunProgress:
             self.log(line)
         _tell(self)
 
+    def charged(self, provider: str, credits: float) -> None:
+        """Count `credits` of `provider`: a run of several providers shows each in its own unit."""
+        with self._lock:
+            self.by_provider[provider] = self.by_provider.get(provider, 0.0) + credits
+        self.update(credits=credits)
+
     def finish(self) -> None:
         """The last line, on the log whatever the time since the one before."""
         self.finished = True
@@ -80,7 +87,12 @@ class RunProgress:
         waiting = (f"; waiting for {self.waiting}" if self.waiting else "") + stalled.hint()
         reused = f" ({self.reused} already archived)" if self.reused else ""
         return (f"{self.label}: {self.submitted}/{self.total} {self.unit} started{reused}, {self.done} done, "
-                f"{self.failed} failed, {self.credits:g} credits, {_clock(elapsed)} elapsed{left}{waiting}")
+                f"{self.failed} failed, {self._credits()}, {_clock(elapsed)} elapsed{left}{waiting}")
+
+    def _credits(self) -> str:
+        if len(self.by_provider) > 1:  # TAMS credits, 触站AI points and Tencent calls do not add up
+            return "credits " + ", ".join(f"{p} {round(c, 4):g}" for p, c in sorted(self.by_provider.items()))
+        return f"{self.credits:g} credits"
 
     @property
     def fraction(self) -> float:
@@ -156,10 +168,10 @@ def terminal_line() -> Iterator[None]:
         yield
 
 
-def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress) -> None:
+def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress, provider: str = "") -> None:
     """Count the item in `progress` as soon as its chain ends, in whatever order items end: failed
     at the first step that does not complete, done when the last one does; its generate step's
-    credits when that step completes."""
+    credits (of `provider`) when that step completes."""
     counted = threading.Event()
 
     def ended(step: str, last: bool, future: PrefectFuture) -> None:
@@ -176,7 +188,7 @@ def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgres
             return
         if step == "generate":
             made = result_of(state, raise_on_failure=False)
-            progress.update(credits=getattr(made, "credits", 0.0) or 0.0)
+            progress.charged(provider, getattr(made, "credits", 0.0) or 0.0)
         if last and not counted.is_set():
             counted.set()
             progress.update(done=1)
