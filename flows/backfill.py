@@ -27,7 +27,7 @@ from prefect.states import Failed
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
 from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
-from flows.running.progress import RunProgress, final_state
+from flows.running.progress import RunProgress, credits_text, final_state
 from flows.running.report import artifact_key
 from flows.specs.spec import PIPELINES_DIR, PipelineSpec, RunOverrides, SpecError, load_spec, resolve_spec_path
 
@@ -146,7 +146,7 @@ def provider_caps(max_credits: float | dict[str, float] | None, used: list[str])
         if len(used) > 1:
             raise BackfillRefused(
                 f"max_credits {max_credits:g} is one number, but this spec uses {', '.join(used)}, whose credits "
-                f"are different units (Tencent counts billable calls); give one cap each: --max-credits "
+                f"are different units{' (Tencent counts billable calls)' if 'tencent' in used else ''}; give one cap each: --max-credits "
                 f"{','.join(f'{p}=100' for p in used)} (as a flow parameter: {json.dumps(dict.fromkeys(used, 100))})")
         return {p: float(max_credits) for p in used}
     unused, uncapped = sorted(set(max_credits) - set(used)), [p for p in used if p not in max_credits]
@@ -158,12 +158,12 @@ def provider_caps(max_credits: float | dict[str, float] | None, used: list[str])
 
 
 def in_units(estimates: dict[date, dict[str, float]]) -> str:
-    """The range's estimate per provider, each in its own unit: `tams 40, tencent 6`."""
+    """The range's estimate per provider, each in its own unit (`credits_text`)."""
     total: dict[str, float] = {}
     for by in estimates.values():
         for provider, credits in by.items():
             total[provider] = total.get(provider, 0.0) + credits
-    return ", ".join(f"{p} {round(c, 4):g}" for p, c in sorted(total.items())) or "0 credits"
+    return credits_text(total)
 
 
 def over_caps(caps: dict[str, float], estimates: dict[date, dict[str, float]], one_number: bool) -> str | None:
@@ -230,7 +230,7 @@ def credits_column(spent: dict[str, dict[str, float]], manifest: dict[str, Any])
     in its own unit (`tams 12, tencent 2`): TAMS credits and Tencent calls do not add up."""
     charged = {p: s["credits"] for p, s in spent.items() if s["credits"]}
     if len(charged) > 1:
-        return ", ".join(f"{p} {c:g}" for p, c in sorted(charged.items()))
+        return credits_text(charged).removeprefix("credits ")
     return manifest.get("totals", {}).get("credits_this_run", 0.0)
 
 

@@ -46,7 +46,7 @@ from flows.paying.owner import NameTaken, own_name
 from flows.paying import paidcalls
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
-from flows.running.progress import RunProgress, count_when_done, future_result
+from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
 from flows.running.settle import forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
@@ -711,8 +711,8 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     over = {p: round(per_provider[p], 4) for p, cap in budget.items() if per_provider.get(p, 0.0) > cap}
     if over:
         raise BudgetExceeded(over_budget(over, budget, len(todo)))
-    logger.info("run %s for %s: %d item(s), %d already archived, estimated %s credits",
-                parsed.name, run_date, len(plans), len(reused), estimated)
+    logger.info("run %s for %s: %d item(s), %d already archived, estimated %s",
+                parsed.name, run_date, len(plans), len(reused), credits_text(per_provider))
     spend = open_run(str(flow_run.id), budget)  # the caps held on what the providers charge
     if dry_run:
         return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",

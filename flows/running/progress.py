@@ -90,15 +90,22 @@ class RunProgress:
                 f"{self.failed} failed, {self._credits()}, {_clock(elapsed)} elapsed{left}{waiting}")
 
     def _credits(self) -> str:
-        if len(self.by_provider) > 1:  # TAMS credits, 触站AI points and Tencent calls do not add up
-            return "credits " + ", ".join(f"{p} {round(c, 4):g}" for p, c in sorted(self.by_provider.items()))
-        return f"{self.credits:g} credits"
+        return credits_text(self.by_provider) if len(self.by_provider) > 1 else f"{self.credits:g} credits"
 
     @property
     def fraction(self) -> float:
         """Share of items finished; below 1 while anything, a person included, is awaited."""
         finished = (self.done + self.failed) / self.total if self.total else 1.0
         return min(finished, 0.99) if self.waiting else finished
+
+
+def credits_text(per_provider: dict[str, float]) -> str:
+    """Credits per provider as a person reads them: `5 credits` where one provider is counted,
+    else `credits chuzhan 4, tams 1` (TAMS credits, 触站AI points and Tencent calls do not add up)."""
+    counted = {p: round(c, 4) for p, c in sorted(per_provider.items())}
+    if len(counted) <= 1:
+        return f"{sum(counted.values()):g} credits"
+    return "credits " + ", ".join(f"{p} {c:g}" for p, c in counted.items())
 
 
 def _tick(ref: weakref.ReferenceType[RunProgress]) -> None:
