@@ -98,17 +98,19 @@ class Pool:
 
     def allot(self, run_date: date, waiting: list[date]) -> dict[str, float] | None:
         """This date's cap per provider; None (no cap from the pool) without a backfill cap.
-        `PoolSpent` when what is left of a provider's cap does not cover its estimate."""
+        `PoolSpent` when what is left of a provider's cap does not cover its estimate. Every
+        capped provider gets a cap, those this date is not quoted for too (an item priced at
+        nothing may still pay): what is left of it, or `NO_ROOM` when nothing is."""
         if not self.caps:
             return None
         mine = self.estimates.get(run_date, {})
         left = {p: self._left(p, waiting) for p in self.caps}
         for provider, room in left.items():
-            if room + 1e-9 < (need := self.ratio[provider] * mine.get(provider, 0.0)):
+            need = self.ratio[provider] * mine.get(provider, 0.0)
+            if need > 0 and room + 1e-9 < need:
                 raise PoolSpent(self._spent(provider, room, need))
-        self.allotted[run_date] = {p: room for p, room in left.items() if mine.get(p)}
-        return {p: round(min(room, self.spec_caps.get(p, room)), 4)
-                for p, room in self.allotted[run_date].items() if room > 0}
+        self.allotted[run_date] = {p: room for p, room in left.items() if room > 0}
+        return {p: max(NO_ROOM, round(min(room, self.spec_caps.get(p, room)), 4)) for p, room in left.items()}
 
     def _left(self, provider: str, waiting: list[date]) -> float:
         later = self.ratio[provider] * sum(self.estimates.get(d, {}).get(provider, 0.0) for d in waiting)
@@ -123,17 +125,21 @@ class Pool:
 
     def settle(self, run_date: date, row: dict[str, Any]) -> None:
         """The date's run is over: what its manifest says each provider charged counts (with no
-        manifest, its whole allotment: what it spent is not known), and its allotment is free."""
+        manifest of that run, its whole allotment: what it spent is not known), each provider's
+        estimates are scaled from then on by the highest charge/quote ratio its run saw, and
+        its allotment is free."""
         allotted = self.allotted.pop(run_date, {})
         spent = row.get("by_provider") or {}
         for provider in self.caps:
             mine = spent.get(provider, {})
-            charged = float(mine.get("credits") or 0.0)
-            self.charged[provider] += charged if row.get("ran_items") else allotted.get(provider, 0.0)
-            estimate = self.estimates.get(run_date, {}).get(provider, 0.0)
-            if charged and estimate and mine.get("items") and mine.get("paid_items"):
-                self.ratio[provider] = max(self.ratio[provider],
-                                           charged / (estimate * mine["paid_items"] / mine["items"]))
+            self.charged[provider] += float(mine.get("credits") or 0.0) if row.get("ran_items") \
+                else allotted.get(provider, 0.0)
+            self.ratio[provider] = max(self.ratio[provider], float(mine.get("ratio") or 1.0))
+
+
+NO_ROOM = 0.0001
+"""A date's cap for a provider the backfill has nothing left of (a run's cap is above 0): no
+paid call of it fits."""
 
 
 def provider_caps(max_credits: float | dict[str, float] | None, used: list[str]) -> dict[str, float]:
@@ -213,7 +219,7 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
         state = run_pipeline(spec=spec, run_date=run_date, overrides=RunOverrides(max_credits=cap) if cap else None,
                              return_state=True)  # named <pipeline>-<date>
         run_id = str(state.state_details.flow_run_id)
-    manifest = manifest_status(load_spec(local_spec), run_date)
+    manifest = own_manifest(manifest_status(load_spec(local_spec), run_date), run_id)
     done = bool(manifest) and manifest.get("status") == "complete"
     items = (manifest or {}).get("items", [])
     spent = spend_by_provider(manifest or {})
@@ -223,6 +229,12 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
             "state": state.name if state else "unknown",
             "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None,
             "by_provider": spent}
+
+
+def own_manifest(manifest: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
+    """The date's manifest if the run `run_id` wrote it; None for an earlier run's (this run,
+    killed or crashed, wrote none: what it spent is not known, and its whole cap counts)."""
+    return manifest if manifest is not None and manifest.get("flow_run_id") == run_id else None
 
 
 def credits_column(spent: dict[str, dict[str, float]], manifest: dict[str, Any]) -> float | str:
@@ -235,16 +247,18 @@ def credits_column(spent: dict[str, dict[str, float]], manifest: dict[str, Any])
 
 
 def spend_by_provider(manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per provider, what a date's run was charged or may have been (`spend`: charged +
-    reserved), and how many of its items it paid for out of those listed."""
+    """Per provider, what a date's run was charged or may have been (its `spend`: charged +
+    reserved) and the highest charge/quote ratio it saw; without `spend`, its items' credits."""
     out: dict[str, dict[str, float]] = {}
     for provider, spent in (manifest.get("spend") or {}).items():
-        out[provider] = {"credits": round((spent.get("charged") or 0.0) + (spent.get("reserved") or 0.0), 4),
-                         "paid_items": 0, "items": 0}
-    for item in manifest.get("items", []):
-        mine = out.setdefault(item.get("provider", ""), {"credits": 0.0, "paid_items": 0, "items": 0})
-        mine["items"] += 1
-        mine["paid_items"] += int(not item.get("reused") and bool(item.get("credits")))
+        spent = spent or {}
+        out[str(provider)] = {"credits": round((spent.get("charged") or 0.0) + (spent.get("reserved") or 0.0), 4),
+                              "ratio": float(spent.get("ratio") or 1.0)}
+    if "spend" not in manifest:
+        for item in manifest.get("items") or []:
+            if not item.get("reused") and item.get("credits"):
+                mine = out.setdefault(str(item.get("provider") or "?"), {"credits": 0.0, "ratio": 1.0})
+                mine["credits"] = round(mine["credits"] + float(item["credits"]), 4)
     return out
 
 
@@ -277,11 +291,12 @@ def check_arguments(max_parallel: int, max_credits: float | dict[str, float] | N
 
     if max_parallel < 1:
         raise BackfillRefused(f"max_parallel is {max_parallel}: give 1 or more dates at once")
-    caps = max_credits if isinstance(max_credits, dict) else {"": max_credits} if max_credits is not None else {}
+    caps = list(max_credits.items()) if isinstance(max_credits, dict) else [(None, max_credits)] \
+        if max_credits is not None else []
     known = registry.entry_point_names()
-    for provider, cap in caps.items():
-        what = f"max_credits {provider}={cap}" if provider else f"max_credits is {cap}"
-        if provider and provider not in known:
+    for provider, cap in caps:
+        what = f"max_credits is {cap}" if provider is None else f"max_credits {provider}={cap}"
+        if provider is not None and provider not in known:
             raise BackfillRefused(f"{what}: {provider!r} is no provider; name one of {', '.join(known)}")
         if not (isinstance(cap, int | float) and math.isfinite(cap) and cap >= 0):
             raise BackfillRefused(f"{what}: give a finite number of credits, 0 or more")
@@ -318,6 +333,9 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
     path = resolve_spec_path(spec, confined=this_deployment.id is not None)
     parsed = load_spec(path)
     caps, one_number = provider_caps(max_credits, parsed.providers_used()), not isinstance(max_credits, dict)
+    if caps and (free := [p for p in parsed.providers_used() if p not in caps]):
+        logger.warning("backfill %s: max_credits names no cap for %s: only the spec's run.max_credits, if any, "
+                       "holds what the dates pay it", parsed.name, ", ".join(free))
     dates = dates_between(start, end)
     rows: dict[date, dict[str, Any]] = {}
     for run_date in dates:
@@ -420,7 +438,8 @@ def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dic
                                                             f"{type(result).__name__}: {result}"[:300])
     tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"))
     for provider, spent in (row.get("by_provider") or {}).items():
-        tracker.charged(provider, float(spent.get("credits") or 0.0))
+        if spent.get("credits"):
+            tracker.charged(provider, float(spent["credits"]))
     return row
 
 

@@ -262,16 +262,20 @@ def local_lease_storage() -> Path | None:
 
 def credit_caps(text: str) -> float | dict[str, float]:
     """`--max-credits`: one number, or one per provider (`tams=500,tencent=50`)."""
+    how = "give a number (500) or one per provider (tams=500,tencent=50)"
     try:
         if "=" not in text:
             return float(text)
-        caps = {}
+        caps: dict[str, float] = {}
         for part in text.split(","):
-            provider, _, cap = part.partition("=")
-            caps[provider.strip()] = float(cap)
+            provider, _, cap = (piece.strip() for piece in part.partition("="))
+            if not provider or provider in caps:
+                why = f"{provider} named twice" if provider else f"{part.strip() or 'an empty part'} names no provider"
+                raise argparse.ArgumentTypeError(f"{text!r}: {why}; {how}")
+            caps[provider] = float(cap)
         return caps
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number (500) or one per provider (tams=500,tencent=50)") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: {how}") from None
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:

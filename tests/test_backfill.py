@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from flows.backfill import (BackfillFailed, BackfillRefused, Pool, PoolSpent, backfill, check_arguments, dates_between,
-                            over_caps, portable_spec, provider_caps, same_failure, spend_by_provider)
+                            NO_ROOM, over_caps, own_manifest, portable_spec, provider_caps, same_failure,
+                            spend_by_provider)
 from tests.conftest import TEST_BUCKET, latest_artifacts, s3_client, tams_stats
 
 
@@ -183,8 +184,8 @@ def test_each_provider_s_cap_is_held_in_its_own_unit() -> None:
     assert over_caps({"tams": 30.0, "tencent": 6.0}, estimates, one_number=False) is None
     pool = Pool({"tams": 40.0, "tencent": 6.0}, estimates, {"tencent": 3.0})
     assert pool.allot(D1, [D2, D3]) == {"tams": 20.0, "tencent": 2.0}  # tencent: 6 - 4 waiting = 2 (spec cap 3)
-    pool.settle(D1, {"ran_items": True, "by_provider": {"tams": {"credits": 20.0, "paid_items": 2, "items": 2},
-                                                        "tencent": {"credits": 2.0, "paid_items": 1, "items": 1}}})
+    pool.settle(D1, {"ran_items": True, "by_provider": {"tams": {"credits": 20.0, "ratio": 2.0},
+                                                        "tencent": {"credits": 2.0, "ratio": 1.0}}})
     assert pool.charged == {"tams": 20.0, "tencent": 2.0} and pool.ratio == {"tams": 2.0, "tencent": 1.0}
     with pytest.raises(PoolSpent, match=r"max_credits tams=40 leaves 0 credits for this date, estimated at 20 "
                                         r"\(2x the quote, as tams charged\); 20 charged so far"):
@@ -201,9 +202,30 @@ def test_a_date_without_a_manifest_counts_its_whole_allotment_per_provider() -> 
 
 
 def test_a_manifest_s_spend_is_read_per_provider() -> None:
-    manifest = {"spend": {"tams": {"cap": 40, "charged": 12.0, "reserved": 2.0}, "tencent": {"cap": 5, "charged": 1.0,
-                                                                                              "reserved": None}},
-                "items": [{"provider": "tams", "credits": 6.0}, {"provider": "tams", "credits": 6.0, "reused": True},
-                          {"provider": "tencent", "credits": 1.0}, {"provider": "tencent", "credits": None}]}
-    assert spend_by_provider(manifest) == {"tams": {"credits": 14.0, "paid_items": 1, "items": 2},
-                                           "tencent": {"credits": 1.0, "paid_items": 1, "items": 2}}
+    manifest = {"spend": {"tams": {"cap": 40, "charged": 12.0, "reserved": 2.0, "ratio": 2.5},
+                          "tencent": {"cap": 5, "charged": 1.0, "reserved": None}, "chuzhan": None},
+                "items": [{"provider": "tams", "credits": 6.0}, {"provider": None, "credits": 6.0}]}
+    assert spend_by_provider(manifest) == {"tams": {"credits": 14.0, "ratio": 2.5}, "tencent": {"credits": 1.0, "ratio": 1.0},
+                                           "chuzhan": {"credits": 0.0, "ratio": 1.0}}
+    older = {"items": [{"provider": "tams", "credits": 6.0}, {"provider": "tams", "credits": 6.0, "reused": True},
+                       {"provider": None, "credits": 1.0}, {"credits": None}]}  # no `spend`: its items' credits
+    assert spend_by_provider(older) == {"tams": {"credits": 6.0, "ratio": 1.0}, "?": {"credits": 1.0, "ratio": 1.0}}
+    assert spend_by_provider({}) == {}
+
+
+def test_only_the_date_s_own_run_s_manifest_counts() -> None:
+    """A re-run date has an earlier run's manifest; if this run was killed before writing its
+    own, that one must not stand for what this run spent (its whole cap counts instead)."""
+    mine = {"flow_run_id": "run-2", "spend": {}}
+    assert own_manifest(mine, "run-2") is mine
+    assert own_manifest({"flow_run_id": "run-1"}, "run-2") is None and own_manifest(None, "run-2") is None
+
+
+def test_a_capped_provider_a_date_is_not_quoted_for_is_still_capped() -> None:
+    """An item priced at nothing may still pay: the date's run gets that provider's room, or a cap
+    no paid call fits when nothing is left; a provider with nothing left does not stop dates
+    that do not use it."""
+    pool = Pool({"tams": 10.0, "chuzhan": 30.0}, {D1: {"tams": 10.0}, D2: {"chuzhan": 4.0}}, {})
+    assert pool.allot(D1, [D2]) == {"tams": 10.0, "chuzhan": 26.0}
+    pool.settle(D1, {"ran_items": True, "by_provider": {"tams": {"credits": 10.0, "ratio": 1.0}}})
+    assert pool.allot(D2, []) == {"tams": NO_ROOM, "chuzhan": 30.0}

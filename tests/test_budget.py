@@ -21,7 +21,7 @@ def test_a_reservation_that_does_not_fit_is_refused_and_a_higher_charge_raises_t
     budget.answered(first)
     with pytest.raises(BudgetReached, match="16 charged and 0 reserved, and the next call would reserve 16"):
         budget.reserve("chuzhan", 4.0)
-    assert budget.summary()["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0}
+    assert budget.summary()["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0, "ratio": 4.0}
 
 
 def test_a_refused_call_gives_its_reservation_back_and_an_unknown_one_keeps_it() -> None:
@@ -85,7 +85,7 @@ def test_a_provider_charging_four_times_its_quote_stops_at_the_cap(sandbox_block
     errors = [i["error"] for i in manifest["items"] if i.get("error")]
     assert len(errors) == 4 and {e["error"] for e in errors} == {"BudgetReached"}
     assert "run.max_credits for chuzhan is 20" in errors[0]["message"]
-    assert manifest["spend"]["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0}
+    assert manifest["spend"]["chuzhan"] == {"cap": 20.0, "charged": 16.0, "reserved": 0.0, "ratio": 4.0}
 
 
 def test_a_backfill_cap_holds_on_what_the_dates_were_charged(sandbox_blocks, tmp_path) -> None:

@@ -116,10 +116,11 @@ class RunBudget:
             self._of(held.provider).reserved -= held.amount
 
     def summary(self) -> dict[str, dict[str, float | None]]:
-        """Per provider: cap, charged and still reserved (maybe charged), for the manifest."""
+        """Per provider: cap, charged and still reserved (maybe charged), and the highest
+        charge/quote ratio seen (a backfill scales its later dates' estimates by it), for the manifest."""
         with self._guard:
-            return {p: {"cap": s.cap, "charged": round(s.charged, 4), "reserved": round(s.reserved, 4)}
-                    for p, s in sorted(self._spend.items())}
+            return {p: {"cap": s.cap, "charged": round(s.charged, 4), "reserved": round(s.reserved, 4),
+                        "ratio": round(s.ratio, 4)} for p, s in sorted(self._spend.items())}
 
 
 _RUNS: dict[str, RunBudget] = {}

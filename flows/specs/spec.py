@@ -262,8 +262,8 @@ class RunOverrides(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_credits: PositiveFloat | dict[ProviderName, PositiveFloat] | None = Field(
-        None, description="This run's credit cap, replacing run.max_credits: one number (a one-provider spec) "
-                          "or per provider, in each provider's own unit.")
+        None, description="This run's credit cap, over run.max_credits: one number (a one-provider spec) "
+                          "or per provider, in each provider's own unit (those named replace theirs).")
     max_parallel: int | None = Field(None, ge=1, le=256, description="Items processed at the same time.")
     items: list[str] | None = Field(
         None, description="Run only these item ids; the others are not submitted (an archived one stays "
