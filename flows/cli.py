@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.paying.detach import INTERRUPTED, interrupted, stop_on_interrupt
     from flows.pipeline import plan_items, preflight, run_pipeline, saved_blocks
     from flows.running.progress import terminal_line
-    from flows.running.report import PipelineIncomplete, format_table, summary_rows
+    from flows.running.report import PipelineIncomplete, credits_of, format_table, summary_rows
 
     try:  # refuse a bad spec, provider rules included, before starting Prefect at all
         path = resolve_spec_path(args.spec)
@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         totals = manifest["totals"]
         print(f"\n{manifest['status']}: {totals['images']} image(s) archived ({totals['approved']} approved, "
               f"{totals['rejected']} rejected), {totals['failed_items']} failed item(s), "
-              f"{totals['credits']} credits; manifest {manifest.get('manifest_uri')}")
+              f"{credits_of(manifest)}; manifest {manifest.get('manifest_uri')}")
     complete = isinstance(manifest, dict) and manifest["status"] == "complete"
     if interrupted():
         print(INTERRUPTED_DONE if complete else INTERRUPTED_RUN, file=sys.stderr)

@@ -113,3 +113,11 @@ def test_a_run_of_several_providers_shows_each_one_s_credits_in_its_own_unit() -
     progress.charged("tencent", 1)
     progress.charged("tams", 2)
     assert ", credits tams 3.5, tencent 1, " in progress.line() and "4.5" not in progress.line()
+
+
+def test_a_manifest_s_credits_read_per_provider_where_it_lists_several() -> None:
+    from flows.running.report import credits_of
+
+    assert credits_of({"items": [{"provider": "tams", "credits": 1.5}, {"provider": "tams", "credits": 6}]}) == "7.5 credits"
+    assert credits_of({"items": [{"provider": "tams", "credits": 1.5}, {"provider": "tencent", "credits": 1},
+                                 {"provider": "tencent", "credits": None}]}) == "credits tams 1.5, tencent 1"

@@ -13,6 +13,7 @@ from flows.imaging.review import CELL_PX, THUMB_PX, one_line
 from flows.storage import archive_bucket, list_objects, presigned_url, read_json, write_json
 from flows.specs.spec import PipelineSpec
 from flows.models import ArchivedItem, ItemPlan
+from flows.running.progress import credits_text
 
 
 class PipelineIncomplete(RuntimeError):
@@ -80,6 +81,16 @@ def with_spend(manifest: dict[str, Any], spend: dict[str, dict[str, float | None
     manifest["totals"]["credits_this_run"] = round(sum((s["charged"] or 0.0) + (s["reserved"] or 0.0)
                                                        for s in spend.values()), 4)
     return manifest
+
+
+def credits_of(manifest: dict[str, Any]) -> str:
+    """The credits of a manifest's items as a person reads them (`credits_text`): one number
+    where one provider is listed, each provider's in its own unit where several are."""
+    per_provider: dict[str, float] = {}
+    for item in manifest.get("items", []):
+        provider = str(item.get("provider") or "?")
+        per_provider[provider] = per_provider.get(provider, 0.0) + float(item.get("credits") or 0.0)
+    return credits_text(per_provider)
 
 
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -237,7 +248,7 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
         rows, key=artifact_key(f"{spec.name}-summary"),
         description=(f"**{spec.name}** {run_date}: {manifest['status']}, {totals['images']} image(s), "
                      f"{totals['approved']} approved, {totals['rejected']} rejected, "
-                     f"{totals['failed_items']} failed item(s), {totals['credits']} credits. Manifest: `{uri}`"),
+                     f"{totals['failed_items']} failed item(s), {credits_of(manifest)}. Manifest: `{uri}`"),
     )
     get_run_logger().info("manifest %s: %s", uri, totals)
     return uri
