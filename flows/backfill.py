@@ -312,11 +312,21 @@ def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id:
 def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
              max_credits: float | dict[str, float] | None = None,
              deployment: str | None = DEPLOYMENT) -> list[dict[str, Any]]:
-    """Run `spec` for every date from `start` to `end`, skipping dates already complete.
-    `max_credits` caps what the dates are charged: one number where the spec uses one
-    provider, else one per provider in its own unit (`{"tams": 500, "tencent": 50}`). Ends
+    """Run `spec` for every date from `start` to `end`, skipping dates already complete. Ends
     Failed (`BackfillFailed`, with the per-date table) when any date failed, or when refused
-    (`BackfillRefused`, a bad spec): said in one line, no traceback."""
+    (`BackfillRefused`, a bad spec): said in one line, no traceback.
+
+    Args:
+        spec: A pipeline name from `pipelines/` (e.g. `demo`); from a deployment, a path only
+            under `IMAGEGEN_SPEC_ROOTS`.
+        start: The first date to run.
+        end: The last date to run (included).
+        max_parallel: Dates running at once.
+        max_credits: The cap on what the dates are charged, and on their estimate up front: one
+            number where the spec uses one provider, else one per provider in its own unit
+            (`{"tams": 500, "tencent": 50}`; Tencent counts billable calls).
+        deployment: Run each date through this deployment when it exists; as a subflow otherwise.
+    """
     try:
         return _backfill(spec, start, end, max_parallel, max_credits, deployment)
     except (BackfillFailed, BackfillRefused, SpecError) as exc:
