@@ -27,9 +27,10 @@ from prefect.states import Failed
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
 from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
-from flows.running.progress import RunProgress, credits_text, final_state
+from flows.running.progress import RunProgress, credits_text, each_in_its_unit, final_state
 from flows.running.report import artifact_key
-from flows.specs.spec import PIPELINES_DIR, PipelineSpec, RunOverrides, SpecError, load_spec, resolve_spec_path
+from flows.specs.spec import (PIPELINES_DIR, PipelineSpec, RunOverrides, SpecError, cap_mistake, load_spec,
+                              resolve_spec_path)
 
 DEPLOYMENT = "run-pipeline/run-pipeline"
 
@@ -143,39 +144,37 @@ paid call of it fits."""
 
 
 def provider_caps(max_credits: float | dict[str, float] | None, used: list[str]) -> dict[str, float]:
-    """The backfill's cap per provider the spec uses (`BackfillRefused` for one number where it
-    uses several: their credits are different units, so a sum of them caps nothing), as the
-    spec's own `run.max_credits` is read."""
+    """The backfill's cap per provider the spec uses, read as the spec's own `run.max_credits`
+    is (`cap_mistake`): `BackfillRefused` for one number where it uses several providers (a sum
+    of different units caps nothing) or for a cap written under a name no item uses."""
     if max_credits is None:
         return {}
+    if (mistake := cap_mistake(max_credits, used, _cli_form)) is not None:
+        raise BackfillRefused(f"max_credits {max_credits:g} is one number, but {mistake}"
+                              if not isinstance(max_credits, dict) else f"max_credits {mistake}")
     if not isinstance(max_credits, dict):
-        if len(used) > 1:
-            raise BackfillRefused(
-                f"max_credits {max_credits:g} is one number, but this spec uses {', '.join(used)}, whose credits "
-                f"are different units{' (Tencent counts billable calls)' if 'tencent' in used else ''}; give one cap each: --max-credits "
-                f"{','.join(f'{p}=100' for p in used)} (as a flow parameter: {json.dumps(dict.fromkeys(used, 100))})")
         return {p: float(max_credits) for p in used}
-    unused, uncapped = sorted(set(max_credits) - set(used)), [p for p in used if p not in max_credits]
-    if unused and uncapped:  # a cap meant for this spec's provider, written under another name
-        raise BackfillRefused(f"max_credits caps {', '.join(unused)}, which no item uses, and leaves "
-                              f"{', '.join(uncapped)} (what the items use) without a cap; name it, e.g. "
-                              f"--max-credits {','.join(f'{p}=100' for p in uncapped)}")
     return {p: float(c) for p, c in max_credits.items() if p in used}
 
 
-def in_units(estimates: dict[date, dict[str, float]]) -> str:
-    """The range's estimate per provider, each in its own unit (`credits_text`)."""
+def _cli_form(providers: list[str]) -> str:
+    return (f"--max-credits {','.join(f'{p}=100' for p in providers)} "
+            f"(as a flow parameter: {json.dumps(dict.fromkeys(providers, 100))})")
+
+
+def range_totals(estimates: dict[date, dict[str, float]]) -> dict[str, float]:
+    """The dates' estimates added up per provider, each in its own unit."""
     total: dict[str, float] = {}
     for by in estimates.values():
         for provider, credits in by.items():
             total[provider] = total.get(provider, 0.0) + credits
-    return credits_text(total)
+    return {p: round(c, 4) for p, c in total.items()}
 
 
 def over_caps(caps: dict[str, float], estimates: dict[date, dict[str, float]], one_number: bool) -> str | None:
     """Why the range's estimate is over a provider's cap, or None."""
-    total = {p: round(sum(by.get(p, 0.0) for by in estimates.values()), 4) for p in caps}
-    over = [p for p, cap in caps.items() if total[p] > cap]
+    total = range_totals(estimates)
+    over = [p for p, cap in caps.items() if total.get(p, 0.0) > cap]
     if not over:
         return None
     if one_number:
@@ -242,7 +241,7 @@ def credits_column(spent: dict[str, dict[str, float]], manifest: dict[str, Any])
     in its own unit (`tams 12, tencent 2`): TAMS credits and Tencent calls do not add up."""
     charged = {p: s["credits"] for p, s in spent.items() if s["credits"]}
     if len(charged) > 1:
-        return credits_text(charged).removeprefix("credits ")
+        return each_in_its_unit(charged)
     return manifest.get("totals", {}).get("credits_this_run", 0.0)
 
 
@@ -360,7 +359,7 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
         raise BackfillRefused(f"{len(todo)} date(s) to run are {over}; nothing was run")
     deployment_id = _deployment_id(deployment) if deployment else None
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete, estimated %s, via %s",
-                parsed.name, start, end, len(todo), len(rows), in_units(estimates),
+                parsed.name, start, end, len(todo), len(rows), credits_text(range_totals(estimates)),
                 f"deployment {deployment}" if deployment_id else "subflows")
     rows.update(run_dates(Dates(parsed.name, portable_spec(path, deployment_id is not None), str(path.resolve()),
                                 todo, start, end, Pool(caps, estimates, parsed.budget(), one_number)),

@@ -102,10 +102,14 @@ class RunProgress:
 def credits_text(per_provider: dict[str, float]) -> str:
     """Credits per provider as a person reads them: `5 credits` where one provider is counted,
     else `credits chuzhan 4, tams 1` (TAMS credits, 触站AI points and Tencent calls do not add up)."""
-    counted = {p: round(c, 4) for p, c in sorted(per_provider.items())}
-    if len(counted) <= 1:
-        return f"{sum(counted.values()):g} credits"
-    return "credits " + ", ".join(f"{p} {c:g}" for p, c in counted.items())
+    if len(per_provider) <= 1:
+        return f"{round(sum(per_provider.values()), 4):g} credits"
+    return "credits " + each_in_its_unit(per_provider)
+
+
+def each_in_its_unit(per_provider: dict[str, float]) -> str:
+    """`chuzhan 4, tams 1`: each provider's credits, by name."""
+    return ", ".join(f"{p} {round(c, 4):g}" for p, c in sorted(per_provider.items()))
 
 
 def _tick(ref: weakref.ReferenceType[RunProgress]) -> None:

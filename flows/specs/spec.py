@@ -12,6 +12,7 @@ import json
 import math
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -61,6 +62,23 @@ def _credit_cap(value: Any) -> Any:
     elif value is not None:
         _positive_number(value, "a cap (one number, or one per provider: {tams: 500, tencent: 50})")
     return value
+
+
+def cap_mistake(cap: Any, used: list[str], example: Callable[[list[str]], str]) -> str | None:
+    """Why a credit cap does not fit the providers a spec's items use (None: it fits): one
+    number over several providers, whose credits are different units, or caps only under names
+    no item uses while a provider the items use has none (a cap written under the wrong name).
+    `example(providers)` writes the per-provider form for those providers. The one rule for the
+    spec's `run.max_credits` and a backfill's `max_credits`."""
+    if isinstance(cap, float | int) and len(used) > 1:
+        tencent = " (Tencent counts billable calls)" if "tencent" in used else ""
+        return (f"this spec uses {', '.join(used)}, whose credits are different units{tencent}; give one per "
+                f"provider, e.g. {example(used)}")
+    if isinstance(cap, dict) and (unused := sorted(set(cap) - set(used))) and \
+            (uncapped := [p for p in used if p not in cap]):
+        return (f"caps {', '.join(unused)}, which no item uses, and leaves {', '.join(uncapped)} (what the items "
+                f"use) without a cap; name it, e.g. {example(uncapped)}")
+    return None
 
 
 CreditCap = Annotated[PositiveFloat | dict[ProviderName, PositiveFloat] | None, BeforeValidator(_credit_cap)]
@@ -642,18 +660,10 @@ def _cross_checks(spec: PipelineSpec, where: Where) -> list[SpecIssue]:
                 f"asks for exactly what items[{seen[item_id]}] asks for; give the two an `id` each "
                 "(or a different seed) if both are meant"))
         seen.setdefault(item_id, index)
-    used = spec.providers_used()
-    if isinstance(spec.run.max_credits, float | int) and len(used) > 1:
-        issues.append(where.issue(
-            ("run", "max_credits"),
-            f"this spec uses {', '.join(used)}, whose credits are different units (Tencent counts billable calls); "
-            f"give one per provider, e.g. {{{', '.join(f'{p}: 100' for p in used)}}}"))
-    if isinstance(spec.run.max_credits, dict) and (unused := sorted(set(spec.run.max_credits) - set(used))) and \
-            (uncapped := [p for p in used if p not in spec.run.max_credits]):
-        issues.append(where.issue(  # a cap meant for this spec's provider, written under another name
-            ("run", "max_credits"),
-            f"caps {', '.join(unused)}, which no item uses, and leaves {', '.join(uncapped)} (what the items use) "
-            f"without a cap; name it, e.g. {{{', '.join(f'{p}: 100' for p in uncapped)}}}"))
+    mistake = cap_mistake(spec.run.max_credits, spec.providers_used(),
+                          lambda providers: "{" + ", ".join(f"{p}: 100" for p in providers) + "}")
+    if mistake is not None:
+        issues.append(where.issue(("run", "max_credits"), mistake))
     fields = {f for _, f, _, _ in string.Formatter().parse(spec.archive.key_template) if f}
     if "index" not in fields and any(item.count > 1 for item in spec.items):
         issues.append(where.issue(("archive", "key_template"), "an item has count > 1, so the key template needs {index}"))
