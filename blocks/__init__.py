@@ -1,5 +1,6 @@
 """Prefect Blocks: one module per image provider behind `blocks.base.ImageProvider`, and the
-S3 archive on prefect-aws. Importing this package registers this project's Block classes, so
+S3 archive's credentials (`blocks.awscredentials`, a saved prefect-aws Block read without
+prefect-aws). Importing this package registers this project's Block classes, so
 `Block.load("tams-provider/<name>")` works; `PROVIDERS` holds every registered provider
 (`blocks.registry`), this project's and those other packages declare."""
 

@@ -4,13 +4,13 @@
   after it): images and sidecars from the spec's `key_template`, the manifest, the perceptual
   hashes, the job ledger, quarantine and review staging, the owner record; and what makes a key
   unsafe. One derivation, for the writers and for the spec's checks.
-- The calls, through prefect-aws (`AwsCredentials`, `S3Bucket`, boto3 underneath): reads,
-  listings, writes, conditional writes, deletes, presigned links. The small calls every item
-  makes (a read with its ETag, a head, a conditional write) go out directly first
-  (`flows.s3direct`, a quarter of the CPU), and through boto3 whenever that cannot tell.
+- The calls, through boto3 with the credentials of a saved prefect-aws `AwsCredentials` Block
+  (`blocks.awscredentials`, which reads it without importing prefect-aws): reads, listings,
+  writes, conditional writes, deletes, presigned links. The small calls every item makes (a
+  read with its ETag, a head, a conditional write) go out directly first (`flows.s3direct`, a
+  quarter of the CPU), and through boto3 whenever that cannot tell.
 
-prefect-aws and botocore are imported only by the calls, so reading a spec (`imagegen
-validate`) does not load them.
+botocore is imported only by the calls, so reading a spec (`imagegen validate`) does not load it.
 """
 
 from __future__ import annotations
@@ -27,32 +27,30 @@ from typing import TYPE_CHECKING, Any
 from flows import s3direct
 
 if TYPE_CHECKING:
-    from prefect_aws import AwsCredentials, S3Bucket
+    from blocks.awscredentials import ArchiveBucket, ArchiveCredentials
 
 
 @lru_cache(maxsize=16)
-def _credentials(name: str) -> AwsCredentials:
-    from prefect_aws import AwsCredentials
+def _credentials(name: str) -> ArchiveCredentials:
+    from blocks.awscredentials import load_credentials
 
-    from blocks import load_block
-
-    return load_block(AwsCredentials, name)
+    return load_credentials(name)
 
 
-def archive_bucket(bucket: str, credentials: str) -> S3Bucket:
-    """An `S3Bucket` for `bucket`, authenticated by the saved AwsCredentials Block `credentials`."""
-    from prefect_aws import S3Bucket
+def archive_bucket(bucket: str, credentials: str) -> ArchiveBucket:
+    """`bucket`, authenticated by the saved AwsCredentials Block `credentials`."""
+    from blocks.awscredentials import ArchiveBucket
 
-    return S3Bucket(bucket_name=bucket, credentials=_credentials(credentials))
+    return ArchiveBucket(bucket, _credentials(credentials))
 
 
-def write_bytes(bucket: S3Bucket, key: str, data: bytes) -> str:
+def write_bytes(bucket: ArchiveBucket, key: str, data: bytes) -> str:
     """Write `data` at `key`; return its `s3://` URI."""
     bucket.write_path(key, data)
     return f"s3://{bucket.bucket_name}/{key}"
 
 
-def write_json(bucket: S3Bucket, key: str, document: Any) -> str:
+def write_json(bucket: ArchiveBucket, key: str, document: Any) -> str:
     """Write `document` at `key` as indented JSON (`json_bytes`); return its `s3://` URI."""
     return write_bytes(bucket, key, json_bytes(document))
 
@@ -73,7 +71,7 @@ def json_bytes(document: Any) -> bytes:
     return buffer.getvalue()
 
 
-def read_json(bucket: S3Bucket, key: str) -> Any | None:
+def read_json(bucket: ArchiveBucket, key: str) -> Any | None:
     """The JSON document at `key`, or None when there is none."""
     client = bucket.credentials.get_s3_client()
     try:
@@ -83,18 +81,18 @@ def read_json(bucket: S3Bucket, key: str) -> Any | None:
     return json.loads(body)
 
 
-def read_bytes(bucket: S3Bucket, key: str) -> bytes:
+def read_bytes(bucket: ArchiveBucket, key: str) -> bytes:
     """The bytes of the object at `key` (raises when there is none)."""
     client = bucket.credentials.get_s3_client()
     return client.get_object(Bucket=bucket.bucket_name, Key=key)["Body"].read()
 
 
-def read_object(bucket: S3Bucket, key: str) -> tuple[bytes, str] | None:
+def read_object(bucket: ArchiveBucket, key: str) -> tuple[bytes, str] | None:
     """The bytes and ETag of the object at `key`, or None when there is none."""
     return _direct_first(bucket, lambda: s3direct.get(bucket, key), lambda: _read_object(bucket, key))
 
 
-def _direct_first(bucket: S3Bucket, direct: Any, through_boto3: Any) -> Any:
+def _direct_first(bucket: ArchiveBucket, direct: Any, through_boto3: Any) -> Any:
     """The direct call's answer (`flows.s3direct`); where it cannot tell, boto3's, after which
     a bucket whose answer the direct call could not read is boto3's from then on."""
     try:
@@ -105,7 +103,7 @@ def _direct_first(bucket: S3Bucket, direct: Any, through_boto3: Any) -> Any:
         return found
 
 
-def _read_object(bucket: S3Bucket, key: str) -> tuple[bytes, str] | None:
+def _read_object(bucket: ArchiveBucket, key: str) -> tuple[bytes, str] | None:
     client = bucket.credentials.get_s3_client()
     try:
         answer = client.get_object(Bucket=bucket.bucket_name, Key=key)
@@ -114,12 +112,12 @@ def _read_object(bucket: S3Bucket, key: str) -> tuple[bytes, str] | None:
     return answer["Body"].read(), answer["ETag"]
 
 
-def head(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
+def head(bucket: ArchiveBucket, key: str) -> dict[str, Any] | None:
     """The object's head (`ETag`, `Metadata`, ...), or None when there is none."""
     return _direct_first(bucket, lambda: s3direct.head(bucket, key), lambda: _head(bucket, key))
 
 
-def _head(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
+def _head(bucket: ArchiveBucket, key: str) -> dict[str, Any] | None:
     from botocore.exceptions import ClientError
 
     client = bucket.credentials.get_s3_client()
@@ -131,7 +129,7 @@ def _head(bucket: S3Bucket, key: str) -> dict[str, Any] | None:
         raise
 
 
-def list_objects(bucket: S3Bucket, prefix: str, *, folder_only: bool = False,
+def list_objects(bucket: ArchiveBucket, prefix: str, *, folder_only: bool = False,
                  limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The objects under `prefix` (`Key`, `Size`, `ETag`), page by page; with `folder_only`,
     not those in its subfolders; at most `limit`, if given."""
@@ -143,7 +141,7 @@ def list_objects(bucket: S3Bucket, prefix: str, *, folder_only: bool = False,
         yield from page.get("Contents", [])
 
 
-def delete(bucket: S3Bucket, key: str) -> None:
+def delete(bucket: ArchiveBucket, key: str) -> None:
     bucket.credentials.get_s3_client().delete_object(Bucket=bucket.bucket_name, Key=key)
 
 
@@ -158,12 +156,12 @@ class NotConditional(Exception):
 _unconditional: set[str] = set()  # buckets whose S3 server answered 501 to a conditional write
 
 
-def conditional_writes(bucket: S3Bucket) -> bool:
+def conditional_writes(bucket: ArchiveBucket) -> bool:
     """False once the bucket's S3 server has answered that it has no conditional writes."""
     return bucket.bucket_name not in _unconditional
 
 
-def _no_conditional_writes(bucket: S3Bucket) -> None:
+def _no_conditional_writes(bucket: ArchiveBucket) -> None:
     """Remember the bucket's server has no conditional writes; the first time, say so."""
     if not _unconditional:
         from prefect.logging import get_logger
@@ -173,7 +171,7 @@ def _no_conditional_writes(bucket: S3Bucket) -> None:
     _unconditional.add(bucket.bucket_name)
 
 
-def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str | None,
+def put_conditionally(bucket: ArchiveBucket, key: str, body: bytes, *, if_match: str | None,
                       content_type: str = "application/json", metadata: dict[str, str] | None = None,
                       unconditional: bool = True) -> str:
     """Write `body` at `key` only if the object still has ETag `if_match` (or, with None,
@@ -192,7 +190,7 @@ def put_conditionally(bucket: S3Bucket, key: str, body: bytes, *, if_match: str 
         raise PreconditionFailed(key) from None
 
 
-def _put_conditionally(bucket: S3Bucket, key: str, body: bytes, if_match: str | None, content_type: str,
+def _put_conditionally(bucket: ArchiveBucket, key: str, body: bytes, if_match: str | None, content_type: str,
                        metadata: dict[str, str] | None, unconditional: bool) -> str:
     from botocore.exceptions import ClientError
 
@@ -222,10 +220,10 @@ def read_uri(uri: str, credentials: str) -> bytes:
     return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-_presigners: dict[int, tuple[AwsCredentials, Any]] = {}
+_presigners: dict[int, tuple[ArchiveCredentials, Any]] = {}
 
 
-def _presigner(creds: AwsCredentials) -> Any:
+def _presigner(creds: ArchiveCredentials) -> Any:
     """A SigV4 S3 client for `creds`, built once (a boto3 client costs ~0.3 s of CPU)."""
     held = _presigners.get(id(creds))
     if held is None or held[0] is not creds:
@@ -237,7 +235,7 @@ def _presigner(creds: AwsCredentials) -> Any:
     return held[1]
 
 
-def presigned_url(bucket: S3Bucket, key: str, expires: int = 7 * 24 * 3600) -> str:
+def presigned_url(bucket: ArchiveBucket, key: str, expires: int = 7 * 24 * 3600) -> str:
     """A SigV4 presigned GET URL (at most 7 days), for links in artifacts: signed directly
     where the bucket's direct path is on (`flows.s3direct`), else by a boto3 client of its own."""
     try:
