@@ -63,6 +63,11 @@ def main(argv: list[str]) -> None:
         from benchmarks.memgrowth import Growth
 
         growth = Growth(Path(traced))
+    counted = os.environ.get("IMAGEGEN_BENCH_CENSUS")  # see benchmarks.memgrowth.Census
+    if counted:
+        from benchmarks.memgrowth import Census
+
+        census = Census(Path(counted))
     cpu0, sys0, wall0 = _cpu(), _sys(), time.monotonic()
     if mode == "flow":
         outcome = run_flow(spec, run_date)
@@ -76,6 +81,8 @@ def main(argv: list[str]) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if traced:
         print(f"memory growth: {growth.stop()}", file=sys.stderr)
+    if counted:
+        print(f"object census: {census.stop()}", file=sys.stderr)
     parts = sampler.stop()
     keep = os.environ.get("IMAGEGEN_BENCH_KEEP_PROFILE")  # `benchmarks.run --keep`: for a flame graph
     if keep and sampler.out.exists():
