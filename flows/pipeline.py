@@ -48,7 +48,7 @@ from flows.paying import paidcalls
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
-from flows.running.settle import forget
+from flows.running.settle import Outcomes, forget
 from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
 from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
@@ -770,14 +770,14 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
 
 def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, dict[str, Any]],
                 progress: RunProgress, archive_now: bool, renames: list[threading.Thread]
-                ) -> tuple[dict[str, Chain], dict[str, Outcome]]:
+                ) -> tuple[dict[str, Chain], Outcomes]:
     """Submit each item's task chain in lane order, until a provider's cap is committed or an
     account stop is seen (the rest are `skipped`, saying why). Returns the chains still held and,
     when each item archives on its own (`archive_now`), the outcomes of those already ended:
     their chains are let go as the run goes on, so its memory does not grow with its length."""
     budget = parsed.budget()
     chains: dict[str, Chain] = {}
-    settled: dict[str, Outcome] = {}
+    settled = Outcomes()
     committed: dict[str, float] = {}
     watch, account_stop = [], None
     for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
@@ -800,25 +800,26 @@ def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, d
     return chains, settled
 
 
-def _settle_ended(chains: dict[str, Chain], settled: dict[str, Outcome], renames: list[threading.Thread]) -> None:
+def _settle_ended(chains: dict[str, Chain], settled: Outcomes, renames: list[threading.Thread]) -> None:
     """Move each chain that has ended from `chains` to its outcome in `settled`, and drop what
     Prefect keeps of its task runs. `chains` then holds only the items in flight."""
     for item in [item for item, chain in chains.items() if chain[-1][1].wrapped_future.done()]:
         chain = chains.pop(item)
-        settled[item] = _outcome(chain, item, renames)
+        settled.keep(item, _outcome(chain, item, renames))
         forget(chain)
     trim_now_and_then()
 
 
 def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
-              submitted: tuple[dict[str, Chain], dict[str, Outcome]], shown_in: tuple[RunProgress, Any],
+              submitted: tuple[dict[str, Chain], Outcomes], shown_in: tuple[RunProgress, Any],
               run_level: bool, renames: list[threading.Thread]) -> tuple[dict[str, Any], list[str]]:
     """Each submitted item's outcome (`submitted`: the chains still held, the outcomes already
     settled); with run-level review, the review (maybe a person's) and then the archive of what
     it kept. Returns the outcomes and the staged keys to clean."""
     chains, settled = submitted
     progress, progress_artifact = shown_in
-    done, shown, total = dict(settled), 0, len(settled) + len(chains)
+    done = settled.read()
+    shown, total = 0, len(settled) + len(chains)
     for n, (item, chain) in enumerate(chains.items(), start=len(settled) + 1):
         done[item] = _outcome(chain, item, renames)
         # At most 100 updates, not one per item; below 100% while run-level review is ahead.
