@@ -12,6 +12,7 @@ field this reader does not know (a newer prefect-aws), is loaded through prefect
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -62,23 +63,34 @@ class ClientParameters:
 
 class ArchiveCredentials:
     """A saved AwsCredentials Block, with the calls the archive makes of one:
-    `get_boto3_session`, `get_s3_client` (one client, built once) and `aws_client_parameters`."""
+    `get_boto3_session`, `get_s3_client` (one client, built once) and `aws_client_parameters`.
+    The secret key stays a `SecretStr` until boto3 is handed it, as in prefect-aws."""
 
     assume_role_arn = None  # a Block with a role is prefect-aws's to load (`load_credentials`)
 
     def __init__(self, saved: dict[str, Any]) -> None:
+        from pydantic import SecretStr
+
         self._session_args = {field: saved.get(field) for field in _SESSION_FIELDS}
+        secret = self._session_args.pop("aws_secret_access_key")
+        self._secret = SecretStr(secret) if secret is not None else None
         self.region_name: str | None = saved.get("region_name")
         self.aws_client_parameters = ClientParameters(saved.get("aws_client_parameters") or {})
         self._client: Any = None
         self._lock = threading.Lock()
 
+    def __repr__(self) -> str:
+        return f"ArchiveCredentials(aws_access_key_id={self._session_args['aws_access_key_id']!r}, secret=********)"
+
     def get_boto3_session(self) -> Any:
         import boto3
 
-        return boto3.Session(**self._session_args)
+        secret = self._secret.get_secret_value() if self._secret is not None else None
+        return boto3.Session(**self._session_args, aws_secret_access_key=secret)
 
     def get_s3_client(self) -> Any:
+        if self._client is not None:
+            return self._client
         with self._lock:
             if self._client is None:
                 overrides = self.aws_client_parameters.overrides()
@@ -105,11 +117,18 @@ class ArchiveBucket:
 
 
 def readable(saved: dict[str, Any]) -> bool:
-    """True when this module builds the Block's client as prefect-aws would: no role to assume
-    and no field it does not know."""
+    """True when this module builds the Block's client as prefect-aws would: no role to assume,
+    no field it does not know, and every value of the type prefect-aws takes without converting
+    it (anything else is prefect-aws's to check, and to refuse in its words)."""
     params = saved.get("aws_client_parameters") or {}
-    return (not saved.get("assume_role_arn") and set(saved) <= _KNOWN and isinstance(params, dict)
-            and set(params) <= _CLIENT_FIELDS)
+    if saved.get("assume_role_arn") or not set(saved) <= _KNOWN or not isinstance(params, dict) \
+            or not set(params) <= _CLIENT_FIELDS:
+        return False
+    texts = [saved.get(f) for f in _SESSION_FIELDS] + [params.get("api_version"), params.get("endpoint_url")]
+    cert = params.get("verify_cert_path")
+    return (all(isinstance(v, str | None) for v in texts) and isinstance(params.get("use_ssl", True), bool)
+            and isinstance(params.get("verify"), bool | None) and isinstance(params.get("config"), dict | None)
+            and (cert is None or (isinstance(cert, str) and os.path.isfile(cert))))
 
 
 def load_credentials(name: str) -> Any:

@@ -55,7 +55,7 @@ def test_the_client_arguments_are_prefect_aws_s(saved: dict[str, Any]) -> None:
 def test_the_session_and_client_are_prefect_aws_s() -> None:
     from prefect_aws import AwsCredentials
 
-    saved = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "secret", "aws_session_token": "token",
+    saved = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "s3cr3t-value", "aws_session_token": "token",
              "region_name": "eu-west-3", "aws_client_parameters": {"endpoint_url": "http://127.0.0.1:1"}}
     ours, theirs = ArchiveCredentials(saved), AwsCredentials(**saved)
     assert ours.get_boto3_session().get_credentials().get_frozen_credentials() \
@@ -63,6 +63,7 @@ def test_the_session_and_client_are_prefect_aws_s() -> None:
     mine, its = ours.get_s3_client(), theirs.get_s3_client()
     assert (mine.meta.endpoint_url, mine.meta.region_name) == (its.meta.endpoint_url, its.meta.region_name)
     assert ours.get_s3_client() is mine  # built once
+    assert "s3cr3t-value" not in repr(ours) and "s3cr3t-value" not in str(vars(ours))  # a SecretStr until boto3
 
 
 @pytest.mark.parametrize("saved, expected", [
@@ -70,6 +71,12 @@ def test_the_session_and_client_are_prefect_aws_s() -> None:
     ({"assume_role_arn": "arn:aws:iam::123456789012:role/r"}, False),
     ({"a_field_of_a_newer_prefect_aws": 1}, False),
     ({"aws_client_parameters": {"a_newer_parameter": 1}}, False),
+    ({"aws_client_parameters": {"use_ssl": "no"}}, False),  # prefect-aws's to convert or refuse
+    ({"aws_client_parameters": {"verify": "false"}}, False),
+    ({"aws_client_parameters": {"config": "retries=3"}}, False),
+    ({"aws_client_parameters": {"verify_cert_path": "/no/such/bundle.pem"}}, False),
+    ({"aws_client_parameters": {"verify_cert_path": __file__}}, True),
+    ({"region_name": 3}, False),
 ])
 def test_what_the_reader_leaves_to_prefect_aws(saved: dict[str, Any], expected: bool) -> None:
     assert readable(saved) is expected
@@ -92,7 +99,10 @@ def test_a_block_with_a_role_is_prefect_aws_s_and_a_missing_one_is_named(sandbox
     name = f"role-{uuid.uuid4().hex[:8]}"
     AwsCredentials(aws_access_key_id="a", aws_secret_access_key="b",
                    assume_role_arn="arn:aws:iam::123456789012:role/r").save(name)
-    assert type(load_credentials(name)) is AwsCredentials
+    try:
+        assert type(load_credentials(name)) is AwsCredentials
+    finally:
+        AwsCredentials.delete(name)
     with pytest.raises(BlockMissing, match="no aws-credentials Block named 'nobody'"):
         load_credentials("nobody")
 

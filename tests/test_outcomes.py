@@ -25,3 +25,13 @@ def test_outcomes_are_read_back_as_they_were_kept() -> None:
     assert kept.read() == expected  # reading does not consume
     kept.keep("one-more", (None, {"step": "review", "error": "X", "message": "m"}))  # still writable after a read
     assert len(kept.read()) == 301
+
+
+def test_an_outcome_pickle_cannot_write_is_kept_as_it_is() -> None:
+    kept = Outcomes()
+    kept.keep("a", (None, {"step": "generate", "error": "E", "message": "m"}))
+    odd = (lambda: None, None)  # a lambda does not pickle
+    kept.keep("b", odd)
+    kept.keep("c", (None, {"step": "review", "error": "F", "message": "n"}))
+    found = kept.read()
+    assert list(found) == ["a", "b", "c"] and found["b"] is odd and found["c"][1]["error"] == "F"

@@ -73,9 +73,13 @@ class Outcomes:
         self._buffer = io.BytesIO()
         self._items: list[str] = []
         self._ends = array("Q")
+        self._as_objects: dict[str, Any] = {}  # an outcome pickle could not write: kept as it is
 
     def keep(self, item: str, outcome: Any) -> None:
-        self._buffer.write(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+        try:
+            self._buffer.write(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:  # noqa: BLE001 - never lose an outcome (items in flight were paid for)
+            self._as_objects[item] = outcome
         self._items.append(item)
         self._ends.append(self._buffer.tell())
 
@@ -87,7 +91,7 @@ class Outcomes:
         view, start, found = self._buffer.getbuffer(), 0, {}
         try:
             for item, end in zip(self._items, self._ends, strict=True):
-                found[item] = pickle.loads(view[start:end])
+                found[item] = self._as_objects[item] if item in self._as_objects else pickle.loads(view[start:end])
                 start = end
         finally:
             view.release()

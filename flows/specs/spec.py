@@ -519,14 +519,20 @@ def load_spec(spec: str | Path, overrides: dict[str, Any] | None = None, *, conf
     return packed(parse_spec(text, name=str(path), base_dir=path.resolve().parent, overrides=overrides))
 
 
+PACK_FROM = 1000  # items; below, what a parse leaves is small beside the full collection `packed` makes
+
+
 def packed(spec: PipelineSpec) -> PipelineSpec:
-    """`spec`, copied into memory of its own once the parse's leftovers are gone.
+    """`spec`, copied into memory of its own once the parse's leftovers are gone (from
+    `PACK_FROM` items).
 
     Parsing makes many short-lived objects (YAML nodes, positions, plain dicts) among the few the
     spec keeps, and CPython's small-object allocator gives a 1 MiB arena back only when nothing
     in it is left: a 5,000-item spec kept 28 MB resident for 4 MB of live objects, for the whole
     run. Serialised, dropped and read back, the same spec holds about 5 MB (0.1 s of CPU for
-    5,000 items, 2 ms for 300)."""
+    5,000 items)."""
+    if len(spec.items) < PACK_FROM:
+        return spec
     frozen = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
     del spec
     gc.collect()  # the parse's cycles too, so their arenas empty
