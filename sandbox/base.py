@@ -1,7 +1,8 @@
 """What every emulator shares: its app, made of the provider's own routes and the sandbox's
 hooks, which no real provider has and which need no auth:
 
-- `GET /_sandbox/health`: 200 once it serves (what `imagegen sandbox up` waits for);
+- `GET /_sandbox/health`: 200 once it serves, with its process id (what `imagegen sandbox up`
+  waits for: this emulator's answer, not another server's that took its port first);
 - `GET /_sandbox/stats`: its counters and what it charged (the tests' witness);
 - `POST /_sandbox/config`: latency, balance and the like;
 - `POST /_sandbox/faults` (`DELETE` clears): faults for the next matching requests.
@@ -54,8 +55,8 @@ class Emulator(ABC):
         """`POST` / `DELETE /_sandbox/faults`."""
 
     async def health(self, request: Request) -> Response:
-        """`GET /_sandbox/health`."""
-        return JSONResponse({"ok": True})
+        """`GET /_sandbox/health`: ok, and which process answers."""
+        return JSONResponse({"ok": True, "pid": os.getpid()})
 
     def keep(self, path: Path) -> None:
         """Write the `KEPT` fields of the state to `path` (readable by this user only)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from deployments.processes import alive, answers, spawn, stop, wait_until
+from deployments.processes import alive, spawn, stop, wait_until
 from sandbox.accounts import emulator, emulators, read_secret, secret_file
 from sandbox.s3 import weed_binary, weed_command, write_identity
 
@@ -205,13 +205,28 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, *, ports: dict[str, int] | None = No
     state.save()
     try:
         for name, port in chosen.items():
-            _wait(answers(f"{state.url(name)}/_sandbox/health"), state, name, port, what=f"the {name} emulator")
+            _wait(_answered_by(f"{state.url(name)}/_sandbox/health", pids[name]), state, name, port,
+                  what=f"the {name} emulator")
         _start_s3(state, s3_port, taken=frozenset(chosen.values()))
         _create_buckets(state)
     except Exception:
         down(state_dir)
         raise
     return state
+
+
+def _answered_by(url: str, pid: int) -> Callable[[], bool]:
+    """A check: the emulator process `pid` itself answers `url` (its health). Another server that
+    bound the port between our choosing it and the emulator's start also answers 200 there (the
+    Prefect server's UI does for any path), and the emulator then exits: `_wait` sees it and
+    raises `PortTaken`, so the port is chosen again."""
+    def check() -> bool:
+        try:
+            answer = httpx.get(url, timeout=2)
+            return answer.status_code == 200 and answer.json().get("pid") == pid
+        except (httpx.TransportError, ValueError, AttributeError):
+            return False
+    return check
 
 
 def _kept_file(state_dir: Path, name: str) -> Path:

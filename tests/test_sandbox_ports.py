@@ -76,3 +76,52 @@ def test_the_sandbox_on_free_ports_moves_to_other_ports_and_its_bucket_exists(
         client.head_bucket(Bucket="moved")
     finally:
         launcher.down(tmp_path)
+
+
+class AnswersAll(http.server.BaseHTTPRequestHandler):
+    """What a Prefect server's UI does: 200 and a page, for any path."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def emulator_port_taken_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Before the first emulator starts, another HTTP server that answers 200 to everything binds
+    the port it was given (a CI run's 触站AI "emulator" was a Prefect server's UI: HTTP 404 for
+    /v1/draw in every later test of that worker)."""
+    real_spawn, servers, taken = launcher.spawn, [], []
+
+    def spawn(cmd: list[str], log: Path, **options: object):
+        if "sandbox.serve" in cmd and not servers:
+            port = int(cmd[cmd.index("--port") + 1])
+            servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), AnswersAll))
+            threading.Thread(target=servers[0].serve_forever, daemon=True).start()
+            taken.append(port)
+        return real_spawn(cmd, log, **options)
+
+    monkeypatch.setattr(launcher, "spawn", spawn)
+    yield taken
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_emulator_port_taken_by_a_server_answering_everything_is_chosen_again(
+        tmp_path: Path, emulator_port_taken_first: list[int]) -> None:
+    import httpx
+
+    state = launcher.up_on_free_ports(tmp_path, latency=0.1, buckets=("moved",), providers=["chuzhan"])
+    try:
+        assert emulator_port_taken_first and state.url("chuzhan") != f"http://127.0.0.1:{emulator_port_taken_first[0]}"
+        assert httpx.get(f"{state.url('chuzhan')}/_sandbox/health").json()["pid"] == state.pids["chuzhan"]
+    finally:
+        launcher.down(tmp_path)
