@@ -12,6 +12,7 @@ field this reader does not know (a newer prefect-aws), is loaded through prefect
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from typing import Any
@@ -74,7 +75,6 @@ class ArchiveCredentials:
         self._session_args = {field: saved.get(field) for field in _SESSION_FIELDS}
         secret = self._session_args.pop("aws_secret_access_key")
         self._secret = SecretStr(secret) if secret is not None else None
-        self.region_name: str | None = saved.get("region_name")
         self.aws_client_parameters = ClientParameters(saved.get("aws_client_parameters") or {})
         self._client: Any = None
         self._lock = threading.Lock()
@@ -94,8 +94,8 @@ class ArchiveCredentials:
         with self._lock:
             if self._client is None:
                 overrides = self.aws_client_parameters.overrides()
-                if self.region_name is not None:
-                    overrides["region_name"] = self.region_name
+                if (region := self._session_args["region_name"]) is not None:
+                    overrides["region_name"] = region
                 self._client = self.get_boto3_session().client("s3", **overrides)
             return self._client
 
@@ -109,8 +109,6 @@ class ArchiveBucket:
 
     def write_path(self, key: str, content: bytes) -> str:
         """Upload `content` at `key` (boto3's managed upload, as `S3Bucket.write_path`); return `key`."""
-        import io
-
         with io.BytesIO(content) as stream:
             self.credentials.get_s3_client().upload_fileobj(Fileobj=stream, Bucket=self.bucket_name, Key=key)
         return key

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -29,15 +29,15 @@ class Refuses(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def s3_port_taken_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Before the first SeaweedFS starts, another HTTP server binds the port it was given."""
+def bound_first(monkeypatch: pytest.MonkeyPatch, port_of: Callable[[list[str]], int | None],
+                handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[list[int]]:
+    """Before the first process whose command `port_of` gives a port is spawned, another HTTP
+    server (answering with `handler`) binds that port; yields the ports so taken."""
     real_spawn, servers, taken = launcher.spawn, [], []
 
     def spawn(cmd: list[str], log: Path, **options: object):
-        if "mini" in cmd and not servers:
-            port = int(next(arg for arg in cmd if arg.startswith("-s3.port=")).split("=")[1])
-            servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), Refuses))
+        if not servers and (port := port_of(cmd)) is not None:
+            servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), handler))
             threading.Thread(target=servers[0].serve_forever, daemon=True).start()
             taken.append(port)
         return real_spawn(cmd, log, **options)
@@ -47,6 +47,15 @@ def s3_port_taken_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def s3_port_taken_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Before the first SeaweedFS starts, another HTTP server binds the port it was given."""
+    def port_of(cmd: list[str]) -> int | None:
+        return int(next(arg for arg in cmd if arg.startswith("-s3.port=")).split("=")[1]) if "mini" in cmd else None
+
+    yield from bound_first(monkeypatch, port_of, Refuses)
 
 
 def test_free_ports_are_distinct_and_avoid_the_taken_ones() -> None:
@@ -98,21 +107,10 @@ def emulator_port_taken_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[
     """Before the first emulator starts, another HTTP server that answers 200 to everything binds
     the port it was given (a CI run's 触站AI "emulator" was a Prefect server's UI: HTTP 404 for
     /v1/draw in every later test of that worker)."""
-    real_spawn, servers, taken = launcher.spawn, [], []
+    def port_of(cmd: list[str]) -> int | None:
+        return int(cmd[cmd.index("--port") + 1]) if "sandbox.serve" in cmd else None
 
-    def spawn(cmd: list[str], log: Path, **options: object):
-        if "sandbox.serve" in cmd and not servers:
-            port = int(cmd[cmd.index("--port") + 1])
-            servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), AnswersAll))
-            threading.Thread(target=servers[0].serve_forever, daemon=True).start()
-            taken.append(port)
-        return real_spawn(cmd, log, **options)
-
-    monkeypatch.setattr(launcher, "spawn", spawn)
-    yield taken
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    yield from bound_first(monkeypatch, port_of, AnswersAll)
 
 
 def test_an_emulator_port_taken_by_a_server_answering_everything_is_chosen_again(
