@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-from benchmarks.memgrowth import Growth
+import pytest
+
+from benchmarks.memgrowth import Census, Growth, memory_parts
 
 KEPT: list[bytes] = []
 
@@ -31,3 +34,25 @@ def test_the_report_names_where_memory_grew(tmp_path: Path) -> None:
 
 def test_no_report_without_two_snapshots(tmp_path: Path) -> None:
     assert Growth(tmp_path, every=60).stop() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self and glibc's mallinfo2")
+def test_memory_parts_tell_python_objects_from_the_c_heap() -> None:
+    before = memory_parts()
+    small = [str(n) * 3 for n in range(100_000)]  # about 6 MB of small objects: CPython's allocator
+    large = [bytes(2000) + bytes([n % 256]) for n in range(2_000)]  # about 4 MB of large ones: glibc's heap
+    after = memory_parts()
+    del small, large
+    assert after["py_used"] - before["py_used"] >= 4_000, (before, after)  # KiB
+    assert after["py_arenas"] > before["py_arenas"]
+    assert after["malloc_used"] - before["malloc_used"] >= 3_000
+    assert after["rss"] >= after["heap"] + after["anon"] > 0
+
+
+def test_the_census_reports_where_memory_was(tmp_path: Path) -> None:
+    census = Census(tmp_path, every=0.05)
+    time.sleep(0.3)
+    report = census.stop()
+    assert report is not None
+    lines = report.read_text().splitlines()
+    assert lines[1].split()[:2] == ["rss", "heap"] and all(int(v) >= 0 for v in lines[2].split()), lines[:3]
