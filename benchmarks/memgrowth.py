@@ -19,7 +19,7 @@ from pathlib import Path
 
 EVERY = 30.0  # seconds between snapshots
 TOP = 25  # call sites reported
-FRAMES = 30  # frames kept of each allocation's stack
+FRAMES = int(os.environ.get("IMAGEGEN_BENCH_TRACEMALLOC_FRAMES", "30"))  # frames kept of each allocation's stack
 
 
 class Growth:
@@ -54,6 +54,10 @@ class Growth:
         for stat in self.last.compare_to(self.first, "traceback")[:TOP]:
             lines.append(f"{stat.size_diff / 1e6:+.1f} MB, {stat.count_diff:+d} blocks")
             lines.extend(f"    {frame.filename}:{frame.lineno}" for frame in reversed(stat.traceback))
+        by_line = self.last.compare_to(self.first, "lineno")
+        lines.append(f"\nby the line that allocated (all lines: {sum(s.size_diff for s in by_line) / 1e6:+.1f} MB)")
+        lines.extend(f"{s.size_diff / 1e6:+.2f} MB, {s.count_diff:+d} blocks  {s.traceback[0].filename}:"
+                     f"{s.traceback[0].lineno}" for s in by_line[:TOP])
         self.out.write_text("\n".join(lines) + "\n")
         return self.out
 
