@@ -748,8 +748,9 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     done, staged = _wait_all(parsed, run_date, todo, (chains, settled), (progress, progress_artifact), run_level,
                              renames)
     progress.finish()
+    del chains, settled  # read into `done`; from here each ended item is held once, in `outcomes`
     outcomes = [(reused[p.item_id], None) if p.item_id in reused else (None, skipped[p.item_id])
-                if p.item_id in skipped else done[p.item_id] for p in plans]
+                if p.item_id in skipped else done.pop(p.item_id) for p in plans]
     for plan, (_, error) in zip(plans, outcomes, strict=True):
         if error and error.get("error") == "SubmitUnknown":
             logger.error("%s", error["message"])  # what a person checks, and the command that settles it
@@ -760,9 +761,10 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     manifest["estimated_credits"] = estimated
     with_spend(manifest, spend.summary())  # per provider: cap, charged, reserved (maybe charged)
     close_run(str(flow_run.id))
-    for item_error in (e for _, e in outcomes if e and e.get("error") == "BudgetReached"):
-        logger.error("%s", item_error["message"])
-        break
+    budget_reached = next((e for _, e in outcomes if e and e.get("error") == "BudgetReached"), None)
+    del outcomes  # the items' records (3 KB an archived one): the manifest holds what it needs of them
+    if budget_reached is not None:
+        logger.error("%s", budget_reached["message"])
     publish(parsed, run_date, manifest)
     _finish_renames(renames)
     return manifest
