@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from benchmarks.measure import MARK
+from flows.arenas import without_thread_caches
 from deployments.postgres import Cluster, binaries
 from deployments.processes import answers, spawn, stop, wait_until
 from flows import SERVER_TUNING
@@ -117,6 +118,8 @@ def run_side(mode: str, spec: Path, env: dict[str, str], state_dir: Path, log: P
     cmd = [sys.executable, "-m", "benchmarks.measure", mode, str(spec)]
     if mode == "baseline":
         cmd += ["--sandbox-state", str(state_dir)]
+    else:  # started as `imagegen run` starts a run (`flows.arenas.restart_without_thread_caches`)
+        env = without_thread_caches(env) or env
     started = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=out, text=True, timeout=3600)

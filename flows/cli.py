@@ -635,5 +635,10 @@ if __name__ == "__main__":
 
 
 def console() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A run (`run`, `backfill`) first starts again without glibc's
+    per-thread caches (`flows.arenas`): its task threads would keep memory for the run's length."""
+    if sys.argv[1:2] in (["run"], ["backfill"]):
+        from flows.arenas import restart_without_thread_caches
+
+        restart_without_thread_caches()
     sys.exit(main())

@@ -68,3 +68,72 @@ def test_freed_holes_in_the_heap_go_back_to_the_system_at_most_every_so_often() 
     trimmed, again, before, after = done.stdout.split()
     assert (trimmed, again) == ("True", "False")  # the second, within the interval, does nothing
     assert int(before) - int(after) > 80_000  # kB: most of the 100 MB of holes went back
+
+
+GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+
+THREAD_CACHES = r"""
+import ctypes, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+done, stay = threading.Barrier(33), threading.Event()
+def work():  # seven blocks of every small size, all freed: as a task thread leaves them
+    blocks = [libc.malloc(size) for size in range(16, 1040, 16) for _ in range(7)]
+    for block in blocks:
+        libc.free(block)
+    done.wait()
+    stay.wait()  # the thread lives on, as a task runner's does
+threads = [threading.Thread(target=work) for _ in range(32)]
+before = libc.mallinfo2().uordblks
+for t in threads:
+    t.start()
+done.wait()
+print((libc.mallinfo2().uordblks - before) // 1024)
+stay.set()
+"""
+
+
+def _kept_by_threads(environ: dict[str, str]) -> int:
+    done = subprocess.run([sys.executable, "-c", THREAD_CACHES], capture_output=True, text=True, timeout=120,
+                          check=True, env=environ)
+    return int(done.stdout.strip())
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thread caches are glibc's")
+def test_without_thread_caches_memory_freed_by_threads_is_not_kept_as_in_use() -> None:
+    from flows.arenas import without_thread_caches
+
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    environ = without_thread_caches(plain)
+    assert environ is not None and without_thread_caches({**plain, "GLIBC_TUNABLES": "x"}) is None
+    assert _kept_by_threads(plain) > 3_000  # KiB: 32 threads' caches, counted by glibc as in use
+    assert _kept_by_threads(environ) < 1_000
+
+
+RESTART = r"""
+import os, sys
+sys.argv = ["imagegen", *sys.argv[1:]]
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+from flows.cli import console
+console()
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thread caches are glibc's")
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_run_starts_again_without_thread_caches_and_other_commands_do_not(command: str) -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", RESTART, command, "--help"], capture_output=True, text=True,
+                          timeout=120, env=environ)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and "usage: imagegen" in done.stdout, done.stdout + done.stderr
+    if command == "run":  # the same process (pid) with the same arguments, started again once
+        (pid, first), (again, second) = lines[0].split(), lines[1].split()
+        assert (first, second, again) == ("None", "glibc.malloc.tcache_count=0", pid)
+        assert not lines[2].split()[0].isdigit()
+    else:
+        assert lines[0].split()[1] == "None" and not lines[1].split()[0].isdigit()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.arenas import NO_THREAD_CACHES
 from sandbox import launcher
 from tests.conftest import TEST_BUCKET, s3_client, tams_stats
 from tests.servers import BIN, cli, client_for, logs_of, snapshot_repository, start, stop, wait_final, wait_healthy
@@ -97,6 +98,8 @@ def test_deployments_from_prefect_yaml(deployed) -> None:
     assert set(schema["definitions"]["RunOverrides"]["properties"]) == {"max_credits", "max_parallel", "items", "spec"}
     # Heartbeats, so the zombie automation `imagegen setup-server` made can tell a dead run.
     assert nightly.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", nightly.job_variables
+    # Its runs start as `imagegen run` starts them: without glibc's per-thread caches.
+    assert nightly.job_variables["env"]["GLIBC_TUNABLES"] == NO_THREAD_CACHES, nightly.job_variables
     assert nightly.schedules[0].schedule.cron == "0 3 * * *"
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
 
