@@ -116,16 +116,30 @@ def port_holder(port: int) -> str:
                 inodes.add(fields[9])
     sockets = {f"socket:[{inode}]" for inode in inodes}
     for proc in Path("/proc").iterdir() if sockets else ():
-        if not proc.name.isdigit():
-            continue
+        if proc.name.isdigit() and _holds(proc, sockets):
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                command = "exited since"
+            return f"pid {proc.name} ({command[:160]})"
+    return "another process"
+
+
+def _holds(proc: Path, sockets: set[str]) -> bool:
+    """Whether the process `proc` (its /proc directory) has one of `sockets` open. A file it
+    closes while it is looked at is passed over, not the process: a busy process (a Prefect
+    server, a test worker) opens and closes files all the time."""
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
         try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in sockets:
-                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                    return f"pid {proc.name} ({command[:160]})"
+            if os.readlink(fd) in sockets:
+                return True
         except OSError:
             continue
-    return "another process"
+    return False
 
 
 def free_port() -> int:

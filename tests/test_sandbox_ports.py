@@ -123,3 +123,32 @@ def test_an_emulator_port_taken_by_a_server_answering_everything_is_chosen_again
         assert httpx.get(f"{state.url('chuzhan')}/_sandbox/health").json()["pid"] == state.pids["chuzhan"]
     finally:
         launcher.down(tmp_path)
+
+
+def test_a_port_holder_is_named_though_a_file_it_had_open_closed_meanwhile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`port_holder` names the process listening on a port even when one of its files closes
+    between the listing of its files and the look at that file (a busy Prefect server or test
+    worker opens and closes files all the time: a CI run got "another process" for this very
+    test worker). The fault point: the first file of every process is gone when looked at."""
+    import os
+    import socket
+
+    real_readlink, passed = os.readlink, set()
+
+    def readlink(path: object) -> str:
+        process = Path(str(path)).parent.parent
+        if process not in passed:
+            passed.add(process)
+            raise FileNotFoundError(path)
+        return real_readlink(path)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    monkeypatch.setattr(launcher.os, "readlink", readlink)
+    try:
+        name = launcher.port_holder(listener.getsockname()[1])
+    finally:
+        listener.close()
+    assert name.startswith(f"pid {os.getpid()} "), name
