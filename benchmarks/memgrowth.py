@@ -17,6 +17,8 @@ import threading
 import tracemalloc
 from pathlib import Path
 
+from flows.arenas import glibc_function
+
 EVERY = 30.0  # seconds between snapshots
 TOP = 25  # call sites reported
 FRAMES = int(os.environ.get("IMAGEGEN_BENCH_TRACEMALLOC_FRAMES", "30"))  # frames kept of each allocation's stack
@@ -69,12 +71,8 @@ class _MallInfo2(ctypes.Structure):
 
 def _mallinfo() -> _MallInfo2 | None:
     """glibc's own account of its heaps (2.33 and later), or None elsewhere."""
-    try:
-        function = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = _MallInfo2
-    return function()
+    function = glibc_function("mallinfo2", [], _MallInfo2)
+    return function() if function is not None else None
 
 
 def _mappings() -> dict[str, int]:

@@ -40,22 +40,22 @@ TRIM_EVERY = 30.0  # seconds between two `trim_now_and_then` that trim
 _trimmed_at = [0.0]
 
 
-def _glibc(name: str, argtypes: list[Any]) -> Any:
-    """The C library's function `name` returning an int, or None where it has none (not Linux,
-    not glibc)."""
+def glibc_function(name: str, argtypes: list[Any], restype: Any = ctypes.c_int) -> Any:
+    """The C library's function `name` (returning `restype`), or None where it has none (not
+    Linux, not glibc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes, function.restype = argtypes, ctypes.c_int
+    function.argtypes, function.restype = argtypes, restype
     return function
 
 
 def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     """Cap the process's malloc arenas at `arenas`; True when the C library took it."""
-    if os.environ.get("MALLOC_ARENA_MAX") or (mallopt := _glibc("mallopt", [ctypes.c_int, ctypes.c_int])) is None:
+    if os.environ.get("MALLOC_ARENA_MAX") or (mallopt := glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])) is None:
         return False
     return mallopt(M_ARENA_MAX, arenas) == 1
 
@@ -69,7 +69,7 @@ def trim_now_and_then(every: float = TRIM_EVERY) -> bool:
     if os.environ.get("IMAGEGEN_MALLOC_TRIM") == "0" or now - _trimmed_at[0] < every:
         return False
     _trimmed_at[0] = now
-    malloc_trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    malloc_trim = glibc_function("malloc_trim", [ctypes.c_size_t])
     return malloc_trim is not None and malloc_trim(0) == 1
 
 
