@@ -44,7 +44,9 @@ def test_memory_parts_tell_python_objects_from_the_c_heap() -> None:
     after = memory_parts()
     del small, large
     assert after["py_used"] - before["py_used"] >= 4_000, (before, after)  # KiB
-    assert after["py_arenas"] > before["py_arenas"]
+    # A worker that ran other tests may hold freed room in its arenas, so their count need not rise;
+    # it must still hold the live blocks (an arena is 1 MiB since CPython 3.10).
+    assert after["py_arenas"] * 1024 >= after["py_used"] > 0, after
     assert after["malloc_used"] - before["malloc_used"] >= 3_000
     assert after["rss"] >= after["heap"] + after["anon"] > 0
 
