@@ -387,7 +387,7 @@ class ChuzhanEmulator(Emulator):
         task = self.state.tasks.get(sign)
         if task is None:
             return Response(status_code=404)
-        return Response(self._render(task, index), media_type="image/png")
+        return Response(await asyncio.to_thread(self._render, task, index), media_type="image/png")
 
     async def config(self, request: Request) -> Response:
         data = await request.json()

@@ -1,4 +1,8 @@
-"""Deterministic result images: real PNGs drawn with Pillow from prompt, seed and index."""
+"""Deterministic result images: real PNGs drawn with Pillow from prompt, seed and index.
+
+Emulators call `render_png` off their event loop (`asyncio.to_thread`): a render takes tens of
+milliseconds, and requests held up meanwhile would be counted together against the rate limit,
+as a burst the client never sent."""
 
 from __future__ import annotations
 

@@ -420,7 +420,7 @@ class TamsEmulator(Emulator):
         job = st.jobs.get(job_id)
         if job is None:
             return Response(status_code=404)
-        return Response(self._render(job, index), media_type="image/png")
+        return Response(await asyncio.to_thread(self._render, job, index), media_type="image/png")
 
     async def config(self, request: Request) -> Response:
         data = await request.json()

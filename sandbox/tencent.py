@@ -90,6 +90,17 @@ CODE_RE = re.compile(r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)*$")  # the shape of Tencent 
 FAULT_KINDS = ("drop", "http_502", "slow", "result_503")
 
 
+def _refined(raw: bytes) -> bytes:
+    """RefineImage's result: the image at 2048 pixels on its longer side, as PNG."""
+    with Image.open(io.BytesIO(raw)) as image:
+        w, h = image.size
+        scale = 2048 / max(w, h)
+        out = io.BytesIO()
+        image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS).save(
+            out, format="PNG")
+    return out.getvalue()
+
+
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -380,7 +391,7 @@ class TencentEmulator(Emulator):
                 w, h = int(w * scale), int(h * scale)
             else:
                 w, h = (int(x) for x in resolution.split(":"))
-            data = render_png(prompt, 0, w, h, 0, raw)
+            data = await asyncio.to_thread(render_png, prompt, 0, w, h, 0, raw)
             with self.state.lock:
                 self.state.counters["submits"] += 1
                 self._charge(fingerprint("ImageToImage", prompt, styles, resolution, strength, _sha256_hex(raw)), prompt)
@@ -418,7 +429,7 @@ class TencentEmulator(Emulator):
         answer: dict[str, Any] = {"JobStatusCode": status, "JobStatusMsg": STATUS_MSG[status], "JobErrorCode": "",
                                   "JobErrorMsg": "", "ResultImage": [], "ResultDetails": [], "RevisedPrompt": []}
         if status == "5":
-            data = render_png(job.prompt, job.seed, job.width, job.height)
+            data = await asyncio.to_thread(render_png, job.prompt, job.seed, job.width, job.height)
             answer.update(ResultImage=[self._answer_image(data, {"RspImgType": "url"}, request, "QueryTextToImageJob")],
                           ResultDetails=["Success"], RevisedPrompt=[job.prompt])
         if status == "4":
@@ -430,17 +441,12 @@ class TencentEmulator(Emulator):
         self._enter("RefineImage")
         try:
             await asyncio.sleep(self.state.latency / 2)
-            with Image.open(io.BytesIO(raw)) as image:
-                w, h = image.size
-                scale = 2048 / max(w, h)
-                out = io.BytesIO()
-                image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS).save(
-                    out, format="PNG")
+            data = await asyncio.to_thread(_refined, raw)
             with self.state.lock:
                 self._charge(fingerprint("RefineImage", _sha256_hex(raw)), f"RefineImage of {_sha256_hex(raw)[:16]}")
         finally:
             self._leave("RefineImage")
-        return {"ResultImage": self._answer_image(out.getvalue(), params, request, "RefineImage")}
+        return {"ResultImage": self._answer_image(data, params, request, "RefineImage")}
 
     def _status(self, job: TextJob) -> str:
         elapsed = time.monotonic() - job.created
