@@ -41,6 +41,16 @@ class LimitsFile(BaseModel):
         """The rate a limit is held at: the published one times `rate_safety`."""
         return round(per_second * self.rate_safety, 4)
 
+    @property
+    def late_send_seconds(self) -> float | None:
+        """How long after its rate slot a request may still leave (None: no margin to keep).
+
+        Slots come `1 / (rate x rate_safety)` apart, so requests that all leave within `m`
+        seconds of their slots reach the provider at most its count in any second while
+        `m < 1 / rate_safety - 1` (0.11 s at 0.9). Half of that is ours; the other half is left
+        to the way there (network, the provider's own queue)."""
+        return (1 / self.rate_safety - 1) / 2 if self.rate_safety < 1 else None
+
 
 def load_limits(path: Path = LIMITS_FILE) -> LimitsFile:
     """`path`, with the providers and accounts of every installed provider package's

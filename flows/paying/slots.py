@@ -10,7 +10,8 @@ sits idle; and asking with `max_retries=0` to wait our own way logs an ERROR per
   so a single process gets every slot on its first ask. A refusal does not move the limit's
   decay (the server rolls the denied-slot write back with its 423); asking early only costs
   the ~one-spacing Retry-After the refusal carries, which is the wait another process's slot
-  gets here.
+  gets here. A request that could not leave soon after its slot (`late_send_seconds` of the
+  limits file) takes another (`PrefectLimiter`): late, it would crowd the next slots' requests.
 - `hold(name)`: one in-flight slot on a lease, asked again every `RETRY_SECONDS` (jittered)
   while full, or as soon as a holder in this process releases one; while this process itself
   holds every slot of the cap, only then (or after `LOCAL_FULL_WAIT`): no other slot can free
@@ -38,6 +39,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -56,6 +58,7 @@ PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate
 API_ATTEMPTS = 4  # attempts of one slot call through API faults before it is a LimiterError
 RECLAIM_EVERY = 2.0  # seconds between two looks for expired leases while a waiter waits
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+LATE_RETAKES = 3  # rate slots given back for being late before a request goes anyway (a starved process)
 
 
 class LimitMissing(RuntimeError):
@@ -130,9 +133,19 @@ _pacers: dict[str, _Pacer] = {}
 _pacers_lock = threading.Lock()
 
 
-def take_rate(name: str, per_second: float) -> Callable[[], None]:
+@dataclass(frozen=True)
+class RateSlot:
+    """A rate slot this process got: when it was asked for (the server granted it at some moment
+    between that and its answer, which may come late from a busy server), and the function to
+    call once the request it was for is answered (or will not be sent)."""
+
+    asked_at: float
+    answered: Callable[[], None]
+
+
+def take_rate(name: str, per_second: float) -> RateSlot:
     """Block until the rate limit `name` (decaying `per_second`) grants this process a slot;
-    return the function to call once the request it was for is answered.
+    return it, to be `answered` once the request it was for is.
 
     The next slot is not asked for before that answer (or two spacings, if it never comes):
     a thread held up between its slot and its send (a busy process) would otherwise send
@@ -166,7 +179,7 @@ def take_rate(name: str, per_second: float) -> Callable[[], None]:
             # early costs the refusal's Retry-After (about a spacing).
             pacer.next_at = asked + spacing + PACING_MARGIN
             pacer.answered.clear()
-            return pacer.answered.set
+            return RateSlot(asked, pacer.answered.set)
 
 
 def _holder() -> Any:
@@ -339,6 +352,16 @@ def hold(name: str, lease_seconds: float, holder: Any = None,
             here.changed.notify()
 
 
+def _checked(slot: RateSlot) -> RateSlot:
+    """`slot`, once `paidcalls.check_armed` let its request go (answered at once if not)."""
+    try:
+        paidcalls.check_armed()
+    except BaseException:
+        slot.answered()
+        raise
+    return slot
+
+
 class PrefectLimiter:
     """Takes a provider account's limits from the Prefect server, strictly (missing = error).
 
@@ -363,12 +386,30 @@ class PrefectLimiter:
             paidcalls.check_armed()
             yield
             return
-        answered = take_rate(rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key]))
+        slot = self._timely_rate_slot(key)
         try:
-            paidcalls.check_armed()  # a paid call's request waited for its slot: is the run's claim still its own?
             yield
         finally:
-            answered()
+            slot.answered()
+
+    def _timely_rate_slot(self, key: str) -> RateSlot:
+        """A rate slot for a request that leaves now. The request waited for its slot, so a paid
+        call's is checked again (is the run's claim still its own?); and one that cannot leave
+        within `late_send_seconds` of asking for its slot lets that slot pass unused and takes
+        another: sent late, it would reach the provider in the same second as the requests of
+        slots granted after it. Late is measured from the ask, as the server may have granted
+        the slot as early as that: its transaction's clock starts there, and the answer of a
+        busy server comes later. Lateness on our side (the check waited on a lease in doubt, the
+        thread was not scheduled) counts the same. After `LATE_RETAKES` the request goes anyway:
+        a starved process must still make progress."""
+        name, per_second = rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key])
+        late = self.limits.late_send_seconds
+        for _ in range(LATE_RETAKES if late is not None else 0):
+            slot = _checked(take_rate(name, per_second))
+            if late is None or time.monotonic() - slot.asked_at <= late:
+                return slot
+            slot.answered()
+        return _checked(take_rate(name, per_second))
 
     def job_cap(self, action: str) -> tuple[str, int] | None:
         """The declared in-flight cap an action counts against, and its size."""
