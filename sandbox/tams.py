@@ -11,7 +11,9 @@ The credit formula of the real service is not published; this one is ours and fa
 one credit per 512x512 image at 20 steps, scaled by pixels and steps, plus the hires pass.
 A prompt containing ``[[fail]]`` makes the job fail, for tests.
 
-Test hooks (no auth, not part of TAMS): ``GET /_sandbox/stats``; ``POST /_sandbox/config``
+Test hooks (no auth, not part of TAMS): ``GET /_sandbox/stats`` (with ``rate_refusals``: the
+last requests refused over 5 QPS, each with the requests of the second before it);
+``POST /_sandbox/config``
 (``latency``, ``balance``); ``POST /_sandbox/faults`` with ``{"kind", "count", "method",
 "path", "exact", "delay"}`` queues faults for the next matching API requests (``path`` a prefix,
 or the whole path with ``"exact": true``), ``DELETE`` clears them:
@@ -183,7 +185,7 @@ class TamsEmulator(Emulator):
             with st.lock:
                 st.counters["auth_failures"] += 1
             raise ApiError(401, 16, "unauthorized")
-        if not st.window.allow(app_id):
+        if not st.window.allow(app_id, f"{request.method} {request.url.path}"):
             wait = max(1, round(st.window.retry_after(app_id) + 0.5))
             raise ApiError(429, 8, f"rate limit exceeded: {QPS} requests per second",
                            {"Retry-After": str(wait)})
@@ -454,6 +456,7 @@ class TamsEmulator(Emulator):
             return JSONResponse({
                 **st.counters, **st.paid.snapshot(),
                 "rate_limited": st.window.rejected, "peak_requests_per_second": st.window.peak,
+                "rate_refusals": list(st.window.refusals),
                 "charged_credits": round(st.charged_credits, 2), "balance": st.balance,
                 "callbacks": self.callbacks.snapshot(),
                 "jobs": {j.id: {"requestId": j.request_id, "status": self._status(j), "credits": j.credits,

@@ -15,8 +15,9 @@ imported from the client, so a misreading in one cannot hide behind the other).
 
 Markers for tests: ``[[nsfw]]`` in a prompt -> `OperationDenied.TextIllegalDetected`;
 ``[[fail]]`` -> the async job ends "4" with `FailedOperation.GenerateImageFailed`. Hooks:
-``GET /_sandbox/stats`` (counters, and ``paid``: charges per request keyed by a fingerprint of
-the paid fields, see `sandbox.paid`), ``POST /_sandbox/config`` (latency), ``DELETE
+``GET /_sandbox/stats`` (counters, ``paid``: charges per request keyed by a fingerprint of
+the paid fields, see `sandbox.paid`, and ``rate_refusals``: the last requests refused over an
+action's rate, each with those of the second before it), ``POST /_sandbox/config`` (latency), ``DELETE
 /_sandbox/faults``, and ``POST /_sandbox/faults`` ``{"code" | "kind", "count", "action",
 "after", "delay"}`` for the next matching calls:
 
@@ -196,7 +197,7 @@ class TencentEmulator(Emulator):
             if action == "ImageToImage" and region != "ap-singapore":
                 raise ApiError("UnsupportedRegion", "ImageToImage is only available in ap-singapore.")
             window = st.windows.setdefault(f"{secret_id}/{action}", SlidingWindow(RATE))
-            if not window.allow(secret_id):
+            if not window.allow(secret_id, action):
                 with st.lock:
                     st.counters["rate_limited"] += 1
                 raise ApiError("RequestLimitExceeded", "The number of requests exceeds the frequency limit.")
@@ -495,7 +496,8 @@ class TencentEmulator(Emulator):
             return JSONResponse({**st.counters, **st.paid.snapshot(), "by_action": st.by_action,
                                  "jobs": {j.id: {"status": self._status(j), "prompt": j.prompt} for j in st.jobs.values()},
                                  "peak_in_flight": st.peak_in_flight,
-                                 "peak_requests_per_second": max((w.peak for w in st.windows.values()), default=0)})
+                                 "peak_requests_per_second": max((w.peak for w in st.windows.values()), default=0),
+                                 "rate_refusals": [r for w in st.windows.values() for r in w.refusals]})
 
 
 # --- sandbox hooks (see sandbox/accounts.py) ------------------------------------------------------

@@ -2,7 +2,8 @@
 image made on an emulator's event loop would hold up every other request meanwhile (45 ms for
 512x512 on a quiet machine, several times that on a busy one), and the held requests would
 then be counted together: a burst the client never sent. So images are made off the loop;
-here one must be made while another request to the same emulator waits for its answer."""
+here one must be made while another request to the same emulator waits for its answer. And a
+refusal is kept with the requests that filled its second, to tell what crowded it."""
 
 from __future__ import annotations
 
@@ -60,3 +61,14 @@ def test_an_image_being_made_does_not_hold_up_the_emulators_other_requests(
         block = registry.provider(provider)(**module.block_fields(account), endpoint=url)
         result = block.run_job(type(block).sample_request(), poll_interval=0.05, timeout=60)
     assert result.images and answered_meanwhile == [True] * len(answered_meanwhile) != [], answered_meanwhile
+
+
+def test_a_refusal_is_kept_with_the_requests_that_filled_its_second() -> None:
+    from sandbox.limits import SlidingWindow
+
+    window = SlidingWindow(2)
+    assert window.allow("app", "GET /a") and window.allow("app", "POST /b") and window.allow("other", "GET /c")
+    assert not window.allow("app", "GET /d")
+    [refusal] = window.refusals
+    assert refusal["refused"] == "GET /d" and [seen for _, seen in refusal["ms_before"]] == ["GET /a", "POST /b"]
+    assert all(0 <= ms < 1000 for ms, _ in refusal["ms_before"]) and window.rejected == 1

@@ -211,7 +211,7 @@ def test_backfill_through_the_deployment_on_two_workers(deployed, sandbox) -> No
     after = tams_stats(sandbox)
     assert out.stdout.count(" done ") == 4, out.stdout
     assert after["submits"] - before["submits"] == 8
-    assert_within_limits(refused, refusals(sandbox))  # two workers, one account, limit held
+    assert_within_limits(sandbox, refused)  # two workers, one account, limit held
     with client_for(env) as client:
         runs = [r for r in client.read_flow_runs() if "backfill" in r.tags and r.name.startswith("server-e2e-2026-09-1")]
     assert len(runs) == 4 and all(r.deployment_id for r in runs)  # each date its own deployment run
