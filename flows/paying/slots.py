@@ -58,7 +58,7 @@ PACING_MARGIN = 0.025  # seconds added to a rate limit's spacing (see `take_rate
 API_ATTEMPTS = 4  # attempts of one slot call through API faults before it is a LimiterError
 RECLAIM_EVERY = 2.0  # seconds between two looks for expired leases while a waiter waits
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
-LATE_RETAKES = 3  # rate slots given back for being late before a request goes anyway (a starved process)
+LATE_RETAKES = 3  # late rate slots let pass before a request goes anyway (a starved process)
 
 
 class LimitMissing(RuntimeError):
@@ -403,7 +403,8 @@ class PrefectLimiter:
         transaction's start (PostgreSQL's `now()`), and a busy server answers later than that.
         Measured from the ask, under load (three workers and two busy loops on two cores) the
         slot call took a median 61 ms and 212 ms at the 90th percentile, so most slots would
-        be retaken; from the answer to the check, 0.1 ms. The rate margin covers the rest."""
+        be retaken; from the answer to the check, 0.1 ms. The rest falls to the rate margin, and
+        on a machine that loaded a rare request may still be refused (README, "Rates are spaced")."""
         name, per_second = rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key])
         late = self.limits.late_send_seconds
         for _ in range(LATE_RETAKES if late is not None else 0):
