@@ -153,7 +153,10 @@ def tencent_stats(state: launcher.SandboxState) -> dict:
 
 def refusals(state: launcher.SandboxState) -> dict[str, int]:
     """What the emulators refused as over a limit so far: rates and in-flight caps apart."""
-    tams, chuzhan, tencent = tams_stats(state), chuzhan_stats(state), tencent_stats(state)
+    return _refusal_counts(tams_stats(state), chuzhan_stats(state), tencent_stats(state))
+
+
+def _refusal_counts(tams: dict, chuzhan: dict, tencent: dict) -> dict[str, int]:
     return {"tams rate": tams["rate_limited"], "chuzhan tasks": chuzhan["limit_rejections"],
             "tencent rate": tencent["rate_limited"], "tencent jobs": tencent["job_num_exceeded"]}
 
@@ -167,9 +170,10 @@ def assert_within_limits(state: launcher.SandboxState, before: dict[str, int]) -
     The client waits the refusal's Retry-After and sends again, uncharged; the callers check
     what was charged. Limits kept apart per process would be refused dozens of times. A failure
     shows the emulators' last refusals: each refused request with those of the second before it."""
-    after = refusals(state)
+    tams, tencent = tams_stats(state), tencent_stats(state)
+    after = _refusal_counts(tams, chuzhan_stats(state), tencent)
     grew = {k: after[k] - before[k] for k in after}
-    seen = {"tams": tams_stats(state)["rate_refusals"], "tencent": tencent_stats(state)["rate_refusals"]}
+    seen = {"tams": tams["rate_refusals"], "tencent": tencent["rate_refusals"]}
     assert all(grew[k] == 0 for k in grew if not k.endswith("rate")), (before, after, seen)
     assert all(grew[k] <= 1 for k in grew), (before, after, seen)
 

@@ -407,7 +407,7 @@ class PrefectLimiter:
         on a machine that loaded a rare request may still be refused (README, "Rates are spaced")."""
         name, per_second = rate_name(self.provider, self.block, key), self.limits.applied_rate(self.declared.rate[key])
         late = self.limits.late_send_seconds
-        for _ in range(LATE_RETAKES if late is not None else 0):
+        for _ in range(LATE_RETAKES):
             slot = _checked(take_rate(name, per_second))
             if late is None or time.monotonic() - slot.got_at <= late:
                 return slot
