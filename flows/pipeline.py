@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -36,8 +36,8 @@ from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, for_run, open_run
 from flows.paying.slots import reclaim_expired
 from flows.arenas import trim_now_and_then
-from flows.running.report import (PipelineIncomplete, archived_hashes, artifact_key, build_manifest, publish,
-                                  with_spend)
+from flows.running.report import (Charge, PipelineIncomplete, archived_hashes, artifact_key, build_manifest,
+                                  publish, with_spend)
 from flows.imaging.images import MissingDependency, _realesrgan
 from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
 from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
@@ -49,7 +49,7 @@ from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
 from flows.running.settle import Outcomes, forget
-from flows.paying.archived import Listing, confirm_outcomes, found_in_archive, missing
+from flows.paying.archived import Listing, confirmed, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
 from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
@@ -405,18 +405,17 @@ def _reusable(plans: list[ItemPlan], rebuild: bool) -> dict[str, ArchivedItem]:
     return {p.item_id: a for p in plans if (a := archived_before(p, listing, recorded, rebuild)) is not None}
 
 
-def _confirmed(spec: PipelineSpec, outcomes: list[tuple[Any, dict[str, str] | None]]
-               ) -> tuple[list[tuple[Any, dict[str, str] | None]], dict[str, tuple[float | None, str]]]:
-    """The outcomes as the bucket confirms them (an item whose object is not listed as written
-    fails `ArchiveMissing`), and what such items cost: their jobs ran and were paid."""
+def _confirmed(spec: PipelineSpec, outcomes: Iterable[Outcome], charges: _Charges) -> Iterator[Outcome]:
+    """Each outcome as the bucket confirms it (an item whose object is not listed as written fails
+    `ArchiveMissing`, and its job, which ran, goes to `charges` as paid), one at a time: a long
+    run's end then holds each ended item once, as its manifest entry."""
     listing = Listing(archive_bucket(spec.archive.bucket, spec.archive.credentials))
-    confirmed = confirm_outcomes(outcomes, listing)
-    lost: dict[str, tuple[float | None, str]] = {}
-    for (before, _), (_, error) in zip(outcomes, confirmed, strict=True):
-        if isinstance(before, ArchivedItem) and error is not None:
-            _log().error("%s: %s", before.item_id, error["message"])
-            lost[before.item_id] = (before.credits, "paid: its job ran; its archived images were lost")
-    return confirmed, lost
+    for before in outcomes:
+        after = confirmed(before, listing)
+        if isinstance(archived := before[0], ArchivedItem) and after[1] is not None:
+            _log().error("%s: %s", archived.item_id, after[1]["message"])
+            charges.lost[archived.item_id] = (archived.credits, "paid: its job ran; its archived images were lost")
+        yield after
 
 
 def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Generated, list[Verdict]]],
@@ -639,27 +638,27 @@ def _only(manifest: dict[str, Any], unselected: set[str]) -> bool:
     return all(i["item"] in unselected for i in manifest["items"] if i.get("error"))
 
 
-def _charges_of_failed(plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]]
-                       ) -> dict[str, tuple[float | None, str]]:
-    """What the items that did not archive may have cost, from their ledger records (`_charge_of`).
-    Once the ledger cannot be read (S3 away), the rest are not known: one wait for S3, not one an item."""
-    out: dict[str, tuple[float | None, str]] = {}
-    readable = True
-    for plan, (_, error) in zip(plans, outcomes, strict=True):
+class _Charges:
+    """What each item that did not archive may have cost, asked item by item as the manifest is
+    made: from its ledger record (`_charge_of`), or paid where its archived images were lost
+    (`lost`). Once the ledger cannot be read (S3 away), the rest are not known: one wait for S3,
+    not one an item."""
+
+    def __init__(self) -> None:
+        self.lost: dict[str, Charge] = {}
+        self._readable = True
+
+    def __call__(self, plan: ItemPlan, error: dict[str, str] | None) -> Charge | None:
+        if plan.item_id in self.lost:
+            return self.lost[plan.item_id]
         if error is None or error.get("step") in ("not submitted", "estimate"):
-            continue
-        found = None
-        if readable:
+            return None
+        if self._readable:
             try:
-                found = _charge_of(plan)
+                return _charge_of(plan)
             except LedgerUnavailable:
-                readable = False
-        if not readable:
-            found = (None, "not known: its ledger record in S3 could not be read (`imagegen ledger show` says, once "
-                           "S3 answers)")
-        if found is not None:
-            out[plan.item_id] = found
-    return out
+                self._readable = False
+        return None, "not known: its ledger record in S3 could not be read (`imagegen ledger show` says, once S3 answers)"
 
 
 def _charge_of(plan: ItemPlan) -> tuple[float | None, str] | None:
@@ -703,7 +702,7 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
         outcomes = [(archived, None) if (archived := archived_before(plan, listing)) is not None else (None, reason)
                     for plan in plans]
         manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
-                                  charges=_charges_of_failed(plans, outcomes))
+                                  charges=_Charges())
         if (spend := for_run(str(flow_run.id))) is not None:  # it paid: what it may have been charged
             with_spend(manifest, spend.summary())
             close_run(str(flow_run.id))
@@ -748,26 +747,39 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     done, staged = _wait_all(parsed, run_date, todo, (chains, settled), (progress, progress_artifact), run_level,
                              renames)
     progress.finish()
-    del chains, settled  # read into `done`; from here each ended item is held once, in `outcomes`
-    outcomes = [(reused[p.item_id], None) if p.item_id in reused else (None, skipped[p.item_id])
-                if p.item_id in skipped else done.pop(p.item_id) for p in plans]
-    for plan, (_, error) in zip(plans, outcomes, strict=True):
-        if error and error.get("error") == "SubmitUnknown":
-            logger.error("%s", error["message"])  # what a person checks, and the command that settles it
     unstage(parsed, staged)
-    outcomes, lost = _confirmed(parsed, outcomes)  # a manifest lists only what the bucket holds
-    manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
-                              frozenset(reused), charges={**_charges_of_failed(plans, outcomes), **lost})
+    charges = _Charges()
+    outcomes = _outcomes(plans, reused, skipped, (settled, done))
+    del chains, settled, done  # each ended item is read once, as its manifest entry is made
+    manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans,  # only what the bucket holds
+                              _confirmed(parsed, outcomes, charges), started, frozenset(reused), charges=charges)
     manifest["estimated_credits"] = estimated
     with_spend(manifest, spend.summary())  # per provider: cap, charged, reserved (maybe charged)
     close_run(str(flow_run.id))
-    budget_reached = next((e for _, e in outcomes if e and e.get("error") == "BudgetReached"), None)
-    del outcomes  # the items' records (3 KB an archived one): the manifest holds what it needs of them
-    if budget_reached is not None:
+    errors = [i["error"] for i in manifest["items"] if i.get("error")]
+    for error in errors:
+        if error["error"] == "SubmitUnknown":
+            logger.error("%s", error["message"])  # what a person checks, and the command that settles it
+    if (budget_reached := next((e for e in errors if e["error"] == "BudgetReached"), None)) is not None:
         logger.error("%s", budget_reached["message"])
     publish(parsed, run_date, manifest)
     _finish_renames(renames)
     return manifest
+
+
+def _outcomes(plans: list[ItemPlan], reused: dict[str, ArchivedItem], skipped: dict[str, dict[str, Any]],
+              ended: tuple[Outcomes, dict[str, Outcome]]) -> Iterator[Outcome]:
+    """Each plan's outcome in turn: archived before, not submitted, or ended in this run (kept in
+    `Outcomes`, or still in the dict of those read from their chains at the end)."""
+    settled, done = ended
+    for plan in plans:
+        item = plan.item_id
+        if item in reused:
+            yield reused[item], None
+        elif item in skipped:
+            yield None, skipped[item]
+        else:
+            yield done.pop(item) if item in done else settled.get(item)
 
 
 def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, dict[str, Any]],
@@ -817,10 +829,11 @@ def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
               run_level: bool, renames: list[threading.Thread]) -> tuple[dict[str, Any], list[str]]:
     """Each submitted item's outcome (`submitted`: the chains still held, the outcomes already
     settled); with run-level review, the review (maybe a person's) and then the archive of what
-    it kept. Returns the outcomes and the staged keys to clean."""
+    it kept. Returns the outcomes of the chains (those settled stay in `settled`) and the staged
+    keys to clean."""
     chains, settled = submitted
     progress, progress_artifact = shown_in
-    done = settled.read()
+    done: dict[str, Any] = {}
     shown, total = 0, len(settled) + len(chains)
     for n, (item, chain) in enumerate(chains.items(), start=len(settled) + 1):
         done[item] = _outcome(chain, item, renames)

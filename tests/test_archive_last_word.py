@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from flows.storage import archive_bucket
-from flows.paying.archived import Listing, confirm_outcomes
+from flows.paying.archived import Listing, confirmed
 from flows.paying.owned import KeyTaken, Owner, put_owned
 from flows.models import ArchivedItem
 from tests.conftest import TEST_BUCKET, run_spec, s3_client
@@ -142,7 +142,7 @@ def test_an_image_lost_before_the_manifest_is_not_listed(emulators, tmp_path, mo
 
 
 def test_a_manifest_lists_only_objects_as_written(emulators) -> None:
-    """`confirm_outcomes` on the real bucket: an object as written passes; one overwritten with
+    """`confirmed` on the real bucket: an object as written passes; one overwritten with
     other bytes, or deleted, fails its item with the reason."""
     bucket = archive_bucket(TEST_BUCKET, "sandbox")
     key = "confirm-check/2026-07-23/a-1.png"
@@ -152,12 +152,12 @@ def test_a_manifest_lists_only_objects_as_written(emulators) -> None:
     item = ArchivedItem(item_id="a", provider="tams", job_id="j", credits=1.0, credits_source="formula", images=1,
                         objects=[{"index": 1, "s3_uri": f"s3://{TEST_BUCKET}/{key}", "bytes": 30, "etag": etag,
                                   "sidecar": f"s3://{TEST_BUCKET}/{key.replace('.png', '.json')}"}])
-    assert confirm_outcomes([(item, None)], Listing(bucket)) == [(item, None)]
+    assert confirmed((item, None), Listing(bucket)) == (item, None)
     s3_client(emulators).put_object(Bucket=TEST_BUCKET, Key=key, Body=b"other" * 6)
-    (_, error), = confirm_outcomes([(item, None)], Listing(bucket))
+    _, error = confirmed((item, None), Listing(bucket))
     assert error["error"] == "ArchiveMissing" and "not the object archived" in error["message"]
     delete_prefix(emulators, key)
-    (_, error), = confirm_outcomes([(item, None)], Listing(bucket))
+    _, error = confirmed((item, None), Listing(bucket))
     assert "is not in the bucket" in error["message"]
 
 

@@ -194,6 +194,7 @@ def test_the_ledger_away_is_one_line_naming_the_fix_and_read_once_for_the_manife
 
     monkeypatch.setattr(pipeline, "ledger_of", lambda plan: Away())
     failed = [(None, {"step": "archive", "error": "EndpointConnectionError", "message": "S3"}) for _ in plans]
-    charges = pipeline._charges_of_failed(plans, failed)
-    assert len(reads) == 1 and set(charges) == {p.item_id for p in plans}
-    assert all(cost is None and note.startswith("not known: its ledger record") for cost, note in charges.values())
+    charge_of = pipeline._Charges()
+    charges = [charge_of(plan, error) for plan, (_, error) in zip(plans, failed, strict=True)]
+    assert len(reads) == 1 and len(charges) == len(plans)
+    assert all(cost is None and note.startswith("not known: its ledger record") for cost, note in charges)

@@ -1,7 +1,9 @@
 """Ended items' outcomes held in one buffer until the manifest (`flows.running.settle.Outcomes`):
-each read back as it was kept, archived or failed, in the order kept."""
+each read back as it was kept, archived or failed, in any order."""
 
 from __future__ import annotations
+
+import pytest
 
 from flows.models import ArchivedItem
 from flows.running.settle import Outcomes
@@ -19,12 +21,13 @@ def test_outcomes_are_read_back_as_they_were_kept() -> None:
                                                           "message": f"refused {n}"})
         kept.keep(f"item-{n}", outcome)
         expected[f"item-{n}"] = outcome
-    assert len(kept) == 300
-    found = kept.read()
-    assert list(found) == list(expected) and found == expected
-    assert kept.read() == expected  # reading does not consume
+    assert len(kept) == 300 and "item-299" in kept and "item-300" not in kept
+    assert all(kept.get(item) == outcome for item, outcome in reversed(expected.items()))
+    assert kept.get("item-0") == expected["item-0"]  # reading does not consume
     kept.keep("one-more", (None, {"step": "review", "error": "X", "message": "m"}))  # still writable after a read
-    assert len(kept.read()) == 301
+    assert len(kept) == 301 and kept.get("one-more")[1]["error"] == "X" and kept.get("item-7") == expected["item-7"]
+    with pytest.raises(KeyError):
+        kept.get("never-kept")
 
 
 def test_an_outcome_pickle_cannot_write_is_kept_as_it_is() -> None:
@@ -33,5 +36,42 @@ def test_an_outcome_pickle_cannot_write_is_kept_as_it_is() -> None:
     odd = (lambda: None, None)  # a lambda does not pickle
     kept.keep("b", odd)
     kept.keep("c", (None, {"step": "review", "error": "F", "message": "n"}))
-    found = kept.read()
-    assert list(found) == ["a", "b", "c"] and found["b"] is odd and found["c"][1]["error"] == "F"
+    assert kept.get("b") is odd and kept.get("c")[1]["error"] == "F" and kept.get("a")[1]["error"] == "E"
+
+
+def test_the_manifest_reads_each_outcome_as_it_makes_its_entry() -> None:
+    """`build_manifest` asks for the next outcome only once the entry before it is made (a
+    5,000-item run's end then holds its items once, as entries), and the entries of outcomes read
+    back from pickles share their keys."""
+    from datetime import date, datetime, timezone
+    from types import SimpleNamespace
+
+    from flows.pipeline import _outcomes
+    from flows.running.report import build_manifest
+
+    plans = [SimpleNamespace(item_id=f"item-{n}", provider="tams", request=SimpleNamespace(request_id=f"r{n}", seed=n))
+             for n in range(6)]
+    read, asked = [], []
+
+    class Counted(Outcomes):
+        def get(self, item: str):
+            read.append(item)
+            return super().get(item)
+
+    kept = Counted()
+    for n, plan in enumerate(plans):
+        objects = [{"index": 0, "s3_uri": f"s3://b/{n}.png", "verdict": "approved", "reasons": []}]
+        kept.keep(plan.item_id, (ArchivedItem(item_id=plan.item_id, provider="tams", job_id=f"j{n}", credits=1.0,
+                                              credits_source="charged", objects=objects), None) if n % 2 else
+                  (None, {"step": "generate", "error": "E", "message": f"m{n}"}))
+
+    def charges(plan, error):
+        asked.append((plan.item_id, len(read)))
+        return None
+
+    manifest = build_manifest(SimpleNamespace(name="p"), "p.yaml", "0", date(2026, 1, 1), plans,
+                              _outcomes(plans, {}, {}, (kept, {})), datetime.now(timezone.utc), charges=charges)
+    assert asked == [("item-0", 1), ("item-2", 3), ("item-4", 5)]
+    first, second = [i["objects"][0] for i in manifest["items"] if i["objects"]][:2]
+    assert first == {"index": 0, "s3_uri": "s3://b/1.png", "verdict": "approved", "reasons": []}
+    assert all(a is b for a, b in zip(first, second, strict=True)) and first["verdict"] is second["verdict"]

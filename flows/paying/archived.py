@@ -6,7 +6,7 @@ pipeline, the item, the request (any attempt of it) and the provider's job, and 
 beside it must have the size and sha256 the sidecar says. An item the ledger calls archived
 whose objects are gone is not archived (`missing`): its job id lets the next run fetch it again
 without paying. A manifest lists an item only once every object it names is listed in the
-bucket with the size and ETag it was written with (`confirm_outcomes`).
+bucket with the size and ETag it was written with (`confirmed`).
 
 Presence is read from listings, one per folder (`Listing`), not a request per key.
 """
@@ -157,18 +157,14 @@ def _object(doc: dict[str, Any], sidecar_uri: str, listed: Listed) -> dict[str, 
             "reasons": review.get("reasons") or []}
 
 
-def confirm_outcomes(outcomes: list[tuple[Any, dict[str, str] | None]], listing: Listing
-                     ) -> list[tuple[Any, dict[str, str] | None]]:
-    """Each archived outcome, or the item failed (`ArchiveMissing`) when an object it names is
-    not in the bucket as it was written."""
-    out: list[tuple[Any, dict[str, str] | None]] = []
-    for result, error in outcomes:
-        why = missing(result, listing) if isinstance(result, ArchivedItem) else None
-        if why is None:
-            out.append((result, error))
-            continue
-        out.append((None, {"step": "archive", "error": ArchiveMissing.__name__,
-                           "message": f"{why} (written, then lost); the next run archives it again from job "
-                                      f"{result.job_id}, fetched again without paying where {result.provider} "
-                                      "gives its results again"}))
-    return out
+def confirmed(outcome: tuple[Any, dict[str, str] | None], listing: Listing) -> tuple[Any, dict[str, str] | None]:
+    """An archived outcome as it is, or the item failed (`ArchiveMissing`) when an object it names
+    is not in the bucket as it was written."""
+    result, _ = outcome
+    why = missing(result, listing) if isinstance(result, ArchivedItem) else None
+    if why is None:
+        return outcome
+    return None, {"step": "archive", "error": ArchiveMissing.__name__,
+                  "message": f"{why} (written, then lost); the next run archives it again from job "
+                             f"{result.job_id}, fetched again without paying where {result.provider} "
+                             "gives its results again"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 import itertools
 import re
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -30,13 +31,18 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
+Charge = tuple[float | None, str]
+"""What an item that did not archive cost anyway (None: may have been charged), and why."""
+
+
 def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_date: date,
-                   plans: list[ItemPlan], outcomes: list[tuple[Any, dict[str, str] | None]],
+                   plans: list[ItemPlan], outcomes: Iterable[tuple[Any, dict[str, str] | None]],
                    started: datetime, reused: frozenset[str] = frozenset(),
-                   charges: dict[str, tuple[float | None, str]] | None = None) -> dict[str, Any]:
-    """The run manifest: one entry per item, totals, and `complete` or `partial`. `charges`
-    says what items that did not archive cost anyway (None: may have been charged)."""
-    charges = charges or {}
+                   charges: Callable[[ItemPlan, dict[str, str] | None], Charge | None] | None = None
+                   ) -> dict[str, Any]:
+    """The run manifest: one entry per item, totals, and `complete` or `partial`. `outcomes` is
+    read one item at a time, in step with `plans`, so it may make each as it is asked for.
+    `charges` says what an item that did not archive cost anyway, asked once its outcome is read."""
     from prefect.runtime import flow_run
 
     items = []
@@ -45,9 +51,9 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
                                  "request_id": plan.request.request_id, "seed": plan.request.seed}
         if isinstance(result, ArchivedItem):
             entry.update(job_id=result.job_id, credits=result.credits, credits_source=result.credits_source,
-                         objects=result.objects, reused=plan.item_id in reused)
+                         objects=[_shared_keys(o) for o in result.objects], reused=plan.item_id in reused)
         else:
-            cost, note = charges.get(plan.item_id, (0.0, None))
+            cost, note = (charges(plan, error) if charges else None) or (0.0, None)
             entry.update(credits=cost or 0.0, objects=[], error=error)
             if note:
                 entry.update(charge=note, credits_unknown=cost is None)
@@ -69,6 +75,12 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
         },
         "items": items,
     }
+
+
+def _shared_keys(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with its keys and verdict one string each for the whole manifest: read back from an
+    outcome's pickle, each item had its own copy of them (about 600 bytes an archived item)."""
+    return {sys.intern(k): sys.intern(v) if k == "verdict" and isinstance(v, str) else v for k, v in obj.items()}
 
 
 def with_spend(manifest: dict[str, Any], spend: dict[str, dict[str, float | None]]) -> dict[str, Any]:

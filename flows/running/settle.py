@@ -67,11 +67,11 @@ class Outcomes:
     work, and CPython's small-object allocator keeps a 1 MiB arena while one object in it lives:
     a 5,000-item run's memory rose about 1 MB a minute to its end with 4,800 such records
     kept (`benchmarks/results/no-prefect-aws/`). Here each is about 750 bytes of one buffer,
-    read back when the manifest is written."""
+    read back one at a time as its manifest entry is made (`get`)."""
 
     def __init__(self) -> None:
         self._buffer = io.BytesIO()
-        self._items: list[str] = []
+        self._at: dict[str, int] = {}  # item -> its place in `_ends`
         self._ends = array("Q")
         self._as_objects: dict[str, Any] = {}  # an outcome pickle could not write: kept as it is
 
@@ -80,19 +80,20 @@ class Outcomes:
             self._buffer.write(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
         except Exception:  # noqa: BLE001 - never lose an outcome (items in flight were paid for)
             self._as_objects[item] = outcome
-        self._items.append(item)
+        self._at[item] = len(self._ends)
         self._ends.append(self._buffer.tell())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._at)
 
-    def read(self) -> dict[str, Any]:
-        """Every kept outcome by item, as it was kept."""
-        view, start, found = self._buffer.getbuffer(), 0, {}
-        try:
-            for item, end in zip(self._items, self._ends, strict=True):
-                found[item] = self._as_objects[item] if item in self._as_objects else pickle.loads(view[start:end])
-                start = end
-        finally:
-            view.release()
-        return found
+    def __contains__(self, item: object) -> bool:
+        return item in self._at
+
+    def get(self, item: str) -> Any:
+        """The outcome kept for `item`, as it was kept, read back anew (KeyError: none kept)."""
+        if item in self._as_objects:
+            return self._as_objects[item]
+        place = self._at[item]
+        start = self._ends[place - 1] if place else 0
+        with self._buffer.getbuffer() as view:
+            return pickle.loads(view[start:self._ends[place]])
