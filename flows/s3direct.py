@@ -1,4 +1,5 @@
-"""The ledger's small S3 calls, sent directly: a GET with its ETag, a HEAD, a conditional PUT.
+"""The ledger's small S3 calls, sent directly: a GET with its ETag, a HEAD, a conditional PUT,
+and a listing of a folder.
 
 Every item reads its ledger record and writes it three times, and writes its images and sidecars
 conditionally; through boto3 each of those calls cost about 1.6 ms of CPU (its event hooks,
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from xml.etree import ElementTree
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 PROBE_KEY = "imagegen-route-probe"
@@ -122,12 +125,14 @@ def quote_key(key: str) -> str:
 def sign(method: str, url: str, host: str, headers: dict[str, str], payload_sha256: str, region: str,
          access_key: str, secret_key: str, token: str | None, now: datetime) -> dict[str, str]:
     """`headers` with the SigV4 headers added (`Authorization`, `x-amz-date`,
-    `x-amz-content-sha256`, and `x-amz-security-token` with a session token), for S3."""
+    `x-amz-content-sha256`, and `x-amz-security-token` with a session token), for S3. A query in
+    `url` must be in canonical form (`canonical_query`)."""
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     signed = {**{k.lower(): v for k, v in headers.items()}, "host": host, "x-amz-date": stamp,
               "x-amz-content-sha256": payload_sha256, **({"x-amz-security-token": token} if token else {})}
     names = sorted(signed)
-    canonical = "\n".join([method, urllib.parse.urlsplit(url).path, "",
+    parts = urllib.parse.urlsplit(url)
+    canonical = "\n".join([method, parts.path, parts.query,
                            "".join(f"{n}:{' '.join(str(signed[n]).split())}\n" for n in names),
                            ";".join(names), payload_sha256])
     scope = f"{stamp[:8]}/{region}/s3/aws4_request"
@@ -147,10 +152,15 @@ def presign_get(url: str, host: str, expires: int, region: str, access_key: str,
     query = {"X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{access_key}/{scope}",
              "X-Amz-Date": stamp, "X-Amz-Expires": str(expires), "X-Amz-SignedHeaders": "host",
              **({"X-Amz-Security-Token": token} if token else {})}
-    encoded = "&".join(f"{_uri(k)}={_uri(v)}" for k, v in sorted(query.items()))
+    encoded = canonical_query(query)
     canonical = "\n".join(["GET", urllib.parse.urlsplit(url).path, encoded, f"host:{host}\n", "host",
                            "UNSIGNED-PAYLOAD"])
     return f"{url}?{encoded}&X-Amz-Signature={_signature(canonical, stamp, scope, secret_key)}"
+
+
+def canonical_query(query: dict[str, str]) -> str:
+    """A query string as SigV4 signs it: each name and value escaped, sorted by name."""
+    return "&".join(f"{_uri(k)}={_uri(v)}" for k, v in sorted(query.items()))
 
 
 def _uri(text: str) -> str:
@@ -185,15 +195,15 @@ def presigned(bucket: Any, key: str, expires: int) -> str:
 
 
 def _send(bucket: Any, method: str, key: str, headers: dict[str, str] | None = None,
-          body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    """One signed request for `key` of `bucket`: status, headers, body; `Fallback` on anything
-    but an answer."""
+          body: bytes = b"", query: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One signed request for `key` of `bucket` (the bucket itself: ""): status, headers, body;
+    `Fallback` on anything but an answer."""
     global _pool
     found = route(bucket)
     headers = headers or {}
     if not all(str(v).isascii() for v in headers.values()):
         raise Fallback("a header value is not ASCII")
-    url = found.base + quote_key(key)
+    url = found.base + quote_key(key) + (f"?{canonical_query(query)}" if query else "")
     frozen = _frozen(found)
     signed = sign(method, url, found.host, headers, hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
                   found.region, frozen.access_key, frozen.secret_key, frozen.token, datetime.now(timezone.utc))
@@ -255,3 +265,44 @@ def put(bucket: Any, key: str, body: bytes, *, if_match: str | None, content_typ
     if status == 412 and _code(data) == "PreconditionFailed":
         raise NotMatched(key)
     raise Fallback(f"PUT answered {status}", answered=True)
+
+
+LIST_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def list_page(bucket: Any, prefix: str, delimiter: str | None, token: str | None
+              ) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the objects under `prefix` (ListObjectsV2; with `delimiter`, not those past
+    it): each object's `Key`, `Size` and `ETag` as boto3 gives them, and the token of the next
+    page (None: this is the last). Read as the page arrives, keeping only those three: through
+    botocore, listing a folder of 10,000 objects left the process 18 MB larger."""
+    query = {"list-type": "2", "prefix": prefix, "encoding-type": "url",
+             **({"delimiter": delimiter} if delimiter else {}), **({"continuation-token": token} if token else {})}
+    status, _, body = _send(bucket, "GET", "", query=query)
+    if status != 200:
+        raise Fallback(f"LIST answered {status}", answered=True)
+    try:
+        return _listed(body)
+    except (ElementTree.ParseError, KeyError, ValueError) as exc:
+        raise Fallback(f"LIST answer not read: {exc}", answered=True) from None
+
+
+def _listed(body: bytes) -> tuple[list[dict[str, Any]], str | None]:
+    objects, fields, top = [], {}, {}
+    for _, element in ElementTree.iterparse(io.BytesIO(body)):
+        name = element.tag.removeprefix(LIST_NS)
+        if name == "Contents":
+            objects.append({"Key": urllib.parse.unquote_plus(fields["Key"]), "Size": int(fields["Size"]),
+                            "ETag": fields.get("ETag", "")})
+            fields = {}
+        elif name in ("Key", "Size", "ETag"):
+            fields[name] = element.text or ""
+        elif name in ("IsTruncated", "NextContinuationToken", "EncodingType"):
+            top[name] = element.text or ""
+        element.clear()
+    if top.get("EncodingType", "url") != "url":
+        raise ValueError("keys not url-encoded")
+    truncated = top.get("IsTruncated") == "true"
+    if truncated and not top.get("NextContinuationToken"):
+        raise ValueError("truncated without a next token")
+    return objects, top["NextContinuationToken"] if truncated else None

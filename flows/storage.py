@@ -132,13 +132,43 @@ def _head(bucket: ArchiveBucket, key: str) -> dict[str, Any] | None:
 def list_objects(bucket: ArchiveBucket, prefix: str, *, folder_only: bool = False,
                  limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The objects under `prefix` (`Key`, `Size`, `ETag`), page by page; with `folder_only`,
-    not those in its subfolders; at most `limit`, if given."""
+    not those in its subfolders; at most `limit`, if given. Listed directly
+    (`s3direct.list_page`); from the page the direct call cannot tell on, through boto3."""
+    delimiter, given = "/" if folder_only else None, 0
+    for page in _pages(bucket, prefix, delimiter):
+        for obj in page:
+            if limit is not None and given >= limit:
+                return
+            given += 1
+            yield obj
+
+
+def _pages(bucket: ArchiveBucket, prefix: str, delimiter: str | None) -> Iterator[list[dict[str, Any]]]:
+    token = None
+    while True:
+        try:
+            page, token = s3direct.list_page(bucket, prefix, delimiter, token)
+        except s3direct.Fallback as why:
+            yield from _boto3_pages(bucket, prefix, delimiter, token, why)
+            return
+        yield page
+        if token is None:
+            return
+
+
+def _boto3_pages(bucket: ArchiveBucket, prefix: str, delimiter: str | None, token: str | None,
+                 why: s3direct.Fallback) -> Iterator[list[dict[str, Any]]]:
+    """The pages from `token` on (None: the first) through boto3; once one is read where the
+    direct call got an answer it could not, the bucket is boto3's from then on."""
     client = bucket.credentials.get_s3_client()
-    ask: dict[str, Any] = {"Bucket": bucket.bucket_name, "Prefix": prefix, **({"Delimiter": "/"} if folder_only else {})}
-    if limit is not None:
-        ask["PaginationConfig"] = {"MaxItems": limit}
-    for page in client.get_paginator("list_objects_v2").paginate(**ask):
-        yield from page.get("Contents", [])
+    ask: dict[str, Any] = {"Bucket": bucket.bucket_name, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+    while True:
+        answer = client.list_objects_v2(**ask, **({"ContinuationToken": token} if token else {}))
+        s3direct.switch_off(bucket, why)
+        yield [{"Key": o["Key"], "Size": o["Size"], "ETag": o.get("ETag", "")} for o in answer.get("Contents", [])]
+        token = answer.get("NextContinuationToken") if answer.get("IsTruncated") else None
+        if token is None:
+            return
 
 
 def delete(bucket: ArchiveBucket, key: str) -> None:

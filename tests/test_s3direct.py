@@ -115,6 +115,8 @@ def test_what_the_direct_call_cannot_tell_goes_through_boto3_with_its_errors(san
     missing = _bucket(sandbox.s3_url, sandbox.s3_access_key, sandbox.s3_secret_key, f"no-such-{uuid.uuid4().hex[:8]}")
     with pytest.raises(ClientError, match="NoSuchBucket"):  # a 404 that is not NoSuchKey: boto3's error, as before
         storage.read_object(missing, "k.json")
+    with pytest.raises(ClientError, match="NoSuchBucket"):
+        list(storage.list_objects(missing, "p/"))
     proxy = CuttableProxy(int(sandbox.s3_url.rpartition(":")[2]))
     try:
         bucket = _bucket(proxy.url, sandbox.s3_access_key, sandbox.s3_secret_key, sandbox.buckets[0])
@@ -139,3 +141,42 @@ def test_a_bucket_boto3_answered_for_is_boto3s_from_then_on(sandbox) -> None:  #
     key = f"direct/{uuid.uuid4().hex}.json"
     etag = storage.put_conditionally(bucket, key, b"{}", if_match=None)  # through boto3 now
     assert storage.read_object(bucket, key) == (b"{}", etag)
+
+
+def _listed_by_boto3(client, bucket: str, prefix: str, delimiter: str | None) -> list[dict]:  # noqa: ANN001
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                             **({"Delimiter": delimiter} if delimiter else {}))
+    return [{"Key": o["Key"], "Size": o["Size"], "ETag": o["ETag"]} for page in pages for o in page.get("Contents", [])]
+
+
+def test_a_direct_listing_is_boto3s_listing_on_a_real_s3_server(sandbox, monkeypatch) -> None:  # noqa: ANN001
+    """Keys S3 escapes (and XML must), more than one page, a folder with and without its
+    subfolders, a limit; and a listing the direct call cannot read on from some page goes on
+    through boto3 from that page, whole and once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket = _bucket(sandbox.s3_url, sandbox.s3_access_key, sandbox.s3_secret_key, sandbox.buckets[0])
+    client = bucket.credentials.get_s3_client()
+    top = f"listing-{uuid.uuid4().hex[:8]}/"
+    keys = [f"{top}k{n:04d} a+b=c&d<e>'\"é.png" for n in range(1100)] + [f"{top}sub/x.png", f"{top}sub/y z.png"]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket.bucket_name, Key=key, Body=key.encode()), keys))
+    for prefix, folder_only in ((top, True), (top, False), (f"{top}sub/", True), (f"{top}none/", False)):
+        ours = list(storage.list_objects(bucket, prefix, folder_only=folder_only))
+        assert ours == _listed_by_boto3(client, bucket.bucket_name, prefix, "/" if folder_only else None)
+    assert len(list(storage.list_objects(bucket, top, limit=1050))) == 1050
+    assert s3direct.route(bucket) is not None  # every page was read directly
+
+    direct, pages = s3direct.list_page, []
+
+    def second_page_unread(*args):  # noqa: ANN002, ANN202 - a fault point: the second page's answer not read
+        pages.append(args[3])
+        if len(pages) == 2:
+            raise s3direct.Fallback("LIST answer not read", answered=True)
+        return direct(*args)
+
+    monkeypatch.setattr(s3direct, "list_page", second_page_unread)
+    assert list(storage.list_objects(bucket, top)) == _listed_by_boto3(client, bucket.bucket_name, top, None)
+    assert pages[0] is None and pages[1] is not None and len(pages) == 2  # boto3 went on from the second page
+    with pytest.raises(s3direct.Fallback):
+        s3direct.route(bucket)  # and the bucket is boto3's from then on
