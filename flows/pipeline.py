@@ -39,7 +39,7 @@ from flows.arenas import trim_now_and_then
 from flows.running.report import (Charge, PipelineIncomplete, archived_hashes, artifact_key, build_manifest,
                                   publish, with_spend)
 from flows.imaging.images import MissingDependency, _realesrgan
-from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, field_name, form_intro, mark_duplicates, review_markdown, stage
+from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, load_moderation, field_name, form_intro, mark_duplicates, review_markdown, stage
 from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
                         read_spec_text, resolve_spec_path)
 from flows.paying.claim import run_claim
@@ -596,6 +596,12 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
             logger.warning("note: %s", note)
         if dry_run:
             return _run(parsed, path, spec_sha256, run_date, plans, dry_run=True, selected=selected)
+        if parsed.review.moderation is not None:
+            # Loading the model holds about 75 MB and passes through some 30 MB more: done here,
+            # while the run holds least, and given back, not at the first review on top of every
+            # item in flight (a 5,000-item run's peak).
+            load_moderation()
+            trim_now_and_then(every=0.0)
         own_name(parsed, path, spec_sha256, take_over=take_over_name)  # one name, one spec file
         reclaim_expired(force=True)  # slots a dead run left behind, before waiting on any
         # One run of this pipeline and date at a time: a second one waits, then reuses.

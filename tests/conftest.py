@@ -65,6 +65,7 @@ SLOW = frozenset({
     "test_fourth_provider.py::test_sandbox_up_refuses_a_taken_port_and_names_its_holder",
     "test_review.py::test_local_upscale_of_a_real_image[realesrgan-2]",
     "test_review.py::test_local_upscale_of_a_real_image[realesrgan-4]",
+    "test_benchmark.py::test_the_end_of_a_run_alone",  # a sandbox and a Prefect server of its own
 })
 TIERS = ("sandbox", "server", "slow")
 # The files that take longest in all (minutes), longest first: `make test` starts them first.

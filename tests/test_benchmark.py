@@ -75,3 +75,16 @@ def test_benchmark_smoke(sandbox_blocks, tmp_path: Path) -> None:
     assert runs[("mixed", "flow callbacks")]["polls_per_job"]["chuzhan"] == 0.0
     assert runs[("mixed", "flow long-poll")]["polls_per_job"]["chuzhan"] == 1.0
     assert "| mixed 6 (" in (tmp_path / "latest.md").read_text()
+
+
+def test_the_end_of_a_run_alone(tmp_path: Path) -> None:
+    """`benchmarks.endpeak`, small: the end of a run on its own sandbox and Prefect server, each
+    item confirmed against the real listing, each step's memory printed."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_LOGGING_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.endpeak", "30"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [line.split("  resident")[0].strip() for line in out.stdout.splitlines() if "  resident " in line]
+    assert steps == ["outcomes held, as at the end", "listed, confirmed, manifest made", "manifest written",
+                     "hashes written", "gallery pages sent", "summary table sent"], out.stdout

@@ -59,6 +59,11 @@ def _classifier() -> Any:
     return _classifiers[0]
 
 
+def load_moderation() -> None:
+    """Load the moderation model now (once per process; see `_classifier`)."""
+    _classifier()
+
+
 INFERENCES = max(1, os.cpu_count() or 1)
 """Moderation runs at a time: one a core (each runs on one thread). ONNX Runtime keeps the
 buffers of as many runs as ever ran at once for the model's life: 16 at once left 247 MB

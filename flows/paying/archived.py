@@ -30,7 +30,7 @@ class ArchivedImagesLost(RuntimeError):
     """An archived item's objects are gone, and the provider cannot give its job's results again."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Listed:
     size: int
     etag: str
