@@ -288,20 +288,22 @@ def list_page(bucket: Any, prefix: str, delimiter: str | None, token: str | None
 
 
 def _listed(body: bytes) -> tuple[list[dict[str, Any]], str | None]:
+    """The objects of a ListObjectsV2 answer, their keys decoded where the answer says they are
+    url-encoded (as botocore decodes them), and the next page's token."""
     objects, fields, top = [], {}, {}
     for _, element in ElementTree.iterparse(io.BytesIO(body)):
         name = element.tag.removeprefix(LIST_NS)
         if name == "Contents":
-            objects.append({"Key": urllib.parse.unquote_plus(fields["Key"]), "Size": int(fields["Size"]),
-                            "ETag": fields.get("ETag", "")})
+            objects.append({"Key": fields["Key"], "Size": int(fields["Size"]), "ETag": fields.get("ETag", "")})
             fields = {}
         elif name in ("Key", "Size", "ETag"):
             fields[name] = element.text or ""
         elif name in ("IsTruncated", "NextContinuationToken", "EncodingType"):
             top[name] = element.text or ""
         element.clear()
-    if top.get("EncodingType", "url") != "url":
-        raise ValueError("keys not url-encoded")
+    if top.get("EncodingType") == "url":
+        for obj in objects:
+            obj["Key"] = urllib.parse.unquote_plus(obj["Key"])
     truncated = top.get("IsTruncated") == "true"
     if truncated and not top.get("NextContinuationToken"):
         raise ValueError("truncated without a next token")

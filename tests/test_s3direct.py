@@ -180,3 +180,18 @@ def test_a_direct_listing_is_boto3s_listing_on_a_real_s3_server(sandbox, monkeyp
     assert pages[0] is None and pages[1] is not None and len(pages) == 2  # boto3 went on from the second page
     with pytest.raises(s3direct.Fallback):
         s3direct.route(bucket)  # and the bucket is boto3's from then on
+
+
+def test_a_listing_page_decodes_keys_only_where_it_says_they_are_encoded() -> None:
+    """As botocore does: keys are url-decoded where the answer's `EncodingType` is `url`, and
+    taken as they are where an S3 server ignored the request for it; a page that says more follow
+    without saying from where is not read."""
+    page = ('<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><IsTruncated>{t}</IsTruncated>'
+            '<Contents><Key>a+b%20c</Key><Size>3</Size><ETag>"e"</ETag></Contents>{extra}</ListBucketResult>')
+    plain = page.format(t="false", extra="").encode()
+    assert s3direct._listed(plain) == ([{"Key": "a+b%20c", "Size": 3, "ETag": '"e"'}], None)
+    encoded = page.format(t="true", extra="<EncodingType>url</EncodingType>"
+                                          "<NextContinuationToken>n1</NextContinuationToken>").encode()
+    assert s3direct._listed(encoded) == ([{"Key": "a b c", "Size": 3, "ETag": '"e"'}], "n1")
+    with pytest.raises(ValueError):
+        s3direct._listed(page.format(t="true", extra="").encode())
