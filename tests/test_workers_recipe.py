@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -87,13 +86,11 @@ def descendants(pid: int) -> list[int]:
 
 
 def worker_of(env: dict[str, str], flow_run_id) -> str | None:  # noqa: ANN001
-    """The worker that took a flow run, from the line it logs for the run."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
+    """The worker that took a flow run: the one whose claim on it won labels it with its name as it
+    starts it (`prefect.worker.name`). Not its "submitting" log line: a worker that lost the race
+    for the run logs that line too."""
     with client_for(env) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    found = [m.group(1) for log in logs if (m := re.search(r"Worker '([^']+)' submitting flow run", log.message))]
-    return found[0] if found else None
+        return (client.read_flow_run(flow_run_id).labels or {}).get("prefect.worker.name")
 
 
 def errors(path: Path, days: list[date]) -> dict[str, dict[str, str]]:
@@ -175,7 +172,7 @@ def test_a_killed_worker_s_date_completes_on_rerun_paying_once(recipe, sandbox_b
         with client_for(env) as client:
             run = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 name=FlowRunFilterName(any_=[f"{name}-{victim}"])))[0]
-        found_by = time.monotonic() + 15  # the worker's log line reaches the API in its next batch
+        found_by = time.monotonic() + 15  # the worker labels the run as it starts it
         while (worker := worker_of(env, run.id)) is None and time.monotonic() < found_by:
             time.sleep(0.5)
         assert worker in workers, worker
