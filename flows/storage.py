@@ -135,12 +135,14 @@ def list_objects(bucket: ArchiveBucket, prefix: str, *, folder_only: bool = Fals
     not those in its subfolders; at most `limit`, if given. Listed directly
     (`s3direct.list_page`); from the page the direct call cannot tell on, through boto3."""
     delimiter, given = "/" if folder_only else None, 0
+    if limit is not None and limit <= 0:
+        return
     for page in _pages(bucket, prefix, delimiter):
         for obj in page:
-            if limit is not None and given >= limit:
-                return
-            given += 1
             yield obj
+            given += 1
+            if limit is not None and given >= limit:
+                return  # before asking for a page it would not read
 
 
 def _pages(bucket: ArchiveBucket, prefix: str, delimiter: str | None) -> Iterator[list[dict[str, Any]]]:
@@ -162,13 +164,14 @@ def _boto3_pages(bucket: ArchiveBucket, prefix: str, delimiter: str | None, toke
     direct call got an answer it could not, the bucket is boto3's from then on."""
     client = bucket.credentials.get_s3_client()
     ask: dict[str, Any] = {"Bucket": bucket.bucket_name, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+    answer = client.list_objects_v2(**ask, **({"ContinuationToken": token} if token else {}))
+    s3direct.switch_off(bucket, why)
     while True:
-        answer = client.list_objects_v2(**ask, **({"ContinuationToken": token} if token else {}))
-        s3direct.switch_off(bucket, why)
         yield [{"Key": o["Key"], "Size": o["Size"], "ETag": o.get("ETag", "")} for o in answer.get("Contents", [])]
         token = answer.get("NextContinuationToken") if answer.get("IsTruncated") else None
         if token is None:
             return
+        answer = client.list_objects_v2(**ask, ContinuationToken=token)
 
 
 def delete(bucket: ArchiveBucket, key: str) -> None:

@@ -151,8 +151,8 @@ def _listed_by_boto3(client, bucket: str, prefix: str, delimiter: str | None) ->
 
 def test_a_direct_listing_is_boto3s_listing_on_a_real_s3_server(sandbox, monkeypatch) -> None:  # noqa: ANN001
     """Keys S3 escapes (and XML must), more than one page, a folder with and without its
-    subfolders, a limit; and a listing the direct call cannot read on from some page goes on
-    through boto3 from that page, whole and once."""
+    subfolders, a limit (one at a page's end asks for that page alone); and a listing the direct
+    call cannot read on from some page goes on through boto3 from that page, whole and once."""
     from concurrent.futures import ThreadPoolExecutor
 
     bucket = _bucket(sandbox.s3_url, sandbox.s3_access_key, sandbox.s3_secret_key, sandbox.buckets[0])
@@ -167,7 +167,10 @@ def test_a_direct_listing_is_boto3s_listing_on_a_real_s3_server(sandbox, monkeyp
     assert len(list(storage.list_objects(bucket, top, limit=1050))) == 1050
     assert s3direct.route(bucket) is not None  # every page was read directly
 
-    direct, pages = s3direct.list_page, []
+    direct, pages, asked = s3direct.list_page, [], []
+    monkeypatch.setattr(s3direct, "list_page", lambda *args: asked.append(args[3]) or direct(*args))
+    assert len(list(storage.list_objects(bucket, top, limit=1000))) == 1000  # a page holds 1,000
+    assert asked == [None]  # a limit at a page's end asks for no page it would not read
 
     def second_page_unread(*args):  # noqa: ANN002, ANN202 - a fault point: the second page's answer not read
         pages.append(args[3])
