@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -51,7 +51,7 @@ from flows.running.progress import RunProgress, count_when_done, credits_text, f
 from flows.running.settle import Outcomes, forget
 from flows.paying.archived import Listing, confirmed, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
-from flows.models import ArchivedItem, Generated, ItemPlan, Upstream, Verdict, plan_arg
+from flows.models import ArchivedItem, Generated, ItemPlan, Plans, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
 from flows.specs.yamlpos import closest_position, load_with_positions, snippet
@@ -84,9 +84,12 @@ def request_id(pipeline: str, item_id: str, run_date: date, step: str, block: st
 
 
 def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: str,
-               spec_file: str = "") -> list[ItemPlan]:
-    """Every item's plan; pure, no I/O."""
-    plans = []
+               spec_file: str = "") -> Plans:
+    """Every item's plan, packed as it is made (`Plans`); pure, no I/O."""
+    return Plans(_plans(spec, spec_sha256, run_date, work_dir, spec_file))
+
+
+def _plans(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: str, spec_file: str) -> Iterator[ItemPlan]:
     for index, item in enumerate(spec.items):
         item_id = spec.item_id(index)
         provider = spec.provider_of(item)
@@ -106,18 +109,17 @@ def plan_items(spec: PipelineSpec, spec_sha256: str, run_date: date, work_dir: s
         request = draft.model_copy(update={"request_id": rid})
         size = PROVIDERS[provider].output_size(request)
         after = spec.upscale.factor if spec.upscale and not request.upscale_factor else 1
-        plans.append(ItemPlan(
+        yield ItemPlan(
             pipeline=spec.name, spec_sha256=spec_sha256, run_date=run_date, item_id=item_id,
             provider=provider, block=spec.block_name(provider),
             request=request, final_size=(size[0] * after, size[1] * after) if size else None,
             input_image=item.input_image, upscale=spec.upscale, review=spec.review, archive=spec.archive,
             work_dir=work_dir, http_timeout=spec.run.http_timeout, poll_interval=spec.run.poll_interval,
             job_timeout=spec.run.job_timeout, unknown_hold=spec.run.unknown_hold, spec_file=spec_file,
-        ))
-    return plans
+        )
 
 
-def preflight(plans: list[ItemPlan], spec_file: Path) -> list[str]:
+def preflight(plans: Sequence[ItemPlan], spec_file: Path) -> list[str]:
     """Validate every request against its provider's rules, offline; raise `SpecError`.
     Returns the providers' notes (accepted, but worth a person's eye), each at file:line. The
     file's positions are read only when a problem or a note needs one: parsing a large spec
@@ -202,7 +204,7 @@ def _option_location(message: str, provider: str, positions: dict, index: int) -
     return next((loc for loc in places if loc in positions), None)
 
 
-def _missing_dependencies(plans: list[ItemPlan], spec_file: Path, located: _Located) -> list[SpecIssue]:
+def _missing_dependencies(plans: Sequence[ItemPlan], spec_file: Path, located: _Located) -> list[SpecIssue]:
     """A spec that asks for moderation, duplicates or Real-ESRGAN needs their packages."""
     if not plans:
         return []
@@ -299,7 +301,7 @@ def over_budget(over: dict[str, float], budget: dict[str, float], items: int) ->
             "or run fewer items (overrides.items, or an item's count)")
 
 
-def saved_blocks(spec: PipelineSpec, plans: list[ItemPlan]) -> None:
+def saved_blocks(spec: PipelineSpec, plans: Sequence[ItemPlan]) -> None:
     """Load every Block the run needs (provider accounts, the archive's credentials), so a
     missing one is one `BlockMissing` line before anything starts, not a traceback mid-run."""
     for name, block in sorted({(plan.provider, plan.block) for plan in plans}):
@@ -307,9 +309,10 @@ def saved_blocks(spec: PipelineSpec, plans: list[ItemPlan]) -> None:
     archive_bucket(spec.archive.bucket, spec.archive.credentials)
 
 
-def estimate_plans(plans: list[ItemPlan], cache: dict | None = None, *,
+def estimate_plans(plans: Plans | list[ItemPlan], cache: dict | None = None, *,
                    offline: dict[str, str] | None = None) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
-    """Attach each plan's credit estimate (one provider call per distinct price shape).
+    """Attach each plan's credit estimate (one provider call per distinct price shape), assigning
+    each priced plan back into `plans`.
 
     Returns the credits per provider, and the items the provider already rejected on content
     while pricing them (recorded on the item, never submitted; the others go on). With
@@ -319,7 +322,7 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None, *,
     cache = {} if cache is None else cache  # (provider, block, estimate key) -> CreditEstimate
     per_provider: dict[str, float] = {}
     rejected: dict[str, dict[str, str]] = {}
-    for plan in plans:
+    for n, plan in enumerate(plans):
         provider: ImageProvider = PROVIDERS[plan.provider].model_construct()  # unsaved: offline prices only
         if offline is not None and plan.provider in offline:
             plan.estimate = provider.estimate_offline(plan.request)
@@ -344,6 +347,7 @@ def estimate_plans(plans: list[ItemPlan], cache: dict | None = None, *,
             continue
         if plan.provider_refines:  # separate paid upscale calls
             plan.refine_credits = provider.refine_cost() * plan.request.count
+        plans[n] = plan  # a packed plan keeps only what is assigned back
         per_provider[plan.provider] = per_provider.get(plan.provider, 0.0) + plan.estimate.credits + plan.refine_credits
     return per_provider, rejected
 
@@ -395,7 +399,7 @@ def _log() -> Any:
         return get_logger("imagegen.archive")
 
 
-def _reusable(plans: list[ItemPlan], rebuild: bool) -> dict[str, ArchivedItem]:
+def _reusable(plans: Sequence[ItemPlan], rebuild: bool) -> dict[str, ArchivedItem]:
     """The items archived before and still in the bucket (one ledger listing, one bucket listing
     a folder)."""
     if not plans:
@@ -498,20 +502,19 @@ def _submit_item(plan: ItemPlan, archive_now: bool) -> Chain:
     return chain
 
 
-def in_lane_order(plans: list[ItemPlan], chains: dict[str, Chain], max_parallel: int,
+def in_lane_order(plans: Sequence[ItemPlan], chains: dict[str, Chain], max_parallel: int,
                   lane: Callable[[ItemPlan], tuple[Any, int | None]] = lane_of) -> Iterator[ItemPlan]:
     """Yield plans in spec order as room frees up: at most `max_parallel` items in flight, and
     per lane (provider account and job action) no more than its declared in-flight cap plus
     one waiting. So items waiting for a provider's few job slots do not fill the window and
     starve the other providers; the limit itself is still held on the server. An item counts
     as in flight until the last step in its chain is done; `lane(plan)` gives its lane key
-    and declared cap."""
-    order = {plan.item_id: n for n, plan in enumerate(plans)}
-    lanes: dict[Any, deque[ItemPlan]] = {}
+    and declared cap. The lanes queue positions in `plans`: a plan is read as it is yielded."""
+    lanes: dict[Any, deque[int]] = {}
     caps: dict[Any, int] = {}
-    for plan in plans:
+    for n, plan in enumerate(plans):
         key, cap = lane(plan)
-        lanes.setdefault(key, deque()).append(plan)
+        lanes.setdefault(key, deque()).append(n)
         caps[key] = max_parallel if cap is None else min(max_parallel, cap + 1)
     busy: dict[Any, list[str]] = {key: [] for key in lanes}
     ended = threading.Event()  # set as any submitted chain ends: only then can room free up
@@ -527,8 +530,8 @@ def in_lane_order(plans: list[ItemPlan], chains: dict[str, Chain], max_parallel:
         if not ready or sum(map(len, busy.values())) >= max_parallel:
             ended.wait(1.0)  # woken by the chain that ends (the timeout only a safety net)
             continue
-        key = min(ready, key=lambda k: order[lanes[k][0].item_id])
-        plan = lanes[key].popleft()
+        key = min(ready, key=lambda k: lanes[k][0])
+        plan = plans[lanes[key].popleft()]
         yield plan  # the caller submits it (or records why not) before asking for the next
         if plan.item_id in chains:
             busy[key].append(plan.item_id)
@@ -628,7 +631,7 @@ class UnknownItems(ValueError):
     """`overrides.items` names an item the spec does not have."""
 
 
-def _selected(plans: list[ItemPlan], wanted: list[str] | None) -> frozenset[str] | None:
+def _selected(plans: Sequence[ItemPlan], wanted: list[str] | None) -> frozenset[str] | None:
     """The item ids a run is limited to (None: all); refuse ids the spec does not have."""
     if wanted is None:
         return None
@@ -698,7 +701,7 @@ def _refines_paid(plan: ItemPlan) -> float:
 
 
 def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date,
-                           plans: list[ItemPlan], started: datetime, error: Exception) -> None:
+                           plans: Sequence[ItemPlan], started: datetime, error: Exception) -> None:
     """A run that stopped on an error still leaves a true manifest: what the ledger says is
     archived, and every other item with the error that stopped the run."""
     logger = get_run_logger()
@@ -717,7 +720,7 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
         logger.error("could not write the manifest after %s: %s", type(error).__name__, exc)
 
 
-def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, plans: list[ItemPlan],
+def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, plans: Plans,
          dry_run: bool, selected: frozenset[str] | None = None) -> dict[str, Any]:
     """Everything after planning: reuse, estimate, budget, submit, review, archive, manifest."""
     logger = get_run_logger()
@@ -726,7 +729,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     left_out = {p.item_id: {"step": "not submitted", "error": NOT_SELECTED,
                             "message": "not among this run's overrides.items"}
                 for p in plans if selected is not None and p.item_id not in selected and p.item_id not in reused}
-    todo = [p for p in plans if p.item_id not in reused and p.item_id not in left_out]
+    todo = plans.where(lambda p: p.item_id not in reused and p.item_id not in left_out)
     per_provider, skipped = estimate_plans(todo)
     skipped.update(left_out)
     estimated = round(sum(per_provider.values()), 4)
@@ -773,7 +776,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     return manifest
 
 
-def _outcomes(plans: list[ItemPlan], reused: dict[str, ArchivedItem], skipped: dict[str, dict[str, Any]],
+def _outcomes(plans: Sequence[ItemPlan], reused: dict[str, ArchivedItem], skipped: dict[str, dict[str, Any]],
               ended: tuple[Outcomes, dict[str, Outcome]]) -> Iterator[Outcome]:
     """Each plan's outcome in turn: archived before, not submitted, or ended in this run (kept in
     `Outcomes`, or still in the dict of those read from their chains at the end)."""
@@ -788,7 +791,7 @@ def _outcomes(plans: list[ItemPlan], reused: dict[str, ArchivedItem], skipped: d
             yield done.pop(item) if item in done else settled.get(item)
 
 
-def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, dict[str, Any]],
+def _submit_all(parsed: PipelineSpec, todo: Plans, skipped: dict[str, dict[str, Any]],
                 progress: RunProgress, archive_now: bool, renames: list[threading.Thread]
                 ) -> tuple[dict[str, Chain], Outcomes]:
     """Submit each item's task chain in lane order, until a provider's cap is committed or an
@@ -800,7 +803,7 @@ def _submit_all(parsed: PipelineSpec, todo: list[ItemPlan], skipped: dict[str, d
     settled = Outcomes()
     committed: dict[str, float] = {}
     watch, account_stop = [], None
-    for plan in in_lane_order([p for p in todo if p.item_id not in skipped], chains, parsed.run.max_parallel):
+    for plan in in_lane_order(todo.where(lambda p: p.item_id not in skipped), chains, parsed.run.max_parallel):
         cost = (plan.estimate.credits if plan.estimate else 0.0) + plan.refine_credits
         stop = account_stop = account_stop or _account_stop(watch)
         spent = committed.get(plan.provider, 0.0)
@@ -830,7 +833,7 @@ def _settle_ended(chains: dict[str, Chain], settled: Outcomes, renames: list[thr
     trim_now_and_then()
 
 
-def _wait_all(parsed: PipelineSpec, run_date: date, todo: list[ItemPlan],
+def _wait_all(parsed: PipelineSpec, run_date: date, todo: Sequence[ItemPlan],
               submitted: tuple[dict[str, Chain], Outcomes], shown_in: tuple[RunProgress, Any],
               run_level: bool, renames: list[threading.Thread]) -> tuple[dict[str, Any], list[str]]:
     """Each submitted item's outcome (`submitted`: the chains still held, the outcomes already

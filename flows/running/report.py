@@ -36,7 +36,7 @@ Charge = tuple[float | None, str]
 
 
 def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_date: date,
-                   plans: list[ItemPlan], outcomes: Iterable[tuple[Any, dict[str, str] | None]],
+                   plans: Iterable[ItemPlan], outcomes: Iterable[tuple[Any, dict[str, str] | None]],
                    started: datetime, reused: frozenset[str] = frozenset(),
                    charges: Callable[[ItemPlan, dict[str, str] | None], Charge | None] | None = None
                    ) -> dict[str, Any]:
