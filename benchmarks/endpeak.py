@@ -10,7 +10,8 @@ holds that many archived outcomes as a run holds them (`Outcomes`) and does what
 listing and make the manifest, write it and the hashes, send the gallery's pages and the
 summary table. It prints the resident memory and its peak after each step. Run it as the flow
 runs (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`, as `imagegen run` sets it) for numbers
-like the flow's.
+like the flow's; with `PYTHONTRACEMALLOC=1` it also prints Python's own allocations, held and
+at most within each step (slower; the resident numbers then include tracemalloc's own).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import resource
 import sys
 import tempfile
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -46,8 +48,13 @@ class Steps:
     def mark(self, step: str) -> None:
         now, peak = memory()
         self.first_peak = peak if self.first_peak is None else self.first_peak
+        traced = ""
+        if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1: Python's own allocations, peak within the step
+            held, top = tracemalloc.get_traced_memory()
+            traced = f"  traced {held / 1e6:6.1f} MB, {top / 1e6:6.1f} at most in the step"
+            tracemalloc.reset_peak()
         print(f"{step:36s} resident {now:7.1f} MB  peak {peak:7.1f} MB (+{peak - self.first_peak:5.1f})  "
-              f"{time.monotonic() - self.started:6.1f} s", flush=True)
+              f"{time.monotonic() - self.started:6.1f} s{traced}", flush=True)
 
 
 def written(n: int) -> tuple[str, bytes, str]:
@@ -100,15 +107,16 @@ def outcomes_of(plans: list[Any]) -> Any:
 
 
 def the_end(spec_file: str, work: str) -> None:
-    """The end of `run-pipeline` (`_run` after its items ended, then `publish`), step by step."""
+    """The end of `run-pipeline` (`_run` after its items ended, then `publish`), step by step: the
+    run's own functions, `publish` saying as each of its steps ends."""
     import gc
 
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact
 
     from flows import pipeline
     from flows.running import report
     from flows.specs.spec import load_spec
-    from flows.storage import archive_bucket, presigned_url, read_object, write_json
+    from flows.storage import archive_bucket, presigned_url, read_object
 
     spec = load_spec(Path(spec_file))
     plans = pipeline.plan_items(spec, "0" * 64, RUN_DATE, work)
@@ -130,16 +138,7 @@ def the_end(spec_file: str, work: str) -> None:
     steps.mark("listed, confirmed, manifest made")
     if manifest["status"] != "complete":  # every object is there as written: each item must confirm
         raise RuntimeError(f"{manifest['totals']['failed_items']} item(s) not confirmed")
-    write_json(bucket, spec.archive.manifest_key(spec.name, RUN_DATE), manifest)
-    steps.mark("manifest written")
-    hashes = {f"{i['item']}#{o['index']}": o["phash"] for i in manifest["items"] for o in i["objects"]}
-    write_json(bucket, spec.archive.phashes_key(spec.name, RUN_DATE), hashes)
-    del hashes
-    steps.mark("hashes written")
-    report.gallery(spec, RUN_DATE, manifest, bucket)
-    steps.mark("gallery pages sent")
-    create_table_artifact(report.summary_rows(manifest), key="endpeak-summary", description="the end alone")
-    steps.mark("summary table sent")
+    report.publish(spec, RUN_DATE, manifest, done=steps.mark)  # marks each of its steps
 
 
 def main(argv: list[str]) -> None:
