@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import html
 import itertools
 import re
@@ -233,11 +234,22 @@ def gallery(spec: PipelineSpec, run_date: date, manifest: dict[str, Any], bucket
         create_markdown_artifact(markdown, key=artifact_key(f"{spec.name}-gallery") if page == 1 else None,
                                  description=f"Images of {spec.name} {run_date} with their verdicts"
                                              + (f", page {page}" if page > 1 else ""))
+        let_go_of_sent()
 
 
-def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str:
+def let_go_of_sent() -> None:
+    """Free what a large send left: the Prefect client's request and answer of an artifact (each
+    as large as the document) are held in reference cycles, which only Python's cycle collector
+    frees; left to it, five gallery pages of 600 KB were still held as the sixth was sent
+    (`benchmarks/endpeak.py`). A collection of the young generations finds them at once."""
+    gc.collect(1)
+
+
+def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any],
+            done: Callable[[str], None] = lambda step: None) -> str:
     """Write the manifest to S3, create the summary table artifact, log the table. A run whose
-    claim is lost writes nothing (`ClaimLost`): the run that may hold the claim now writes its own."""
+    claim is lost writes nothing (`ClaimLost`): the run that may hold the claim now writes its own.
+    `done` is told each step's name as it ends (`benchmarks.endpeak` reads memory there)."""
     from prefect import get_run_logger
     from prefect.artifacts import create_table_artifact
     from prefect.runtime import flow_run
@@ -249,11 +261,16 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
     bucket = archive_bucket(spec.archive.bucket, spec.archive.credentials)
     uri = write_json(bucket, spec.archive.manifest_key(spec.name, run_date), manifest)
     manifest["manifest_uri"] = uri
+    let_go_of_sent()
+    done("manifest written")
     hashes = {f"{i['item']}#{o['index']}": o["phash"] for i in manifest["items"] for o in i["objects"]
               if o.get("phash") and o["verdict"] == "approved"}
     if hashes:
         write_json(bucket, spec.archive.phashes_key(spec.name, run_date), hashes)
+    del hashes
+    done("hashes written")
     gallery(spec, run_date, manifest, bucket)
+    done("gallery pages sent")
     rows = summary_rows(manifest)
     totals = manifest["totals"]
     create_table_artifact(
@@ -262,5 +279,8 @@ def publish(spec: PipelineSpec, run_date: date, manifest: dict[str, Any]) -> str
                      f"{totals['approved']} approved, {totals['rejected']} rejected, "
                      f"{totals['failed_items']} failed item(s), {credits_of(manifest)}. Manifest: `{uri}`"),
     )
+    del rows
+    let_go_of_sent()
+    done("summary table sent")
     get_run_logger().info("manifest %s: %s", uri, totals)
     return uri
