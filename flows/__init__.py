@@ -54,6 +54,7 @@ if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault(_name, _value)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows.arenas import limit_malloc_arenas  # noqa: E402 - after the settings above, which need nothing
+from flows.arenas import fix_mmap_threshold, limit_malloc_arenas  # noqa: E402 - after the settings above
 
 limit_malloc_arenas()
+fix_mmap_threshold()
