@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.models import Plans
 from flows.pipeline import _plans, estimate_plans, plan_items
 from flows.specs.spec import load_spec
 
