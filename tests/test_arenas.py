@@ -35,15 +35,24 @@ print(len(re.findall(r"<heap nr=", open(path).read())))
 """
 
 
-def _heaps(what: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    done = subprocess.run([sys.executable, "-c", COUNT_HEAPS, what], capture_output=True, text=True, env=env,
+def _counted(script: str, what: str, unset: tuple[str, ...]) -> int:
+    """The number `script` prints in a fresh interpreter (`what`: "flows" imports flows first),
+    without the environment variables `unset` (a user's malloc settings would change it)."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    done = subprocess.run([sys.executable, "-c", script, what], capture_output=True, text=True, env=env,
                           timeout=120, check=True)
     return int(done.stdout.strip())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-                    reason="malloc arenas are glibc's")
+def _heaps(what: str) -> int:
+    return _counted(COUNT_HEAPS, what, ("MALLOC_ARENA_MAX",))
+
+
+GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+GLIBC_ONLY = pytest.mark.skipif(not GLIBC, reason="malloc's settings are glibc's")
+
+
+@GLIBC_ONLY
 def test_importing_flows_caps_the_arenas_threads_get() -> None:
     assert _heaps("flows") <= 2
     assert _heaps("plain") > 2  # without it, the threads got arenas of their own (what is capped)
@@ -61,16 +70,13 @@ print(trim_now_and_then(every=0), trim_now_and_then(every=3600), before, rss())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-                    reason="malloc_trim is glibc's")
+@GLIBC_ONLY
 def test_freed_holes_in_the_heap_go_back_to_the_system_at_most_every_so_often() -> None:
     done = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True, timeout=120, check=True)
     trimmed, again, before, after = done.stdout.split()
     assert (trimmed, again) == ("True", "False")  # the second, within the interval, does nothing
     assert int(before) - int(after) > 80_000  # kB: most of the 100 MB of holes went back
 
-
-GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
 
 THREAD_CACHES = r"""
 import ctypes, threading
@@ -159,14 +165,10 @@ print(mallinfo2().hblks - before)
 
 
 def _mapped(what: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
-    done = subprocess.run([sys.executable, "-c", MAPPED, what], capture_output=True, text=True, env=env,
-                          timeout=120, check=True)
-    return int(done.stdout.strip())
+    return _counted(MAPPED, what, ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_"))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-                    reason="the mmap threshold is glibc's")
+@GLIBC_ONLY
 def test_importing_flows_keeps_large_blocks_mapped_after_a_larger_one_is_freed() -> None:
     """A 1 MiB block after an 8 MiB one was freed: in a mapping of its own (given back as it is
     freed) with `flows` imported; from the heap without it (what `fix_mmap_threshold` stops)."""
