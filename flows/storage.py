@@ -164,14 +164,13 @@ def _boto3_pages(bucket: ArchiveBucket, prefix: str, delimiter: str | None, toke
     direct call got an answer it could not, the bucket is boto3's from then on."""
     client = bucket.credentials.get_s3_client()
     ask: dict[str, Any] = {"Bucket": bucket.bucket_name, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
-    answer = client.list_objects_v2(**ask, **({"ContinuationToken": token} if token else {}))
-    s3direct.switch_off(bucket, why)
     while True:
+        answer = client.list_objects_v2(**ask, **({"ContinuationToken": token} if token else {}))
+        s3direct.switch_off(bucket, why)  # idempotent: one dict entry set
         yield [{"Key": o["Key"], "Size": o["Size"], "ETag": o.get("ETag", "")} for o in answer.get("Contents", [])]
         token = answer.get("NextContinuationToken") if answer.get("IsTruncated") else None
         if token is None:
             return
-        answer = client.list_objects_v2(**ask, ContinuationToken=token)
 
 
 def delete(bucket: ArchiveBucket, key: str) -> None:
