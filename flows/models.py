@@ -85,6 +85,7 @@ _SHARED = ("pipeline", "spec_sha256", "run_date", "upscale", "review", "archive"
            "poll_interval", "job_timeout", "unknown_hold", "spec_file")  # one spec's, the same in each plan
 _OWN = tuple(name for name in ItemPlan.model_fields if name not in _SHARED)
 _REQUEST = tuple(GenerationRequest.model_fields)
+_REQUEST_AT = _OWN.index("request")
 
 
 class _Book:
@@ -104,7 +105,7 @@ class _Book:
         elif shared != self.shared:
             raise ValueError(f"{plan.item_id}: a plan of another run cannot join these plans")
         own = [getattr(plan, name) for name in _OWN]
-        own[_OWN.index("request")] = tuple(getattr(plan.request, name) for name in _REQUEST)
+        own[_REQUEST_AT] = tuple(getattr(plan.request, name) for name in _REQUEST)
         return pickle.dumps(tuple(own), protocol=pickle.HIGHEST_PROTOCOL)
 
     def unpack(self, packed: bytes) -> ItemPlan:
