@@ -75,3 +75,22 @@ def test_the_manifest_reads_each_outcome_as_it_makes_its_entry() -> None:
     first, second = [i["objects"][0] for i in manifest["items"] if i["objects"]][:2]
     assert first == {"index": 0, "s3_uri": "s3://b/1.png", "verdict": "approved", "reasons": []}
     assert all(a is b for a, b in zip(first, second, strict=True)) and first["verdict"] is second["verdict"]
+
+
+def test_the_manifest_counts_each_provider_s_credits_in_its_own_unit() -> None:
+    """TAMS credits and Tencent calls do not add up: `totals.credits_by_provider` keeps them
+    apart (a failed item's maybe-charged cost included), and the run's line reads them so."""
+    from datetime import date, datetime, timezone
+    from types import SimpleNamespace
+
+    from flows.running.report import build_manifest, credits_of
+
+    plans = [SimpleNamespace(item_id=f"item-{n}", provider=p, request=SimpleNamespace(request_id=f"r{n}", seed=n))
+             for n, p in enumerate(["tams", "tencent", "tams", "tencent"])]
+    outcomes = [(ArchivedItem(item_id=p.item_id, provider=p.provider, job_id=f"j{n}", credits=2.5 if p.provider == "tams"
+                              else 1.0, credits_source="charged", objects=[]), None) for n, p in enumerate(plans[:3])]
+    outcomes.append((None, {"step": "generate", "error": "E", "message": "m"}))
+    manifest = build_manifest(SimpleNamespace(name="p"), "p.yaml", "0", date(2026, 1, 1), plans, outcomes,
+                              datetime.now(timezone.utc), charges=lambda plan, error: (1.0, "maybe charged"))
+    assert manifest["totals"]["credits_by_provider"] == {"tams": 5.0, "tencent": 2.0}
+    assert credits_of(manifest) == "credits tams 5, tencent 2"

@@ -67,6 +67,7 @@ def test_pipeline_archives_images_sidecars_and_manifest(run, sandbox_blocks) -> 
     # Credits in the manifest are what the emulator charged, no more, no less.
     charged = after["charged_credits"] - before["charged_credits"]
     assert stored["totals"]["credits"] == pytest.approx(charged) and charged > 0
+    assert stored["totals"]["credits_by_provider"] == {"tams": pytest.approx(charged)}
     assert after["submits"] - before["submits"] == 4 and after["uploads"] - before["uploads"] == 1
     for item in stored["items"]:
         for obj in item["objects"]:

@@ -70,12 +70,23 @@ def build_manifest(spec: PipelineSpec, spec_file: str, spec_sha256: str, run_dat
             "images": len(objects), "approved": sum(o["verdict"] == "approved" for o in objects),
             "rejected": sum(o["verdict"] == "rejected" for o in objects),
             "credits": round(sum(i["credits"] for i in items), 4),
+            "credits_by_provider": _by_provider(items),
             "credits_this_run": round(sum(i["credits"] for i in items if not i.get("reused")), 4),
             "reused_items": sum(bool(i.get("reused")) for i in items),
             "items_maybe_charged": sum(bool(i.get("credits_unknown")) for i in items),
         },
         "items": items,
     }
+
+
+def _by_provider(items: list[dict[str, Any]]) -> dict[str, float]:
+    """Each provider's credits in its own unit: TAMS credits, 触站AI points and Tencent calls do
+    not add up, so `totals.credits` means something only where one provider ran."""
+    out: dict[str, float] = {}
+    for item in items:
+        provider = str(item.get("provider") or "?")
+        out[provider] = out.get(provider, 0.0) + float(item.get("credits") or 0.0)
+    return {p: round(c, 4) for p, c in sorted(out.items())}
 
 
 def _shared_keys(obj: dict[str, Any]) -> dict[str, Any]:
@@ -99,11 +110,7 @@ def with_spend(manifest: dict[str, Any], spend: dict[str, dict[str, float | None
 def credits_of(manifest: dict[str, Any]) -> str:
     """The credits of a manifest's items as a person reads them (`credits_text`): one number
     where one provider is listed, each provider's in its own unit where several are."""
-    per_provider: dict[str, float] = {}
-    for item in manifest.get("items", []):
-        provider = str(item.get("provider") or "?")
-        per_provider[provider] = per_provider.get(provider, 0.0) + float(item.get("credits") or 0.0)
-    return credits_text(per_provider)
+    return credits_text(_by_provider(manifest.get("items", [])))
 
 
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
