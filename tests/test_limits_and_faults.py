@@ -469,4 +469,5 @@ def test_a_request_held_up_after_its_rate_slot_takes_a_fresh_one(sandbox_blocks,
     with limiter.request("api"):
         sent_at = time.monotonic()
     assert late is not None and 0 < late < 0.3
-    assert len(taken) == 2 and sent_at - taken[-1].got_at <= late, (len(taken), sent_at - taken[-1].got_at)
+    # A third slot would be right too: a stall of the busy machine past `late` after the second.
+    assert len(taken) >= 2 and sent_at - taken[-1].got_at <= late, (len(taken), sent_at - taken[-1].got_at)
