@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             server, api = start_server(home, cluster.start() if cluster else None)
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
                **({"IMAGEGEN_BENCH_KEEP_PROFILE": str(work)} if args.keep else {}),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+               # Prefect's default level, as `imagegen run` has: the flow's INFO records cost CPU too
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
         subprocess.run([str(BIN / "imagegen"), "sandbox", "register", "--state-dir", str(state_dir), "--block-name",
                         BLOCK], env=env, cwd=ROOT, check=True, capture_output=True)
 

@@ -149,6 +149,8 @@ def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_
             seen.append(self.format(record))
 
     handlers, logger.handlers = logger.handlers, [Keep()]  # not Prefect's: no run to send the records to
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: the logger caches isEnabledFor
     oneline.install()
     oneline.install()  # once
     try:
@@ -161,10 +163,14 @@ def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_
                 logger.error("Task run failed with exception: %r - Retries are exhausted", exc, exc_info=True)
         logger.error("Finished in state NotReady(\"Upstream task run '01a2' did not reach a 'COMPLETED' state.\")")
         logger.error("Finished in state Failed('Task run encountered an exception ValueError: a bug')")
+        logger.info("Finished in state Completed()")  # every task run's: its state shows in the UI
+        logger.info("red-sneaker: tams accepted request 8339 as job 7017")
     finally:
         logger.handlers = handlers
+        logger.setLevel(level)
         logger.filters = [f for f in logger.filters if not isinstance(f, oneline.OneLine)]
-    assert ["Traceback" in line for line in seen] == [False, False, True, False], seen  # no NotReady line
+    assert ["Traceback" in line for line in seen] == [False, False, True, False, False], seen  # no NotReady line
+    assert seen[-1] == "red-sneaker: tams accepted request 8339 as job 7017", seen  # and no Completed one
     assert "LedgerUnavailable('ledger read" in seen[0] and "Could not connect" in seen[1]
 
 
