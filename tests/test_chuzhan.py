@@ -315,7 +315,8 @@ def test_the_manifest_records_what_the_provider_said_it_charged(chuzhan, tmp_pat
     assert bad["error"]["step"] == "generate" and bad["credits"] == 4
     assert bad["charge"].startswith("maybe charged: taken at submit")
     assert after["charges"] - before["charges"] == 2  # what the emulator took at submit
-    assert manifest["totals"]["credits"] == 8
+    assert manifest["totals"]["credits"] == 8 == manifest["totals"]["credits_this_run"]
+    assert manifest["spend"]["chuzhan"]["reserved"] == 0 and manifest["spend"]["chuzhan"]["charged"] == 8
 
 
 def test_the_nonce_keeps_the_attempt_within_32_characters() -> None:

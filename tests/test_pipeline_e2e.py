@@ -109,6 +109,9 @@ def test_failed_item_is_recorded_and_the_rest_archive(run, sandbox_blocks) -> No
     assert good["objects"][0]["verdict"] == "approved"
     # A failed job is neither retried (it would fail again) nor charged.
     assert after["submits"] - before["submits"] == 2 and after["charges"] - before["charges"] == 1
+    # Nor held as maybe charged by the run's budget: what this run spent is the one charge.
+    assert stored["spend"]["tams"]["reserved"] == 0, stored["spend"]
+    assert stored["totals"]["credits_this_run"] == stored["totals"]["credits"] == good["credits"] > 0, stored["totals"]
     # Every task run is named by its step and item, also the doomed item's steps that never ran.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -124,7 +124,13 @@ class ItemJournal:
         self._answered(settle=True)  # a synchronous call: its answer was the results; the estimate stands
 
     def failed(self, reason: str) -> None:
+        """The job ran and failed: its reservation settles at what was taken at submit (触站AI's
+        `used`, maybe charged) or at nothing (TAMS documents that a failed job costs nothing;
+        Tencent bills a successful call), as the manifest counts it; kept, it held the cap
+        and showed in `credits_this_run` though no credit was taken."""
         self._move(State.FAILED, reason=reason)
+        charged = self.record.charged if self.record is not None else None
+        self._answered(charged=charged or 0.0, settle=True)
 
 
 def flush_or_log(journal: ItemJournal) -> None:
