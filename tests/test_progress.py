@@ -121,3 +121,73 @@ def test_a_manifest_s_credits_read_per_provider_where_it_lists_several() -> None
     assert credits_of({"items": [{"provider": "tams", "credits": 1.5}, {"provider": "tams", "credits": 6}]}) == "7.5 credits"
     assert credits_of({"items": [{"provider": "tams", "credits": 1.5}, {"provider": "tencent", "credits": 1},
                                  {"provider": "tencent", "credits": None}]}) == "credits tams 1.5, tencent 1"
+
+
+LIVE_LINE_CHILD = """
+import logging, time
+import prefect.main  # noqa: F401 - its logging set up (on its console handler), as in `imagegen run`
+from flows.running.progress import RunProgress, terminal_line
+
+with terminal_line():
+    progress = RunProgress(label="demo 2026-01-01", total=4)
+    for n in range(4):
+        progress.update(submitted=1)
+        time.sleep(0.7)  # the line is drawn twice a second
+        logging.getLogger("prefect.demo").warning("record %d of the run", n)
+        progress.update(done=1)
+        time.sleep(0.7)
+"""
+
+
+def screen(output: str) -> list[str]:
+    """The lines a terminal ends with for `output`: text, CR, LF, cursor up, erase line."""
+    import re
+
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", output):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token.startswith("\x1b["):
+            count = int(token[2:-1] or 1) if token[2:-1].isdigit() else 1
+            if token.endswith("A"):
+                row = max(0, row - count)
+            elif token.endswith("K"):
+                lines[row] = lines[row][:col] if token[2:-1] in ("", "0") else ""
+        else:
+            line = lines[row].ljust(col)
+            lines[row], col = line[:col] + token + line[col + len(token):], col + len(token)
+    return lines
+
+
+def test_log_records_print_above_the_live_line_never_onto_it(tmp_path) -> None:
+    """In a terminal the progress is a live line, and Prefect's log records print above it: a
+    console of the line's own put 5-6 records a demo run onto the end of the line."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "PREFECT_LOGGING_COLORS": "false", "COLUMNS": "200", "LINES": "40", "TERM": "xterm"}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(Path(__file__).parent.parent)
+        os.execve(sys.executable, [sys.executable, "-c", LIVE_LINE_CHILD], env)
+    output, deadline = b"", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                output += os.read(fd, 65536)
+            except OSError:  # the child ended and the terminal closed
+                break
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            break
+    text = output.decode(errors="replace")
+    assert "demo 2026-01-01: 4/4 items started" in text, text[-3000:]  # the line was drawn
+    records = [line for line in screen(text) if "record " in line]
+    assert len(records) == 4, text[-3000:]
+    assert all("demo 2026-01-01" not in line and "record" in line.split("|")[-1] for line in records), records

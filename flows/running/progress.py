@@ -21,6 +21,7 @@ from flows.paying import stalled
 if TYPE_CHECKING:
     from prefect.futures import PrefectFuture
     from prefect.states import State as RunState
+    from rich.console import Console
 
 LOG_EVERY = 10.0  # seconds between two progress lines on the run's log
 
@@ -167,7 +168,7 @@ def terminal_line() -> Iterator[None]:
         def __rich__(self) -> Text:  # drawn again at every refresh, so the clock moves between events
             return Text("\n".join(f"{p.fraction:4.0%} {p.line()}" for p in list(shown.values())), style="bold")
 
-    live = Live(Lines(), console=Console(stderr=True), transient=True, redirect_stdout=True,
+    live = Live(Lines(), console=_log_console() or Console(stderr=True), transient=True, redirect_stdout=True,
                 redirect_stderr=True, refresh_per_second=2)
 
     def draw(progress: RunProgress) -> None:
@@ -177,6 +178,20 @@ def terminal_line() -> Iterator[None]:
 
     with live, listening(draw):
         yield
+
+
+def _log_console() -> Console | None:
+    """The console Prefect's log records print through (its console handler on the root logger,
+    made with the terminal's stream before the line is drawn): drawn on that same console, the
+    line is cleared before each record and drawn again after it. On a console of its own, 5-6
+    records a demo run were printed onto the end of the line and stayed there."""
+    from rich.console import Console
+
+    for handler in logging.getLogger().handlers:
+        console = getattr(handler, "console", None)
+        if isinstance(console, Console) and console.file in (sys.stderr, sys.__stderr__):
+            return console
+    return None
 
 
 def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress, provider: str = "") -> None:
