@@ -94,3 +94,21 @@ def test_the_manifest_counts_each_provider_s_credits_in_its_own_unit() -> None:
                               datetime.now(timezone.utc), charges=lambda plan, error: (1.0, "maybe charged"))
     assert manifest["totals"]["credits_by_provider"] == {"tams": 5.0, "tencent": 2.0}
     assert credits_of(manifest) == "credits tams 5, tencent 2"
+
+
+def test_the_summary_table_gives_a_failed_item_s_error_a_column_of_its_own() -> None:
+    """A failed item's error was printed under `s3_uri`, and cut there in the UI's table."""
+    from flows.running.report import format_table, summary_rows
+
+    manifest = {"items": [
+        {"item": "ok", "provider": "tams", "credits": 1.5,
+         "objects": [{"index": 1, "verdict": "approved", "s3_uri": "s3://b/p/ok-1.png"}]},
+        {"item": "broken", "provider": "tams", "credits": 0.0, "objects": [],
+         "error": {"step": "generate", "error": "JobFailed", "message": "tams: FAILED: job 7 [[fail]] marker"}},
+    ]}
+    ok, broken = summary_rows(manifest)
+    assert (ok["s3_uri"], ok["error"]) == ("s3://b/p/ok-1.png", "")
+    assert (broken["verdict"], broken["s3_uri"]) == ("failed at generate: JobFailed", "-")
+    assert broken["error"] == "tams: FAILED: job 7 [[fail]] marker"
+    header = format_table([ok, broken]).splitlines()[0].split()
+    assert header == ["item", "index", "provider", "job_credits", "verdict", "s3_uri", "error"]

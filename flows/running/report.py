@@ -114,21 +114,22 @@ def credits_of(manifest: dict[str, Any]) -> str:
 
 
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per image (or per failed item): the table shown in the UI and the terminal."""
+    """One row per image (or per failed item): the table shown in the UI and the terminal. A
+    failed item's error has a column of its own, its `s3_uri` is `-`."""
     rows = []
     for item in manifest["items"]:
         for obj in item["objects"]:
             verdict = obj["verdict"] + (f" ({'; '.join(obj['reasons'])})" if obj.get("reasons") else "")
             rows.append({"item": item["item"], "index": obj["index"], "provider": item["provider"],
                          "job_credits": item["credits"], "verdict": verdict,
-                         "s3_uri": obj["s3_uri"] or "dropped"})
+                         "s3_uri": obj["s3_uri"] or "dropped", "error": ""})
         if item.get("error"):
             err = item["error"]
             verdict = ("rejected by the provider" if err["error"] in PROVIDER_REJECTIONS
                        else f"failed at {err['step']}: {err['error']}")
             rows.append({"item": item["item"], "index": "-", "provider": item["provider"],
                          "job_credits": item.get("credits") or 0.0,
-                         "verdict": verdict, "s3_uri": err["message"][:200]})
+                         "verdict": verdict, "s3_uri": "-", "error": err["message"][:200]})
     return rows
 
 
@@ -142,8 +143,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "(no images)"
     columns = list(rows[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip() for r in rows]
     return "\n".join(lines)
 
 
