@@ -570,6 +570,20 @@ def temporary_server_note(args: argparse.Namespace) -> str | None:
     return "starting a temporary Prefect server (set PREFECT_API_URL to use a lasting one)"
 
 
+def wrong_api(args: argparse.Namespace) -> str | None:
+    """Where the command talks to the user's Prefect API and that address answers as something
+    else (`flows.cli_errors.not_a_prefect_api`), why; else None."""
+    command = args.command + (f":{args.action}" if args.command == "sandbox" else "")
+    if command not in NEEDS_PREFECT:
+        return None
+    from prefect.settings import get_current_settings
+
+    from flows.cli_errors import not_a_prefect_api
+
+    url = get_current_settings().api.url
+    return not_a_prefect_api(url) if url else None
+
+
 SPEC_FIRST = ("run", "backfill")
 """Commands that read their spec before anything of Prefect (a refused spec answers at once)."""
 
@@ -604,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
         print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
+        return 1
+    if (wrong := wrong_api(args)) is not None:
+        print(f"imagegen {args.command}: {wrong}", file=sys.stderr)
         return 1
     if args.command not in SPEC_FIRST:
         shield_server(args)

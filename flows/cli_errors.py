@@ -65,6 +65,31 @@ def _prefect(exc: BaseException) -> str | None:
     return None
 
 
+def not_a_prefect_api(url: str) -> str | None:
+    """Why `url` (the user's `PREFECT_API_URL`) is no Prefect API, where it answers as something
+    else (else None; one that does not answer is told where a command reaches it). Without `/api`
+    a server's UI answered, and each command then said a Block or a limit was missing."""
+    import httpx
+
+    base = url.rstrip("/")
+    if "api.prefect.cloud" in base:  # Prefect Cloud: its own address rules, and its own errors
+        return None
+    try:
+        answer = httpx.get(f"{base}/health", timeout=10)
+    except httpx.HTTPError:
+        return None
+    try:
+        healthy = answer.status_code == 200 and answer.json() is True
+    except ValueError:
+        healthy = False
+    if healthy or answer.status_code in (401, 403):  # a server behind a login answers for itself
+        return None
+    hint = (f"a Prefect server's API is its address with /api: did you mean {base}/api?" if not base.endswith("/api")
+            else "is a Prefect server listening there? (`imagegen server up` starts one)")
+    return (f"PREFECT_API_URL {url} does not answer as a Prefect API (GET {base}/health: HTTP "
+            f"{answer.status_code}, {answer.headers.get('content-type') or 'no content type'}); {hint}")
+
+
 EXPLAINERS: tuple[Callable[[BaseException], str | None], ...] = (_unreachable, _s3, _ledger, _prefect)
 
 

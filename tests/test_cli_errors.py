@@ -204,3 +204,39 @@ def test_the_ledger_away_is_one_line_naming_the_fix_and_read_once_for_the_manife
     charges = [charge_of(plan, error) for plan, (_, error) in zip(plans, failed, strict=True)]
     assert len(reads) == 1 and len(charges) == len(plans)
     assert all(cost is None and note.startswith("not known: its ledger record") for cost, note in charges)
+
+
+def test_an_api_url_that_answers_as_something_else_is_told_with_the_fix() -> None:
+    """`PREFECT_API_URL=http://127.0.0.1:4200` (a server's UI, no `/api`) made every command say
+    that a Block or a limit was missing, though both were saved."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flows.cli_errors import not_a_prefect_api
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            healthy = self.path == "/api/health"
+            body = json.dumps(True).encode() if healthy else b"<html>not found</html>"
+            self.send_response(200 if healthy else 404)
+            self.send_header("Content-Type", "application/json" if healthy else "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert not_a_prefect_api(f"{base}/api") is None and not_a_prefect_api(f"{base}/api/") is None
+        told = not_a_prefect_api(base)
+        assert told is not None and f"did you mean {base}/api?" in told and "HTTP 404, text/html" in told, told
+        assert "imagegen server up" in (not_a_prefect_api(f"{base}/other/api") or "")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not_a_prefect_api(base) is None  # nothing answers: told where a command reaches it
