@@ -97,7 +97,7 @@ def test_a_misspelt_spec_name_is_one_line_suggesting_the_shipped_one(command: st
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main([command, "demoo"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == ("demoo:1:1: <document>: cannot read spec: No such file or directory (did you mean 'demo', "
+    assert err.strip() == ("demoo:1:1: cannot read spec: No such file or directory (did you mean 'demo', "
                            "pipelines/demo.yaml?)"), err
 
 

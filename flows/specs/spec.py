@@ -418,7 +418,8 @@ class SpecIssue:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}"
-        return f"{where}: {self.field or '<document>'}: {self.message}" + (f"\n{self.snippet}" if self.snippet else "")
+        what = f"{self.field}: " if self.field else ""  # the whole file's, or a catalogue row's
+        return f"{where}: {what}{self.message}" + (f"\n{self.snippet}" if self.snippet else "")
 
 
 class SpecError(ValueError):
