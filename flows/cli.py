@@ -457,6 +457,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_parser(top: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `imagegen COMMAND`."""
+    for action in top._actions:  # noqa: SLF001 - argparse keeps its subparsers there, and only there
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return action.choices[command]
+    return top
+
+
 def _spec_commands(sub: Any) -> None:
     """validate, run, estimate: what a spec is and does."""
     v = sub.add_parser("validate", help="check spec files; exit 1 on any error")
@@ -464,14 +472,23 @@ def _spec_commands(sub: Any) -> None:
     v.set_defaults(func=cmd_validate)
     r = sub.add_parser("run", help="run a pipeline spec now")
     r.add_argument("spec", metavar="SPEC", help="a path, or a name in pipelines/")
-    r.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
+    r.add_argument("--run-date", type=day, default=None, metavar="YYYY-MM-DD")
     r.add_argument("--take-over-name", action="store_true",
                    help="this spec replaces another spec file that archived under the same name")
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("estimate", help="print the credits a spec will cost, per provider")
     e.add_argument("spec", metavar="SPEC")
-    e.add_argument("--run-date", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD")
+    e.add_argument("--run-date", type=day, default=None, metavar="YYYY-MM-DD")
     e.set_defaults(func=cmd_estimate)
+
+
+def day(text: str) -> date:
+    """A date argument: `YYYY-MM-DD`, told in one line where it is no date."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        reason = str(exc) if "must be in" in str(exc) or "out of range" in str(exc) else "give it as YYYY-MM-DD"
+        raise argparse.ArgumentTypeError(f"{text!r} is no date: {reason} (such as 2026-03-01)") from None
 
 
 def _date_commands(sub: Any) -> None:
@@ -480,7 +497,7 @@ def _date_commands(sub: Any) -> None:
     led.add_argument("action", choices=["show", "resolve"])
     led.add_argument("spec", metavar="SPEC")
     led.add_argument("item", nargs="?", metavar="ITEM", help="resolve: the item id")
-    led.add_argument("--run-date", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+    led.add_argument("--run-date", type=day, required=True, metavar="YYYY-MM-DD")
     how = led.add_mutually_exclusive_group()
     how.add_argument("--job-id", metavar="J", help="resolve: the provider job the submit created")
     how.add_argument("--not-sent", action="store_true", help="resolve: the provider has no job for it")
@@ -498,8 +515,8 @@ def _date_commands(sub: Any) -> None:
     lim.set_defaults(func=cmd_limits)
     b = sub.add_parser("backfill", help="run a spec for every date of a range, skipping complete dates")
     b.add_argument("spec", metavar="SPEC")
-    b.add_argument("--start", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
-    b.add_argument("--end", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+    b.add_argument("--start", type=day, required=True, metavar="YYYY-MM-DD")
+    b.add_argument("--end", type=day, required=True, metavar="YYYY-MM-DD")
     b.add_argument("--max-parallel", type=int, default=2, metavar="N", help="dates running at once")
     b.add_argument("--max-credits", type=credit_caps, default=None, metavar="C|PROVIDER=C,...",
                    help="the cap on the range, on its estimate and on what its dates are charged: one number "
@@ -615,7 +632,10 @@ def _ctrl_c_inside(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from blocks.errors import BlockMissing
 
-    args = parser().parse_args(argv)
+    top = parser()
+    args, unknown = top.parse_known_args(argv)
+    if unknown:  # told with the command's own usage, not the list of commands
+        _command_parser(top, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
         print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
         return 1

@@ -240,3 +240,22 @@ def test_an_api_url_that_answers_as_something_else_is_told_with_the_fix() -> Non
         server.shutdown()
         server.server_close()
     assert not_a_prefect_api(base) is None  # nothing answers: told where a command reaches it
+
+
+@pytest.mark.parametrize("argv, told", [
+    (["run", "pipelines/demo.yaml", "--run-date", "2026-13-45"],
+     "imagegen run: error: argument --run-date: '2026-13-45' is no date: month must be in 1..12 (such as 2026-03-01)"),
+    (["backfill", "pipelines/demo.yaml", "--start", "yesterday", "--end", "2026-01-02"],
+     "imagegen backfill: error: argument --start: 'yesterday' is no date: give it as YYYY-MM-DD (such as 2026-03-01)"),
+    (["run", "pipelines/demo.yaml", "--dry-run"], "imagegen run: error: unrecognized arguments: --dry-run"),
+])
+def test_a_bad_argument_is_told_with_its_command_s_usage(argv: list[str], told: str, capsys) -> None:  # noqa: ANN001
+    """`--run-date 2026-13-45` said `invalid fromisoformat value`; an unknown option of a command
+    was told under the list of all commands."""
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.strip().splitlines()[-1] == told, err
+    assert err.startswith(f"usage: imagegen {argv[0]} "), err
