@@ -16,6 +16,9 @@ def _api_url() -> str:
     return os.environ.get("PREFECT_API_URL") or "the temporary Prefect server"
 
 
+SANDBOX_S3 = "(the sandbox's: `imagegen sandbox up`)"
+
+
 def _unreachable(exc: BaseException) -> str | None:
     import httpx
 
@@ -41,7 +44,7 @@ def _s3(exc: BaseException) -> str | None:
         return f"S3 answered {code or 'an error'}: {exc}"
     if isinstance(exc, (EndpointConnectionError, NoCredentialsError)):
         return (f"S3 is not reachable with the archive's credentials Block ({exc}); is the S3 server up? Start it "
-                "and run the same command again: what was paid is in the ledger and is not paid again")
+                f"{SANDBOX_S3} and run the same command again: nothing is paid twice")
     return None
 
 
@@ -49,9 +52,9 @@ def _ledger(exc: BaseException) -> str | None:
     from flows.paying.ledger import LedgerUnavailable
 
     if isinstance(exc, LedgerUnavailable):
-        return (f"the ledger in S3 could not be read or written ({exc}); is the S3 server up? Start it and run the "
-                "same command again: what the ledger recorded is not paid again, and the run's log names the jobs "
-                "it could not record")
+        return (f"the ledger in S3 could not be read or written ({exc}); is the S3 server up? Start it {SANDBOX_S3} "
+                "and run the same command again: what the ledger recorded is not paid again, and the run's log names "
+                "the jobs it could not record")
     return None
 
 

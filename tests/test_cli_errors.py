@@ -188,7 +188,7 @@ def test_the_ledger_away_is_one_line_naming_the_fix_and_read_once_for_the_manife
 
     assert explain(LedgerUnavailable("ledger read: EndpointConnectionError after 6 attempts")).startswith(
         "the ledger in S3 could not be read or written (ledger read: EndpointConnectionError after 6 attempts); "
-        "is the S3 server up? Start it and run the same command again")
+        "is the S3 server up? Start it (the sandbox's: `imagegen sandbox up`) and run the same command again")
     plans = pipeline.plan_items(load_spec(Path(__file__).parent.parent / "pipelines" / "demo.yaml"), "",
                                 date(2026, 1, 2), str(tmp_path))
     reads = []
