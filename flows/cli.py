@@ -370,19 +370,22 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from sandbox import launcher
 
     state_dir = Path(args.state_dir)
+    nothing = (f"no sandbox state in {state_dir.resolve()} (a sandbox keeps it in the folder it was started from, "
+               "`.sandbox`: run this there, or give that folder as --state-dir)")
     try:
         if args.action == "down":
-            print("sandbox stopped" if launcher.down(state_dir) else "no sandbox state found")
+            print("sandbox stopped" if launcher.down(state_dir) else nothing)
             return 0
         if args.action == "status":
             state = launcher.running(state_dir)
             where = ", ".join(f"{name} {state.url(name)}" for name in state.providers) if state else ""
-            print(f"sandbox {'running' if state else 'stopped'}" + (f": {where}, S3 {state.s3_url}" if state else ""))
+            print(f"sandbox running: {where}, S3 {state.s3_url}" if state else
+                  "sandbox stopped" if launcher.SandboxState.load(state_dir) else f"sandbox stopped: {nothing}")
             return 0 if state else 1
         if args.action == "register":
             state = launcher.SandboxState.load(state_dir)
             if state is None:
-                print("no sandbox state found; run `imagegen sandbox up` first", file=sys.stderr)
+                print(f"{nothing}; or start one: `imagegen sandbox up`", file=sys.stderr)
                 return 1
             print(f"registered Blocks: {', '.join(launcher.register_blocks(state, args.block_name))}")
             _apply_sandbox_limits(state, args.block_name)
