@@ -298,7 +298,7 @@ def over_budget(over: dict[str, float], budget: dict[str, float], items: int) ->
     """What a refused estimate says, in each provider's own credits, and the fix."""
     said = "; ".join(f"{p}: estimated {over[p]:g} credits, run.max_credits {budget[p]:g}" for p in sorted(over))
     return (f"{said} ({items} item(s) to run): above the cap, so nothing was submitted; raise run.max_credits "
-            "or run fewer items (overrides.items, or an item's count)")
+            "or run fewer items (an item's count; in a deployment's run form, overrides.items)")
 
 
 def saved_blocks(spec: PipelineSpec, plans: Sequence[ItemPlan]) -> None:
