@@ -127,6 +127,7 @@ def preflight(plans: Sequence[ItemPlan], spec_file: Path) -> list[str]:
     located = _Located(spec_file)
     issues, notes = [], []
     overridden: set[tuple[Any, ...]] = set()
+    refused: dict[tuple[tuple[Any, ...], str, str], list[tuple[int, str]]] = {}  # one issue a place and complaint
     for index, plan in enumerate(plans):
         provider = PROVIDERS[plan.provider]
         for option in plan.request.options:
@@ -158,9 +159,8 @@ def preflight(plans: Sequence[ItemPlan], spec_file: Path) -> list[str]:
                 provider.refine_check(*size, plan.upscale.factor)
         except ProviderError as exc:
             loc = _option_location(exc.message, plan.provider, located.positions, index) or ("items", index)
-            pos = closest_position(loc, located.positions)
-            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, f"items[{index}] ({plan.item_id})",
-                                    f"{plan.provider} would refuse it: {exc.message}", snippet(located.text, pos)))
+            refused.setdefault((loc, plan.provider, exc.message), []).append((index, plan.item_id))
+    issues += [_refusal(spec_file, located, *key, items) for key, items in refused.items()]
     issues += _missing_dependencies(plans, spec_file, located)
     if issues:
         raise SpecError(issues)
@@ -189,6 +189,18 @@ def _option_places(provider: str, name: str, index: int) -> tuple[tuple[Any, ...
             ("generate", "provider_options", provider, name), ("generate", "options", name))
 
 
+def _refusal(spec_file: Path, located: _Located, loc: tuple[Any, ...], provider: str, message: str,
+             items: list[tuple[int, str]]) -> SpecIssue:
+    """One provider complaint at one place of the file, for every item it concerns: a setting
+    shared by all items (the spec's `generate:`) is told once, at its own line, not once an item."""
+    pos = closest_position(loc, located.positions)
+    (index, item_id), more = items[0], len(items) - 1
+    who = f"items[{index}] ({item_id})" if not more else (
+        f"{len(items)} items ({', '.join(i for _, i in items[:3])}{', ...' if more > 2 else ''})")
+    return SpecIssue(str(spec_file), pos.line, pos.column, who, f"{provider} would refuse it: {message}",
+                     snippet(located.text, pos))
+
+
 def _option_location(message: str, provider: str, positions: dict, index: int) -> tuple[Any, ...] | None:
     """Where a provider's complaint about `generate.<field>` points in the file: the option
     itself (in `provider_options` or `options`, the item's or the spec's), or the item's own
@@ -200,7 +212,7 @@ def _option_location(message: str, provider: str, positions: dict, index: int) -
     if parts[0] == "options" and len(parts) > 1:
         places: tuple[tuple[Any, ...], ...] = _option_places(provider, parts[1], index)
     else:
-        places = (("items", index, "generate", parts[0]),)
+        places = (("items", index, "generate", parts[0]), ("generate", parts[0]))
     return next((loc for loc in places if loc in positions), None)
 
 

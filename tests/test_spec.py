@@ -144,7 +144,11 @@ def test_cli_validate_applies_provider_rules(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)], capture_output=True, text=True)
     assert run.returncode == 1
     assert "items[0] (one): tams would refuse it: generate.width: 500 is not a multiple of 64" in run.stderr
-    assert f"{bad}:10:" in run.stderr
+    assert f"{bad}:5:3:" in run.stderr  # the shared setting's own line, not the item's
+    many = write(tmp_path, bad.read_text() + "".join(f"  - {{id: n{i}, prompt: a dog}}\n" for i in range(3)))
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(many)], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.count("would refuse it") == 1, run.stderr  # told once, not an item
+    assert f"{many}:5:3: 4 items (one, n0, n1, ...): tams would refuse it: generate.width: 500" in run.stderr
 
 
 def test_provider_options_reach_only_that_providers_items(tmp_path: Path) -> None:
