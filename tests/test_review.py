@@ -331,7 +331,11 @@ def test_checks_in_a_few_words() -> None:
     assert checks_text({"readable": {"value": True, "threshold": True}, "stddev": {"value": 45.0661, "threshold": 3.0},
                         "phash": {"value": "ff00", "threshold": None},
                         "duplicate": {"value": 9, "threshold": 4, "nearest": "a#1"}}) == \
-        "readable True, stddev 45.07 (threshold 3), duplicate 9 (threshold 4), nearest a#1"
+        "readable, stddev 45.07 (min 3), nearest image a#1 at distance 9 (a duplicate at 4 or less)"
+    assert checks_text({"readable": {"value": False, "threshold": True}, "duplicate": {"value": None, "threshold": 4},
+                        "moderation": {"value": 0.0213, "threshold": 0.8},
+                        "size": {"value": "512x512", "threshold": "1024x1024"}}) == \
+        "unreadable, no earlier image to compare with, moderation 0.0213 (max 0.8), size 512x512 (wanted 1024x1024)"
 
 
 @pytest.mark.parametrize(("engine", "factor"), [("lanczos", 2), ("realesrgan", 2), ("realesrgan", 4)])

@@ -131,17 +131,27 @@ class Shown:
 
 
 def checks_text(checks: dict[str, dict[str, Any]]) -> str:
-    """A verdict's checks in a few words: each value, and its threshold where that differs."""
+    """A verdict's checks in a few words, as a person reads them: `readable`, `stddev 45.07 (min
+    3)`, `moderation 0.02 (max 0.8)`, `nearest image a#1 at distance 9 (a duplicate at 4 or less)`."""
     parts = []
     for name, check in checks.items():
         if name in ("phash", "human"):
             continue
         value, threshold = check.get("value"), check.get("threshold")
-        text = f"{name} {_short(value)}"
-        if threshold is not None and threshold != value:
-            text += f" (threshold {_short(threshold)})"
-        parts.append(text + (f", nearest {check['nearest']}" if check.get("nearest") else ""))
+        if name == "readable":
+            parts.append("readable" if value else "unreadable")
+        elif name == "duplicate":
+            parts.append("no earlier image to compare with" if value is None else
+                         f"nearest image {check.get('nearest')} at distance {value} (a duplicate at {threshold} or less)")
+        elif threshold is None or threshold == value:
+            parts.append(f"{name} {_short(value)}")
+        else:
+            parts.append(f"{name} {_short(value)} ({BOUNDS.get(name, 'wanted')} {_short(threshold)})")
     return ", ".join(parts)
+
+
+BOUNDS = {"stddev": "min", "moderation": "max"}
+"""What a check's threshold is, in its text (`wanted` for the others: a size, a provider audit)."""
 
 
 def _short(value: Any) -> str:
