@@ -435,10 +435,11 @@ def _confirmed(spec: PipelineSpec, outcomes: Iterable[Outcome], charges: _Charge
 
 
 def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Generated, list[Verdict]]],
-           before_suspend: Callable[[], None] | None = None) -> list[str]:
+           before_suspend: Callable[[], None] | None = None, failed_before: int = 0) -> list[str]:
     """Run-level review, after every item's own checks: duplicates across the run (and the
-    archive), then a person where the spec asks. Verdicts change in place; returns the keys of
-    images staged in S3 for the person to look at."""
+    archive), then a person where the spec asks (told how many items failed before it, whose
+    images will not be shown). Verdicts change in place; returns the keys of images staged in
+    S3 for the person to look at."""
     images = [(f"{plan.item_id}#{v.index}", v) for plan, _, verdicts in ready for v in verdicts]
     if spec.review.duplicates is not None:
         archived = archived_hashes(spec, run_date) if spec.review.duplicates.against_archive else {}
@@ -448,7 +449,8 @@ def decide(spec: PipelineSpec, run_date: date, ready: list[tuple[ItemPlan, Gener
     if human is None or not candidates:
         return []
     shown, staged = stage(spec, run_date, candidates)
-    title = f"{spec.name} {run_date}: {len(shown)} image(s) to approve or reject"
+    title = f"{spec.name} {run_date}: {len(shown)} image(s) to approve or reject" + (
+        f" ({failed_before} item(s) failed before review: the run's log says why)" if failed_before else "")
     review_key = artifact_key(f"{spec.name}-to-review")
     create_markdown_artifact(review_markdown(title, shown), key=review_key,
                              description="Images waiting for a person's decision")
@@ -868,7 +870,8 @@ def _wait_all(parsed: PipelineSpec, run_date: date, todo: Sequence[ItemPlan],
              for p in todo if (verdicts := done.get(p.item_id, (None, None))[0]) is not None}
     progress.update(waiting="a person's review" if parsed.review.human is not None else "the run-level review")
     staged = decide(parsed, run_date, list(ready.values()), before_suspend=lambda: keep_for_reentry(
-        [(plan, future_result(dict(chains[item])["generate"])) for item, (plan, _, _) in ready.items()]))
+        [(plan, future_result(dict(chains[item])["generate"])) for item, (plan, _, _) in ready.items()]),
+        failed_before=sum(item not in ready for item in chains))
     progress.update(waiting=None)
     archived = {item: archive.submit(plan_arg(plan), Upstream(gen), Upstream(verdicts))
                 for item, (plan, gen, verdicts) in ready.items()}

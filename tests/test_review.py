@@ -224,6 +224,24 @@ def test_human_timeout_applies_the_default(sandbox_blocks, tmp_path) -> None:
     assert keys(s3_client(sandbox_blocks), "human-timeout/quarantine/") == set()
 
 
+def test_the_person_is_told_how_many_items_failed_before_review(sandbox_blocks, tmp_path) -> None:
+    """The form and the images waiting for a decision did not say that an item had failed, so
+    the person did not know an image was missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    items = "  - {id: lone, prompt: a tower, seed: 3}\n  - {id: broken, prompt: \"a wall [[fail]]\", seed: 3}\n"
+    text = spec_text("human-failed", items, review=", human: {timeout_seconds: 1, poll_interval: 0.5, default: reject}")
+    state = run_spec(tmp_path, text, date(2026, 5, 7))
+    assert state.is_failed()  # an item failed
+    with get_client(sync_client=True) as client:
+        key = ArtifactFilterKey(any_=["human-failed-to-review"])
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+    waiting = [a.data for a in versions if "to approve or reject" in str(a.data)]
+    assert len(waiting) == 1, [a.data for a in versions]
+    assert "1 image(s) to approve or reject (1 item(s) failed before review: the run's log says why)" in waiting[0]
+
+
 def test_gallery_artifact_links_approved_and_rejected(sandbox_blocks, tmp_path) -> None:
     from prefect.client.orchestration import get_client
 
