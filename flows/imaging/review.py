@@ -142,7 +142,8 @@ def checks_text(checks: dict[str, dict[str, Any]]) -> str:
             parts.append("readable" if value else "unreadable")
         elif name == "duplicate":
             parts.append("no earlier image to compare with" if value is None else
-                         f"nearest image {check.get('nearest')} at distance {value} (a duplicate at {threshold} or less)")
+                         f"nearest image {check.get('nearest')} at distance {value} "
+                         f"(a duplicate at {threshold} or less)")
         elif threshold is None or threshold == value:
             parts.append(f"{name} {_short(value)}")
         else:
