@@ -34,6 +34,7 @@ from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
 from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, for_run, open_run
+from flows.paying.spent import Earlier, earlier_spend
 from flows.paying.slots import reclaim_expired
 from flows.arenas import trim_now_and_then
 from flows.running.report import (Charge, PipelineIncomplete, archived_hashes, artifact_key, build_manifest,
@@ -306,9 +307,26 @@ class BudgetExceeded(RuntimeError):
     """The run's estimated credits are above the spec's `run.max_credits`."""
 
 
-def over_budget(over: dict[str, float], budget: dict[str, float], items: int) -> str:
+def _to_pay(todo: Sequence[ItemPlan], earlier: Earlier, skipped: dict[str, Any]) -> dict[str, float]:
+    """The estimate of what the run will send, per provider: its items but those an earlier run
+    paid for (collected, not sent again) and those refused while pricing, scaled by the worst
+    charge/estimate ratio the date showed."""
+    out: dict[str, float] = {}
+    for plan in todo:
+        if plan.item_id in earlier.paid or plan.item_id in skipped or plan.estimate is None:
+            continue
+        cost = (plan.estimate.credits + plan.refine_credits) * earlier.ratio.get(plan.provider, 1.0)
+        out[plan.provider] = out.get(plan.provider, 0.0) + cost
+    return out
+
+
+def over_budget(over: dict[str, float], budget: dict[str, float], items: int,
+                earlier: dict[str, float] | None = None) -> str:
     """What a refused estimate says, in each provider's own credits, and the fix."""
-    said = "; ".join(f"{p}: estimated {over[p]:g} credits, run.max_credits {budget[p]:g}" for p in sorted(over))
+    earlier = earlier or {}
+    said = "; ".join(f"{p}: estimated {over[p]:g} credits" + (
+        f" ({earlier[p]:g} of them charged by earlier runs of this date)" if earlier.get(p) else "")
+        + f", run.max_credits {budget[p]:g}" for p in sorted(over))
     return (f"{said} ({items} item(s) to run): above the cap, so nothing was submitted; raise run.max_credits "
             "or run fewer items (an item's count; in a deployment's run form, overrides.items)")
 
@@ -748,12 +766,16 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     skipped.update(left_out)
     estimated = round(sum(per_provider.values()), 4)
     budget = parsed.budget()
-    over = {p: round(per_provider[p], 4) for p, cap in budget.items() if per_provider.get(p, 0.0) > cap}
+    earlier = earlier_spend(ledger_of(plans[0]), plans, reused) if budget and plans else Earlier()
+    to_pay = _to_pay(todo, earlier, skipped)
+    over = {p: round(earlier.spent.get(p, 0.0) + to_pay.get(p, 0.0), 4) for p, cap in budget.items()
+            if earlier.spent.get(p, 0.0) + to_pay.get(p, 0.0) > cap + 1e-9}
     if over:
-        raise BudgetExceeded(over_budget(over, budget, len(todo)))
+        raise BudgetExceeded(over_budget(over, budget, len(todo), earlier.spent))
     logger.info("run %s for %s: %d item(s), %d already archived, estimated %s",
                 parsed.name, run_date, len(plans), len(reused), credits_text(per_provider))
-    spend = open_run(str(flow_run.id), budget)  # the caps held on what the providers charge
+    # The caps held on what the providers charge, this date's earlier runs included.
+    spend = open_run(str(flow_run.id), budget, earlier.spent, earlier.ratio)
     if dry_run:
         return {"pipeline": parsed.name, "run_date": run_date.isoformat(), "status": "dry-run",
                 "estimated_credits": estimated, "per_provider": per_provider, "items": len(plans),

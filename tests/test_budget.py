@@ -12,6 +12,7 @@ import pytest
 
 from flows.paying.budget import BudgetReached, RunBudget
 from tests.conftest import chuzhan_stats, run_spec, tams_stats
+from tests.test_pay_once import emulators  # noqa: F401 - a fixture
 
 
 def test_a_reservation_that_does_not_fit_is_refused_and_a_higher_charge_raises_the_next() -> None:
@@ -152,3 +153,68 @@ def test_a_backfill_of_two_providers_holds_each_cap_in_its_own_unit(sandbox_bloc
     assert rows["2026-08-24"]["status"] == "done" and rows["2026-08-24"]["credits"].startswith("chuzhan 16, tams "), rows
     for day in ("2026-08-25", "2026-08-26"):
         assert rows[day]["state"] == "not started" and "max_credits chuzhan=30 leaves" in rows[day]["reason"], rows[day]
+
+
+def test_an_unanswered_call_s_reservation_grows_when_a_later_charge_shows_a_higher_price() -> None:
+    """A submit whose answer was lost stays reserved at its quote; once a later answer shows
+    the provider charging three times its quotes, it is held at that price too, so the next
+    call that would pass the cap is not made."""
+    budget = RunBudget({"chuzhan": 30.0})
+    lost = budget.reserve("chuzhan", 4.0)
+    budget.answered(lost)  # never settled: maybe charged
+    seen = budget.reserve("chuzhan", 4.0)
+    budget.settle(seen, 12.0)
+    budget.answered(seen)
+    assert budget.summary()["chuzhan"] == {"cap": 30.0, "charged": 12.0, "reserved": 12.0, "ratio": 3.0}
+    with pytest.raises(BudgetReached):  # 12 + 12 + 12 > 30 (it was 12 + 4 + 12: sent, 36 in all)
+        budget.reserve("chuzhan", 4.0)
+
+
+def test_earlier_runs_of_the_date_count_against_its_cap() -> None:
+    budget = RunBudget({"tams": 5.0}, before={"tams": 3.0}, ratios={"tams": 1.0})
+    budget.answered(budget.reserve("tams", 1.5))
+    with pytest.raises(BudgetReached, match="3 charged by earlier runs of this date, 0 charged and 1.5 reserved.*"
+                                            "raise run.max_credits to go on"):
+        budget.reserve("tams", 1.5)
+    assert budget.summary()["tams"] == {"cap": 5.0, "charged": 0.0, "reserved": 1.5, "ratio": 1.0, "earlier_runs": 3.0}
+
+
+@pytest.mark.parametrize("provider, quote", [("tams", 1.0), ("chuzhan", 4.0), ("tencent", 1.0)])
+def test_a_date_s_cap_holds_across_its_runs(emulators, tmp_path, provider: str, quote: float) -> None:
+    """Two items paid within a cap of two and a half; the spec then gets a third item and the
+    date runs again. Each run used to get the whole cap: the third was paid, the date charged
+    three items' worth. Now the rerun counts what the first was charged, and sends nothing."""
+    from tests.test_limits_and_faults import manifest_of
+    from tests.test_pay_once import spec_text, stats
+
+    name, cap = f"date-cap-{provider}", quote * 2.5
+    first = run_spec(tmp_path, spec_text(provider, name, 2, run=f", max_credits: {{{provider}: {cap}}}"), date(2026, 8, 27))
+    assert first.is_completed(), first
+    assert manifest_of(first)["totals"]["credits_this_run"] == quote * 2
+    before = stats(emulators, provider)
+    again = run_spec(tmp_path, spec_text(provider, name, 3, run=f", max_credits: {{{provider}: {cap}}}"), date(2026, 8, 27))
+    after = stats(emulators, provider)
+    assert after["charges"] == before["charges"] and after["submits"] == before["submits"]  # the emulator's count
+    error = again.result(raise_on_failure=False)
+    assert f"{quote * 2:g} of them charged by earlier runs of this date" in str(error), error
+
+
+def test_reruns_after_the_budget_is_reached_pay_nothing_more(emulators, tmp_path) -> None:
+    """触站AI charging twice its quotes, a cap of 13 for three items quoted 4 (12: it fits).
+    The first run pays one image (8) and stops the others at the cap. Reruns, as after any
+    failed run, each paid 8 more: 24 for the date. Now they count the 8 and the price seen."""
+    from tests.test_pay_once import configure, spec_text
+
+    name = "date-cap-reruns"
+    text = spec_text("chuzhan", name, 3, run=", max_credits: {chuzhan: 13}")
+    configure(emulators, "chuzhan", price_rise=2.0)
+    try:
+        before = chuzhan_stats(emulators)
+        states = [run_spec(tmp_path, text, date(2026, 8, 28)) for _ in range(3)]
+        after = chuzhan_stats(emulators)
+    finally:
+        configure(emulators, "chuzhan", price_rise=1.0)
+    assert after["charged_credits"] - before["charged_credits"] == 8, (before, after)
+    assert all(s.is_failed() for s in states)
+    again = str(states[1].result(raise_on_failure=False))
+    assert "charged by earlier runs of this date" in again and "raise run.max_credits" in again, again

@@ -10,7 +10,10 @@ pays:
   `BudgetReached`;
 - the reservation is *settled* with what the provider reports it charged (触站AI's `used`),
   or kept as it is where the provider reports nothing (the estimate stands);
-- a refused call (nothing was created) gives its reservation back; an unknown one keeps it.
+- a refused call (nothing was created) gives its reservation back; an unknown one keeps it,
+  scaled up when a later charge shows a higher ratio;
+- what the date's earlier runs were charged counts too (`flows.paying.spent`): the cap is the
+  date's, so a rerun pays only what is left of it.
 
 Calls of one provider reserve, send and settle one at a time (a lock held from the
 reservation to the submit's answer), so a price that rose is seen before the next call is
@@ -30,9 +33,11 @@ from dataclasses import dataclass, field
 class BudgetReached(RuntimeError):
     """A paid call was not made: its reservation does not fit under the provider's cap."""
 
-    def __init__(self, provider: str, cap: float, charged: float, reserved: float, cost: float) -> None:
-        super().__init__(f"budget reached: run.max_credits for {provider} is {cap:g}; {charged:g} charged and "
-                         f"{reserved:g} reserved, and the next call would reserve {cost:g}")
+    def __init__(self, provider: str, spend: ProviderSpend, cost: float) -> None:
+        earlier = f"{spend.before:g} charged by earlier runs of this date, " if spend.before else ""
+        super().__init__(f"budget reached: run.max_credits for {provider} is {spend.cap:g}; {earlier}"
+                         f"{spend.charged:g} charged and {spend.reserved:g} reserved, and the next call would "
+                         f"reserve {cost:g}" + ("; raise run.max_credits to go on" if spend.before else ""))
         self.provider = provider
 
 
@@ -50,35 +55,58 @@ class Reservation:
 @dataclass
 class ProviderSpend:
     cap: float | None
+    before: float = 0.0  # what earlier runs of the date were charged (`flows.paying.spent`)
     charged: float = 0.0
     reserved: float = 0.0
-    ratio: float = 1.0  # the worst charge / estimate seen in this run
+    ratio: float = 1.0  # the worst charge / estimate seen in this run or the date's earlier ones
     lock: threading.Lock = field(default_factory=threading.Lock)
+    open: list[Reservation] = field(default_factory=list)  # reservations not yet settled or given back
+
+    def rescale(self, ratio: float) -> None:
+        """A higher charge/estimate ratio seen: every reservation still open (an answer never
+        seen: maybe charged at the higher price) is scaled to it, so the cap is not passed by
+        more than one call's difference however the answers came."""
+        if ratio <= self.ratio:
+            return
+        self.ratio = ratio
+        for held in self.open:
+            grown = held.estimate * ratio
+            if grown > held.amount:
+                self.reserved += grown - held.amount
+                held.amount = grown
 
 
 class RunBudget:
     """Charged and reserved credits per provider, against the run's caps."""
 
-    def __init__(self, caps: dict[str, float]) -> None:
+    def __init__(self, caps: dict[str, float], before: dict[str, float] | None = None,
+                 ratios: dict[str, float] | None = None) -> None:
         self._caps = dict(caps)
+        self._before, self._ratios = dict(before or {}), dict(ratios or {})
         self._spend: dict[str, ProviderSpend] = {}
         self._guard = threading.RLock()
 
     def _of(self, provider: str) -> ProviderSpend:
         with self._guard:
-            return self._spend.setdefault(provider, ProviderSpend(self._caps.get(provider)))
+            if provider not in self._spend:
+                self._spend[provider] = ProviderSpend(self._caps.get(provider), before=self._before.get(provider, 0.0),
+                                                      ratio=max(1.0, self._ratios.get(provider, 1.0)))
+            return self._spend[provider]
 
     def reserve(self, provider: str, estimate: float) -> Reservation:
         """Hold `estimate` (scaled by the provider's worst ratio) and the provider's send lock;
         `BudgetReached` (the lock released) when it does not fit under the cap."""
         spend = self._of(provider)
         spend.lock.acquire()
-        amount = estimate * spend.ratio
-        if spend.cap is not None and spend.charged + spend.reserved + amount > spend.cap + 1e-9:
-            spend.lock.release()
-            raise BudgetReached(provider, spend.cap, spend.charged, spend.reserved, amount)
-        spend.reserved += amount
-        return Reservation(provider, estimate, amount)
+        with self._guard:
+            amount = estimate * spend.ratio
+            if spend.cap is not None and spend.before + spend.charged + spend.reserved + amount > spend.cap + 1e-9:
+                spend.lock.release()
+                raise BudgetReached(provider, spend, amount)
+            spend.reserved += amount
+            held = Reservation(provider, estimate, amount)
+            spend.open.append(held)
+            return held
 
     def resend(self, held: Reservation) -> None:
         """The same call is sent again (a provider that dedupes): its reservation stands; it
@@ -102,35 +130,41 @@ class RunBudget:
         spend = self._of(held.provider)
         with self._guard:
             held.settled = True
+            spend.open.remove(held)
             spend.reserved -= held.amount
             spend.charged += held.amount if charged is None else charged
             if charged is not None and held.estimate > 0:
-                spend.ratio = max(spend.ratio, charged / held.estimate)
+                spend.rescale(charged / held.estimate)
 
     def give_back(self, held: Reservation) -> None:
         """Nothing was created: the reservation is returned whole."""
         if held.settled:
             return
+        spend = self._of(held.provider)
         with self._guard:
             held.settled = True
-            self._of(held.provider).reserved -= held.amount
+            spend.open.remove(held)
+            spend.reserved -= held.amount
 
     def summary(self) -> dict[str, dict[str, float | None]]:
         """Per provider: cap, charged and still reserved (maybe charged), and the highest
         charge/quote ratio seen (a backfill scales its later dates' estimates by it), for the manifest."""
         with self._guard:
             return {p: {"cap": s.cap, "charged": round(s.charged, 4), "reserved": round(s.reserved, 4),
-                        "ratio": round(s.ratio, 4)} for p, s in sorted(self._spend.items())}
+                        "ratio": round(s.ratio, 4), **({"earlier_runs": round(s.before, 4)} if s.before else {})}
+                    for p, s in sorted(self._spend.items())}
 
 
 _RUNS: dict[str, RunBudget] = {}
 _RUNS_LOCK = threading.Lock()
 
 
-def open_run(flow_run_id: str, caps: dict[str, float]) -> RunBudget:
-    """The budget of a flow run, made once (a resumed run's process makes it again)."""
+def open_run(flow_run_id: str, caps: dict[str, float], before: dict[str, float] | None = None,
+             ratios: dict[str, float] | None = None) -> RunBudget:
+    """The budget of a flow run, made once (a resumed run's process makes it again), counting
+    what the date's earlier runs were charged (`before`) and the worst ratio they saw."""
     with _RUNS_LOCK:
-        return _RUNS.setdefault(flow_run_id, RunBudget(caps))
+        return _RUNS.setdefault(flow_run_id, RunBudget(caps, before, ratios))
 
 
 def for_run(flow_run_id: str | None) -> RunBudget | None:

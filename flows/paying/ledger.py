@@ -43,6 +43,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from enum import StrEnum
 from typing import Any
@@ -184,9 +185,11 @@ class JobLedger:
         """The items that have a generate record, from one listing instead of a read per item."""
         return {n.removesuffix(".json") for n in self._record_names() if not PER_IMAGE.search(n)}
 
-    def records(self) -> list[JobRecord]:
-        """Every record of the run date, per-image steps included (for `imagegen ledger show`)."""
+    def records(self, only: Callable[[str], bool] | None = None) -> list[JobRecord]:
+        """Every record of the run date, per-image steps included (for `imagegen ledger show`);
+        with `only`, those of the items it says yes to (the others are not read)."""
         return [JobRecord.model_validate_json(found[0]) for n in self._record_names()
+                if only is None or only(PER_IMAGE.sub("", n).removesuffix(".json"))
                 if (found := self._read(self.prefix + n)) is not None]
 
     def put(self, record: JobRecord) -> JobRecord:

@@ -1,0 +1,76 @@
+"""What earlier runs of a run date were charged, or may have been, per provider.
+
+`run.max_credits` caps what a pipeline's run date costs, not what each run of it pays: a rerun
+after `BudgetReached` (or a crash, or a second run of the date) starts from what the earlier
+runs spent, read from the date's archive and ledger, so three runs of a date capped at 13 can
+no longer be charged 24. What each earlier paid step counts:
+
+- an item archived before: its archived credits;
+- a job submitted or done (to be collected, not paid again): what the provider said it charged
+  at submit (触站AI's `used`), else its estimate;
+- a submit whose answer was never seen (`sending`, `unknown`): its estimate, scaled by the worst
+  charge-to-estimate ratio the date showed (maybe charged: counted, as a run counts it);
+- a job that ran and failed: what was taken at submit, else nothing; a refused call: nothing;
+- a paid upscale sent: its estimate per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from flows.models import ArchivedItem, ItemPlan
+from flows.paying.ledger import JobLedger, JobRecord, State, Step
+
+PAID = frozenset({State.SUBMITTED, State.DONE, State.ARCHIVED})  # a job that was paid for
+MAYBE = frozenset({State.SENDING, State.UNKNOWN})  # a submit whose answer was never seen
+
+
+@dataclass
+class Earlier:
+    """Per provider, what the date's earlier runs spent and the worst charge/estimate they saw."""
+
+    spent: dict[str, float] = field(default_factory=dict)
+    ratio: dict[str, float] = field(default_factory=dict)
+    paid: set[str] = field(default_factory=set)  # items whose job is paid for: collected, not sent again
+
+    def add(self, provider: str, credits: float) -> None:
+        if credits:
+            self.spent[provider] = round(self.spent.get(provider, 0.0) + credits, 6)
+
+
+def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[str, ArchivedItem]) -> Earlier:
+    """What the date's earlier runs spent on `plans` (one ledger listing; a read per record)."""
+    earlier = Earlier()
+    by_id = {plan.item_id: plan for plan in plans}
+    for archived in reused.values():
+        earlier.add(archived.provider, archived.credits)
+    records = ledger.records(only=lambda item: item in by_id and item not in reused) if by_id else []
+    for record in records:
+        estimate = _estimate(by_id[record.item_id], record)
+        if record.charged is not None and estimate:
+            earlier.ratio[record.provider] = max(earlier.ratio.get(record.provider, 1.0), record.charged / estimate)
+    for record in records:
+        earlier.add(record.provider, _cost(record, _estimate(by_id[record.item_id], record),
+                                           earlier.ratio.get(record.provider, 1.0)))
+        if record.step is Step.GENERATE and record.state in PAID | MAYBE:
+            earlier.paid.add(record.item_id)
+    return earlier
+
+
+def _estimate(plan: ItemPlan, record: JobRecord) -> float:
+    """The estimate of the step `record` is of (0 where the item was not priced)."""
+    if record.step is Step.REFINE:
+        return plan.refine_credits / max(1, plan.request.count)
+    return plan.estimate.credits if plan.estimate is not None else 0.0
+
+
+def _cost(record: JobRecord, estimate: float, ratio: float) -> float:
+    """What one earlier paid step counts (see the module's list)."""
+    if record.state in PAID:
+        return record.charged if record.charged is not None else estimate
+    if record.state in MAYBE:
+        return record.charged if record.charged is not None else estimate * ratio
+    if record.state is State.FAILED:
+        return record.charged or 0.0
+    return 0.0  # refused: nothing was created
