@@ -631,10 +631,10 @@ class ImageProvider(Block, ABC):
                                  credits_source=estimate.source, polls=0)
             learner = self._first_poll(request) if fresh and waker is None else None
             first_wait = min(timeout, learner.wait(poll_interval)) if learner else poll_interval if fresh else 0.0
-            status, polls = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
-                                       first_wait=first_wait, waker=waker)
-            if learner is not None:
-                learner.ended(time.monotonic() - submitted)
+            status, polls, last_took = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
+                                                  first_wait=first_wait, waker=waker)
+            if learner is not None:  # less what the last status request waited on our side (a stalled limiter)
+                learner.ended(time.monotonic() - submitted - max(0.0, last_took - poll_interval))
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
@@ -673,23 +673,25 @@ class ImageProvider(Block, ABC):
                          provider=self.provider_name, code=status.provider_status)
 
     def _wait(self, job_id: str, *, poll_interval: float, timeout: float,
-              first_wait: float = 0.0, waker: Waker | None = None) -> tuple[JobStatus, int]:
-        """Poll to a final state; return it and the polls it took. A job just submitted is
-        first polled after `first_wait` (no job finishes at once, and every poll counts
-        against rate limits); a resumed one at once. With a `waker`, each poll waits for the
-        job's callback, or `callback_fallback` seconds when none comes."""
+              first_wait: float = 0.0, waker: Waker | None = None) -> tuple[JobStatus, int, float]:
+        """Poll to a final state; return it, the polls it took and how long the last one took
+        (its rate slot and retries included). A job just submitted is first polled after
+        `first_wait` (no job finishes at once, and every poll counts against rate limits); a
+        resumed one at once. With a `waker`, each poll waits for the job's callback, or
+        `callback_fallback` seconds when none comes."""
         deadline = time.monotonic() + timeout
         polls = 0
         if waker is not None:
-            return self._wait_for_callback(job_id, waker, deadline, resumed=first_wait == 0.0)
+            return (*self._wait_for_callback(job_id, waker, deadline, resumed=first_wait == 0.0), 0.0)
         if self.holds_polls:  # each status request is held until the job ends: ask at once, again at once
             first_wait, poll_interval = 0.0, min(poll_interval, HELD_POLL_PAUSE)
         time.sleep(first_wait)
         while True:
+            asked = time.monotonic()
             status = self.poll(job_id)
             polls += 1
             if status.state.final:
-                return status, polls
+                return status, polls, time.monotonic() - asked
             if time.monotonic() > deadline:
                 raise self._timed_out(status, f"after {timeout:.0f}s")
             time.sleep(poll_interval)

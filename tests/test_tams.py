@@ -222,3 +222,40 @@ def test_result_urls_refuse_tampering_and_expiry() -> None:
     stale = SignedUrls(-1)
     old, _ = stale.sign("http://h", "/x.png")
     assert stale.check("/x.png", params(old)) == "expired"
+
+
+def test_a_status_request_held_back_on_our_side_does_not_teach_a_long_job(sandbox, monkeypatch) -> None:
+    """A Prefect server that stalled for a minute held every status request's rate slot: each job
+    then seemed to take a minute, and every later job waited that long before it was first asked
+    about. What the last status request waited on this side beyond one interval is not the job's."""
+    import contextlib
+    import time
+
+    from blocks import first_poll
+
+    class Stalled:
+        """Within the job, the request after the submit (the first status request) waits 3 s
+        for its slot, as on a stalled server (every TAMS call takes a slot of one action)."""
+
+        def __init__(self) -> None:
+            self.in_job: int | None = None
+
+        @contextlib.contextmanager
+        def request(self, action: str):  # noqa: ANN202
+            if self.in_job is not None:
+                self.in_job += 1
+                if self.in_job == 2:
+                    time.sleep(3.0)
+            yield
+
+        @contextlib.contextmanager
+        def job(self, action: str):  # noqa: ANN202
+            self.in_job = 0
+            yield
+
+    monkeypatch.setattr(first_poll, "_timers", {})
+    provider = sandbox_provider(sandbox)
+    provider.use_limiter(Stalled())
+    provider.run_job(request(request_id="tams-stalled-poll-1"), poll_interval=0.2, timeout=30)
+    [timer] = first_poll._timers.values()
+    assert timer.wait(0.2) < 2.0, timer.wait(0.2)  # the 0.6 s job, not the 3 s it waited to be asked
