@@ -55,11 +55,19 @@ class BackfillFailed(RuntimeError):
         return str(self.args[0])
 
 
+MAX_DATES = 3660  # ten years of days: a range past it is most likely a typo (`--end 2206-01-01`)
+
+
 def dates_between(start: date, end: date) -> list[date]:
-    """Every date from `start` to `end`, both included (`BackfillRefused` when `end` is earlier)."""
+    """Every date from `start` to `end`, both included (`BackfillRefused` when `end` is earlier,
+    or the range holds more than `MAX_DATES` dates: 0001-01-01 to 9999-12-31 was taken silently,
+    and priced for minutes before anything was said)."""
     if end < start:
         raise BackfillRefused(f"the end {end} is before the start {start}: give an end on or after the start")
-    return [start + timedelta(days=n) for n in range((end - start).days + 1)]
+    if (days := (end - start).days + 1) > MAX_DATES:
+        raise BackfillRefused(f"{start} to {end} is {days:,} dates, more than a backfill takes ({MAX_DATES:,}): "
+                              "check the range, or split it into backfills of ten years or less")
+    return [start + timedelta(days=n) for n in range(days)]
 
 
 def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None:

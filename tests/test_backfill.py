@@ -34,6 +34,9 @@ def test_dates_between() -> None:
     assert dates_between(date(2026, 1, 30), date(2026, 2, 2))[-1] == date(2026, 2, 2)
     with pytest.raises(BackfillRefused, match="the end 2026-01-30 is before the start 2026-02-02: give an end on"):
         dates_between(date(2026, 2, 2), date(2026, 1, 30))
+    assert len(dates_between(date(2016, 1, 1), date(2026, 1, 7))) == 3660  # ten years of days
+    with pytest.raises(BackfillRefused, match="is 3,652,059 dates, more than a backfill takes"):
+        dates_between(date(1, 1, 1), date(9999, 12, 31))  # taken silently, priced for minutes
 
 
 def test_backfill_runs_only_the_missing_dates_then_none(sandbox_blocks, tmp_path) -> None:
