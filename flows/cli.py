@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from typing import Any
 from datetime import date
 from pathlib import Path
 
-from flows.specs.spec import SpecError, load_spec, resolve_spec_path
+from flows.specs.spec import PipelineSpec, SpecError, load_spec, resolve_spec_path
 
 DEFAULT_SERVER_DIR = Path(".prefect-server")
 SHOWN_IDS = 5  # item ids `imagegen validate` shows (a catalogue's are made from its rows)
@@ -165,6 +166,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 1 if over else 0
 
 
+def _no_such_item(spec: PipelineSpec, item: str) -> str | None:
+    """Why `item` is none of the spec's items (with the nearest id), else None."""
+    ids = [spec.item_id(n) for n in range(len(spec.items))]
+    if item in ids:
+        return None
+    near = difflib.get_close_matches(item, ids, n=1)
+    return f"{spec.name} has no item {item!r}" + (f": did you mean {near[0]!r}?" if near else
+                                                  f"; its items: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Show a run date's ledger, or settle an item whose submit may have reached the provider."""
     from flows.paying.ledger import JobLedger, State, Step
@@ -174,6 +185,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         spec = load_spec(resolve_spec_path(args.spec))
     except SpecError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    if args.action == "resolve" and args.item is not None and (unknown := _no_such_item(spec, args.item)):
+        print(unknown, file=sys.stderr)  # before S3 is asked: `../../x` waited out six tries, then blamed S3
         return 1
     ledger = JobLedger(spec.archive, spec.name, args.run_date)
     if args.action == "show":

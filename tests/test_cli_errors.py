@@ -259,3 +259,14 @@ def test_a_bad_argument_is_told_with_its_command_s_usage(argv: list[str], told: 
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.strip().splitlines()[-1] == told, err
     assert err.startswith(f"usage: imagegen {argv[0]} "), err
+
+
+def test_resolving_an_item_the_spec_does_not_have_names_it_before_asking_s3(capsys) -> None:  # noqa: ANN001
+    """`ledger resolve SPEC ../../x` waited out six S3 tries, then asked whether S3 was up."""
+    from flows.cli import main
+
+    common = ["--run-date", "2026-01-01", "--not-sent"]
+    assert main(["ledger", "resolve", "pipelines/demo.yaml", "red-sneakr", *common]) == 1
+    assert capsys.readouterr().err.strip() == "demo-products has no item 'red-sneakr': did you mean 'red-sneaker'?"
+    assert main(["ledger", "resolve", "pipelines/demo.yaml", "../../x", *common]) == 1
+    assert capsys.readouterr().err.strip().startswith("demo-products has no item '../../x'; its items: red-sneaker, ")
