@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from flows.paying import stalled
 from flows.storage import (NotConditional, PreconditionFailed, conditional_writes, head, put_conditionally, read_object,
                            sidecar_key)
 
@@ -43,7 +44,14 @@ class Owner:
 
 def put_owned(bucket: Any, key: str, body: bytes, owner: Owner, *, content_type: str,
               metadata: dict[str, str] | None = None) -> str:
-    """Write `body` at `key` unless another owner's object is there (`KeyTaken`); return the ETag."""
+    """Write `body` at `key` unless another owner's object is there (`KeyTaken`); return the ETag.
+    While it waits for S3 the run's progress line can say so (`stalled`)."""
+    with stalled.waiting_on(f"archive write {key}"):
+        return _put_owned(bucket, key, body, owner, content_type=content_type, metadata=metadata)
+
+
+def _put_owned(bucket: Any, key: str, body: bytes, owner: Owner, *, content_type: str,
+               metadata: dict[str, str] | None) -> str:
     put = {"content_type": content_type, "metadata": owner.metadata(**(metadata or {}))}
     if conditional_writes(bucket):
         try:  # a new key: created if still absent, with no look first

@@ -1,5 +1,5 @@
-"""The ledger's S3 calls still waiting for an answer, so a run's progress line can say when S3
-has gone quiet: a frozen S3 server answers nothing, each call then waits out its read timeout
+"""The ledger's and the archive's S3 calls still waiting for an answer, so a run's progress line
+can say when S3 has gone quiet: a frozen S3 server answers nothing, each call then waits out its read timeout
 and backoff (minutes in all), and the line would otherwise only count the same items again."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-STALL_SECONDS = 20.0  # a ledger call this old is told on the progress line
+STALL_SECONDS = 20.0  # a ledger or archive call this old is told on the progress line
 
 _calls: dict[int, tuple[str, float]] = {}
 _lock = threading.Lock()
@@ -19,7 +19,8 @@ _ids = itertools.count()
 
 @contextlib.contextmanager
 def waiting_on(what: str) -> Iterator[None]:
-    """Mark the block as a call to S3 (`what`: "ledger write ...") until it returns or fails."""
+    """Mark the block as a call to S3 (`what`: "ledger write ...", "archive write ...") until it
+    returns or fails."""
     key = next(_ids)
     with _lock:
         _calls[key] = (what, time.monotonic())
