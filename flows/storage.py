@@ -19,6 +19,7 @@ import io
 import json
 import re
 import string
+import unicodedata
 from collections.abc import Iterator
 from datetime import date, timedelta
 from functools import lru_cache
@@ -377,6 +378,13 @@ def _tells_dates_apart(strftime: str) -> bool:
         return False
 
 
+UNSEEN = {"Cc": "a control character", "Cf": "an invisible format character", "Cs": "a lone surrogate",
+          "Zl": "a line or paragraph separator", "Zp": "a line or paragraph separator"}
+"""Unicode categories no key may hold: controls (U+0000-U+001F, U+007F-U+009F: NEL too), format
+characters (zero-width, bidirectional overrides that show a name other than it is), lone
+surrogates, and the line and paragraph separators (U+2028, U+2029), which split a printed line."""
+
+
 def key_problem(key: str) -> str | None:
     """Why `key` is no safe S3 key of ours (absolute, empty/`.`/`..` segment, control
     characters, too long), or None."""
@@ -384,8 +392,8 @@ def key_problem(key: str) -> str | None:
         return f"{key!r} is absolute (starts with '/')"
     if any(part in ("", ".", "..") for part in key.split("/")):
         return f"{key!r} has an empty, '.' or '..' path segment"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        return f"{key!r} has a control character"
+    if (unseen := next((ch for ch in key if unicodedata.category(ch) in UNSEEN), None)) is not None:
+        return f"{key!r} has {UNSEEN[unicodedata.category(unseen)]} (U+{ord(unseen):04X})"
     if len(key.encode()) > 1024:
         return "a key is longer than S3's 1024 bytes"
     return None
