@@ -633,8 +633,9 @@ class ImageProvider(Block, ABC):
             first_wait = min(timeout, learner.wait(poll_interval)) if learner else poll_interval if fresh else 0.0
             status, polls, last_took = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
                                                   first_wait=first_wait, waker=waker)
-            if learner is not None:  # less what the last status request waited on our side (a stalled limiter)
-                learner.ended(time.monotonic() - submitted - max(0.0, last_took - poll_interval))
+            if learner is not None:  # less a stall of the last status request (a limiter whose server stalled)
+                stalled = last_took - poll_interval if last_took > STALLED_POLLS * poll_interval else 0.0
+                learner.ended(time.monotonic() - submitted - stalled)
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
@@ -768,6 +769,7 @@ T = TypeVar("T")
 
 
 HELD_POLL_PAUSE = 0.2
+STALLED_POLLS = 10  # a status request that took this many intervals stalled on our side (its rate slot)
 """Seconds between two held status requests (the provider let go of the first before the end)."""
 MAX_RETRY_AFTER = 60.0
 """Longest Retry-After honoured; a provider asking for more gets a transient failure at once."""

@@ -13,9 +13,10 @@ action take to end, never before one poll interval:
   the shortest remembered;
 - only the last `REMEMBERED` jobs count, so a slow hour is forgotten;
 - a job's time runs from its submit's answer to the status request that found it ended: the
-  wait is what the quickest recent job took to be seen ended; less what that request waited on
-  this side beyond one interval (its rate slot, on a Prefect server that stalled for a minute:
-  each job then seemed to take a minute, and the jobs after it waited that long to be asked).
+  wait is what the quickest recent job took to be seen ended; less, where that request took ten
+  intervals or more, what it took beyond one (its rate slot, on a Prefect server that stalled
+  for a minute: each job then seemed to take a minute, and the jobs after it waited that long
+  to be asked). A shorter wait, such as a provider's `Retry-After`, still counts.
 
 A wait never changes what is paid or kept: only when the first status request is sent.
 """
