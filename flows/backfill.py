@@ -26,7 +26,7 @@ from prefect.states import Failed
 
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
-from flows.pipeline import archived_before, estimate_plans, plan_items, run_pipeline
+from flows.pipeline import archived_before, estimate_plans, pipeline_name, plan_items, run_pipeline
 from flows.running.progress import RunProgress, credits_text, each_in_its_unit, final_state
 from flows.running.report import artifact_key
 from flows.specs.spec import (PIPELINES_DIR, PipelineSpec, RunOverrides, SpecError, cap_mistake, load_spec,
@@ -315,7 +315,16 @@ def unrun_row(run_date: date, status: str, state: str, reason: str, flow_run_id:
             "paid_items": 0, "items": 0, "state": state, "reason": reason, "ran_items": False}
 
 
-@flow(name="backfill", log_prints=True)
+def backfill_name() -> str:
+    """A backfill's run in the UI: `<pipeline>-backfill-<start>-to-<end>` (a random name was all
+    its runs list showed of it, beside its dates' `<pipeline>-<date>`)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    return f"{pipeline_name('backfill')}-backfill-{params.get('start')}-to-{params.get('end')}"
+
+
+@flow(name="backfill", log_prints=True, flow_run_name=backfill_name)
 def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
              max_credits: float | dict[str, float] | None = None,
              deployment: str | None = DEPLOYMENT) -> list[dict[str, Any]]:

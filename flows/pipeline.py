@@ -571,21 +571,27 @@ def in_lane_order(plans: Sequence[ItemPlan], chains: dict[str, Chain], max_paral
 
 
 def run_name() -> str:
-    """A run's name in the UI: `<pipeline>-<run date>`, with `-dry-run` for a dry run. The
-    pipeline name is read from the spec's `name:` line alone; a spec that cannot be read keeps
-    `run-pipeline` (the run itself then says why)."""
-    from prefect.runtime import deployment, flow_run
+    """A run's name in the UI: `<pipeline>-<run date>`, with `-dry-run` for a dry run."""
+    from prefect.runtime import flow_run
 
     params = flow_run.parameters or {}
-    name = "run-pipeline"
+    run_date = params.get("run_date") or _default_run_date()
+    return f"{pipeline_name('run-pipeline')}-{run_date}" + ("-dry-run" if params.get("dry_run") else "")
+
+
+def pipeline_name(otherwise: str) -> str:
+    """The pipeline name of the running flow's `spec` parameter, read from the spec's `name:`
+    line alone; `otherwise` where the spec cannot be read (the run itself then says why)."""
+    from prefect.runtime import deployment, flow_run
+
     try:
-        text = read_spec_text(resolve_spec_path(params["spec"], confined=deployment.id is not None))
+        text = read_spec_text(resolve_spec_path((flow_run.parameters or {})["spec"],
+                                                confined=deployment.id is not None))
         if found := re.search(r"^name:[ \t]*['\"]?([a-z0-9][a-z0-9._-]{0,62})['\"]?[ \t]*(#.*)?$", text, re.MULTILINE):
-            name = found.group(1)
+            return found.group(1)
     except (SpecError, KeyError):
         pass
-    run_date = params.get("run_date") or _default_run_date()
-    return f"{name}-{run_date}" + ("-dry-run" if params.get("dry_run") else "")
+    return otherwise
 
 
 @flow(name="run-pipeline", log_prints=True, flow_run_name=run_name)

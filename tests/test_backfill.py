@@ -54,9 +54,13 @@ def test_backfill_runs_only_the_missing_dates_then_none(sandbox_blocks, tmp_path
     keys = {o["Key"] for o in s3_client(sandbox_blocks).list_objects_v2(Bucket=TEST_BUCKET, Prefix="bf/")["Contents"]}
     assert {f"bf/2026-06-0{d}/manifest.json" for d in range(1, 6)} <= keys
     # The same backfill again: every date is complete, nothing runs, nothing is paid.
-    again = backfill(spec=path, start=date(2026, 6, 1), end=date(2026, 6, 5), max_parallel=2)
-    assert [r["status"] for r in again] == ["skipped"] * 5
+    again = backfill(spec=path, start=date(2026, 6, 1), end=date(2026, 6, 5), max_parallel=2, return_state=True)
+    assert [r["status"] for r in again.result()] == ["skipped"] * 5
     assert tams_stats(sandbox_blocks)["requests"] == after["requests"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # its runs list names it, beside its dates' `bf-<date>`
+        assert client.read_flow_run(again.state_details.flow_run_id).name == "bf-backfill-2026-06-01-to-2026-06-05"
 
 
 def test_a_partly_failed_date_is_run_again(sandbox_blocks, tmp_path) -> None:
