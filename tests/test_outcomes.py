@@ -112,3 +112,5 @@ def test_the_summary_table_gives_a_failed_item_s_error_a_column_of_its_own() -> 
     assert broken["error"] == "tams: FAILED: job 7 [[fail]] marker"
     header = format_table([ok, broken]).splitlines()[0].split()
     assert header == ["item", "index", "provider", "job_credits", "verdict", "s3_uri", "error"]
+    [alone] = summary_rows({"items": manifest["items"][:1]})  # no failed item: no empty column
+    assert list(alone) == ["item", "index", "provider", "job_credits", "verdict", "s3_uri"]

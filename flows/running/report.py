@@ -115,7 +115,7 @@ def credits_of(manifest: dict[str, Any]) -> str:
 
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per image (or per failed item): the table shown in the UI and the terminal. A
-    failed item's error has a column of its own, its `s3_uri` is `-`."""
+    failed item's error has a column of its own (only where an item failed), its `s3_uri` is `-`."""
     rows = []
     for item in manifest["items"]:
         for obj in item["objects"]:
@@ -130,6 +130,9 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"item": item["item"], "index": "-", "provider": item["provider"],
                          "job_credits": item.get("credits") or 0.0,
                          "verdict": verdict, "s3_uri": "-", "error": err["message"][:200]})
+    if not any(row["error"] for row in rows):  # a run with no failed item shows no empty column
+        for row in rows:
+            del row["error"]
     return rows
 
 
