@@ -136,7 +136,9 @@ def test_backfills_on_three_providers_spread_over_three_workers_within_every_lim
     took_s = time.monotonic() - started
     for provider, proc in procs.items():
         assert proc.returncode == 0, outs[provider][-3000:]
-    took = {worker_of(env, r.id) for p in PROVIDERS for r in runs_named(env, f"recipe-{p}-")}
+    # The dates' runs (`recipe-tams-2026-10-01`), on the workers; not the backfill's own run
+    # (`recipe-tams-backfill-...`), which runs in the command's process.
+    took = {worker_of(env, r.id) for p in PROVIDERS for r in runs_named(env, f"recipe-{p}-{start_day.year}-")}
     print(f"backfills of {DATES} dates x 3 providers (2 items each) took {took_s:.0f} s on {sorted(filter(None, took))}; "
           f"refusals {refusals(sandbox_blocks)} (before {before})")
     assert took == set(WORKERS), took
