@@ -769,8 +769,10 @@ T = TypeVar("T")
 
 
 HELD_POLL_PAUSE = 0.2
-STALLED_POLLS = 10  # a status request that took this many intervals stalled on our side (its rate slot)
 """Seconds between two held status requests (the provider let go of the first before the end)."""
+STALLED_POLLS = 10
+"""A status request that took this many poll intervals stalled on our side (its rate slot, on a
+Prefect server that stopped answering): beyond one interval, not counted as the job's time."""
 MAX_RETRY_AFTER = 60.0
 """Longest Retry-After honoured; a provider asking for more gets a transient failure at once."""
 CALL_DEADLINE = 300.0

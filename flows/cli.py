@@ -31,8 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         images = sum(item.count for item in spec.items)
         print(f"OK {path}: pipeline {spec.name!r}, {len(spec.items)} item(s), {images} image(s)")
-        ids = [spec.item_id(n) for n in range(min(len(spec.items), SHOWN_IDS + 1))]
-        print(f"  items: {', '.join(ids[:SHOWN_IDS])}" + (", ..." if len(spec.items) > SHOWN_IDS else ""))
+        print(f"  items: {first_ids(spec)}")
         for note in notes:
             print(f"note: {note}")
     return status
@@ -166,6 +165,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 1 if over else 0
 
 
+def first_ids(spec: PipelineSpec) -> str:
+    """The spec's first `SHOWN_IDS` item ids, `, ...` after them where it has more."""
+    ids = [spec.item_id(n) for n in range(min(len(spec.items), SHOWN_IDS))]
+    return ", ".join(ids) + (", ..." if len(spec.items) > SHOWN_IDS else "")
+
+
 def _no_such_item(spec: PipelineSpec, item: str) -> str | None:
     """Why `item` is none of the spec's items (with the nearest id), else None."""
     ids = [spec.item_id(n) for n in range(len(spec.items))]
@@ -173,7 +178,7 @@ def _no_such_item(spec: PipelineSpec, item: str) -> str | None:
         return None
     near = difflib.get_close_matches(item, ids, n=1)
     return f"{spec.name} has no item {item!r}" + (f": did you mean {near[0]!r}?" if near else
-                                                  f"; its items: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
+                                                  f"; its items: {first_ids(spec)}")
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
@@ -585,11 +590,15 @@ NEEDS_PREFECT = {"run", "estimate", "ledger", "limits", "backfill", "setup-serve
 """Commands that talk to a Prefect API (Blocks, limits, runs); the others start no server."""
 
 
+def command_key(args: argparse.Namespace) -> str:
+    """The command as `NEEDS_PREFECT` names it (`run`, `sandbox:up`)."""
+    return args.command + (f":{args.action}" if args.command == "sandbox" else "")
+
+
 def temporary_server_note(args: argparse.Namespace) -> str | None:
     """What to say before a command starts Prefect's temporary server (no `PREFECT_API_URL`):
     that it starts, and on a new `PREFECT_HOME` that its database is being created first."""
-    command = args.command + (f":{args.action}" if args.command == "sandbox" else "")
-    if command not in NEEDS_PREFECT or getattr(args, "no_register", False):
+    if command_key(args) not in NEEDS_PREFECT or getattr(args, "no_register", False):
         return None
     from prefect.settings import get_current_settings
 
@@ -607,8 +616,7 @@ def temporary_server_note(args: argparse.Namespace) -> str | None:
 def wrong_api(args: argparse.Namespace) -> str | None:
     """Where the command talks to the user's Prefect API and that address answers as something
     else (`flows.cli_errors.not_a_prefect_api`), why; else None."""
-    command = args.command + (f":{args.action}" if args.command == "sandbox" else "")
-    if command not in NEEDS_PREFECT:
+    if command_key(args) not in NEEDS_PREFECT:
         return None
     from prefect.settings import get_current_settings
 

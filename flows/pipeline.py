@@ -774,8 +774,8 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     budget = parsed.budget()
     earlier = earlier_spend(ledger_of(plans[0]), plans, reused) if budget and plans else Earlier()
     to_pay = _to_pay(todo, earlier, skipped)
-    over = {p: round(earlier.spent.get(p, 0.0) + to_pay.get(p, 0.0), 4) for p, cap in budget.items()
-            if earlier.spent.get(p, 0.0) + to_pay.get(p, 0.0) > cap + 1e-9}
+    projected = {p: earlier.spent.get(p, 0.0) + to_pay.get(p, 0.0) for p in budget}
+    over = {p: round(projected[p], 4) for p, cap in budget.items() if projected[p] > cap + 1e-9}
     if over:
         raise BudgetExceeded(over_budget(over, budget, len(todo), earlier.spent))
     logger.info("run %s for %s: %d item(s), %d already archived, estimated %s",

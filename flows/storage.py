@@ -386,8 +386,8 @@ surrogates, and the line and paragraph separators (U+2028, U+2029), which split 
 
 
 def key_problem(key: str) -> str | None:
-    """Why `key` is no safe S3 key of ours (absolute, empty/`.`/`..` segment, control
-    characters, too long), or None."""
+    """Why `key` is no safe S3 key of ours (absolute, empty/`.`/`..` segment, a character of
+    `UNSEEN`'s categories, too long), or None."""
     if key.startswith("/"):
         return f"{key!r} is absolute (starts with '/')"
     if any(part in ("", ".", "..") for part in key.split("/")):

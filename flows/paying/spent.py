@@ -46,13 +46,12 @@ def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[
     for archived in reused.values():
         earlier.add(archived.provider, archived.credits)
     records = ledger.records(only=lambda item: item in by_id and item not in reused) if by_id else []
-    for record in records:
-        estimate = _estimate(by_id[record.item_id], record)
+    priced = [(record, _estimate(by_id[record.item_id], record)) for record in records]
+    for record, estimate in priced:
         if record.charged is not None and estimate:
             earlier.ratio[record.provider] = max(earlier.ratio.get(record.provider, 1.0), record.charged / estimate)
-    for record in records:
-        earlier.add(record.provider, _cost(record, _estimate(by_id[record.item_id], record),
-                                           earlier.ratio.get(record.provider, 1.0)))
+    for record, estimate in priced:  # the ratio of the whole date first: a lost answer counts at its worst
+        earlier.add(record.provider, _cost(record, estimate, earlier.ratio.get(record.provider, 1.0)))
         if record.step is Step.GENERATE and record.state in PAID | MAYBE:
             earlier.paid.add(record.item_id)
     return earlier
