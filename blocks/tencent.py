@@ -470,11 +470,15 @@ class TencentAiArtProvider(ImageProvider):
                          result_urls=list(answer.get("ResultImage") or []), reason=reason)
 
     def job_failure(self, status: JobStatus) -> ProviderError:
-        code = (status.reason or "").split(":", 1)[0]
-        if code == GENERATE_FAILED:  # the job ran (maybe charged); trying again is a new job, so not here
-            return ReviewFailed(status.reason or code)
+        """A job that ended "4": its `JobErrorCode` mapped, named once (the error's prefix) with
+        the job and `JobErrorMsg`. Tencent bills successful calls, so the item's budget settles
+        at nothing; a failed review is not tried again here (that would be a new job)."""
+        code, _, text = (status.reason or "").partition(":")
+        said = f"job {status.job_id} failed: {text.strip() or 'no message'}"
+        if code == GENERATE_FAILED:
+            return ReviewFailed(said)
         if code in ERROR_CODES:
-            return map_error(code, status.reason or "")
+            return map_error(code, said)
         return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,
                          code=status.provider_status)
 
