@@ -170,6 +170,35 @@ def test_an_unanswered_call_s_reservation_grows_when_a_later_charge_shows_a_high
         budget.reserve("chuzhan", 4.0)
 
 
+def test_a_lost_answer_is_held_at_the_price_a_later_charge_shows(sandbox_blocks, tmp_path) -> None:
+    """The emulator's own count: 触站AI takes four times its quote (16 for 4). The first draw is
+    created and charged, its answer cut off (held at its quote of 4, maybe charged); the second
+    is charged 16, which shows the price, so the lost one is held at 16 too: 32 of the cap of 36,
+    and the third draw (16 more) is not sent. Held at its quote, the lost one would have left
+    room for the third (4 + 16 + 16 = 36): 48 charged against a cap of 36."""
+    url = sandbox_blocks.url("chuzhan")
+    name = "budget-lost-answer"
+    items = "".join(f"  - {{id: p{k}, prompt: 'poster {k} of {name}'}}\n" for k in range(3))
+    spec = SPEC.format(name=name, items=items).replace("max_parallel: 3", "max_parallel: 1").replace(
+        "chuzhan: 20}", "chuzhan: 36}, unknown_hold: 1")
+    httpx.post(f"{url}/_sandbox/config", json={"price_rise": 4.0}).raise_for_status()
+    httpx.post(f"{url}/_sandbox/faults", json={"kind": "drop_after", "count": 1}).raise_for_status()
+    try:
+        before = chuzhan_stats(sandbox_blocks)
+        state = run_spec(tmp_path, spec, date(2026, 8, 24))
+        after = chuzhan_stats(sandbox_blocks)
+    finally:
+        httpx.post(f"{url}/_sandbox/config", json={"price_rise": 1.0})
+        httpx.delete(f"{url}/_sandbox/faults")
+    assert after["charged_credits"] - before["charged_credits"] == 32, (before, after)
+    from tests.test_limits_and_faults import manifest_of
+
+    manifest = manifest_of(state)
+    assert manifest["spend"]["chuzhan"] == {"cap": 36.0, "charged": 16.0, "reserved": 16.0, "ratio": 4.0}
+    errors = {i["item"]: i["error"]["error"] for i in manifest["items"] if i.get("error")}
+    assert errors.get("p2") == "BudgetReached", manifest["items"]
+
+
 def test_earlier_runs_of_the_date_count_against_its_cap() -> None:
     budget = RunBudget({"tams": 5.0}, before={"tams": 3.0}, ratios={"tams": 1.0})
     budget.answered(budget.reserve("tams", 1.5))
