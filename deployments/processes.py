@@ -66,13 +66,27 @@ def wait_until(ready: Callable[[], bool], pid: int, log: Path, *, what: str, tim
 
 def stop(pid: int, grace: float = 15.0) -> None:
     """Stop `pid`'s session: SIGTERM, then SIGKILL after `grace` seconds. Nothing if it is gone."""
+    stop_all([pid], grace)
+
+
+def stop_all(pids: list[int], grace: float = 15.0) -> None:
+    """Stop these sessions together (SIGTERM to all, then SIGKILL to those still running after
+    `grace` seconds): as long as the slowest takes, not the sum of them."""
+    running = list(pids)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
+        running = [pid for pid in running if _signal(pid, sig)]
         deadline = time.monotonic() + wait
-        while alive(pid) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in running) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if not alive(pid):
+        running = [pid for pid in running if alive(pid)]
+        if not running:
             return
+
+
+def _signal(pid: int, sig: signal.Signals) -> bool:
+    """Send `sig` to `pid`'s session; False when it is gone (or not ours)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from deployments.processes import alive, spawn, stop, wait_until
+from deployments.processes import alive, spawn, stop_all, wait_until
 from sandbox.accounts import emulator, emulators, read_secret, secret_file
 from sandbox.s3 import weed_binary, weed_command, write_identity
 
@@ -340,8 +340,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> bool:
     state = SandboxState.load(Path(state_dir).resolve())
     if state is None:
         return False
-    for pid in state.pids.values():
-        stop(pid, grace=5)
+    stop_all(list(state.pids.values()), grace=5)
     state.pids = {}
     state.save()
     return True
