@@ -114,3 +114,11 @@ def test_the_summary_table_gives_a_failed_item_s_error_a_column_of_its_own() -> 
     assert header == ["item", "index", "provider", "job_credits", "verdict", "s3_uri", "error"]
     [alone] = summary_rows({"items": manifest["items"][:1]})  # no failed item: no empty column
     assert list(alone) == ["item", "index", "provider", "job_credits", "verdict", "s3_uri"]
+
+
+def test_an_empty_cell_shows_as_a_dash() -> None:
+    """A backfill's date that never started has no flow run: its cell read `None`."""
+    from flows.running.report import format_table
+
+    lines = format_table([{"date": "2026-01-01", "flow_run_id": None}, {"date": "2026-01-02", "flow_run_id": "abc"}])
+    assert lines.splitlines()[1].split() == ["2026-01-01", "-"] and "None" not in lines

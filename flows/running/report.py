@@ -142,12 +142,14 @@ refused the content: shown as a rejection, not as a failure of ours."""
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a terminal table; an empty cell (None) shows as `-`, not as Python's `None`."""
     if not rows:
         return "(no images)"
     columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    cells = [{c: "-" if r[c] is None else str(r[c]) for c in columns} for r in rows]
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in cells]
     return "\n".join(lines)
 
 
