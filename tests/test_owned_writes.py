@@ -94,3 +94,37 @@ def test_without_conditional_writes_another_owners_object_is_still_never_overwri
     put_owned(bucket, "new.png", b"mine", MINE, content_type="image/png")
     # looked at first; then the conditional put (501) and the plain one
     assert s3.calls[2:] == ["head", "put", "put"] and s3.objects["new.png"]["Body"] == b"mine"
+
+
+def test_an_archive_write_s3_does_not_answer_is_told_on_the_progress_line(monkeypatch) -> None:
+    """A frozen S3 server: the image write waits (its read timeout and backoff, minutes in
+    all); meanwhile the run's progress line says S3 has not answered an archive write, without
+    the key, and stops saying it once the write is answered."""
+    import threading
+    import time
+
+    from flows.paying import stalled
+    from flows.running.progress import RunProgress
+
+    monkeypatch.setattr(stalled, "STALL_SECONDS", 0.2)
+    answered = threading.Event()
+
+    class FrozenS3(FakeS3):
+        def put_object(self, **kwargs: Any) -> dict[str, str]:
+            answered.wait(10)
+            return super().put_object(**kwargs)
+
+    s3 = FrozenS3()
+    progress = RunProgress("run p 2026-01-01", 1)
+    write = threading.Thread(target=lambda: put_owned(Bucket(s3, "b3"), "p/2026-01-01/a-1.png", b"png", MINE,
+                                                      content_type="image/png"))
+    write.start()
+    try:
+        time.sleep(0.5)
+        line = progress.line()
+        assert "; S3 has not answered an archive write for " in line and "(is the S3 server up?)" in line, line
+        assert "a-1.png" not in line, line
+    finally:
+        answered.set()
+        write.join(10)
+    assert s3.objects["p/2026-01-01/a-1.png"]["Body"] == b"png" and "S3" not in progress.line()

@@ -46,4 +46,5 @@ def hint() -> str:
     if (found := longest()) is None:
         return ""
     call = " ".join(found[0].split()[:2])  # "ledger write", without the key
-    return f"; S3 has not answered a {call} for {found[1]:.0f} s, still trying (is the S3 server up?)"
+    article = "an" if call[:1] in "aeiou" else "a"  # "an archive write"
+    return f"; S3 has not answered {article} {call} for {found[1]:.0f} s, still trying (is the S3 server up?)"
