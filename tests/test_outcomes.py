@@ -116,6 +116,16 @@ def test_the_summary_table_gives_a_failed_item_s_error_a_column_of_its_own() -> 
     assert list(alone) == ["item", "index", "provider", "job_credits", "verdict", "s3_uri"]
 
 
+def test_a_job_s_credits_are_on_its_first_image_s_row_only() -> None:
+    """Two images of one job: its credits once, so the column adds up to what was paid."""
+    from flows.running.report import SAME_JOB, summary_rows
+
+    item = {"item": "lamp", "provider": "tams", "credits": 3.0, "objects": [
+        {"index": 1, "verdict": "approved", "s3_uri": "s3://b/p/lamp-1.png"},
+        {"index": 2, "verdict": "approved", "s3_uri": "s3://b/p/lamp-2.png"}]}
+    assert [row["job_credits"] for row in summary_rows({"items": [item]})] == [3.0, SAME_JOB]
+
+
 def test_an_empty_cell_shows_as_a_dash() -> None:
     """A backfill's date that never started has no flow run: its cell read `None`."""
     from flows.running.report import format_table

@@ -113,15 +113,21 @@ def credits_of(manifest: dict[str, Any]) -> str:
     return credits_text(_by_provider(manifest.get("items", [])))
 
 
+SAME_JOB = "(same job)"
+"""The `job_credits` of an item's later images: one job made them all, and its credits are on
+its first image's row (repeated, a column's sum read as twice what was paid)."""
+
+
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per image (or per failed item): the table shown in the UI and the terminal. A
-    failed item's error has a column of its own (only where an item failed), its `s3_uri` is `-`."""
+    failed item's error has a column of its own (only where an item failed), its `s3_uri` is `-`;
+    a job's credits are on its first image's row."""
     rows = []
     for item in manifest["items"]:
-        for obj in item["objects"]:
+        for n, obj in enumerate(item["objects"]):
             verdict = obj["verdict"] + (f" ({'; '.join(obj['reasons'])})" if obj.get("reasons") else "")
             rows.append({"item": item["item"], "index": obj["index"], "provider": item["provider"],
-                         "job_credits": item["credits"], "verdict": verdict,
+                         "job_credits": SAME_JOB if n else item["credits"], "verdict": verdict,
                          "s3_uri": obj["s3_uri"] or "dropped", "error": ""})
         if item.get("error"):
             err = item["error"]
