@@ -651,6 +651,7 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
             try:
                 manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False, selected=selected)
             except Exception as exc:
+                paidcalls.end_run(flow_run.id, f"the run stopped on {type(exc).__name__}")  # tasks still running
                 _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
                 raise
         reclaim_expired(force=True)  # a dead run's leases that expired while this one ran

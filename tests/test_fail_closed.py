@@ -242,6 +242,67 @@ def test_a_claim_unrenewed_for_its_whole_lease_is_lost_for_good_and_said_once() 
     assert len(heard) == 1 and heard[0].startswith(f"the claim {CLAIM} is lost: no renewal of its 60 s lease"), heard
 
 
+def test_no_paid_call_of_a_run_starts_once_it_stopped_or_let_its_claim_go() -> None:
+    """A run that stopped on an error (its flow body raised) while tasks still ran: they start no
+    paid call, with or without the claim; a run that takes its claim again (a retried flow
+    run) may pay again."""
+    from flows.paying import paidcalls
+    from flows.paying.leases import Lease
+
+    with paidcalls.claim("run-ended", Lease(uuid4(), CLAIM, 60.0)):
+        paidcalls.begin("run-ended")
+        paidcalls.end()
+        paidcalls.end_run("run-ended", "the run stopped on HTTPStatusError")
+        with pytest.raises(paidcalls.RunStopping, match="the run stopped on HTTPStatusError: not sent, nothing paid"):
+            paidcalls.begin("run-ended")
+    with pytest.raises(paidcalls.RunStopping, match="the run stopped on HTTPStatusError"):
+        paidcalls.begin("run-ended")  # the claim let go: still refused
+    with paidcalls.claim("run-over", Lease(uuid4(), CLAIM, 60.0)):
+        pass
+    with pytest.raises(paidcalls.RunStopping, match="its run has ended"):
+        paidcalls.begin("run-over")
+    with paidcalls.claim("run-over", Lease(uuid4(), CLAIM, 60.0)):
+        paidcalls.begin("run-over")  # taken again: it may pay
+        paidcalls.end()
+
+
+class MemoryLedger:
+    """Keeps records in a dict: a stand-in for the S3 bucket behind `JobLedger.put`."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, object] = {}
+
+    def put(self, record):  # noqa: ANN001, ANN201
+        self.records[record.item_id] = record
+        return record
+
+
+def test_a_call_answered_after_its_run_closed_the_budget_lets_the_provider_s_next_call_go(monkeypatch) -> None:
+    """The run stopped on an error and closed its budget while a paid call was on the wire:
+    its answer still releases the provider's send lock (it looked the budget up again, found
+    none, and left the lock held: the next call of that provider waited for ever)."""
+    from flows.paying.budget import close_run, open_run
+    from flows.paying.journal import ItemJournal
+    from flows.paying.ledger import Step
+
+    run_id = str(uuid4())
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", run_id)
+    budget = open_run(run_id, {"chuzhan": 100.0})
+    identity = {"item_id": "p0", "step": Step.GENERATE, "base_request_id": "r0", "request_id": "r0", "attempt": 1,
+                "provider": "chuzhan", "block": "unit"}
+    journal = ItemJournal(MemoryLedger(), None, identity, cost=4.0)  # type: ignore[arg-type]
+    journal.sending()
+    close_run(run_id)
+    waiting = threading.Thread(target=lambda: budget.answered(budget.reserve("chuzhan", 4.0)), daemon=True)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # one call of a provider at a time: it waits for the first's answer
+    journal.settle(4.0)
+    waiting.join(5)
+    assert not waiting.is_alive()
+    assert budget.summary()["chuzhan"]["charged"] == 4.0
+
+
 class LosingJournal:
     """Begins the paid call as `ItemJournal.sending` does; the claim is then lost while the
     call waits for its request slot (a server that went away)."""

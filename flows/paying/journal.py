@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from flows.paying import faults
 from flows.paying import paidcalls
-from flows.paying.budget import Reservation, for_run
+from flows.paying.budget import Reservation, RunBudget, for_run
 from flows.paying.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 
 
@@ -29,6 +29,7 @@ class ItemJournal:
         self.unsaved = False
         self.cost = cost  # this paid call's estimated credits, reserved against the run's budget
         self.held: Reservation | None = None
+        self.budget: RunBudget | None = None  # the budget `held` is in, kept: the run may close it first
 
     def _move(self, to: State, **changes: Any) -> None:
         self.record = move(self.record, to, **{**self.identity, **changes})
@@ -57,11 +58,11 @@ class ItemJournal:
         """Reserve the call's cost (`BudgetReached`: nothing is sent), check that the run may
         still pay (`flows.paying.paidcalls`: its claim and job slot held, no stop asked; else a
         `PaidCallRefused` and nothing is sent), then record `sending`."""
-        budget = for_run(flow_run.id)
-        if budget is not None and self.held is not None and not self.held.settled:
-            budget.resend(self.held)  # the same request again, where the provider dedupes
-        elif budget is not None:
+        if self.budget is not None and self.held is not None and not self.held.settled:
+            self.budget.resend(self.held)  # the same request again, where the provider dedupes
+        elif (budget := for_run(flow_run.id)) is not None:
             self.held = budget.reserve(self.identity["provider"], self.cost)
+            self.budget = budget
         try:
             paidcalls.begin(flow_run.id)
             self._move(State.SENDING, reason=None)
@@ -76,8 +77,8 @@ class ItemJournal:
     def _answered(self, *, charged: float | None = None, given_back: bool = False, settle: bool = False) -> None:
         """The call's answer is in: settle or give back its reservation; the next call may go."""
         paidcalls.end()
-        budget, held = for_run(flow_run.id), self.held
-        if budget is None or held is None:
+        budget, held = self.budget, self.held  # not looked up again: a run that stopped on an error
+        if budget is None or held is None:  # closed its budget, and a send lock left held would block its lane
             return
         if given_back:
             budget.give_back(held)

@@ -46,6 +46,7 @@ class RunStopping(PaidCallRefused):
 
 
 _claims: dict[str, Lease] = {}
+_ended: dict[str, str] = {}  # flow runs of this process that stopped (`end_run`, the claim let go): why
 _local = threading.local()
 _stop: list[str] = []
 
@@ -56,12 +57,25 @@ def _key(run_id: Any) -> str:
 
 @contextlib.contextmanager
 def claim(run_id: Any, lease: Lease) -> Iterator[None]:
-    """`lease` is the claim of flow run `run_id` for the block."""
-    _claims[_key(run_id)] = lease
+    """`lease` is the claim of flow run `run_id` for the block. Once the block is left, no
+    paid call of the run starts in this process (`RunStopping`): a task still running after its
+    run stopped on an error would pay with no claim held, past a budget already closed."""
+    key = _key(run_id)
+    _claims[key] = lease
+    _ended.pop(key, None)
     try:
         yield
     finally:
-        _claims.pop(_key(run_id), None)
+        _claims.pop(key, None)
+        if key:
+            _ended.setdefault(key, "its run has ended")
+
+
+def end_run(run_id: Any, why: str) -> None:
+    """Flow run `run_id` stops (`why`): none of its paid calls starts from now on in this process;
+    its jobs already paid for are polled to the end."""
+    if key := _key(run_id):
+        _ended[key] = why
 
 
 _running: dict[str, None] = {}  # the flow runs of this process in progress, claim or not yet
@@ -144,6 +158,8 @@ def _sure(lease: Lease) -> bool:
 def check(run_id: Any) -> None:
     """Raise a `PaidCallRefused` unless flow run `run_id` (None: no run) may start a paid call
     now; wait while its claim or this thread's job slot is in doubt."""
+    if (ended := _ended.get(_key(run_id))) is not None:
+        raise RunStopping(f"{ended}: not sent, nothing paid; the next run sends it")
     claimed = _claims.get(_key(run_id))
     if claimed is not None and not _sure(claimed) and claimed.lost:
         raise ClaimLost(lost_claim_message(claimed) + " (nothing was sent for this one)")
