@@ -380,7 +380,13 @@ class ImageProvider(Block, ABC):
 
         def once() -> Any:
             try:
-                return self.read_answer(call, self._exchange(call))
+                response = self._exchange(call)
+                try:
+                    return self.read_answer(call, response)
+                except ProviderError:
+                    raise
+                except Exception as exc:  # an answer this client cannot read: the request went out
+                    raise self.unreadable(call, exc) from exc
             except TransientError as exc:
                 seen[exc.code or ""] += 1
                 raise self.settle(exc, seen[exc.code or ""]) from None
@@ -392,17 +398,26 @@ class ImageProvider(Block, ABC):
         outside the transport-error handling, so a fault of the limiter (its Prefect API, over
         httpx too) surfaces as the limiter's, never as the provider's; and a request the
         limiter never let through is never taken for a paid call that may have been sent."""
-        fault: httpx.TransportError | None = None
+        fault: httpx.TransportError | httpx.DecodingError | None = None
         with self._limiter.request(call.action):
             try:
                 extra = {} if call.timeout is None else {"timeout": call.timeout}
                 return self.client(fresh_connections=not call.safe_to_repeat).request(
                     call.method, call.path, content=call.body, headers=dict(call.headers), **extra)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # a body that does not decode came back
                 fault = exc
         raise self.transport_fault(call, fault)
 
-    def transport_fault(self, call: ApiCall, exc: httpx.TransportError | None) -> ProviderError:
+    def unreadable(self, call: ApiCall, exc: Exception) -> ProviderError:
+        """An answer this client could not read (a field missing or of another type): the
+        request went out, so a paid call may have been charged (`SubmitUnknown`, never taken for
+        a refusal and sent again); a call safe to repeat is transient."""
+        what = f"{call.what}: its answer could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        if call.safe_to_repeat:
+            return TransientError(what, provider=self.provider_name)
+        return SubmitUnknown(f"{what}; it may have been charged, so it is not repeated", provider=self.provider_name)
+
+    def transport_fault(self, call: ApiCall, exc: httpx.TransportError | httpx.DecodingError | None) -> ProviderError:
         """A cut connection or a timeout: transient where the request cannot have been acted
         on (it never connected, or repeating it is safe), else `SubmitUnknown`."""
         what = f"{call.what}: {type(exc).__name__}"
@@ -485,7 +500,14 @@ class ImageProvider(Block, ABC):
 
     def submit(self, request: GenerationRequest) -> str:
         """Start the job; return the provider's job id."""
-        return self.read_job_id(self.send(self.submit_call(request)))
+        call = self.submit_call(request)
+        answer = self.send(call)
+        try:
+            return self.read_job_id(answer)
+        except ProviderError:
+            raise
+        except Exception as exc:  # e.g. a charge that is not a number: the job may exist
+            raise self.unreadable(call, exc) from exc
 
     def poll(self, job_id: str) -> JobStatus:
         """The job's current status."""
@@ -625,7 +647,9 @@ class ImageProvider(Block, ABC):
                 job_id = self._submit_recorded(request, journal, unknown_hold)
             submitted = time.monotonic()
             if not self.can_fetch_again(job_id):  # its images exist only in this process
-                images = self.fetch(self.poll(job_id))
+                status = self.poll(job_id)
+                self.refuse_private_results(status)
+                images = self.fetch(status)
                 journal.done(job_id, images)
                 return JobResult(job_id=job_id, images=images, credits=estimate.credits,
                                  credits_source=estimate.source, polls=0)
@@ -828,17 +852,45 @@ def download_client() -> httpx.Client:
         return _downloads[0]
 
 
+MAX_IMAGE_BYTES = 128 * 2**20
+"""The largest image (a result or an input) read: a larger body is refused as it streams in,
+never held whole (a 4096 x 4096 PNG is at most about 64 MiB)."""
+
+
+class TooLarge(ValueError):
+    """A body longer than `MAX_IMAGE_BYTES`: not read further."""
+
+
+def read_bounded(response: httpx.Response, limit: int | None = None) -> bytes:
+    """A streamed response's body, `TooLarge` past `limit` bytes (`MAX_IMAGE_BYTES`; said by
+    its Content-Length, or found as it comes in)."""
+    limit = MAX_IMAGE_BYTES if limit is None else limit
+    too_large = TooLarge(f"larger than an image may be ({limit:,} bytes)")
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def download(url: str, *, provider: str, timeout: float, attempts: int, expiry: str) -> bytes:
     """GET a result URL (no provider auth: it is presigned), retrying transient faults.
     `expiry` says how long such URLs live, for the error a late download gets."""
     def get() -> bytes:
         try:
-            response = download_client().get(url, timeout=timeout)
-        except httpx.TransportError as exc:
+            with download_client().stream("GET", url, timeout=timeout) as response:
+                if response.status_code != 200:
+                    raise status_error(f"result download (result URLs expire after {expiry})", response, provider)
+                return read_bounded(response)
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise TransientError(f"result download: {type(exc).__name__}", provider=provider) from None
-        if response.status_code != 200:
-            raise status_error(f"result download (result URLs expire after {expiry})", response, provider)
-        return response.content
+        except TooLarge as exc:
+            raise BadRequest(f"result download: {exc}; not read", provider=provider) from None
 
     return with_retries(get, attempts)
 

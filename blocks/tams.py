@@ -23,7 +23,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from blocks.base import (CallbackFields, ApiCall, CreditEstimate, GenerationRequest, Heard, ImageProvider, JobState, JobStatus,
                          download, retry_after_seconds, status_error, with_retries)
-from blocks.errors import AccountStop, BadRequest, ProviderError, TransientError
+from blocks.errors import AccountStop, BadRequest, ProviderError, SubmitUnknown, TransientError
 
 PROVIDER = "tams"
 USD_PER_CREDIT = 0.003
@@ -189,7 +189,13 @@ class TamsProvider(ImageProvider, CallbackFields):
                 err_body = response.json()
             except ValueError:
                 err_body = None
-            raise map_error(response.status_code, err_body, retry_after_seconds(response))
+            error = map_error(response.status_code, err_body, retry_after_seconds(response))
+            if error.code == "6" and call.method == "POST" and call.path == "/v1/jobs":
+                # ALREADY_EXISTS on a submit: a job of this requestId exists (paid for), just not
+                # returned as the document's idempotence suggests; never a refusal to send again
+                raise SubmitUnknown(f"{call.what}: {error.message}: a job of this requestId already exists",
+                                    provider=PROVIDER, code="6") from None
+            raise error
         return self.json_answer(call, response)
 
     # --- the provider interface -------------------------------------------------------------

@@ -408,6 +408,9 @@ class TencentAiArtProvider(ImageProvider):
             else:
                 payload["InputImage"] = request.input_ref
             answer, failed = self._image_to_image(payload)
+            if not isinstance(answer.get("ResultImage"), str):  # answered (maybe charged) without its image
+                raise SubmitUnknown(f"{IMAGE_TO_IMAGE} answered without a ResultImage; it may have been charged, so "
+                                    "it is not repeated", provider=PROVIDER)
             job_id = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
             self._sync_results[job_id] = [answer["ResultImage"]]
             if failed:
@@ -512,9 +515,15 @@ class TencentAiArtProvider(ImageProvider):
                 except BaseException as exc:
                     journal.refused(exc)
                     raise
-            result_url = str(answer["ResultImage"])
+            if not isinstance(answer.get("ResultImage"), str):  # answered (maybe charged) without its image
+                exc = SubmitUnknown(f"{REFINE} answered without a ResultImage; it may have been charged, so it is "
+                                    "not repeated", provider=PROVIDER)
+                journal.unknown(exc)
+                raise exc
+            result_url = answer["ResultImage"]
             journal.submitted(result_url)
-        image = self.fetch(JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync",
-                                     result_urls=[result_url]))[0]
+        status = JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync", result_urls=[result_url])
+        self.refuse_private_results(status)
+        image = self.fetch(status)[0]
         journal.done("refine", [image])
         return image

@@ -148,3 +148,92 @@ def test_a_paid_call_never_goes_out_on_a_reused_connection(name: str) -> None:
         assert numbers[:2] == [1, 2]
     else:
         assert numbers == [1, 1, 1]
+
+
+def _answered(name: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[ImageProvider, respx.Route]:
+    route = respx.route(host="provider.test").mock(  # a stream: read (and decoded) as the client reads it
+        side_effect=lambda request: httpx.Response(200, stream=httpx.ByteStream(body), headers=headers))
+    return block(name, max_attempts=2), route
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+@respx.mock
+def test_a_submit_answer_that_does_not_decode_is_unknown_where_a_repeat_could_pay(name: str) -> None:
+    """A body that claims gzip and is not: the request went out, so for a paid call that is not
+    safe to repeat it is `SubmitUnknown` (it was recorded `refused`, and the next run paid again)."""
+    provider, route = _answered(name, b"not gzip at all", {"Content-Encoding": "gzip",
+                                                           "Content-Type": "application/json"})
+    expected = TransientError if type(provider).idempotent_submit else SubmitUnknown
+    with pytest.raises(expected, match="DecodingError"):
+        provider.submit(type(provider).sample_request())
+    assert route.call_count == (2 if type(provider).idempotent_submit else 1)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"code": 0, "success": true, "data": {"paintingSign": "t1", "used": "4x"}}',  # a charge that is no number
+    b'{"code": "0", "success": true, "data": {"paintingSign": "t1", "used": 4}}',  # success, with a code of text
+    b'{"code": "zero", "success": false, "msg": "?"}',  # a code that is no number
+])
+@respx.mock
+def test_a_draw_answer_that_cannot_be_read_is_unknown_not_refused(body: bytes) -> None:
+    """触站AI charges at submit: an answer this client cannot read may be of a task created and
+    charged, so it is never taken for a refusal (which the next run sends again)."""
+    provider, route = _answered("chuzhan", body, {"Content-Type": "application/json"})
+    with pytest.raises(SubmitUnknown, match="may have been charged|says success|could not be read"):
+        provider.submit(provider.sample_request())
+    assert route.call_count == 1
+
+
+@respx.mock
+def test_an_image_to_image_answer_without_its_image_is_unknown() -> None:
+    """Tencent ImageToImage answers with the image: an answer without it may still be charged."""
+    provider, route = _answered("tencent", b'{"Response": {"RequestId": "r1"}}', {"Content-Type": "application/json"})
+    request = provider.sample_request().model_copy(update={"input_ref": "aW1hZ2U=", "has_input": True})
+    with pytest.raises(SubmitUnknown, match="without a ResultImage"):
+        provider.submit(request)
+    assert route.call_count == 1
+
+
+@respx.mock
+def test_a_tams_submit_answered_already_exists_is_unknown_not_refused() -> None:
+    """TAMS documents requestId as idempotent, not what a repeat returns: a 409 ALREADY_EXISTS
+    says a job of this request exists (paid for), so the step is never recorded as refused."""
+    route = respx.route(host="provider.test").mock(
+        return_value=httpx.Response(409, json={"code": 6, "message": "job already exists"}))
+    provider = block("tams", max_attempts=2)
+    with pytest.raises(SubmitUnknown, match="a job of this requestId already exists"):
+        provider.submit(provider.sample_request())
+    assert route.call_count == 1
+
+
+@respx.mock
+def test_an_image_to_image_result_on_a_private_address_is_not_fetched() -> None:
+    """Tencent's synchronous answer names its result URL: a private address is refused as an
+    asynchronous job's is (the provider's world is the internet, never the worker's network)."""
+    from blocks.base import CreditEstimate, ResultRefused
+
+    respx.route(host="provider.test").mock(return_value=httpx.Response(
+        200, json={"Response": {"RequestId": "r1", "ResultImage": "http://10.0.0.7/result.png"}}))
+    private = respx.route(host="10.0.0.7").mock(return_value=httpx.Response(200, content=b"png"))
+    provider = block("tencent", max_attempts=2)
+    request = provider.sample_request().model_copy(update={"input_ref": "aW1hZ2U=", "has_input": True})
+    with pytest.raises(ResultRefused, match=r"private address \(10.0.0.7\)"):
+        provider.run_job(request, poll_interval=0.1, timeout=5, estimate=CreditEstimate(credits=1.0, source="formula"))
+    assert private.call_count == 0
+
+
+@pytest.mark.parametrize("declared", [True, False])
+@respx.mock
+def test_a_result_larger_than_an_image_may_be_is_not_read(declared: bool, monkeypatch) -> None:
+    """A result URL that answers without end (or says it will): refused as it streams in, not
+    read into memory whole."""
+    from blocks import base
+
+    monkeypatch.setattr(base, "MAX_IMAGE_BYTES", 1000)
+    chunks = [b"x" * 400] * 5
+    headers = {"Content-Length": "2000"} if declared else {}
+    route = respx.get("https://results.test/big.png").mock(
+        side_effect=lambda request: httpx.Response(200, stream=httpx.ByteStream(b"".join(chunks)), headers=headers))
+    with pytest.raises(base.BadRequest, match=r"larger than an image may be \(1,000 bytes\); not read"):
+        base.download("https://results.test/big.png", provider="tams", timeout=5, attempts=2, expiry="an hour")
+    assert route.call_count == 1

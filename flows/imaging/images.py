@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 from PIL import Image, ImageStat
 
+from blocks.base import TooLarge, read_bounded
 from flows.storage import read_uri
 from flows.specs.confine import InputRefused, check_url
 
@@ -47,14 +48,16 @@ def _download(url: str, timeout: float, max_redirects: int = 5) -> bytes:
         except InputRefused as exc:
             raise InputImageError(f"input image {url.split('?')[0]}: {exc}") from None
         try:
-            response = httpx.get(url, timeout=timeout, follow_redirects=False)
-            if response.is_redirect:
-                url = str(response.next_request.url) if response.next_request else url
-                continue
-            response.raise_for_status()
+            with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as response:
+                if response.is_redirect:
+                    url = str(response.next_request.url) if response.next_request else url
+                    continue
+                response.raise_for_status()
+                return read_bounded(response)
         except httpx.HTTPError as exc:
             raise InputImageError(f"cannot download input image {url.split('?')[0]}: {type(exc).__name__}") from None
-        return response.content
+        except TooLarge as exc:
+            raise InputImageError(f"input image {url.split('?')[0]}: {exc}; give a smaller one") from None
     raise InputImageError(f"input image {url.split('?')[0]}: more than {max_redirects} redirects")
 
 
