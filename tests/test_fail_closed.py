@@ -277,20 +277,27 @@ class MemoryLedger:
         return record
 
 
-def test_a_call_answered_after_its_run_closed_the_budget_lets_the_provider_s_next_call_go(monkeypatch) -> None:
-    """The run stopped on an error and closed its budget while a paid call was on the wire:
-    its answer still releases the provider's send lock (it looked the budget up again, found
-    none, and left the lock held: the next call of that provider waited for ever)."""
-    from flows.paying.budget import close_run, open_run
+def journal_of_a_run(monkeypatch, provider: str, cap: float):  # noqa: ANN001, ANN201
+    """A flow run's id (as the tasks read it), its budget capped at `cap`, and an item's journal
+    whose paid call is quoted 4."""
+    from flows.paying.budget import open_run
     from flows.paying.journal import ItemJournal
     from flows.paying.ledger import Step
 
     run_id = str(uuid4())
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", run_id)
-    budget = open_run(run_id, {"chuzhan": 100.0})
-    identity = {"item_id": "p0", "step": Step.GENERATE, "base_request_id": "r0", "request_id": "r0", "attempt": 1,
-                "provider": "chuzhan", "block": "unit"}
-    journal = ItemJournal(MemoryLedger(), None, identity, cost=4.0)  # type: ignore[arg-type]
+    identity = {"item_id": "i0", "step": Step.GENERATE, "base_request_id": "r0", "request_id": "r0", "attempt": 1,
+                "provider": provider, "block": "unit"}
+    return run_id, open_run(run_id, {provider: cap}), ItemJournal(MemoryLedger(), None, identity, cost=4.0)
+
+
+def test_a_call_answered_after_its_run_closed_the_budget_lets_the_provider_s_next_call_go(monkeypatch) -> None:
+    """The run stopped on an error and closed its budget while a paid call was on the wire:
+    its answer still releases the provider's send lock (it looked the budget up again, found
+    none, and left the lock held: the next call of that provider waited for ever)."""
+    from flows.paying.budget import close_run
+
+    run_id, budget, journal = journal_of_a_run(monkeypatch, "chuzhan", 100.0)
     journal.sending()
     close_run(run_id)
     waiting = threading.Thread(target=lambda: budget.answered(budget.reserve("chuzhan", 4.0)), daemon=True)
@@ -354,3 +361,24 @@ def test_a_claim_lost_while_a_paid_call_waits_for_its_request_slot_sends_nothing
         provider.run_job(type(provider).sample_request(), poll_interval=0.0, timeout=1.0, journal=journal,
                          estimate=CreditEstimate(credits=1.0, source="formula"))
     assert route.call_count == 0 and journal.heard == ["sending", "refused ClaimLost"]
+
+
+def test_a_second_ask_refused_before_it_is_sent_keeps_the_first_ask_s_reservation(monkeypatch) -> None:
+    """TAMS asks again under the same requestId after an answer was lost: if that second ask is
+    refused before it goes out (the run stopping), the first ask may still have been charged, so
+    its reservation stays (it was given back: the budget and credits_this_run undercounted)."""
+    from blocks.errors import SubmitUnknown
+    from flows.paying import paidcalls
+    from flows.paying.budget import close_run
+
+    run_id, budget, journal = journal_of_a_run(monkeypatch, "tams", 10.0)
+    try:
+        journal.sending()
+        journal.unknown(SubmitUnknown("ReadTimeout after the request was sent", provider="tams"))
+        paidcalls.end_run(run_id, "the run stopped on HTTPStatusError")
+        with pytest.raises(paidcalls.RunStopping):
+            journal.sending()
+        assert budget.summary()["tams"]["reserved"] == 4.0
+        budget.answered(budget.reserve("tams", 1.0))  # and the provider's next call is not blocked
+    finally:
+        close_run(run_id)

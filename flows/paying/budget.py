@@ -100,7 +100,8 @@ class RunBudget:
         spend.lock.acquire()
         with self._guard:
             amount = estimate * spend.ratio
-            if spend.cap is not None and spend.before + spend.charged + spend.reserved + amount > spend.cap + 1e-9:
+            over = spend.before + spend.charged + spend.reserved + amount > (spend.cap or 0.0) + 1e-9
+            if spend.cap is not None and amount > 0 and over:  # a call counted already still goes
                 spend.lock.release()
                 raise BudgetReached(provider, spend, amount)
             spend.reserved += amount

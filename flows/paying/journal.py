@@ -58,18 +58,28 @@ class ItemJournal:
         """Reserve the call's cost (`BudgetReached`: nothing is sent), check that the run may
         still pay (`flows.paying.paidcalls`: its claim and job slot held, no stop asked; else a
         `PaidCallRefused` and nothing is sent), then record `sending`."""
-        if self.budget is not None and self.held is not None and not self.held.settled:
+        again = self.budget is not None and self.held is not None and not self.held.settled
+        if again:
             self.budget.resend(self.held)  # the same request again, where the provider dedupes
         elif (budget := for_run(flow_run.id)) is not None:
-            self.held = budget.reserve(self.identity["provider"], self.cost)
+            self.held = budget.reserve(self.identity["provider"], 0.0 if self._counted() else self.cost)
             self.budget = budget
         try:
             paidcalls.begin(flow_run.id)
             self._move(State.SENDING, reason=None)
         except BaseException:
-            self._answered(given_back=True)
+            self._answered(given_back=not again)  # asked again: the first ask may have been charged
             raise
         self._fault("sending")
+
+    def _counted(self) -> bool:
+        """This call asks again for a request whose answer was never seen (TAMS: its requestId
+        returns the job it made): its cost is counted already, as maybe charged, by the run or
+        the date's earlier run that sent it, so it is not reserved twice (a cap that fits the
+        date's items would otherwise refuse to collect a job paid for)."""
+        record = self.record
+        return (record is not None and record.state in (State.UNKNOWN, State.SENDING)
+                and record.request_id == self.identity["request_id"])
 
     def _fault(self, moment: str) -> None:
         faults.at(moment, self.identity["item_id"], Step(self.identity["step"]).value)
