@@ -93,7 +93,9 @@ def test_a_backfill_cap_holds_on_what_the_dates_were_charged(sandbox_blocks, tmp
     """Three dates of two items, quoted 4 credits an image: 24, within the backfill's cap of 30.
     The emulator takes 16 an image. The first date's run gets a cap of 14 (30 less the next two
     dates' 16): one image, 16 charged. From then on estimates are scaled by the 4x seen, and no
-    other date fits what is left: they are not started, saying why. 16 charged in all, not 96."""
+    other date fits what is left: they are not started, saying why. 16 charged in all, not 96.
+    Three dates may run at once, but none starts beside the first before a charge has shown
+    the price (each would have paid 16 under a cap of 8: 48 against the cap of 30)."""
     from flows.backfill import BackfillFailed, backfill
 
     url = sandbox_blocks.url("chuzhan")
@@ -104,7 +106,7 @@ def test_a_backfill_cap_holds_on_what_the_dates_were_charged(sandbox_blocks, tmp
     httpx.post(f"{url}/_sandbox/config", json={"price_rise": 4.0}).raise_for_status()
     try:
         before = chuzhan_stats(sandbox_blocks)
-        state = backfill(spec=str(path), start=date(2026, 8, 21), end=date(2026, 8, 23), max_parallel=1,
+        state = backfill(spec=str(path), start=date(2026, 8, 21), end=date(2026, 8, 23), max_parallel=3,
                          max_credits=30, deployment=None, return_state=True)
         after = chuzhan_stats(sandbox_blocks)
     finally:
@@ -226,6 +228,31 @@ def test_a_date_s_cap_holds_across_its_runs(emulators, tmp_path, provider: str, 
     assert after["charges"] == before["charges"] and after["submits"] == before["submits"]  # the emulator's count
     error = again.result(raise_on_failure=False)
     assert f"{quote * 2:g} of them charged by earlier runs of this date" in str(error), error
+
+
+def test_a_job_whose_answer_was_lost_is_collected_under_a_cap_that_fits_the_date(emulators, tmp_path) -> None:
+    """TAMS, two items quoted 1 under a cap of 2. The first run stops item i0 right after TAMS
+    made its job (its answer not recorded: `sending`, counted as maybe charged). The rerun asks
+    for i0 again under the same requestId, which TAMS answers with the job it made. That call
+    was reserved on top of the 1 already counted for it: 3 over the cap of 2, `BudgetReached`
+    on every rerun, the job paid for and never collected. Now it is collected, paying nothing."""
+    from flows.paying import faults
+    from tests.test_pay_once import charges, spec_text, stats
+
+    name, day = "date-cap-lost-answer", date(2026, 8, 29)
+    text = spec_text("tams", name, 2, run=", max_credits: {tams: 2}")
+    faults.install("answered", "i0", faults.stop)
+    try:
+        first = run_spec(tmp_path, text, day)
+    finally:
+        faults.clear()
+    assert first.is_failed()
+    before = stats(emulators, "tams")
+    again = run_spec(tmp_path, text, day)
+    after = stats(emulators, "tams")
+    assert again.is_completed(), again.result(raise_on_failure=False)
+    assert after["charges"] == before["charges"]  # i0's job was made once, by the first run
+    assert charges(emulators, "tams", name) == {f"item {k} of {name}": 1 for k in range(2)}
 
 
 def test_reruns_after_the_budget_is_reached_pay_nothing_more(emulators, tmp_path) -> None:
