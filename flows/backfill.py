@@ -93,9 +93,11 @@ class Pool:
     estimates of the dates still waiting, and never above the spec's own cap. A date that was
     charged more than its estimate takes from that slack, and from then on every estimate of
     that provider is scaled by the highest charge/quote ratio seen; a date whose (scaled)
-    estimate no longer fits is not started. So the dates together are never charged more than
-    a provider's cap, save what one paid call's answer takes past its date's cap before the
-    higher price was seen."""
+    estimate no longer fits is not started. Until each capped provider has charged a date, one
+    date runs at a time (`parallel`): dates started together would each pay a call at a price
+    none of them has seen. So the dates together are never charged more than a provider's cap,
+    save what one paid call's answer takes past its date's cap before the higher price was
+    seen (one a date running at once, once the price has been seen and rises again)."""
 
     def __init__(self, caps: dict[str, float], estimates: dict[date, dict[str, float]], spec_caps: dict[str, float],
                  one_number: bool = False) -> None:
@@ -103,7 +105,14 @@ class Pool:
         self.charged = dict.fromkeys(caps, 0.0)
         self.allotted: dict[date, dict[str, float]] = {}
         self.ratio = dict.fromkeys(caps, 1.0)  # per provider, the highest charge/estimate seen in a date's run
+        self.quoted = {p for by in estimates.values() for p, c in by.items() if c > 0 and p in caps}
+        self.priced: set[str] = set()  # capped providers a date's run was charged by: their price is seen
         self.label = {p: f"max_credits {c:g}" if one_number else f"max_credits {p}={c:g}" for p, c in caps.items()}
+
+    def parallel(self, max_parallel: int) -> int:
+        """How many dates may run at once now: one until every capped provider the dates are
+        quoted for has charged a date, then `max_parallel`."""
+        return max_parallel if self.quoted <= self.priced else 1
 
     def allot(self, run_date: date, waiting: list[date]) -> dict[str, float] | None:
         """This date's cap per provider; None (no cap from the pool) without a backfill cap.
@@ -144,6 +153,8 @@ class Pool:
             self.charged[provider] += float(mine.get("credits") or 0.0) if row.get("ran_items") \
                 else allotted.get(provider, 0.0)
             self.ratio[provider] = max(self.ratio[provider], float(mine.get("ratio") or 1.0))
+            if mine.get("credits"):
+                self.priced.add(provider)
 
 
 NO_ROOM = 0.0001
@@ -415,7 +426,7 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
             logger.warning("backfill %s: %s: %d date(s) not started", dates.name, stopping, len(waiting))
             rows.update((d, unrun_row(d, "stopped", "not started", f"not started: {stopping}")) for d in waiting)
             waiting = []
-        if waiting and stop_reason is None and len(running) < max_parallel:
+        if waiting and stop_reason is None and len(running) < dates.pool.parallel(max_parallel):
             run_date = waiting.pop(0)
             try:
                 cap = dates.pool.allot(run_date, waiting)

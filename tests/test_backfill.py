@@ -199,6 +199,21 @@ def test_each_provider_s_cap_is_held_in_its_own_unit() -> None:
         pool.allot(D2, [D3])  # 40 - 20 charged - 20 (D3, scaled) = 0 left for D2's 20
 
 
+def test_dates_run_one_at_a_time_until_each_capped_provider_has_shown_its_price() -> None:
+    """Dates started together each pay a call at a price none of them has seen: with a cap, the
+    second date starts beside others only once every capped provider the dates are quoted for
+    charged a date (its charge/quote ratio is known)."""
+    estimates = {D1: {"tams": 10.0, "tencent": 2.0}, D2: {"tams": 10.0, "tencent": 2.0}, D3: {"tams": 10.0}}
+    pool = Pool({"tams": 100.0, "tencent": 10.0}, estimates, {})
+    assert pool.parallel(4) == 1
+    pool.settle(D1, {"ran_items": True, "by_provider": {"tams": {"credits": 10.0, "ratio": 1.0}}})
+    assert pool.parallel(4) == 1  # tencent's price not seen yet (its item failed, say)
+    pool.settle(D2, {"ran_items": True, "by_provider": {"tencent": {"credits": 2.0, "ratio": 1.0}}})
+    assert pool.parallel(4) == 4
+    assert Pool({}, estimates, {}).parallel(4) == 4  # no cap: nothing to wait for
+    assert Pool({"chuzhan": 5.0}, estimates, {}).parallel(4) == 4  # a cap on a provider no date is quoted for
+
+
 def test_a_date_without_a_manifest_counts_its_whole_allotment_per_provider() -> None:
     pool = Pool({"tams": 40.0}, {D1: {"tams": 10.0}, D2: {"tams": 10.0}}, {})
     assert pool.allot(D1, [D2]) == {"tams": 30.0}  # all but what D2 is quoted
