@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from typing import Any
 from datetime import date
@@ -211,19 +212,45 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         print(f"{args.item} ({step.value}) is {state}: only an unknown, interrupted sending or submitted record "
               "is resolved by hand", file=sys.stderr)
         return 1
+    if args.job_id is not None and step is Step.REFINE:
+        print("a paid upscale has no job id to resume; resolve it with --not-sent, or leave it", file=sys.stderr)
+        return 2
+    if args.job_id is not None and (refused := _not_this_items_job(ledger, args, record)) is not None:
+        print(refused, file=sys.stderr)  # before the record is moved
+        return 1
     if record.state in (State.SENDING, State.SUBMITTED):
         record = ledger.move(record, State.UNKNOWN, reason="the run stopped while sending it" if record.state is
                              State.SENDING else f"a person: {record.provider} does not know job {record.job_id}")
     if args.not_sent:
         ledger.move(record, State.REFUSED, reason="resolved by a person: the provider has no such job")
         print(f"{args.item}: marked not sent; the next run submits it")
-    elif step is Step.REFINE:
-        print("a paid upscale has no job id to resume; resolve it with --not-sent, or leave it", file=sys.stderr)
-        return 2
     else:
         ledger.move(record, State.SUBMITTED, job_id=args.job_id, reason="resolved by a person: job found")
         print(f"{args.item}: job {args.job_id} recorded; the next run polls it and archives its images")
     return 0
+
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # the providers' ids: digits (TAMS, Tencent), hex (触站AI)
+
+
+def _not_this_items_job(ledger: Any, args: argparse.Namespace, found: Any) -> str | None:
+    """Why `--job-id` is not recorded for the item, or None: an id that is no provider's, a job
+    another item's record names (its image would be archived twice, this item's paid job never),
+    or a paid job of this record (`found`, submitted) replaced without `--replace-job`."""
+    from flows.paying.ledger import State
+
+    if not JOB_ID.fullmatch(args.job_id):
+        return (f"--job-id {args.job_id!r} is not a job id (letters, digits, '-' and '_', at most 128); copy it "
+                "from the provider console")
+    owner = next((r for r in ledger.records() if r.job_id == args.job_id and r.item_id != args.item), None)
+    if owner is not None:
+        return (f"job {args.job_id} is item {owner.item_id}'s ({owner.step.value}, {owner.state.value}): recorded for "
+                f"{args.item} too, one image would be archived as both and {args.item}'s own job never; find "
+                f"{args.item}'s job by its prompt and seed (`imagegen ledger show`)")
+    if found.state is State.SUBMITTED and found.job_id and found.job_id != args.job_id and not args.replace_job:
+        return (f"{args.item}'s record is submitted as job {found.job_id}, paid for: the next run polls it. To record "
+                f"{args.job_id} instead (the provider does not know {found.job_id}: a mistyped id), add --replace-job")
+    return None
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
@@ -523,6 +550,8 @@ def _date_commands(sub: Any) -> None:
     how = led.add_mutually_exclusive_group()
     how.add_argument("--job-id", metavar="J", help="resolve: the provider job the submit created")
     how.add_argument("--not-sent", action="store_true", help="resolve: the provider has no job for it")
+    led.add_argument("--replace-job", action="store_true",
+                     help="resolve --job-id: replace the job a submitted record names (a mistyped id)")
     led.add_argument("--step", choices=["generate", "refine"], default="generate")
     led.add_argument("--index", type=int, default=1, help="resolve --step refine: the image number")
     led.set_defaults(func=cmd_ledger)

@@ -163,6 +163,10 @@ def test_a_paid_job_the_provider_does_not_know_is_told_and_never_paid_again_on_i
     assert f"imagegen ledger resolve {path} i0 --run-date {day} --not-sent" in error["message"], error
     assert ledger_states(path, day) == {"i0": "submitted"}
     assert stats(emulators, provider)["submits"] == submits and charges(emulators, provider, name) == {}
+    # Another id is not put over the paid job's without saying so (a refine's help once led here).
+    mistyped = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", "12345")
+    assert mistyped.returncode == 1 and f"is submitted as job {UNKNOWN_JOB[provider]}, paid for" in mistyped.stderr
+    assert "--replace-job" in mistyped.stderr and ledger_states(path, day) == {"i0": "submitted"}
     settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
     assert settled.returncode == 0, settled.stderr
     again = run_spec(tmp_path, path.read_text(), day, path=path)
@@ -208,6 +212,12 @@ def test_an_ambiguous_answer_after_the_job_was_created_is_never_paid_twice(emula
     assert second.is_failed() and stats(emulators, provider)["submits"] == submits
     # A person finds the job in the console and records it; the next run polls it and archives.
     job_id = job_of(emulators, provider, f"item 0 of {name}")
+    # Not another item's job (its image would be archived as both), nor what is no job id.
+    theirs = job_of(emulators, provider, f"item 1 of {name}")
+    for wrong, said in ((theirs, f"job {theirs} is item i1's"), ("../../_sandbox/stats?x=", "is not a job id")):
+        refused = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", wrong)
+        assert refused.returncode == 1 and said in refused.stderr, refused.stderr
+    assert ledger_states(path, day)["i0"] == "unknown"
     settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", job_id)
     assert settled.returncode == 0, settled.stderr
     third = run_spec(tmp_path, path.read_text(), day, path=path)

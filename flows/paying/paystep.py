@@ -116,11 +116,16 @@ def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Ca
 def unknown_help(plan: ItemPlan, record: JobRecord) -> str:
     """What a person does about an `unknown` record: the command that settles it."""
     where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
-    return (f"{plan.item_id}: the {record.step.value} request {record.request_id} may have reached {plan.provider} "
+    said = (f"{plan.item_id}: the {record.step.value} request {record.request_id} may have reached {plan.provider} "
             f"({record.reason or 'the run stopped while sending it'}), and {plan.provider} cannot be asked for it, "
-            f"so it is not sent again. Look for it in the provider console (prompt and seed are in the ledger), "
-            f"then run `imagegen ledger resolve {where} --job-id <id>` if it exists, or `--not-sent` if it does "
-            f"not; the next run resumes or submits it")
+            "so it is not sent again. ")
+    if record.step is Step.REFINE:  # no job to name: its result URL was never seen
+        return said + (f"If the provider console shows no such call was charged, run `imagegen ledger resolve {where} "
+                       f"--step refine --index {record.index} --not-sent` and the next run sends it again; else leave "
+                       "it (the image archives without that upscale only if you change the spec)")
+    return said + ("Look for it in the provider console (prompt and seed are in the ledger), then run "
+                   f"`imagegen ledger resolve {where} --job-id <id>` if it exists, or `--not-sent` if it does not; the "
+                   "next run resumes or submits it")
 
 
 def for_a_person(plan: ItemPlan, journal: ItemJournal, cause: BaseException | None = None) -> NoReturn:
