@@ -16,6 +16,7 @@ import codecs
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import string
@@ -123,6 +124,9 @@ def _csv_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str,
     if not isinstance(header, list):
         return
     header = [h.strip() for h in header]
+    if twice := sorted({h for h in header if header.count(h) > 1}):
+        yield current[0], f"column {twice[0]!r} is in the header twice: which one is meant? Name each column once"
+        return
     while (cells := _next_cells(reader)) is not None:
         if isinstance(cells, str):
             yield current[0], f"malformed CSV row: {cells}"
@@ -150,14 +154,35 @@ def _jsonl_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[st
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=_once_each)
         except ValueError as exc:
             yield number, f"not JSON: {exc}"
             continue
         if not isinstance(row, dict):
             yield number, f"a JSONL line must be an object, not {type(row).__name__}"
             continue
+        if (why := next((f"{k!r}: {bad}" for k, v in row.items() if (bad := not_a_value(v))), None)) is not None:
+            yield number, why
+            continue
         yield number, {k: "" if v is None else v for k, v in row.items()}
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (json keeps the last of two silently)."""
+    keys = [k for k, _ in pairs]
+    if twice := next((k for k in keys if keys.count(k) > 1), None):
+        raise ValueError(f"key {twice!r} is given twice: which one is meant?")
+    return dict(pairs)
+
+
+def not_a_value(value: Any) -> str | None:
+    """Why a catalogue or matrix value cannot be put in a template (a list, an object, true or
+    an infinite number would be Python's text of it), or None for text, a finite number or null."""
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return None
+    return f"{json.dumps(value)[:40] if not isinstance(value, float) else value} is not text or a finite number"
 
 
 def templates(source: dict[str, Any], matrix: dict[str, list[Any]]) -> dict[str, Template]:
@@ -188,6 +213,13 @@ def check_matrix(matrix: Any) -> dict[str, list[Any]]:
         return {}
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         raise CatalogueError([("", 0, 0, "matrix", "matrix maps each key to a non-empty list of values")])
+    bad = [(k, why) for k, values in matrix.items() for v in values if v is not None and (why := not_a_value(v))]
+    if bad or any(v is None for values in matrix.values() for v in values):
+        key, why = bad[0] if bad else (next(k for k, vs in matrix.items() if None in vs), "null is no value")
+        raise CatalogueError([("", 0, 0, f"matrix.{key}", f"{why}: a matrix value is text or a number")])
+    if (combinations := math.prod(len(v) for v in matrix.values())) > max_items():
+        raise CatalogueError([("", 0, 0, "matrix", f"{combinations:,} combinations, more than the {max_items():,} items "
+                               f"a catalogue may make ({MAX_ITEMS_SETTING} raises the cap)")])
     return {str(k): v for k, v in matrix.items()}
 
 

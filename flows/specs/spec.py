@@ -264,7 +264,7 @@ class RunSettings(_Strict):
 
     max_parallel: int = Field(8, ge=1, le=256, description="Items processed at the same time.")
     poll_interval: float = Field(2.0, gt=0, le=60, description="Seconds between job status polls.")
-    job_timeout: float = Field(900, gt=0, description="Seconds a provider job may take in all.")
+    job_timeout: float = Field(900, gt=0, le=86400, description="Seconds a provider job may take in all (a day at most).")
     http_timeout: float = Field(30, gt=0, le=300, description="Seconds for one HTTP request.")
     unknown_hold: float = Field(
         60, ge=0, le=3600,
