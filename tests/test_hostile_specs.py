@@ -197,3 +197,26 @@ def test_one_name_belongs_to_one_spec_file(sandbox_blocks, tmp_path) -> None:
     assert tams_stats(sandbox_blocks)["requests"] == before
     assert run_pipeline(spec=str(second), run_date=day, take_over_name=True, return_state=True).is_completed()
     assert run_pipeline(spec=str(first), run_date=day, return_state=True).is_failed()  # now the copy owns it
+
+
+def test_a_spec_s_ledger_does_not_move_under_its_dates(sandbox_blocks, tmp_path) -> None:
+    """Editing `archive.manifest_template` moved the job ledgers (they lie beside the manifests):
+    the next run of a date already run started from nothing, and a job left maybe charged was
+    sent again. Refused before any request, saying why and the ways out."""
+    from flows.pipeline import run_pipeline
+
+    text = VALID_HEAD.replace("hostile-made", "ledger-stays") + "items:\n  - {id: a, prompt: a cat}\n"
+    spec, day = tmp_path / "stays.yaml", date(2026, 11, 3)
+    spec.write_text(text)
+    assert run_pipeline(spec=str(spec), run_date=day, return_state=True).is_completed()
+    spec.write_text(text.replace("credentials: sandbox}", "credentials: sandbox, manifest_template: "
+                                 "'{pipeline}/{run_date}/v2/manifest.json'}"))
+    before = tams_stats(sandbox_blocks)["requests"]
+    state = run_pipeline(spec=str(spec), run_date=day, return_state=True)
+    message = str(state.result(raise_on_failure=False))
+    assert state.is_failed() and "archive.manifest_template of 'ledger-stays' was '{pipeline}/{run_date}/manifest.json'" \
+        in message and "Put it back" in message, message
+    assert tams_stats(sandbox_blocks)["requests"] == before
+    spec.write_text(text)
+    assert run_pipeline(spec=str(spec), run_date=day, return_state=True).is_completed()  # put back: reused
+    assert tams_stats(sandbox_blocks)["requests"] == before

@@ -37,11 +37,26 @@ def name_taken(spec: PipelineSpec, path: Path) -> str | None:
     found = read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials),
                       OWNER_KEY.format(pipeline=spec.name))
     mine = spec_identity(path)
-    if found is None or found.get("spec") == mine:
+    if found is not None and found.get("spec") == mine:
+        return ledger_moved(spec, found)
+    if found is None:
         return None
     return (f"pipeline name {spec.name!r} in s3://{spec.archive.bucket}/{spec.name}/ belongs to spec "
             f"{found.get('spec')} (since {found.get('since', '?')}); this spec is {mine}. Give this spec its own "
             "`name:`, or, if it replaces that one, run once with --take-over-name")
+
+
+def ledger_moved(spec: PipelineSpec, found: dict[str, Any]) -> str | None:
+    """Why the spec's `archive.manifest_template` may not change, or None: its ledgers lie beside
+    its manifests, so dates already run would be run again from nothing (a job left maybe
+    charged sent again, every item paid again once the images' keys move too)."""
+    was = found.get("manifest_template")
+    if was is None or was == spec.archive.manifest_template:
+        return None
+    return (f"archive.manifest_template of {spec.name!r} was {was!r} (recorded {found.get('since', '?')}): the job "
+            f"ledgers of the dates already run are beside those manifests, so with {spec.archive.manifest_template!r} "
+            "their runs would start from nothing and pay again. Put it back; or give the spec a new `name:`; or, to "
+            "pay for those dates again, run once with --take-over-name")
 
 
 def own_name(spec: PipelineSpec, path: Path, spec_sha256: str, *, take_over: bool = False) -> None:
@@ -51,6 +66,11 @@ def own_name(spec: PipelineSpec, path: Path, spec_sha256: str, *, take_over: boo
     mine = spec_identity(path)
     found: dict[str, Any] | None = with_backoff(lambda: read_json(bucket, key), "owner record read")
     if found is not None and found.get("spec") == mine:
+        if not take_over and (moved := ledger_moved(spec, found)) is not None:
+            raise NameTaken(moved + " (flow parameter take_over_name)")
+        if found.get("manifest_template") != spec.archive.manifest_template:  # recorded from now on
+            with_backoff(lambda: write_json(bucket, key, {**found, "manifest_template": spec.archive.manifest_template}),
+                         "owner record write")
         return
     if found is not None and not take_over:
         raise NameTaken(
@@ -58,7 +78,7 @@ def own_name(spec: PipelineSpec, path: Path, spec_sha256: str, *, take_over: boo
             f"(since {found.get('since', '?')}); this spec is {mine}. Give this spec its own `name:`, or, if it "
             "replaces that one, run once with --take-over-name (flow parameter take_over_name)")
     record = {"spec": mine, "spec_sha256": spec_sha256, "since": datetime.now(timezone.utc).isoformat(),
-              "previous": found.get("spec") if found else None}
+              "previous": found.get("spec") if found else None, "manifest_template": spec.archive.manifest_template}
     body = json.dumps(record, indent=2, sort_keys=True).encode()
 
     def write() -> bool:
