@@ -541,3 +541,26 @@ def test_an_item_left_sending_where_the_provider_cannot_be_asked_waits_for_a_per
     assert run_spec(tmp_path, path.read_text(), day, path=path).is_failed()
     assert charges(emulators, provider, name) == once_each(name, 2)  # the first submit, and the other item
     assert ledger_states(path, day)[item] == "unknown"
+
+
+def test_a_paid_job_of_an_edited_item_is_not_dropped_without_a_word(emulators, tmp_path, caplog) -> None:
+    """The item's job was paid for, then its prompt was edited before it archived: the next run
+    pays for it as it now reads (a new request), and says that the earlier job is not collected
+    (its record was replaced without a line in the log)."""
+    from flows.paying import faults
+
+    name, day = "edited-after-paying", date(2026, 7, 11)
+    path = write_spec(tmp_path, spec_text("tams", name, 1), name)
+    faults.install("polling", "i0", faults.stop)
+    try:
+        assert run_spec(tmp_path, path.read_text(), day, path=path).is_failed()
+    finally:
+        faults.clear()
+    spec = load_spec(path)
+    [record] = JobLedger(spec.archive, spec.name, day).records()
+    assert record.state is State.SUBMITTED and record.job_id, record
+    path.write_text(path.read_text().replace(f"'item 0 of {name}'", f"'item 0 of {name}, studio light'"))
+    with caplog.at_level("WARNING"):
+        assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
+    assert "i0: its request changed (prompt, seed, size or options) since request" in caplog.text
+    assert f"was paid for (job {record.job_id}), not archived; that job's image is not collected" in caplog.text

@@ -158,7 +158,15 @@ def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Excepti
 def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -> tuple[ItemJournal, GenerationRequest]:
     """The generate step's journal over its current record, and the request this attempt sends."""
     base = plan.request.request_id
-    record = current(ledger.get(plan.item_id), base)
+    found = ledger.get(plan.item_id)
+    record = current(found, base)
+    if record is None and found is not None and found.state in (State.SENDING, State.UNKNOWN, State.SUBMITTED,
+                                                                  State.DONE):
+        get_run_logger().warning(
+            "%s: its request changed (prompt, seed, size or options) since request %s was %s%s, not archived; that "
+            "job's image is not collected, and the item is paid for again as it now reads", plan.item_id,
+            found.request_id, "sent" if found.state in (State.SENDING, State.UNKNOWN) else "paid for",
+            f" (job {found.job_id})" if found.job_id else "")
     attempt = 1 if record is None else record.attempt + (record.state is State.FAILED)
     rid = base if attempt == 1 else f"{base}-{attempt}"
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
