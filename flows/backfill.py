@@ -76,14 +76,22 @@ def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None
                      spec.archive.manifest_key(spec.name, run_date))
 
 
-def estimate_dates(spec: PipelineSpec, dates: list[date]) -> dict[date, dict[str, float]]:
-    """Credits each date would cost, per provider (items already archived on a date cost nothing)."""
-    out, cache = {}, {}
+def estimate_dates(spec: PipelineSpec, dates: list[date]) -> tuple[dict[date, dict[str, float]],
+                                                                    dict[date, dict[str, float]]]:
+    """Credits each date would cost, per provider (items already archived on a date cost nothing),
+    and what its items already archived were charged, per provider."""
+    out, earlier, cache = {}, {}, {}
     for run_date in dates:
-        plans = [p for p in plan_items(spec, "", run_date, "") if archived_before(p) is None]
+        plans, archived = [], {}
+        for plan in plan_items(spec, "", run_date, ""):
+            if (found := archived_before(plan)) is None:
+                plans.append(plan)
+            else:
+                archived[found.provider] = archived.get(found.provider, 0.0) + found.credits
         per_provider, _ = estimate_plans(plans, cache)
         out[run_date] = {provider: float(credits) for provider, credits in per_provider.items()}
-    return out
+        earlier[run_date] = archived
+    return out, earlier
 
 
 class Pool:
@@ -100,8 +108,9 @@ class Pool:
     seen (one a date running at once, once the price has been seen and rises again)."""
 
     def __init__(self, caps: dict[str, float], estimates: dict[date, dict[str, float]], spec_caps: dict[str, float],
-                 one_number: bool = False) -> None:
+                 one_number: bool = False, earlier: dict[date, dict[str, float]] | None = None) -> None:
         self.caps, self.estimates, self.spec_caps = caps, estimates, spec_caps
+        self.earlier = earlier or {}  # per date, what its archived items were charged: its run counts them
         self.charged = dict.fromkeys(caps, 0.0)
         self.allotted: dict[date, dict[str, float]] = {}
         self.ratio = dict.fromkeys(caps, 1.0)  # per provider, the highest charge/estimate seen in a date's run
@@ -128,7 +137,11 @@ class Pool:
             if need > 0 and room + 1e-9 < need:
                 raise PoolSpent(self._spent(provider, room, need))
         self.allotted[run_date] = {p: room for p, room in left.items() if room > 0}
-        return {p: max(NO_ROOM, round(min(room, self.spec_caps.get(p, room)), 4)) for p, room in left.items()}
+        # A date's run holds its cap on the date's spend, earlier runs' included: what they were
+        # charged is added to its share of the backfill's (a partly done date was refused).
+        before = self.earlier.get(run_date, {})
+        return {p: max(NO_ROOM, round(min(max(room, 0.0) + before.get(p, 0.0), self.spec_caps.get(p, float("inf"))), 4))
+                for p, room in left.items()}
 
     def _left(self, provider: str, waiting: list[date]) -> float:
         later = self.ratio[provider] * sum(self.estimates.get(d, {}).get(provider, 0.0) for d in waiting)
@@ -382,7 +395,7 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
     todo = [d for d in dates if d not in rows]
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
                 parsed.name, start, end, len(todo), len(rows))
-    estimates = estimate_dates(parsed, todo) if todo else {}
+    estimates, earlier = estimate_dates(parsed, todo) if todo else ({}, {})
     if (over := over_caps(caps, estimates, one_number)) is not None:
         raise BackfillRefused(f"{len(todo)} date(s) to run are {over}; nothing was run")
     deployment_id = _deployment_id(deployment) if deployment else None
@@ -390,7 +403,7 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
                 parsed.name, start, end, len(todo), len(rows), credits_text(range_totals(estimates)),
                 f"deployment {deployment}" if deployment_id else "subflows")
     rows.update(run_dates(Dates(parsed.name, portable_spec(path, deployment_id is not None), str(path.resolve()),
-                                todo, start, end, Pool(caps, estimates, parsed.budget(), one_number)),
+                                todo, start, end, Pool(caps, estimates, parsed.budget(), one_number, earlier)),
                           deployment_id, max_parallel, logger))
     return finish(parsed.name, start, end, [rows[d] for d in dates])
 

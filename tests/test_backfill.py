@@ -214,6 +214,17 @@ def test_dates_run_one_at_a_time_until_each_capped_provider_has_shown_its_price(
     assert Pool({"chuzhan": 5.0}, estimates, {}).parallel(4) == 4  # a cap on a provider no date is quoted for
 
 
+def test_a_partly_done_date_s_cap_counts_what_its_archived_items_were_charged() -> None:
+    """D1's item a archived in an earlier run (4 charged), b is left; D2 has two items. Under a
+    backfill cap of 12, D1's share is b's 4, but its run holds its cap on the date's spend, a's 4
+    included: given 4, it refused b (8 > 4) on every backfill. It is given 8 (and never more
+    than the spec's own cap)."""
+    pool = Pool({"tams": 12.0}, {D1: {"tams": 4.0}, D2: {"tams": 8.0}}, {}, earlier={D1: {"tams": 4.0}})
+    assert pool.allot(D1, [D2]) == {"tams": 8.0}
+    capped = Pool({"tams": 12.0}, {D1: {"tams": 4.0}}, {"tams": 6.0}, earlier={D1: {"tams": 4.0}})
+    assert capped.allot(D1, []) == {"tams": 6.0}
+
+
 def test_a_date_without_a_manifest_counts_its_whole_allotment_per_provider() -> None:
     pool = Pool({"tams": 40.0}, {D1: {"tams": 10.0}, D2: {"tams": 10.0}}, {})
     assert pool.allot(D1, [D2]) == {"tams": 30.0}  # all but what D2 is quoted
