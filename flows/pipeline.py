@@ -664,6 +664,7 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
 
 
 NOT_SELECTED = "NotSelected"
+SHOWN_PAID = 10  # item ids a refused run's log names among those it still collects
 
 
 class UnknownItems(ValueError):
@@ -778,7 +779,15 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     projected = {p: earlier.spent.get(p, 0.0) + to_pay.get(p, 0.0) for p in budget}
     over = {p: round(projected[p], 4) for p, cap in budget.items() if projected[p] > cap + 1e-9}
     if over:
-        raise BudgetExceeded(over_budget(over, budget, len(todo), earlier.spent))
+        refusal = over_budget(over, budget, len(todo), earlier.spent)
+        paid = [p.item_id for p in todo if p.item_id in earlier.paid and p.item_id not in skipped]
+        if dry_run or not paid:
+            raise BudgetExceeded(refusal)
+        # Jobs an earlier run paid for are still collected (free); nothing else is sent.
+        logger.error("BudgetExceeded: %s; collecting the %d item(s) an earlier run paid for: %s", refusal, len(paid),
+                     ", ".join(paid[:SHOWN_PAID]) + (" ..." if len(paid) > SHOWN_PAID else ""))
+        skipped.update({p.item_id: {"step": "not submitted", "error": "BudgetExceeded", "message": refusal}
+                        for p in todo if p.item_id not in earlier.paid and p.item_id not in skipped})
     logger.info("run %s for %s: %d item(s), %d already archived, estimated %s",
                 parsed.name, run_date, len(plans), len(reused), credits_text(per_provider))
     # The caps held on what the providers charge, this date's earlier runs included.

@@ -255,6 +255,32 @@ def test_a_job_whose_answer_was_lost_is_collected_under_a_cap_that_fits_the_date
     assert charges(emulators, "tams", name) == {f"item {k} of {name}": 1 for k in range(2)}
 
 
+def test_a_rerun_over_the_cap_still_collects_what_was_paid_for(emulators, tmp_path) -> None:
+    """TAMS, two items quoted 1 under a cap of 2: the first run stops i0 after TAMS made its job
+    (paid, not archived) and archives i1. The spec then gains i2 and the date runs again: 1 + 1
+    charged and 1 more quoted is over the cap. The rerun was refused whole, and i0's paid job was
+    never collected; now i0 is collected (nothing sent), and only i2 is refused."""
+    from flows.paying import faults
+    from tests.test_limits_and_faults import manifest_of
+    from tests.test_pay_once import charges, spec_text, stats
+
+    name, day = "date-cap-collect", date(2026, 8, 30)
+    faults.install("polling", "i0", faults.stop)
+    try:
+        assert run_spec(tmp_path, spec_text("tams", name, 2, run=", max_credits: {tams: 2}"), day).is_failed()
+    finally:
+        faults.clear()
+    before = stats(emulators, "tams")
+    again = run_spec(tmp_path, spec_text("tams", name, 3, run=", max_credits: {tams: 2}"), day)
+    after = stats(emulators, "tams")
+    assert after["submits"] == before["submits"] and after["charges"] == before["charges"]
+    items = {i["item"]: i for i in manifest_of(again)["items"]}
+    assert items["i0"]["objects"] and not items["i0"].get("error"), items["i0"]
+    assert items["i2"]["error"]["error"] == "BudgetExceeded", items["i2"]
+    assert "2 of them charged by earlier runs of this date" in items["i2"]["error"]["message"]
+    assert charges(emulators, "tams", name) == {f"item {k} of {name}": 1 for k in range(2)}
+
+
 def test_reruns_after_the_budget_is_reached_pay_nothing_more(emulators, tmp_path) -> None:
     """触站AI charging twice its quotes, a cap of 13 for three items quoted 4 (12: it fits).
     The first run pays one image (8) and stops the others at the cap. Reruns, as after any
