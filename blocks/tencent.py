@@ -117,7 +117,8 @@ LOGO_FIELDS, RECT_FIELDS = frozenset({"LogoUrl", "LogoImage", "LogoRect"}), ("X"
 # Answers to a paid action that do not tell whether it was acted on: the error came from
 # behind the gateway (the job may exist), so the call is `SubmitUnknown`, never repeated.
 AMBIGUOUS_CODES = frozenset({"InternalError", "FailedOperation.InnerError", "FailedOperation.ServerError",
-                             "FailedOperation.RpcFail", "FailedOperation.RequestTimeout", "FailedOperation.Unknown"})
+                             "FailedOperation.RpcFail", "FailedOperation.RequestTimeout", "FailedOperation.Unknown",
+                             "FailedOperation.ConsoleServerError"})  # grouped with InnerError by the notes
 REFUSED_STATUS = frozenset({429, 503})  # HTTP answers that say the request was turned away
 
 
