@@ -408,14 +408,18 @@ class ImageProvider(Block, ABC):
                 fault = exc
         raise self.transport_fault(call, fault)
 
+    def unclear(self, call: ApiCall, what: str) -> ProviderError:
+        """An answer that does not say what became of the request: transient where repeating
+        `call` is safe, else `SubmitUnknown` (a paid call that may have been acted on)."""
+        return (TransientError if call.safe_to_repeat else SubmitUnknown)(what, provider=self.provider_name)
+
     def unreadable(self, call: ApiCall, exc: Exception) -> ProviderError:
         """An answer this client could not read (a field missing or of another type): the
         request went out, so a paid call may have been charged (`SubmitUnknown`, never taken for
         a refusal and sent again); a call safe to repeat is transient."""
         what = f"{call.what}: its answer could not be read ({type(exc).__name__}: {str(exc)[:200]})"
-        if call.safe_to_repeat:
-            return TransientError(what, provider=self.provider_name)
-        return SubmitUnknown(f"{what}; it may have been charged, so it is not repeated", provider=self.provider_name)
+        return self.unclear(call, what if call.safe_to_repeat else f"{what}; it may have been charged, so it is not "
+                            "repeated")
 
     def transport_fault(self, call: ApiCall, exc: httpx.TransportError | httpx.DecodingError | None) -> ProviderError:
         """A cut connection or a timeout: transient where the request cannot have been acted
@@ -438,8 +442,7 @@ class ImageProvider(Block, ABC):
         try:
             return response.json()
         except ValueError:
-            kind = TransientError if call.safe_to_repeat else SubmitUnknown
-            raise kind(f"{call.what}: the answer is not JSON", provider=self.provider_name) from None
+            raise self.unclear(call, f"{call.what}: the answer is not JSON") from None
 
     def settle(self, exc: TransientError, times: int) -> ProviderError:
         """What a transient error becomes the `times`-th time one call gets its code (a provider

@@ -330,14 +330,12 @@ class ChuzhanProvider(ImageProvider, CallbackFields):
             raise status_error(call.what, response, PROVIDER)
         envelope = self.json_answer(call, response)
         if not isinstance(envelope, dict):
-            kind = TransientError if call.safe_to_repeat else SubmitUnknown
-            raise kind(f"{call.what}: the answer is not an envelope", provider=PROVIDER)
+            raise self.unclear(call, f"{call.what}: the answer is not an envelope")
         if envelope.get("success") and envelope.get("code") == 0:
             return envelope.get("data")
         if envelope.get("success") or envelope.get("code") in (0, "0"):  # success and failure at once
-            kind = TransientError if call.safe_to_repeat else SubmitUnknown
-            raise kind(f"{call.what}: the answer says success {envelope.get('success')!r} with code "
-                       f"{envelope.get('code')!r}", provider=PROVIDER)
+            raise self.unclear(call, f"{call.what}: the answer says success {envelope.get('success')!r} with code "
+                               f"{envelope.get('code')!r}")
         code = int(envelope.get("code") or -1)
         if not call.safe_to_repeat and code >= 500:  # an internal error says nothing of the task
             raise SubmitUnknown(f"{call.what}: code {code} does not say whether the task was created "

@@ -122,6 +122,15 @@ AMBIGUOUS_CODES = frozenset({"InternalError", "FailedOperation.InnerError", "Fai
 REFUSED_STATUS = frozenset({429, 503})  # HTTP answers that say the request was turned away
 
 
+def result_image(answer: dict[str, Any], action: str) -> str:
+    """The `ResultImage` a synchronous paid call answered with; `SubmitUnknown` without one (it
+    was answered, so maybe charged: never sent again)."""
+    if not isinstance(found := answer.get("ResultImage"), str):
+        raise SubmitUnknown(f"{action} answered without a ResultImage; it may have been charged, so it is not "
+                            "repeated", provider=PROVIDER)
+    return found
+
+
 def check_logo(logo: Any) -> str | None:
     """Why a LogoParam is malformed ({LogoUrl | LogoImage, LogoRect{X, Y, Width, Height}}), or None."""
     if not isinstance(logo, dict) or not logo.keys() <= LOGO_FIELDS:
@@ -409,11 +418,9 @@ class TencentAiArtProvider(ImageProvider):
             else:
                 payload["InputImage"] = request.input_ref
             answer, failed = self._image_to_image(payload)
-            if not isinstance(answer.get("ResultImage"), str):  # answered (maybe charged) without its image
-                raise SubmitUnknown(f"{IMAGE_TO_IMAGE} answered without a ResultImage; it may have been charged, so "
-                                    "it is not repeated", provider=PROVIDER)
+            result = result_image(answer, IMAGE_TO_IMAGE)
             job_id = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
-            self._sync_results[job_id] = [answer["ResultImage"]]
+            self._sync_results[job_id] = [result]
             if failed:
                 self._maybe_charged[job_id] = failed
             return job_id
@@ -516,12 +523,11 @@ class TencentAiArtProvider(ImageProvider):
                 except BaseException as exc:
                     journal.refused(exc)
                     raise
-            if not isinstance(answer.get("ResultImage"), str):  # answered (maybe charged) without its image
-                exc = SubmitUnknown(f"{REFINE} answered without a ResultImage; it may have been charged, so it is "
-                                    "not repeated", provider=PROVIDER)
+            try:
+                result_url = result_image(answer, REFINE)
+            except SubmitUnknown as exc:
                 journal.unknown(exc)
-                raise exc
-            result_url = answer["ResultImage"]
+                raise
             journal.submitted(result_url)
         status = JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync", result_urls=[result_url])
         self.refuse_private_results(status)

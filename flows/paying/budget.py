@@ -100,8 +100,8 @@ class RunBudget:
         spend.lock.acquire()
         with self._guard:
             amount = estimate * spend.ratio
-            over = spend.before + spend.charged + spend.reserved + amount > (spend.cap or 0.0) + 1e-9
-            if spend.cap is not None and amount > 0 and over:  # a call counted already still goes
+            held = spend.before + spend.charged + spend.reserved
+            if spend.cap is not None and amount > 0 and held + amount > spend.cap + 1e-9:  # 0: counted already
                 spend.lock.release()
                 raise BudgetReached(provider, spend, amount)
             spend.reserved += amount

@@ -37,10 +37,10 @@ def name_taken(spec: PipelineSpec, path: Path) -> str | None:
     found = read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials),
                       OWNER_KEY.format(pipeline=spec.name))
     mine = spec_identity(path)
-    if found is not None and found.get("spec") == mine:
-        return ledger_moved(spec, found)
     if found is None:
         return None
+    if found.get("spec") == mine:
+        return ledger_moved(spec, found)
     return (f"pipeline name {spec.name!r} in s3://{spec.archive.bucket}/{spec.name}/ belongs to spec "
             f"{found.get('spec')} (since {found.get('since', '?')}); this spec is {mine}. Give this spec its own "
             "`name:`, or, if it replaces that one, run once with --take-over-name")

@@ -214,9 +214,9 @@ def check_matrix(matrix: Any) -> dict[str, list[Any]]:
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         raise CatalogueError([("", 0, 0, "matrix", "matrix maps each key to a non-empty list of values")])
     bad = [(k, why) for k, values in matrix.items() for v in values if v is not None and (why := not_a_value(v))]
-    if bad or any(v is None for values in matrix.values() for v in values):
-        key, why = bad[0] if bad else (next(k for k, vs in matrix.items() if None in vs), "null is no value")
-        raise CatalogueError([("", 0, 0, f"matrix.{key}", f"{why}: a matrix value is text or a number")])
+    bad += [(k, "null is no value") for k, values in matrix.items() if None in values]
+    if bad:
+        raise CatalogueError([("", 0, 0, f"matrix.{bad[0][0]}", f"{bad[0][1]}: a matrix value is text or a number")])
     if (combinations := math.prod(len(v) for v in matrix.values())) > max_items():
         raise CatalogueError([("", 0, 0, "matrix", f"{combinations:,} combinations, more than the {max_items():,} items "
                                f"a catalogue may make ({MAX_ITEMS_SETTING} raises the cap)")])
