@@ -718,13 +718,14 @@ def _charge_of(plan: ItemPlan) -> tuple[float | None, str] | None:
     record = ledger_of(plan).get(plan.item_id)
     if record is None or record.base_request_id != plan.request.request_id:
         return None
-    if record.state is State.FAILED and record.charged:
-        return record.charged, "maybe charged: taken at submit; the provider does not say whether a failed job gives it back"
+    if record.state is State.FAILED and (record.charged or record.charged_before):
+        return ((record.charged or 0.0) + record.charged_before, "maybe charged: taken at submit; the provider does "
+                "not say whether a failed job gives it back")
     if record.state in (State.UNKNOWN, State.SENDING):
         return None, "may have been charged: the answer to its submit was not seen"
     if record.state in (State.SUBMITTED, State.DONE):
         cost = record.charged if record.charged is not None else plan.estimate.credits if plan.estimate else None
-        return (None if cost is None else cost + _refines_paid(plan),
+        return (None if cost is None else cost + record.charged_before + _refines_paid(plan),
                 "paid for, not archived: a rerun of this date asks the provider for its job again, without sending "
                 "it again")
     return None

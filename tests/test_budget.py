@@ -300,3 +300,22 @@ def test_reruns_after_the_budget_is_reached_pay_nothing_more(emulators, tmp_path
     assert all(s.is_failed() for s in states)
     again = str(states[1].result(raise_on_failure=False))
     assert "charged by earlier runs of this date" in again and "raise run.max_credits" in again, again
+
+
+@pytest.mark.parametrize("provider, quote", [("tams", 1.0), ("chuzhan", 4.0), ("tencent", 1.0)])
+def test_an_item_edited_after_it_was_paid_keeps_what_it_was_charged(emulators, tmp_path, provider: str,
+                                                                    quote: float) -> None:
+    """A cap of two and a half items' worth; one item, archived, then its prompt edited twice,
+    the date run again each time. Each edit pays for the item again, and its ledger record,
+    replaced by the new request's, used to take the old charge with it: the third run counted
+    one earlier payment and paid a third time. Now the new record keeps what the old one counted."""
+    from tests.test_pay_once import spec_text, stats
+
+    name, day, cap = f"date-cap-edited-{provider}", date(2026, 9, 2), quote * 2.5
+    text = spec_text(provider, name, 1, run=f", max_credits: {{{provider}: {cap}}}")
+    before = stats(emulators, provider)
+    for edit in ("", "edited ", "edited twice "):
+        state = run_spec(tmp_path, text.replace("'item 0", f"'{edit}item 0"), day)
+    after = stats(emulators, provider)
+    assert after["charges"] - before["charges"] == 2 and after["submits"] - before["submits"] == 2
+    assert f"{quote * 2:g} of them charged by earlier runs of this date" in str(state.result(raise_on_failure=False))

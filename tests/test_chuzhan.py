@@ -437,3 +437,22 @@ def test_a_failed_task_is_maybe_charged_whatever_the_provider_did(chuzhan, refun
     assert caught.value.charge == "maybe" and caught.value.used == 4  # 512x512, 20 steps
     assert after["refunds"] - before["refunds"] == (1 if refund else 0)
     assert after["balance"] - before["balance"] == (0 if refund else -4)
+
+
+def test_a_failed_attempt_keeps_counting_after_a_new_one(chuzhan, tmp_path) -> None:
+    """A task that failed took its credits at submit, and the emulator keeps them (no refund is
+    documented). Rerun, the item is sent again as a new attempt; the first attempt's charge stays
+    in the date's spend, so a third run of a date capped at 10 does not pay a third 4."""
+    httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"refund_failed": False})
+    text = spec_text("cz-failed-twice", "  - {id: bad, prompt: \"x [[fail]] twice\"}\n").replace(
+        "max_parallel: 5}", "max_parallel: 5, max_credits: 10}")
+    try:
+        before = chuzhan_stats(chuzhan)
+        first, second = (manifest_of(run_spec(tmp_path, text, date(2026, 3, 12))) for _ in range(2))
+        third = run_spec(tmp_path, text, date(2026, 3, 12)).result(raise_on_failure=False)
+        after = chuzhan_stats(chuzhan)
+    finally:
+        httpx.post(f"{chuzhan.url('chuzhan')}/_sandbox/config", json={"refund_failed": True})
+    assert after["charges"] - before["charges"] == 2 and before["balance"] - after["balance"] == 8
+    assert [m["items"][0]["credits"] for m in (first, second)] == [4, 8]  # what the item took, its attempts together
+    assert type(third).__name__ == "BudgetExceeded" and "8 of them charged by earlier runs" in str(third)

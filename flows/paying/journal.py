@@ -66,7 +66,7 @@ class ItemJournal:
             self.budget = budget
         try:
             paidcalls.begin(flow_run.id)
-            self._move(State.SENDING, reason=None)
+            self._move(State.SENDING, reason=None, estimate=self.cost)
         except BaseException:
             self._answered(given_back=not again)  # asked again: the first ask may have been charged
             raise

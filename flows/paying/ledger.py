@@ -19,14 +19,16 @@ record changes state:
                 again                                             provider says: not sent)
     submitted   the provider's job id is known                   submitted, done, failed,
                                                                  archived, unknown
-    failed      the job ran and ended failed (not charged)       sending (a new attempt)
+    failed      the job ran and ended failed (not charged, or     sending (a new attempt; what
+                charged at submit: 触站AI)                        it took moves to charged_before)
     done        results safe: kept in S3 when the provider        done, archived
                 cannot give them again (synchronous answers)
     archived    the item's images and sidecars are in S3          archived (archived again after
                                                                  an object was lost: its job is
                                                                  fetched again, never paid again)
 
-A record of another request (the spec changed what is paid for) is replaced by a new one.
+A record of another request (the spec changed what is paid for) is replaced by a new one, which
+keeps what the old one counted in its date's spend (`charged_before`, `flows.paying.spent.carried`).
 Writes are retried with backoff; `LedgerUnavailable` says they still failed.
 
 Every write is conditional on what this ledger last read (`If-Match` on the record's ETag, or
@@ -112,6 +114,9 @@ class JobRecord(BaseModel):
     state: State
     job_id: str | None = None
     charged: float | None = Field(None, description="What the provider said it charged at submit, where it says so.")
+    estimate: float | None = Field(None, description="What the attempt was estimated to cost when it was sent.")
+    charged_before: float = Field(0.0, description="What this step's earlier attempts, which ran and failed, took "
+                                  "at submit (maybe given back: no refund is reported, so it counts).")
     reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
     results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
     archived: dict[str, Any] | None = None
@@ -137,6 +142,8 @@ def move(record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
              "flow_run_id": str(flow_run.id) if flow_run.id else None}
     if record is None:
         return JobRecord(**{**changes, **stamp})
+    if here is State.FAILED:  # a new attempt: what the failed one took stays counted, apart from its own charge
+        changes = {"charged_before": record.charged_before + (record.charged or 0.0), "charged": None, **changes}
     return record.model_copy(update={**changes, **stamp})
 
 

@@ -25,6 +25,7 @@ from flows.paying.archived import ArchivedImagesLost
 from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_notes
 from flows.paying.journal import ItemJournal, flush_or_log
 from flows.paying.ledger import JobLedger, JobRecord, State, Step
+from flows.paying.spent import carried
 
 if TYPE_CHECKING:
     from flows.models import ItemPlan
@@ -54,7 +55,7 @@ class Do(Enum):
 
     SEND = "send it"
     SEND_AGAIN = "send again under the same request id (the provider returns the job it made)"
-    NEW_ATTEMPT = "send a new attempt `<id>-<n>` (a failed job is not charged)"
+    NEW_ATTEMPT = "send a new attempt `<id>-<n>` (what a failed job took at submit stays counted)"
     POLL = "resume the job by its id: poll, then download"
     READ_KEPT = "read the kept results back; nothing is sent"
     CONFIRM = "adopt the job a callback names once the provider's status confirms it; else stop for a person"
@@ -104,6 +105,12 @@ def decide(record: JobRecord | None, caps: Caps) -> Do:
 def current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
     """The record if it is of this request; a record of another request does not count."""
     return record if record is not None and record.base_request_id == base_request_id else None
+
+
+def replacing(found: JobRecord | None, record: JobRecord | None, estimate: float) -> dict[str, float]:
+    """Where the step's record is of another request (`found`, not `record`), what it counted in
+    the date's spend, for the new record to keep (`charged_before`): replaced, it is still spent."""
+    return {"charged_before": carried(found, estimate)} if record is None and found is not None else {}
 
 
 def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Caps, do: Do) -> None:
@@ -171,7 +178,8 @@ def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -
     rid = base if attempt == 1 else f"{base}-{attempt}"
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
     identity = {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base, "request_id": rid,
-                "attempt": attempt, "provider": plan.provider, "block": plan.block}
+                "attempt": attempt, "provider": plan.provider, "block": plan.block,
+                **replacing(found, record, plan.estimate.credits if plan.estimate else 0.0)}
     return ItemJournal(ledger, record, identity, cost=plan.estimate.credits if plan.estimate else 0.0), request
 
 
@@ -326,11 +334,12 @@ def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_
     """Image `index` through the provider's paid upscaler, as the table says: a call already
     answered is downloaded again or read back, never paid twice."""
     base = hashlib.sha256(f"{request_id}:refine:{index}".encode()).hexdigest()[:32]
-    record = current(ledger.get(plan.item_id, Step.REFINE, index), base)
+    found = ledger.get(plan.item_id, Step.REFINE, index)
+    record, cost = current(found, base), plan.refine_credits / max(1, plan.request.count)
     journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
                                            "base_request_id": base, "request_id": base, "attempt": 1,
-                                           "provider": plan.provider, "block": plan.block},
-                          cost=plan.refine_credits / max(1, plan.request.count))
+                                           "provider": plan.provider, "block": plan.block,
+                                           **replacing(found, record, cost)}, cost=cost)
     caps = caps_of(provider, step=Step.REFINE)
     do = decide(record, caps)
     _log_decision(plan, Step.REFINE, record, caps, do)

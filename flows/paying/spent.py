@@ -11,7 +11,10 @@ no longer be charged 24. What each earlier paid step counts:
 - a submit whose answer was never seen (`sending`, `unknown`): its estimate, scaled by the worst
   charge-to-estimate ratio the date showed (maybe charged: counted, as a run counts it);
 - a job that ran and failed: what was taken at submit, else nothing; a refused call: nothing;
-- a paid upscale sent: its estimate per image.
+- a paid upscale sent: its estimate per image;
+- and, for every step, what its earlier attempts that ran and failed took at submit, or what a
+  record of another request counted (the spec changed the item) before a new one replaced it:
+  the record's `charged_before`; an archived item's credits include it.
 """
 
 from __future__ import annotations
@@ -52,20 +55,39 @@ def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[
             earlier.ratio[record.provider] = max(earlier.ratio.get(record.provider, 1.0), record.charged / estimate)
     for record, estimate in priced:  # the ratio of the whole date first: a lost answer counts at its worst
         earlier.add(record.provider, _cost(record, estimate, earlier.ratio.get(record.provider, 1.0)))
-        if record.step is Step.GENERATE and record.state in PAID | MAYBE:
+        if (record.step is Step.GENERATE and record.state in PAID | MAYBE
+                and record.base_request_id == by_id[record.item_id].request.request_id):  # else it is paid again
             earlier.paid.add(record.item_id)
     return earlier
 
 
+def carried(record: JobRecord | None, estimate: float) -> float:
+    """What a record of another request counts in its date's spend (the spec changed what the
+    item pays for, and a new record replaces it, keeping this as its `charged_before`):
+    `estimate` stands for the record's own where it has none (written before records had one)."""
+    if record is None:
+        return 0.0
+    return _cost(record, record.estimate if record.estimate is not None else estimate, 1.0)
+
+
 def _estimate(plan: ItemPlan, record: JobRecord) -> float:
-    """The estimate of the step `record` is of (0 where the item was not priced)."""
+    """The estimate of the step `record` is of, as sent where the record says (0 where the item
+    was not priced)."""
+    if record.estimate is not None:
+        return record.estimate
     if record.step is Step.REFINE:
         return plan.refine_credits / max(1, plan.request.count)
     return plan.estimate.credits if plan.estimate is not None else 0.0
 
 
 def _cost(record: JobRecord, estimate: float, ratio: float) -> float:
-    """What one earlier paid step counts (see the module's list)."""
+    """What one earlier paid step counts (see the module's list), with what its earlier failed
+    attempts took at submit."""
+    return record.charged_before + _attempt_cost(record, estimate, ratio)
+
+
+def _attempt_cost(record: JobRecord, estimate: float, ratio: float) -> float:
+    """What the record's current attempt counts."""
     if record.state in PAID:
         return record.charged if record.charged is not None else estimate
     if record.state in MAYBE:

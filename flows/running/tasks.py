@@ -97,8 +97,9 @@ def generate(plan: ItemPlan, uploaded: Upstream[str | None]) -> Generated:
         files.append(str(path))
     upscaled = "provider" if request.upscale_factor else None
     charged = journal.record.charged if journal.record is not None else None  # said at submit, maybe a run ago
+    before = journal.record.charged_before if journal.record is not None else 0.0  # failed attempts took it
     return Generated(job_id=result.job_id, request_id=journal.record.request_id if journal.record else request.request_id,
-                     credits=result.credits if charged is None else charged,
+                     credits=(result.credits if charged is None else charged) + before,
                      credits_source=result.credits_source if charged is None else "charged", files=files,
                      submitted_at=submitted, finished_at=datetime.now(timezone.utc), upscaled_by=upscaled,
                      rejected=result.rejected)
