@@ -319,3 +319,20 @@ def test_an_item_edited_after_it_was_paid_keeps_what_it_was_charged(emulators, t
     after = stats(emulators, provider)
     assert after["charges"] - before["charges"] == 2 and after["submits"] - before["submits"] == 2
     assert f"{quote * 2:g} of them charged by earlier runs of this date" in str(state.result(raise_on_failure=False))
+
+
+@pytest.mark.parametrize("provider, quote", [("tams", 1.0), ("chuzhan", 4.0), ("tencent", 1.0)])
+def test_an_item_taken_out_of_the_spec_still_counts(emulators, tmp_path, provider: str, quote: float) -> None:
+    """Two items paid under a cap of two and a half; the spec then swaps item i1 for i2 and the
+    date runs again. Only the spec's items were counted: i1's charge was forgotten and i2 paid,
+    three items' worth for the date. Now the date's ledger counts every item it paid for."""
+    from tests.test_pay_once import spec_text, stats
+
+    name, day, cap = f"date-cap-swapped-{provider}", date(2026, 9, 3), quote * 2.5
+    text = spec_text(provider, name, 2, run=f", max_credits: {{{provider}: {cap}}}")
+    assert run_spec(tmp_path, text, day).is_completed()
+    before = stats(emulators, provider)
+    again = run_spec(tmp_path, text.replace("{id: i1, prompt: 'item 1", "{id: i2, prompt: 'item 2"), day)
+    after = stats(emulators, provider)
+    assert after["charges"] == before["charges"] and after["submits"] == before["submits"]
+    assert f"{quote * 2:g} of them charged by earlier runs of this date" in str(again.result(raise_on_failure=False))

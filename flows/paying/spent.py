@@ -1,4 +1,5 @@
-"""What earlier runs of a run date were charged, or may have been, per provider.
+"""What earlier runs of a run date were charged, or may have been, per provider, on its items
+then and now (an item taken out of the spec was paid for all the same).
 
 `run.max_credits` caps what a pipeline's run date costs, not what each run of it pays: a rerun
 after `BudgetReached` (or a crash, or a second run of the date) starts from what the earlier
@@ -43,20 +44,23 @@ class Earlier:
 
 
 def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[str, ArchivedItem]) -> Earlier:
-    """What the date's earlier runs spent on `plans` (one ledger listing; a read per record)."""
+    """What the date's earlier runs spent, on `plans` and on items since taken out of the spec
+    (paid for all the same), from `reused` and the ledger (one listing; a read per record not
+    in `reused`)."""
     earlier = Earlier()
     by_id = {plan.item_id: plan for plan in plans}
     for archived in reused.values():
         earlier.add(archived.provider, archived.credits)
-    records = ledger.records(only=lambda item: item in by_id and item not in reused) if by_id else []
-    priced = [(record, _estimate(by_id[record.item_id], record)) for record in records]
+    records = ledger.records(only=lambda item: item not in reused)
+    priced = [(record, _estimate(by_id.get(record.item_id), record)) for record in records]
     for record, estimate in priced:
         if record.charged is not None and estimate:
             earlier.ratio[record.provider] = max(earlier.ratio.get(record.provider, 1.0), record.charged / estimate)
     for record, estimate in priced:  # the ratio of the whole date first: a lost answer counts at its worst
         earlier.add(record.provider, _cost(record, estimate, earlier.ratio.get(record.provider, 1.0)))
-        if (record.step is Step.GENERATE and record.state in PAID | MAYBE
-                and record.base_request_id == by_id[record.item_id].request.request_id):  # else it is paid again
+        plan = by_id.get(record.item_id)
+        if (record.step is Step.GENERATE and record.state in PAID | MAYBE and plan is not None
+                and record.base_request_id == plan.request.request_id):  # else it is paid again
             earlier.paid.add(record.item_id)
     return earlier
 
@@ -70,11 +74,13 @@ def carried(record: JobRecord | None, estimate: float) -> float:
     return _cost(record, record.estimate if record.estimate is not None else estimate, 1.0)
 
 
-def _estimate(plan: ItemPlan, record: JobRecord) -> float:
-    """The estimate of the step `record` is of, as sent where the record says (0 where the item
-    was not priced)."""
+def _estimate(plan: ItemPlan | None, record: JobRecord) -> float:
+    """The estimate of the step `record` is of, as sent where the record says; else the plan's
+    (0 where the item was not priced), or for an item no longer in the spec what it archived."""
     if record.estimate is not None:
         return record.estimate
+    if plan is None:  # a record written before records kept their estimate
+        return float((record.archived or {}).get("credits") or 0.0)
     if record.step is Step.REFINE:
         return plan.refine_credits / max(1, plan.request.count)
     return plan.estimate.credits if plan.estimate is not None else 0.0
