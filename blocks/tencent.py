@@ -503,12 +503,14 @@ class TencentAiArtProvider(ImageProvider):
     def refine_cost(self) -> float:
         return 1.0  # one billable call, as every estimate of this provider counts
 
-    def refine(self, data: bytes, journal: Journal | None = None, result_url: str | None = None) -> bytes:
+    def refine(self, data: bytes, journal: Journal | None = None, result_url: str | None = None,
+               unknown_hold: float = 0.0) -> bytes:
         """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot.
 
         `journal` hears `sending` right before the paid call, `submitted(<result URL>)` once it
         answered, and `done` with the image; `result_url` resumes a paid call whose download
-        failed (the URL lives an hour), paying nothing."""
+        failed (the URL lives an hour), paying nothing. A call whose answer was not seen keeps
+        the slot `unknown_hold` seconds: it may still be running, against a concurrency of one."""
         journal = journal or NoJournal()
         if result_url is None:
             check_image(data, "upscale input", max_base64=REFINE_MAX_BASE64)
@@ -519,6 +521,7 @@ class TencentAiArtProvider(ImageProvider):
                                        safe_to_repeat=False)
                 except SubmitUnknown as exc:
                     journal.unknown(exc)
+                    time.sleep(unknown_hold)
                     raise
                 except BaseException as exc:
                     journal.refused(exc)

@@ -26,7 +26,9 @@ action's rate, each with those of the second before it), ``POST /_sandbox/config
 - ``kind: "drop"`` (with ``after``): carried out, then the connection is cut mid-answer;
 - ``kind: "http_502"`` (with ``after``): carried out, then a gateway error;
 - ``kind: "slow"``: carried out, then answered ``delay`` s later;
-- ``kind: "result_503"``: downloading a result URL the action gave answers 503.
+- ``kind: "result_503"``: downloading a result URL the action gave answers 503;
+- ``kind: "busy"``: a synchronous action (RefineImage, ImageToImage) takes ``delay`` s to run,
+  in flight meanwhile (counted against its concurrency), as a slow one does.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ MESSAGES = {  # the service's texts for the codes the sandbox answers on request
     "OperationDenied.ImageIllegalDetected": "The image contains illegal content.",
 }
 CODE_RE = re.compile(r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)*$")  # the shape of Tencent error codes
-FAULT_KINDS = ("drop", "http_502", "slow", "result_503")
+FAULT_KINDS = ("drop", "http_502", "slow", "result_503", "busy")
+ASIDE = ("result_503", "busy")  # faults taken at their own moment, not before or after an action's run
 
 
 def _refined(raw: bytes) -> bytes:
@@ -261,12 +264,12 @@ class TencentEmulator(Emulator):
 
     def _take_fault(self, action: str, after: bool, kind: str | None = None) -> dict[str, Any] | None:
         """The next queued fault for `action` that fires before (or after) the action runs;
-        `kind="result_503"` asks for a fault on downloading a result of `action` instead."""
+        `kind` asks for one of the `ASIDE` faults of `action` instead."""
         st = self.state
         with st.lock:
             for fault in st.faults:
                 if fault["count"] > 0 and fault.get("action", action) == action \
-                        and (fault.get("kind") == "result_503") == (kind == "result_503") \
+                        and (fault.get("kind") if fault.get("kind") in ASIDE else None) == kind \
                         and bool(fault.get("after") or fault.get("kind") == "slow") == after:
                     fault["count"] -= 1
                     st.counters["injected_faults"] += 1
@@ -285,6 +288,11 @@ class TencentEmulator(Emulator):
             st.peak_in_flight[action] = max(st.peak_in_flight.get(action, 0), running + 1)
             if action != "SubmitTextToImageJob":
                 st.sync_in_flight[action] = running + 1
+
+    async def _running(self, action: str) -> None:
+        """The time a synchronous action takes, in flight: half the latency, or a `busy` fault's delay."""
+        busy = self._take_fault(action, after=False, kind="busy")
+        await asyncio.sleep(float(busy.get("delay", 5)) if busy else self.state.latency / 2)
 
     def _leave(self, action: str) -> None:
         with self.state.lock:
@@ -388,7 +396,7 @@ class TencentEmulator(Emulator):
                 raise ApiError("FailedOperation.ImageResolutionExceed", "The image is larger than 2000x2000.")
         self._enter("ImageToImage")
         try:
-            await asyncio.sleep(self.state.latency / 2)
+            await self._running("ImageToImage")
             with Image.open(io.BytesIO(raw)) as image:
                 w, h = image.size
             if resolution == "origin":
@@ -445,7 +453,7 @@ class TencentEmulator(Emulator):
         raw = await self._image(params, REFINE_MAX_B64)
         self._enter("RefineImage")
         try:
-            await asyncio.sleep(self.state.latency / 2)
+            await self._running("RefineImage")
             data = await asyncio.to_thread(_refined, raw)
             with self.state.lock:
                 self._charge(fingerprint("RefineImage", _sha256_hex(raw)), f"RefineImage of {_sha256_hex(raw)[:16]}")
@@ -486,7 +494,7 @@ class TencentEmulator(Emulator):
     async def set_faults(self, request: Request) -> Response:
         def refuse(fault: dict[str, Any]) -> str | None:
             if fault.get("kind") in FAULT_KINDS:
-                ok = fault["kind"] in ("slow", "result_503") or fault.get("after")
+                ok = fault["kind"] in ("slow", "result_503", "busy") or fault.get("after")
                 return None if ok else f"{fault['kind']} needs after: true"
             return None if CODE_RE.match(str(fault.get("code") or "")) else f"not an error code: {fault.get('code')!r}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from datetime import date, datetime, timezone
 from io import BytesIO
 from pathlib import Path
@@ -371,3 +372,38 @@ def test_low_balance_stops_the_run(tencent, tmp_path) -> None:
     errors = [i.get("error") or {} for i in manifest["items"]]
     assert errors[0]["error"] == "AccountStop" and "LowBalance" in errors[0]["message"]
     assert any(e.get("error") == "RunStopped" for e in errors[1:])
+
+
+def test_a_refine_whose_answer_was_not_seen_keeps_its_slot(tencent) -> None:
+    """RefineImage runs one at a time (tencent-aiart.md "Concurrency": RefineImage 1). A call that
+    timed out may still be running there; its slot was let go at once, and the next image's call,
+    sent while it ran, was refused `JobNumExceed`. Now the slot stays held `unknown_hold` seconds."""
+    import threading
+
+    from flows.running.tasks import limiter_for
+
+    slow, quick = client(tencent, timeout=1.0), client(tencent)
+    for provider in (slow, quick):
+        provider.use_limiter(limiter_for("tencent", "sandbox"))
+    httpx.post(f"{tencent.url('tencent')}/_sandbox/faults",
+               json={"kind": "busy", "action": "RefineImage", "delay": 3.0, "count": 1})
+    before, outcome = tencent_stats(tencent), []
+
+    def first() -> None:
+        try:
+            slow.refine(padded_png(2_000), unknown_hold=4.0)
+        except SubmitUnknown as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while tencent_stats(tencent)["by_action"].get("RefineImage", 0) == before["by_action"].get("RefineImage", 0):
+        assert time.monotonic() < deadline, "the first RefineImage was never sent"
+        time.sleep(0.05)  # the first call is at the emulator: the second waits for its slot
+    assert quick.refine(padded_png(3_000))
+    thread.join()
+    after = tencent_stats(tencent)
+    assert len(outcome) == 1, outcome
+    assert after["job_num_exceeded"] == before["job_num_exceeded"]
+    assert after["peak_in_flight"]["RefineImage"] == 1

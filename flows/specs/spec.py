@@ -268,7 +268,8 @@ class RunSettings(_Strict):
     http_timeout: float = Field(30, gt=0, le=300, description="Seconds for one HTTP request.")
     unknown_hold: float = Field(
         60, ge=0, le=3600,
-        description="Seconds a job slot stays held after an ambiguous submit answer (the job may be running).")
+        description="Seconds a job slot stays held after an ambiguous submit answer (the job may be running), "
+                    "a paid upscale's too.")
     max_credits: CreditCap = Field(
         None, description=("Per provider, in its own unit (e.g. {tams: 500, chuzhan: 300, tencent: 50}: TAMS and "
                            "触站AI credits, Tencent billable calls): refuse a run estimated above it, stop submitting "
