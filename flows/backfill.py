@@ -26,7 +26,9 @@ from prefect.states import Failed
 
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
+from flows.paying.spent import Earlier, earlier_spend
 from flows.pipeline import archived_before, estimate_plans, pipeline_name, plan_items, run_pipeline
+from flows.running.tasks import ledger_of
 from flows.running.progress import RunProgress, credits_text, each_in_its_unit, final_state
 from flows.running.report import artifact_key
 from flows.specs.spec import (PIPELINES_DIR, PipelineSpec, RunOverrides, SpecError, cap_mistake, load_spec,
@@ -76,21 +78,29 @@ def manifest_status(spec: PipelineSpec, run_date: date) -> dict[str, Any] | None
                      spec.archive.manifest_key(spec.name, run_date))
 
 
+def complete(spec: PipelineSpec, run_date: date, manifest: dict[str, Any] | None) -> bool:
+    """Whether the date's last run archived every item the spec now lists, as it now reads (a
+    complete manifest of a spec since given items, or edited, leaves the date to run again)."""
+    if not manifest or manifest.get("status") != "complete":
+        return False
+    made = {(str(i.get("item")), str(i.get("request_id"))) for i in manifest.get("items") or [] if isinstance(i, dict)}
+    return all((plan.item_id, plan.request.request_id) in made for plan in plan_items(spec, "", run_date, ""))
+
+
 def estimate_dates(spec: PipelineSpec, dates: list[date]) -> tuple[dict[date, dict[str, float]],
                                                                     dict[date, dict[str, float]]]:
-    """Credits each date would cost, per provider (items already archived on a date cost nothing),
-    and what its items already archived were charged, per provider."""
+    """Credits each date would cost, per provider (items already archived on a date, and jobs
+    paid for to be collected, cost nothing), and what its earlier runs spent, per provider, as
+    its run counts them (`flows.paying.spent`)."""
     out, earlier, cache = {}, {}, {}
     for run_date in dates:
-        plans, archived = [], {}
-        for plan in plan_items(spec, "", run_date, ""):
-            if (found := archived_before(plan)) is None:
-                plans.append(plan)
-            else:
-                archived[found.provider] = archived.get(found.provider, 0.0) + found.credits
-        per_provider, _ = estimate_plans(plans, cache)
+        plans = plan_items(spec, "", run_date, "")
+        reused = {plan.item_id: found for plan in plans if (found := archived_before(plan)) is not None}
+        spent = earlier_spend(ledger_of(plans[0]), plans, reused) if plans else Earlier()
+        per_provider, _ = estimate_plans([p for p in plans if p.item_id not in reused and p.item_id not in spent.paid],
+                                         cache)
         out[run_date] = {provider: float(credits) for provider, credits in per_provider.items()}
-        earlier[run_date] = archived
+        earlier[run_date] = dict(spent.spent)
     return out, earlier
 
 
@@ -110,7 +120,7 @@ class Pool:
     def __init__(self, caps: dict[str, float], estimates: dict[date, dict[str, float]], spec_caps: dict[str, float],
                  one_number: bool = False, earlier: dict[date, dict[str, float]] | None = None) -> None:
         self.caps, self.estimates, self.spec_caps = caps, estimates, spec_caps
-        self.earlier = earlier or {}  # per date, what its archived items were charged: its run counts them
+        self.earlier = earlier or {}  # per date, what its earlier runs spent (`estimate_dates`): its run counts them
         self.charged = dict.fromkeys(caps, 0.0)
         self.allotted: dict[date, dict[str, float]] = {}
         self.ratio = dict.fromkeys(caps, 1.0)  # per provider, the highest charge/estimate seen in a date's run
@@ -390,7 +400,7 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
     rows: dict[date, dict[str, Any]] = {}
     for run_date in dates:
         manifest = manifest_status(parsed, run_date)
-        if manifest and manifest.get("status") == "complete":
+        if complete(parsed, run_date, manifest):
             rows[run_date] = unrun_row(run_date, "skipped", "already complete", "", manifest.get("flow_run_id"))
     todo = [d for d in dates if d not in rows]
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",

@@ -718,9 +718,12 @@ def _charge_of(plan: ItemPlan) -> tuple[float | None, str] | None:
     record = ledger_of(plan).get(plan.item_id)
     if record is None or record.base_request_id != plan.request.request_id:
         return None
-    if record.state is State.FAILED and (record.charged or record.charged_before):
-        return ((record.charged or 0.0) + record.charged_before, "maybe charged: taken at submit; the provider does "
-                "not say whether a failed job gives it back")
+    if record.state is State.FAILED and record.charged:
+        return (record.charged + record.charged_before, "maybe charged: taken at submit; the provider does not say "
+                "whether a failed job gives it back")
+    if record.state in (State.FAILED, State.REFUSED) and record.charged_before:
+        return record.charged_before, ("charged before: an earlier attempt that failed, or the item's request before "
+                                       "the spec changed it")
     if record.state in (State.UNKNOWN, State.SENDING):
         return None, "may have been charged: the answer to its submit was not seen"
     if record.state in (State.SUBMITTED, State.DONE):
@@ -751,11 +754,16 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
         listing = Listing(archive_bucket(parsed.archive.bucket, parsed.archive.credentials))
         outcomes = [(archived, None) if (archived := archived_before(plan, listing)) is not None else (None, reason)
                     for plan in plans]
+        refused = isinstance(error, BudgetExceeded)  # before any paid call: what archived is earlier runs'
+        earlier = frozenset(plan.item_id for plan, (archived, _) in zip(plans, outcomes, strict=True)
+                            if archived and refused)
         manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
-                                  charges=_Charges())
+                                  reused=earlier, charges=_Charges())
         if (spend := for_run(str(flow_run.id))) is not None:  # it paid: what it may have been charged
             with_spend(manifest, spend.summary())
             close_run(str(flow_run.id))
+        elif refused:  # this run was charged nothing
+            with_spend(manifest, {})
         publish(parsed, run_date, manifest)
     except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
         logger.error("could not write the manifest after %s: %s", type(error).__name__, exc)

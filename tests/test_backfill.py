@@ -262,3 +262,17 @@ def test_a_capped_provider_a_date_is_not_quoted_for_is_still_capped() -> None:
     assert pool.allot(D1, [D2]) == {"tams": 10.0, "chuzhan": 26.0}
     pool.settle(D1, {"ran_items": True, "by_provider": {"tams": {"credits": 10.0, "ratio": 1.0}}})
     assert pool.allot(D2, []) == {"tams": NO_ROOM, "chuzhan": 30.0}
+
+
+def test_a_date_whose_spec_lost_an_item_is_backfilled_within_the_cap(sandbox_blocks, tmp_path) -> None:
+    """A date archived a and b (1 credit each); the spec then swaps b for c. The date's run counts
+    b's charge (paid for all the same), and the backfill gave it room for the archived a only:
+    c, quoted 1 under a backfill cap of 1, was refused. Now both count the date's ledger alike."""
+    from flows.pipeline import run_pipeline
+
+    assert run_pipeline(spec=spec(tmp_path, "bf-swapped"), run_date=date(2026, 6, 12), return_state=True).is_completed()
+    swapped = spec(tmp_path, "bf-swapped", "  - {id: a, prompt: a cat}\n  - {id: c, prompt: a cow}\n")
+    before = tams_stats(sandbox_blocks)
+    rows = backfill(spec=swapped, start=date(2026, 6, 12), end=date(2026, 6, 12), max_credits=1)
+    assert rows[0]["status"] == "done", rows
+    assert tams_stats(sandbox_blocks)["submits"] - before["submits"] == 1

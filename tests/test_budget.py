@@ -336,3 +336,23 @@ def test_an_item_taken_out_of_the_spec_still_counts(emulators, tmp_path, provide
     after = stats(emulators, provider)
     assert after["charges"] == before["charges"] and after["submits"] == before["submits"]
     assert f"{quote * 2:g} of them charged by earlier runs of this date" in str(again.result(raise_on_failure=False))
+
+
+def test_an_edited_item_s_paid_upscales_keep_counting(emulators, tmp_path) -> None:
+    """Tencent with RefineImage: an item is one job and one upscale, 2 calls, under a cap of 5.
+    Archived, then edited: the upscale's replaced record kept its count, but the archived item's
+    credits did not take it, so a third run, the spec gaining an item, counted 3 of the 4 calls
+    paid and paid 2 more (6 under a cap of 5). Now the item's credits take what its upscales'
+    records kept."""
+    from tests.test_pay_once import spec_text, stats
+
+    name, day = "date-cap-edited-refine", date(2026, 9, 4)
+    one, two = (spec_text("tencent", name, n, run=", max_credits: {tencent: 5}").replace(
+        "archive:", "upscale: {engine: provider, factor: 2}\narchive:") for n in (1, 2))
+    before = stats(emulators, "tencent")
+    states = [run_spec(tmp_path, text, day) for text in (one, one.replace("'item 0", "'edited item 0"),
+                                                          two.replace("'item 0", "'edited item 0"))]
+    after = stats(emulators, "tencent")
+    assert states[0].is_completed() and states[1].is_completed()
+    assert after["charges"] - before["charges"] == 4, (before["charges"], after["charges"])
+    assert "4 of them charged by earlier runs of this date" in str(states[2].result(raise_on_failure=False))

@@ -107,10 +107,14 @@ def current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
     return record if record is not None and record.base_request_id == base_request_id else None
 
 
-def replacing(found: JobRecord | None, record: JobRecord | None, estimate: float) -> dict[str, float]:
+def replacing(found: JobRecord | None, record: JobRecord | None, plan: ItemPlan, estimate: float
+              ) -> dict[str, float]:
     """Where the step's record is of another request (`found`, not `record`), what it counted in
-    the date's spend, for the new record to keep (`charged_before`): replaced, it is still spent."""
-    return {"charged_before": carried(found, estimate)} if record is None and found is not None else {}
+    the date's spend, for the new record to keep (`charged_before`): replaced, it is still spent.
+    Not where the item moved to another provider: its credits are in another unit (left out)."""
+    if record is not None or found is None or found.provider != plan.provider:
+        return {}
+    return {"charged_before": carried(found, estimate)}
 
 
 def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Caps, do: Do) -> None:
@@ -179,7 +183,7 @@ def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
     identity = {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base, "request_id": rid,
                 "attempt": attempt, "provider": plan.provider, "block": plan.block,
-                **replacing(found, record, plan.estimate.credits if plan.estimate else 0.0)}
+                **replacing(found, record, plan, plan.estimate.credits if plan.estimate else 0.0)}
     return ItemJournal(ledger, record, identity, cost=plan.estimate.credits if plan.estimate else 0.0), request
 
 
@@ -330,28 +334,31 @@ def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal,
 # --- the provider's separate paid upscale ---------------------------------------------------------------
 
 def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_id: str, index: int,
-            data: bytes) -> bytes:
+            data: bytes) -> tuple[bytes, float]:
     """Image `index` through the provider's paid upscaler, as the table says: a call already
-    answered is downloaded again or read back, never paid twice."""
+    answered is downloaded again or read back, never paid twice. With it, what the record it
+    replaced counted (`charged_before`: the item's credits include it)."""
     base = hashlib.sha256(f"{request_id}:refine:{index}".encode()).hexdigest()[:32]
     found = ledger.get(plan.item_id, Step.REFINE, index)
     record, cost = current(found, base), plan.refine_credits / max(1, plan.request.count)
     journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
                                            "base_request_id": base, "request_id": base, "attempt": 1,
                                            "provider": plan.provider, "block": plan.block,
-                                           **replacing(found, record, cost)}, cost=cost)
+                                           **replacing(found, record, plan, cost)}, cost=cost)
     caps = caps_of(provider, step=Step.REFINE)
     do = decide(record, caps)
     _log_decision(plan, Step.REFINE, record, caps, do)
+    before = journal.identity.get("charged_before", record.charged_before if record is not None else 0.0)
     if do is Do.READ_KEPT:
-        return ledger.read_results(record)[0]  # type: ignore[arg-type]
+        return ledger.read_results(record)[0], before  # type: ignore[arg-type]
     if do is Do.PERSON:
         if record is not None and record.state is State.SENDING:
             left_sending(plan, journal)
         for_a_person(plan, journal)
     resume = record.job_id if do is Do.POLL else None  # type: ignore[union-attr]
     try:
-        return provider.refine(data, journal, result_url=resume)  # type: ignore[call-arg]
+        return provider.refine(data, journal, result_url=resume,  # type: ignore[call-arg]
+                               unknown_hold=plan.unknown_hold), before
     except SubmitUnknown as exc:
         if journal.record is None or journal.record.state is not State.UNKNOWN:
             raise

@@ -116,16 +116,18 @@ def upscale(plan: ItemPlan, made: Upstream[Generated]) -> Generated:
     engine, factor = plan.upscale.engine, plan.upscale.factor  # type: ignore[union-attr]
     provider = provider_for(plan.provider, plan.block) if engine == "provider" else None
     ledger = ledger_of(plan) if provider is not None else None
-    files = []
+    files, before = [], 0.0  # what records of the paid upscales they replaced counted
     for index, name in enumerate(generated.files, start=1):
         data = Path(name).read_bytes()
         path = Path(name).with_name(Path(name).stem + f"-x{factor}.png")
         if provider is not None:
-            path.write_bytes(paystep.refined(plan, provider, ledger, generated.request_id, index, data))  # type: ignore[arg-type]
+            image, carried = paystep.refined(plan, provider, ledger, generated.request_id, index, data)  # type: ignore[arg-type]
+            path.write_bytes(image)
+            before += carried
         else:
             path.write_bytes(images.realesrgan(data, factor) if engine == "realesrgan" else images.lanczos(data, factor))
         files.append(str(path))
-    credits = generated.credits + (provider.refine_cost() * len(files) if provider else 0.0)
+    credits = generated.credits + (provider.refine_cost() * len(files) if provider else 0.0) + before
     return generated.model_copy(update={"files": files, "upscaled_by": engine, "credits": credits})
 
 
