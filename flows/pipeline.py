@@ -9,6 +9,7 @@ artifact, and fails (after writing both) when any item did not archive.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -34,7 +35,7 @@ from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
 from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, for_run, open_run
-from flows.paying.spent import Earlier, earlier_spend
+from flows.paying.spent import Earlier, carried, earlier_spend
 from flows.paying.slots import reclaim_expired
 from flows.arenas import trim_now_and_then
 from flows.running.report import (Charge, PipelineIncomplete, archived_hashes, artifact_key, build_manifest,
@@ -51,7 +52,7 @@ from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
 from flows.running.settle import Outcomes, forget
 from flows.paying.archived import Listing, confirmed, found_in_archive, missing
-from flows.paying.ledger import TRANSITIONS, LedgerUnavailable, State, Step
+from flows.paying.ledger import TRANSITIONS, JobRecord, LedgerUnavailable, State, Step
 from flows.models import ArchivedItem, Generated, ItemPlan, Plans, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
                          upload, upscale)
@@ -382,6 +383,17 @@ def estimate_plans(plans: Plans | list[ItemPlan], cache: dict | None = None, *,
     return per_provider, rejected
 
 
+def replaced_count(item: ArchivedItem, other: JobRecord | None, plan: ItemPlan) -> float:
+    """What the record of another request that the item's rebuilt record replaces counted
+    (`flows.paying.spent.carried`: the spec was edited, that request paid for and not archived,
+    then edited back), less what it carried of this item's own archived credits; 0 for another
+    provider's (another unit)."""
+    if other is None or other.base_request_id == plan.request.request_id or other.provider != plan.provider:
+        return 0.0
+    return max(0.0, carried(other, plan.estimate.credits if plan.estimate else 0.0)
+               - min(other.charged_before, item.credits))
+
+
 def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: set[str] | None = None,
                     rebuild: bool = False) -> ArchivedItem | None:
     """The item as an earlier run of this date archived it, if its request is unchanged and the
@@ -392,8 +404,8 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
     ledger record (None: read each)."""
     listing = listing or Listing(archive_bucket(plan.archive.bucket, plan.archive.credentials))
     ledger = ledger_of(plan)
-    record = ledger.get(plan.item_id) if recorded is None or plan.item_id in recorded else None
-    record = record if record is not None and record.base_request_id == plan.request.request_id else None
+    other = ledger.get(plan.item_id) if recorded is None or plan.item_id in recorded else None
+    record = other if other is not None and other.base_request_id == plan.request.request_id else None
     if record is not None and record.state is State.ARCHIVED and record.archived:
         item = ArchivedItem.model_validate(record.archived)
         if (why := missing(item, listing)) is None:
@@ -405,13 +417,16 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
     found = found_in_archive(plan, listing)
     if found is None:
         return None
+    if extra := replaced_count(found.item, other, plan):  # edited back: what the other request paid counts too
+        found = dataclasses.replace(found, item=found.item.model_copy(update={"credits": found.item.credits + extra}))
     if rebuild and (record is None or found.complete):
         identity = {} if record is not None else {
             "item_id": plan.item_id, "base_request_id": plan.request.request_id, "request_id": found.request_id,
             "attempt": attempt_of(found.request_id, plan.request.request_id), "provider": plan.provider,
             "block": plan.block}
         ledger.move(record, State.ARCHIVED, job_id=found.item.job_id, archived=found.item.model_dump(mode="json"),
-                    reason="rebuilt from the archive's sidecars", **identity)
+                    reason="rebuilt from the archive's sidecars", **identity,
+                    **({"charged_before": extra} if extra else {}))
         _log().warning("%s: no ledger record said archived; its sidecars in the bucket name job %s (%s)",
                        plan.item_id, found.item.job_id, "all its images" if found.complete else
                        "some of its images: the rest are fetched again from the job")

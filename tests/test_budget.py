@@ -356,3 +356,26 @@ def test_an_edited_item_s_paid_upscales_keep_counting(emulators, tmp_path) -> No
     assert states[0].is_completed() and states[1].is_completed()
     assert after["charges"] - before["charges"] == 4, (before["charges"], after["charges"])
     assert "4 of them charged by earlier runs of this date" in str(states[2].result(raise_on_failure=False))
+
+
+def test_an_edit_undone_keeps_what_the_edited_request_paid(emulators, tmp_path) -> None:
+    """TAMS under a cap of 2.5: i0 archived; its prompt edited and the run stopped after TAMS made
+    the new job (paid, not archived); the edit undone, and the spec given i1. i0's sidecars were
+    reused and its ledger record rebuilt from them over the edited request's, which was then
+    counted nowhere: i1 was paid, 3 under a cap of 2.5. Now the rebuilt record keeps it."""
+    from flows.paying import faults
+    from tests.test_pay_once import spec_text, stats
+
+    name, day = "date-cap-undone", date(2026, 9, 5)
+    one, two = (spec_text("tams", name, n, run=", max_credits: {tams: 2.5}") for n in (1, 2))
+    before = stats(emulators, "tams")
+    assert run_spec(tmp_path, one, day).is_completed()
+    faults.install("polling", "i0", faults.stop)
+    try:
+        assert run_spec(tmp_path, one.replace("'item 0", "'edited item 0"), day).is_failed()
+    finally:
+        faults.clear()
+    undone = run_spec(tmp_path, two, day)
+    after = stats(emulators, "tams")
+    assert after["charges"] - before["charges"] == 2 and after["submits"] - before["submits"] == 2
+    assert "2 of them charged by earlier runs of this date" in str(undone.result(raise_on_failure=False))

@@ -183,6 +183,7 @@ class JobLedger:
         found = with_backoff(lambda: self._read(key), "ledger read")
         self._etags[key] = found[1] if found else None
         return JobRecord.model_validate_json(found[0]) if found else None
+
     def _record_names(self) -> list[str]:
         """Names (under the prefix) of every record, from one listing."""
         names = (obj["Key"][len(self.prefix):] for obj in list_objects(self.bucket, self.prefix))
@@ -197,7 +198,7 @@ class JobLedger:
         with `only`, those of the items it says yes to (the others are not read)."""
         return [JobRecord.model_validate_json(found[0]) for n in self._record_names()
                 if only is None or only(PER_IMAGE.sub("", n).removesuffix(".json"))
-                if (found := self._read(self.prefix + n)) is not None]
+                if (found := with_backoff(lambda n=n: self._read(self.prefix + n), "ledger read")) is not None]
 
     def put(self, record: JobRecord) -> JobRecord:
         """Write `record` if nobody changed it since this ledger read it (`LedgerConflict`
