@@ -218,6 +218,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if args.job_id is not None and (refused := _not_this_items_job(ledger, args, record)) is not None:
         print(refused, file=sys.stderr)  # before the record is moved
         return 1
+    if not args.run_ended and (going := _run_going(spec, ledger, args)) is not None:
+        print(going, file=sys.stderr)
+        return 1
     if record.state in (State.SENDING, State.SUBMITTED):
         record = ledger.move(record, State.UNKNOWN, reason="the run stopped while sending it" if record.state is
                              State.SENDING else f"a person: {record.provider} does not know job {record.job_id}")
@@ -228,6 +231,25 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         ledger.move(record, State.SUBMITTED, job_id=args.job_id, reason="resolved by a person: job found")
         print(f"{args.item}: job {args.job_id} recorded; the next run polls it and archives its images")
     return 0
+
+
+def _run_going(spec: PipelineSpec, ledger: Any, args: argparse.Namespace) -> str | None:
+    """Why resolving now could pay twice: the date's last run to take its claim wrote no manifest
+    yet (it is still running, and may be paying for the item, or it was killed). None when that
+    run ended, or no run ever took the claim."""
+    from flows.storage import archive_bucket, read_json
+
+    note = ledger.read_claim_note() or {}
+    if not note.get("flow_run_id"):
+        return None
+    manifest = read_json(archive_bucket(spec.archive.bucket, spec.archive.credentials),
+                         spec.archive.manifest_key(spec.name, args.run_date))
+    if isinstance(manifest, dict) and manifest.get("flow_run_id") == note["flow_run_id"]:
+        return None
+    return (f"flow run {note.get('flow_run_name') or '?'} ({note['flow_run_id']}) of {spec.name} for {args.run_date}, "
+            f"started {note.get('started_at') or '?'}, has not ended: while it runs it may still be paying for "
+            f"{args.item}, and a record resolved under it can be paid again. Resolve once it has ended; if it was "
+            "killed (its process is gone), add --run-ended")
 
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # the providers' ids: digits (TAMS, Tencent), hex (触站AI)
@@ -554,6 +576,9 @@ def _date_commands(sub: Any) -> None:
                      help="resolve --job-id: replace the job a submitted record names (a mistyped id)")
     led.add_argument("--step", choices=["generate", "refine"], default="generate")
     led.add_argument("--index", type=int, default=1, help="resolve --step refine: the image number")
+    led.add_argument("--run-ended", action="store_true",
+                     help="resolve: the date's last run was killed (it wrote no manifest); without it, resolve is "
+                          "refused while that run may still be paying")
     led.set_defaults(func=cmd_ledger)
     lim = sub.add_parser("limits", help="provider limits on the Prefect server")
     lim.add_argument("action", choices=["apply", "show", "reset"])

@@ -227,6 +227,27 @@ def test_an_ambiguous_answer_after_the_job_was_created_is_never_paid_twice(emula
     assert manifest_of(third)["items"][0]["job_id"] == job_id
 
 
+def test_resolve_waits_for_the_date_s_run_to_end(emulators, tmp_path) -> None:
+    """A record resolved while the run that wrote it still goes (a second terminal, a detached
+    run) was moved under it: the run's own next write then failed, and the job it paid for was
+    sent again by the next run. Now `resolve` is refused while the date's last run to take its
+    claim has written no manifest, naming that run, unless the person says it was killed."""
+    name, day = "resolve-live-chuzhan", date(2026, 7, 4)
+    path = write_spec(tmp_path, spec_text("chuzhan", name, 1), name)
+    inject(emulators, "chuzhan", kind="error_before", count=1)
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_failed()
+    spec = load_spec(path)
+    JobLedger(spec.archive, name, day).write_claim_note({"flow_run_id": "0f0f-live", "flow_run_name": "brave-otter",
+                                                         "started_at": "2026-07-04T10:00:00+00:00"})
+    args = ("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
+    refused = imagegen(*args)
+    assert refused.returncode == 1 and "flow run brave-otter (0f0f-live)" in refused.stderr, refused.stderr
+    assert "add --run-ended" in refused.stderr and "Traceback" not in refused.stderr
+    assert ledger_states(path, day) == {"i0": "unknown"}
+    settled = imagegen(*args, "--run-ended")
+    assert settled.returncode == 0 and ledger_states(path, day) == {"i0": "refused"}, settled.stderr
+
+
 def test_a_person_can_say_not_sent_and_the_next_run_submits_it(emulators, tmp_path) -> None:
     """触站AI answered code 500 before creating anything; the person checks the console, finds
     nothing, says so, and the next run pays for the image once."""
