@@ -96,6 +96,18 @@ def not_a_prefect_api(url: str) -> str | None:
 EXPLAINERS: tuple[Callable[[BaseException], str | None], ...] = (_unreachable, _s3, _ledger, _prefect)
 
 
+def storage_fix(exc: BaseException) -> str | None:
+    """The one line for an S3 fault (the archive's or the ledger's), None for anything else:
+    an item whose archive write failed says what to do, not botocore's words alone."""
+    for explainer in (_s3, _ledger):
+        try:
+            if line := explainer(exc):
+                return line
+        except ImportError:
+            return None
+    return None
+
+
 def explain(exc: BaseException) -> str:
     """One line: what failed and what to do (`RuntimeError: ...` for anything unknown)."""
     for explainer in EXPLAINERS:

@@ -33,6 +33,7 @@ from prefect.states import Failed
 from blocks import PROVIDERS
 from blocks.base import GenerationRequest, ImageProvider, with_retries
 from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected, ProviderError, TransientError
+from flows.cli_errors import storage_fix
 from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, for_run, open_run
 from flows.paying.spent import Earlier, carried, earlier_spend
@@ -260,7 +261,7 @@ def _outcome(chain: Chain, item: str, renames: list[threading.Thread]) -> Outcom
             _name_never_run(chain[n + 1:], item, renames)
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):
-                return None, {"step": step, "error": type(error).__name__, "message": str(error)}
+                return None, {"step": step, "error": type(error).__name__, "message": storage_fix(error) or str(error)}
             return None, {"step": step, "error": state.type.value, "message": state.message or state.name}
     return future_result(chain[-1][1]), None
 

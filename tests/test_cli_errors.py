@@ -270,3 +270,19 @@ def test_resolving_an_item_the_spec_does_not_have_names_it_before_asking_s3(caps
     assert capsys.readouterr().err.strip() == "demo-products has no item 'red-sneakr': did you mean 'red-sneaker'?"
     assert main(["ledger", "resolve", "pipelines/demo.yaml", "../../x", *common]) == 1
     assert capsys.readouterr().err.strip().startswith("demo-products has no item '../../x'; its items: red-sneaker, ")
+
+
+@pytest.mark.unit
+def test_an_item_whose_archive_write_found_s3_away_says_what_to_do() -> None:
+    """An item failed at its archive step with botocore's words only (`Could not connect to the
+    endpoint URL: ...`); its manifest entry and the run's summary now say what to do."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from flows.cli_errors import storage_fix
+    from flows.paying.ledger import LedgerUnavailable
+
+    assert storage_fix(EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")).startswith(
+        "S3 is not reachable with the archive's credentials Block (Could not connect to the endpoint URL")
+    assert "run the same command again: nothing is paid twice" in storage_fix(EndpointConnectionError(endpoint_url="x"))
+    assert storage_fix(LedgerUnavailable("ledger write: timeout")).startswith("the ledger in S3 could not be read")
+    assert storage_fix(ValueError("a bug")) is None
