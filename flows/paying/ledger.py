@@ -115,8 +115,9 @@ class JobRecord(BaseModel):
     job_id: str | None = None
     charged: float | None = Field(None, description="What the provider said it charged at submit, where it says so.")
     estimate: float | None = Field(None, description="What the attempt was estimated to cost when it was sent.")
-    charged_before: float = Field(0.0, description="What this step's earlier attempts, which ran and failed, took "
-                                  "at submit (maybe given back: no refund is reported, so it counts).")
+    charged_before: float = Field(0.0, description="What this step's earlier attempts that failed took at submit "
+                                  "(maybe given back: no refund is reported, so it counts), and what a record of "
+                                  "another request it replaced counted (the spec changed the item).")
     reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
     results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
     archived: dict[str, Any] | None = None
