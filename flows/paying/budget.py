@@ -93,6 +93,10 @@ class RunBudget:
                                                       ratio=max(1.0, self._ratios.get(provider, 1.0)))
             return self._spend[provider]
 
+    def ratio(self, provider: str) -> float:
+        """The worst charge/estimate ratio of `provider` the run and the date's earlier runs saw."""
+        return self._of(provider).ratio
+
     def reserve(self, provider: str, estimate: float) -> Reservation:
         """Hold `estimate` (scaled by the provider's worst ratio) and the provider's send lock;
         `BudgetReached` (the lock released) when it does not fit under the cap."""

@@ -25,6 +25,7 @@ from flows.paying.archived import ArchivedImagesLost
 from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_notes
 from flows.paying.journal import ItemJournal, flush_or_log
 from flows.paying.ledger import JobLedger, JobRecord, State, Step
+from flows.paying.budget import for_run
 from flows.paying.spent import carried
 
 if TYPE_CHECKING:
@@ -114,7 +115,8 @@ def replacing(found: JobRecord | None, record: JobRecord | None, plan: ItemPlan,
     Not where the item moved to another provider: its credits are in another unit (left out)."""
     if record is not None or found is None or found.provider != plan.provider:
         return {}
-    return {"charged_before": carried(found, estimate)}
+    budget = for_run(flow_run.id)
+    return {"charged_before": carried(found, estimate, budget.ratio(plan.provider) if budget else 1.0)}
 
 
 def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Caps, do: Do) -> None:

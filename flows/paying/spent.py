@@ -65,13 +65,14 @@ def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[
     return earlier
 
 
-def carried(record: JobRecord | None, estimate: float) -> float:
+def carried(record: JobRecord | None, estimate: float, ratio: float = 1.0) -> float:
     """What a record of another request counts in its date's spend (the spec changed what the
     item pays for, and a new record replaces it, keeping this as its `charged_before`):
-    `estimate` stands for the record's own where it has none (written before records had one)."""
+    `estimate` stands for the record's own where it has none (written before records had one);
+    an answer never seen counts at `ratio`, the worst charge/estimate the date showed."""
     if record is None:
         return 0.0
-    return _cost(record, record.estimate if record.estimate is not None else estimate, 1.0)
+    return _cost(record, record.estimate if record.estimate is not None else estimate, ratio)
 
 
 def _estimate(plan: ItemPlan | None, record: JobRecord) -> float:
