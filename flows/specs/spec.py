@@ -324,6 +324,16 @@ class Item(_Strict):
     generate: GenerateOverride | None = Field(
         None, description="This item's own generate settings (size, model, steps, options...), over the spec's.")
 
+    @field_validator("id")
+    @classmethod
+    def _not_a_record_name(cls, value: str | None) -> str | None:
+        """An id ending `.<word>-<number>` names another item's per-image ledger record
+        (`<item>.refine-1.json`): two items would share one, and reruns of the date fail."""
+        if value is not None and re.search(r"\.[a-z]+-\d+$", value):
+            raise ValueError(f"item id {value!r} ends like another item's ledger record (.<word>-<number>); "
+                             f"rename it, e.g. {value.replace('.', '-')!r}")
+        return value
+
     @field_validator("input_image")
     @classmethod
     def _input(cls, value: str | None, info: ValidationInfo) -> str | None:
