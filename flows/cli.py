@@ -185,6 +185,7 @@ def _no_such_item(spec: PipelineSpec, item: str) -> str | None:
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Show a run date's ledger, or settle an item whose submit may have reached the provider."""
     from flows.paying.ledger import JobLedger, State, Step
+    from flows.paying.spent import carried
     from flows.running.report import format_table
 
     try:
@@ -221,12 +222,14 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if not args.run_ended and (going := _run_going(spec, ledger, args)) is not None:
         print(going, file=sys.stderr)
         return 1
-    if record.state in (State.SENDING, State.SUBMITTED):
+    paid = {"charged_before": carried(record, record.estimate or 0.0)} if record.state is State.SUBMITTED else {}
+    if record.state in (State.SENDING, State.SUBMITTED):  # a job paid for stays counted in the date's spend
         record = ledger.move(record, State.UNKNOWN, reason="the run stopped while sending it" if record.state is
                              State.SENDING else f"a person: {record.provider} does not know job {record.job_id}")
     if args.not_sent:
-        ledger.move(record, State.REFUSED, reason="resolved by a person: the provider has no such job")
-        print(f"{args.item}: marked not sent; the next run submits it")
+        ledger.move(record, State.REFUSED, reason="resolved by a person: the provider has no such job", **paid)
+        kept = f" (job {record.job_id}, paid for, stays counted against run.max_credits)" if paid else ""
+        print(f"{args.item}: marked not sent; the next run submits it{kept}")
     else:
         ledger.move(record, State.SUBMITTED, job_id=args.job_id, reason="resolved by a person: job found")
         print(f"{args.item}: job {args.job_id} recorded; the next run polls it and archives its images")

@@ -248,6 +248,28 @@ def test_resolve_waits_for_the_date_s_run_to_end(emulators, tmp_path) -> None:
     assert settled.returncode == 0 and ledger_states(path, day) == {"i0": "refused"}, settled.stderr
 
 
+def test_a_paid_job_resolved_not_sent_keeps_counting_against_the_cap(emulators, tmp_path) -> None:
+    """触站AI made and charged r1's task, then answered code 500 (unknown); a person named a
+    mistyped job, the next run said JobGone, and the person said not sent, as JobGone's message
+    offers. The record went to `refused` counting nothing, so under a cap of 6 the next run paid
+    4 more for it: 8. Now the paid job's count stays in the record, and that run is refused."""
+    name, day = "not-sent-paid-chuzhan", date(2026, 7, 5)
+    path = write_spec(tmp_path, spec_text("chuzhan", name, 1, run=", max_credits: {chuzhan: 6}"), name)
+    before = stats(emulators, "chuzhan")
+    inject(emulators, "chuzhan", kind="error_after", count=1)
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_failed()
+    where = ("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat())
+    assert imagegen(*where, "--job-id", "0123456789abcdef0123456789abcdef").returncode == 0
+    gone = run_spec(tmp_path, path.read_text(), day, path=path)
+    assert manifest_of(gone)["items"][0]["error"]["error"] == "JobGone"
+    settled = imagegen(*where, "--not-sent")
+    assert settled.returncode == 0 and "stays counted against run.max_credits" in settled.stdout, settled.stderr
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
+    after = stats(emulators, "chuzhan")
+    assert after["charges"] - before["charges"] == 1, (before["charges"], after["charges"])
+    assert "4 of them charged by earlier runs of this date" in str(again.result(raise_on_failure=False))
+
+
 def test_a_person_can_say_not_sent_and_the_next_run_submits_it(emulators, tmp_path) -> None:
     """触站AI answered code 500 before creating anything; the person checks the console, finds
     nothing, says so, and the next run pays for the image once."""
