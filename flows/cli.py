@@ -250,9 +250,9 @@ def _run_going(spec: PipelineSpec, ledger: Any, args: argparse.Namespace) -> str
     if isinstance(manifest, dict) and manifest.get("flow_run_id") == note["flow_run_id"]:
         return None
     return (f"flow run {note.get('flow_run_name') or '?'} ({note['flow_run_id']}) of {spec.name} for {args.run_date}, "
-            f"started {note.get('started_at') or '?'}, has not ended: while it runs it may still be paying for "
-            f"{args.item}, and a record resolved under it can be paid again. Resolve once it has ended; if it was "
-            "killed (its process is gone), add --run-ended")
+            f"started {note.get('started_at') or '?'}, wrote no manifest: while it runs it may still be paying for "
+            f"{args.item}, and a record resolved under it can be paid again. Resolve once it has ended; if it has "
+            "(killed, or it lost its claim or could not write its manifest: its log says), add --run-ended")
 
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # the providers' ids: digits (TAMS, Tencent), hex (触站AI)
@@ -580,8 +580,8 @@ def _date_commands(sub: Any) -> None:
     led.add_argument("--step", choices=["generate", "refine"], default="generate")
     led.add_argument("--index", type=int, default=1, help="resolve --step refine: the image number")
     led.add_argument("--run-ended", action="store_true",
-                     help="resolve: the date's last run was killed (it wrote no manifest); without it, resolve is "
-                          "refused while that run may still be paying")
+                     help="resolve: the date's last run ended without a manifest (killed, claim lost); without it, "
+                          "resolve is refused while that run may still be paying")
     led.set_defaults(func=cmd_ledger)
     lim = sub.add_parser("limits", help="provider limits on the Prefect server")
     lim.add_argument("action", choices=["apply", "show", "reset"])
