@@ -379,3 +379,23 @@ def test_an_edit_undone_keeps_what_the_edited_request_paid(emulators, tmp_path) 
     after = stats(emulators, "tams")
     assert after["charges"] - before["charges"] == 2 and after["submits"] - before["submits"] == 2
     assert "2 of them charged by earlier runs of this date" in str(undone.result(raise_on_failure=False))
+
+
+def test_an_upscale_no_longer_asked_for_keeps_counting(emulators, tmp_path) -> None:
+    """Tencent under a cap of 3: i0 made and upscaled by RefineImage (2 calls), then edited with
+    the upscale made locally (1 call: 3 for the date). Its RefineImage record, replaced by
+    nothing, was skipped once i0 was reused, so the spec given i1 paid a fourth call. Now a
+    reused item's left-over upscale records count."""
+    from tests.test_pay_once import spec_text, stats
+
+    name, day = "date-cap-upscale-dropped", date(2026, 9, 6)
+    one, two = (spec_text("tencent", name, n, run=", max_credits: {tencent: 3}") for n in (1, 2))
+    refined = one.replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
+    local = "upscale: {engine: lanczos, factor: 2}\narchive:"
+    before = stats(emulators, "tencent")
+    assert run_spec(tmp_path, refined, day).is_completed()
+    assert run_spec(tmp_path, one.replace("'item 0", "'edited item 0").replace("archive:", local), day).is_completed()
+    last = run_spec(tmp_path, two.replace("'item 0", "'edited item 0").replace("archive:", local), day)
+    after = stats(emulators, "tencent")
+    assert after["charges"] - before["charges"] == 3, (before["charges"], after["charges"])
+    assert "3 of them charged by earlier runs of this date" in str(last.result(raise_on_failure=False))

@@ -57,7 +57,7 @@ from flows.storage import (PreconditionFailed, archive_bucket, list_objects, put
 from flows.paying import faults, stalled
 from flows.specs.spec import ArchiveSettings
 
-PER_IMAGE = re.compile(r"\.[a-z]+-\d+\.json$")  # `<item>.refine-<n>.json`
+PER_IMAGE = re.compile(r"\.[a-z]+-(\d+)\.json$")  # `<item>.refine-<n>.json`
 WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
 
 
@@ -86,6 +86,12 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     State.DONE: frozenset({State.DONE, State.ARCHIVED}),
     State.ARCHIVED: frozenset({State.ARCHIVED}),
 }
+
+
+def _named(name: str) -> tuple[str, int | None]:
+    """The item and image number (None: the item's own record) a record's file name says."""
+    image = PER_IMAGE.search(name)
+    return PER_IMAGE.sub("", name).removesuffix(".json"), int(image.group(1)) if image else None
 
 
 class BadTransition(RuntimeError):
@@ -194,11 +200,12 @@ class JobLedger:
         """The items that have a generate record, from one listing instead of a read per item."""
         return {n.removesuffix(".json") for n in self._record_names() if not PER_IMAGE.search(n)}
 
-    def records(self, only: Callable[[str], bool] | None = None) -> list[JobRecord]:
+    def records(self, only: Callable[[str, int | None], bool] | None = None) -> list[JobRecord]:
         """Every record of the run date, per-image steps included (for `imagegen ledger show`);
-        with `only`, those of the items it says yes to (the others are not read)."""
+        with `only`, those it says yes to by item and image number (None: the item's own
+        record); the others are not read."""
         return [JobRecord.model_validate_json(found[0]) for n in self._record_names()
-                if only is None or only(PER_IMAGE.sub("", n).removesuffix(".json"))
+                if only is None or only(*_named(n))
                 if (found := with_backoff(lambda n=n: self._read(self.prefix + n), "ledger read")) is not None]
 
     def put(self, record: JobRecord) -> JobRecord:

@@ -46,12 +46,12 @@ class Earlier:
 def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[str, ArchivedItem]) -> Earlier:
     """What the date's earlier runs spent, on `plans` and on items since taken out of the spec
     (paid for all the same), from `reused` and the ledger (one listing; a read per record not
-    in `reused`)."""
+    in `reused`, and per paid upscale record a reused item's credits do not include)."""
     earlier = Earlier()
     by_id = {plan.item_id: plan for plan in plans}
     for archived in reused.values():
         earlier.add(archived.provider, archived.credits)
-    records = ledger.records(only=lambda item: item not in reused)
+    records = ledger.records(only=lambda item, index: item not in reused or _left_over(by_id.get(item), index))
     priced = [(record, _estimate(by_id.get(record.item_id), record)) for record in records]
     for record, estimate in priced:
         if record.charged is not None and estimate:
@@ -63,6 +63,12 @@ def earlier_spend(ledger: JobLedger, plans: Sequence[ItemPlan], reused: Mapping[
                 and record.base_request_id == plan.request.request_id):  # else it is paid again
             earlier.paid.add(record.item_id)
     return earlier
+
+
+def _left_over(plan: ItemPlan | None, index: int | None) -> bool:
+    """A reused item's paid upscale record that its archived credits do not include: the spec
+    no longer upscales it with the provider, or asks for fewer images."""
+    return index is not None and (plan is None or not plan.provider_refines or index > plan.request.count)
 
 
 def carried(record: JobRecord | None, estimate: float, ratio: float = 1.0) -> float:
