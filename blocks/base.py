@@ -21,7 +21,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -381,12 +381,8 @@ class ImageProvider(Block, ABC):
         def once() -> Any:
             try:
                 response = self._exchange(call)
-                try:
+                with self.reading(call):
                     return self.read_answer(call, response)
-                except ProviderError:
-                    raise
-                except Exception as exc:  # an answer this client cannot read: the request went out
-                    raise self.unreadable(call, exc) from exc
             except TransientError as exc:
                 seen[exc.code or ""] += 1
                 raise self.settle(exc, seen[exc.code or ""]) from None
@@ -420,6 +416,17 @@ class ImageProvider(Block, ABC):
         what = f"{call.what}: its answer could not be read ({type(exc).__name__}: {str(exc)[:200]})"
         return self.unclear(call, what if call.safe_to_repeat else f"{what}; it may have been charged, so it is not "
                             "repeated")
+
+    @contextlib.contextmanager
+    def reading(self, call: ApiCall) -> Iterator[None]:
+        """Reading `call`'s answer: a fault of this client's reading (not a provider's error)
+        is `unreadable`, since the request went out."""
+        try:
+            yield
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise self.unreadable(call, exc) from exc
 
     def transport_fault(self, call: ApiCall, exc: httpx.TransportError | httpx.DecodingError | None) -> ProviderError:
         """A cut connection or a timeout: transient where the request cannot have been acted
@@ -505,12 +512,8 @@ class ImageProvider(Block, ABC):
         """Start the job; return the provider's job id."""
         call = self.submit_call(request)
         answer = self.send(call)
-        try:
+        with self.reading(call):  # e.g. a charge that is not a number: the job may exist
             return self.read_job_id(answer)
-        except ProviderError:
-            raise
-        except Exception as exc:  # e.g. a charge that is not a number: the job may exist
-            raise self.unreadable(call, exc) from exc
 
     def poll(self, job_id: str) -> JobStatus:
         """The job's current status."""

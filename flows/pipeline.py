@@ -36,7 +36,7 @@ from blocks.errors import AccountStop, BadRequest, BlockMissing, ContentRejected
 from flows.cli_errors import storage_fix
 from flows.storage import archive_bucket, delete
 from flows.paying.budget import close_run, for_run, open_run
-from flows.paying.spent import Earlier, carried, earlier_spend
+from flows.paying.spent import Earlier, earlier_spend, replaced
 from flows.paying.slots import reclaim_expired
 from flows.arenas import trim_now_and_then
 from flows.running.report import (Charge, PipelineIncomplete, archived_hashes, artifact_key, build_manifest,
@@ -389,10 +389,8 @@ def replaced_count(item: ArchivedItem, other: JobRecord | None, plan: ItemPlan) 
     (`flows.paying.spent.carried`: the spec was edited, that request paid for and not archived,
     then edited back), less what it carried of this item's own archived credits; 0 for another
     provider's (another unit)."""
-    if other is None or other.base_request_id == plan.request.request_id or other.provider != plan.provider:
-        return 0.0
-    return max(0.0, carried(other, plan.estimate.credits if plan.estimate else 0.0)
-               - min(other.charged_before, item.credits))
+    extra = replaced(other, plan.request.request_id, plan.provider, plan.estimate.credits if plan.estimate else 0.0)
+    return max(0.0, extra - min(other.charged_before, item.credits)) if extra else 0.0
 
 
 def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: set[str] | None = None,
@@ -772,7 +770,7 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
                     for plan in plans]
         refused = isinstance(error, BudgetExceeded)  # before any paid call: what archived is earlier runs'
         earlier = frozenset(plan.item_id for plan, (archived, _) in zip(plans, outcomes, strict=True)
-                            if archived and refused)
+                            if archived) if refused else frozenset()
         manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
                                   reused=earlier, charges=_Charges())
         if (spend := for_run(str(flow_run.id))) is not None:  # it paid: what it may have been charged

@@ -494,7 +494,7 @@ class TencentEmulator(Emulator):
     async def set_faults(self, request: Request) -> Response:
         def refuse(fault: dict[str, Any]) -> str | None:
             if fault.get("kind") in FAULT_KINDS:
-                ok = fault["kind"] in ("slow", "result_503", "busy") or fault.get("after")
+                ok = fault["kind"] == "slow" or fault["kind"] in ASIDE or fault.get("after")
                 return None if ok else f"{fault['kind']} needs after: true"
             return None if CODE_RE.match(str(fault.get("code") or "")) else f"not an error code: {fault.get('code')!r}"
 

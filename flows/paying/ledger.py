@@ -55,9 +55,9 @@ from pydantic import BaseModel, Field, field_validator
 from flows.storage import (PreconditionFailed, archive_bucket, list_objects, put_conditionally, read_bytes,
                            read_json, read_object, write_bytes, write_json)
 from flows.paying import faults, stalled
-from flows.specs.spec import ArchiveSettings
+from flows.specs.spec import PER_IMAGE_SUFFIX, ArchiveSettings
 
-PER_IMAGE = re.compile(r"\.[a-z]+-(\d+)\.json$")  # `<item>.refine-<n>.json`
+PER_IMAGE = re.compile(PER_IMAGE_SUFFIX + r"\.json$")  # `<item>.refine-<n>.json`
 WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
 
 

@@ -26,7 +26,7 @@ from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_not
 from flows.paying.journal import ItemJournal, flush_or_log
 from flows.paying.ledger import JobLedger, JobRecord, State, Step
 from flows.paying.budget import for_run
-from flows.paying.spent import carried
+from flows.paying.spent import replaced
 
 if TYPE_CHECKING:
     from flows.models import ItemPlan
@@ -108,15 +108,12 @@ def current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
     return record if record is not None and record.base_request_id == base_request_id else None
 
 
-def replacing(found: JobRecord | None, record: JobRecord | None, plan: ItemPlan, estimate: float
-              ) -> dict[str, float]:
-    """Where the step's record is of another request (`found`, not `record`), what it counted in
-    the date's spend, for the new record to keep (`charged_before`): replaced, it is still spent.
-    Not where the item moved to another provider: its credits are in another unit (left out)."""
-    if record is not None or found is None or found.provider != plan.provider:
-        return {}
+def replacing(found: JobRecord | None, base: str, plan: ItemPlan, estimate: float) -> dict[str, float]:
+    """Where the step's record `found` is of another request than `base`, what it counted in the
+    date's spend, for the new record to keep (`charged_before`): replaced, it is still spent."""
     budget = for_run(flow_run.id)
-    return {"charged_before": carried(found, estimate, budget.ratio(plan.provider) if budget else 1.0)}
+    extra = replaced(found, base, plan.provider, estimate, budget.ratio(plan.provider) if budget else 1.0)
+    return {"charged_before": extra} if extra else {}
 
 
 def _log_decision(plan: ItemPlan, step: Step, record: JobRecord | None, caps: Caps, do: Do) -> None:
@@ -185,7 +182,7 @@ def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
     identity = {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base, "request_id": rid,
                 "attempt": attempt, "provider": plan.provider, "block": plan.block,
-                **replacing(found, record, plan, plan.estimate.credits if plan.estimate else 0.0)}
+                **replacing(found, base, plan, plan.estimate.credits if plan.estimate else 0.0)}
     return ItemJournal(ledger, record, identity, cost=plan.estimate.credits if plan.estimate else 0.0), request
 
 
@@ -346,7 +343,7 @@ def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_
     journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
                                            "base_request_id": base, "request_id": base, "attempt": 1,
                                            "provider": plan.provider, "block": plan.block,
-                                           **replacing(found, record, plan, cost)}, cost=cost)
+                                           **replacing(found, base, plan, cost)}, cost=cost)
     caps = caps_of(provider, step=Step.REFINE)
     do = decide(record, caps)
     _log_decision(plan, Step.REFINE, record, caps, do)

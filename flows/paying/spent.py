@@ -81,6 +81,16 @@ def carried(record: JobRecord | None, estimate: float, ratio: float = 1.0) -> fl
     return _cost(record, record.estimate if record.estimate is not None else estimate, ratio)
 
 
+def replaced(found: JobRecord | None, base_request_id: str, provider: str, estimate: float,
+             ratio: float = 1.0) -> float:
+    """What `found`, a step's record that a record of request `base_request_id` replaces, counted
+    in the date's spend (`carried`); 0 where it is of that request, or of another provider (its
+    credits are in another unit: left out)."""
+    if found is None or found.base_request_id == base_request_id or found.provider != provider:
+        return 0.0
+    return carried(found, estimate, ratio)
+
+
 def _estimate(plan: ItemPlan | None, record: JobRecord) -> float:
     """The estimate of the step `record` is of, as sent where the record says; else the plan's
     (0 where the item was not priced), or for an item no longer in the spec what it archived."""

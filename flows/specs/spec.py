@@ -101,6 +101,7 @@ def text_number_hint(value: Any, integer: bool = False) -> str:
         return f" ({value!r} is text in YAML: write it in digits)"
     return f" ({value!r} is text in YAML: write it as {number:.1e} with a dot and a sign, or in digits)"
 SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+PER_IMAGE_SUFFIX = r"\.[a-z]+-(\d+)"  # a per-image ledger record's name after its item: `.refine-2`
 NUMBER_ERRORS = frozenset({"float_type", "int_type", "float_parsing", "int_parsing"})
 MAX_SPEC_BYTES = 1_000_000
 MAX_ITEMS = 10_000
@@ -329,7 +330,7 @@ class Item(_Strict):
     def _not_a_record_name(cls, value: str | None) -> str | None:
         """An id ending `.<word>-<number>` names another item's per-image ledger record
         (`<item>.refine-1.json`): two items would share one, and reruns of the date fail."""
-        if value is not None and re.search(r"\.[a-z]+-\d+$", value):
+        if value is not None and re.search(PER_IMAGE_SUFFIX + "$", value):
             raise ValueError(f"item id {value!r} ends like another item's ledger record (.<word>-<number>); "
                              f"rename it, e.g. {value.replace('.', '-')!r}")
         return value
