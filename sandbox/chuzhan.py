@@ -63,7 +63,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.base import Emulator
+from sandbox.base import Emulator, end_sooner
 
 from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.callbacks import KINDS as CALLBACK_FAULTS
@@ -190,6 +190,7 @@ class Task:
     audit_fail_first: bool = False
     first_audit: int | None = None  # the first image's audit where a marker sets it (2, 3)
     key: str = ""
+    duration: float = 0.0  # seconds it runs: the latency when it was made (see `end_sooner`)
 
 
 @dataclass
@@ -296,7 +297,7 @@ class ChuzhanEmulator(Emulator):
                         st.counters["injected_faults"] -= 1
                     raise turned_away
                 prompt = str(params.get("prompt"))
-                task = Task(sign=secrets.token_hex(16), params=params, created=time.monotonic(), credits=cost,
+                task = Task(sign=secrets.token_hex(16), params=params, created=time.monotonic(), credits=cost, duration=st.latency,
                             fail_reason="绘画失败 ([[fail]] marker)" if "[[fail]]" in prompt else None,
                             audit_fail="[[audit]]" in prompt, audit_fail_first="[[audit1]]" in prompt,
                             first_audit=3 if "[[audit3]]" in prompt else 2 if "[[audit2]]" in prompt else None,
@@ -394,6 +395,7 @@ class ChuzhanEmulator(Emulator):
         st = self.state
         with st.lock:
             st.latency = float(data.get("latency", st.latency))
+            end_sooner(st.tasks.values(), st.latency)
             st.balance = float(data.get("balance", st.balance))
             st.task_limit = int(data.get("task_limit", st.task_limit))
             st.hold_max = float(data.get("hold_max", st.hold_max))
@@ -427,9 +429,9 @@ class ChuzhanEmulator(Emulator):
     # --- task timeline -------------------------------------------------------------------------
     def _state_of(self, task: Task) -> str:
         elapsed = time.monotonic() - task.created
-        if elapsed < 0.3 * self.state.latency:
+        if elapsed < 0.3 * task.duration:
             return "in_queue"
-        if elapsed < self.state.latency:
+        if elapsed < task.duration:
             return "running"
         if task.fail_reason:
             if not task.refunded and self.state.refund_failed:  # [A] credits of a failed task are refunded
@@ -443,7 +445,8 @@ class ChuzhanEmulator(Emulator):
 
     def _detail(self, task: Task, base_url: str, preview: bool) -> dict[str, Any]:
         state = self._state_of(task)
-        progress = min(1.0, (time.monotonic() - task.created) / self.state.latency) if state != "in_queue" else 0.0
+        progress = 0.0 if state == "in_queue" else 1.0 if state in ("success", "fail") else \
+            min(1.0, (time.monotonic() - task.created) / task.duration)
         data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
         if state == "running" and preview:
             thumb = io.BytesIO()

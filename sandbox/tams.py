@@ -57,7 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.base import Emulator
+from sandbox.base import Emulator, end_sooner
 
 from sandbox.accounts import new_token, read_secret, secret_file
 from sandbox.callbacks import KINDS as CALLBACK_FAULTS
@@ -121,6 +121,7 @@ class Job:
     fail_reason: str | None
     canceled: bool = False
     charged: bool = False
+    duration: float = 0.0  # seconds it runs: the latency when it was made (see `end_sooner`)
 
 
 @dataclass
@@ -373,7 +374,7 @@ class TamsEmulator(Emulator):
                 st.counters["duplicate_submits"] += 1
                 return JSONResponse({"job": self._job_info(st.jobs[existing], request)})
             job = Job(id=str(next(st.ids)), app_id=app_id, request_id=request_id, stages=stages,
-                      created=time.monotonic(), credits=cost, fail_reason=fail)
+                      created=time.monotonic(), credits=cost, fail_reason=fail, duration=st.latency)
             st.jobs[job.id] = job
             st.by_request[(app_id, request_id)] = job.id
             st.counters["submits"] += 1
@@ -430,6 +431,7 @@ class TamsEmulator(Emulator):
         with st.lock:
             if "latency" in data:
                 st.latency = float(data["latency"])
+                end_sooner(st.jobs.values(), st.latency)
             if "balance" in data:
                 st.balance = {app: float(data["balance"]) for app in st.balance}
             self.callbacks.step = float(data.get("callback_step", self.callbacks.step))
@@ -469,7 +471,7 @@ class TamsEmulator(Emulator):
         if job.canceled:
             return "CANCELED"
         elapsed = time.monotonic() - job.created
-        latency = self.state.latency
+        latency = job.duration
         if elapsed < 0.1 * latency:
             return "CREATED"
         if elapsed < 0.4 * latency:
@@ -496,9 +498,9 @@ class TamsEmulator(Emulator):
         info: dict[str, Any] = {"id": job.id, "status": status}
         elapsed = time.monotonic() - job.created
         if status == "WAITING":
-            info["waitingInfo"] = {"queueRank": str(max(1, int(3 * (1 - elapsed / self.state.latency)))), "queueLen": 3}
+            info["waitingInfo"] = {"queueRank": str(max(1, int(3 * (1 - elapsed / job.duration)))), "queueLen": 3}
         elif status == "RUNNING":
-            progress = int(100 * min(1.0, elapsed / self.state.latency))
+            progress = int(100 * min(1.0, elapsed / job.duration))
             info["runningInfo"] = {"stages": [{"stageIndex": "1", "processingImages": [{"progress": progress}]}]}
         elif status == "SUCCESS":
             images = []

@@ -17,7 +17,8 @@ Markers for tests: ``[[nsfw]]`` in a prompt -> `OperationDenied.TextIllegalDetec
 ``[[fail]]`` -> the async job ends "4" with `FailedOperation.GenerateImageFailed`. Hooks:
 ``GET /_sandbox/stats`` (counters, ``paid``: charges per request keyed by a fingerprint of
 the paid fields, see `sandbox.paid`, and ``rate_refusals``: the last requests refused over an
-action's rate, each with those of the second before it), ``POST /_sandbox/config`` (latency), ``DELETE
+action's rate, each with those of the second before it; ``job_refusals``: the last refused over
+a concurrency, each with what was running), ``POST /_sandbox/config`` (latency), ``DELETE
 /_sandbox/faults``, and ``POST /_sandbox/faults`` ``{"code" | "kind", "count", "action",
 "after", "delay"}`` for the next matching calls:
 
@@ -44,6 +45,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,7 +58,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.base import Emulator
+from sandbox.base import Emulator, end_sooner
 
 from sandbox.accounts import read_secret, secret_file
 from sandbox.faults import DroppedResponse, fault_hook
@@ -140,6 +142,7 @@ class TextJob:
     fail: bool
     key: str = ""
     charged: bool = False
+    duration: float = 0.0  # seconds it runs: the latency when it was made (see `end_sooner`)
 
 
 @dataclass
@@ -158,6 +161,7 @@ class TencentState:
         "job_num_exceeded": 0, "content_rejections": 0, "injected_faults": 0, "validation_errors": 0})
     by_action: dict[str, int] = field(default_factory=dict)
     peak_in_flight: dict[str, int] = field(default_factory=dict)
+    job_refusals: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
     lock: threading.Lock = field(default_factory=threading.Lock)
     urls: SignedUrls = field(default_factory=lambda: SignedUrls(3600))  # result URLs live an hour
 
@@ -276,7 +280,7 @@ class TencentEmulator(Emulator):
                     return fault
         return None
 
-    def _enter(self, action: str) -> None:
+    def _enter(self, action: str, what: str = "") -> None:
         st = self.state
         with st.lock:
             running = st.sync_in_flight.get(action, 0)
@@ -284,10 +288,20 @@ class TencentEmulator(Emulator):
                 running = sum(self._status(j) in ("1", "2") for j in st.jobs.values())
             if running >= IN_FLIGHT[action]:
                 st.counters["job_num_exceeded"] += 1
+                st.job_refusals.append({"refused": f"{action} {what}".strip(), "running": self._running_jobs(action)})
                 raise ApiError("RequestLimitExceeded.JobNumExceed", "The number of concurrent jobs exceeds the limit.")
             st.peak_in_flight[action] = max(st.peak_in_flight.get(action, 0), running + 1)
             if action != "SubmitTextToImageJob":
                 st.sync_in_flight[action] = running + 1
+
+    def _running_jobs(self, action: str) -> list[str]:
+        """What runs against `action`'s concurrency, for a refusal's record: text jobs by prompt
+        and age, else how many synchronous calls are in flight."""
+        if action != "SubmitTextToImageJob":
+            return [f"{self.state.sync_in_flight.get(action, 0)} {action} call(s) in flight"]
+        now = time.monotonic()
+        return [f"{j.prompt!r} ({now - j.created:.1f} s old)" for j in self.state.jobs.values()
+                if self._status(j) in ("1", "2")]
 
     async def _running(self, action: str) -> None:
         """The time a synchronous action takes, in flight: half the latency, or a `busy` fault's delay."""
@@ -424,10 +438,10 @@ class TencentEmulator(Emulator):
         seed = int(params.get("Seed") or 0)
         if seed and not 1 <= seed <= 4294967295:
             raise ApiError("InvalidParameterValue.ParameterValueError", "Seed must be 1..4294967295.")
-        self._enter("SubmitTextToImageJob")
+        self._enter("SubmitTextToImageJob", repr(prompt))
         with self.state.lock:
             job = TextJob(id=f"{int(time.time())}{secrets.randbelow(10**9):09d}", prompt=prompt, width=w, height=h,
-                          seed=seed, created=time.monotonic(), fail="[[fail]]" in prompt,
+                          seed=seed, created=time.monotonic(), fail="[[fail]]" in prompt, duration=self.state.latency,
                           key=fingerprint("SubmitTextToImageJob", prompt, resolution, seed, params.get("LogoAdd")))
             self.state.jobs[job.id] = job
             self.state.counters["submits"] += 1
@@ -463,9 +477,9 @@ class TencentEmulator(Emulator):
 
     def _status(self, job: TextJob) -> str:
         elapsed = time.monotonic() - job.created
-        if elapsed < 0.3 * self.state.latency:
+        if elapsed < 0.3 * job.duration:
             return "1"
-        if elapsed < self.state.latency:
+        if elapsed < job.duration:
             return "2"
         if job.fail:
             return "4"
@@ -489,6 +503,7 @@ class TencentEmulator(Emulator):
         data = await request.json()
         with self.state.lock:
             self.state.latency = float(data.get("latency", self.state.latency))
+            end_sooner(self.state.jobs.values(), self.state.latency)
         return JSONResponse({"latency": self.state.latency})
 
     async def set_faults(self, request: Request) -> Response:
@@ -509,7 +524,8 @@ class TencentEmulator(Emulator):
                                  "jobs": {j.id: {"status": self._status(j), "prompt": j.prompt} for j in st.jobs.values()},
                                  "peak_in_flight": st.peak_in_flight,
                                  "peak_requests_per_second": max((w.peak for w in st.windows.values()), default=0),
-                                 "rate_refusals": [r for w in st.windows.values() for r in w.refusals]})
+                                 "rate_refusals": [r for w in st.windows.values() for r in w.refusals],
+                                 "job_refusals": list(st.job_refusals)})
 
 
 # --- sandbox hooks (see sandbox/accounts.py) ------------------------------------------------------

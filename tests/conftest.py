@@ -170,11 +170,12 @@ def assert_within_limits(state: launcher.SandboxState, before: dict[str, int]) -
     "Rates are spaced"), and the request then meets the next slot's within the provider's second.
     The client waits the refusal's Retry-After and sends again, uncharged; the callers check
     what was charged. Limits kept apart per process would be refused dozens of times. A failure
-    shows the emulators' last refusals: each refused request with those of the second before it."""
+    shows the emulators' last refusals: each refused request with those of the second before it,
+    each refused job with the jobs running then."""
     tams, tencent = tams_stats(state), tencent_stats(state)
     after = _refusal_counts(tams, chuzhan_stats(state), tencent)
     grew = {k: after[k] - before[k] for k in after}
-    seen = {"tams": tams["rate_refusals"], "tencent": tencent["rate_refusals"]}
+    seen = {"tams": tams["rate_refusals"], "tencent": tencent["rate_refusals"], "tencent jobs": tencent["job_refusals"]}
     assert all(grew[k] == 0 for k in grew if not k.endswith("rate")), (before, after, seen)
     assert all(grew[k] <= 1 for k in grew), (before, after, seen)
 

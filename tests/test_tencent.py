@@ -232,6 +232,28 @@ def test_refusals_are_retried_but_an_ambiguous_submit_answer_is_not(tencent) -> 
         assert tencent_stats(tencent)["requests"] - after["requests"] == n
 
 
+def test_the_emulator_tells_what_a_refused_job_met(tencent) -> None:
+    """A second text-to-image job sent while one runs is refused JobNumExceed, and the emulator's
+    stats name both (a limit check that fails shows them): the refused prompt, the running one.
+    A job that had ended does not run again when the latency is raised (it used to, read against
+    the new latency, and took the slot: a test that raised it refused its own first job)."""
+    url = tencent.url("tencent")
+    provider = client(tencent, max_attempts=1)
+    provider.run_job(request(prompt="a finished fox"), poll_interval=0.1, timeout=30)
+    httpx.post(f"{url}/_sandbox/config", json={"latency": 30}).raise_for_status()
+    try:
+        provider.call("SubmitTextToImageJob", {"Prompt": "a running fox", "Resolution": "1024:1024"},
+                      safe_to_repeat=False)
+        with pytest.raises(TransientError, match="JobNumExceed"):
+            provider.call("SubmitTextToImageJob", {"Prompt": "a refused fox", "Resolution": "1024:1024"},
+                          safe_to_repeat=False)
+    finally:
+        httpx.post(f"{url}/_sandbox/config", json={"latency": 0.6}).raise_for_status()
+    last = tencent_stats(tencent)["job_refusals"][-1]
+    assert last["refused"] == "SubmitTextToImageJob 'a refused fox'", last
+    assert [job.split(" (")[0] for job in last["running"]] == ["'a running fox'"], last
+
+
 def test_the_emulator_holds_the_same_refine_limit(tencent) -> None:
     """The emulator's own reading of "base64 < 6 MB" (sandbox/tencent.py imports nothing of the
     client) refuses the same 6,000,000 bytes and takes 5,999,996; the client refuses the first
