@@ -550,6 +550,11 @@ class ImageProvider(Block, ABC):
         again (a synchronous call): they must be kept before anything else happens."""
         return True
 
+    def answered_at_submit(self, job_id: str) -> bool:
+        """True when a job's submit answer already ended it (a synchronous call whose results
+        can be fetched again): no poll to wait for, its results are fetched at once."""
+        return False
+
     # --- callbacks (where the provider calls back at a job's end) ------------------------------
     @property
     def callback_base(self) -> str | None:
@@ -652,11 +657,12 @@ class ImageProvider(Block, ABC):
             if job_id is None:
                 job_id = self._submit_recorded(request, journal, unknown_hold)
             submitted = time.monotonic()
-            if not self.can_fetch_again(job_id):  # its images exist only in this process
+            if not self.can_fetch_again(job_id) or self.answered_at_submit(job_id):  # nothing to wait for
                 status = self.poll(job_id)
                 self.refuse_private_results(status)
                 images = self.fetch(status)
-                journal.done(job_id, images)
+                if not self.can_fetch_again(job_id):  # its images exist only in this process: kept at once
+                    journal.done(job_id, images)
                 return JobResult(job_id=job_id, images=images, credits=estimate.credits,
                                  credits_source=estimate.source, polls=0)
             learner = self._first_poll(request) if fresh and waker is None else None

@@ -131,6 +131,11 @@ def result_image(answer: dict[str, Any], action: str) -> str:
     return found
 
 
+def is_url(value: str) -> bool:
+    """Whether an answer's image (or a job id) is a URL, not base64 data."""
+    return value.startswith(("http://", "https://"))
+
+
 def check_logo(logo: Any) -> str | None:
     """Why a LogoParam is malformed ({LogoUrl | LogoImage, LogoRect{X, Y, Width, Height}}), or None."""
     if not isinstance(logo, dict) or not logo.keys() <= LOGO_FIELDS:
@@ -413,13 +418,15 @@ class TencentAiArtProvider(ImageProvider):
                 "RspImgType": opts.get("RspImgType", "url"), "EnhanceImage": opts.get("EnhanceImage"),
                 "RestoreFace": opts.get("RestoreFace"),
             }
-            if str(request.input_ref or "").startswith(("http://", "https://")):
+            if is_url(str(request.input_ref or "")):
                 payload["InputUrl"] = request.input_ref
             else:
                 payload["InputImage"] = request.input_ref
             answer, failed = self._image_to_image(payload)
             result = result_image(answer, IMAGE_TO_IMAGE)
-            job_id = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
+            # A result URL (it lives an hour) is the job's id: recorded before the download, so a
+            # failed download is tried again from it, paying nothing. A base64 image is given once.
+            job_id = result if is_url(result) else f"{SYNC_PREFIX}{uuid.uuid4().hex}"
             self._sync_results[job_id] = [result]
             if failed:
                 self._maybe_charged[job_id] = failed
@@ -458,9 +465,14 @@ class TencentAiArtProvider(ImageProvider):
         return str(answer["JobId"])
 
     def can_fetch_again(self, job_id: str) -> bool:
-        return not job_id.startswith(SYNC_PREFIX)  # ImageToImage answers once, with the image
+        return not job_id.startswith(SYNC_PREFIX)  # an ImageToImage base64 answer is given once
+
+    def answered_at_submit(self, job_id: str) -> bool:
+        return is_url(job_id)  # ImageToImage's result URL: the call is over
 
     def poll(self, job_id: str) -> JobStatus:
+        if is_url(job_id):  # ImageToImage answered with this URL, recorded: downloaded (again) from it
+            return JobStatus(job_id=job_id, state=JobState.SUCCEEDED, provider_status="sync", result_urls=[job_id])
         if job_id.startswith(SYNC_PREFIX):
             results = self._sync_results.get(job_id)
             if results is None:  # a sync answer lives only in the process that got it
@@ -494,7 +506,7 @@ class TencentAiArtProvider(ImageProvider):
                          code=status.provider_status)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
-        out = [base64.b64decode(value) if not value.startswith(("http://", "https://")) else
+        out = [base64.b64decode(value) if not is_url(value) else
                download(value, provider=PROVIDER, timeout=self.timeout, attempts=self.max_attempts, expiry="an hour")
                for value in status.result_urls]
         self._sync_results.pop(status.job_id, None)

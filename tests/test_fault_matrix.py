@@ -38,7 +38,7 @@ STOPPED = ("slot", "sending", "answered", "polling", "generated", "archiving")
 REFINE_STOPPED = ("sending", "answered", "polling")
 SYNC_STOPPED = ("slot", "sending", "answered", "generated", "archiving")
 COLUMNS = {"tams": "tams", "chuzhan": "chuzhan", "tencent": "tencent", "tencent RefineImage": "tencent",
-           "tencent ImageToImage": "tencent"}
+           "tencent ImageToImage": "tencent", "tencent ImageToImage base64": "tencent"}
 ASSET = ROOT / "pipelines" / "assets" / "sneaker-sketch.png"
 
 PROVIDER_FAULTS = {  # fault -> provider -> what the emulator is told (the next matching call)
@@ -90,8 +90,9 @@ def spec_for(column: str, name: str, n: int) -> str:
     text = spec_text(COLUMNS[column], name, n, run=", max_parallel: 8")
     if column == "tencent RefineImage":
         text = text.replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
-    if column == "tencent ImageToImage":  # a synchronous call: its answer is the image, given once
-        text = text.replace("options: {LogoAdd: 0}", 'options: {LogoAdd: 0, Resolution: "768:1024"}')
+    if column.startswith("tencent ImageToImage"):  # a synchronous call: answered with a URL (an hour) or the image
+        answer = "base64" if column.endswith("base64") else "url"
+        text = text.replace("options: {LogoAdd: 0}", f'options: {{LogoAdd: 0, Resolution: "768:1024", RspImgType: {answer}}}')
         text = text.replace("'}\n", f"', input_image: {ASSET}}}\n")
     return text
 
@@ -157,7 +158,7 @@ RERUN_TAKES = {  # moment -> provider column -> the cell its step's rerun takes 
     "archiving": {c: ("submitted", "POLL") for c in ("dedupes", "confirms", "neither")},
 }
 COLUMN_OF = {"tams": "dedupes", "chuzhan": "confirms", "tencent": "neither", "tencent RefineImage": "neither",
-             "tencent ImageToImage": "synchronous"}
+             "tencent ImageToImage": "neither", "tencent ImageToImage base64": "synchronous"}
 RERUN_TAKES_SYNC = {"sending": ("sending", "PERSON"), "answered": ("sending", "PERSON"),  # no job id yet: `neither`
                     "generated": ("done, kept", "READ_KEPT"), "archiving": ("done, kept", "READ_KEPT")}
 
@@ -187,7 +188,7 @@ def test_a_step_stopped_at_any_moment_is_paid_once_on_the_rerun(matrix, emulator
     """One item per moment, each stopped there; the reruns archive every item, the emulator
     charged each image once, and the items a person settled are those the table says."""
     provider, refine = COLUMNS[column], column.endswith("RefineImage")
-    moments = REFINE_STOPPED if refine else SYNC_STOPPED if column.endswith("ImageToImage") else STOPPED
+    moments = REFINE_STOPPED if refine else SYNC_STOPPED if COLUMN_OF[column] == "synchronous" else STOPPED
     name = f"matrix-stop-{column.replace(' ', '-').lower()}"
     path = tmp_path / f"{name}.yaml"
     path.write_text(spec_for(column, name, len(moments)))
@@ -208,7 +209,7 @@ def test_a_step_stopped_at_any_moment_is_paid_once_on_the_rerun(matrix, emulator
         assert refines == len(moments) + 1, f"RefineImage charged {refines} times for {len(moments)} images"
     took = decisions(caplog.text)
     print(column, seen, took)
-    takes = RERUN_TAKES_SYNC if column.endswith("ImageToImage") else \
+    takes = RERUN_TAKES_SYNC if COLUMN_OF[column] == "synchronous" else \
         {m: by.get(COLUMN_OF[column]) for m, by in RERUN_TAKES.items()}
     for k, moment in enumerate(moments):
         step = "refine" if refine else "generate"
@@ -254,22 +255,29 @@ def impatient_block(emulators, provider: str) -> str:  # noqa: ANN001
     return "impatient"
 
 
-def test_a_synchronous_answer_whose_archived_image_is_lost_is_not_paid_again(matrix, emulators, tmp_path) -> None:
-    """Tencent ImageToImage answers once, with the image. When that image is gone from the
-    archive after its run, the rerun cannot fetch it again, and does not pay for it again on its
-    own: the item fails `ArchivedImagesLost`, naming how to pay once more; the emulator charged
-    once."""
+@pytest.mark.parametrize("answer", ["url", "base64"])
+def test_a_synchronous_answer_whose_archived_image_is_lost_is_not_paid_again(matrix, emulators, tmp_path,
+                                                                              answer) -> None:
+    """Tencent ImageToImage answers once, with the image or a URL to it that lives an hour. When
+    that image is gone from the archive after its run, the rerun downloads it again from the
+    recorded URL; an image given as base64 cannot be fetched again, and is not paid for again on
+    its own: the item fails `ArchivedImagesLost`, naming how to pay once more. The emulator
+    charged once either way."""
     from tests.conftest import TEST_BUCKET, s3_client
 
-    name = "matrix-sync-lost"
+    name = f"matrix-sync-lost-{answer}"
     path = tmp_path / f"{name}.yaml"
-    path.write_text(spec_for("tencent ImageToImage", name, 1))
+    path.write_text(spec_for("tencent ImageToImage" + (" base64" if answer == "base64" else ""), name, 1))
     assert run_spec(tmp_path, path.read_text(), DAY, path=path).is_completed()
     s3 = s3_client(emulators)
     s3.delete_object(Bucket=TEST_BUCKET, Key=f"{name}/{DAY}/i0-1.png")
     again = run_spec(tmp_path, path.read_text(), DAY, path=path)
     errors = {i["item"]: i["error"] for i in manifest_of(again)["items"] if i.get("error")}
-    assert errors["i0"]["error"] == "ArchivedImagesLost" and "delete its ledger record" in errors["i0"]["message"], errors
+    if answer == "url":
+        assert again.is_completed() and not errors, errors
+        assert s3.head_object(Bucket=TEST_BUCKET, Key=f"{name}/{DAY}/i0-1.png")["ContentLength"] > 0
+    else:
+        assert errors["i0"]["error"] == "ArchivedImagesLost" and "delete its ledger record" in errors["i0"]["message"], errors
     assert charges(emulators, "tencent", name) == {f"item 0 of {name}": 1}
 
 

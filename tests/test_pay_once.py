@@ -509,6 +509,64 @@ def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulato
     assert not [o["Key"] for o in listed if o["Key"].endswith(".png")], "kept results are deleted once archived"
 
 
+def image_to_image_spec(name: str, n: int) -> str:
+    """A Tencent spec whose items start from an image: each is one synchronous ImageToImage call,
+    answered with a result URL (the default `RspImgType: url`)."""
+    asset = ROOT / "pipelines" / "assets" / "sneaker-sketch.png"
+    text = spec_text("tencent", name, n).replace("options: {LogoAdd: 0}", 'options: {LogoAdd: 0, Resolution: "768:1024"}')
+    return text.replace("'}\n", f"', input_image: {asset}}}\n")
+
+
+def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call(emulators, tmp_path) -> None:
+    """Tencent ImageToImage answers with a result URL that lives an hour: it is recorded before
+    the download, so when the URL answers 503 past every retry of the download, the retried task
+    downloads again from the recorded URL. Nothing waits for a person; each call is paid once."""
+    name, day = "i2i-download-tencent", date(2026, 7, 9)
+    text = image_to_image_spec(name, 2)
+    before = stats(emulators, "tencent")
+    inject(emulators, "tencent", kind="result_503", count=6, action="ImageToImage")
+    state = run_spec(tmp_path, text, day)
+    after = stats(emulators, "tencent")
+    assert state.is_completed(), manifest_of(state)
+    assert after["injected_faults"] - before["injected_faults"] == 6
+    assert charges(emulators, "tencent", name) == once_each(name, 2)
+    assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 2
+    assert run_spec(tmp_path, text, day).is_completed()  # the rerun reuses all: no call at all
+    assert stats(emulators, "tencent")["requests"] == after["requests"]
+
+
+def test_an_image_to_image_answer_past_its_hour_says_how_to_pay_once_more(emulators, tmp_path) -> None:
+    """A run stopped after ImageToImage answered (its URL recorded, not yet downloaded), rerun
+    once the URL no longer gives the image (past its hour; here its signature no longer holds):
+    the item fails `AnswerGone` naming `ledger resolve --not-sent`, nothing is sent on its own;
+    run as printed, the next run pays for it once more, as the person chose."""
+    from flows.paying import faults
+    from flows.paying.ledger import Step
+
+    name, day = "i2i-expired-tencent", date(2026, 7, 10)
+    path = write_spec(tmp_path, image_to_image_spec(name, 1), name)
+    faults.install("polling", "i0", faults.stop)
+    try:
+        assert not run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
+    finally:
+        faults.clear()
+    ledger = JobLedger(load_spec(path).archive, name, day)
+    record = ledger.get("i0", Step.GENERATE)
+    assert record.state is State.SUBMITTED and record.job_id.startswith(url(emulators, "tencent")), record
+    ledger.move(record, State.SUBMITTED, job_id=record.job_id.split("?")[0] + "?expires=1&sig=" + "0" * 64)
+    calls = stats(emulators, "tencent")["by_action"]["ImageToImage"]
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
+    error = manifest_of(again)["items"][0]["error"]
+    assert error["error"] == "AnswerGone", error
+    assert f"imagegen ledger resolve {path} i0 --run-date {day} --not-sent" in error["message"], error
+    assert stats(emulators, "tencent")["by_action"]["ImageToImage"] == calls
+    assert charges(emulators, "tencent", name) == once_each(name, 1)
+    settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
+    assert settled.returncode == 0, settled.stderr
+    assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
+    assert charges(emulators, "tencent", name) == {f"item 0 of {name}": 2}
+
+
 def test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good(emulators, tmp_path) -> None:
     """The case measured in the issue: `imagegen run` with no PREFECT_API_URL (its own
     temporary server on SQLite in PREFECT_HOME) killed while holding Tencent's single text job

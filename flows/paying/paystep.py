@@ -163,6 +163,25 @@ def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Excepti
         "run the date again")
 
 
+class AnswerGone(BadRequest):
+    """A synchronous call's result URL no longer gives its images (it lives an hour) and the
+    provider cannot give them again: its record stays (paid for); the message names what a
+    person does."""
+
+
+def answer_gone(plan: ItemPlan, ledger: JobLedger, record: JobRecord, refusal: BadRequest) -> Exception:
+    """Why a synchronous call answered with a result URL is not resumed: the URL no longer gives
+    its images (it lives an hour), and the provider cannot give them again."""
+    if record.state is State.ARCHIVED:
+        return lost_answer(plan, ledger, record)
+    where = f"{plan.spec_file or '<spec>'} {plan.item_id} --run-date {plan.run_date}"
+    return AnswerGone(
+        f"{plan.item_id}: the result URL {plan.provider} answered with no longer gives its image ({refusal.message}), "
+        f"and {plan.provider} cannot give it again, so it is not paid for again on its own. To pay for it once "
+        f"more, run `imagegen ledger resolve {where} --not-sent`; the next run sends it again",
+        provider=plan.provider, code="AnswerGone")
+
+
 # --- generate ------------------------------------------------------------------------------------------
 
 def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -> tuple[ItemJournal, GenerationRequest]:
@@ -236,6 +255,8 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
             with paidcalls.collecting():
                 result = provider.run_job(request, job_id=job_id, **run)
         except BadRequest as exc:
+            if job_id is not None and provider.answered_at_submit(job_id) and not isinstance(exc, JobFailed):
+                raise answer_gone(plan, ledger, journal.record, exc) from None  # type: ignore[arg-type]
             if job_id is None or isinstance(exc, JobFailed) or not unknown_job(provider, job_id):
                 raise
             raise job_gone(plan, job_id, exc) from None
