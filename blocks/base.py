@@ -32,7 +32,7 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
-from blocks.errors import BadRequest, JobFailed, ProviderError, SubmitUnknown, TransientError
+from blocks.errors import BadRequest, JobFailed, ProviderError, ResultExpired, SubmitUnknown, TransientError
 from blocks.first_poll import FirstPoll, first_poll
 
 
@@ -169,8 +169,9 @@ class Journal(Protocol):
     def unknown(self, error: BaseException) -> None:
         """The submit may have reached the provider."""
 
-    def submitted(self, job_id: str, charged: float | None = None) -> None:
-        """The provider's job id is known (and what it said it charged, where it says so)."""
+    def submitted(self, job_id: str, charged: float | None = None, answer_urls: list[str] | None = None) -> None:
+        """The provider's job id is known (and what it said it charged, where it says so; and
+        the result URLs a synchronous call answered with, downloaded again from if need be)."""
 
     def done(self, job_id: str, images: list[bytes]) -> None:
         """A synchronous answer's images, which the provider cannot give again."""
@@ -182,7 +183,7 @@ class NoJournal:
     def sending(self) -> None: ...
     def refused(self, error: BaseException) -> None: ...
     def unknown(self, error: BaseException) -> None: ...
-    def submitted(self, job_id: str, charged: float | None = None) -> None: ...
+    def submitted(self, job_id: str, charged: float | None = None, answer_urls: list[str] | None = None) -> None: ...
     def done(self, job_id: str, images: list[bytes]) -> None: ...
 
 
@@ -551,9 +552,14 @@ class ImageProvider(Block, ABC):
         return True
 
     def answered_at_submit(self, job_id: str) -> bool:
-        """True when a job's submit answer already ended it (a synchronous call whose results
-        can be fetched again): no poll to wait for, its results are fetched at once."""
+        """True when a job's submit answer already ended it with result URLs (a synchronous call
+        whose results can be downloaded again for a while): no poll to wait for."""
         return False
+
+    def answer_urls(self, job_id: str) -> list[str]:
+        """The result URLs a synchronous call answered with (`answered_at_submit`), recorded
+        apart from the job id (they are capabilities: never logged); empty elsewhere."""
+        return []
 
     # --- callbacks (where the provider calls back at a job's end) ------------------------------
     @property
@@ -656,22 +662,13 @@ class ImageProvider(Block, ABC):
             fresh = job_id is None
             if job_id is None:
                 job_id = self._submit_recorded(request, journal, unknown_hold)
-            submitted = time.monotonic()
-            if not self.can_fetch_again(job_id) or self.answered_at_submit(job_id):  # nothing to wait for
-                status = self.poll(job_id)
-                self.refuse_private_results(status)
-                images = self.fetch(status)
-                if not self.can_fetch_again(job_id):  # its images exist only in this process: kept at once
-                    journal.done(job_id, images)
-                return JobResult(job_id=job_id, images=images, credits=estimate.credits,
-                                 credits_source=estimate.source, polls=0)
-            learner = self._first_poll(request) if fresh and waker is None else None
-            first_wait = min(timeout, learner.wait(poll_interval)) if learner else poll_interval if fresh else 0.0
-            status, polls, last_took = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
-                                                  first_wait=first_wait, waker=waker)
-            if learner is not None:  # less a stall of the last status request (a limiter whose server stalled)
-                stalled = last_took - poll_interval if last_took > STALLED_POLLS * poll_interval else 0.0
-                learner.ended(time.monotonic() - submitted - stalled)
+            if not self.can_fetch_again(job_id):  # its images exist only in this process: kept at once
+                return self.answered(job_id, estimate, journal)
+            if not self.answered_at_submit(job_id):  # else over already: its result URLs download after the slot
+                status, polls = self._held_wait(request, job_id, fresh=fresh, poll_interval=poll_interval,
+                                                timeout=timeout, waker=waker)
+        if self.answered_at_submit(job_id):
+            return self.answered(job_id, estimate, journal)
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
@@ -681,6 +678,30 @@ class ImageProvider(Block, ABC):
                          credits=estimate.credits if charged is None else charged,
                          credits_source=estimate.source if charged is None else "charged", polls=polls,
                          rejected=status.rejected)
+
+    def _held_wait(self, request: GenerationRequest, job_id: str, *, fresh: bool, poll_interval: float,
+                   timeout: float, waker: Waker | None) -> tuple[JobStatus, int]:
+        """Wait for a job to end (its slot held), learning how long a fresh one takes."""
+        submitted = time.monotonic()
+        learner = self._first_poll(request) if fresh and waker is None else None
+        first_wait = min(timeout, learner.wait(poll_interval)) if learner else poll_interval if fresh else 0.0
+        status, polls, last_took = self._wait(job_id, poll_interval=poll_interval, timeout=timeout,
+                                              first_wait=first_wait, waker=waker)
+        if learner is not None:  # less a stall of the last status request (a limiter whose server stalled)
+            stalled = last_took - poll_interval if last_took > STALLED_POLLS * poll_interval else 0.0
+            learner.ended(time.monotonic() - submitted - stalled)
+        return status, polls
+
+    def answered(self, job_id: str, estimate: CreditEstimate, journal: Journal) -> JobResult:
+        """A synchronous call's answer: its images (given in it, or downloaded from the result
+        URLs recorded with its job), kept in S3 at once: the provider cannot give them again,
+        and a rerun reads them back whenever it comes."""
+        status = self.poll(job_id)
+        self.refuse_private_results(status)
+        images = self.fetch(status)
+        journal.done(job_id, images)
+        return JobResult(job_id=job_id, images=images, credits=estimate.credits, credits_source=estimate.source,
+                         polls=0)
 
     def _submit_recorded(self, request: GenerationRequest, journal: Journal, unknown_hold: float) -> str:
         """One submit, recorded: sending, then submitted, refused or unknown."""
@@ -700,7 +721,7 @@ class ImageProvider(Block, ABC):
                 journal.refused(exc)
                 raise
             if self.can_fetch_again(job_id):  # else `run_job` records the images themselves at once
-                journal.submitted(job_id, self.charged(job_id))
+                journal.submitted(job_id, self.charged(job_id), self.answer_urls(job_id) or None)
             return job_id
         raise AssertionError("unreachable")
 
@@ -896,6 +917,9 @@ def download(url: str, *, provider: str, timeout: float, attempts: int, expiry: 
     def get() -> bytes:
         try:
             with download_client().stream("GET", url, timeout=timeout) as response:
+                if response.status_code in (403, 404, 410):
+                    raise ResultExpired(f"result download (result URLs expire after {expiry}): HTTP "
+                                        f"{response.status_code}", provider=provider)
                 if response.status_code != 200:
                     raise status_error(f"result download (result URLs expire after {expiry})", response, provider)
                 return read_bounded(response)

@@ -51,6 +51,10 @@ class BadRequest(ProviderError):
     """The request is wrong; sending it again will fail again."""
 
 
+class ResultExpired(BadRequest):
+    """A result URL answers that it no longer gives its image (403, 404, 410): it expired."""
+
+
 class JobFailed(BadRequest):
     """The provider accepted the job and reported it failed."""
 

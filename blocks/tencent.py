@@ -47,7 +47,8 @@ IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}  # MPO: a phone ca
 # base64 text, in decimal megabytes: the strictest reading (the image itself is 3/4 of its base64,
 # and 10^6 < 2^20), so no reading of the pages refuses what the client sends.
 I2I_MAX_BASE64, REFINE_MAX_BASE64 = 8_000_000, 6_000_000
-SYNC_PREFIX = "sync:"
+SYNC_PREFIX = "sync:"  # an ImageToImage answered with its image (base64): given once
+ANSWER_PREFIX = "answer:"  # one answered with a result URL (an hour), recorded apart (`answer_urls`)
 GENERATE_FAILED = "FailedOperation.GenerateImageFailed"
 MAX_REVIEW_FAILURE_RETRIES = 2  # the document: "retry once or twice, then treat as content rejection"
 
@@ -424,9 +425,9 @@ class TencentAiArtProvider(ImageProvider):
                 payload["InputImage"] = request.input_ref
             answer, failed = self._image_to_image(payload)
             result = result_image(answer, IMAGE_TO_IMAGE)
-            # A result URL (it lives an hour) is the job's id: recorded before the download, so a
-            # failed download is tried again from it, paying nothing. A base64 image is given once.
-            job_id = result if is_url(result) else f"{SYNC_PREFIX}{uuid.uuid4().hex}"
+            # A result URL (it lives an hour) is recorded with the job before the download, so a
+            # failed download is made again from it, paying nothing. A base64 image is given once.
+            job_id = f"{ANSWER_PREFIX if is_url(result) else SYNC_PREFIX}{uuid.uuid4().hex}"
             self._sync_results[job_id] = [result]
             if failed:
                 self._maybe_charged[job_id] = failed
@@ -468,12 +469,13 @@ class TencentAiArtProvider(ImageProvider):
         return not job_id.startswith(SYNC_PREFIX)  # an ImageToImage base64 answer is given once
 
     def answered_at_submit(self, job_id: str) -> bool:
-        return is_url(job_id)  # ImageToImage's result URL: the call is over
+        return job_id.startswith(ANSWER_PREFIX)  # ImageToImage answered with a result URL: the call is over
+
+    def answer_urls(self, job_id: str) -> list[str]:
+        return list(self._sync_results.get(job_id, [])) if self.answered_at_submit(job_id) else []
 
     def poll(self, job_id: str) -> JobStatus:
-        if is_url(job_id):  # ImageToImage answered with this URL, recorded: downloaded (again) from it
-            return JobStatus(job_id=job_id, state=JobState.SUCCEEDED, provider_status="sync", result_urls=[job_id])
-        if job_id.startswith(SYNC_PREFIX):
+        if job_id.startswith((SYNC_PREFIX, ANSWER_PREFIX)):
             results = self._sync_results.get(job_id)
             if results is None:  # a sync answer lives only in the process that got it
                 raise SubmitUnknown(f"the result of synchronous call {job_id} was lost with its process",

@@ -159,6 +159,9 @@ RERUN_TAKES = {  # moment -> provider column -> the cell its step's rerun takes 
 }
 COLUMN_OF = {"tams": "dedupes", "chuzhan": "confirms", "tencent": "neither", "tencent RefineImage": "neither",
              "tencent ImageToImage": "neither", "tencent ImageToImage base64": "synchronous"}
+RERUN_TAKES_URL = {"sending": ("sending", "PERSON"), "answered": ("sending", "PERSON"),  # an answer by URL:
+                   "polling": ("submitted", "POLL"),  # downloaded again from it, then kept at once
+                   "generated": ("done, kept", "READ_KEPT"), "archiving": ("done, kept", "READ_KEPT")}
 RERUN_TAKES_SYNC = {"sending": ("sending", "PERSON"), "answered": ("sending", "PERSON"),  # no job id yet: `neither`
                     "generated": ("done, kept", "READ_KEPT"), "archiving": ("done, kept", "READ_KEPT")}
 
@@ -209,8 +212,8 @@ def test_a_step_stopped_at_any_moment_is_paid_once_on_the_rerun(matrix, emulator
         assert refines == len(moments) + 1, f"RefineImage charged {refines} times for {len(moments)} images"
     took = decisions(caplog.text)
     print(column, seen, took)
-    takes = RERUN_TAKES_SYNC if COLUMN_OF[column] == "synchronous" else \
-        {m: by.get(COLUMN_OF[column]) for m, by in RERUN_TAKES.items()}
+    takes = RERUN_TAKES_SYNC if COLUMN_OF[column] == "synchronous" else RERUN_TAKES_URL \
+        if column.endswith("ImageToImage") else {m: by.get(COLUMN_OF[column]) for m, by in RERUN_TAKES.items()}
     for k, moment in enumerate(moments):
         step = "refine" if refine else "generate"
         assert took.get(f"i{k} {step}") == takes.get(moment), (moment, took)

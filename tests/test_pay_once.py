@@ -517,7 +517,7 @@ def image_to_image_spec(name: str, n: int) -> str:
     return text.replace("'}\n", f"', input_image: {asset}}}\n")
 
 
-def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call(emulators, tmp_path) -> None:
+def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call(emulators, tmp_path, caplog) -> None:
     """Tencent ImageToImage answers with a result URL that lives an hour: it is recorded before
     the download, so when the URL answers 503 past every retry of the download, the retried task
     downloads again from the recorded URL. Nothing waits for a person; each call is paid once."""
@@ -531,6 +531,8 @@ def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call
     assert after["injected_faults"] - before["injected_faults"] == 6
     assert charges(emulators, "tencent", name) == once_each(name, 2)
     assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 2
+    # The result URLs are capabilities: recorded in the ledger, never in the manifest (nor the log).
+    assert "sig=" not in json.dumps(manifest_of(state)) and "sig=" not in caplog.text
     assert run_spec(tmp_path, text, day).is_completed()  # the rerun reuses all: no call at all
     assert stats(emulators, "tencent")["requests"] == after["requests"]
 
@@ -552,8 +554,10 @@ def test_an_image_to_image_answer_past_its_hour_says_how_to_pay_once_more(emulat
         faults.clear()
     ledger = JobLedger(load_spec(path).archive, name, day)
     record = ledger.get("i0", Step.GENERATE)
-    assert record.state is State.SUBMITTED and record.job_id.startswith(url(emulators, "tencent")), record
-    ledger.move(record, State.SUBMITTED, job_id=record.job_id.split("?")[0] + "?expires=1&sig=" + "0" * 64)
+    assert record.state is State.SUBMITTED and record.job_id.startswith("answer:"), record
+    [answer] = record.answer_urls
+    assert answer.startswith(url(emulators, "tencent")), record
+    ledger.move(record, State.SUBMITTED, answer_urls=[answer.split("?")[0] + "?expires=1&sig=" + "0" * 64])
     calls = stats(emulators, "tencent")["by_action"]["ImageToImage"]
     again = run_spec(tmp_path, path.read_text(), day, path=path)
     error = manifest_of(again)["items"][0]["error"]

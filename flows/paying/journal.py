@@ -113,12 +113,13 @@ class ItemJournal:
         self._move(State.UNKNOWN, reason=f"{type(error).__name__}: {error}")
         self._answered()
 
-    def submitted(self, job_id: str, charged: float | None = None) -> None:
+    def submitted(self, job_id: str, charged: float | None = None, answer_urls: list[str] | None = None) -> None:
         self._fault("answered")
         if self.identity["step"] is Step.GENERATE:
             get_run_logger().info("%s: %s accepted request %s as job %s", self.identity["item_id"],
                                   self.identity["provider"], self.identity["request_id"], job_id)
-        self._move(State.SUBMITTED, job_id=job_id, **({"charged": charged} if charged is not None else {}))
+        self._move(State.SUBMITTED, job_id=job_id, **({"charged": charged} if charged is not None else {}),
+                   **({"answer_urls": answer_urls} if answer_urls else {}))
         self._answered(charged=charged)
         self._fault("polling")
 

@@ -126,6 +126,9 @@ class JobRecord(BaseModel):
                                   "another request it replaced counted (the spec changed the item).")
     reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
     results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
+    answer_urls: list[str] = Field(default_factory=list, description=(
+        "The result URLs a synchronous call answered with (Tencent ImageToImage; they live an hour): its images "
+        "are downloaded again from them after a failed download or a lost archive. Capabilities: never logged."))
     archived: dict[str, Any] | None = None
     flow_run_id: str | None = None
     updated_at: datetime | None = None

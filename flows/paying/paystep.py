@@ -18,8 +18,8 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from flows.storage import read_json
-from blocks.base import GenerationRequest, ImageProvider, JobResult, Waker
-from blocks.errors import BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown
+from blocks.base import GenerationRequest, ImageProvider, JobResult, JobState, JobStatus, Waker
+from blocks.errors import BadRequest, ContentRejected, JobFailed, ProviderError, ResultExpired, SubmitUnknown
 from flows.paying import paidcalls, wakeup
 from flows.paying.archived import ArchivedImagesLost
 from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_notes
@@ -163,6 +163,28 @@ def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Excepti
         "run the date again")
 
 
+def answered_again(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal: ItemJournal,
+                   record: JobRecord) -> JobResult:
+    """A synchronous call that answered with result URLs, resumed: its images downloaded again
+    from them (nothing is sent: no slot), kept in S3; `AnswerGone` once they expired."""
+    if not record.answer_urls:  # written by hand (`ledger resolve --job-id`): nothing to download
+        raise lost_answer(plan, ledger, record)
+    status = JobStatus(job_id=record.job_id or "", state=JobState.SUCCEEDED, provider_status="sync",
+                       result_urls=record.answer_urls)
+    try:
+        try:
+            provider.refuse_private_results(status)
+            images = provider.fetch(status)
+        except ResultExpired as exc:
+            raise answer_gone(plan, ledger, record, exc) from None
+        if record.state is not State.ARCHIVED:  # an archived item's lost images are archived again, not kept
+            journal.done(status.job_id, images)
+    finally:
+        flush_or_log(journal)
+    return JobResult(job_id=status.job_id, images=images, credits=plan.estimate.credits if plan.estimate else 0.0,
+                     credits_source=plan.estimate.source if plan.estimate else "formula", polls=0)
+
+
 class AnswerGone(BadRequest):
     """A synchronous call's result URL no longer gives its images (it lives an hour) and the
     provider cannot give them again: its record stays (paid for); the message names what a
@@ -221,6 +243,8 @@ def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, 
         raise lost_answer(plan, ledger, record)  # type: ignore[arg-type]
     if record is not None and record.state is State.SENDING:
         left_sending(plan, journal)
+    if do is Do.POLL and provider.answered_at_submit(record.job_id or ""):  # type: ignore[union-attr]
+        return answered_again(plan, provider, ledger, journal, record), journal, request  # type: ignore[arg-type]
     job_id = record.job_id if do is Do.POLL else None  # type: ignore[union-attr]
     if do is Do.CONFIRM:
         job_id = settled_by_callback(plan, ledger, journal, provider, request) or for_a_person(plan, journal)
@@ -255,8 +279,6 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
             with paidcalls.collecting():
                 result = provider.run_job(request, job_id=job_id, **run)
         except BadRequest as exc:
-            if job_id is not None and provider.answered_at_submit(job_id) and not isinstance(exc, JobFailed):
-                raise answer_gone(plan, ledger, journal.record, exc) from None  # type: ignore[arg-type]
             if job_id is None or isinstance(exc, JobFailed) or not unknown_job(provider, job_id):
                 raise
             raise job_gone(plan, job_id, exc) from None
