@@ -49,6 +49,7 @@ SLOW = frozenset({
     "test_limits_and_faults.py::test_killed_run_resumes_without_paying_twice",
     "test_pay_once.py::test_a_killed_run_frees_its_slots_and_the_rerun_pays_once",
     "test_pay_once.py::test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good",
+    "test_pay_once.py::test_the_temporary_server_killed_mid_run_is_started_again_and_the_run_completes",
     "test_workers_recipe.py",
     "test_api_replicas.py",
     "test_readme.py",

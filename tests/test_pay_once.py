@@ -577,12 +577,7 @@ def test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good(emul
     slot. Its server dies with it; the next run on that home gets the lane back (the leases
     were on disk, and the next run frees the expired ones) and completes, paying once."""
     home = tmp_path / "home"
-    home.mkdir()
-    drop = ("PREFECT_API_URL", "IMAGEGEN_RECLAIM_LEASES", "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE")
-    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "PREFECT_HOME": str(home),
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
-    registered = imagegen("sandbox", "register", "--state-dir", emulators.state_dir, env=env)
-    assert registered.returncode == 0, registered.stderr
+    env = embedded_env(emulators, home)
     name, day = "embedded-killed-tencent", date(2026, 7, 9)
     path = write_spec(tmp_path, spec_text("tencent", name, 2), name)
     configure(emulators, "tencent", latency=8)
@@ -602,6 +597,57 @@ def test_on_the_embedded_server_a_killed_run_never_blocks_the_lane_for_good(emul
     assert again.returncode == 0, again.stdout + again.stderr
     assert charges(emulators, "tencent", name) == once_each(name, 2)
     print(f"embedded server, kill and rerun: the rerun took {waited:.0f}s")
+
+
+def embedded_env(emulators, home: Path) -> dict[str, str]:  # noqa: ANN001
+    """The environment of an `imagegen` command on its own temporary server in `home`, with the
+    sandbox's Blocks and limits registered there."""
+    home.mkdir()
+    drop = ("PREFECT_API_URL", "IMAGEGEN_RECLAIM_LEASES", "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE")
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "PREFECT_HOME": str(home),
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    registered = imagegen("sandbox", "register", "--state-dir", emulators.state_dir, env=env)
+    assert registered.returncode == 0, registered.stderr
+    return env
+
+
+def test_the_temporary_server_killed_mid_run_is_started_again_and_the_run_completes(emulators, tmp_path) -> None:
+    """`imagegen run` on its temporary server, the server killed (`kill -9`, as the kernel short
+    of memory does) while a paid job runs: it is started again on its port and database, the run
+    goes on and completes, paying once. It used to hang, every Prefect call refused."""
+    env = embedded_env(emulators, tmp_path / "home")
+    name, day = "embedded-server-killed", date(2026, 7, 12)
+    path = write_spec(tmp_path, spec_text("tencent", name, 3, ", max_parallel: 1"), name)
+    configure(emulators, "tencent", latency=4)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-date", day.isoformat()],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and "submitted" in ledger_states(path, day).values(), "a submitted job")
+        [server] = [pid for pid in children(proc.pid) if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(server, signal.SIGKILL)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "the temporary Prefect server stopped (exit -9); starting it again" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert charges(emulators, "tencent", name) == once_each(name, 3)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 # --- a record left `sending` by a process that died mid-send ------------------------------------------
