@@ -486,18 +486,25 @@ def test_s3_gone_right_after_a_paid_submit_loses_no_job(emulators, s3_cut, tmp_p
 
 # --- the provider's separate paid upscale --------------------------------------------------------------
 
+def through_result_503(emulators, tmp_path: Path, text: str, day: date, action: str) -> tuple:  # noqa: ANN001
+    """The spec run with `action`'s result downloads answering 503 six times (past the retries of
+    one download): its final state, the Tencent emulator's stats before and after. It completed."""
+    before = stats(emulators, "tencent")
+    inject(emulators, "tencent", kind="result_503", count=6, action=action)
+    state = run_spec(tmp_path, text, day)
+    after = stats(emulators, "tencent")
+    assert state.is_completed(), manifest_of(state)
+    assert after["injected_faults"] - before["injected_faults"] == 6
+    return state, before, after
+
+
 def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulators, tmp_path) -> None:
     """Tencent RefineImage is a paid call of its own with its own ledger record: when its
     result cannot be downloaded (the URL answers 503 past every retry), the retried task
     downloads again from the recorded URL, and a rerun reads everything back; it pays once."""
     name, day = "refine-tencent", date(2026, 7, 8)
     text = spec_text("tencent", name, 2).replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
-    before = stats(emulators, "tencent")
-    inject(emulators, "tencent", kind="result_503", count=6, action="RefineImage")
-    state = run_spec(tmp_path, text, day)
-    after = stats(emulators, "tencent")
-    assert state.is_completed(), manifest_of(state)
-    assert after["injected_faults"] - before["injected_faults"] == 6
+    state, before, after = through_result_503(emulators, tmp_path, text, day, "RefineImage")
     refined = {k: v["charges"] for k, v in after["paid"].items()
                if v["label"].startswith("RefineImage") and k not in before["paid"]}
     assert len(refined) == 2 and set(refined.values()) == {1}, refined
@@ -523,12 +530,7 @@ def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call
     downloads again from the recorded URL. Nothing waits for a person; each call is paid once."""
     name, day = "i2i-download-tencent", date(2026, 7, 9)
     text = image_to_image_spec(name, 2)
-    before = stats(emulators, "tencent")
-    inject(emulators, "tencent", kind="result_503", count=6, action="ImageToImage")
-    state = run_spec(tmp_path, text, day)
-    after = stats(emulators, "tencent")
-    assert state.is_completed(), manifest_of(state)
-    assert after["injected_faults"] - before["injected_faults"] == 6
+    state, before, after = through_result_503(emulators, tmp_path, text, day, "ImageToImage")
     assert charges(emulators, "tencent", name) == once_each(name, 2)
     assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 2
     # The result URLs are capabilities: recorded in the ledger, never in the manifest (nor the log).
