@@ -663,12 +663,13 @@ class ImageProvider(Block, ABC):
             if job_id is None:
                 job_id = self._submit_recorded(request, journal, unknown_hold)
             if not self.can_fetch_again(job_id):  # its images exist only in this process: kept at once
-                return self.answered(job_id, estimate, journal)
-            if not self.answered_at_submit(job_id):  # else over already: its result URLs download after the slot
+                return self.answered(self.poll(job_id), estimate, journal)
+            over = self.answered_at_submit(job_id)  # over already: its result URLs download after the slot
+            if not over:
                 status, polls = self._held_wait(request, job_id, fresh=fresh, poll_interval=poll_interval,
                                                 timeout=timeout, waker=waker)
-        if self.answered_at_submit(job_id):
-            return self.answered(job_id, estimate, journal)
+        if over:
+            return self.answered(self.poll(job_id), estimate, journal)
         # The job is over at the provider: its slot is free while the results download.
         if status.state is not JobState.SUCCEEDED:
             raise self.job_failure(status)
@@ -692,16 +693,15 @@ class ImageProvider(Block, ABC):
             learner.ended(time.monotonic() - submitted - stalled)
         return status, polls
 
-    def answered(self, job_id: str, estimate: CreditEstimate, journal: Journal) -> JobResult:
-        """A synchronous call's answer: its images (given in it, or downloaded from the result
-        URLs recorded with its job), kept in S3 at once: the provider cannot give them again,
-        and a rerun reads them back whenever it comes."""
-        status = self.poll(job_id)
+    def answered(self, status: JobStatus, estimate: CreditEstimate, journal: Journal) -> JobResult:
+        """A synchronous call's answer (`status`): its images (given in it, or downloaded from
+        the result URLs recorded with its job), kept in S3 at once: the provider cannot give
+        them again, and a rerun reads them back whenever it comes."""
         self.refuse_private_results(status)
         images = self.fetch(status)
-        journal.done(job_id, images)
-        return JobResult(job_id=job_id, images=images, credits=estimate.credits, credits_source=estimate.source,
-                         polls=0)
+        journal.done(status.job_id, images)
+        return JobResult(job_id=status.job_id, images=images, credits=estimate.credits,
+                         credits_source=estimate.source, polls=0)
 
     def _submit_recorded(self, request: GenerationRequest, journal: Journal, unknown_hold: float) -> str:
         """One submit, recorded: sending, then submitted, refused or unknown."""

@@ -25,7 +25,7 @@ from flows.paying.ledger import JobLedger, LedgerUnavailable, State, Step
 from flows.specs.spec import load_spec
 from tests.conftest import run_spec
 from tests.test_limits_and_faults import manifest_of
-from tests.test_pay_once import charges, emulators, inject, spec_text, stats  # noqa: F401 - a fixture
+from tests.test_pay_once import charges, emulators, image_to_image_spec, inject, spec_text, stats  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.faults  # its own tier: `make faults`
 
@@ -39,7 +39,6 @@ REFINE_STOPPED = ("sending", "answered", "polling")
 SYNC_STOPPED = ("slot", "sending", "answered", "generated", "archiving")
 COLUMNS = {"tams": "tams", "chuzhan": "chuzhan", "tencent": "tencent", "tencent RefineImage": "tencent",
            "tencent ImageToImage": "tencent", "tencent ImageToImage base64": "tencent"}
-ASSET = ROOT / "pipelines" / "assets" / "sneaker-sketch.png"
 
 PROVIDER_FAULTS = {  # fault -> provider -> what the emulator is told (the next matching call)
     "5xx, nothing created": {
@@ -87,13 +86,11 @@ def doc_table() -> dict[tuple[str, str, str], str]:
 
 
 def spec_for(column: str, name: str, n: int) -> str:
+    if column.startswith("tencent ImageToImage"):  # a synchronous call: answered with a URL (an hour) or the image
+        return image_to_image_spec(name, n, "base64" if column.endswith("base64") else "url", run=", max_parallel: 8")
     text = spec_text(COLUMNS[column], name, n, run=", max_parallel: 8")
     if column == "tencent RefineImage":
         text = text.replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
-    if column.startswith("tencent ImageToImage"):  # a synchronous call: answered with a URL (an hour) or the image
-        answer = "base64" if column.endswith("base64") else "url"
-        text = text.replace("options: {LogoAdd: 0}", f'options: {{LogoAdd: 0, Resolution: "768:1024", RspImgType: {answer}}}')
-        text = text.replace("'}\n", f"', input_image: {ASSET}}}\n")
     return text
 
 

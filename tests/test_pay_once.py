@@ -516,11 +516,13 @@ def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulato
     assert not [o["Key"] for o in listed if o["Key"].endswith(".png")], "kept results are deleted once archived"
 
 
-def image_to_image_spec(name: str, n: int) -> str:
+def image_to_image_spec(name: str, n: int, answer: str | None = None, run: str = "") -> str:
     """A Tencent spec whose items start from an image: each is one synchronous ImageToImage call,
-    answered with a result URL (the default `RspImgType: url`)."""
+    answered with a result URL (`RspImgType: url`, the default) or the image (`base64`)."""
     asset = ROOT / "pipelines" / "assets" / "sneaker-sketch.png"
-    text = spec_text("tencent", name, n).replace("options: {LogoAdd: 0}", 'options: {LogoAdd: 0, Resolution: "768:1024"}')
+    answered = f", RspImgType: {answer}" if answer else ""
+    text = spec_text("tencent", name, n, run).replace(
+        "options: {LogoAdd: 0}", f'options: {{LogoAdd: 0, Resolution: "768:1024"{answered}}}')
     return text.replace("'}\n", f"', input_image: {asset}}}\n")
 
 

@@ -18,7 +18,8 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from flows.storage import read_json
-from blocks.base import GenerationRequest, ImageProvider, JobResult, JobState, JobStatus, Waker
+from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobResult, JobState, JobStatus, NoJournal,
+                         Waker)
 from blocks.errors import BadRequest, ContentRejected, JobFailed, ProviderError, ResultExpired, SubmitUnknown
 from flows.paying import paidcalls, wakeup
 from flows.paying.archived import ArchivedImagesLost
@@ -30,6 +31,9 @@ from flows.paying.spent import replaced
 
 if TYPE_CHECKING:
     from flows.models import ItemPlan
+
+
+UNPRICED = CreditEstimate(credits=0.0, source="formula")  # an item the run did not price counts 0, as sent
 
 
 class Caps(NamedTuple):
@@ -171,18 +175,13 @@ def answered_again(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, j
         raise lost_answer(plan, ledger, record)
     status = JobStatus(job_id=record.job_id or "", state=JobState.SUCCEEDED, provider_status="sync",
                        result_urls=record.answer_urls)
+    keeps = journal if record.state is not State.ARCHIVED else NoJournal()  # an archived item's are archived again
     try:
-        try:
-            provider.refuse_private_results(status)
-            images = provider.fetch(status)
-        except ResultExpired as exc:
-            raise answer_gone(plan, ledger, record, exc) from None
-        if record.state is not State.ARCHIVED:  # an archived item's lost images are archived again, not kept
-            journal.done(status.job_id, images)
+        return provider.answered(status, plan.estimate or UNPRICED, keeps)
+    except ResultExpired as exc:
+        raise answer_gone(plan, ledger, record, exc) from None
     finally:
         flush_or_log(journal)
-    return JobResult(job_id=status.job_id, images=images, credits=plan.estimate.credits if plan.estimate else 0.0,
-                     credits_source=plan.estimate.source if plan.estimate else "formula", polls=0)
 
 
 class AnswerGone(BadRequest):
@@ -236,9 +235,9 @@ def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, 
     do = decide(record, caps)
     _log_decision(plan, Step.GENERATE, record, caps, do)
     if do is Do.READ_KEPT:
+        priced = plan.estimate or UNPRICED
         return JobResult(job_id=record.job_id or "", images=ledger.read_results(record),  # type: ignore[union-attr]
-                         credits=plan.estimate.credits if plan.estimate else 0.0,
-                         credits_source=plan.estimate.source if plan.estimate else "formula", polls=0), journal, request
+                         credits=priced.credits, credits_source=priced.source, polls=0), journal, request
     if do is Do.LOST:
         raise lost_answer(plan, ledger, record)  # type: ignore[arg-type]
     if record is not None and record.state is State.SENDING:
