@@ -32,7 +32,8 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
-from blocks.errors import BadRequest, JobFailed, ProviderError, ResultExpired, SubmitUnknown, TransientError
+from blocks.errors import (BadRequest, ChargedRejection, JobFailed, ProviderError, ResultExpired, SubmitUnknown,
+                           TransientError)
 from blocks.first_poll import FirstPoll, first_poll
 
 
@@ -166,6 +167,10 @@ class Journal(Protocol):
     def refused(self, error: BaseException) -> None:
         """The provider definitively created nothing; the same request may be sent again."""
 
+    def charged_refusal(self, error: BaseException) -> None:
+        """The provider refused after doing the paid work (`ChargedRejection`): nothing to
+        collect, the call counted as maybe charged; the same request may be sent again."""
+
     def unknown(self, error: BaseException) -> None:
         """The submit may have reached the provider."""
 
@@ -182,6 +187,7 @@ class NoJournal:
 
     def sending(self) -> None: ...
     def refused(self, error: BaseException) -> None: ...
+    def charged_refusal(self, error: BaseException) -> None: ...
     def unknown(self, error: BaseException) -> None: ...
     def submitted(self, job_id: str, charged: float | None = None, answer_urls: list[str] | None = None) -> None: ...
     def done(self, job_id: str, images: list[bytes]) -> None: ...
@@ -704,26 +710,44 @@ class ImageProvider(Block, ABC):
                          credits_source=estimate.source, polls=0)
 
     def _submit_recorded(self, request: GenerationRequest, journal: Journal, unknown_hold: float) -> str:
-        """One submit, recorded: sending, then submitted, refused or unknown."""
-        for ask in range(2 if self.idempotent_submit else 1):
+        """One submit, recorded: sending, then submitted, refused or unknown. Asked again with
+        the same request where the provider dedupes it, and after a refusal that may have been
+        charged where the provider says to try again (`asks_again`): each such ask is reserved
+        and recorded anew, so the run's budget holds every call that may have been charged."""
+        asked, charged = 0, 0
+        while True:
+            asked += 1
             journal.sending()
             try:
                 job_id = self.submit(request)
             except (SubmitUnknown, TransientError) as exc:
                 maybe_sent = isinstance(exc, SubmitUnknown) or self.idempotent_submit
                 (journal.unknown if maybe_sent else journal.refused)(exc)
-                if self.idempotent_submit and ask == 0:
+                if self.idempotent_submit and asked == 1:
                     continue  # the same request id finds the job, or creates it once
                 if isinstance(exc, SubmitUnknown):
                     time.sleep(unknown_hold)
                 raise
+            except ChargedRejection as exc:
+                charged += 1
+                journal.charged_refusal(exc)
+                exc.calls = charged
+                if self.asks_again(exc):
+                    continue
+                raise type(exc)(f"{exc.message} ({charged} call{'s' if charged > 1 else ''}, "
+                                f"{'each ' if charged > 1 else ''}maybe charged)", provider=exc.provider,
+                                code=exc.code, calls=charged) from None
             except BaseException as exc:
                 journal.refused(exc)
                 raise
             if self.can_fetch_again(job_id):  # else `run_job` records the images themselves at once
                 journal.submitted(job_id, self.charged(job_id), self.answer_urls(job_id) or None)
             return job_id
-        raise AssertionError("unreachable")
+
+    def asks_again(self, refused: ChargedRejection) -> bool:
+        """True to make the call again after `refused` (its `calls` so far), where the provider
+        says to try again; by default never."""
+        return False
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         """The error a job that ended without success stands for (providers may refine it)."""

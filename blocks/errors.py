@@ -3,6 +3,7 @@
     ProviderError
      ├── TransientError     retry with backoff, never sooner than `retry_after`
      ├── ContentRejected    record on the item with the provider's reason; never retry
+     │    └── ChargedRejection  refused after the paid work was done: counted as maybe charged
      ├── AccountStop        no balance, arrears, auth failure, service stopped: stop spending
      └── BadRequest         a bug or a bad spec: fail the item with the message
           ├── JobFailed     the provider ran the job and it ended failed
@@ -17,6 +18,8 @@ secret cannot end up in an exception.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class ProviderError(Exception):
@@ -41,6 +44,19 @@ class TransientError(ProviderError):
 
 class ContentRejected(ProviderError):
     """The provider refused the prompt or image on content grounds."""
+
+
+class ChargedRejection(ContentRejected):
+    """Refused after the paid work was done (Tencent: the image was made, then failed its
+    review): nothing to collect, yet nothing says the call was free, so it counts as maybe
+    charged (the ledger's `charged_before`, the run's budget). `calls` is how many such calls
+    the item made in this submit."""
+
+    charge: ClassVar[str] = "maybe"
+
+    def __init__(self, message: str, *, provider: str, code: str | None = None, calls: int = 1) -> None:
+        super().__init__(message, provider=provider, code=code)
+        self.calls = calls
 
 
 class AccountStop(ProviderError):

@@ -32,8 +32,8 @@ from pydantic import Field, PrivateAttr, SecretStr
 
 from blocks.base import (ApiCall, CreditEstimate, GenerationRequest, ImageProvider, Journal, JobState, JobStatus,
                          NoJournal, download)
-from blocks.errors import (AccountStop, BadRequest, ContentRejected, JobFailed, ProviderError, SubmitUnknown,
-                           TransientError)
+from blocks.errors import (AccountStop, BadRequest, ChargedRejection, ContentRejected, JobFailed, ProviderError,
+                           SubmitUnknown, TransientError)
 
 PROVIDER = "tencent"
 SERVICE, VERSION = "aiart", "2022-12-29"
@@ -53,17 +53,14 @@ GENERATE_FAILED = "FailedOperation.GenerateImageFailed"
 MAX_REVIEW_FAILURE_RETRIES = 2  # the document: "retry once or twice, then treat as content rejection"
 
 
-class ReviewFailed(ContentRejected):
+class ReviewFailed(ChargedRejection):
     """`FailedOperation.GenerateImageFailed` ("The generated image failed the review. Please try
     again."): the image was made, then refused. Nothing says such a call is free, so each one
-    counts as maybe charged: `maybe_charged` is how many paid calls were answered so."""
-
-    charge: ClassVar[str] = "maybe"
+    counts as maybe charged (`ChargedRejection`); `calls` is how many the item made so."""
 
     def __init__(self, message: str, *, provider: str = PROVIDER, code: str | None = GENERATE_FAILED,
-                 maybe_charged: int = 1) -> None:
-        super().__init__(message, provider=provider, code=code)
-        self.maybe_charged = maybe_charged
+                 calls: int = 1) -> None:
+        super().__init__(message, provider=provider, code=code, calls=calls)
 
 
 # Every code the official SDK lists (tencentcloud.aiart.v20221229.errorcodes) and the common
@@ -264,10 +261,10 @@ class TencentAiArtProvider(ImageProvider):
     endpoint: str = Field("https://aiart.tencentcloudapi.com", description="API endpoint.")
     review_failure_retries: int = Field(0, ge=0, le=MAX_REVIEW_FAILURE_RETRIES, description=(
         "ImageToImage calls made again after FailedOperation.GenerateImageFailed (\"please try again\"; the "
-        "document: once or twice). Each such call may be charged: 0 rejects the item at the first."))
+        "document: once or twice). Each such call counts as maybe charged, and each is reserved against "
+        "run.max_credits before it is made: 0 rejects the item at the first."))
 
     _sync_results: dict[str, list[str]] = PrivateAttr(default_factory=dict)
-    _maybe_charged: dict[str, int] = PrivateAttr(default_factory=dict)
 
     def client_options(self) -> dict[str, Any]:
         return {"base_url": self.endpoint.rstrip("/"), "timeout": self.timeout,
@@ -423,34 +420,19 @@ class TencentAiArtProvider(ImageProvider):
                 payload["InputUrl"] = request.input_ref
             else:
                 payload["InputImage"] = request.input_ref
-            answer, failed = self._image_to_image(payload)
+            answer = self.call(IMAGE_TO_IMAGE, payload, safe_to_repeat=False)
             result = result_image(answer, IMAGE_TO_IMAGE)
             # A result URL (it lives an hour) is recorded with the job before the download, so a
             # failed download is made again from it, paying nothing. A base64 image is given once.
             job_id = f"{ANSWER_PREFIX if is_url(result) else SYNC_PREFIX}{uuid.uuid4().hex}"
             self._sync_results[job_id] = [result]
-            if failed:
-                self._maybe_charged[job_id] = failed
             return job_id
         return super().submit(request)
 
-    def _image_to_image(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """ImageToImage, made again after a failed review up to `review_failure_retries` times;
-        returns the answer and how many calls before it failed the review (each maybe charged)."""
-        for failed in range(self.review_failure_retries + 1):
-            try:
-                return self.call(IMAGE_TO_IMAGE, payload, safe_to_repeat=False), failed
-            except ReviewFailed as exc:
-                if failed == self.review_failure_retries:
-                    calls = failed + 1
-                    raise ReviewFailed(f"{exc.message} ({calls} call{'s' if calls > 1 else ''}, each maybe "
-                                       "charged)", maybe_charged=calls) from None
-        raise AssertionError("unreachable")
-
-    def maybe_charged(self, job_id: str) -> int:
-        """Paid calls of a finished job that failed the provider's review before the one that
-        succeeded (`review_failure_retries`): each may have been charged, on top of the job."""
-        return self._maybe_charged.get(job_id, 0)
+    def asks_again(self, refused: ChargedRejection) -> bool:
+        """ImageToImage is made again after a failed review, up to `review_failure_retries` times
+        (each call reserved and recorded as maybe charged by `run_job`)."""
+        return isinstance(refused, ReviewFailed) and refused.calls <= self.review_failure_retries
 
     def submit_call(self, request: GenerationRequest) -> ApiCall:
         """SubmitTextToImageJob (ImageToImage is a synchronous call of its own, in `submit`)."""
@@ -496,8 +478,10 @@ class TencentAiArtProvider(ImageProvider):
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         """A job that ended "4": its `JobErrorCode` mapped, named once (the error's prefix) with
-        the job and `JobErrorMsg`. Tencent bills successful calls, so the item's budget settles
-        at nothing; a failed review is not tried again here (that would be a new job)."""
+        the job and `JobErrorMsg`. Tencent bills successful calls, so a failed job settles the
+        item's budget at nothing, except a failed review: the image was made, then refused, so it
+        counts as maybe charged, as ImageToImage's does. It is not tried again here (that would
+        be a new job)."""
         code, _, text = (status.reason or "").partition(":")
         said = f"job {status.job_id} failed: {text.strip() or 'no message'}"
         if code == GENERATE_FAILED:

@@ -736,8 +736,9 @@ def _charge_of(plan: ItemPlan) -> tuple[float | None, str] | None:
         return (record.charged + record.charged_before, "maybe charged: taken at submit; the provider does not say "
                 "whether a failed job gives it back")
     if record.state in (State.FAILED, State.REFUSED) and record.charged_before:
-        return record.charged_before, ("charged before: an earlier attempt that failed, or the item's request before "
-                                       "the spec changed it")
+        return record.charged_before, ("maybe charged: a call refused after its paid work was done (a failed "
+                                       "review), an earlier attempt that failed, or the item's request before the "
+                                       "spec changed it")
     if record.state in (State.UNKNOWN, State.SENDING):
         return None, "may have been charged: the answer to its submit was not seen"
     if record.state in (State.SUBMITTED, State.DONE):

@@ -4,6 +4,7 @@ cap (on the emulator's own count), not after paying for every item."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import date
@@ -402,3 +403,40 @@ def test_an_upscale_no_longer_asked_for_keeps_counting(emulators, tmp_path) -> N
     after = stats(emulators, "tencent")
     assert after["charges"] - before["charges"] == 3, (before["charges"], after["charges"])
     assert "3 of them charged by earlier runs of this date" in str(last.result(raise_on_failure=False))
+
+
+def test_calls_refused_after_their_paid_work_count_against_the_cap(emulators, tmp_path) -> None:
+    """Tencent ImageToImage with `review_failure_retries: 2`, under a cap of 2 calls; the emulator
+    makes each image, charges it, then answers that it failed its review ("please try again").
+    The retries were made inside one reservation, given back at the end: one item cost 3 under a
+    cap of 2. Now each ask is reserved and each refused one counts as maybe charged: 2 calls, the
+    third not sent; a rerun counts them and sends nothing; with the cap raised, it pays once more."""
+    from deployments.limits import apply_limits
+    from tests.test_pay_once import image_to_image_spec, inject, manifest_of, stats
+
+    emulators.block("tencent").model_copy(update={"review_failure_retries": 2}).save("review-retries", overwrite=True)
+    apply_limits({"tencent": ["review-retries"]})
+    name, day = "date-cap-review-failed", date(2026, 9, 7)
+    text = image_to_image_spec(name, 1, run=", max_credits: {tencent: 2}").replace(
+        "{tencent: sandbox}", "{tencent: review-retries}")
+    assert "review-retries" in text
+    inject(emulators, "tencent", code="FailedOperation.GenerateImageFailed", action="ImageToImage", after=True,
+           count=3)
+    before = stats(emulators, "tencent")
+    first = run_spec(tmp_path, text, day)
+    after = stats(emulators, "tencent")
+    assert not first.is_completed()
+    assert after["charges"] - before["charges"] == 2, (before["charges"], after["charges"])
+    assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 2
+    assert "budget reached: run.max_credits for tencent is 2; 2 charged" in json.dumps(manifest_of(first))
+
+    httpx.delete(f"{emulators.url('tencent')}/_sandbox/faults")
+    again = run_spec(tmp_path, text, day)
+    assert not again.is_completed() and stats(emulators, "tencent")["requests"] == after["requests"]
+    assert "2 of them charged by earlier runs of this date" in str(again.result(raise_on_failure=False))
+
+    raised = run_spec(tmp_path, text.replace("max_credits: {tencent: 2}", "max_credits: {tencent: 3}"), day)
+    assert raised.is_completed()
+    assert stats(emulators, "tencent")["charges"] - before["charges"] == 3
+    [item] = manifest_of(raised)["items"]
+    assert item["credits"] == 3, item  # the image, and the two calls that failed their review

@@ -159,12 +159,24 @@ def test_an_mpo_photo_is_a_jpeg_for_the_client_and_the_emulator(tencent) -> None
 def test_generate_image_failed_is_not_tried_again_unless_the_block_opts_in(tencent) -> None:
     """tencent-aiart.md "Error codes": `FailedOperation.GenerateImageFailed`, "retry once or twice";
     "Pricing": billing on success only is an assumption. So by default the item is rejected at the
-    first such answer, and with `review_failure_retries` each failed call is counted as maybe
-    charged. The emulator's `after` fault makes the image and charges it, then answers the code:
-    every charge it took for a failed call is one the client counted."""
+    first such answer, and with `review_failure_retries` each failed call is told to the journal
+    as maybe charged (before the next is reserved and sent). The emulator's `after` fault makes
+    the image and charges it, then answers the code: every charge it took for a failed call is
+    one the client counted."""
     from pydantic import ValidationError
 
+    from blocks.base import NoJournal
     from blocks.tencent import ReviewFailed
+
+    class Heard(NoJournal):
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def sending(self) -> None:
+            self.said.append("sending")
+
+        def charged_refusal(self, error: BaseException) -> None:
+            self.said.append("charged refusal")
 
     provider = tencent_client(tencent)
     req = tencent_request(has_input=True, input_ref=provider.upload(ASSET.read_bytes(), "image/png"),
@@ -178,23 +190,27 @@ def test_generate_image_failed_is_not_tried_again_unless_the_block_opts_in(tence
 
     httpx.post(faults, json={**fault, "count": 1})
     before = calls_and_charges()
-    with pytest.raises(ReviewFailed, match="failed the review") as caught:  # the emulator's text, the document's
-        provider.run_job(req, poll_interval=0.1, timeout=30)
+    with pytest.raises(ReviewFailed, match="failed the review.*1 call, maybe charged") as caught:
+        provider.run_job(req, poll_interval=0.1, timeout=30)  # the emulator's text, the document's
     after = calls_and_charges()
-    assert caught.value.maybe_charged == 1 == after[0] - before[0] == after[1] - before[1]
+    assert caught.value.calls == 1 == after[0] - before[0] == after[1] - before[1]
     assert isinstance(caught.value, ContentRejected) and caught.value.charge == "maybe"
 
     retrying = provider.model_copy(update={"review_failure_retries": 2})
     httpx.post(faults, json={**fault, "count": 2})
-    result = retrying.run_job(req.model_copy(update={"request_id": "g" * 32}), poll_interval=0.1, timeout=30)
+    heard = Heard()
+    result = retrying.run_job(req.model_copy(update={"request_id": "g" * 32}), poll_interval=0.1, timeout=30,
+                              journal=heard)
     again = calls_and_charges()
-    assert result.images and retrying.maybe_charged(result.job_id) == 2
-    assert again[0] - after[0] == 3 and again[1] - after[1] == 1 + retrying.maybe_charged(result.job_id)
+    assert result.images and heard.said == ["sending", "charged refusal"] * 2 + ["sending"]
+    assert again[0] - after[0] == 3 and again[1] - after[1] == 3
 
     httpx.post(faults, json={**fault, "count": 3})
-    with pytest.raises(ReviewFailed, match="3 calls") as caught:
-        retrying.run_job(req.model_copy(update={"request_id": "h" * 32}), poll_interval=0.1, timeout=30)
-    assert caught.value.maybe_charged == 3 == calls_and_charges()[1] - again[1]
+    heard = Heard()
+    with pytest.raises(ReviewFailed, match="3 calls, each maybe charged") as caught:
+        retrying.run_job(req.model_copy(update={"request_id": "h" * 32}), poll_interval=0.1, timeout=30,
+                         journal=heard)
+    assert caught.value.calls == 3 == calls_and_charges()[1] - again[1] == heard.said.count("charged refusal")
     with pytest.raises(ValidationError):  # the document says once or twice
         TencentAiArtProvider(secret_id="i", secret_key="k", review_failure_retries=3)
 

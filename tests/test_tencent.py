@@ -354,11 +354,13 @@ def test_content_rejection_is_recorded_not_retried(tencent, tmp_path) -> None:
     assert outcome.manifest["totals"]["images"] == 1
 
 
-def test_a_failed_job_is_not_charged_nor_held_by_the_budget(tencent, tmp_path) -> None:
-    """A job that ends "4" is charged nothing by Tencent (it bills "per successful call"): the
-    manifest records it failed, once, and the run's budget settles its reservation at nothing (it
-    neither holds the cap nor counts in credits_this_run); the good item's generation and
-    upscale are the run's whole spend."""
+def test_a_job_that_failed_its_review_counts_as_maybe_charged(tencent, tmp_path) -> None:
+    """A job that ends "4" with `FailedOperation.GenerateImageFailed`: its image was made, then
+    refused by the review. Tencent bills "per successful call", and whether the job's successful
+    submit was one is not said, so it counts as maybe charged, as a failed ImageToImage call
+    does: the manifest records it failed, once, with its estimate as maybe charged (`charge`
+    says why), and the run's budget keeps it. The emulator charged it nothing: the good item's
+    generation and upscale are all it took, and the manifest counts one more."""
     items = "  - {id: ok, prompt: a calm lake}\n  - {id: doomed, prompt: \"a fox [[fail]]\"}\n"
     before = tencent_stats(tencent)
     state = run_spec(tmp_path, spec_text("tc-failed", items, ", max_credits: {tencent: 10}"), date(2026, 4, 7))
@@ -370,11 +372,11 @@ def test_a_failed_job_is_not_charged_nor_held_by_the_budget(tencent, tmp_path) -
     assert doomed["error"]["step"] == "generate" and doomed["error"]["error"] == "ReviewFailed", doomed
     message = doomed["error"]["message"]
     assert message.count("GenerateImageFailed") == 1 and "failed: 处理失败" in message, message
-    assert doomed["credits"] == 0 and "charge" not in doomed, doomed
+    assert doomed["credits"] == 1 and doomed["charge"].startswith("maybe charged: "), doomed
     assert charged == 2  # the good item's generation and its RefineImage upscale
-    assert manifest["totals"]["credits"] == manifest["totals"]["credits_this_run"] == charged
+    assert manifest["totals"]["credits"] == manifest["totals"]["credits_this_run"] == charged + 1
     assert manifest["spend"]["tencent"]["reserved"] == 0, manifest["spend"]
-    assert manifest["spend"]["tencent"]["charged"] == charged, manifest["spend"]
+    assert manifest["spend"]["tencent"]["charged"] == charged + 1, manifest["spend"]
 
 
 def test_validation_errors_make_no_call(tencent, tmp_path) -> None:

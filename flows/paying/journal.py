@@ -109,6 +109,11 @@ class ItemJournal:
         self._move(State.REFUSED, reason=f"{type(error).__name__}: {error}")
         self._answered(given_back=True)
 
+    def charged_refusal(self, error: BaseException) -> None:
+        """Refused after the paid work was done (a failed review): nothing to collect, but the
+        call counts as maybe charged (`_charged_end`); the same request may be sent again."""
+        self._charged_end(State.REFUSED, f"{type(error).__name__}: {error}")
+
     def unknown(self, error: BaseException) -> None:
         self._move(State.UNKNOWN, reason=f"{type(error).__name__}: {error}")
         self._answered()
@@ -135,14 +140,28 @@ class ItemJournal:
                    results=keys)
         self._answered(settle=True)  # a synchronous call: its answer was the results; the estimate stands
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, *, maybe_charged: bool = False) -> None:
         """The job ran and failed: its reservation settles at what was taken at submit (触站AI's
         `used`, maybe charged) or at nothing (TAMS documents that a failed job costs nothing;
         Tencent bills a successful call), as the manifest counts it; kept, it held the cap
-        and showed in `credits_this_run` though no credit was taken."""
-        self._move(State.FAILED, reason=reason)
+        and showed in `credits_this_run` though no credit was taken. A job refused after its
+        paid work was done (`maybe_charged`: a failed review) counts as `charged_refusal` does."""
         charged = self.record.charged if self.record is not None else None
+        if maybe_charged and not charged:
+            self._charged_end(State.FAILED, reason)
+            return
+        self._move(State.FAILED, reason=reason)
         self._answered(charged=charged or 0.0, settle=True)
+
+    def _charged_end(self, to: State, reason: str) -> None:
+        """The call or job ends with nothing to collect, counted as maybe charged: its estimate
+        (at the worst ratio its reservation held) goes to the record's `charged_before` (the
+        date's spend, the item's credits), and its reservation stands as charged."""
+        before = self.record.charged_before if self.record is not None else 0.0
+        held = self.held if self.held is not None and not self.held.settled else None
+        counted = held.amount if held is not None and held.amount else self.cost
+        self._move(to, reason=reason, charged_before=before + counted)
+        self._answered(settle=True)
 
 
 def flush_or_log(journal: ItemJournal) -> None:

@@ -12,7 +12,9 @@ record changes state:
                 request; found later, the process died while it   done, archived (when every
                 may have been on the wire                         write between was lost)
     refused     the provider definitively created nothing (a     sending
-                refusal, a connection never made, our limiter)
+                refusal, a connection never made, our limiter),
+                or refused after the paid work was done (a
+                failed review: counted in charged_before)
     unknown     the request may have reached the provider        sending (only where the
                 (timeout after sending, answer cut off, an        provider dedupes), submitted,
                 ambiguous error answer); never sent blindly       refused (a person or the
@@ -122,8 +124,9 @@ class JobRecord(BaseModel):
     charged: float | None = Field(None, description="What the provider said it charged at submit, where it says so.")
     estimate: float | None = Field(None, description="What the attempt was estimated to cost when it was sent.")
     charged_before: float = Field(0.0, description="What this step's earlier attempts that failed took at submit "
-                                  "(maybe given back: no refund is reported, so it counts), and what a record of "
-                                  "another request it replaced counted (the spec changed the item).")
+                                  "(maybe given back: no refund is reported, so it counts), the estimate of each call "
+                                  "refused after its paid work was done (a failed review: maybe charged), and what a "
+                                  "record of another request it replaced counted (the spec changed the item).")
     reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
     results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
     answer_urls: list[str] = Field(default_factory=list, description=(

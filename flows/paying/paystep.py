@@ -20,7 +20,8 @@ from prefect.runtime import flow_run
 from flows.storage import read_json
 from blocks.base import (CreditEstimate, GenerationRequest, ImageProvider, JobResult, JobState, JobStatus, NoJournal,
                          Waker)
-from blocks.errors import BadRequest, ContentRejected, JobFailed, ProviderError, ResultExpired, SubmitUnknown
+from blocks.errors import (BadRequest, ChargedRejection, ContentRejected, JobFailed, ProviderError, ResultExpired,
+                           SubmitUnknown)
 from flows.paying import paidcalls, wakeup
 from flows.paying.archived import ArchivedImagesLost
 from flows.paying.callbacks import JobRef, cached_key, capability_url, heard_notes
@@ -285,7 +286,7 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
         return result
     except (JobFailed, ContentRejected) as exc:
         if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
-            journal.failed(exc.message)
+            journal.failed(exc.message, maybe_charged=isinstance(exc, ChargedRejection))
         raise
     finally:
         flush_or_log(journal)
