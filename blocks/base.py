@@ -732,7 +732,7 @@ class ImageProvider(Block, ABC):
                 charged += 1
                 journal.charged_refusal(exc)
                 exc.calls = charged
-                if self.asks_again(exc):
+                if self.asks_again(request, exc):
                     continue
                 raise type(exc)(f"{exc.message} ({charged} call{'s' if charged > 1 else ''}, "
                                 f"{'each ' if charged > 1 else ''}maybe charged)", provider=exc.provider,
@@ -744,8 +744,8 @@ class ImageProvider(Block, ABC):
                 journal.submitted(job_id, self.charged(job_id), self.answer_urls(job_id) or None)
             return job_id
 
-    def asks_again(self, refused: ChargedRejection) -> bool:
-        """True to make the call again after `refused` (its `calls` so far), where the provider
+    def asks_again(self, request: GenerationRequest, refused: ChargedRejection) -> bool:
+        """True to send `request` again after `refused` (its `calls` so far), where the provider
         says to try again; by default never."""
         return False
 

@@ -429,10 +429,12 @@ class TencentAiArtProvider(ImageProvider):
             return job_id
         return super().submit(request)
 
-    def asks_again(self, refused: ChargedRejection) -> bool:
+    def asks_again(self, request: GenerationRequest, refused: ChargedRejection) -> bool:
         """ImageToImage is made again after a failed review, up to `review_failure_retries` times
-        (each call reserved and recorded as maybe charged by `run_job`)."""
-        return isinstance(refused, ReviewFailed) and refused.calls <= self.review_failure_retries
+        (each call reserved and recorded as maybe charged by `run_job`); a text-to-image submit
+        never is (that would be a new job)."""
+        return (request.has_input and isinstance(refused, ReviewFailed)
+                and refused.calls <= self.review_failure_retries)
 
     def submit_call(self, request: GenerationRequest) -> ApiCall:
         """SubmitTextToImageJob (ImageToImage is a synchronous call of its own, in `submit`)."""
@@ -520,6 +522,9 @@ class TencentAiArtProvider(ImageProvider):
                 except SubmitUnknown as exc:
                     journal.unknown(exc)
                     time.sleep(unknown_hold)
+                    raise
+                except ChargedRejection as exc:  # the upscale was made, then refused: maybe charged
+                    journal.charged_refusal(exc)
                     raise
                 except BaseException as exc:
                     journal.refused(exc)

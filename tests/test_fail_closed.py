@@ -16,6 +16,7 @@ for its request slot stops that call before the wire.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -382,3 +383,48 @@ def test_a_second_ask_refused_before_it_is_sent_keeps_the_first_ask_s_reservatio
         budget.answered(budget.reserve("tams", 1.0))  # and the provider's next call is not blocked
     finally:
         close_run(run_id)
+
+
+def test_calls_refused_after_their_paid_work_each_count_once_in_the_record(monkeypatch) -> None:
+    """An item whose record replaced one of another request (2 counted there) makes ImageToImage
+    twice, each failing the review. Each failed call counts (4), in the budget and in the record;
+    the second `sending` used to write the replaced record's count back over the first failed
+    call's (2 + 4 lost to 2), and the date's next run counted one call fewer."""
+    from blocks.tencent import ReviewFailed
+    from flows.paying.budget import BudgetReached
+    from flows.paying.ledger import State
+
+    run_id, budget, journal = journal_of_a_run(monkeypatch, "tencent", 8.0)
+    journal.identity["charged_before"] = 2.0
+    for _ in range(2):
+        journal.sending()
+        journal.charged_refusal(ReviewFailed("the generated image failed the review"))
+    assert journal.record.state is State.REFUSED and journal.record.charged_before == 10.0
+    assert budget.summary()["tencent"]["charged"] == 8.0
+    with pytest.raises(BudgetReached):
+        journal.sending()  # a third ask does not fit under the cap of 8
+
+
+def test_a_sending_not_written_is_not_kept_as_sent(monkeypatch) -> None:
+    """S3 away: the failed review's `refused` was not written (kept to write at the end of the
+    step), then the next ask's `sending` was not written either, so nothing was sent. The
+    journal kept `sending` in memory all the same, and the end of the step wrote it: a call
+    never made, held for a person as maybe sent, its estimate counted again."""
+    from blocks.tencent import ReviewFailed
+    from flows.paying.ledger import LedgerUnavailable, State
+
+    run_id, budget, journal = journal_of_a_run(monkeypatch, "tencent", 100.0)
+    monkeypatch.setattr("flows.paying.journal.get_run_logger", lambda: logging.getLogger("journal"))  # no run here
+    journal.sending()
+    away = journal.ledger.put
+
+    def unavailable(record):  # noqa: ANN001, ANN202
+        raise LedgerUnavailable("ledger write: ConnectionError after 6 attempts")
+
+    journal.ledger.put = unavailable
+    journal.charged_refusal(ReviewFailed("the generated image failed the review"))
+    with pytest.raises(LedgerUnavailable):
+        journal.sending()
+    journal.ledger.put = away
+    journal.flush()
+    assert journal.ledger.records["i0"].state is State.REFUSED and journal.ledger.records["i0"].charged_before == 4.0

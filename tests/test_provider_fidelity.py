@@ -211,6 +211,18 @@ def test_generate_image_failed_is_not_tried_again_unless_the_block_opts_in(tence
         retrying.run_job(req.model_copy(update={"request_id": "h" * 32}), poll_interval=0.1, timeout=30,
                          journal=heard)
     assert caught.value.calls == 3 == calls_and_charges()[1] - again[1] == heard.said.count("charged refusal")
+    # A text-to-image submit refused so is not made again (that would be a new job), and a paid
+    # upscale (RefineImage) refused so is maybe charged too.
+    for action, call in (("SubmitTextToImageJob", lambda journal: retrying.run_job(
+            tencent_request(), poll_interval=0.1, timeout=30, journal=journal)),
+                         ("RefineImage", lambda journal: retrying.refine(ASSET.read_bytes(), journal))):
+        httpx.post(faults, json={**fault, "action": action, "count": 2})
+        heard, calls = Heard(), tencent_stats(tencent)["by_action"].get(action, 0)
+        with pytest.raises(ReviewFailed):
+            call(heard)
+        httpx.delete(faults)
+        assert tencent_stats(tencent)["by_action"][action] - calls == 1, action
+        assert heard.said == ["sending", "charged refusal"], (action, heard.said)
     with pytest.raises(ValidationError):  # the document says once or twice
         TencentAiArtProvider(secret_id="i", secret_key="k", review_failure_retries=3)
 

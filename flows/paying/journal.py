@@ -32,22 +32,32 @@ class ItemJournal:
         self.budget: RunBudget | None = None  # the budget `held` is in, kept: the run may close it first
 
     def _move(self, to: State, **changes: Any) -> None:
-        self.record = move(self.record, to, **{**self.identity, **changes})
+        """Move the record and write it. A `sending` not written is not made (nor kept in memory:
+        nothing was sent); any other move is, logged, and written again at the end of the step.
+        What a replaced record counted (`charged_before` in the identity) is given to the first
+        record only: later moves keep the record's own, which may have grown (a failed review)."""
+        identity = self.identity if self.record is None else {k: v for k, v in self.identity.items()
+                                                                 if k != "charged_before"}
+        moved = move(self.record, to, **{**identity, **changes})
         try:
-            self.ledger.put(self.record)
+            self.ledger.put(moved)
         except LedgerConflict:
             if to is State.SENDING:
                 raise  # another run has this item: nothing is sent from here
+            self.record = moved
             get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
                                    self.identity["item_id"], self.identity["step"], to.value,
                                    f" (job {self.record.job_id})" if self.record.job_id else "")
         except LedgerUnavailable as exc:
             if to is State.SENDING:
                 raise
+            self.record = moved
             self.unsaved = True
             get_run_logger().error("ledger write failed (%s): %s %s is %s%s; it is recorded again at the end of "
                                    "the step", exc, self.identity["item_id"], self.identity["step"], to.value,
                                    f", job {self.record.job_id}" if self.record.job_id else "")
+        else:
+            self.record = moved
 
     def flush(self) -> None:
         if self.unsaved and self.record is not None:
