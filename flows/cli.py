@@ -219,6 +219,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if args.job_id is not None and (refused := _not_this_items_job(ledger, args, record)) is not None:
         print(refused, file=sys.stderr)  # before the record is moved
         return 1
+    if _claim_held(spec, args.run_date):
+        print(_claim_refusal(spec, ledger, args), file=sys.stderr)
+        return 1
     if not args.run_ended and (going := _run_going(spec, ledger, args)) is not None:
         print(going, file=sys.stderr)
         return 1
@@ -234,6 +237,44 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         ledger.move(record, State.SUBMITTED, job_id=args.job_id, reason="resolved by a person: job found")
         print(f"{args.item}: job {args.job_id} recorded; the next run polls it and archives its images")
     return 0
+
+
+def _claim_held(spec: PipelineSpec, run_date: date) -> bool | None:
+    """Whether a run of `spec` holds `run_date`'s claim (`flows.paying.claim`) on the Prefect
+    server now, expired leases freed first where this process frees them: held, a run is alive
+    and may be paying. Free says less: the live run may use another server, or hold answers to
+    calls sent before it lost its claim. None when it cannot tell (no such claim on this server,
+    no answer)."""
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.paying.claim import claim_name
+    from flows.paying.slots import api_client, reclaim_expired
+
+    try:
+        reclaim_expired(force=True)
+        limit = api_client().read_global_concurrency_limit_by_name(claim_name(spec.name, run_date))
+    except ObjectNotFound:
+        return None
+    except Exception:  # noqa: BLE001 - no answer, or one this cannot read: the manifest check stands
+        return None
+    return limit.active_slots > 0
+
+
+def _claim_refusal(spec: PipelineSpec, ledger: Any, args: argparse.Namespace) -> str:
+    """Why `resolve` waits, `--run-ended` or not: a run holds the date's claim right now."""
+    from flows.paying.claim import claim_name
+    from flows.paying.limits import LEASE_SECONDS
+    from flows.paying.slots import configured_lease
+
+    note = ledger.read_claim_note() or {}
+    who = (f"flow run {note.get('flow_run_name') or '?'} ({note['flow_run_id']}), started "
+           f"{note.get('started_at') or '?'}, " if note.get("flow_run_id") else "a run ")
+    name = claim_name(spec.name, args.run_date)
+    return (f"{who}holds the claim of {spec.name} for {args.run_date} on the Prefect server: it is running and may "
+            f"still be paying for {args.item}, and a record resolved under it can be paid again. Resolve once it has "
+            f"ended (a killed run's claim frees itself within {configured_lease(LEASE_SECONDS):.0f} s of its last "
+            f"renewal). If `imagegen limits show --leases <the server's PREFECT_HOME>/concurrency_leases` says {name} "
+            f"is held by no live lease, `imagegen limits reset {name}` frees it")
 
 
 def _run_going(spec: PipelineSpec, ledger: Any, args: argparse.Namespace) -> str | None:
@@ -581,7 +622,8 @@ def _date_commands(sub: Any) -> None:
     led.add_argument("--index", type=int, default=1, help="resolve --step refine: the image number")
     led.add_argument("--run-ended", action="store_true",
                      help="resolve: the date's last run ended without a manifest (killed, claim lost); without it, "
-                          "resolve is refused while that run may still be paying")
+                          "resolve is refused while that run may still be paying. A run holding the date's claim "
+                          "on the Prefect server is waited for all the same")
     led.set_defaults(func=cmd_ledger)
     lim = sub.add_parser("limits", help="provider limits on the Prefect server")
     lim.add_argument("action", choices=["apply", "show", "reset"])

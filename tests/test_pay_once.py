@@ -231,7 +231,12 @@ def test_resolve_waits_for_the_date_s_run_to_end(emulators, tmp_path) -> None:
     """A record resolved while the run that wrote it still goes (a second terminal, a detached
     run) was moved under it: the run's own next write then failed, and the job it paid for was
     sent again by the next run. Now `resolve` is refused while the date's last run to take its
-    claim has written no manifest, naming that run, unless the person says it was killed."""
+    claim has written no manifest, naming that run, unless the person says it was killed; and
+    while a run holds the date's claim on the Prefect server it is refused even then (the
+    person's word was taken on trust)."""
+    from flows.paying.claim import claim_name
+    from flows.paying.slots import hold
+
     name, day = "resolve-live-chuzhan", date(2026, 7, 4)
     path = write_spec(tmp_path, spec_text("chuzhan", name, 1), name)
     inject(emulators, "chuzhan", kind="error_before", count=1)
@@ -243,6 +248,11 @@ def test_resolve_waits_for_the_date_s_run_to_end(emulators, tmp_path) -> None:
     refused = imagegen(*args)
     assert refused.returncode == 1 and "flow run brave-otter (0f0f-live)" in refused.stderr, refused.stderr
     assert "wrote no manifest" in refused.stderr and "add --run-ended" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    with hold(claim_name(name, day), 60):  # the run is alive after all
+        refused = imagegen(*args, "--run-ended")
+    assert refused.returncode == 1 and "flow run brave-otter (0f0f-live)" in refused.stderr, refused.stderr
+    assert "holds the claim of resolve-live-chuzhan for 2026-07-04" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert ledger_states(path, day) == {"i0": "unknown"}
     settled = imagegen(*args, "--run-ended")
