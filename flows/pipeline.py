@@ -419,6 +419,8 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
     if extra := replaced_count(found.item, other, plan):  # edited back: what the other request paid counts too
         found = dataclasses.replace(found, item=found.item.model_copy(update={"credits": found.item.credits + extra}))
     if rebuild and (record is None or found.complete):
+        if other is not None and record is None and other.provider != plan.provider:
+            ledger.set_aside(other)  # another provider's record: it goes on counting in its own
         identity = {} if record is not None else {
             "item_id": plan.item_id, "base_request_id": plan.request.request_id, "request_id": found.request_id,
             "attempt": attempt_of(found.request_id, plan.request.request_id), "provider": plan.provider,

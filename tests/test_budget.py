@@ -440,3 +440,33 @@ def test_calls_refused_after_their_paid_work_count_against_the_cap(emulators, tm
     assert stats(emulators, "tencent")["charges"] - before["charges"] == 3
     [item] = manifest_of(raised)["items"]
     assert item["credits"] == 3, item  # the image, and the two calls that failed their review
+
+
+def test_an_item_moved_to_another_provider_still_counts_in_the_first(emulators, tmp_path) -> None:
+    """TAMS under a cap of 2.5: t0 and t1 paid on TAMS; then t0 moved to 触站AI with a new prompt
+    (the same request would be reused from the archive), its TAMS record replaced by the 触站AI
+    one, whose count could not keep TAMS's credits (another unit). So the spec given t2 on TAMS
+    counted only t1 and paid t2: 3 under 2.5. Now the TAMS record is set aside, not replaced,
+    and goes on counting: that run is refused."""
+    from tests.test_pay_once import stats
+
+    name, day = "date-cap-moved", date(2026, 9, 8)
+    path = tmp_path / f"{name}.yaml"
+
+    def run(*items: str):  # noqa: ANN202 - a Prefect State
+        lines = "".join(f"  - {{id: {i}, prompt: '{i} on {on} of {name}'{', provider: tams' if on == 'tams' else ''}}}\n"
+                        for i, on in (item.split(":") for item in items))
+        path.write_text(SPEC.format(name=name, items=lines)
+                        .replace("blocks: {chuzhan: sandbox}", "blocks: {chuzhan: sandbox, tams: sandbox}")
+                        .replace("max_credits: {chuzhan: 20}", "max_credits: {chuzhan: 100, tams: 2.5}"))
+        return run_spec(tmp_path, path.read_text(), day, path=path)
+
+    before = stats(emulators, "tams")
+    assert run("t0:tams", "t1:tams").is_completed()
+    assert run("t0:chuzhan", "t1:tams").is_completed()
+    third = run("t0:chuzhan", "t1:tams", "t2:tams")
+    after = stats(emulators, "tams")
+    assert after["charges"] - before["charges"] == 2 and after["submits"] - before["submits"] == 2, (before, after)
+    assert not third.is_completed()
+    assert "tams: estimated 3 credits (2 of them charged by earlier runs of this date)" in str(
+        third.result(raise_on_failure=False))

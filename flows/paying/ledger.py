@@ -31,6 +31,9 @@ record changes state:
 
 A record of another request (the spec changed what is paid for) is replaced by a new one, which
 keeps what the old one counted in its date's spend (`charged_before`, `flows.paying.spent.carried`).
+A record of another provider (the item moved to another provider: its credits are another unit)
+is first set aside under a name of its own, `<record>@<its request id>.json` (`@` is in no item
+id), where it goes on counting in its own provider's spend.
 Writes are retried with backoff; `LedgerUnavailable` says they still failed.
 
 Every write is conditional on what this ledger last read (`If-Match` on the record's ETag, or
@@ -60,6 +63,7 @@ from flows.paying import faults, stalled
 from flows.specs.spec import PER_IMAGE_SUFFIX, ArchiveSettings
 
 PER_IMAGE = re.compile(PER_IMAGE_SUFFIX + r"\.json$")  # `<item>.refine-<n>.json`
+ASIDE = "@"  # a record set aside when the item moved to another provider: `<record>@<request id>.json`
 WRITE_ATTEMPTS = 6  # about 15 s of backoff in all: an S3 blip must not lose a paid job id
 
 
@@ -204,7 +208,22 @@ class JobLedger:
 
     def recorded(self) -> set[str]:
         """The items that have a generate record, from one listing instead of a read per item."""
-        return {n.removesuffix(".json") for n in self._record_names() if not PER_IMAGE.search(n)}
+        return {n.removesuffix(".json") for n in self._record_names() if not PER_IMAGE.search(n) and ASIDE not in n}
+
+    def set_aside(self, record: JobRecord) -> None:
+        """Keep `record`, about to be replaced by a record of another provider's request, under a
+        name of its own (once: it may have been set aside by an earlier try of the step), where
+        what it counted stays counted in its provider's spend (`flows.paying.spent`)."""
+        key = f"{self.key(record.item_id, record.step, record.index).removesuffix('.json')}{ASIDE}{record.request_id}.json"
+        body = json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+
+        def put() -> None:
+            try:
+                put_conditionally(self.bucket, key, body, if_match=None)
+            except PreconditionFailed:
+                pass  # set aside already
+
+        with_backoff(put, f"ledger write {key}")
 
     def records(self, only: Callable[[str, int | None], bool] | None = None) -> list[JobRecord]:
         """Every record of the run date, per-image steps included (for `imagegen ledger show`);

@@ -113,9 +113,13 @@ def current(record: JobRecord | None, base_request_id: str) -> JobRecord | None:
     return record if record is not None and record.base_request_id == base_request_id else None
 
 
-def replacing(found: JobRecord | None, base: str, plan: ItemPlan, estimate: float) -> dict[str, float]:
+def replacing(ledger: JobLedger, found: JobRecord | None, base: str, plan: ItemPlan,
+              estimate: float) -> dict[str, float]:
     """Where the step's record `found` is of another request than `base`, what it counted in the
-    date's spend, for the new record to keep (`charged_before`): replaced, it is still spent."""
+    date's spend, for the new record to keep (`charged_before`): replaced, it is still spent. A
+    record of another provider is set aside instead, counting in its own (another unit)."""
+    if found is not None and found.base_request_id != base and found.provider != plan.provider:
+        ledger.set_aside(found)  # before the new record replaces it: nothing is sent if this fails
     budget = for_run(flow_run.id)
     extra = replaced(found, base, plan.provider, estimate, budget.ratio(plan.provider) if budget else 1.0)
     return {"charged_before": extra} if extra else {}
@@ -223,7 +227,7 @@ def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -
     request = plan.request.model_copy(update={"input_ref": input_ref, "request_id": rid})
     identity = {"item_id": plan.item_id, "step": Step.GENERATE, "base_request_id": base, "request_id": rid,
                 "attempt": attempt, "provider": plan.provider, "block": plan.block,
-                **replacing(found, base, plan, plan.estimate.credits if plan.estimate else 0.0)}
+                **replacing(ledger, found, base, plan, plan.estimate.credits if plan.estimate else 0.0)}
     return ItemJournal(ledger, record, identity, cost=plan.estimate.credits if plan.estimate else 0.0), request
 
 
@@ -386,7 +390,7 @@ def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_
     journal = ItemJournal(ledger, record, {"item_id": plan.item_id, "step": Step.REFINE, "index": index,
                                            "base_request_id": base, "request_id": base, "attempt": 1,
                                            "provider": plan.provider, "block": plan.block,
-                                           **replacing(found, base, plan, cost)}, cost=cost)
+                                           **replacing(ledger, found, base, plan, cost)}, cost=cost)
     caps = caps_of(provider, step=Step.REFINE)
     do = decide(record, caps)
     _log_decision(plan, Step.REFINE, record, caps, do)

@@ -15,7 +15,9 @@ no longer be charged 24. What each earlier paid step counts:
 - a paid upscale sent: its estimate per image;
 - and, for every step, what its earlier attempts that ran and failed took at submit, or what a
   record of another request counted (the spec changed the item) before a new one replaced it:
-  the record's `charged_before`; an archived item's credits include it.
+  the record's `charged_before`; an archived item's credits include it. A record of another
+  provider (the item moved) was set aside, not replaced (`JobLedger.set_aside`): it counts in
+  its own provider's spend as it did.
 """
 
 from __future__ import annotations
