@@ -730,3 +730,34 @@ def test_a_paid_job_of_an_edited_item_is_not_dropped_without_a_word(emulators, t
         assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
     assert "i0: its request changed (prompt, seed, size or options) since request" in caplog.text
     assert f"was paid for (job {record.job_id}), not archived; that job's image is not collected" in caplog.text
+
+
+def test_an_item_moved_to_another_provider_with_its_job_paid_is_told_not_paid_again(emulators, tmp_path) -> None:
+    """i0 paid for on TAMS (the run stopped before its image was collected), then moved to 触站AI
+    with the same request (the same Block name and prompt: its id does not say the provider).
+    The rerun asked 触站AI for TAMS's job, which it did not know (JobGone, naming the wrong
+    provider). Now it asks nothing of 触站AI and says how on: put back on TAMS, the job is
+    collected, paid once."""
+    from flows.paying import faults
+
+    name, day = "moved-paid-tams", date(2026, 7, 11)
+
+    def text(provider: str) -> str:
+        return (f"version: 1\nname: {name}\nprovider: {provider}\nblocks: {{tams: sandbox, chuzhan: sandbox}}\n"
+                f"generate: {{width: 512, height: 512}}\narchive: {{bucket: {TEST_BUCKET}, credentials: sandbox}}\n"
+                f"run: {{poll_interval: 0.2, job_timeout: 60}}\nitems:\n  - {{id: i0, prompt: 'item 0 of {name}'}}\n")
+
+    faults.install("polling", "i0", faults.stop)
+    try:
+        assert not run_spec(tmp_path, text("tams"), day).is_completed()
+    finally:
+        faults.clear()
+    asked = stats(emulators, "chuzhan")
+    moved = run_spec(tmp_path, text("chuzhan"), day)
+    now = stats(emulators, "chuzhan")  # its price asked (the estimate), nothing of the job
+    assert not moved.is_completed() and (now["submits"], now["polls"]) == (asked["submits"], asked["polls"])
+    error = manifest_of(moved)["items"][0]["error"]
+    assert error["error"] == "ProviderMoved" and "put the item back on tams" in error["message"], error
+    back = run_spec(tmp_path, text("tams"), day)
+    assert back.is_completed(), manifest_of(back)
+    assert charges(emulators, "tams", name) == once_each(name, 1) and not charges(emulators, "chuzhan", name)

@@ -215,6 +215,8 @@ def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -
     base = plan.request.request_id
     found = ledger.get(plan.item_id)
     record = current(found, base)
+    if record is not None and record.provider != plan.provider:
+        record = moved_from(plan, ledger, record)
     if record is None and found is not None and found.state in (State.SENDING, State.UNKNOWN, State.SUBMITTED,
                                                                   State.DONE):
         get_run_logger().warning(
@@ -229,6 +231,32 @@ def generate_journal(plan: ItemPlan, ledger: JobLedger, input_ref: str | None) -
                 "attempt": attempt, "provider": plan.provider, "block": plan.block,
                 **replacing(ledger, found, base, plan, plan.estimate.credits if plan.estimate else 0.0)}
     return ItemJournal(ledger, record, identity, cost=plan.estimate.credits if plan.estimate else 0.0), request
+
+
+class ProviderMoved(BadRequest):
+    """The item's request was sent to another provider than the spec now names (the same Block
+    name and request: its id does not say the provider), and that call may have been paid for or
+    its images are still to be collected: nothing is asked of the new provider about the old
+    one's job, nor paid again on its own."""
+
+
+def moved_from(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> JobRecord | None:
+    """The current record of an item the spec moved to another provider: one whose call may be
+    paid for stops the step (`ProviderMoved`, naming both ways on); one that paid for nothing
+    to collect (refused, failed) is set aside, counting in its own provider, and the item
+    starts afresh on the new one (None)."""
+    if record.state in (State.SENDING, State.UNKNOWN, State.SUBMITTED, State.DONE, State.ARCHIVED):
+        job = f"job {record.job_id}" if record.job_id else "its answer never seen"
+        raise ProviderMoved(
+            f"{plan.item_id}: its request {record.request_id} was sent to {record.provider} ({job}, "
+            f"{record.state.value}), and the spec now puts it on {plan.provider}. To collect that job without paying "
+            f"again, put the item back on {record.provider} and run again; to pay for it on {plan.provider} instead, "
+            f"change its prompt, seed or options (a new request; what {record.provider} took stays counted)",
+            provider=plan.provider, code="ProviderMoved")
+    if record.state in (State.REFUSED, State.FAILED):
+        ledger.set_aside(record)
+        return None
+    return record
 
 
 def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, input_ref: str | None) -> tuple[
