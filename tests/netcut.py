@@ -1,6 +1,8 @@
 """A TCP proxy on loopback in front of a real server, that a test can cut and restore: while
 cut it drops open connections and closes new ones at once, as a server that went away looks
-to its clients. Real sockets, no mocks; it serves only 127.0.0.1."""
+to its clients. While deaf it carries requests to the server but drops the server's answers
+and closes the connection: a request carried out whose answer was lost. Real sockets, no
+mocks; it serves only 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ class CuttableProxy:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.cut_now = threading.Event()
+        self.deaf_now = threading.Event()
         self.open: set[socket.socket] = set()
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -31,6 +34,11 @@ class CuttableProxy:
 
     def restore(self) -> None:
         self.cut_now.clear()
+        self.deaf_now.clear()
+
+    def deafen(self) -> None:
+        """From now on, answers are dropped and their connections closed (`restore` ends it)."""
+        self.deaf_now.set()
 
     def close(self) -> None:
         self.cut()
@@ -56,12 +64,14 @@ class CuttableProxy:
                     _close(upstream)
                     continue
                 self.open.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, answers), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
+                if answers and self.deaf_now.is_set():
+                    break  # the request was carried out; its answer is lost
                 sink.sendall(data)
         except OSError:
             pass

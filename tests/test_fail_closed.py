@@ -428,3 +428,34 @@ def test_a_sending_not_written_is_not_kept_as_sent(monkeypatch) -> None:
     journal.ledger.put = away
     journal.flush()
     assert journal.ledger.records["i0"].state is State.REFUSED and journal.ledger.records["i0"].charged_before == 4.0
+
+
+def test_another_run_s_change_found_at_the_end_of_a_step_does_not_replace_its_outcome(monkeypatch) -> None:
+    """A write of the step failed (S3 away), and when the end of the step wrote it again,
+    another run had changed the record: `flush_or_log` used to raise `LedgerConflict` in the
+    step's `finally`, throwing away its outcome (a job's images in hand). It logs, as a move
+    that finds a conflict does, and the step goes on."""
+    from flows.paying.journal import flush_or_log
+    from flows.paying.ledger import LedgerConflict, LedgerUnavailable
+
+    run_id, budget, journal = journal_of_a_run(monkeypatch, "tams", 100.0)
+    monkeypatch.setattr("flows.paying.journal.get_run_logger", lambda: logging.getLogger("journal"))  # no run here
+    journal.sending()
+
+    def failing(exc: Exception):  # noqa: ANN202
+        def put(record):  # noqa: ANN001, ANN202
+            raise exc
+        return put
+
+    journal.ledger.put = failing(LedgerUnavailable("ledger write: ConnectionError after 6 attempts"))
+    journal.submitted("job-1")
+    journal.ledger.put = failing(LedgerConflict("changed by another run"))
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("journal").addHandler(handler)
+    try:
+        flush_or_log(journal)
+    finally:
+        logging.getLogger("journal").removeHandler(handler)
+    assert any("another run changed its ledger record" in line and "job-1" in line for line in said), said

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from deployments.limits import limits_in_use
-from flows.paying.ledger import JobLedger, LedgerConflict, State
+from flows.paying.ledger import JobLedger, LedgerConflict, LedgerUnavailable, State, move
 from flows.specs.spec import ArchiveSettings
 from flows.specs.spec import load_spec
 from tests.conftest import TEST_BUCKET, run_spec, s3_client
@@ -418,6 +418,32 @@ def test_ledger_writes_are_conditional_so_a_second_writer_stops_before_sending(s
     with pytest.raises(LedgerConflict):  # the first writer's view is stale now
         one.move(first, State.SUBMITTED, job_id="j-1")
     assert one.get("x").state is State.UNKNOWN
+
+
+
+def test_a_ledger_write_carried_out_with_its_answer_lost_is_not_taken_for_another_run(s3_cut) -> None:
+    """S3 carries out the `submitted` write but its answer is lost, every try (the ledger gives
+    up: LedgerUnavailable, the job id logged). The step's next write, once S3 answers again,
+    finds the object changed since its last known ETag: by this ledger's own write, not by
+    another run. It used to raise LedgerConflict at the end of the step, throwing away the images
+    in hand; a change by another run still does."""
+    archive = ArchiveSettings(bucket=TEST_BUCKET, credentials="s3-cut")
+    ledger, witness = JobLedger(archive, "deaf", date(2026, 7, 8)), JobLedger(archive, "deaf", date(2026, 7, 8))
+    identity = {"item_id": "x", "base_request_id": "r", "request_id": "r", "provider": "tams", "block": "sandbox"}
+    sending = ledger.move(None, State.SENDING, **identity)
+    s3_cut.deafen()
+    try:
+        with pytest.raises(LedgerUnavailable):
+            ledger.move(sending, State.SUBMITTED, job_id="j-1")
+    finally:
+        s3_cut.restore()
+    submitted = witness.get("x")
+    assert submitted is not None and submitted.state is State.SUBMITTED  # carried out, its answer lost
+    done = ledger.move(move(sending, State.SUBMITTED, job_id="j-1"), State.DONE, job_id="j-1", results=["k"])
+    assert witness.get("x") == done
+    witness.move(witness.get("x"), State.ARCHIVED, archived={"by": "another run"})  # a real change
+    with pytest.raises(LedgerConflict):
+        ledger.move(done, State.ARCHIVED, archived={"by": "this run"})
 
 
 # --- S3 goes away right after a paid submit --------------------------------------------------------

@@ -175,12 +175,19 @@ class ItemJournal:
 
 
 def flush_or_log(journal: ItemJournal) -> None:
-    """Record what a step's unsaved writes said; if S3 is still away, log it (the job id is in
-    the log) and go on: the archive step records the item once its images are in S3. The
-    step's paid call lets its provider's next call go, whatever happened."""
+    """Record what a step's unsaved writes said; if S3 is still away, or another run changed
+    the record meanwhile, log it (the job id is in the log) and go on: the step's outcome is not
+    replaced, and the archive step records the item once its images are in S3. The step's paid
+    call lets its provider's next call go, whatever happened."""
     journal.close()
     try:
         journal.flush()
+    except LedgerConflict:  # as `_move` does: the step's outcome stands, the other run's record too
+        record = journal.record
+        get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
+                               journal.identity["item_id"], journal.identity["step"],
+                               record.state.value if record else "?",
+                               f" (job {record.job_id})" if record and record.job_id else "")
     except LedgerUnavailable as exc:
         record = journal.record
         get_run_logger().error("ledger still unavailable (%s): %s %s stays unrecorded as %s%s", exc,

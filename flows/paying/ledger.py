@@ -187,6 +187,7 @@ class JobLedger:
         self.bucket = archive_bucket(archive.bucket, archive.credentials)
         self.prefix = archive.ledger_prefix(pipeline, run_date)
         self._etags: dict[str, str | None] = {}  # key -> ETag last read or written (None: absent)
+        self._unanswered: dict[str, list[bytes]] = {}  # key -> bodies of writes that failed: may have landed
 
     def key(self, item_id: str, step: Step = Step.GENERATE, index: int | None = None) -> str:
         suffix = "" if step is Step.GENERATE else f".{step.value}-{index}"
@@ -239,18 +240,29 @@ class JobLedger:
         key = self.key(record.item_id, record.step, record.index)
         faults.at(f"write-{record.state.value}", record.item_id, record.step.value)
         body = json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
-        self._etags[key] = with_backoff(lambda: self._put_if_unchanged(key, body), f"ledger write {key}")
+        try:
+            self._etags[key] = with_backoff(lambda: self._put_if_unchanged(key, body), f"ledger write {key}")
+        except LedgerUnavailable:
+            self._unanswered.setdefault(key, []).append(body)  # S3 may have written it, its answer lost
+            raise
+        self._unanswered.pop(key, None)
         return record
 
     def _put_if_unchanged(self, key: str, body: bytes) -> str:
-        known = self._etags.get(key)
+        """Write over the ETag this ledger last saw. Found changed, the object may be this
+        ledger's own: this very write, or an earlier one that failed after S3 had carried it out
+        (its answer lost; `put` keeps their bodies). Anything else is another run's change."""
         try:
-            return put_conditionally(self.bucket, key, body, if_match=known)
+            return put_conditionally(self.bucket, key, body, if_match=self._etags.get(key))
         except PreconditionFailed:
             now = self._read(key)
-            if now is not None and now[0] == body:  # our own earlier attempt landed after all
+            if now is not None and now[0] == body:  # this write landed after all
                 return now[1]
-            raise LedgerConflict(f"{key} was changed by another run since this one read it") from None
+            if now is None or now[0] not in self._unanswered.get(key, ()):
+                raise LedgerConflict(f"{key} was changed by another run since this one read it") from None
+        self._unanswered[key].remove(now[0])  # an earlier write of ours landed: write over it, conditionally
+        self._etags[key] = now[1]
+        return self._put_if_unchanged(key, body)
 
     def move(self, record: JobRecord | None, to: State, **changes: Any) -> JobRecord:
         """`move()` the record and write it."""
