@@ -239,24 +239,20 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim_held(spec: PipelineSpec, run_date: date) -> bool | None:
+def _claim_held(spec: PipelineSpec, run_date: date) -> bool:
     """Whether a run of `spec` holds `run_date`'s claim (`flows.paying.claim`) on the Prefect
     server now, expired leases freed first where this process frees them: held, a run is alive
     and may be paying. Free says less: the live run may use another server, or hold answers to
-    calls sent before it lost its claim. None when it cannot tell (no such claim on this server,
-    no answer)."""
-    from prefect.exceptions import ObjectNotFound
-
+    calls sent before it lost its claim. False when it cannot tell (no such claim on this
+    server, no answer): the manifest check decides then."""
     from flows.paying.claim import claim_name
     from flows.paying.slots import api_client, reclaim_expired
 
     try:
         reclaim_expired(force=True)
         limit = api_client().read_global_concurrency_limit_by_name(claim_name(spec.name, run_date))
-    except ObjectNotFound:
-        return None
-    except Exception:  # noqa: BLE001 - no answer, or one this cannot read: the manifest check stands
-        return None
+    except Exception:  # noqa: BLE001 - no such claim, no answer, or one this cannot read
+        return False
     return limit.active_slots > 0
 
 
