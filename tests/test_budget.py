@@ -428,7 +428,9 @@ def test_calls_refused_after_their_paid_work_count_against_the_cap(emulators, tm
     assert not first.is_completed()
     assert after["charges"] - before["charges"] == 2, (before["charges"], after["charges"])
     assert after["by_action"]["ImageToImage"] - before["by_action"].get("ImageToImage", 0) == 2
-    assert "budget reached: run.max_credits for tencent is 2; 2 charged" in json.dumps(manifest_of(first))
+    [error] = [item["error"]["message"] for item in manifest_of(first)["items"]]
+    assert "budget reached: run.max_credits for tencent is 2; 2 charged" in error, error
+    assert "this item's last call was refused: ReviewFailed" in error, error  # not only "raise the cap"
 
     httpx.delete(f"{emulators.url('tencent')}/_sandbox/faults")
     again = run_spec(tmp_path, text, day)

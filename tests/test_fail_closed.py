@@ -401,8 +401,9 @@ def test_calls_refused_after_their_paid_work_each_count_once_in_the_record(monke
         journal.charged_refusal(ReviewFailed("the generated image failed the review"))
     assert journal.record.state is State.REFUSED and journal.record.charged_before == 10.0
     assert budget.summary()["tencent"]["charged"] == 8.0
-    with pytest.raises(BudgetReached):
-        journal.sending()  # a third ask does not fit under the cap of 8
+    with pytest.raises(BudgetReached, match=r"last call was refused: ReviewFailed: .*failed the review, counted as "
+                       r"maybe charged \(10\)"):
+        journal.sending()  # a third ask does not fit under the cap of 8; the error says why it is asked again
 
 
 def test_a_sending_not_written_is_not_kept_as_sent(monkeypatch) -> None:

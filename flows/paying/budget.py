@@ -40,6 +40,12 @@ class BudgetReached(RuntimeError):
                          f"reserve {cost:g}" + ("; raise run.max_credits to go on" if spend.before else ""))
         self.provider = provider
 
+    def after(self, last: str) -> BudgetReached:
+        """The same refusal, saying how the item's last call ended (a person who raises the cap
+        pays for another try of it)."""
+        self.args = (f"{self.args[0]}; this item's last call {last}",)
+        return self
+
 
 @dataclass
 class Reservation:

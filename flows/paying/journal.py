@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from flows.paying import faults
 from flows.paying import paidcalls
-from flows.paying.budget import Reservation, RunBudget, for_run
+from flows.paying.budget import BudgetReached, Reservation, RunBudget, for_run
 from flows.paying.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 
 
@@ -72,7 +72,10 @@ class ItemJournal:
         if again:
             self.budget.resend(self.held)  # the same request again, where the provider dedupes
         elif (budget := for_run(flow_run.id)) is not None:
-            self.held = budget.reserve(self.identity["provider"], 0.0 if self._counted() else self.cost)
+            try:
+                self.held = budget.reserve(self.identity["provider"], 0.0 if self._counted() else self.cost)
+            except BudgetReached as exc:
+                raise self._after_last(exc) from None
             self.budget = budget
         try:
             paidcalls.begin(flow_run.id)
@@ -81,6 +84,15 @@ class ItemJournal:
             self._answered(given_back=not again)  # asked again: the first ask may have been charged
             raise
         self._fault("sending")
+
+    def _after_last(self, reached: BudgetReached) -> BudgetReached:
+        """`reached`, saying why the item's last call did not give its images (a failed review,
+        a failed job), where it did not: raising the cap would pay for the same request again."""
+        record = self.record
+        if record is None or record.state not in (State.REFUSED, State.FAILED) or not record.reason:
+            return reached
+        counted = f", counted as maybe charged ({record.charged_before:g})" if record.charged_before else ""
+        return reached.after(f"was {record.state.value}: {record.reason}{counted}")
 
     def _counted(self) -> bool:
         """This call asks again for a request whose answer was never seen (TAMS: its requestId
