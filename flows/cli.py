@@ -198,7 +198,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return 1
     ledger = JobLedger(spec.archive, spec.name, args.run_date)
     if args.action == "show":
-        rows = [{"item": r.item_id, "step": r.step.value + (f" #{r.index}" if r.index else ""), "state": r.state.value,
+        rows = [{"item": r.item_id, "provider": r.provider,  # an item moved to another keeps its first's record too
+                 "step": r.step.value + (f" #{r.index}" if r.index else ""), "state": r.state.value,
                  "attempt": r.attempt, "request_id": r.request_id, "job_id": r.job_id or "-",
                  "reason": (r.reason or "")[:100]} for r in ledger.records()]
         print(format_table(rows) if rows else f"no ledger records for {spec.name} on {args.run_date}")

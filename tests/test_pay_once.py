@@ -291,6 +291,7 @@ def test_a_person_can_say_not_sent_and_the_next_run_submits_it(emulators, tmp_pa
     assert charges(emulators, "chuzhan", name) == {}
     shown = imagegen("ledger", "show", str(path), "--run-date", day.isoformat())
     assert shown.returncode == 0 and "unknown" in shown.stdout and "i0" in shown.stdout
+    assert shown.stdout.split()[:2] == ["item", "provider"] and "chuzhan" in shown.stdout.splitlines()[-1].split()[:2]
     settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
     assert settled.returncode == 0, settled.stderr
     assert run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
