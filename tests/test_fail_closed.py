@@ -26,6 +26,7 @@ import threading
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 from uuid import uuid4
 
 import httpx
@@ -272,6 +273,10 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self.records: dict[str, object] = {}
+        self.bucket = SimpleNamespace(bucket_name="memory")
+
+    def key(self, item_id: str, step: object = None, index: int | None = None) -> str:
+        return f"{item_id}.{step}.{index}.json"
 
     def put(self, record):  # noqa: ANN001, ANN201
         self.records[record.item_id] = record
@@ -460,3 +465,28 @@ def test_another_run_s_change_found_at_the_end_of_a_step_does_not_replace_its_ou
     finally:
         logging.getLogger("journal").removeHandler(handler)
     assert any("another run changed its ledger record" in line and "job-1" in line for line in said), said
+
+
+def test_a_sending_this_process_never_sent_is_settled_as_refused_not_left_for_a_person(monkeypatch) -> None:
+    """The `sending` write failed (S3 may have kept it, its answer lost) and nothing was sent;
+    the step's retry finds that very record and settles it as `refused`. A `sending` that
+    followed an ask whose answer was never seen (`unknown`) may stand for a call made: it stays."""
+    from flows.paying.journal import ItemJournal
+    from flows.paying.ledger import LedgerUnavailable, State
+
+    def unavailable(record):  # noqa: ANN001, ANN202
+        kept["landed"] = record  # S3 carried it out; its answer was lost
+        raise LedgerUnavailable("ledger write: ConnectionError after 6 attempts")
+
+    for before, settled in ((None, State.REFUSED), (State.UNKNOWN, State.SENDING)):
+        kept: dict = {}
+        run_id, budget, journal = journal_of_a_run(monkeypatch, "tencent", 100.0)
+        if before is not None:
+            journal.sending()
+            journal.unknown(RuntimeError("answer lost"))
+        journal.ledger.put = unavailable
+        with pytest.raises(LedgerUnavailable):
+            journal.sending()
+        retry = ItemJournal(MemoryLedger(), kept["landed"], journal.identity, cost=4.0)  # the step's next try
+        retry.settle_unsent()
+        assert retry.record.state is settled, (before, retry.record)

@@ -521,6 +521,33 @@ def test_s3_gone_right_after_a_paid_submit_loses_no_job(emulators, s3_cut, tmp_p
     assert record.state is State.ARCHIVED and record.job_id == job_id
 
 
+
+@pytest.mark.parametrize("provider", ["chuzhan", "tencent"])
+def test_a_sending_write_carried_out_with_its_answer_lost_is_not_left_for_a_person(emulators, s3_cut, tmp_path,
+                                                                                   provider) -> None:
+    """S3 carries out the `sending` write but every answer is lost, so the step stops before
+    sending (nothing sent unrecorded) and Prefect retries it. The retry found `sending` and, on
+    a provider that neither dedupes nor is confirmed by a callback here, stopped the item for a
+    person, though this very process knew the call was never made. Now the retry marks it not
+    sent and pays once."""
+    from flows.paying import faults
+
+    name, day = f"deaf-sending-{provider}", date(2026, 7, 9)
+    text = spec_text(provider, name, 1).replace("credentials: sandbox}", "credentials: s3-cut}")
+    faults.install("write-sending", "i0", s3_cut.deafen)  # the first try's `sending` lands, its answers do not
+    faults.install("slot", "i0", s3_cut.restore, times=2)  # S3 answers again when the step starts over
+    try:
+        state = run_spec(tmp_path, text, day)
+    finally:
+        faults.clear()
+        s3_cut.restore()
+    assert state.is_completed(), manifest_of(state)
+    assert charges(emulators, provider, name) == once_each(name, 1)
+    spec = load_spec(write_spec(tmp_path, text, name))
+    (record,) = JobLedger(spec.archive, spec.name, day).records()
+    assert record.state is State.ARCHIVED
+
+
 # --- the provider's separate paid upscale --------------------------------------------------------------
 
 def through_result_503(emulators, tmp_path: Path, text: str, day: date, action: str) -> tuple:  # noqa: ANN001

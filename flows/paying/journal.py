@@ -16,6 +16,9 @@ from flows.paying.budget import BudgetReached, Reservation, RunBudget, for_run
 from flows.paying.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 
 
+_UNSENT: dict[str, JobRecord] = {}  # where -> a `sending` this process wrote, S3 may have kept, and never sent
+
+
 class ItemJournal:
     """The ledger as a provider's `Journal` for one paid step of one item.
 
@@ -50,6 +53,8 @@ class ItemJournal:
                                    f" (job {self.record.job_id})" if self.record.job_id else "")
         except LedgerUnavailable as exc:
             if to is State.SENDING:
+                if self.record is None or self.record.state in (State.REFUSED, State.FAILED):
+                    _UNSENT[self._where()] = moved  # nothing of this request may have been sent before either
                 raise
             self.record = moved
             self.unsaved = True
@@ -58,6 +63,23 @@ class ItemJournal:
                                    f", job {self.record.job_id}" if self.record.job_id else "")
         else:
             self.record = moved
+
+    def _where(self) -> str:
+        step = Step(self.identity["step"])
+        key = self.ledger.key(self.identity["item_id"], step, self.identity.get("index") if step is Step.REFINE else None)
+        return f"{self.ledger.bucket.bucket_name}/{key}"
+
+    def settle_unsent(self) -> None:
+        """A `sending` record found that this process wrote and then sent nothing for: S3
+        carried the write out but its answer was lost, so the step stopped before sending and
+        is tried again. It is `refused` (never sent), not left for a person as a call that may
+        have been made."""
+        record = self.record
+        if record is None or record.state is not State.SENDING or _UNSENT.get(self._where()) != record:
+            return
+        self._move(State.REFUSED, reason="not sent: S3 kept its `sending` record but the answer was lost, so the "
+                   "step stopped before sending")
+        _UNSENT.pop(self._where(), None)
 
     def flush(self) -> None:
         if self.unsaved and self.record is not None:

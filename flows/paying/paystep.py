@@ -263,6 +263,7 @@ def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, 
         JobResult, ItemJournal, GenerationRequest]:
     """The generate step, as the table says: the job's result, its journal and the request sent."""
     journal, request = generate_journal(plan, ledger, input_ref)
+    journal.settle_unsent()
     record = journal.record
     caps = caps_of(provider, record.job_id if record else None)
     do = decide(record, caps)
@@ -419,6 +420,8 @@ def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_
                                            "base_request_id": base, "request_id": base, "attempt": 1,
                                            "provider": plan.provider, "block": plan.block,
                                            **replacing(ledger, found, base, plan, cost)}, cost=cost)
+    journal.settle_unsent()
+    record = journal.record
     caps = caps_of(provider, step=Step.REFINE)
     do = decide(record, caps)
     _log_decision(plan, Step.REFINE, record, caps, do)
