@@ -35,8 +35,9 @@ class ItemJournal:
         self.budget: RunBudget | None = None  # the budget `held` is in, kept: the run may close it first
 
     def _move(self, to: State, **changes: Any) -> None:
-        """Move the record and write it. A `sending` not written is not made (nor kept in memory:
-        nothing was sent); any other move is, logged, and written again at the end of the step.
+        """Move the record and write it. A `sending` not written is not made (nor kept as the
+        record: nothing was sent; `_UNSENT` remembers it, in case S3 kept it, for
+        `settle_unsent`); any other move is, logged, and written again at the end of the step.
         What a replaced record counted (`charged_before` in the identity) is given to the first
         record only: later moves keep the record's own, which may have grown (a failed review)."""
         identity = self.identity if self.record is None else {k: v for k, v in self.identity.items()
