@@ -49,9 +49,7 @@ class ItemJournal:
             if to is State.SENDING:
                 raise  # another run has this item: nothing is sent from here
             self.record = moved
-            get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
-                                   self.identity["item_id"], self.identity["step"], to.value,
-                                   f" (job {self.record.job_id})" if self.record.job_id else "")
+            self.conflict_logged()
         except LedgerUnavailable as exc:
             if to is State.SENDING:
                 if self.record is None or self.record.state in (State.REFUSED, State.FAILED):
@@ -64,6 +62,14 @@ class ItemJournal:
                                    f", job {self.record.job_id}" if self.record.job_id else "")
         else:
             self.record = moved
+
+    def conflict_logged(self) -> None:
+        """Log that another run changed the record, so this run's move of it is not recorded
+        (the step goes on with what it holds)."""
+        record = self.record
+        get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
+                               self.identity["item_id"], self.identity["step"], record.state.value if record else "?",
+                               f" (job {record.job_id})" if record and record.job_id else "")
 
     def _where(self) -> str:
         step = Step(self.identity["step"])
@@ -218,11 +224,7 @@ def flush_or_log(journal: ItemJournal) -> None:
     try:
         journal.flush()
     except LedgerConflict:  # as `_move` does: the step's outcome stands, the other run's record too
-        record = journal.record
-        get_run_logger().error("%s %s: another run changed its ledger record; this run's %s%s is not recorded",
-                               journal.identity["item_id"], journal.identity["step"],
-                               record.state.value if record else "?",
-                               f" (job {record.job_id})" if record and record.job_id else "")
+        journal.conflict_logged()
     except LedgerUnavailable as exc:
         record = journal.record
         get_run_logger().error("ledger still unavailable (%s): %s %s stays unrecorded as %s%s", exc,

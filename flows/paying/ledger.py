@@ -180,6 +180,12 @@ def with_backoff(call: Any, what: str, attempts: int = WRITE_ATTEMPTS) -> Any:
     raise AssertionError("unreachable")
 
 
+def _body(record: JobRecord) -> bytes:
+    """A record as the ledger stores it (the same bytes for the same record: a write that landed
+    is recognised by them)."""
+    return json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+
+
 class JobLedger:
     """Ledger records of one pipeline run date."""
 
@@ -216,7 +222,7 @@ class JobLedger:
         name of its own (once: it may have been set aside by an earlier try of the step), where
         what it counted stays counted in its provider's spend (`flows.paying.spent`)."""
         key = f"{self.key(record.item_id, record.step, record.index).removesuffix('.json')}{ASIDE}{record.request_id}.json"
-        body = json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        body = _body(record)
 
         def put() -> None:
             try:
@@ -239,7 +245,7 @@ class JobLedger:
         otherwise), retried with backoff (`LedgerUnavailable` when S3 stays away)."""
         key = self.key(record.item_id, record.step, record.index)
         faults.at(f"write-{record.state.value}", record.item_id, record.step.value)
-        body = json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        body = _body(record)
         try:
             self._etags[key] = with_backoff(lambda: self._put_if_unchanged(key, body), f"ledger write {key}")
         except LedgerUnavailable:
