@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import random
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -117,13 +118,19 @@ class ResultRefused(BadRequest):
 
 
 def private_host(host: str) -> bool:
-    """True for localhost and for IP literals that are not global (loopback, LAN, link-local)."""
+    """True for localhost and for IP literals that are not global (loopback, LAN, link-local),
+    in every form the resolver takes: `127.1`, `2130706433`, `0x7f000001`, `0177.0.0.1` and `0`
+    reach an address as surely as `127.0.0.1` does."""
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return not ipaddress.ip_address(host).is_global
     except ValueError:
+        pass
+    try:
+        return not ipaddress.IPv4Address(socket.inet_aton(host)).is_global
+    except (OSError, UnicodeEncodeError, ValueError):  # not an address in any form: a name
         return False
 
 

@@ -222,6 +222,25 @@ def test_an_image_to_image_result_on_a_private_address_is_not_fetched() -> None:
     assert private.call_count == 0
 
 
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f000001", "0177.0.0.1", "0", "2852039166", "10.1"])
+@respx.mock
+def test_a_private_address_in_a_short_or_numeric_form_is_refused_too(host: str) -> None:
+    """The resolver takes `127.1`, `2130706433` (a number), `0x7f000001` and `0177.0.0.1` as
+    addresses, and `2852039166` is 169.254.169.254 (a cloud's metadata service): each is
+    refused as its dotted form is, never fetched."""
+    from blocks.base import CreditEstimate, ResultRefused, private_host
+
+    respx.route(host="provider.test").mock(return_value=httpx.Response(
+        200, json={"Response": {"RequestId": "r1", "ResultImage": f"http://{host}/result.png"}}))
+    private = respx.route(host=host).mock(return_value=httpx.Response(200, content=b"png"))
+    provider = block("tencent", max_attempts=2)
+    request = provider.sample_request().model_copy(update={"input_ref": "aW1hZ2U=", "has_input": True})
+    with pytest.raises(ResultRefused, match="private address"):
+        provider.run_job(request, poll_interval=0.1, timeout=5, estimate=CreditEstimate(credits=1.0, source="formula"))
+    assert private.call_count == 0
+    assert not any(private_host(name) for name in ("8.8.8.8", "0x8.0x8.0x8.0x8", "example.com", "123abc"))
+
+
 @pytest.mark.parametrize("declared", [True, False])
 @respx.mock
 def test_a_result_larger_than_an_image_may_be_is_not_read(declared: bool, monkeypatch) -> None:
