@@ -479,19 +479,21 @@ class TencentAiArtProvider(ImageProvider):
                          result_urls=list(answer.get("ResultImage") or []), reason=reason)
 
     def job_failure(self, status: JobStatus) -> ProviderError:
-        """A job that ended "4": its `JobErrorCode` mapped, named once (the error's prefix) with
-        the job and `JobErrorMsg`. Tencent bills successful calls, so a failed job settles the
-        item's budget at nothing, except a failed review: the image was made, then refused, so it
-        counts as maybe charged, as ImageToImage's does. It is not tried again here (that would
-        be a new job)."""
+        """A job that ended "4", named with its `JobErrorCode` and `JobErrorMsg`. Tencent bills
+        successful calls, so a failed job settles the item's budget at nothing, except a failed
+        review: the image was made, then refused, so it counts as maybe charged, as
+        ImageToImage's does. A content code is a rejection; any other code (`ServerError`, an
+        account's) is the job's failure (`JobFailed`), recorded as such: mapped as an answer's
+        error it left the record `submitted`, its dead job polled on every rerun and counted as
+        paid. It is not tried again here (that would be a new job)."""
         code, _, text = (status.reason or "").partition(":")
         said = f"job {status.job_id} failed: {text.strip() or 'no message'}"
         if code == GENERATE_FAILED:
             return ReviewFailed(said)
-        if code in ERROR_CODES:
+        if issubclass(ERROR_CODES.get(code) or ERROR_CODES.get(code.split(".")[0], JobFailed), ContentRejected):
             return map_error(code, said)
         return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,
-                         code=status.provider_status)
+                         code=code or status.provider_status)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
         out = [base64.b64decode(value) if not is_url(value) else

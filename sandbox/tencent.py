@@ -14,7 +14,9 @@ The signature check and the parameter rules are this module's own, from the docu
 imported from the client, so a misreading in one cannot hide behind the other).
 
 Markers for tests: ``[[nsfw]]`` in a prompt -> `OperationDenied.TextIllegalDetected`;
-``[[fail]]`` -> the async job ends "4" with `FailedOperation.GenerateImageFailed`. Hooks:
+``[[fail]]`` -> the async job ends "4" with `FailedOperation.GenerateImageFailed`;
+``[[fail:CODE]]`` -> it ends "4" with that `JobErrorCode` (the document's examples are
+`ServerError` and `FailedOperation.DownloadError`). Hooks:
 ``GET /_sandbox/stats`` (counters, ``paid``: charges per request keyed by a fingerprint of
 the paid fields, see `sandbox.paid`, and ``rate_refusals``: the last requests refused over an
 action's rate, each with those of the second before it; ``job_refusals``: the last refused over
@@ -131,6 +133,16 @@ class ApiError(Exception):
         self.code, self.message = code, message
 
 
+FAIL_MARKER = re.compile(r"\[\[fail(?::([A-Za-z.]+))?\]\]")
+
+
+def failure_code(prompt: str) -> str:
+    """The `JobErrorCode` a text job of this prompt ends "4" with (its `[[fail]]` or
+    `[[fail:CODE]]` marker), or "" for one that succeeds."""
+    found = FAIL_MARKER.search(prompt)
+    return "" if found is None else found.group(1) or "FailedOperation.GenerateImageFailed"
+
+
 @dataclass
 class TextJob:
     id: str
@@ -139,7 +151,7 @@ class TextJob:
     height: int
     seed: int
     created: float
-    fail: bool
+    fail: str  # the JobErrorCode it ends "4" with; "" for a job that succeeds
     key: str = ""
     charged: bool = False
     duration: float = 0.0  # seconds it runs: the latency when it was made (see `end_sooner`)
@@ -441,7 +453,7 @@ class TencentEmulator(Emulator):
         self._enter("SubmitTextToImageJob", repr(prompt))
         with self.state.lock:
             job = TextJob(id=f"{int(time.time())}{secrets.randbelow(10**9):09d}", prompt=prompt, width=w, height=h,
-                          seed=seed, created=time.monotonic(), fail="[[fail]]" in prompt, duration=self.state.latency,
+                          seed=seed, created=time.monotonic(), fail=failure_code(prompt), duration=self.state.latency,
                           key=fingerprint("SubmitTextToImageJob", prompt, resolution, seed, params.get("LogoAdd")))
             self.state.jobs[job.id] = job
             self.state.counters["submits"] += 1
@@ -460,7 +472,7 @@ class TencentEmulator(Emulator):
             answer.update(ResultImage=[self._answer_image(data, {"RspImgType": "url"}, request, "QueryTextToImageJob")],
                           ResultDetails=["Success"], RevisedPrompt=[job.prompt])
         if status == "4":
-            answer.update(JobErrorCode="FailedOperation.GenerateImageFailed", JobErrorMsg="处理失败")
+            answer.update(JobErrorCode=job.fail, JobErrorMsg="处理失败")
         return answer
 
     async def refine(self, params: dict[str, Any], request: Request) -> dict[str, Any]:

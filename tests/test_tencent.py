@@ -379,6 +379,33 @@ def test_a_job_that_failed_its_review_counts_as_maybe_charged(tencent, tmp_path)
     assert manifest["spend"]["tencent"]["charged"] == charged + 1, manifest["spend"]
 
 
+def test_a_job_that_failed_with_a_server_error_is_recorded_failed_and_tried_anew(tencent, tmp_path) -> None:
+    """A job that ends "4" with a code that, as an answer's error, means something else
+    (`FailedOperation.ServerError`: transient; an account's code: stop) is still a job that
+    failed: recorded failed, charged nothing (Tencent bills successful calls), its reservation
+    settled, and the rerun sends a new job. It used to stay `submitted`: every rerun polled the
+    dead job and failed the same way, the date's spend counting it as paid."""
+    items = "  - {id: ok, prompt: a calm lake}\n  - {id: doomed, prompt: \"a fox [[fail:FailedOperation.ServerError]]\"}\n"
+    text = spec_text("tc-server-failed", items, ", max_credits: {tencent: 10}")
+    day, before = date(2026, 4, 8), tencent_stats(tencent)
+    outcome = run_spec(tmp_path, text, day).result(raise_on_failure=False)
+    assert isinstance(outcome, PipelineIncomplete), outcome
+    doomed = next(i for i in outcome.manifest["items"] if i["item"] == "doomed")
+    assert doomed["error"]["error"] == "JobFailed" and "FailedOperation.ServerError" in doomed["error"]["message"], doomed
+    assert doomed["credits"] == 0, doomed
+    first = tencent_stats(tencent)
+    charged = first["charges"] - before["charges"]
+    assert charged == 2  # the good item's generation and its upscale; the failed job nothing
+    assert outcome.manifest["spend"]["tencent"] == {**outcome.manifest["spend"]["tencent"], "charged": 2, "reserved": 0}
+
+    again = run_spec(tmp_path, text, day).result(raise_on_failure=False)
+    [redone] = [i for i in again.manifest["items"] if i["item"] == "doomed"]
+    assert redone["error"]["error"] == "JobFailed", redone
+    assert tencent_stats(tencent)["submits"] - first["submits"] == 1  # a new job, not the dead one polled
+    assert tencent_stats(tencent)["charges"] == first["charges"]
+    assert again.manifest["spend"]["tencent"]["earlier_runs"] == 2, again.manifest["spend"]
+
+
 def test_validation_errors_make_no_call(tencent, tmp_path) -> None:
     text = spec_text("tc-invalid", "  - {id: a, prompt: a cat}\n").replace("LogoAdd: 0, ", "")
     before = tencent_stats(tencent)
