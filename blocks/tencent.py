@@ -509,8 +509,8 @@ class TencentAiArtProvider(ImageProvider):
                unknown_hold: float = 0.0) -> bytes:
         """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot.
 
-        `journal` hears `sending` right before the paid call, `submitted(<result URL>)` once it
-        answered, and `done` with the image; `result_url` resumes a paid call whose download
+        `journal` hears `sending` right before the paid call, `submitted` with the result URL
+        among its `answer_urls` once it answered, and `done` with the image; `result_url` resumes a paid call whose download
         failed (the URL lives an hour), paying nothing. A call whose answer was not seen keeps
         the slot `unknown_hold` seconds: it may still be running, against a concurrency of one."""
         journal = journal or NoJournal()
@@ -536,7 +536,9 @@ class TencentAiArtProvider(ImageProvider):
             except SubmitUnknown as exc:
                 journal.unknown(exc)
                 raise
-            journal.submitted(result_url)
+            # The URL (a capability, an hour) goes with the record, not as its job id: a job id is
+            # in log lines and `ledger show`.
+            journal.submitted(f"{ANSWER_PREFIX}{uuid.uuid4().hex}", answer_urls=[result_url])
         status = JobStatus(job_id="refine", state=JobState.SUCCEEDED, provider_status="sync", result_urls=[result_url])
         self.refuse_private_results(status)
         image = self.fetch(status)[0]

@@ -562,13 +562,19 @@ def through_result_503(emulators, tmp_path: Path, text: str, day: date, action: 
     return state, before, after
 
 
-def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulators, tmp_path) -> None:
+def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulators, tmp_path, caplog) -> None:
     """Tencent RefineImage is a paid call of its own with its own ledger record: when its
     result cannot be downloaded (the URL answers 503 past every retry), the retried task
-    downloads again from the recorded URL, and a rerun reads everything back; it pays once."""
+    downloads again from the recorded URL, and a rerun reads everything back; it pays once.
+    The URL (a capability for an hour) is kept apart from the record's job id, which log lines
+    and `ledger show` print: it was the job id."""
     name, day = "refine-tencent", date(2026, 7, 8)
     text = spec_text("tencent", name, 2).replace("archive:", "upscale: {engine: provider, factor: 2}\narchive:")
     state, before, after = through_result_503(emulators, tmp_path, text, day, "RefineImage")
+    refines = [r for r in JobLedger(load_spec(write_spec(tmp_path, text, name)).archive, name, day).records()
+               if r.step.value == "refine"]
+    assert len(refines) == 2 and not any("sig=" in (r.job_id or "") for r in refines), refines
+    assert "sig=" not in caplog.text and "sig=" not in json.dumps(manifest_of(state))
     refined = {k: v["charges"] for k, v in after["paid"].items()
                if v["label"].startswith("RefineImage") and k not in before["paid"]}
     assert len(refined) == 2 and set(refined.values()) == {1}, refined

@@ -408,6 +408,12 @@ def settled_by_callback(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal,
 
 # --- the provider's separate paid upscale ---------------------------------------------------------------
 
+def refine_url(record: JobRecord) -> str:
+    """The result URL a paid upscale answered with: among its record's `answer_urls`, or its job
+    id in records written before the URL was kept apart from it."""
+    return (record.answer_urls or [record.job_id or ""])[0]
+
+
 def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_id: str, index: int,
             data: bytes) -> tuple[bytes, float]:
     """Image `index` through the provider's paid upscaler, as the table says: a call already
@@ -432,7 +438,7 @@ def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_
         if record is not None and record.state is State.SENDING:
             left_sending(plan, journal)
         for_a_person(plan, journal)
-    resume = record.job_id if do is Do.POLL else None  # type: ignore[union-attr]
+    resume = refine_url(record) if do is Do.POLL else None  # type: ignore[arg-type]
     try:
         return provider.refine(data, journal, result_url=resume,  # type: ignore[call-arg]
                                unknown_hold=plan.unknown_hold), before
