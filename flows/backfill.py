@@ -496,10 +496,10 @@ def date_row(run_date: date, future: PrefectFuture, tracker: RunProgress) -> dic
     result = final_state(future).result(raise_on_failure=False)
     row = result if isinstance(result, dict) else unrun_row(run_date, "failed", "Failed",
                                                             f"{type(result).__name__}: {result}"[:300])
-    tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"))
-    for provider, spent in (row.get("by_provider") or {}).items():
+    for provider, spent in (row.get("by_provider") or {}).items():  # before the count: its line shows them
         if spent.get("credits"):
             tracker.charged(provider, float(spent["credits"]))
+    tracker.update(done=int(row["status"] == "done"), failed=int(row["status"] != "done"))
     return row
 
 

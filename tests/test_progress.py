@@ -191,3 +191,25 @@ def test_log_records_print_above_the_live_line_never_onto_it(tmp_path) -> None:
     records = [line for line in screen(text) if "record " in line]
     assert len(records) == 4, text[-3000:]
     assert all("demo 2026-01-01" not in line and "record" in line.split("|")[-1] for line in records), records
+
+
+def test_a_backfill_line_counts_a_date_s_credits_with_the_date(monkeypatch) -> None:
+    """A finished date's credits are counted before the date itself, so the line that says it
+    is done says what it cost (it lagged a date behind: 2 done, 7.5 credits where 15 were)."""
+    from datetime import date
+    from types import SimpleNamespace
+
+    from prefect.states import Completed
+
+    from flows import backfill
+    from flows.running import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    lines: list[str] = []
+    tracker = progress.RunProgress("demo backfill", 3, log=lines.append, unit="dates")
+    for day in (1, 2):
+        row = {"date": f"2026-01-0{day}", "status": "done", "by_provider": {"tams": {"credits": 7.5}}}
+        future = SimpleNamespace(wrapped_future=SimpleNamespace(result=lambda row=row: Completed(data=row)))
+        backfill.date_row(date(2026, 1, day), future, tracker)  # type: ignore[arg-type]
+    done_lines = [line for line in lines if "2 done" in line]
+    assert done_lines and all("15 credits" in line for line in done_lines), lines
