@@ -22,7 +22,7 @@ from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknow
 from blocks.tencent import (ERROR_CODES, REFINE_MAX_BASE64, ReviewFailed, TC3Signer, TencentAiArtProvider,
                             canonical_request, check_image, map_error, string_to_sign, tc3_signature)
 from flows.running.report import PipelineIncomplete
-from tests.conftest import TEST_BUCKET, run_spec, s3_client, tencent_stats
+from tests.conftest import TEST_BUCKET, run_logs, run_spec, s3_client, tencent_stats
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
 
@@ -296,7 +296,7 @@ items:
 {items}"""
 
 
-def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tencent, tmp_path) -> None:
+def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tencent, tmp_path, flow_logs_at_info) -> None:
     items = (f"  - {{id: fox, prompt: a red fox in snow}}\n  - {{id: owl, prompt: an owl at night}}\n"
              f"  - {{id: sketch, prompt: render this sneaker, input_image: {ASSET}}}\n")
     before = tencent_stats(tencent)
@@ -311,6 +311,9 @@ def test_pipeline_text_and_image_jobs_with_refine_land_in_s3_within_limits(tence
     # never over the published limits.
     manifest = state.result()
     assert after["charges"] - before["charges"] == 6 == manifest["totals"]["credits"] == manifest["estimated_credits"]
+    # The progress line a person watches counts the paid upscales too (it showed 3 credits).
+    lines = [line for line in run_logs(state, "3/3 items started, 3 done") if "items started" in line]
+    assert "3/3 items started, 3 done, 0 failed, 6 credits" in lines[-1], lines[-3:]
     assert after["job_num_exceeded"] == before["job_num_exceeded"]
     assert after["rate_limited"] == before["rate_limited"]
     assert after["peak_in_flight"].get("SubmitTextToImageJob", 0) <= 1

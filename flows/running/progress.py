@@ -196,9 +196,13 @@ def _log_console() -> Console | None:
 
 def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgress, provider: str = "") -> None:
     """Count the item in `progress` as soon as its chain ends, in whatever order items end: failed
-    at the first step that does not complete, done when the last one does; its generate step's
-    credits (of `provider`) when that step completes."""
+    at the first step that does not complete, done when the last one does; the credits (of
+    `provider`) of its generate step when that completes, and of its paid upscale (Tencent
+    RefineImage) when that does: the upscale's result counts the item's credits so far, so what
+    it adds is what it counts above the generate step's."""
     counted = threading.Event()
+    credited = [0.0]  # the item's credits counted so far
+    lock = threading.Lock()
 
     def ended(step: str, last: bool, future: PrefectFuture) -> None:
         try:
@@ -212,9 +216,12 @@ def count_when_done(chain: list[tuple[str, PrefectFuture]], progress: RunProgres
                 counted.set()
                 progress.update(failed=1)
             return
-        if step == "generate":
-            made = result_of(state, raise_on_failure=False)
-            progress.charged(provider, getattr(made, "credits", 0.0) or 0.0)
+        if step in ("generate", "upscale"):
+            so_far = getattr(result_of(state, raise_on_failure=False), "credits", 0.0) or 0.0
+            with lock:
+                added, credited[0] = max(0.0, so_far - credited[0]), max(so_far, credited[0])
+            if added or step == "generate":
+                progress.charged(provider, added)
         if last and not counted.is_set():
             counted.set()
             progress.update(done=1)
