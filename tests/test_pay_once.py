@@ -548,6 +548,50 @@ def test_a_sending_write_carried_out_with_its_answer_lost_is_not_left_for_a_pers
     assert record.state is State.ARCHIVED
 
 
+def test_s3_gone_while_a_synchronous_call_answers_loses_no_image(emulators, s3_cut, tmp_path, caplog) -> None:
+    """Tencent ImageToImage answered with the image itself (base64: given once) while S3 was
+    away, and S3 stayed away past the ledger's retries of its writes. The answer lives only in
+    the process, so the end of the step keeps writing it (the image kept first) until S3 is
+    back, where it used to log it and go on: the archive's retries ran out, the run's work dir
+    went with the image, and the rerun found the call `sending`, for a person who paid again."""
+    name, day = "s3-cut-i2i", date(2026, 7, 11)
+    text = image_to_image_spec(name, 1, "base64").replace("credentials: sandbox}", "credentials: s3-cut}")
+    before = stats(emulators, "tencent")
+    inject(emulators, "tencent", kind="slow", count=1, action="ImageToImage", delay=4)
+    seen: dict[str, float] = {}
+
+    def cut_s3_while_the_answer_is_on_its_way() -> None:
+        wait_for(lambda: stats(emulators, "tencent")["by_action"].get("ImageToImage", 0)
+                 > before["by_action"].get("ImageToImage", 0), "the ImageToImage call")
+        s3_cut.cut()
+        seen["cut"] = time.monotonic()
+        # Away until the end of the step holds the answer (every write before it ran out of
+        # retries), and 20 s more; at most 150 s, past where the run used to give the image up.
+        deadline, held = seen["cut"] + 150, None
+        while time.monotonic() < min(deadline, held or deadline):
+            if held is None and "held in this process only" in caplog.text:
+                held = time.monotonic() + 20
+            time.sleep(0.2)
+        seen["restored"] = time.monotonic()
+        s3_cut.restore()
+
+    cutter = threading.Thread(target=cut_s3_while_the_answer_is_on_its_way)
+    cutter.start()
+    try:
+        state = run_spec(tmp_path, text, day)
+    finally:
+        cutter.join()
+        s3_cut.restore()
+    assert state.is_completed(), (manifest_of(state), seen)
+    assert charges(emulators, "tencent", name) == once_each(name, 1)
+    assert seen["restored"] - seen["cut"] > 40, seen  # longer than the ledger's retries of one write
+    spec = load_spec(write_spec(tmp_path, text, name))
+    (record,) = JobLedger(spec.archive, spec.name, day).records()
+    assert record.state is State.ARCHIVED
+    assert run_spec(tmp_path, text, day).is_completed()  # the rerun reads it all back, paying nothing
+    assert charges(emulators, "tencent", name) == once_each(name, 1)
+
+
 # --- the provider's separate paid upscale --------------------------------------------------------------
 
 def through_result_503(emulators, tmp_path: Path, text: str, day: date, action: str) -> tuple:  # noqa: ANN001

@@ -5,6 +5,7 @@ moments a process may stop at."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import get_run_logger
@@ -12,11 +13,16 @@ from prefect.runtime import flow_run
 
 from flows.paying import faults
 from flows.paying import paidcalls
+from flows.paying import stalled
 from flows.paying.budget import BudgetReached, Reservation, RunBudget, for_run
 from flows.paying.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnavailable, State, Step, move
 
 
 _UNSENT: dict[str, JobRecord] = {}  # where -> a `sending` this process wrote, S3 may have kept, and never sent
+ANSWER_PATIENCE = 600.0
+"""Seconds the end of a step keeps writing a paid call's answer that S3 did not take: the
+answer (a job id, a synchronous call's image or its result URL) is only in this process until
+then, and a synchronous one cannot be had again without paying. Past it, it is logged."""
 
 
 class ItemJournal:
@@ -30,11 +36,12 @@ class ItemJournal:
                  cost: float = 0.0) -> None:
         self.ledger, self.record, self.identity = ledger, record, identity
         self.unsaved = False
+        self.unkept: list[bytes] | None = None  # results `done` could not keep: kept by `flush`
         self.cost = cost  # this paid call's estimated credits, reserved against the run's budget
         self.held: Reservation | None = None
         self.budget: RunBudget | None = None  # the budget `held` is in, kept: the run may close it first
 
-    def _move(self, to: State, **changes: Any) -> None:
+    def _move(self, to: State, write: bool = True, **changes: Any) -> None:
         """Move the record and write it. A `sending` not written is not made (nor kept as the
         record: nothing was sent; `_UNSENT` remembers it, in case S3 kept it, for
         `settle_unsent`); any other move is, logged, and written again at the end of the step.
@@ -43,6 +50,9 @@ class ItemJournal:
         identity = self.identity if self.record is None else {k: v for k, v in self.identity.items()
                                                                  if k != "charged_before"}
         moved = move(self.record, to, **{**identity, **changes})
+        if not write:  # written by `flush`, with what it needs first
+            self.record, self.unsaved = moved, True
+            return
         try:
             self.ledger.put(moved)
         except LedgerConflict:
@@ -89,7 +99,12 @@ class ItemJournal:
         _UNSENT.pop(self._where(), None)
 
     def flush(self) -> None:
+        """Write the record a move could not write, keeping first the results `done` could not."""
         if self.unsaved and self.record is not None:
+            if self.unkept is not None:
+                self.record = self.record.model_copy(update={"results": self.ledger.keep_results(self.record,
+                                                                                                 self.unkept)})
+                self.unkept = None
             self.ledger.put(self.record)
             self.unsaved = False
 
@@ -184,11 +199,12 @@ class ItemJournal:
         try:
             keys = self.ledger.keep_results(self.record, images) if self.record is not None else []
         except LedgerUnavailable as exc:  # the images are in memory: the step goes on and archives them
-            get_run_logger().error("could not keep the results of %s %s (%s); they are archived from memory",
-                                   self.identity["item_id"], self.identity["step"], exc)
-            keys = []
-        self._move(State.DONE, job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id,
-                   results=keys)
+            get_run_logger().error("could not keep the results of %s %s (%s); they are archived from memory, and "
+                                   "kept at the end of the step", self.identity["item_id"], self.identity["step"], exc)
+            keys, self.unkept = [], images
+        # Not `done` without its results, which a rerun would read as no images: `flush` keeps them first.
+        self._move(State.DONE, write=self.unkept is None,
+                   job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id, results=keys)
         self._answered(settle=True)  # a synchronous call: its answer was the results; the estimate stands
 
     def failed(self, reason: str, *, maybe_charged: bool = False) -> None:
@@ -216,18 +232,37 @@ class ItemJournal:
 
 
 def flush_or_log(journal: ItemJournal) -> None:
-    """Record what a step's unsaved writes said; if S3 is still away, or another run changed
-    the record meanwhile, log it (the job id is in the log) and go on: the step's outcome is not
+    """Record what a step's unsaved writes said. While S3 is away it keeps trying, up to
+    `ANSWER_PATIENCE` (the progress line tells the wait), then logs it (the job id is in the
+    log) and goes on; another run's change found is logged. Either way the step's outcome is not
     replaced, and the archive step records the item once its images are in S3. The step's paid
-    call lets its provider's next call go, whatever happened."""
+    call lets its provider's next call go first, whatever happened."""
     journal.close()
-    try:
-        journal.flush()
-    except LedgerConflict:  # as `_move` does: the step's outcome stands, the other run's record too
-        journal.conflict_logged()
-    except LedgerUnavailable as exc:
-        record = journal.record
-        get_run_logger().error("ledger still unavailable (%s): %s %s stays unrecorded as %s%s", exc,
-                               journal.identity["item_id"], journal.identity["step"],
-                               record.state.value if record else "?",
-                               f", job {record.job_id}" if record and record.job_id else "")
+    if not journal.unsaved or journal.record is None:
+        return
+    started, told = time.monotonic(), False
+    with stalled.waiting_on(f"ledger write of {journal.identity['item_id']}'s answer"):
+        while True:
+            try:
+                journal.flush()
+                return
+            except LedgerConflict:  # as `_move` does: the step's outcome stands, the other run's record too
+                journal.conflict_logged()
+                return
+            except LedgerUnavailable as exc:
+                if time.monotonic() - started >= ANSWER_PATIENCE:
+                    _unrecorded(journal, exc, f"stays unrecorded as {_said(journal.record)}")
+                    return
+                if not told:
+                    told = True
+                    _unrecorded(journal, exc, f"is {_said(journal.record)}, held in this process only: still "
+                                f"writing it for up to {ANSWER_PATIENCE / 60:.0f} min")
+
+
+def _said(record: JobRecord | None) -> str:
+    return f"{record.state.value if record else '?'}{f', job {record.job_id}' if record and record.job_id else ''}"
+
+
+def _unrecorded(journal: ItemJournal, exc: Exception, what: str) -> None:
+    get_run_logger().error("ledger still unavailable (%s): %s %s %s", exc, journal.identity["item_id"],
+                           journal.identity["step"], what)
