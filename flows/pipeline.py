@@ -269,22 +269,32 @@ def _outcome(chain: Chain, item: str, renames: list[threading.Thread]) -> Outcom
 RENAME_WAIT = 10.0  # seconds the end of a run waits, in all, for the renames still going on
 
 
+NOT_RUN = "not run: an earlier step of this item did not complete"
+
+
 def _name_never_run(steps: Chain, item: str, renames: list[threading.Thread]) -> None:
     """Name the task runs of steps that never ran (an earlier step failed) after step and item,
-    in a thread of their own (the run does not wait on them; its end waits `RENAME_WAIT` at most).
-    A task run's record on the API follows its events, which carry the random name: the name is
-    set once the record shows the run's last state, or it would be written over."""
+    and end them `Cancelled` ("NotRun"), in a thread of their own (the run does not wait on
+    them; its end waits `RENAME_WAIT` at most). Prefect leaves such a task run `Pending`
+    ("NotReady") for good: the run's page drew it as still waiting and its graph ran on to the
+    present. A task run's record on the API follows its events, which carry the random name and
+    that state: both are set once the record shows the run's last state, or they would be
+    written over."""
     from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
 
     def rename() -> None:
         with get_client(sync_client=True) as client:
             for step, future in steps:
                 future.wait()
-                final = future.state.name
+                final = future.state
                 for _ in range(40):
                     try:
-                        if client.read_task_run(future.task_run_id).state_name == final:
+                        if client.read_task_run(future.task_run_id).state_name == final.name:
                             client.set_task_run_name(future.task_run_id, f"{step}-{item}")
+                            if final.is_pending():
+                                client.set_task_run_state(future.task_run_id, Cancelled(name="NotRun", message=NOT_RUN),
+                                                          force=True)
                             break
                     except Exception:  # noqa: BLE001 - not on the API yet; a name never fails the run
                         pass

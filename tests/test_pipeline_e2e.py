@@ -124,7 +124,15 @@ def test_failed_item_is_recorded_and_the_rest_archive(run, sandbox_blocks) -> No
         while (names := sorted(t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))))) != wanted and time.monotonic() < deadline:
             time.sleep(0.5)
-    assert names == wanted, names
+        assert names == wanted, names
+        # The doomed item's steps that never ran end as NotRun (Cancelled): Prefect left them
+        # Pending for good, and the run's page drew them as still waiting, its graph running on.
+        time.sleep(2)  # any event the server had still to record is recorded: it must not undo them
+        states = {t.name: (t.state_type.value, t.state_name) for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    assert {n: s for n, s in states.items() if n.endswith("-doomed") and n != "generate-doomed"} == {
+        n: ("CANCELLED", "NotRun") for n in ("archive-doomed", "review-doomed", "upscale-doomed")}, states
+    assert not [n for n, (kind, _) in states.items() if kind in ("PENDING", "RUNNING")], states
 
 
 def test_spec_the_provider_would_refuse_makes_no_call(run) -> None:
