@@ -93,7 +93,8 @@ class BlockMissing(LookupError):
     def __init__(self, slug: str, name: str, api: str | None) -> None:
         self.slug, self.name = slug, name
         where = f"the Prefect server at {api}" if api else "the temporary Prefect server of this run (no PREFECT_API_URL)"
-        super().__init__(f"no {slug} Block named {name!r} on {where}: save it with `imagegen sandbox register` "
+        register = "imagegen sandbox register" + ("" if name == "sandbox" else f" --block-name {name}")
+        super().__init__(f"no {slug} Block named {name!r} on {where}: save it with `{register}` "
                          f"(the sandbox's, with `imagegen sandbox up` running) or `prefect block create {slug}` "
                          "(a real account), or name a saved one in the spec's `blocks:`/`archive.credentials`")
 

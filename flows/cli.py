@@ -454,7 +454,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"server not started: {exc}", file=sys.stderr)
         return 1
     print(f"Prefect server up on {state.database}, leases on disk in {state.home}; use it with:\n"
-          f"export PREFECT_API_URL={state.api_url}")
+          f"export PREFECT_API_URL={state.api_url}\nIts UI: {state.api_url.removesuffix('/api')}")
     return 0
 
 
@@ -561,8 +561,19 @@ def _apply_sandbox_limits(state, block_name: str) -> None:  # noqa: ANN001 - a S
     print(f"applied provider limits: {', '.join(applied)}")
 
 
+def _version() -> str:
+    """The installed distribution's version ("unknown" where the project is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imagegen-pipelines")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagegen", description=__doc__)
+    p.add_argument("--version", action="version", version=f"imagegen-pipelines {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_spec_commands, _date_commands, _service_commands):
         add(sub)

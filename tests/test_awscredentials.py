@@ -103,7 +103,7 @@ def test_a_block_with_a_role_is_prefect_aws_s_and_a_missing_one_is_named(sandbox
         assert type(load_credentials(name)) is AwsCredentials
     finally:
         AwsCredentials.delete(name)
-    with pytest.raises(BlockMissing, match="no aws-credentials Block named 'nobody'"):
+    with pytest.raises(BlockMissing, match=r"no aws-credentials Block named 'nobody'.*`imagegen sandbox register --block-name nobody`"):
         load_credentials("nobody")
 
 

@@ -286,3 +286,12 @@ def test_an_item_whose_archive_write_found_s3_away_says_what_to_do() -> None:
     assert "run the same command again: nothing is paid twice" in storage_fix(EndpointConnectionError(endpoint_url="x"))
     assert storage_fix(LedgerUnavailable("ledger write: timeout")).startswith("the ledger in S3 could not be read")
     assert storage_fix(ValueError("a bug")) is None
+
+
+def test_version_is_told(capsys) -> None:
+    """`imagegen --version` says the installed version (it was refused: a command was required)."""
+    from flows.cli import parser
+
+    with pytest.raises(SystemExit) as stop:
+        parser().parse_args(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("imagegen-pipelines 0.")

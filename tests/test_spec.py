@@ -47,8 +47,11 @@ def test_good_spec_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "line", "field", "message"), [
     pytest.param(GOOD.replace("  - id: one\n", "  - id: [one\n"), 11, "", "invalid YAML", id="bad-yaml"),
-    pytest.param(GOOD.replace("  width: 512\n", "  widht: 512\n"), 5, "generate.widht", "unknown key",
-                 id="unknown-key"),
+    pytest.param(GOOD.replace("  width: 512\n", "  widht: 512\n"), 5, "generate.widht",
+                 "unknown key (did you mean width?)", id="unknown-key"),
+    pytest.param(GOOD.replace("  width: 512\n", "  zzzz: 512\n"), 5, "generate.zzzz", "unknown key", id="unknown-key-far"),
+    pytest.param(GOOD.replace("    prompt: a cat\n", "    prompt: a cat\n    sed: 3\n"), 12, "items[0].sed",
+                 "unknown key (did you mean seed?)", id="unknown-item-key"),
     pytest.param(GOOD.replace("  height: 512\n", "  height: tall\n"), 6, "generate.height", "integer",
                  id="wrong-type"),
     pytest.param(GOOD.replace("    prompt: a cat\n", "    seed: 3\n"), 10, "items[0].prompt", "Field required",

@@ -7,6 +7,7 @@ this module talks to a provider or to Prefect, so a bad spec is refused before a
 
 from __future__ import annotations
 
+import difflib
 import gc
 import hashlib
 import json
@@ -14,6 +15,7 @@ import math
 import pickle
 import re
 import string
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
@@ -605,10 +607,31 @@ def _issue(where: Where, err: Any) -> SpecIssue:
     errors at the offending value; a number written as text says why it is text."""
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = "unknown key"
+        message = "unknown key" + _meant(tuple(err["loc"]))
     elif err["type"] in NUMBER_ERRORS:
         message += text_number_hint(err.get("input"), integer=err["type"].startswith("int"))
     return where.issue(tuple(err["loc"]), message, value=err["type"] != "extra_forbidden")
+
+
+def _meant(loc: tuple[Any, ...]) -> str:
+    """` (did you mean steps?)` for an unknown key close to one the spec has there, else ""."""
+    model: Any = PipelineSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        if part not in fields or (model := _model_in(fields[part].annotation)) is None:
+            return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (itself, or inside an Optional, a list, a union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _model_in(arg)) is not None), None)
 
 
 @dataclass
