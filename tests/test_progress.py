@@ -119,6 +119,8 @@ def test_a_manifest_s_credits_read_per_provider_where_it_lists_several() -> None
     from flows.running.report import credits_of
 
     assert credits_of({"items": [{"provider": "tams", "credits": 1.5}, {"provider": "tams", "credits": 6}]}) == "7.5 credits"
+    rerun = {"items": [{"provider": "tams", "credits": 7.5}], "totals": {"credits": 7.5, "credits_this_run": 0.0}}
+    assert credits_of(rerun) == "7.5 credits (0 this run)"  # a rerun's items were paid by an earlier run
     assert credits_of({"items": [{"provider": "tams", "credits": 1.5}, {"provider": "tencent", "credits": 1},
                                  {"provider": "tencent", "credits": None}]}) == "credits tams 1.5, tencent 1"
 

@@ -109,8 +109,14 @@ def with_spend(manifest: dict[str, Any], spend: dict[str, dict[str, float | None
 
 def credits_of(manifest: dict[str, Any]) -> str:
     """The credits of a manifest's items as a person reads them (`credits_text`): one number
-    where one provider is listed, each provider's in its own unit where several are."""
-    return credits_text(_by_provider(manifest.get("items", [])))
+    where one provider is listed, each provider's in its own unit where several are; with what
+    this run paid of them where that differs (a rerun's items were paid by an earlier run)."""
+    per_provider = _by_provider(manifest.get("items", []))
+    totals = manifest.get("totals") or {}
+    this_run = totals.get("credits_this_run")
+    if len(per_provider) == 1 and this_run is not None and round(this_run, 4) != round(totals.get("credits") or 0.0, 4):
+        return f"{credits_text(per_provider)} ({this_run:g} this run)"
+    return credits_text(per_provider)
 
 
 SAME_JOB = "(same job)"
