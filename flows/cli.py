@@ -358,11 +358,17 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 
 def local_lease_storage() -> Path | None:
-    """The lease folder of the `imagegen server up` server this shell points at, if any."""
+    """The lease folder of the server this command talks to, where it is on this machine: the
+    temporary server's (in this Prefect home, where every temporary server of it keeps its
+    leases) or the `imagegen server up` server's this shell points at; else None."""
+    import os
+
     from prefect.settings import get_current_settings
 
     from deployments import server
 
+    if not os.environ.get("PREFECT_API_URL"):
+        return get_current_settings().home / "concurrency_leases"
     state = server.ServerState.load(DEFAULT_SERVER_DIR)
     if state is None or get_current_settings().api.url not in (state.api_url, state.local_url):
         return None

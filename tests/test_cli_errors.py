@@ -295,3 +295,15 @@ def test_version_is_told(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         parser().parse_args(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("imagegen-pipelines 0.")
+
+
+def test_limits_show_reads_the_temporary_server_s_leases(monkeypatch) -> None:
+    """Without PREFECT_API_URL the command's temporary server keeps its leases in this Prefect
+    home, as every temporary server of it does: `limits show` reads them there (it said they
+    were not readable here, naming that very folder)."""
+    from prefect.settings import get_current_settings
+
+    from flows.cli import local_lease_storage
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert local_lease_storage() == get_current_settings().home / "concurrency_leases"
