@@ -493,7 +493,7 @@ class TencentAiArtProvider(ImageProvider):
         if issubclass(ERROR_CODES.get(code) or ERROR_CODES.get(code.split(".")[0], JobFailed), ContentRejected):
             return map_error(code, said)
         return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,
-                         code=code or status.provider_status)
+                         code=status.provider_status)
 
     def fetch(self, status: JobStatus) -> list[bytes]:
         out = [base64.b64decode(value) if not is_url(value) else

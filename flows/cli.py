@@ -361,13 +361,11 @@ def local_lease_storage() -> Path | None:
     """The lease folder of the server this command talks to, where it is on this machine: the
     temporary server's (in this Prefect home, where every temporary server of it keeps its
     leases) or the `imagegen server up` server's this shell points at; else None."""
-    import os
-
     from prefect.settings import get_current_settings
 
     from deployments import server
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if not get_current_settings().api.url:  # set in the environment or in a Prefect profile
         return get_current_settings().home / "concurrency_leases"
     state = server.ServerState.load(DEFAULT_SERVER_DIR)
     if state is None or get_current_settings().api.url not in (state.api_url, state.local_url):

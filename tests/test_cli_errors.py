@@ -305,5 +305,10 @@ def test_limits_show_reads_the_temporary_server_s_leases(monkeypatch) -> None:
 
     from flows.cli import local_lease_storage
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert local_lease_storage() == get_current_settings().home / "concurrency_leases"
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert local_lease_storage() == get_current_settings().home / "concurrency_leases"
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # a profile's server elsewhere
+        assert local_lease_storage() is None

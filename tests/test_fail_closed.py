@@ -490,3 +490,52 @@ def test_a_sending_this_process_never_sent_is_settled_as_refused_not_left_for_a_
         retry = ItemJournal(MemoryLedger(), kept["landed"], journal.identity, cost=4.0)  # the step's next try
         retry.settle_unsent()
         assert retry.record.state is settled, (before, retry.record)
+
+
+def test_a_synchronous_answer_s3_did_not_take_is_written_until_it_does_a_job_id_once(monkeypatch) -> None:
+    """A synchronous call's images S3 could not keep: `done` writes no record without them (a
+    rerun would read none), and the end of the step keeps them, then writes `done` naming them,
+    for as many rounds as S3 stays away (up to `ANSWER_PATIENCE`). A record holding only a job
+    id (in the log, and asked again under its request) gets one round, as before."""
+    from flows.paying import journal as journals
+    from flows.paying.journal import flush_or_log
+    from flows.paying.ledger import LedgerUnavailable, State
+
+    monkeypatch.setattr(journals, "get_run_logger", lambda: logging.getLogger("journal"))
+    monkeypatch.setattr(journals, "ROUND_PAUSE", 0.0)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("journal").addHandler(handler)
+    try:
+        _, _, journal = journal_of_a_run(monkeypatch, "tencent", 100.0)
+        journal.sending()
+        ledger, real_put, away = journal.ledger, journal.ledger.put, {"keep": 3, "put": 4}
+
+        def keep_results(record, images):  # noqa: ANN001, ANN202
+            if away["keep"]:
+                away["keep"] -= 1
+                raise LedgerUnavailable("ledger result: ConnectionError after 6 attempts")
+            return [f"kept/{record.request_id}-{n}.png" for n, _ in enumerate(images, start=1)]
+
+        def put(record):  # noqa: ANN001, ANN202
+            if away["put"]:
+                away["put"] -= 1
+                raise LedgerUnavailable("ledger write: ConnectionError after 6 attempts")
+            return real_put(record)
+
+        ledger.keep_results, ledger.put = keep_results, put
+        journal.done("sync:abc", [b"image"])
+        assert ledger.records["i0"].state is State.SENDING  # not `done` without its image
+        flush_or_log(journal)
+        assert (ledger.records["i0"].state, ledger.records["i0"].results) == (State.DONE, ["kept/r0-1.png"])
+        assert any("held in this process only" in line for line in said), said
+
+        _, _, other = journal_of_a_run(monkeypatch, "tencent", 100.0)
+        other.sending()
+        other.ledger.put = lambda record: (_ for _ in ()).throw(LedgerUnavailable("ledger write: gone"))
+        other.submitted("job-7")
+        flush_or_log(other)  # one round: returns at once
+        assert any("stays unrecorded as submitted, job job-7" in line for line in said), said
+    finally:
+        logging.getLogger("journal").removeHandler(handler)

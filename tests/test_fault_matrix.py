@@ -314,4 +314,4 @@ def test_s3_away_at_each_write_is_paid_once(matrix, emulators, tmp_path, caplog,
     expected = doc_table()
     assert seen == {key: expected.get(key) for key in seen}, (seen, settled)
     assert paid == {f"item {k} of {name}": 1 for k in range(len(S3_AWAY))}, paid
-    assert "held in this process only" in caplog.text  # the submitted record's rewrite failed too: logged, with the job
+    assert "stays unrecorded as" in caplog.text  # the submitted record's rewrite failed too: logged, with the job

@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.paying import paidcalls
+from flows.paying import paidcalls, stalled
 
 _loggers: list[Any] = []  # the logger of the run in progress, where a run holds its claim
 
@@ -99,6 +99,10 @@ FIRST_CTRL_C = ("\nCtrl-C: stopping. No new paid call starts; jobs already paid 
 SECOND_CTRL_C = ("\nCtrl-C again: leaving now. Every paid call is in the ledger: run the same command again to "
                  "collect what was paid (nothing is paid twice; it may first wait for this run's claim to expire, "
                  "{lease} after its last renewal).\n")
+
+SECOND_CTRL_C_HELD = ("\nCtrl-C again: leaving now, while S3 had not taken a paid answer this run holds ({what}): it "
+                      "is lost with this process. The next run of the date stops that item for a person "
+                      "(`imagegen ledger resolve`); every other paid call is in the ledger.\n")
 
 
 def _lease() -> str:
@@ -189,7 +193,8 @@ def _interrupt(signum: int, frame: Any) -> None:
         _say(FIRST_CTRL_C)
         _later("Ctrl-C: this run starts no more paid calls; jobs already paid for are polled to the end, then it ends")
         return
-    _say(SECOND_CTRL_C.format(lease=_lease()))
+    held = stalled.held()
+    _say(SECOND_CTRL_C.format(lease=_lease()) if not held else SECOND_CTRL_C_HELD.format(what="; ".join(held)))
     if runs := _runs_in_progress():
         _report_crash(runs)
     os._exit(INTERRUPTED)

@@ -20,9 +20,10 @@ from flows.paying.ledger import JobLedger, JobRecord, LedgerConflict, LedgerUnav
 
 _UNSENT: dict[str, JobRecord] = {}  # where -> a `sending` this process wrote, S3 may have kept, and never sent
 ANSWER_PATIENCE = 600.0
-"""Seconds the end of a step keeps writing a paid call's answer that S3 did not take: the
-answer (a job id, a synchronous call's image or its result URL) is only in this process until
-then, and a synchronous one cannot be had again without paying. Past it, it is logged."""
+"""Seconds the end of a step keeps writing a synchronous call's answer that S3 did not take
+(its images or result URL, `holds_answer`): it is only in this process until then, and cannot
+be had again without paying. Past it, it is logged. Any other record gets one round of retries."""
+ROUND_PAUSE = 1.0  # seconds between two rounds of those retries
 
 
 class ItemJournal:
@@ -97,6 +98,13 @@ class ItemJournal:
         self._move(State.REFUSED, reason="not sent: S3 kept its `sending` record but the answer was lost, so the "
                    "step stopped before sending")
         _UNSENT.pop(self._where(), None)
+
+    def holds_answer(self) -> bool:
+        """True while the record not written carries what the provider cannot give again (a
+        synchronous call's images or result URL): only this process has it. A job id is in the
+        log, and a provider asked again under the same request finds its job."""
+        record = self.record
+        return self.unkept is not None or (record is not None and bool(record.answer_urls or record.results))
 
     def flush(self) -> None:
         """Write the record a move could not write, keeping first the results `done` could not."""
@@ -241,7 +249,8 @@ def flush_or_log(journal: ItemJournal) -> None:
     if not journal.unsaved or journal.record is None:
         return
     started, told = time.monotonic(), False
-    with stalled.waiting_on(f"ledger write of {journal.identity['item_id']}'s answer"):
+    patience = ANSWER_PATIENCE if journal.holds_answer() else 0.0
+    with stalled.holding(f"ledger write of {journal.identity['item_id']} {journal.identity['step']}'s answer"):
         while True:
             try:
                 journal.flush()
@@ -250,13 +259,14 @@ def flush_or_log(journal: ItemJournal) -> None:
                 journal.conflict_logged()
                 return
             except LedgerUnavailable as exc:
-                if time.monotonic() - started >= ANSWER_PATIENCE:
+                if time.monotonic() - started >= patience:
                     _unrecorded(journal, exc, f"stays unrecorded as {_said(journal.record)}")
                     return
                 if not told:
                     told = True
                     _unrecorded(journal, exc, f"is {_said(journal.record)}, held in this process only: still "
-                                f"writing it for up to {ANSWER_PATIENCE / 60:.0f} min")
+                                f"writing it for up to {patience / 60:.0f} min")
+                time.sleep(ROUND_PAUSE)
 
 
 def _said(record: JobRecord | None) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 STALL_SECONDS = 20.0  # a ledger or archive call this old is told on the progress line
 
 _calls: dict[int, tuple[str, float]] = {}
+_held: dict[int, str] = {}  # answers only this process holds, being written (see `holding`)
 _lock = threading.Lock()
 _ids = itertools.count()
 
@@ -29,6 +30,27 @@ def waiting_on(what: str) -> Iterator[None]:
     finally:
         with _lock:
             _calls.pop(key, None)
+
+
+@contextlib.contextmanager
+def holding(what: str) -> Iterator[None]:
+    """`waiting_on(what)` for the write of a paid answer only this process holds: a process
+    left meanwhile loses it (`held` names it)."""
+    key = next(_ids)
+    with _lock:
+        _held[key] = what
+    try:
+        with waiting_on(what):
+            yield
+    finally:
+        with _lock:
+            _held.pop(key, None)
+
+
+def held() -> list[str]:
+    """What `holding` blocks are writing now."""
+    with _lock:
+        return sorted(_held.values())
 
 
 def longest(after: float | None = None) -> tuple[str, float] | None:
