@@ -126,7 +126,7 @@ def test_a_refused_submit_is_sent_again_by_the_rerun_and_paid_once(emulators, tm
     if provider != "tencent":
         configure(emulators, provider, balance=100000)
     again = run_spec(tmp_path, path.read_text(), day, path=path)
-    assert again.is_completed(), manifest_of(again)
+    assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
     assert charges(emulators, provider, name) == once_each(name, 3)
     assert set(ledger_states(path, day).values()) == {"archived"}
 
@@ -170,7 +170,7 @@ def test_a_paid_job_the_provider_does_not_know_is_told_and_never_paid_again_on_i
     settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent")
     assert settled.returncode == 0, settled.stderr
     again = run_spec(tmp_path, path.read_text(), day, path=path)
-    assert again.is_completed(), manifest_of(again)
+    assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
     assert charges(emulators, provider, name) == once_each(name, 1)
 
 
@@ -388,7 +388,7 @@ def test_a_killed_run_frees_its_slots_and_the_rerun_pays_once(emulators, tmp_pat
         assert set(errors.values()) == {"SubmitUnknown"} and len(errors) == 1, errors
         settled = settle_unknown_as_a_person_would(emulators, provider, path, day, name)
         again = run_spec(tmp_path, path.read_text(), day, path=path)
-    assert again.is_completed(), manifest_of(again)
+    assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
     assert charges(emulators, provider, name) == once_each(name, 3)
     # The dead run's leases (60 s, Prefect's minimum, renewed every 20 s) expire and are reclaimed
     # by the waiting rerun: within one lease period of the kill, plus the run itself.
@@ -628,6 +628,18 @@ def test_a_failed_refine_download_retries_the_download_not_the_paid_call(emulato
     assert stats(emulators, "tencent")["requests"] == after["requests"]
     listed = s3_client(emulators).list_objects_v2(Bucket=TEST_BUCKET, Prefix=f"{name}/{day}/_jobs/")["Contents"]
     assert not [o["Key"] for o in listed if o["Key"].endswith(".png")], "kept results are deleted once archived"
+    # The upscales' records are archived too, naming no deleted copy: an archived image lost
+    # later is made again from the job and the upscale's URL, paying nothing (its record, left
+    # `done` with the deleted keys, was read back and failed as if S3 were away).
+    refines = [r for r in JobLedger(load_spec(write_spec(tmp_path, text, name)).archive, name, day).records()
+               if r.step.value == "refine"]
+    assert [(r.state, r.results) for r in refines] == [(State.ARCHIVED, [])] * 2, refines
+    uri = manifest_of(state)["items"][0]["objects"][0]["s3_uri"]
+    s3_client(emulators).delete_object(Bucket=TEST_BUCKET, Key=uri.split(f"{TEST_BUCKET}/", 1)[1])
+    again = run_spec(tmp_path, text, day)
+    assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
+    assert charges(emulators, "tencent", name) == once_each(name, 2)
+    assert stats(emulators, "tencent")["by_action"]["RefineImage"] == after["by_action"]["RefineImage"]
 
 
 def image_to_image_spec(name: str, n: int, answer: str | None = None, run: str = "") -> str:

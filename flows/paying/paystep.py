@@ -439,8 +439,9 @@ def refined(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, request_
             left_sending(plan, journal)
         for_a_person(plan, journal)
     resume = refine_url(record) if do is Do.POLL else None  # type: ignore[arg-type]
+    keeps = NoJournal() if record is not None and record.state is State.ARCHIVED else journal  # archived again
     try:
-        return provider.refine(data, journal, result_url=resume,  # type: ignore[call-arg]
+        return provider.refine(data, keeps, result_url=resume,  # type: ignore[call-arg]
                                unknown_hold=plan.unknown_hold), before
     except SubmitUnknown as exc:
         if journal.record is None or journal.record.state is not State.UNKNOWN:

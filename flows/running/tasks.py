@@ -237,7 +237,9 @@ def _sidecar(plan: ItemPlan, generated: Generated, verdict: Verdict, uri: str, d
 
 def _record_archived(plan: ItemPlan, generated: Generated, archived: ArchivedItem) -> None:
     """Move the item's ledger record to archived (again, after a lost object; or anew, when the
-    record itself was lost), and delete the results kept in the ledger."""
+    record itself was lost), and delete the results kept in the ledger. Its paid upscales'
+    records go to archived too, naming no kept copy: left `done` with the deleted keys, an
+    archived image lost later was read back from them, failing as if S3 were away."""
     ledger = ledger_of(plan)
     record = paystep.current(ledger.get(plan.item_id), plan.request.request_id)
     identity = {} if record is not None else {
@@ -248,8 +250,11 @@ def _record_archived(plan: ItemPlan, generated: Generated, archived: ArchivedIte
                 **identity)
     kept = list(record.results) if record is not None else []
     if plan.provider_refines:
-        kept += [key for index in range(1, len(generated.files) + 1)
-                 if (refined := ledger.get(plan.item_id, Step.REFINE, index)) is not None for key in refined.results]
+        for index in range(1, len(generated.files) + 1):
+            refined = ledger.get(plan.item_id, Step.REFINE, index)
+            if refined is not None and refined.results:  # archived too: it names no deleted copy
+                ledger.move(refined, State.ARCHIVED, results=[])
+                kept += refined.results
     _forget(ledger, kept)
 
 
