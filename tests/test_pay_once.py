@@ -667,6 +667,32 @@ def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call
     assert stats(emulators, "tencent")["requests"] == after["requests"]
 
 
+def test_an_answer_kept_before_its_record_said_so_is_read_back_not_lost(emulators, tmp_path) -> None:
+    """ImageToImage answered with the image itself (base64: given once), the image kept in S3,
+    and the run stopped before the record saying `done` was written (it says `sending`). The
+    rerun finds the kept image by its key and archives it, paying nothing; it used to stop the
+    item for a person, who paid again."""
+    from flows.paying import faults
+    from flows.paying.ledger import Step
+
+    name, day = "i2i-kept-tencent", date(2026, 7, 12)
+    path = write_spec(tmp_path, image_to_image_spec(name, 1, "base64"), name)
+    faults.install("write-done", "i0", faults.stop)
+    try:
+        assert not run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
+    finally:
+        faults.clear()
+    ledger = JobLedger(load_spec(path).archive, name, day)
+    record = ledger.get("i0", Step.GENERATE)
+    assert record.state is State.SENDING and ledger.unnamed_results(record), record
+    calls = stats(emulators, "tencent")["by_action"]["ImageToImage"]
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
+    assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
+    assert stats(emulators, "tencent")["by_action"]["ImageToImage"] == calls
+    assert charges(emulators, "tencent", name) == once_each(name, 1)
+    assert ledger.get("i0", Step.GENERATE).state is State.ARCHIVED
+
+
 def test_an_image_to_image_answer_past_its_hour_says_how_to_pay_once_more(emulators, tmp_path) -> None:
     """A run stopped after ImageToImage answered (its URL recorded, not yet downloaded), rerun
     once the URL no longer gives the image (past its hour; here its signature no longer holds):

@@ -215,6 +215,15 @@ class ItemJournal:
                    job_id=job_id if self.identity["step"] is Step.GENERATE else self.record.job_id, results=keys)
         self._answered(settle=True)  # a synchronous call: its answer was the results; the estimate stands
 
+    def found_kept(self, keys: list[str]) -> None:
+        """The call's results were kept in S3 before the process stopped, its record not yet
+        naming them: `done` with them (nothing is sent; the budget is not touched). A record
+        that names no job yet is given `kept-<request id>`: one that names none is taken for
+        one written by hand, with nothing to resume."""
+        record = self.record
+        self._move(State.DONE, job_id=(record.job_id if record is not None else None) or
+                   f"kept-{self.identity['request_id']}", results=keys)
+
     def failed(self, reason: str, *, maybe_charged: bool = False) -> None:
         """The job ran and failed: its reservation settles at what was taken at submit (触站AI's
         `used`, maybe charged) or at nothing (TAMS documents that a failed job costs nothing;

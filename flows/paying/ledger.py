@@ -283,6 +283,14 @@ class JobLedger:
             keys.append(key)
         return keys
 
+    def unnamed_results(self, record: JobRecord) -> list[str]:
+        """The results `keep_results` kept for `record`'s request, found by their keys (one
+        listing): there when the process stopped between keeping them and writing the record
+        that names them."""
+        prefix = f"{self.prefix}{record.item_id}/{record.request_id}-{record.step.value}-"
+        found = [o["Key"] for o in list_objects(self.bucket, prefix) if o["Key"].endswith(".png")]
+        return sorted(found, key=lambda key: int(key[len(prefix):].removesuffix(".png") or 0))
+
     def read_results(self, record: JobRecord) -> list[bytes]:
         return [with_backoff(lambda k=key: read_bytes(self.bucket, k), f"ledger result {key}")
                 for key in record.results]

@@ -160,6 +160,24 @@ def left_sending(plan: ItemPlan, journal: ItemJournal) -> None:
     journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
 
 
+def kept_unnamed(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> JobResult | None:
+    """A synchronous call answered and its images kept in S3, the process stopped before its
+    record said `done` (it still says `sending` or `submitted`): the images are read back,
+    nothing is paid again. None where they are not all there (then a person decides, as before)."""
+    record = journal.record
+    if record is None or record.state not in (State.SENDING, State.SUBMITTED):
+        return None
+    keys = ledger.unnamed_results(record)
+    if not keys or len(keys) != plan.request.count:
+        return None
+    journal.found_kept(keys)
+    get_run_logger().warning("%s: its answer's images were kept in S3 before its record said so (the run stopped "
+                             "there); read back, nothing is paid again", plan.item_id)
+    priced = plan.estimate or UNPRICED
+    return JobResult(job_id=record.job_id or "", images=ledger.read_results(journal.record),  # type: ignore[arg-type]
+                     credits=priced.credits, credits_source=priced.source, polls=0)
+
+
 def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Exception:
     """Why a synchronous call's job is not resumed: an archived item's images are gone, or the
     answer was never recorded."""
@@ -272,6 +290,8 @@ def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, 
         priced = plan.estimate or UNPRICED
         return JobResult(job_id=record.job_id or "", images=ledger.read_results(record),  # type: ignore[union-attr]
                          credits=priced.credits, credits_source=priced.source, polls=0), journal, request
+    if do in (Do.LOST, Do.PERSON) and (kept := kept_unnamed(plan, ledger, journal)) is not None:
+        return kept, journal, request
     if do is Do.LOST:
         raise lost_answer(plan, ledger, record)  # type: ignore[arg-type]
     if record is not None and record.state is State.SENDING:
