@@ -667,23 +667,31 @@ def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call
     assert stats(emulators, "tencent")["requests"] == after["requests"]
 
 
+def stopped_at(moment: str, tmp_path: Path, path: Path, day: date) -> tuple[JobLedger, object]:
+    """The spec at `path` run with item i0's generate step stopped at `moment` (it does not
+    complete): the date's ledger and i0's record."""
+    from flows.paying import faults
+    from flows.paying.ledger import Step
+
+    faults.install(moment, "i0", faults.stop)
+    try:
+        assert not run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
+    finally:
+        faults.clear()
+    ledger = JobLedger(load_spec(path).archive, path.stem, day)
+    return ledger, ledger.get("i0", Step.GENERATE)
+
+
 def test_an_answer_kept_before_its_record_said_so_is_read_back_not_lost(emulators, tmp_path) -> None:
     """ImageToImage answered with the image itself (base64: given once), the image kept in S3,
     and the run stopped before the record saying `done` was written (it says `sending`). The
     rerun finds the kept image by its key and archives it, paying nothing; it used to stop the
     item for a person, who paid again."""
-    from flows.paying import faults
     from flows.paying.ledger import Step
 
     name, day = "i2i-kept-tencent", date(2026, 7, 12)
     path = write_spec(tmp_path, image_to_image_spec(name, 1, "base64"), name)
-    faults.install("write-done", "i0", faults.stop)
-    try:
-        assert not run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
-    finally:
-        faults.clear()
-    ledger = JobLedger(load_spec(path).archive, name, day)
-    record = ledger.get("i0", Step.GENERATE)
+    ledger, record = stopped_at("write-done", tmp_path, path, day)
     assert record.state is State.SENDING and ledger.unnamed_results(record), record
     calls = stats(emulators, "tencent")["by_action"]["ImageToImage"]
     again = run_spec(tmp_path, path.read_text(), day, path=path)
@@ -698,18 +706,9 @@ def test_an_image_to_image_answer_past_its_hour_says_how_to_pay_once_more(emulat
     once the URL no longer gives the image (past its hour; here its signature no longer holds):
     the item fails `AnswerGone` naming `ledger resolve --not-sent`, nothing is sent on its own;
     run as printed, the next run pays for it once more, as the person chose."""
-    from flows.paying import faults
-    from flows.paying.ledger import Step
-
     name, day = "i2i-expired-tencent", date(2026, 7, 10)
     path = write_spec(tmp_path, image_to_image_spec(name, 1), name)
-    faults.install("polling", "i0", faults.stop)
-    try:
-        assert not run_spec(tmp_path, path.read_text(), day, path=path).is_completed()
-    finally:
-        faults.clear()
-    ledger = JobLedger(load_spec(path).archive, name, day)
-    record = ledger.get("i0", Step.GENERATE)
+    ledger, record = stopped_at("polling", tmp_path, path, day)
     assert record.state is State.SUBMITTED and record.job_id.startswith("answer:"), record
     [answer] = record.answer_urls
     assert answer.startswith(url(emulators, "tencent")), record
