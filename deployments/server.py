@@ -75,7 +75,7 @@ class ServerState:
 def server_env(home: Path, database_url: str | None) -> dict[str, str]:
     """The environment of the server process: its home, durable leases, retention, database."""
     keep = ("PREFECT_SERVER_API_AUTH_STRING",  # basic auth, for a server other machines reach
-            "PREFECT_SERVER_UI_V2_ENABLED")
+            "PREFECT_SERVER_UI_V2_ENABLED", "PREFECT_UI_API_URL")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k in keep}
     # The classic UI unless the user chose: the review form's images render there (the V2 UI of
     # 3.8.8 shows a field description's HTML as text; docs/what-you-see.md).
@@ -154,8 +154,11 @@ def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeo
     print(f"starting the Prefect server on {host}:{port} ({database}; a first start creates its database, up to a "
           f"minute); log {root / 'server.log'}", file=sys.stderr, flush=True)
     home.mkdir(exist_ok=True)
+    env = server_env(home, url)
+    # Its UI asks the API it is served with (Prefect's default is :4200 whatever the port).
+    env.setdefault("PREFECT_UI_API_URL", ServerState(str(root), port, 0, database, pg_port, host).api_url)
     proc = spawn([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host, "--port", str(port)],
-                 root / "server.log", env=server_env(home, url))
+                 root / "server.log", env=env)
     state = ServerState(str(root), port, proc.pid, database, pg_port, host)
     state.save()
     wait_until(lambda: running(state), proc.pid, root / "server.log", what="the Prefect server", timeout=timeout,

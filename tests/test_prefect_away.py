@@ -16,6 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import httpx
 import pytest
 
 from deployments import server
@@ -39,6 +40,8 @@ def test_the_prefect_api_away_at_each_moment_costs_no_second_charge(emulators, t
     path = write_spec(tmp_path, spec_text(provider, name, len(MOMENTS), ", max_parallel: 1"), name)
     root, port = tmp_path / "server", free_port()
     state = server.up(root, port=port, database="sqlite")
+    # Its UI asks this server's API, not Prefect's default :4200 (a page that could not load).
+    assert httpx.get(f"{state.api_url.removesuffix('/api')}/ui-settings").json()["api_url"] == state.api_url
     proxy = CuttableProxy(port)
     pauses = tmp_path / "pauses"
     pauses.mkdir()
