@@ -698,7 +698,8 @@ def test_an_answer_kept_before_its_record_said_so_is_read_back_not_lost(emulator
     assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
     assert stats(emulators, "tencent")["by_action"]["ImageToImage"] == calls
     assert charges(emulators, "tencent", name) == once_each(name, 1)
-    assert ledger.get("i0", Step.GENERATE).state is State.ARCHIVED
+    archived = ledger.get("i0", Step.GENERATE)
+    assert archived.state is State.ARCHIVED and archived.job_id, archived  # a record naming no job reads as none
 
 
 def test_an_image_to_image_answer_past_its_hour_says_how_to_pay_once_more(emulators, tmp_path) -> None:

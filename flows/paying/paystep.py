@@ -173,9 +173,14 @@ def kept_unnamed(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> Job
     journal.found_kept(keys)
     get_run_logger().warning("%s: its answer's images were kept in S3 before its record said so (the run stopped "
                              "there); read back, nothing is paid again", plan.item_id)
+    return read_kept(plan, ledger, journal.record)  # type: ignore[arg-type]
+
+
+def read_kept(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> JobResult:
+    """The call's results kept in the ledger, read back under the record's job id: nothing is sent."""
     priced = plan.estimate or UNPRICED
-    return JobResult(job_id=record.job_id or "", images=ledger.read_results(journal.record),  # type: ignore[arg-type]
-                     credits=priced.credits, credits_source=priced.source, polls=0)
+    return JobResult(job_id=record.job_id or "", images=ledger.read_results(record), credits=priced.credits,
+                     credits_source=priced.source, polls=0)
 
 
 def lost_answer(plan: ItemPlan, ledger: JobLedger, record: JobRecord) -> Exception:
@@ -287,9 +292,7 @@ def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, 
     do = decide(record, caps)
     _log_decision(plan, Step.GENERATE, record, caps, do)
     if do is Do.READ_KEPT:
-        priced = plan.estimate or UNPRICED
-        return JobResult(job_id=record.job_id or "", images=ledger.read_results(record),  # type: ignore[union-attr]
-                         credits=priced.credits, credits_source=priced.source, polls=0), journal, request
+        return read_kept(plan, ledger, record), journal, request  # type: ignore[arg-type]
     if do in (Do.LOST, Do.PERSON) and (kept := kept_unnamed(plan, ledger, journal)) is not None:
         return kept, journal, request
     if do is Do.LOST:
