@@ -259,7 +259,8 @@ def flush_or_log(journal: ItemJournal) -> None:
         return
     started, told = time.monotonic(), False
     patience = ANSWER_PATIENCE if journal.holds_answer() else 0.0
-    with stalled.holding(f"ledger write of {journal.identity['item_id']} {journal.identity['step']}'s answer"):
+    marked = stalled.holding if patience else stalled.waiting_on  # a second Ctrl-C names only what it loses
+    with marked(f"ledger write of {journal.identity['item_id']} {journal.identity['step']}'s answer"):
         while True:
             try:
                 journal.flush()
