@@ -147,10 +147,14 @@ def check_logo(logo: Any) -> str | None:
     return None
 
 
+def error_kind(code: str, unknown: type[ProviderError] = BadRequest) -> type[ProviderError]:
+    """Our error type for a Tencent error code; an unknown code falls back on its prefix, then `unknown`."""
+    return ERROR_CODES.get(code) or ERROR_CODES.get(code.split(".")[0], unknown)
+
+
 def map_error(code: str, message: str) -> ProviderError:
-    """Our error type for a `Response.Error`; an unknown code falls back on its prefix."""
-    kind = ERROR_CODES.get(code) or ERROR_CODES.get(code.split(".")[0], BadRequest)
-    return kind(message or "no message", provider=PROVIDER, code=code)
+    """Our error for a `Response.Error`."""
+    return error_kind(code)(message or "no message", provider=PROVIDER, code=code)
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -490,7 +494,7 @@ class TencentAiArtProvider(ImageProvider):
         said = f"job {status.job_id} failed: {text.strip() or 'no message'}"
         if code == GENERATE_FAILED:
             return ReviewFailed(said)
-        if issubclass(ERROR_CODES.get(code) or ERROR_CODES.get(code.split(".")[0], JobFailed), ContentRejected):
+        if issubclass(error_kind(code, JobFailed), ContentRejected):
             return map_error(code, said)
         return JobFailed(f"job {status.job_id} failed: {status.reason or 'no reason given'}", provider=PROVIDER,
                          code=status.provider_status)
@@ -510,8 +514,8 @@ class TencentAiArtProvider(ImageProvider):
         """RefineImage: the provider's upscaler (long side to 2048), holding its in-flight slot.
 
         `journal` hears `sending` right before the paid call, `submitted` with the result URL
-        among its `answer_urls` once it answered, and `done` with the image; `result_url` resumes a paid call whose download
-        failed (the URL lives an hour), paying nothing. A call whose answer was not seen keeps
+        among its `answer_urls` once it answered, and `done` with the image; `result_url`
+        resumes a paid call whose download failed (the URL lives an hour), paying nothing. A call whose answer was not seen keeps
         the slot `unknown_hold` seconds: it may still be running, against a concurrency of one."""
         journal = journal or NoJournal()
         if result_url is None:

@@ -154,12 +154,13 @@ def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeo
     print(f"starting the Prefect server on {host}:{port} ({database}; a first start creates its database, up to a "
           f"minute); log {root / 'server.log'}", file=sys.stderr, flush=True)
     home.mkdir(exist_ok=True)
+    state = ServerState(str(root), port, 0, database, pg_port, host)  # its pid once started
     env = server_env(home, url)
     # Its UI asks the API it is served with (Prefect's default is :4200 whatever the port).
-    env.setdefault("PREFECT_UI_API_URL", ServerState(str(root), port, 0, database, pg_port, host).api_url)
+    env.setdefault("PREFECT_UI_API_URL", state.api_url)
     proc = spawn([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host, "--port", str(port)],
                  root / "server.log", env=env)
-    state = ServerState(str(root), port, proc.pid, database, pg_port, host)
+    state.pid = proc.pid
     state.save()
     wait_until(lambda: running(state), proc.pid, root / "server.log", what="the Prefect server", timeout=timeout,
                error=ServerError)

@@ -615,16 +615,20 @@ def _issue(where: Where, err: Any) -> SpecIssue:
 
 def _meant(loc: tuple[Any, ...]) -> str:
     """` (did you mean steps?)` for an unknown key close to one the spec has there, else ""."""
-    model: Any = PipelineSpec
+    fields = _keys(PipelineSpec)
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        fields = {f.alias or n: f for n, f in model.model_fields.items()}
         if part not in fields or (model := _model_in(fields[part].annotation)) is None:
             return ""
-    names = [f.alias or n for n, f in model.model_fields.items()]
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.75)
+        fields = _keys(model)
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by the key a spec writes them with."""
+    return {f.alias or n: f for n, f in model.model_fields.items()}
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
