@@ -610,12 +610,13 @@ def _spec_commands(sub: Any) -> None:
 
 
 def day(text: str) -> date:
-    """A date argument: `YYYY-MM-DD`, told in one line where it is no date."""
+    """A date argument: `YYYY-MM-DD`, told in one line where it is not a date."""
     try:
         return date.fromisoformat(text)
     except ValueError as exc:
-        reason = str(exc) if "must be in" in str(exc) or "out of range" in str(exc) else "give it as YYYY-MM-DD"
-        raise argparse.ArgumentTypeError(f"{text!r} is no date: {reason} (such as 2026-03-01)") from None
+        why = f" ({exc})" if "must be in" in str(exc) or "out of range" in str(exc) else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date{why}; give it as YYYY-MM-DD, such as "
+                                         "2026-03-01") from None
 
 
 def _date_commands(sub: Any) -> None:

@@ -101,6 +101,18 @@ def test_a_misspelt_spec_name_is_one_line_suggesting_the_shipped_one(command: st
                            "pipelines/demo.yaml?)"), err
 
 
+def test_a_spec_name_nothing_is_close_to_names_the_folder_and_its_specs(capsys, monkeypatch) -> None:
+    """`imagegen run nope` said only "cannot read spec": not where a bare name is looked for."""
+    from flows.specs.spec import PIPELINES_DIR
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["run", "nope"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nope:1:1: cannot read spec: No such file or directory; a name is looked for in "
+                          f"{PIPELINES_DIR}/, which has: "), err
+    assert "demo" in err.rsplit(":", 1)[1] and "\n" not in err
+
+
 def test_a_ctrl_c_inside_pydantic_is_told_as_an_interruption() -> None:
     """Ctrl-C during `imagegen sandbox up` struck while pydantic serialised a Block: its Rust
     core turned the KeyboardInterrupt into a `PydanticSerializationError` naming it, which the
@@ -244,9 +256,9 @@ def test_an_api_url_that_answers_as_something_else_is_told_with_the_fix() -> Non
 
 @pytest.mark.parametrize("argv, told", [
     (["run", "pipelines/demo.yaml", "--run-date", "2026-13-45"],
-     "imagegen run: error: argument --run-date: '2026-13-45' is no date: month must be in 1..12 (such as 2026-03-01)"),
+     "imagegen run: error: argument --run-date: '2026-13-45' is not a date (month must be in 1..12); give it as YYYY-MM-DD, such as 2026-03-01"),
     (["backfill", "pipelines/demo.yaml", "--start", "yesterday", "--end", "2026-01-02"],
-     "imagegen backfill: error: argument --start: 'yesterday' is no date: give it as YYYY-MM-DD (such as 2026-03-01)"),
+     "imagegen backfill: error: argument --start: 'yesterday' is not a date; give it as YYYY-MM-DD, such as 2026-03-01"),
     (["run", "pipelines/demo.yaml", "--dry-run"], "imagegen run: error: unrecognized arguments: --dry-run"),
 ])
 def test_a_bad_argument_is_told_with_its_command_s_usage(argv: list[str], told: str, capsys) -> None:  # noqa: ANN001

@@ -502,7 +502,11 @@ def _did_you_mean(path: Path) -> str:
         return ""
     shipped = sorted(p.stem for p in PIPELINES_DIR.glob("*.y*ml"))
     close = difflib.get_close_matches(path.stem, shipped, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}, {PIPELINES_DIR.name}/{close[0]}.yaml?)" if close else ""
+    if close:
+        return f" (did you mean {close[0]!r}, {PIPELINES_DIR.name}/{close[0]}.yaml?)"
+    if len(path.parts) == 1 and shipped:  # a bare name: say where names are looked for
+        return f"; a name is looked for in {PIPELINES_DIR}/, which has: {', '.join(shipped)}"
+    return ""
 
 
 def read_spec_text(path: Path) -> str:
