@@ -97,8 +97,10 @@ def test_the_manifest_counts_each_provider_s_credits_in_its_own_unit() -> None:
 
 
 def test_the_summary_table_gives_a_failed_item_s_error_a_column_of_its_own() -> None:
-    """A failed item's error was printed under `s3_uri`, and cut there in the UI's table."""
-    from flows.running.report import format_table, summary_rows
+    """A failed item's error was printed under `s3_uri`, and cut there in the UI's table; then
+    it had a column of its own, after the long `s3_uri`, off-screen in the UI; and its empty
+    cells were `-`, which the UI renders (Markdown) as list bullets."""
+    from flows.running.report import NO_CELL, format_table, summary_rows
 
     manifest = {"items": [
         {"item": "ok", "provider": "tams", "credits": 1.5,
@@ -108,10 +110,11 @@ def test_the_summary_table_gives_a_failed_item_s_error_a_column_of_its_own() -> 
     ]}
     ok, broken = summary_rows(manifest)
     assert (ok["s3_uri"], ok["error"]) == ("s3://b/p/ok-1.png", "")
-    assert (broken["verdict"], broken["s3_uri"]) == ("failed at generate: JobFailed", "-")
+    assert (broken["verdict"], broken["s3_uri"], broken["index"]) == ("failed at generate: JobFailed", NO_CELL, NO_CELL)
+    assert NO_CELL.strip("-*+ ") and not NO_CELL.isdigit()  # no Markdown list marker
     assert broken["error"] == "tams: FAILED: job 7 [[fail]] marker"
     header = format_table([ok, broken]).splitlines()[0].split()
-    assert header == ["item", "index", "provider", "job_credits", "verdict", "s3_uri", "error"]
+    assert header == ["item", "index", "provider", "job_credits", "verdict", "error", "s3_uri"]
     [alone] = summary_rows({"items": manifest["items"][:1]})  # no failed item: no empty column
     assert list(alone) == ["item", "index", "provider", "job_credits", "verdict", "s3_uri"]
 

@@ -119,6 +119,10 @@ def credits_of(manifest: dict[str, Any]) -> str:
     return credits_text(per_provider)
 
 
+NO_CELL = "\u2014"
+"""A cell with nothing to say (a failed item's index and S3 URI): an em dash, since the UI's
+table renders its cells as Markdown and shows a lone `-` as a list bullet."""
+
 SAME_JOB = "(same job)"
 """The `job_credits` of an item's later images: one job made them all, and its credits are on
 its first image's row (repeated, a column's sum read as twice what was paid)."""
@@ -126,22 +130,23 @@ its first image's row (repeated, a column's sum read as twice what was paid)."""
 
 def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per image (or per failed item): the table shown in the UI and the terminal. A
-    failed item's error has a column of its own (only where an item failed), its `s3_uri` is `-`;
-    a job's credits are on its first image's row."""
+    failed item's error has a column of its own (only where an item failed), before the long
+    `s3_uri`, so a 1400-pixel-wide UI shows it; its `s3_uri` is `NO_CELL`; a job's credits are on
+    its first image's row."""
     rows = []
     for item in manifest["items"]:
         for n, obj in enumerate(item["objects"]):
             verdict = obj["verdict"] + (f" ({'; '.join(obj['reasons'])})" if obj.get("reasons") else "")
             rows.append({"item": item["item"], "index": obj["index"], "provider": item["provider"],
-                         "job_credits": SAME_JOB if n else item["credits"], "verdict": verdict,
-                         "s3_uri": obj["s3_uri"] or "dropped", "error": ""})
+                         "job_credits": SAME_JOB if n else item["credits"], "verdict": verdict, "error": "",
+                         "s3_uri": obj["s3_uri"] or "dropped"})
         if item.get("error"):
             err = item["error"]
             verdict = ("rejected by the provider" if err["error"] in PROVIDER_REJECTIONS
                        else f"failed at {err['step']}: {err['error']}")
-            rows.append({"item": item["item"], "index": "-", "provider": item["provider"],
-                         "job_credits": item.get("credits") or 0.0,
-                         "verdict": verdict, "s3_uri": "-", "error": err["message"][:200]})
+            rows.append({"item": item["item"], "index": NO_CELL, "provider": item["provider"],
+                         "job_credits": item.get("credits") or 0.0, "verdict": verdict,
+                         "error": err["message"][:200], "s3_uri": NO_CELL})
     if not any(row["error"] for row in rows):  # a run with no failed item shows no empty column
         for row in rows:
             del row["error"]
