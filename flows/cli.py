@@ -220,6 +220,11 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if args.job_id is not None and (refused := _not_this_items_job(ledger, args, record)) is not None:
         print(refused, file=sys.stderr)  # before the record is moved
         return 1
+    if args.not_sent and (kept := ledger.unnamed_results(record)):
+        print(f"{args.item} ({step.value}) was sent and answered: {len(kept)} image(s) of its answer are kept in S3 "
+              f"under its request {record.request_id} (first: {kept[0]}). Not marked not sent (the next run would pay "
+              "again); run the date again, which reads them back", file=sys.stderr)
+        return 1
     if _claim_held(spec, args.run_date):
         print(_claim_refusal(spec, ledger, args), file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
@@ -46,8 +47,9 @@ from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, load_moder
 from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
                         read_spec_text, resolve_spec_path)
 from flows.paying.claim import run_claim
+from flows.paying.journal import ANSWER_PATIENCE
 from flows.paying.owner import NameTaken, own_name
-from flows.paying import paidcalls
+from flows.paying import faults, paidcalls
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
@@ -422,10 +424,11 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
         _log().warning("%s: %s; its job %s is fetched again, not paid again", plan.item_id, why, item.job_id)
         return None
     if record is not None and State.ARCHIVED not in TRANSITIONS[record.state]:
-        return None  # refused, unknown or failed: the ledger's word stands
+        return None  # refused or failed: the ledger's word stands
     found = found_in_archive(plan, listing)
-    if found is None:
-        return None
+    if found is None or (record is not None and record.state is State.UNKNOWN and (
+            not found.complete or found.request_id != record.request_id)):
+        return None  # an unknown call is settled by what its own request's images show, all of them
     if extra := replaced_count(found.item, other, plan):  # edited back: what the other request paid counts too
         found = dataclasses.replace(found, item=found.item.model_copy(update={"credits": found.item.credits + extra}))
     if rebuild and (record is None or found.complete):
@@ -676,9 +679,11 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
             started = datetime.now(timezone.utc)
             try:
                 manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False, selected=selected)
-            except Exception as exc:
+            except (Exception, TerminationSignal) as exc:  # an error, or cancelled from the UI
                 paidcalls.end_run(flow_run.id, f"the run stopped on {type(exc).__name__}")  # tasks still running
-                _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
+                _let_sent_be_recorded(exc)
+                if isinstance(exc, Exception):
+                    _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
                 raise
         reclaim_expired(force=True)  # a dead run's leases that expired while this one ran
     finally:
@@ -687,6 +692,23 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
     if manifest["status"] != "complete" and not _only(manifest, unselected):
         raise PipelineIncomplete(manifest)  # a run of a chosen subset is not a failure for the rest
     return manifest
+
+
+STOPPING_PATIENCE = ANSWER_PATIENCE + 120.0  # a provider's answer on its way, then its record written
+
+
+def _let_sent_be_recorded(exc: BaseException) -> None:
+    """A run that stops on an error keeps its claim until each paid call already sent has a
+    record past `sending` (at most `STOPPING_PATIENCE`): its tasks run on, and a second run
+    of the date let in before would take such a call, answered here a moment later, for one
+    lost with its run (a person then settles it, maybe paying again)."""
+    logger = get_run_logger()
+    left = paidcalls.wait_recorded(flow_run.id, STOPPING_PATIENCE, tell=lambda n: logger.warning(
+        "the run stopped on %s; waiting for the answers of its %d paid call(s) already sent to be recorded "
+        "before it lets the date go", type(exc).__name__, n))
+    if left:
+        logger.error("%d paid call(s) of this run still unrecorded after %.0f s: the next run of this date finds "
+                     "them `sending` and leaves them for a person (`imagegen ledger show`)", left, STOPPING_PATIENCE)
 
 
 NOT_SELECTED = "NotSelected"
@@ -934,6 +956,7 @@ def _wait_all(parsed: PipelineSpec, run_date: date, todo: Sequence[ItemPlan],
     shown, total = 0, len(settled) + len(chains)
     for n, (item, chain) in enumerate(chains.items(), start=len(settled) + 1):
         done[item] = _outcome(chain, item, renames)
+        faults.at("outcome", item)
         # At most 100 updates, not one per item; below 100% while run-level review is ahead.
         if (percent := min(100 * n // total, 99 if run_level else 100)) > shown:
             update_progress_artifact(progress_artifact, float(percent))

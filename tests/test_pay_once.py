@@ -667,6 +667,62 @@ def test_a_failed_image_to_image_download_retries_the_download_not_the_paid_call
     assert stats(emulators, "tencent")["requests"] == after["requests"]
 
 
+def test_a_run_that_stops_on_an_error_keeps_its_claim_until_its_sent_calls_are_recorded(emulators, tmp_path) -> None:  # noqa: F811
+    """The run's own thread fails (here at a fault point where it reads i0's outcome; a Prefect
+    API error past its retries, say) while i1's ImageToImage answer is on its way. The run kept
+    its tasks running but let its date's claim go at once: a second run let in found i1 still
+    `sending` and left it for a person, whose `--not-sent` paid again. Now the claim is held
+    until i1's answer is recorded, and the next run reads it back: each image charged once."""
+    from flows.paying import faults, paidcalls
+    from flows.paying.claim import claim_name
+    from flows.paying.slots import api_client
+    from prefect.runtime import flow_run
+
+    name, day = "stops-with-calls-sent", date(2026, 7, 23)
+    path = tmp_path / f"{name}.yaml"
+    text = image_to_image_spec(name, 2, run=", max_parallel: 2")
+    seen: dict[str, bool] = {}
+
+    def claim_free() -> bool:
+        return api_client().read_global_concurrency_limit_by_name(claim_name(name, day)).active_slots == 0
+
+    def run_body_fails() -> None:
+        raise RuntimeError("the Prefect API answered 503 past the client's retries")
+
+    def answered_while_the_run_stops() -> None:  # i1's answer is in, not yet recorded
+        run, deadline = flow_run.id, time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                paidcalls.check(run)
+            except paidcalls.RunStopping:
+                break  # the run's body has failed
+            time.sleep(0.1)
+        seen["run stopped"] = time.monotonic() < deadline
+        seen["claim let go"] = wait_until(claim_free, 10.0)
+
+    faults.install("slot", "i1", lambda: time.sleep(0.5))  # i0's call goes first
+    faults.install("outcome", "i0", run_body_fails)
+    faults.install("answered", "i1", answered_while_the_run_stops)
+    try:
+        first = run_spec(tmp_path, text, day, path=path)
+    finally:
+        faults.clear()
+    assert first.is_failed() and seen == {"run stopped": True, "claim let go": False}, seen
+    assert JobLedger(load_spec(path).archive, name, day).get("i1").state in (State.DONE, State.ARCHIVED)
+    assert run_spec(tmp_path, text, day, path=path).is_completed()
+    assert charges(emulators, "tencent", name) == once_each(name, 2)
+
+
+def wait_until(check, seconds: float) -> bool:  # noqa: ANN001
+    """True as soon as `check()` is, False if it never is in `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def stopped_at(moment: str, tmp_path: Path, path: Path, day: date) -> tuple[JobLedger, object]:
     """The spec at `path` run with item i0's generate step stopped at `moment` (it does not
     complete): the date's ledger and i0's record."""
@@ -700,6 +756,56 @@ def test_an_answer_kept_before_its_record_said_so_is_read_back_not_lost(emulator
     assert charges(emulators, "tencent", name) == once_each(name, 1)
     archived = ledger.get("i0", Step.GENERATE)
     assert archived.state is State.ARCHIVED and archived.job_id, archived  # a record naming no job reads as none
+
+
+def taken_over_while_answered(tmp_path: Path, path: Path, day: date, stop_at: str | None) -> None:
+    """Run the spec at `path` with i0's `sending` record moved to `unknown` while its answer
+    comes in, as a second run of the date does on finding it (`left_sending`), then stopped at
+    `stop_at` (None: left to end)."""
+    from flows.paying import faults
+
+    ledger = JobLedger(load_spec(path).archive, path.stem, day)
+
+    def another_run_takes_it() -> None:
+        record = ledger.get("i0")
+        assert record is not None and record.state is State.SENDING, record
+        ledger.move(record, State.UNKNOWN, reason="SubmitUnknown: the run stopped while sending it")
+
+    faults.install("answered", "i0", another_run_takes_it)
+    if stop_at is not None:
+        faults.install(stop_at, "i0", faults.stop)
+    try:
+        run_spec(tmp_path, path.read_text(), day, path=path)
+    finally:
+        faults.clear()
+
+
+@pytest.mark.parametrize("stop_at", ["generated", "write-archived", None])
+def test_an_answer_another_run_took_for_lost_is_read_back_not_paid_again(emulators, tmp_path, stop_at) -> None:  # noqa: F811
+    """Another run found i0 `sending` and moved it to `unknown` while its ImageToImage answer
+    (the image itself) came in: this run kept the image (`generated`: and stopped there) or
+    archived it (None; `write-archived`: and stopped before recording that), its own record
+    writes refused (archived: `BadTransition`). The record stayed `unknown`; each rerun
+    stopped the item for a person, and `ledger resolve --not-sent`, the advice for a call with
+    no job to look up, paid again. Now a person is refused that while the answer's images are
+    kept, and the rerun reads them back (or adopts the archived ones): charged once, no call."""
+    name, day = f"i2i-taken-{stop_at or 'archived'}", date(2026, 7, 24)  # the archived images: sidecars
+    path = write_spec(tmp_path, image_to_image_spec(name, 1, "base64"), name)
+    taken_over_while_answered(tmp_path, path, day, stop_at)
+    ledger = JobLedger(load_spec(path).archive, name, day)  # archived: what archived it records it, unknown or not
+    assert ledger.get("i0").state is (State.UNKNOWN if stop_at else State.ARCHIVED)
+    if stop_at == "generated":
+        settled = imagegen("ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--not-sent",
+                           "--run-ended")
+        assert settled.returncode == 1 and "was sent and answered" in settled.stderr, settled.stderr
+        assert "Traceback" not in settled.stderr and ledger.get("i0").state is State.UNKNOWN
+    calls = stats(emulators, "tencent")["by_action"]["ImageToImage"]
+    again = run_spec(tmp_path, path.read_text(), day, path=path)
+    assert again.is_completed(), [i.get("error") for i in manifest_of(again)["items"]]
+    assert stats(emulators, "tencent")["by_action"]["ImageToImage"] == calls
+    assert charges(emulators, "tencent", name) == once_each(name, 1)
+    archived = ledger.get("i0")
+    assert archived.state is State.ARCHIVED and archived.job_id, archived
 
 
 def test_an_image_to_image_answer_past_its_hour_says_how_to_pay_once_more(emulators, tmp_path) -> None:

@@ -16,6 +16,9 @@ The moments, in the order a paid step meets them (`MOMENTS`):
 - `generated`: the job's images are in the work directory; the archive step has not started.
 - `archiving`: the first image is written to the archive; its sidecar is not.
 
+One moment is the run's own, in the flow's thread: `outcome`, the run has read an item's
+outcome (at the end of its chain) and goes on to the next (`RUN_MOMENTS`).
+
 And the ledger's writes, where S3 may be away (`write-<state>`: the record about to be written
 as `sending`, `submitted`, `done`, `archived`, ...), and the archive's first image (`put-image`).
 """
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MOMENTS = ("slot", "sending", "answered", "polling", "generated", "archiving")
+RUN_MOMENTS = ("outcome",)
 WRITES = ("write-sending", "write-submitted", "write-done", "write-archived", "put-image")
 
 _installed: dict[tuple[str, str, str], list[Callable[[], None]]] = {}
@@ -40,8 +44,8 @@ class Stopped(Exception):  # noqa: N818 - what happened, not an error of ours
 
 def install(moment: str, item_id: str, action: Callable[[], None], step: str = "generate", times: int = 1) -> None:
     """Run `action` the next `times` times `item_id`'s `step` reaches `moment`."""
-    if moment not in MOMENTS + WRITES:
-        raise ValueError(f"unknown fault moment {moment!r}; one of {', '.join(MOMENTS + WRITES)}")
+    if moment not in MOMENTS + RUN_MOMENTS + WRITES:
+        raise ValueError(f"unknown fault moment {moment!r}; one of {', '.join(MOMENTS + RUN_MOMENTS + WRITES)}")
     _installed[(moment, item_id, step)] = [action] * times
 
 

@@ -61,6 +61,7 @@ class ItemJournal:
                 raise  # another run has this item: nothing is sent from here
             self.record = moved
             self.conflict_logged()
+            paidcalls.recorded()  # S3 holds another run's record, not this `sending`
         except LedgerUnavailable as exc:
             if to is State.SENDING:
                 if self.record is None or self.record.state in (State.REFUSED, State.FAILED):
@@ -73,6 +74,8 @@ class ItemJournal:
                                    f", job {self.record.job_id}" if self.record.job_id else "")
         else:
             self.record = moved
+            if to is not State.SENDING:
+                paidcalls.recorded()
 
     def conflict_logged(self) -> None:
         """Log that another run changed the record, so this run's move of it is not recorded
@@ -115,6 +118,7 @@ class ItemJournal:
                 self.unkept = None
             self.ledger.put(self.record)
             self.unsaved = False
+            paidcalls.recorded()
 
     def sending(self) -> None:
         """Reserve the call's cost (`BudgetReached`: nothing is sent), check that the run may
@@ -254,6 +258,13 @@ def flush_or_log(journal: ItemJournal) -> None:
     log) and goes on; another run's change found is logged. Either way the step's outcome is not
     replaced, and the archive step records the item once its images are in S3. The step's paid
     call lets its provider's next call go first, whatever happened."""
+    try:
+        _flush_or_log(journal)
+    finally:
+        paidcalls.recorded()  # written, or given up on: a stopping run waits no longer for it
+
+
+def _flush_or_log(journal: ItemJournal) -> None:
     journal.close()
     if not journal.unsaved or journal.record is None:
         return

@@ -18,7 +18,10 @@ record changes state:
     unknown     the request may have reached the provider        sending (only where the
                 (timeout after sending, answer cut off, an        provider dedupes), submitted,
                 ambiguous error answer); never sent blindly       refused (a person or the
-                again                                             provider says: not sent)
+                again                                             provider says: not sent),
+                                                                  done or archived (its answer's
+                                                                  images found kept or archived
+                                                                  under its request)
     submitted   the provider's job id is known                   submitted, done, failed,
                                                                  archived, unknown
     failed      the job ran and ended failed (not charged, or     sending (a new attempt; what
@@ -86,7 +89,7 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     None: frozenset({State.SENDING, State.ARCHIVED}),
     State.SENDING: frozenset({State.SUBMITTED, State.REFUSED, State.UNKNOWN, State.DONE, State.ARCHIVED}),
     State.REFUSED: frozenset({State.SENDING}),
-    State.UNKNOWN: frozenset({State.SENDING, State.SUBMITTED, State.REFUSED}),
+    State.UNKNOWN: frozenset({State.SENDING, State.SUBMITTED, State.REFUSED, State.DONE, State.ARCHIVED}),
     State.SUBMITTED: frozenset({State.SUBMITTED, State.DONE, State.FAILED, State.ARCHIVED, State.UNKNOWN}),
     State.FAILED: frozenset({State.SENDING}),
     State.DONE: frozenset({State.DONE, State.ARCHIVED}),

@@ -181,9 +181,49 @@ def ensure_claim(run_id: Any) -> None:
 
 def begin(run_id: Any) -> None:
     """A paid call of flow run `run_id` is about to be recorded `sending`: check, then arm
-    `check_armed` for its requests until `end`."""
+    `check_armed` for its requests until `end`, and count it in flight until `recorded`."""
     check(run_id)
     _local.armed = (run_id,)
+    key = _key(run_id)
+    if key and _local.__dict__.get("in_flight") is None:  # a step's second call is still its one
+        with _in_flight_changed:
+            _in_flight[key] = _in_flight.get(key, 0) + 1
+        _local.in_flight = key
+
+
+_in_flight: dict[str, int] = {}  # per flow run: its paid calls whose ledger record still says `sending`
+_in_flight_changed = threading.Condition()
+
+
+def recorded() -> None:
+    """This thread's paid call has a record past `sending` in S3 (or its step gave up writing
+    one): a run that stops no longer needs to wait for it before letting its claim go."""
+    key = _local.__dict__.get("in_flight")
+    if key is None:
+        return
+    _local.in_flight = None
+    with _in_flight_changed:
+        if (left := _in_flight.get(key, 0) - 1) > 0:
+            _in_flight[key] = left
+        else:
+            _in_flight.pop(key, None)
+        _in_flight_changed.notify_all()
+
+
+def wait_recorded(run_id: Any, patience: float, tell: Any = None) -> int:
+    """Wait, at most `patience` seconds, until no paid call of flow run `run_id` is between its
+    `sending` record and the next (`tell(n)` once, with how many there are, if any). Returns
+    how many are left. A run that stops on an error waits here before letting its claim go: a
+    second run of the date let in now would take such a record, whose answer is on its way
+    to this process, for a call lost with its run."""
+    key, deadline, told = _key(run_id), time.monotonic() + patience, False
+    with _in_flight_changed:
+        while (left := _in_flight.get(key, 0)) and (wait := deadline - time.monotonic()) > 0:
+            if not told and tell is not None:
+                told = True
+                tell(left)
+            _in_flight_changed.wait(min(wait, 1.0))
+        return left
 
 
 def end() -> None:

@@ -162,10 +162,11 @@ def left_sending(plan: ItemPlan, journal: ItemJournal) -> None:
 
 def kept_unnamed(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> JobResult | None:
     """A synchronous call answered and its images kept in S3, the process stopped before its
-    record said `done` (it still says `sending` or `submitted`): the images are read back,
-    nothing is paid again. None where they are not all there (then a person decides, as before)."""
+    record said `done` (it still says `sending` or `submitted`, or `unknown`: a run that found
+    it `sending` while its answer was on the way): the images are read back, nothing is paid
+    again. None where they are not all there (then a person decides, as before)."""
     record = journal.record
-    if record is None or record.state not in (State.SENDING, State.SUBMITTED):
+    if record is None or record.state not in (State.SENDING, State.SUBMITTED, State.UNKNOWN):
         return None
     keys = ledger.unnamed_results(record)
     if not keys or len(keys) != plan.request.count:
