@@ -239,6 +239,13 @@ def audit_reason(value: Any) -> str | None:
     return f"failed the provider's audit (audit={audit})"
 
 
+class AuditFailed(ContentRejected):
+    """A task whose every image failed the provider's audit: rejected on content after its
+    credits were taken at submit, so it counts as maybe charged where `used` was not seen."""
+
+    charge: ClassVar[str] = "maybe"
+
+
 class TaskFailed(JobFailed):
     """A drawing task that ended `fail`. Its credits were taken at submit (`used`, where this
     process saw the answer); the provider does not say whether a failed task gives them back and
@@ -508,7 +515,7 @@ class ChuzhanProvider(ImageProvider, CallbackFields):
 
     def job_failure(self, status: JobStatus) -> ProviderError:
         if status.reason and "audit" in status.reason:
-            return ContentRejected(status.reason, provider=PROVIDER, code="audit")
+            return AuditFailed(status.reason, provider=PROVIDER, code="audit")
         return TaskFailed(f"task {status.job_id} ended {status.provider_status}: {status.reason or 'no reason given'}",
                           used=self._charged.get(status.job_id), code=status.provider_status)
 

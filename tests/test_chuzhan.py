@@ -18,6 +18,7 @@ from blocks.chuzhan import (ChuzhanProvider, TaskFailed, check_caps, credit_read
                             output_size)
 from blocks.errors import AccountStop, BadRequest, ContentRejected, SubmitUnknown, TransientError
 from flows.running.report import PipelineIncomplete
+from flows.specs.spec import load_spec
 from tests.conftest import TEST_BUCKET, chuzhan_stats, run_spec, s3_client
 
 ASSET = Path(__file__).parent.parent / "pipelines" / "assets" / "sneaker-sketch.png"
@@ -247,7 +248,61 @@ def test_content_rejection_while_pricing_is_recorded_and_others_complete(chuzhan
 def test_provider_audit_failure_is_a_content_rejection(chuzhan, tmp_path) -> None:
     state = run_spec(tmp_path, spec_text("cz-audit", "  - {id: a, prompt: \"x [[audit]]\"}\n"), date(2026, 3, 5))
     error = manifest_of(state)["items"][0]["error"]
-    assert error["error"] == "ContentRejected" and "audit" in error["message"]
+    assert error["error"] == "AuditFailed" and "audit" in error["message"]  # a ContentRejected
+
+
+def paid_for(state, prompt_part: str) -> int:  # noqa: ANN001
+    """How many times the emulator charged for requests whose prompt has `prompt_part`, over every run."""
+    return sum(entry["charges"] for entry in chuzhan_stats(state)["paid"].values() if prompt_part in entry["label"])
+
+
+def test_a_task_whose_every_image_failed_the_audit_is_paid_once(chuzhan, tmp_path) -> None:
+    """Every image of the task failed 触站AI's audit: the item ends `AuditFailed` (a `ContentRejected`). Its
+    record said `failed`, whose row sends a new attempt, so each rerun of the date paid for the
+    same prompt and seed again (three runs, three charges). Now it is `failed, rejected`: the
+    reruns say why and send nothing."""
+    prompt = "audited thrice [[audit]]"
+    path, day = tmp_path / "cz-audit-rerun.yaml", date(2026, 3, 6)
+    text = spec_text("cz-audit-rerun", f'  - {{id: a, prompt: "{prompt}"}}\n')
+    errors = [manifest_of(run_spec(tmp_path, text, day, path=path))["items"][0]["error"] for _ in range(3)]
+    assert paid_for(chuzhan, prompt) == 1
+    assert [e["error"] for e in errors] == ["AuditFailed", "ContentRejected", "ContentRejected"], errors
+    assert all("rejected this request's content in an earlier run" in e["message"] for e in errors[1:]), errors
+    assert "change its prompt, seed or options" in errors[1]["message"]
+
+
+def test_a_failed_task_whose_charge_was_never_seen_still_counts_against_the_cap(chuzhan, tmp_path) -> None:
+    """A task created and charged whose submit answer was lost (code 500 after charging), named
+    by a person (`ledger resolve --job-id`), then failed: its record said `failed` with no charge,
+    so the date's spend counted it 0 where it had counted its estimate, and the next attempt fit
+    the cap again: charged 8 under a cap of 6. Now it counts as maybe charged; the next run is
+    refused `BudgetExceeded` before any call, and the emulator charged once (4 credits)."""
+    from flows.cli import main as imagegen
+    from flows.paying.ledger import JobLedger, State
+    from tests.test_pay_once import configure, inject
+
+    name, day = "cz-failed-unseen", date(2026, 3, 7)
+    path = tmp_path / f"{name}.yaml"
+    text = spec_text(name, '  - {id: i0, prompt: "[[fail]] a task that fails"}\n').replace(
+        "max_parallel: 5}", "max_parallel: 1, max_credits: 6}")
+    configure(chuzhan, "chuzhan", refund_failed=False)  # what the client assumes: what was taken stays taken
+    try:
+        inject(chuzhan, "chuzhan", kind="error_after", count=1)  # created and charged, answered code 500
+        first = manifest_of(run_spec(tmp_path, text, day, path=path))
+        assert first["items"][0]["error"]["error"] == "SubmitUnknown", first["items"][0]
+        [task] = [t for t, v in chuzhan_stats(chuzhan)["tasks"].items() if "a task that fails" in str(v)]
+        assert imagegen(["ledger", "resolve", str(path), "i0", "--run-date", day.isoformat(), "--job-id", task,
+                         "--run-ended"]) == 0
+        second = manifest_of(run_spec(tmp_path, text, day, path=path))
+        assert second["items"][0]["error"]["error"] == "TaskFailed", second["items"][0]
+        record = JobLedger(load_spec(path).archive, name, day).get("i0")
+        assert record.state is State.FAILED and record.charged_before > 0, record
+        third = run_spec(tmp_path, text, day, path=path)
+        assert third.is_failed() and "BudgetExceeded" in third.message and "4 of them charged by earlier runs" in \
+            third.message, third.message
+        assert paid_for(chuzhan, "a task that fails") == 1  # one task, 4 credits
+    finally:
+        configure(chuzhan, "chuzhan", refund_failed=True)
 
 
 @pytest.mark.parametrize(("body", "rejected", "state"), [

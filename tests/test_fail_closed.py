@@ -201,6 +201,27 @@ def test_a_run_whose_console_dies_goes_on_and_sighup_stops_it_between_paid_calls
 CLAIM = "imagegen:run:unit:2026-01-01"
 
 
+def test_a_lease_let_go_while_its_renewal_was_on_the_way_is_not_lost() -> None:
+    """The renewer took a lease from its list, the run let it go (removed, then released), and
+    the renewal came back 410: the lease was declared lost, and a run that had ended logged its
+    claim lost. A lease still held is lost on the same answer."""
+    from flows.paying.leases import Lease, LeaseState, Renewer
+
+    gone = httpx.Response(410, request=httpx.Request("POST", "http://prefect/api/leases"))
+
+    class Server:
+        def renew_concurrency_lease(self, lease_id, duration) -> None:  # noqa: ANN001
+            raise httpx.HTTPStatusError("gone", request=gone.request, response=gone)
+
+    renewer, heard = Renewer(), []
+    renewer.client = Server()
+    let_go, held = (Lease(id=uuid4(), name=n, duration=60, on_lost=[heard.append]) for n in ("let-go", "held"))
+    renewer.due[held] = 0.0
+    renewer._renew(let_go)
+    renewer._renew(held)
+    assert (let_go.state(), held.state(), heard) == (LeaseState.HELD, LeaseState.LOST, [held])
+
+
 def test_a_paid_call_waits_while_its_claim_is_in_doubt_and_goes_on_once_renewed() -> None:
     from flows.paying import paidcalls
     from flows.paying.leases import Lease

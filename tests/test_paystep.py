@@ -27,6 +27,7 @@ WALKED_BY: dict[tuple[str, str], list[str]] = {
     **{("failed", c): ["tests/test_limits_and_faults.py::test_failed_job_is_recorded_and_retried_only_on_rerun"]
        for c in ("dedupes",)},
     **{(row, c): [MATRIX] for row in ("sending", "submitted") for c in ("dedupes", "confirms", "neither")},
+    ("failed, rejected", "confirms"): ["tests/test_chuzhan.py::test_a_task_whose_every_image_failed_the_audit_is_paid_once"],
     ("unknown", "dedupes"): ["tests/test_pay_once.py::test_tams_sends_an_item_left_sending_again_under_its_id_and_pays_once"],
     ("unknown", "confirms"): ["tests/test_callbacks.py::test_a_forged_callback_never_adopts_another_task"],
     ("unknown", "neither"): ["tests/test_pay_once.py::test_a_person_can_say_not_sent_and_the_next_run_submits_it"],
@@ -54,9 +55,9 @@ def documented() -> dict[tuple[str, str], str]:
 def record_for(row: str) -> JobRecord | None:
     if row == "none":
         return None
-    state = State.DONE if row.startswith("done") else State(row)
+    state = State.DONE if row.startswith("done") else State(row.split(",")[0])
     return JobRecord(item_id="p1", base_request_id="r", request_id="r", provider="x", block="b", state=state,
-                     job_id="job-1", results=["k"] if row == "done, kept" else [])
+                     job_id="job-1", results=["k"] if row == "done, kept" else [], rejected=row == "failed, rejected")
 
 
 @pytest.mark.parametrize(("row", "column"), [(r, c) for r in ROWS for c in COLUMNS], ids=lambda v: v)
@@ -91,6 +92,7 @@ def test_the_tests_named_for_a_cell_exist() -> None:
 
 UNWALKED = sorted([
     ("failed", "confirms"), ("failed", "neither"), ("failed", "synchronous"),
+    ("failed, rejected", "dedupes"), ("failed, rejected", "neither"), ("failed, rejected", "synchronous"),
     ("done, kept", "confirms"), ("done, kept", "neither"),
     ("done", "dedupes"), ("done", "confirms"), ("done", "neither"), ("done", "synchronous"),
     ("refused", "synchronous"), ("sending", "synchronous"), ("unknown", "synchronous"),

@@ -228,27 +228,29 @@ class ItemJournal:
         self._move(State.DONE, job_id=(record.job_id if record is not None else None) or
                    f"kept-{self.identity['request_id']}", results=keys)
 
-    def failed(self, reason: str, *, maybe_charged: bool = False) -> None:
+    def failed(self, reason: str, *, maybe_charged: bool = False, rejected: bool = False) -> None:
         """The job ran and failed: its reservation settles at what was taken at submit (触站AI's
         `used`, maybe charged) or at nothing (TAMS documents that a failed job costs nothing;
         Tencent bills a successful call), as the manifest counts it; kept, it held the cap
-        and showed in `credits_this_run` though no credit was taken. A job refused after its
-        paid work was done (`maybe_charged`: a failed review) counts as `charged_refusal` does."""
+        and showed in `credits_this_run` though no credit was taken. A job that may have been
+        charged with no charge seen (`maybe_charged`: a failed review; a 触站AI task whose
+        submit answer this process never saw) counts as `charged_refusal` does. `rejected`: on
+        content rules, so the same request is not sent again."""
         charged = self.record.charged if self.record is not None else None
         if maybe_charged and not charged:
-            self._charged_end(State.FAILED, reason)
+            self._charged_end(State.FAILED, reason, rejected=rejected)
             return
-        self._move(State.FAILED, reason=reason)
+        self._move(State.FAILED, reason=reason, rejected=rejected)
         self._answered(charged=charged or 0.0, settle=True)
 
-    def _charged_end(self, to: State, reason: str) -> None:
+    def _charged_end(self, to: State, reason: str, **changes: Any) -> None:
         """The call or job ends with nothing to collect, counted as maybe charged: its estimate
         (at the worst ratio its reservation held) goes to the record's `charged_before` (the
         date's spend, the item's credits), and its reservation stands as charged."""
         before = self.record.charged_before if self.record is not None else 0.0
         held = self.held if self.held is not None and not self.held.settled else None
         counted = held.amount if held is not None and held.amount else self.cost
-        self._move(to, reason=reason, charged_before=before + counted)
+        self._move(to, reason=reason, charged_before=before + counted, **changes)
         self._answered(settle=True)
 
 

@@ -146,6 +146,10 @@ class Renewer:
                 self.client.renew_concurrency_lease(lease.id, lease.duration)
         except httpx.HTTPStatusError as exc:
             code = exc.response.status_code
+            with self.lock:
+                released = lease not in self.due  # let go meanwhile (`remove` comes before the release)
+            if released:
+                return  # not lost: a run that ended would log its claim lost after its end
             if code in (404, 410):
                 lease.lose(f"the Prefect server no longer has its lease (HTTP {code}): it expired or was revoked")
                 return

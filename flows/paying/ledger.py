@@ -135,6 +135,8 @@ class JobRecord(BaseModel):
                                   "refused after its paid work was done (a failed review: maybe charged), and what a "
                                   "record of another request it replaced counted (the spec changed the item).")
     reason: str | None = Field(None, description="Why it was refused, unknown or failed.")
+    rejected: bool = Field(False, description="Failed on the provider's content rules (`ContentRejected`): the "
+                           "same request is not sent again; a changed prompt, seed or options is a new one.")
     results: list[str] = Field(default_factory=list, description="S3 keys of results kept in the ledger.")
     answer_urls: list[str] = Field(default_factory=list, description=(
         "The result URLs a synchronous call answered with (Tencent ImageToImage; they live an hour): its images "

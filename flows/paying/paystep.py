@@ -53,7 +53,7 @@ class Caps(NamedTuple):
 
 
 COLUMNS = ("dedupes", "confirms", "neither", "synchronous")
-ROWS = ("none", "refused", "failed", "sending", "unknown", "submitted", "done, kept", "done", "archived")
+ROWS = ("none", "refused", "failed", "failed, rejected", "sending", "unknown", "submitted", "done, kept", "done", "archived")
 
 
 class Do(Enum):
@@ -67,6 +67,7 @@ class Do(Enum):
     CONFIRM = "adopt the job a callback names once the provider's status confirms it; else stop for a person"
     PERSON = "stop the item for a person (`imagegen ledger resolve`); nothing is sent"
     LOST = "stop: the answer cannot be given again and its images are gone (`ArchivedImagesLost`)"
+    REJECTED = "stop: the provider rejected this request's content; nothing is sent (`ContentRejected`)"
 
 
 _UNKNOWN = {"dedupes": Do.SEND_AGAIN, "confirms": Do.CONFIRM, "neither": Do.PERSON, "synchronous": Do.PERSON}
@@ -74,7 +75,8 @@ _UNKNOWN = {"dedupes": Do.SEND_AGAIN, "confirms": Do.CONFIRM, "neither": Do.PERS
 
 def _column(column: str) -> dict[str, Do]:
     resume = Do.LOST if column == "synchronous" else Do.POLL
-    return {"none": Do.SEND, "refused": Do.SEND, "failed": Do.NEW_ATTEMPT, "sending": _UNKNOWN[column],
+    return {"none": Do.SEND, "refused": Do.SEND, "failed": Do.NEW_ATTEMPT, "failed, rejected": Do.REJECTED,
+            "sending": _UNKNOWN[column],
             "unknown": _UNKNOWN[column], "submitted": resume, "done, kept": Do.READ_KEPT, "done": resume,
             "archived": resume}
 
@@ -90,6 +92,8 @@ def row_of(record: JobRecord | None) -> str:
         return "none"
     if record.state is State.DONE:
         return "done, kept" if record.results else "done"
+    if record.state is State.FAILED and record.rejected:
+        return "failed, rejected"
     if record.state in (State.SUBMITTED, State.DONE, State.ARCHIVED) and not record.job_id:
         return "none"  # a record that names no job has nothing to resume (written by hand)
     return record.state.value
@@ -158,6 +162,15 @@ def left_sending(plan: ItemPlan, journal: ItemJournal) -> None:
     It becomes `unknown`, unless this run lost its claim (the sender may be the run holding it)."""
     paidcalls.ensure_claim(flow_run.id)
     journal.unknown(SubmitUnknown("the run stopped while sending it", provider=plan.provider))
+
+
+def rejected_before(plan: ItemPlan, record: JobRecord) -> ContentRejected:
+    """A request the provider rejected on content in an earlier run of this date: sent again, it
+    would be rejected again and, where a job is charged at submit (触站AI), paid again."""
+    return ContentRejected(
+        f"{plan.item_id}: {plan.provider} rejected this request's content in an earlier run of {plan.run_date} "
+        f"({record.reason}); it is not sent again: change its prompt, seed or options (a new request) to try again",
+        provider=plan.provider, code="rejected-before")
 
 
 def kept_unnamed(plan: ItemPlan, ledger: JobLedger, journal: ItemJournal) -> JobResult | None:
@@ -298,6 +311,8 @@ def generate_result(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, 
         return kept, journal, request
     if do is Do.LOST:
         raise lost_answer(plan, ledger, record)  # type: ignore[arg-type]
+    if do is Do.REJECTED:
+        raise rejected_before(plan, record)  # type: ignore[arg-type]
     if record is not None and record.state is State.SENDING:
         left_sending(plan, journal)
     if do is Do.POLL and provider.answered_at_submit(record.job_id or ""):  # type: ignore[union-attr]
@@ -343,7 +358,8 @@ def _run_job(plan: ItemPlan, provider: ImageProvider, ledger: JobLedger, journal
         return result
     except (JobFailed, ContentRejected) as exc:
         if journal.record is not None and journal.record.state is State.SUBMITTED:  # the job ran and failed
-            journal.failed(exc.message, maybe_charged=isinstance(exc, ChargedRejection))
+            journal.failed(exc.message, maybe_charged=getattr(exc, "charge", None) == "maybe",
+                           rejected=isinstance(exc, ContentRejected) and not isinstance(exc, ChargedRejection))
         raise
     finally:
         flush_or_log(journal)

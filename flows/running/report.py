@@ -153,7 +153,7 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-PROVIDER_REJECTIONS = frozenset({"ContentRejected", "ReviewFailed"})
+PROVIDER_REJECTIONS = frozenset({"ContentRejected", "ReviewFailed", "AuditFailed"})
 """Error names (ours, `blocks.errors.ContentRejected` and its kinds) that mean the provider
 refused the content: shown as a rejection, not as a failure of ours."""
 
