@@ -239,6 +239,24 @@ def audit_reason(value: Any) -> str | None:
     return f"failed the provider's audit (audit={audit})"
 
 
+def priced(data: Any) -> float:
+    """`estimateUsed` of a `predictConsume` answer. One that names a task or a charge
+    (`paintingSign`, `used`) means the service drew instead of pricing, and charged: an
+    `AccountStop`, so nothing more is asked or sent until a person looks; one without a price
+    is unclear (`BadRequest`)."""
+    answer = data if isinstance(data, dict) else {}
+    if answer.get("paintingSign") or answer.get("used") is not None:
+        task, used = answer.get("paintingSign"), answer.get("used")
+        raise AccountStop(f"asked only for a price (predictConsume), the service drew task {task!r} and took {used!r} "
+                          "credits: it does not honour predictConsume. Nothing more is sent; check the account's "
+                          "tasks and tell the Block's maintainers", provider=PROVIDER, code="predictConsume")
+    try:
+        return float(answer["estimateUsed"])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequest(f"a predictConsume answer without a readable estimateUsed: {sorted(answer)}",
+                         provider=PROVIDER) from None
+
+
 class AuditFailed(ContentRejected):
     """A task whose every image failed the provider's audit: rejected on content after its
     credits were taken at submit, so it counts as maybe charged where `used` was not seen."""
@@ -411,7 +429,7 @@ class ChuzhanProvider(ImageProvider, CallbackFields):
             data = self._post(PATH_DRAW, {**self.draw_params(request), "predictConsume": True})
         except TransientError:
             return self.estimate_offline(request)
-        return CreditEstimate(credits=float(data["estimateUsed"]), source="api")
+        return CreditEstimate(credits=priced(data), source="api")
 
     def upload(self, data: bytes, content_type: str) -> str:
         """No upload endpoint: `img` takes base64 (or a public URL), so the reference is the data."""

@@ -640,7 +640,8 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: RunOverride
     try:
         with paidcalls.running(flow_run.id):  # a second Ctrl-C marks it Crashed (`flows.paying.detach`)
             return _run_pipeline(spec, run_date, overrides, dry_run, take_over_name)
-    except (PipelineIncomplete, BudgetExceeded, NameTaken, UnknownItems, SpecError, PaidCallRefused) as exc:
+    except (PipelineIncomplete, BudgetExceeded, NameTaken, UnknownItems, SpecError, PaidCallRefused,
+            AccountStop) as exc:
         # A person's to act on, said in one line: the run ends Failed with it, no traceback.
         get_run_logger().error("%s: %s", type(exc).__name__, exc)
         return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)

@@ -148,6 +148,23 @@ def test_estimate_falls_back_to_the_formula_offline() -> None:
     assert (estimate.credits, estimate.source) == (12, "formula")
 
 
+@respx.mock
+@pytest.mark.parametrize("data, error, said", [
+    ({"paintingSign": "task-9", "used": 12, "balance": 88}, AccountStop, "does not honour predictConsume"),
+    ({"balance": 88}, BadRequest, "without a readable estimateUsed"),
+])
+def test_a_price_answer_that_drew_a_task_stops_asking(data: dict, error: type, said: str) -> None:
+    """`predictConsume` is documented to price without drawing. An answer naming a task or a
+    charge means the service drew and charged: it was read as a price (or a `KeyError`), and
+    every item priced so drew again."""
+    route = respx.post("https://cz.test/v1/draw").mock(return_value=httpx.Response(
+        200, json={"success": True, "code": 0, "data": data}))
+    provider = ChuzhanProvider(api_token="t", endpoint="https://cz.test")
+    with pytest.raises(error, match=said):
+        provider.estimate(request())
+    assert route.call_count == 1
+
+
 def test_secret_is_not_in_errors_or_repr() -> None:
     provider = ChuzhanProvider(api_token="very-secret-token", endpoint="http://127.0.0.1:9")
     assert "very-secret-token" not in repr(provider) and "very-secret-token" not in str(provider.model_dump())
