@@ -54,7 +54,7 @@ from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
 from flows.running.settle import Outcomes, forget
-from flows.paying.archived import Listing, confirmed, found_in_archive, missing
+from flows.paying.archived import Listing, confirmed, dropped_in_manifest, found_in_archive, missing
 from flows.paying.ledger import TRANSITIONS, JobRecord, LedgerUnavailable, State, Step
 from flows.models import ArchivedItem, Generated, ItemPlan, Plans, Upstream, Verdict, plan_arg
 from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry, lane_of, ledger_of, provider_for, review,
@@ -426,6 +426,15 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
     if record is not None and State.ARCHIVED not in TRANSITIONS[record.state]:
         return None  # refused or failed: the ledger's word stands
     found = found_in_archive(plan, listing)
+    if found is None and other is None and (dropped := dropped_in_manifest(plan, listing)) is not None:
+        if rebuild:
+            ledger.move(None, State.ARCHIVED, job_id=dropped.job_id, archived=dropped.model_dump(mode="json"),
+                        reason="rebuilt from the date's manifest: every image was dropped by the review",
+                        item_id=plan.item_id, base_request_id=plan.request.request_id,
+                        request_id=plan.request.request_id, attempt=1, provider=plan.provider, block=plan.block)
+            _log().warning("%s: no ledger record; the date's manifest says job %s made it and the review dropped "
+                           "every image (quarantine: drop), so it is not paid for again", plan.item_id, dropped.job_id)
+        return dropped
     if found is None or (record is not None and record.state is State.UNKNOWN and (
             not found.complete or found.request_id != record.request_id)):
         return None  # an unknown call is settled by what its own request's images show, all of them

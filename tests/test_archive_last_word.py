@@ -46,19 +46,23 @@ def counters(state, provider: str) -> dict[str, int]:
 
 
 QUARANTINED = ("tams", "quarantined")  # every image rejected (blank threshold above any image): quarantined
+DROPPED = ("tencent", "dropped")  # every image rejected, and `quarantine: drop`: no object, no sidecar
 
 
 # --- (a) a lost ledger --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("provider", "kind"), [(p, "approved") for p in PROVIDERS] + [QUARANTINED])
+@pytest.mark.parametrize(("provider", "kind"), [(p, "approved") for p in PROVIDERS] + [QUARANTINED, DROPPED])
 def test_a_lost_ledger_pays_nothing_again(emulators, tmp_path, provider, kind) -> None:
     """The whole `_jobs/` ledger of a date is gone after its run. The rerun finds every item's
     images and sidecars (request id, job id, sha256) in the bucket: it sends no request at all
-    to the provider, writes the records back (archived), and its manifest is complete."""
+    to the provider, writes the records back (archived), and its manifest is complete. Where
+    the review dropped every image (`quarantine: drop`) nothing names the item but the date's
+    manifest, which the rerun reads: it paid for each item again before."""
     name, day = f"lost-ledger-{provider}-{kind}", date(2026, 7, 20)
     text = spec_text(provider, name, 3)
-    if kind == "quarantined":
-        text = text.replace("archive:", "review: {min_stddev: 1000}\narchive:")
+    if kind in ("quarantined", "dropped"):
+        text = text.replace("archive: {" if kind == "dropped" else "archive:", "review: {min_stddev: 1000}\narchive:" +
+                            (" {quarantine: drop, " if kind == "dropped" else ""))
     path = write_spec(tmp_path, text, name)
     first = run_spec(tmp_path, text, day, path=path)
     assert first.is_completed(), manifest_of(first)
@@ -74,7 +78,7 @@ def test_a_lost_ledger_pays_nothing_again(emulators, tmp_path, provider, kind) -
     assert manifest["status"] == "complete" and manifest["totals"]["reused_items"] == 3
     assert [i["job_id"] for i in manifest["items"]] == [i["job_id"] for i in manifest_of(first)["items"]]
     assert {o["verdict"] for i in manifest["items"] for o in i["objects"]} == \
-        {"rejected" if kind == "quarantined" else "approved"}
+        {"approved" if kind == "approved" else "rejected"}
     assert set(ledger_states(path, day).values()) == {"archived"}  # rebuilt from the sidecars
 
 

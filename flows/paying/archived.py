@@ -42,6 +42,15 @@ class Listing:
     def __init__(self, bucket: Any) -> None:
         self.bucket = bucket
         self._folders: dict[str, dict[str, Listed]] = {}
+        self._manifests: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def manifest_items(self, key: str) -> dict[str, dict[str, Any]]:
+        """The items of the manifest at `key`, by item id (read once; empty where there is none)."""
+        if key not in self._manifests:
+            manifest = read_json(self.bucket, key) if self.get(key) is not None else None
+            items = manifest.get("items") if isinstance(manifest, dict) else None
+            self._manifests[key] = {str(i.get("item")): i for i in items or [] if isinstance(i, dict)}
+        return self._manifests[key]
 
     def get(self, key: str) -> Listed | None:
         folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
@@ -146,6 +155,24 @@ def found_in_archive(plan: ItemPlan, listing: Listing) -> Found | None:
                         objects=[by_index[n] for n in sorted(by_index)],
                         images=int(latest.get("images_in_job") or plan.request.count))
     return Found(item=item, request_id=str(latest["request_id"]), complete=missing(item, listing) is None)
+
+
+def dropped_in_manifest(plan: ItemPlan, listing: Listing) -> ArchivedItem | None:
+    """An item whose every image the review rejected and `quarantine: drop` left unwritten:
+    no sidecar names it, so once its ledger record is lost only the date's manifest says its
+    job ran and was archived so. Its entry there (this request and provider, every object
+    dropped, no error) is the item: not paid for again. None otherwise."""
+    entry = listing.manifest_items(plan.archive.manifest_key(plan.pipeline, plan.run_date)).get(plan.item_id)
+    if not entry or entry.get("error") or entry.get("request_id") != plan.request.request_id:
+        return None
+    objects = entry.get("objects") or []
+    if entry.get("provider") != plan.provider or not entry.get("job_id") or not objects or not all(
+            isinstance(o, dict) and o.get("dropped") and not o.get("s3_uri") for o in objects):
+        return None
+    return ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=str(entry["job_id"]),
+                        credits=float(entry.get("credits") or 0.0),
+                        credits_source=str(entry.get("credits_source") or "formula"), objects=objects,
+                        images=len(objects))
 
 
 def _object(doc: dict[str, Any], sidecar_uri: str, listed: Listed) -> dict[str, Any]:
