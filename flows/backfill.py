@@ -232,11 +232,37 @@ def _deployment_id(name: str) -> str | None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    if "/" not in name:
+        raise BackfillRefused(f"--deployment {name!r} names no deployment: give it as <flow>/<deployment>, such as "
+                              f"{DEPLOYMENT} (`prefect deployment ls` lists them)")
     with get_client(sync_client=True) as client:
         try:
             return str(client.read_deployment_by_name(name).id)
         except ObjectNotFound:
             return None
+
+
+def workers_read(path: Path, logger: Any) -> None:
+    """The dates run on workers, each in a clone of the repository: `BackfillRefused` for a
+    spec they cannot read (outside `pipelines/` and `IMAGEGEN_SPEC_ROOTS`), and a warning for
+    one with changes git has not committed (the workers run the committed one)."""
+    import subprocess
+
+    from flows.specs import confine
+
+    if not confine.inside(path, confine.spec_roots(PIPELINES_DIR)):
+        raise BackfillRefused(f"{path} is outside pipelines/ and {confine.SPEC_ROOTS}, so the workers that run the "
+                              "dates cannot read it: move it into pipelines/ (committed and pushed), or run the dates "
+                              "here with --local")
+    try:
+        changed = subprocess.run(["git", "status", "--porcelain", "--", str(path.resolve())], capture_output=True,
+                                 text=True, cwd=PIPELINES_DIR.parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return  # no git here: nothing to compare with
+    if changed:
+        logger.warning("%s has changes not committed: the workers run the spec as committed in their clone, not "
+                       "this one (items added here are not made, and the dates count as done); commit and push it, "
+                       "or run the dates here with --local", path.name)
 
 
 @task(task_run_name="run-{run_date}")
@@ -253,9 +279,11 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
         parameters: dict[str, Any] = {"spec": spec, "run_date": run_date.isoformat()}
         if cap:
             parameters["overrides"] = {"max_credits": cap}
-        flow_run = run_deployment(deployment_id, parameters=parameters,
-                                  idempotency_key=key, flow_run_name=f"{name}-{run_date}", tags=["backfill"])
-        run_id, state = str(flow_run.id), flow_run.state
+        flow_run = run_deployment(deployment_id, parameters=parameters, idempotency_key=key, timeout=0,
+                                  flow_run_name=f"{name}-{run_date}", tags=["backfill"])
+        run_id, state = str(flow_run.id), await_date_run(flow_run)
+        if state is not None and state.is_cancelled() and state.message == NOT_STARTED:
+            return unrun_row(run_date, "stopped", "Cancelled", f"not started: {paidcalls.stop_requested()}", run_id)
     else:
         state = run_pipeline(spec=spec, run_date=run_date, overrides=RunOverrides(max_credits=cap) if cap else None,
                              return_state=True)  # named <pipeline>-<date>
@@ -270,6 +298,39 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
             "state": state.name if state else "unknown",
             "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None,
             "by_provider": spent}
+
+
+NOT_STARTED = "the backfill was stopped before a worker started this date's run"
+WORKER_PATIENCE = 60.0  # seconds a date's run waits for a worker before the log asks whether one runs
+DATE_POLL = 2.0
+
+
+def await_date_run(flow_run: Any) -> Any:
+    """The final state of a date's run made through the deployment. While it waits for a worker
+    (Scheduled), a stop of the backfill (Ctrl-C, SIGHUP) cancels it: left, it would start and pay
+    whenever a worker came, after the person stopped the backfill. One still waiting after
+    `WORKER_PATIENCE` s is said once, naming the work pool a worker must poll."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    started, told = time.monotonic(), False
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run.id)
+            state = run.state
+            if state is not None and state.is_final():
+                return state
+            waiting = state is None or state.is_scheduled()
+            if waiting and paidcalls.stop_requested() is not None:
+                client.set_flow_run_state(run.id, Cancelled(message=NOT_STARTED))
+                continue  # read again: a worker may have taken it meanwhile, which then runs to its end
+            if waiting and not told and time.monotonic() - started > WORKER_PATIENCE:
+                told = True
+                get_run_logger().warning(
+                    "%s has waited %.0f s for a worker: is one polling work pool %r? (`prefect worker start --pool "
+                    "%s`; a Ctrl-C here cancels the dates no worker has started)", run.name,
+                    time.monotonic() - started, run.work_pool_name, run.work_pool_name)
+            time.sleep(DATE_POLL)
 
 
 def own_manifest(manifest: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
@@ -409,6 +470,11 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
     if (over := over_caps(caps, estimates, one_number)) is not None:
         raise BackfillRefused(f"{len(todo)} date(s) to run are {over}; nothing was run")
     deployment_id = _deployment_id(deployment) if deployment else None
+    if deployment_id is None and deployment and deployment != DEPLOYMENT:  # named on purpose: not run elsewhere
+        raise BackfillRefused(f"no deployment {deployment!r} on the Prefect server (`prefect deployment ls` lists "
+                              "them, as <flow>/<deployment>); name one of them, or run the dates here with --local")
+    if deployment_id is not None:
+        workers_read(path, logger)
     logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete, estimated %s, via %s",
                 parsed.name, start, end, len(todo), len(rows), credits_text(range_totals(estimates)),
                 f"deployment {deployment}" if deployment_id else "subflows")

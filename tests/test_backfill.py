@@ -162,6 +162,70 @@ def test_a_date_whose_task_starts_after_a_stop_makes_no_run(monkeypatch, tmp_pat
         ("stopped", "not started", "not started: Ctrl-C", False)
 
 
+def test_a_stopped_backfill_cancels_the_date_runs_no_worker_has_started(monkeypatch) -> None:
+    """Ctrl-C while a date's run waited for a worker (none polled its pool): the backfill left,
+    and the run started, and paid, once a worker came. Now the stop cancels it."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.backfill import NOT_STARTED, await_date_run
+    from flows.paying import paidcalls
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="no-worker-polls", type="process"))
+        except ObjectAlreadyExists:
+            pass
+        flow_id = client.create_flow_from_name("waits-for-a-worker")
+        deployment = client.create_deployment(flow_id=flow_id, name="no-worker", work_pool_name="no-worker-polls",
+                                              entrypoint="flows/pipeline.py:run_pipeline")
+    stop: list[str] = []
+    monkeypatch.setattr(paidcalls, "_stop", stop)
+    run = run_deployment(deployment, timeout=0)
+    threading.Timer(1.0, stop.append, ["Ctrl-C"]).start()
+    state = await_date_run(run)
+    assert state.is_cancelled() and state.message == NOT_STARTED, state
+
+
+def test_a_deployment_named_wrong_or_a_spec_workers_cannot_read_is_refused_up_front(tmp_path, monkeypatch) -> None:
+    """`--deployment nightly-demo` was a traceback (`Invalid deployment name format`); a spec
+    outside `pipelines/` was estimated, then every date failed on the workers (`SpecRefused`);
+    a spec changed and not committed ran as committed on the workers, its new items never made
+    while the dates said done."""
+    import subprocess
+
+    from flows import backfill as module
+    from flows.backfill import _deployment_id, workers_read
+
+    with pytest.raises(BackfillRefused, match="give it as <flow>/<deployment>"):
+        _deployment_id("nightly-demo")
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text("name: x\n")
+    with pytest.raises(BackfillRefused, match="outside pipelines/ and IMAGEGEN_SPEC_ROOTS.*--local"):
+        workers_read(outside, None)
+    repo = tmp_path / "repo"
+    (repo / "pipelines").mkdir(parents=True)
+    spec_file = repo / "pipelines" / "mine.yaml"
+    spec_file.write_text("name: mine\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "spec"], check=True)
+    monkeypatch.setattr(module, "PIPELINES_DIR", repo / "pipelines")
+    monkeypatch.delenv("IMAGEGEN_SPEC_ROOTS", raising=False)
+    said: list[str] = []
+    logger = type("Log", (), {"warning": lambda self, msg, *args: said.append(msg % args)})()
+    workers_read(spec_file, logger)
+    assert said == []
+    spec_file.write_text("name: mine\nitems: []\n")
+    workers_read(spec_file, logger)
+    assert len(said) == 1 and "mine.yaml has changes not committed" in said[0] and "--local" in said[0], said
+
+
 D1, D2, D3 = date(2026, 9, 1), date(2026, 9, 2), date(2026, 9, 3)
 
 
