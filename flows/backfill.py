@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -243,17 +244,20 @@ def _deployment_id(name: str) -> str | None:
 
 
 def workers_read(path: Path, logger: Any) -> None:
-    """The dates run on workers, each in a clone of the repository: `BackfillRefused` for a
-    spec they cannot read (outside `pipelines/` and `IMAGEGEN_SPEC_ROOTS`), and a warning for
-    one with changes git has not committed (the workers run the committed one)."""
+    """The dates run on workers, each in a clone of the repository: a warning for a spec they
+    may not read (outside `pipelines/`: only a folder of their `IMAGEGEN_SPEC_ROOTS`, which may
+    not be this machine's), and for one with changes git has not committed (the workers run the
+    committed one)."""
     import subprocess
 
     from flows.specs import confine
 
     if not confine.inside(path, confine.spec_roots(PIPELINES_DIR)):
-        raise BackfillRefused(f"{path} is outside pipelines/ and {confine.SPEC_ROOTS}, so the workers that run the "
-                              "dates cannot read it: move it into pipelines/ (committed and pushed), or run the dates "
-                              "here with --local")
+        logger.warning("%s is outside pipelines/ (and this machine's %s): the workers that run the dates read it "
+                       "only from a folder of their %s, else each date fails SpecRefused; then move it into "
+                       "pipelines/ (committed and pushed), or run the dates here with --local", path,
+                       confine.SPEC_ROOTS, confine.SPEC_ROOTS)
+        return
     try:
         changed = subprocess.run(["git", "status", "--porcelain", "--", str(path.resolve())], capture_output=True,
                                  text=True, cwd=PIPELINES_DIR.parent, timeout=10).stdout.strip()
@@ -547,12 +551,16 @@ def run_dates(dates: Dates, deployment_id: str | None, max_parallel: int, logger
     return rows
 
 
+_PATHS = re.compile(r"/[^\s:,;()'\"]+")
+
+
 def same_failure(rows: Any) -> str | None:
     """The reason `FAIL_FAST` dates failed before running any item, while none succeeded."""
     rows = list(rows)
     if any(r["status"] == "done" for r in rows):
         return None
-    reasons = Counter(r["reason"] for r in rows if r["status"] == "failed" and not r.get("ran_items"))
+    reasons = Counter(_PATHS.sub("<path>", r["reason"]) for r in rows if r["status"] == "failed"
+                      and not r.get("ran_items"))  # one refusal names each worker's own clone
     reason, count = next(iter(reasons.most_common(1)), ("", 0))
     return reason if count >= FAIL_FAST else None
 

@@ -129,6 +129,10 @@ def test_dates_failing_for_one_reason_before_any_item_stop_the_backfill() -> Non
     assert same_failure([refused, refused, {"status": "done", "reason": ""}]) is None  # one date got through
     paid = {**refused, "ran_items": True}  # items ran: a provider's answer, not a refusal every date meets
     assert same_failure([paid, paid]) is None
+    # Each worker's refusal names its own clone: the same reason all the same (four dates ran before).
+    on = [{**refused, "reason": f"SpecRefused: /tmp/c.yaml:1:1: must be under IMAGEGEN_SPEC_ROOTS (/tmp/{d}/main/pipelines)"}
+          for d in ("tmpa1prefect", "tmpb2prefect")]
+    assert same_failure(on) == "SpecRefused: <path>:1:1: must be under IMAGEGEN_SPEC_ROOTS (<path>)"
 
 
 def test_a_deployment_s_dates_get_the_spec_by_its_place_in_the_checkout(tmp_path) -> None:
@@ -191,11 +195,11 @@ def test_a_stopped_backfill_cancels_the_date_runs_no_worker_has_started(monkeypa
     assert state.is_cancelled() and state.message == NOT_STARTED, state
 
 
-def test_a_deployment_named_wrong_or_a_spec_workers_cannot_read_is_refused_up_front(tmp_path, monkeypatch) -> None:
+def test_a_deployment_named_wrong_is_refused_and_a_spec_workers_may_not_read_is_said_up_front(tmp_path, monkeypatch) -> None:
     """`--deployment nightly-demo` was a traceback (`Invalid deployment name format`); a spec
-    outside `pipelines/` was estimated, then every date failed on the workers (`SpecRefused`);
-    a spec changed and not committed ran as committed on the workers, its new items never made
-    while the dates said done."""
+    outside `pipelines/` was estimated, then every date failed on the workers (`SpecRefused`)
+    without a word before; a spec changed and not committed ran as committed on the workers,
+    its new items never made while the dates said done."""
     import subprocess
 
     from flows import backfill as module
@@ -203,10 +207,6 @@ def test_a_deployment_named_wrong_or_a_spec_workers_cannot_read_is_refused_up_fr
 
     with pytest.raises(BackfillRefused, match="give it as <flow>/<deployment>"):
         _deployment_id("nightly-demo")
-    outside = tmp_path / "elsewhere.yaml"
-    outside.write_text("name: x\n")
-    with pytest.raises(BackfillRefused, match="outside pipelines/ and IMAGEGEN_SPEC_ROOTS.*--local"):
-        workers_read(outside, None)
     repo = tmp_path / "repo"
     (repo / "pipelines").mkdir(parents=True)
     spec_file = repo / "pipelines" / "mine.yaml"
@@ -219,6 +219,11 @@ def test_a_deployment_named_wrong_or_a_spec_workers_cannot_read_is_refused_up_fr
     monkeypatch.delenv("IMAGEGEN_SPEC_ROOTS", raising=False)
     said: list[str] = []
     logger = type("Log", (), {"warning": lambda self, msg, *args: said.append(msg % args)})()
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text("name: x\n")
+    workers_read(outside, logger)  # the workers' IMAGEGEN_SPEC_ROOTS may have it: said, not refused
+    assert len(said) == 1 and "outside pipelines/" in said[0] and "--local" in said[0], said
+    said.clear()
     workers_read(spec_file, logger)
     assert said == []
     spec_file.write_text("name: mine\nitems: []\n")

@@ -474,7 +474,8 @@ def resolve_spec_path(spec: str | Path, *, confined: bool = False) -> Path:
         roots = confine.spec_roots(PIPELINES_DIR)
         if not confine.inside(path if path.is_absolute() else PIPELINES_DIR.parent / path, roots):
             raise SpecRefused(text, "a deployment's spec must be a name in pipelines/ or a path under "
-                                    f"{confine.SPEC_ROOTS} ({', '.join(str(r) for r in roots)})")
+                                    f"{confine.SPEC_ROOTS} ({', '.join(str(r) for r in roots)}); from a terminal, "
+                                    "`imagegen backfill --local` or `imagegen run` read it where it is")
         path = path if path.is_absolute() else PIPELINES_DIR.parent / path
         if not path.is_file():
             raise SpecRefused(text, "no such spec")
