@@ -122,6 +122,20 @@ def running(state: ServerState | None) -> bool:
     return alive(state.pid) and answers(f"{state.local_url}/health")()
 
 
+def port_free(host: str, port: int) -> None:
+    """`ServerError` when `port` is taken on `host`: the server would exit at once, while the
+    one holding the port answered the health check, so `up` reported the wrong server as its own."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: not fooled by TIME_WAIT
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServerError(f"port {port} on {host} is in use ({exc.strerror}): another server holds it "
+                              "(`imagegen server status --dir DIR` for one of ours); choose another with --port") from None
+
+
 def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeout: float = 180.0,
        host: str = "127.0.0.1") -> ServerState:
     """Start the server (and its PostgreSQL cluster) unless it already runs; wait until it answers."""
@@ -150,6 +164,7 @@ def up(root: Path = DEFAULT_DIR, port: int = 4200, database: str = "auto", timeo
             print(f"starting PostgreSQL in {root / 'postgres'} (its first start creates the cluster)",
                   file=sys.stderr, flush=True)
             url, pg_port = cluster.start(), cluster.port
+    port_free(host, port)
     home = root / "home"
     print(f"starting the Prefect server on {host}:{port} ({database}; a first start creates its database, up to a "
           f"minute); log {root / 'server.log'}", file=sys.stderr, flush=True)

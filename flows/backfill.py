@@ -25,6 +25,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import PrefectFuture
 from prefect.states import Failed
 
+from blocks.errors import BlockMissing
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
 from flows.paying.spent import Earlier, earlier_spend
@@ -292,15 +293,20 @@ def run_date_task(spec: str, run_date: date, deployment_id: str | None, key: str
         state = run_pipeline(spec=spec, run_date=run_date, overrides=RunOverrides(max_credits=cap) if cap else None,
                              return_state=True)  # named <pipeline>-<date>
         run_id = str(state.state_details.flow_run_id)
-    manifest = own_manifest(manifest_status(load_spec(local_spec), run_date), run_id)
+    current = manifest_status(load_spec(local_spec), run_date)
+    manifest = own_manifest(current, run_id)
     done = bool(manifest) and manifest.get("status") == "complete"
+    replaced = manifest is None and state is not None and state.is_completed() and bool(current) and \
+        current.get("status") == "complete"  # a later run of the date (another backfill's) wrote over it
     items = (manifest or {}).get("items", [])
     spent = spend_by_provider(manifest or {})
-    return {"date": run_date.isoformat(), "status": "done" if done else "failed",
-            "credits": credits_column(spent, manifest or {}), "flow_run_id": run_id,
+    return {"date": run_date.isoformat(), "status": "done" if done or replaced else "failed",
+            "credits": "?" if replaced else credits_column(spent, manifest or {}), "flow_run_id": run_id,
             "paid_items": sum(1 for i in items if not i.get("reused") and i.get("credits")), "items": len(items),
             "state": state.name if state else "unknown",
-            "reason": "" if done else failure_reason(state, manifest), "ran_items": manifest is not None,
+            "reason": "" if done else (f"its manifest is now run {current.get('flow_run_id')}'s, a later run of the "
+                                       "date; what this run was charged is not known here" if replaced else
+                                       failure_reason(state, manifest)), "ran_items": manifest is not None,
             "by_provider": spent}
 
 
@@ -444,7 +450,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
     """
     try:
         return _backfill(spec, start, end, max_parallel, max_credits, deployment)
-    except (BackfillFailed, BackfillRefused, SpecError) as exc:
+    except (BackfillFailed, BackfillRefused, SpecError, BlockMissing) as exc:
         get_run_logger().error("%s: %s", type(exc).__name__, exc)
         return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)  # type: ignore[return-value]
 

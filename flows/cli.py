@@ -321,6 +321,22 @@ def _not_this_items_job(ledger: Any, args: argparse.Namespace, found: Any) -> st
     return None
 
 
+def account_mistake(pair: str) -> str | None:
+    """Why `--account PROVIDER=BLOCK` names no account limits can be applied for (else None):
+    it created nothing for an unknown provider, and `imagegen:tams::rate:api` for a missing Block."""
+    import re
+
+    from blocks import PROVIDERS
+
+    provider, equals, block = pair.partition("=")
+    if provider not in PROVIDERS:
+        return f"no provider {provider!r} (one of {', '.join(sorted(PROVIDERS))}); give PROVIDER=BLOCK, such as tams=prod"
+    if not equals or not re.fullmatch(r"[a-z0-9-]+", block):
+        return ("give PROVIDER=BLOCK, the name of a saved Block (lowercase letters, digits and dashes), such as "
+                f"{provider}=prod")
+    return None
+
+
 def cmd_limits(args: argparse.Namespace) -> int:
     from deployments.limits import apply_limits, reset_limit
     from deployments.limits import limits_in_use
@@ -330,6 +346,10 @@ def cmd_limits(args: argparse.Namespace) -> int:
             print("reset needs the limit's NAME (see `imagegen limits show`)", file=sys.stderr)
             return 2
         if not args.yes:
+            if not sys.stdin.isatty():
+                print(f"reset asks before it frees the slots of {args.name}, and no terminal answers here: add --yes "
+                      "once you know no run holds one", file=sys.stderr)
+                return 2
             answer = input(f"free every slot of {args.name}? Only do this when no run holds one (a killed run on a "
                            "server without durable leases); a live job would then run beside a new one. [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
@@ -343,6 +363,9 @@ def cmd_limits(args: argparse.Namespace) -> int:
         if args.account:
             accounts = {}
             for pair in args.account:
+                if (wrong := account_mistake(pair)) is not None:
+                    print(f"imagegen limits apply: --account {pair}: {wrong}", file=sys.stderr)
+                    return 2
                 provider, _, block = pair.partition("=")
                 accounts.setdefault(provider, []).append(block)
         for name, (limit, decay) in apply_limits(accounts).items():
@@ -398,7 +421,9 @@ def credit_caps(text: str) -> float | dict[str, float]:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Run a spec for every date of a range; dates already complete are skipped."""
+    from blocks.errors import BlockMissing
     from flows.backfill import BackfillFailed, BackfillRefused, backfill, check_arguments, provider_caps
+    from flows.pipeline import plan_items, saved_blocks
     from flows.paying.detach import INTERRUPTED, interrupted, stop_on_interrupt
     from flows.running.progress import terminal_line
     from flows.running.report import format_table
@@ -410,6 +435,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     shield_server(args)
+    try:
+        spec = load_spec(resolve_spec_path(args.spec))
+        saved_blocks(spec, plan_items(spec, "", args.start, ""))  # what every date needs, before any starts
+    except BlockMissing as exc:
+        print(f"backfill not started: {exc}", file=sys.stderr)
+        return 1
     with terminal_line(), stop_on_interrupt():
         state = backfill(spec=args.spec, start=args.start, end=args.end, max_parallel=args.max_parallel,
                          max_credits=args.max_credits, deployment=None if args.local else args.deployment,
@@ -464,6 +495,12 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 1
     print(f"Prefect server up on {state.database}, leases on disk in {state.home}; use it with:\n"
           f"export PREFECT_API_URL={state.api_url}\nIts UI: {state.api_url.removesuffix('/api')}")
+    import os
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        print(f"warning: it listens on {args.host} without PREFECT_SERVER_API_AUTH_STRING: anyone who reaches the port "
+              "can read its Blocks (provider keys) and start runs; set that (user:password) before `server up`, or "
+              "keep it behind a firewall", file=sys.stderr)
     return 0
 
 

@@ -121,6 +121,16 @@ def test_ids_made_of_characters_an_id_drops_name_the_fix(tmp_path: Path) -> None
                      "apart (a SKU, a row number)"]
 
 
+def test_ids_that_differ_only_past_63_characters_say_so(tmp_path: Path) -> None:
+    """Two SKUs alike in their first 63 characters made one id: the message said it was the
+    characters an id drops, and to use a SKU, which it already was."""
+    sku = "COLLECTION-2026-SPRING-WOMENS-RUNNING-SHOE-ULTRALIGHT-MESH-RED-SIZE-"
+    rows = f"sku,name,color,provider\n{sku}38,shoe,red,tams\n{sku}39,shoe,red,tams\n"
+    found = problems(write(tmp_path, rows=rows))  # ids "{sku}-{style}": the style is past the 63rd character
+    assert found and all(f.startswith("products.csv:") and "duplicate item id" in f for f in found), found
+    assert all("differ only after their first 63 characters" in f and "'{size}-{sku}'" in f for f in found), found
+
+
 @pytest.mark.parametrize("content, says", [
     (b"sku,name\n\x00\x01\x02", "a binary file"),
     (b"sku,name,color,provider\nA,caf\xe9,red,tams\n", "not UTF-8 text"),

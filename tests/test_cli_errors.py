@@ -39,6 +39,15 @@ def test_run_with_a_missing_block_is_one_line_naming_it(prefect_api, spec: Path,
     assert "prefect block create tams-provider" in err or "prefect block create tencent-provider" in err
 
 
+@pytest.mark.parametrize("local", [[], ["--local"]])
+def test_a_backfill_with_a_missing_block_is_one_line_naming_it(prefect_api, spec: Path, capsys, local) -> None:
+    """`imagegen backfill --local` with a Block missing was an 11-frame traceback; `run` was one line."""
+    assert main(["backfill", str(spec), "--start", "2026-05-01", "--end", "2026-05-02", *local]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("backfill not started: no ") and "Block named 'no-such-account'" in err, err
+
+
 def test_estimate_without_the_providers_says_so_and_uses_published_formulas(prefect_api, spec: Path,
                                                                             capsys) -> None:
     assert main(["estimate", str(spec)]) == 1  # an item stays unpriced
@@ -324,3 +333,35 @@ def test_limits_show_reads_the_temporary_server_s_leases(monkeypatch) -> None:
         assert local_lease_storage() == get_current_settings().home / "concurrency_leases"
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # a profile's server elsewhere
         assert local_lease_storage() is None
+
+
+def test_server_up_on_a_port_in_use_says_so_instead_of_reporting_the_other_server(tmp_path) -> None:
+    """`imagegen server up --port 4200` beside another server on 4200: its own server exited at
+    once ("Port 4200 is already in use"), the other answered the health check, and `server up`
+    printed success with that server's URL."""
+    import socket
+
+    from deployments import server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(server.ServerError, match=f"port {port} on 127.0.0.1 is in use.*--port"):
+            server.up(tmp_path / "srv", port=port, database="sqlite")
+    assert not (tmp_path / "srv" / "server.log").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("account, told", [
+    ("tamz=prod", "no provider 'tamz' (one of chuzhan, tams, tencent); give PROVIDER=BLOCK, such as tams=prod"),
+    ("tams", "give PROVIDER=BLOCK, the name of a saved Block"),
+    ("tams=a:b", "give PROVIDER=BLOCK, the name of a saved Block"),
+])
+def test_limits_apply_for_an_account_it_cannot_name_says_so(account: str, told: str, capsys) -> None:
+    """`--account tamz=prod` applied nothing and said nothing; `--account tams` applied
+    `imagegen:tams::rate:api`, and `tams=a:b` a limit of an account `a:b`."""
+    from flows.cli import main
+
+    assert main(["limits", "apply", "--account", account]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"imagegen limits apply: --account {account}: {told}") and err.count("\n") == 1, err

@@ -79,9 +79,12 @@ def max_items() -> int:
     return int(text) if text.isdigit() and int(text) > 0 else MAX_ITEMS
 
 
+MAX_ID = 63  # an item id's length (the spec's SLUG): a longer rendered id keeps its first 63 characters
+
+
 def slug(text: str) -> str:
     """An item id from a rendered id template: lowercase, runs of other characters as `-`."""
-    return re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._")[:63]
+    return re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._")[:MAX_ID]
 
 
 def rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -332,6 +335,11 @@ def _duplicate(item_id: str, rendered: str, line: int, other: str) -> str:
     """Why an id already made at `line` (from the text `other`) cannot be made again."""
     if rendered.strip().lower() == other.strip().lower():
         return f"duplicate item id {item_id!r} (also line {line})"
+    whole = [re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._") for text in (rendered, other)]
+    if whole[0] != whole[1] and max(map(len, whole)) > MAX_ID:
+        return (f"duplicate item id {item_id!r}: {rendered!r} and {other!r} (line {line}) differ only after their "
+                f"first {MAX_ID} characters, and an id keeps {MAX_ID}; put the part that tells them apart first in "
+                "items_from.id (such as '{size}-{sku}'), or shorten it")
     return (f"duplicate item id {item_id!r}: {rendered!r} and {other!r} (line {line}) make the same id "
             f"({ID_CHARACTERS}); build items_from.id from a column that tells them apart (a SKU, a row number)")
 
