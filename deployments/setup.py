@@ -10,6 +10,8 @@ date. Idempotent.
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +51,24 @@ def checkout_source(root: Path = ROOT) -> tuple[str, str] | None:
     return without_credentials(repository), "" if branch in (None, "HEAD") else branch
 
 
+class SetupRefused(RuntimeError):
+    """What `setup-server` was given would make every deployment run fail: not set."""
+
+
+def missing_branch(repository: str, branch: str) -> str | None:
+    """Why workers could not clone `branch` of `repository` (it has no such branch), or None,
+    also where git cannot tell (no git, no answer in 30 s, credentials only the workers have)."""
+    try:
+        found = subprocess.run(["git", "ls-remote", "--heads", repository, branch], capture_output=True, text=True,
+                               timeout=30, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if found.returncode == 0 and not found.stdout.strip():
+        return (f"{without_credentials(repository)} has no branch {branch!r}, so every deployment run would fail "
+                "cloning it; give --branch one it has (the workers' repository and branch were left as they were)")
+    return None
+
+
 def set_source(client, repository: str | None, branch: str | None) -> list[str]:  # noqa: ANN001
     """Set the variables the pull step reads: as given, else from this checkout where unset."""
     from prefect.client.schemas.actions import VariableCreate, VariableUpdate
@@ -65,6 +85,8 @@ def set_source(client, repository: str | None, branch: str | None) -> list[str]:
                     "pass --repository URL so workers can clone the flows"]
         repository = found[0]
         branch = found[1] if branch is None else branch
+    if branch and (missing := missing_branch(repository, branch)) is not None:
+        raise SetupRefused(missing)
     values = {REPOSITORY_VARIABLE: without_credentials(repository), BRANCH_VARIABLE: branch or ""}
     for name, value in values.items():
         if client.read_variable_by_name(name) is None:

@@ -7,7 +7,7 @@ import difflib
 import re
 import sys
 from typing import Any
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 from flows.specs.spec import PipelineSpec, SpecError, load_spec, resolve_spec_path
@@ -25,7 +25,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         path = resolve_spec_path(name)
         try:
             spec = load_spec(path)
-            notes = preflight(plan_items(spec, "", date.today(), ""), path)
+            notes = preflight(plan_items(spec, "", utc_today(), ""), path)
         except SpecError as exc:
             print(exc, file=sys.stderr)
             status = 1
@@ -36,6 +36,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"note: {note}")
     return status
+
+
+def utc_today() -> date:
+    """The run date a run given none takes (`flows.pipeline`): today in UTC, not in this machine's zone."""
+    return datetime.now(timezone.utc).date()
 
 
 def _refused_before_start(args: argparse.Namespace) -> str | None:
@@ -64,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:  # refuse a bad spec, provider rules included, before starting Prefect at all
         path = resolve_spec_path(args.spec)
         spec = load_spec(path)
-        plans = plan_items(spec, "", args.run_date or date.today(), "")
+        plans = plan_items(spec, "", args.run_date or utc_today(), "")
         for note in preflight(plans, path):
             print(f"note: {note}", file=sys.stderr)
     except SpecError as exc:
@@ -116,7 +121,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     path = resolve_spec_path(args.spec)
     try:
         spec = load_spec(path)
-        plans = plan_items(spec, "", args.run_date or date.today(), "")
+        plans = plan_items(spec, "", args.run_date or utc_today(), "")
         notes = preflight(plans, path)
     except SpecError as exc:
         print(exc, file=sys.stderr)
@@ -467,10 +472,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_setup_server(args: argparse.Namespace) -> int:
-    from deployments.setup import setup_server
+    from deployments.setup import SetupRefused, setup_server
 
-    for line in setup_server(args.pool, repository=args.repository, branch=args.branch):
-        print(line)
+    try:
+        for line in setup_server(args.pool, repository=args.repository, branch=args.branch):
+            print(line)
+    except SetupRefused as exc:
+        print(f"setup-server: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -365,3 +365,19 @@ def test_limits_apply_for_an_account_it_cannot_name_says_so(account: str, told: 
     assert main(["limits", "apply", "--account", account]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"imagegen limits apply: --account {account}: {told}") and err.count("\n") == 1, err
+
+
+def test_a_branch_the_repository_lacks_is_refused_before_workers_clone_it(tmp_path) -> None:
+    """`setup-server --branch nosuch` was accepted: every run then ended Crashed with a
+    `workspace.json` error, the cause only in the worker's own log."""
+    import subprocess
+
+    from deployments.setup import missing_branch
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "first"], check=True)
+    assert missing_branch(str(tmp_path), "main") is None
+    said = missing_branch(str(tmp_path), "nosuch")
+    assert said is not None and "has no branch 'nosuch'" in said and "--branch" in said, said
+    assert missing_branch(str(tmp_path / "not-a-repository"), "main") is None  # git cannot tell: not refused

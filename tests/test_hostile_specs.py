@@ -173,6 +173,8 @@ def test_a_deployment_spec_is_a_pipelines_name_or_under_a_spec_root(tmp_path, mo
                  "demo/../../etc/passwd"):
         with pytest.raises(SpecRefused):
             resolve_spec_path(spec, confined=True)
+    with pytest.raises(SpecRefused, match=r"no spec named 'demoo' in pipelines/ \(did you mean 'demo'"):
+        resolve_spec_path("demoo", confined=True)  # was "must be a name in pipelines/", which it is
     monkeypatch.setenv("IMAGEGEN_SPEC_ROOTS", str(tmp_path))
     assert resolve_spec_path(str(outside), confined=True) == outside
     assert resolve_spec_path(str(outside)) == outside  # the CLI: a person's own path

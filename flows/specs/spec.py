@@ -469,6 +469,7 @@ def resolve_spec_path(spec: str | Path, *, confined: bool = False) -> Path:
         for candidate in (PIPELINES_DIR / f"{text}.yaml", PIPELINES_DIR / f"{text}.yml", PIPELINES_DIR / text):
             if candidate.is_file():
                 return candidate
+        raise SpecRefused(text, f"no spec named {text!r} in pipelines/{_did_you_mean(Path(text))}")
     path = Path(spec)
     if confined:
         roots = confine.spec_roots(PIPELINES_DIR)
