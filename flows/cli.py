@@ -360,7 +360,14 @@ def cmd_limits(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing changed")
                 return 1
-        print(f"{args.name}: {reset_limit(args.name)} slot(s) freed")
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            print(f"{args.name}: {reset_limit(args.name)} slot(s) freed")
+        except ObjectNotFound:
+            print(f"no limit named {args.name} on the Prefect server (`imagegen limits show` lists them)",
+                  file=sys.stderr)
+            return 1
         return 0
 
     if args.action == "apply":
@@ -377,6 +384,10 @@ def cmd_limits(args: argparse.Namespace) -> int:
             print(f"applied {name}: " + (f"rate {decay}/s" if decay else f"{limit} in flight"))
         return 0
     leases = Path(args.leases) if args.leases else local_lease_storage()
+    if args.leases and not leases.is_dir():
+        print(f"--leases {args.leases}: no such folder; give the server's PREFECT_HOME/concurrency_leases",
+              file=sys.stderr)
+        return 2
     rows = limits_in_use(leases)
     for row in rows:
         kind = f"rate {row['slot_decay_per_second']}/s" if row["slot_decay_per_second"] else f"limit {row['limit']}"

@@ -704,6 +704,7 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
     return manifest
 
 
+MANY_ITEMS = 1000  # a run of this many items says what it reads before its first paid call
 STOPPING_PATIENCE = ANSWER_PATIENCE + 120.0  # a provider's answer on its way, then its record written
 
 
@@ -833,6 +834,9 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     """Everything after planning: reuse, estimate, budget, submit, review, archive, manifest."""
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
+    if len(plans) >= MANY_ITEMS:  # minutes of reading for tens of thousands: said, not silent
+        logger.info("%s %s: looking for the %d item(s) in the archive, then pricing the rest, before anything is "
+                    "paid", parsed.name, run_date, len(plans))
     reused = _reusable(plans, rebuild=not dry_run)  # what the bucket holds is paid for, whatever the ledger says
     left_out = {p.item_id: {"step": "not submitted", "error": NOT_SELECTED,
                             "message": "not among this run's overrides.items"}

@@ -381,3 +381,16 @@ def test_a_branch_the_repository_lacks_is_refused_before_workers_clone_it(tmp_pa
     said = missing_branch(str(tmp_path), "nosuch")
     assert said is not None and "has no branch 'nosuch'" in said and "--branch" in said, said
     assert missing_branch(str(tmp_path / "not-a-repository"), "main") is None  # git cannot tell: not refused
+
+
+def test_limits_show_with_a_lease_folder_that_is_not_there_says_so(capsys, tmp_path) -> None:
+    """`limits show --leases /nonexistent` ignored the path and showed the limits without leases."""
+    assert main(["limits", "show", "--leases", str(tmp_path / "nonexistent")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_resetting_a_limit_the_server_lacks_names_it(prefect_api, capsys) -> None:
+    """`limits reset nosuch --yes` said `... not found on the Prefect server at URL: None`."""
+    assert main(["limits", "reset", "imagegen:nosuch", "--yes"]) == 1
+    assert capsys.readouterr().err.strip() == ("no limit named imagegen:nosuch on the Prefect server "
+                                               "(`imagegen limits show` lists them)")
