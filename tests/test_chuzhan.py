@@ -301,7 +301,7 @@ def test_a_failed_task_whose_charge_was_never_seen_still_counts_against_the_cap(
     name, day = "cz-failed-unseen", date(2026, 3, 7)
     path = tmp_path / f"{name}.yaml"
     text = spec_text(name, '  - {id: i0, prompt: "[[fail]] a task that fails"}\n').replace(
-        "max_parallel: 5}", "max_parallel: 1, max_credits: 6}")
+        "max_parallel: 5}", "max_parallel: 1, max_credits: 6, unknown_hold: 1}")
     configure(chuzhan, "chuzhan", refund_failed=False)  # what the client assumes: what was taken stays taken
     try:
         inject(chuzhan, "chuzhan", kind="error_after", count=1)  # created and charged, answered code 500
