@@ -166,7 +166,7 @@ def test_a_date_whose_task_starts_after_a_stop_makes_no_run(monkeypatch, tmp_pat
         ("stopped", "not started", "not started: Ctrl-C", False)
 
 
-def test_a_stopped_backfill_cancels_the_date_runs_no_worker_has_started(monkeypatch) -> None:
+def test_a_stopped_backfill_cancels_the_date_runs_no_worker_has_started(prefect_api, monkeypatch) -> None:  # noqa: ARG001
     """Ctrl-C while a date's run waited for a worker (none polled its pool): the backfill left,
     and the run started, and paid, once a worker came. Now the stop cancels it."""
     import threading
