@@ -425,16 +425,7 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
         return None
     if record is not None and State.ARCHIVED not in TRANSITIONS[record.state]:
         return None  # refused or failed: the ledger's word stands
-    found = found_in_archive(plan, listing)
-    if found is None and other is None and (dropped := dropped_in_manifest(plan, listing)) is not None:
-        if rebuild:
-            ledger.move(None, State.ARCHIVED, job_id=dropped.job_id, archived=dropped.model_dump(mode="json"),
-                        reason="rebuilt from the date's manifest: every image was dropped by the review",
-                        item_id=plan.item_id, base_request_id=plan.request.request_id,
-                        request_id=plan.request.request_id, attempt=1, provider=plan.provider, block=plan.block)
-            _log().warning("%s: no ledger record; the date's manifest says job %s made it and the review dropped "
-                           "every image (quarantine: drop), so it is not paid for again", plan.item_id, dropped.job_id)
-        return dropped
+    found = found_in_archive(plan, listing) or (dropped_in_manifest(plan, listing) if other is None else None)
     if found is None or (record is not None and record.state is State.UNKNOWN and (
             not found.complete or found.request_id != record.request_id)):
         return None  # an unknown call is settled by what its own request's images show, all of them
@@ -448,10 +439,10 @@ def archived_before(plan: ItemPlan, listing: Listing | None = None, recorded: se
             "attempt": attempt_of(found.request_id, plan.request.request_id), "provider": plan.provider,
             "block": plan.block}
         ledger.move(record, State.ARCHIVED, job_id=found.item.job_id, archived=found.item.model_dump(mode="json"),
-                    reason="rebuilt from the archive's sidecars", **identity,
+                    reason=f"rebuilt from {found.source}", **identity,
                     **({"charged_before": extra} if extra else {}))
-        _log().warning("%s: no ledger record said archived; its sidecars in the bucket name job %s (%s)",
-                       plan.item_id, found.item.job_id, "all its images" if found.complete else
+        _log().warning("%s: no ledger record said archived; %s name job %s (%s)",
+                       plan.item_id, found.source, found.item.job_id, "all its images" if found.complete else
                        "some of its images: the rest are fetched again from the job")
     return found.item if found.complete else None
 

@@ -120,11 +120,12 @@ def _same_bytes(bucket: Any, key: str, doc: dict[str, Any], listed: Listed) -> b
 
 @dataclass(frozen=True)
 class Found:
-    """An item as its sidecars in the bucket show it."""
+    """An item as its sidecars in the bucket show it (or, `source`, the date's manifest)."""
 
     item: ArchivedItem
     request_id: str
     complete: bool
+    source: str = "the archive's sidecars"
 
 
 def found_in_archive(plan: ItemPlan, listing: Listing) -> Found | None:
@@ -157,7 +158,7 @@ def found_in_archive(plan: ItemPlan, listing: Listing) -> Found | None:
     return Found(item=item, request_id=str(latest["request_id"]), complete=missing(item, listing) is None)
 
 
-def dropped_in_manifest(plan: ItemPlan, listing: Listing) -> ArchivedItem | None:
+def dropped_in_manifest(plan: ItemPlan, listing: Listing) -> Found | None:
     """An item whose every image the review rejected and `quarantine: drop` left unwritten:
     no sidecar names it, so once its ledger record is lost only the date's manifest says its
     job ran and was archived so. Its entry there (this request and provider, every object
@@ -169,10 +170,12 @@ def dropped_in_manifest(plan: ItemPlan, listing: Listing) -> ArchivedItem | None
     if entry.get("provider") != plan.provider or not entry.get("job_id") or not objects or not all(
             isinstance(o, dict) and o.get("dropped") and not o.get("s3_uri") for o in objects):
         return None
-    return ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=str(entry["job_id"]),
+    item = ArchivedItem(item_id=plan.item_id, provider=plan.provider, job_id=str(entry["job_id"]),
                         credits=float(entry.get("credits") or 0.0),
                         credits_source=str(entry.get("credits_source") or "formula"), objects=objects,
                         images=len(objects))
+    return Found(item=item, request_id=plan.request.request_id, complete=True,
+                 source="the date's manifest (the review dropped every image: quarantine: drop)")
 
 
 def _object(doc: dict[str, Any], sidecar_uri: str, listed: Listed) -> dict[str, Any]:
