@@ -446,13 +446,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     try:
         check_arguments(args.max_parallel, args.max_credits)
-        provider_caps(args.max_credits, load_spec(args.spec).providers_used())
+        spec = load_spec(args.spec)
+        provider_caps(args.max_credits, spec.providers_used())
     except (SpecError, BackfillRefused) as exc:
         print(exc, file=sys.stderr)
         return 1
     shield_server(args)
     try:
-        spec = load_spec(resolve_spec_path(args.spec))
         saved_blocks(spec, plan_items(spec, "", args.start, ""))  # what every date needs, before any starts
     except BlockMissing as exc:
         print(f"backfill not started: {exc}", file=sys.stderr)

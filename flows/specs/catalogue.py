@@ -84,7 +84,12 @@ MAX_ID = 63  # an item id's length (the spec's SLUG): a longer rendered id keeps
 
 def slug(text: str) -> str:
     """An item id from a rendered id template: lowercase, runs of other characters as `-`."""
-    return re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._")[:MAX_ID]
+    return _cleaned(text)[:MAX_ID]
+
+
+def _cleaned(text: str) -> str:
+    """`slug` before it is cut to `MAX_ID` characters."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._")
 
 
 def rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -335,7 +340,7 @@ def _duplicate(item_id: str, rendered: str, line: int, other: str) -> str:
     """Why an id already made at `line` (from the text `other`) cannot be made again."""
     if rendered.strip().lower() == other.strip().lower():
         return f"duplicate item id {item_id!r} (also line {line})"
-    whole = [re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._") for text in (rendered, other)]
+    whole = [_cleaned(text) for text in (rendered, other)]
     if whole[0] != whole[1] and max(map(len, whole)) > MAX_ID:
         return (f"duplicate item id {item_id!r}: {rendered!r} and {other!r} (line {line}) differ only after their "
                 f"first {MAX_ID} characters, and an id keeps {MAX_ID}; put the part that tells them apart first in "
