@@ -18,6 +18,12 @@ to it. `start()` starts the same server, the same way, with two differences:
   so: the run goes on as through a short Prefect outage. It used to hang, every call refused,
   for as long as Prefect's client retried them. After `MAX_RESTARTS` in a minute it is left
   stopped, saying why.
+- its port is its own from the moment it is chosen: the command binds it and hands the
+  listening socket to the server (`uvicorn --fd`). Prefect only checks that a port is free and
+  lets the server bind it after creating its database, up to a minute later: another temporary
+  server took the same port meanwhile, this one could not bind it, and the command's calls went
+  to the other server (its Blocks, its limits, its leases). A restarted server gets the same
+  socket, so nothing takes its port while it starts again either.
 
 The server is registered where Prefect looks for it (`SubprocessASGIServer()`, keyed by no
 port), so every client of the process uses it, and it starts when the first of them needs it
@@ -28,7 +34,9 @@ the process; otherwise the server is stopped at exit only, as Prefect's is.
 
 from __future__ import annotations
 
+import atexit
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -50,17 +58,55 @@ GUARD = (
 """Run before uvicorn in the server's process: ask for SIGTERM when the parent dies, then exec."""
 
 
-def server_command(port: int, parent: int) -> list[str]:
+def server_command(fd: int, parent: int) -> list[str]:
     """The server's command line: Prefect's own (uvicorn on Prefect's app factory, API only),
-    behind `GUARD` (`parent` 0: no death signal)."""
+    serving the listening socket `fd`, behind `GUARD` (`parent` 0: no death signal)."""
     import prefect
 
     return [sys.executable, "-c", GUARD, str(parent), "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--factory", "prefect.server.api.server:create_app", "--fd", str(fd),
             "--log-level", "error", "--lifespan", "on"]
 
 
-def _shielded_class() -> type:
+def listener(port: int | None = None) -> socket.socket:
+    """A listening socket on loopback: on `port` where it is free, else on one the kernel picks."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port or 0))
+    except OSError:
+        sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    return sock
+
+
+def answering(url: str, process: subprocess.Popen[Any], seconds: float) -> bool:
+    """Wait up to `seconds` for the server at `url` to answer its health check; False when the
+    time ran out. Raises `ServerExited` when `process` ended first."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    with httpx.Client() as client:
+        while (left := deadline - time.monotonic()) > 0:
+            if (code := process.poll()) is not None:
+                raise ServerExited(code)
+            try:  # the socket listens from the start: a call waits until the server serves it
+                if client.get(f"{url}/health", timeout=min(left, 5.0)).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    return False
+
+
+class ServerExited(RuntimeError):
+    """The temporary server's process ended before it answered."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the temporary Prefect server exited (code {code}) before it answered.")
+
+
+def server_class() -> type:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
@@ -72,23 +118,50 @@ def _shielded_class() -> type:
         log_mode = "wb"  # a restart appends: the log says why the last one stopped
         stopping = False
 
+        socket: Any = None  # the listening socket the server serves, held by the command
+
         def start(self, timeout: int | None = None) -> None:
-            if not self.running and self.note:
-                print(f"{self.note}; its log: {log_path()}", file=sys.stderr, flush=True)
-            was_running = self.running
+            if self.running:
+                return
+            waited = timeout or get_current_settings().server.ephemeral.startup_timeout_seconds
+            self.socket = listener(self.port)
+            self.port = self.socket.getsockname()[1]
+            if self.note:
+                print(f"{self.note}; its API: {self.api_url}, its log: {log_path()}", file=sys.stderr, flush=True)
+            self.running, self.stopping = True, False
             try:
-                super().start(timeout)
-            except RuntimeError as exc:  # it did not answer: what it said is in its log
-                waited = get_current_settings().server.ephemeral.startup_timeout_seconds
-                raise RuntimeError(f"{str(exc).splitlines()[0]} Its log ({log_path()}) ends: {log_tail()}. If it "
-                                   f"only needs longer, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
-                                   f"({waited} s now), or set PREFECT_API_URL to a lasting server") from None
-            if not was_running:
-                threading.Thread(target=self._watch, name=WATCHDOG, daemon=True).start()
+                self.server_process = self._run_uvicorn_command()
+                atexit.register(self.stop)
+                if not answering(self.api_url, self.server_process, waited):
+                    raise RuntimeError(f"the temporary Prefect server did not answer in {waited} s.")
+            except RuntimeError as exc:  # what it said is in its log
+                self._abandon()
+                longer = "" if isinstance(exc, ServerExited) else (
+                    f" If it only needs longer, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ({waited} s "
+                    "now), or set PREFECT_API_URL to a lasting server")
+                raise RuntimeError(f"{exc} Its log ({log_path()}) ends: {log_tail()}.{longer}") from None
+            threading.Thread(target=self._watch, name=WATCHDOG, daemon=True).start()
 
         def stop(self) -> None:
             self.stopping = True  # before the server ends: its watchdog must not start it again
             super().stop()
+            self._let_go()
+
+        def _abandon(self) -> None:
+            """End a server that did not start (it stays the process's server: not `stop`)."""
+            self.stopping = True
+            if self.server_process is not None:
+                self.server_process.kill()
+                self.server_process.wait()
+                self.server_process = None
+            self.running = False
+            self._let_go()
+
+        def _let_go(self) -> None:
+            """Close the listening socket: calls to the server are refused, not left waiting."""
+            if self.socket is not None:
+                self.socket.close()
+                self.socket = None
 
         def _watch(self) -> None:
             """Start the server again whenever it stops before the command asked it to."""
@@ -103,10 +176,13 @@ def _shielded_class() -> type:
                     print(f"the temporary Prefect server stopped again (exit {code}), {MAX_RESTARTS} times in a "
                           f"minute: it is not started again, and this command's Prefect calls fail. Its log: "
                           f"{log_path()}", file=sys.stderr, flush=True)
+                    self._let_go()
                     return
                 print(f"the temporary Prefect server stopped (exit {code}); starting it again on {self.api_url}, "
                       f"on the same database: the run goes on. Its log: {log_path()}", file=sys.stderr, flush=True)
                 self.log_mode = "ab"
+                if self.stopping or self.socket is None:  # the command stopped it meanwhile
+                    return
                 self.server_process = self._run_uvicorn_command()
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
@@ -118,7 +194,8 @@ def _shielded_class() -> type:
             own_group: dict[str, Any] = {"process_group": 0} if os.name == "posix" else {}
             log_path().parent.mkdir(parents=True, exist_ok=True)
             with log_path().open(self.log_mode) as log:  # the child keeps its own copy of the descriptor
-                return subprocess.Popen(server_command(self.port, os.getpid() if main else 0), env=env,
+                fd = self.socket.fileno()
+                return subprocess.Popen(server_command(fd, os.getpid() if main else 0), env=env, pass_fds=(fd,),
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **own_group)
 
     return ShieldedServer
@@ -153,7 +230,7 @@ def register(note: str = "") -> Any:
 
     server = SubprocessASGIServer._instances.get(None)
     if server is None:
-        server = _shielded_class()()
+        server = server_class()()
         server.note = note
     return server
 

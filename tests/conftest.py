@@ -104,10 +104,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
+    import prefect.testing.utilities as harness
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from flows import tempserver
+
+    # The command's temporary server: its port held from the start. Prefect's harness server binds
+    # its port only after creating its database, and four workers' servers start at once.
+    harness.SubprocessASGIServer = tempserver.server_class()
+    with harness.prefect_test_harness(server_startup_timeout=120):
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
 

@@ -10,6 +10,8 @@
 3. The temporary Prefect server a command starts (no `PREFECT_API_URL`) is out of the terminal's
    Ctrl-C (it died with it, and the run hung calling it), and dies with the command however
    the command dies.
+4. Its port is the command's from the moment it is chosen, through its first start (creating its
+   database) and a restart: another server cannot take it meanwhile and answer the command's calls.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,3 +240,49 @@ def test_the_temporary_server_is_out_of_the_terminals_ctrl_c_and_dies_with_the_c
         command.kill()
         if server is not None and alive(server):
             os.kill(server, signal.SIGKILL)
+
+
+RESERVED = """
+import sys, time
+from flows import tempserver
+tempserver.register("starting")
+server = tempserver.start()
+print(server.server_process.pid, server.api_url, flush=True)
+time.sleep(600)
+"""
+
+
+def port_taken(port: int) -> bool:
+    """True when nothing else can listen on loopback's `port`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.slow  # a temporary Prefect server on a new Prefect home (its database is created)
+def test_the_temporary_server_s_port_is_the_command_s_while_it_starts_and_restarts(tmp_path) -> None:
+    """Prefect checked that a port was free, then let the server bind it after creating its
+    database, up to a minute later; another temporary server took it meanwhile (a test run on
+    four workers did), and the command's calls went to that one: `sandbox register` failed with
+    a 404. The command now holds the port from the start, and through a restart."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    command = subprocess.Popen([sys.executable, "-c", RESERVED], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        note = command.stderr.readline()
+        port = int(re.search(r"its API: http://127\.0\.0\.1:(\d+)/api", note)[1])
+        assert port_taken(port)  # while the server creates its database, before it serves
+        pid, api = command.stdout.readline().split()
+        assert api == f"http://127.0.0.1:{port}/api"
+        os.kill(int(pid), signal.SIGKILL)  # the server dies; the command starts it again on its port
+        wait_for("the server's end", lambda: not alive(int(pid)), 30)
+        assert port_taken(port)
+        wait_for("the restarted server", lambda: httpx.get(f"{api}/health", timeout=30).status_code == 200, 120)
+        assert "starting it again on " + api in command.stderr.readline()
+    finally:
+        os.killpg(command.pid, signal.SIGKILL)
+        command.wait(10)
