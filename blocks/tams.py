@@ -206,10 +206,11 @@ class TamsProvider(ImageProvider, CallbackFields):
 
         w, h = request.width, request.height
         for field, value in (("width", w), ("height", h)):
-            if value % 64:
-                raise bad(f"generate.{field}", f"{value} is not a multiple of 64")
-            if value > MAX_SIDE:
-                raise bad(f"generate.{field}", f"{value} is above {MAX_SIDE}")
+            if value % 64 or value > MAX_SIDE:
+                near = min(MAX_SIDE, max(64, round(value / 64) * 64))
+                why = " and ".join(text for wrong, text in ((value % 64, "is not a multiple of 64"),
+                                                             (value > MAX_SIDE, f"is above {MAX_SIDE}")) if wrong)
+                raise bad(f"generate.{field}", f"{value} {why}; give a multiple of 64 up to {MAX_SIDE}, such as {near}")
         if not MIN_PIXELS <= w * h <= MAX_PIXELS:
             raise bad("generate.width/height", f"{w}x{h} = {w * h} pixels, allowed {MIN_PIXELS}..{MAX_PIXELS}")
         if request.steps is not None and not 10 <= request.steps <= 50:

@@ -474,8 +474,8 @@ def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits:
         if complete(parsed, run_date, manifest):
             rows[run_date] = unrun_row(run_date, "skipped", "already complete", "", manifest.get("flow_run_id"))
     todo = [d for d in dates if d not in rows]
-    logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete; estimating their credits",
-                parsed.name, start, end, len(todo), len(rows))
+    logger.info("backfill %s %s..%s: %d date(s) to run, %d already complete%s", parsed.name, start, end, len(todo),
+                len(rows), "; estimating their credits" if todo else "")
     estimates, earlier = estimate_dates(parsed, todo) if todo else ({}, {})
     if (over := over_caps(caps, estimates, one_number)) is not None:
         raise BackfillRefused(f"{len(todo)} date(s) to run are {over}; nothing was run")

@@ -6,6 +6,7 @@ Run on the sandbox on all three providers: a rerun pays nothing, a new row pays 
 from __future__ import annotations
 
 import json
+import os
 from datetime import date
 from pathlib import Path
 
@@ -205,3 +206,41 @@ def test_a_matrix_is_checked_before_it_is_made(tmp_path: Path) -> None:
              'id: "{sku}-{style}"': 'id: "{sku}-{style}-{k0}-{k1}-{k2}"'}
     huge = problems(write(tmp_path, name="huge", edits=edits))
     assert any("1,000,000 combinations, more than the 50,000 items" in p for p in huge), huge
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "²", "12a"])
+def test_a_seed_column_out_of_the_spec_s_range_names_the_range(tmp_path: Path, seed: str) -> None:
+    """A seed of -1 was "not a whole number", and a huge one went on to the spec's own words."""
+    rows = "sku,name,color,provider,seed\nSNK-01,sneaker,red,tams,%s\n" % seed
+    spec = write(tmp_path, rows=rows, edits={'provider: "{provider}"': 'provider: "{provider}"\n  seed: "{seed}"'})
+    [issue] = problems(spec)
+    assert issue == f"products.csv:2: seed {seed!r} is not a whole number from 0 to 4294967295", issue
+
+
+@pytest.mark.parametrize("kind, says", [("missing", "does not exist"), ("folder", "is a folder"),
+                                        ("pipe", "is no regular file (a pipe or a device is not read)")])
+def test_a_catalogue_path_that_is_no_file_says_what_it_is(tmp_path: Path, kind: str, says: str) -> None:
+    """A pipe was "no catalogue file", as a typo was: reading one would hang the run."""
+    spec = write(tmp_path)
+    (tmp_path / "products.csv").unlink()
+    if kind == "folder":
+        (tmp_path / "products.csv").mkdir()
+    elif kind == "pipe":
+        os.mkfifo(tmp_path / "products.csv")
+    [issue] = problems(spec)
+    assert issue.endswith(f"the catalogue 'products.csv' {says}: give a CSV or JSON Lines file beside the spec"), issue
+
+
+def test_a_catalogue_linked_from_outside_names_the_target_s_folder(tmp_path: Path) -> None:
+    """A link's message named the spec's own folder as the one to add to IMAGEGEN_INPUT_ROOTS."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "real.csv").write_text(ROWS)
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    spec = write(spec_dir)
+    (spec_dir / "products.csv").unlink()
+    (spec_dir / "products.csv").symlink_to(elsewhere / "real.csv")
+    [issue] = problems(spec)
+    assert f"(a link to {elsewhere / 'real.csv'}) is outside the spec's folder" in issue, issue
+    assert f"add {elsewhere} to IMAGEGEN_INPUT_ROOTS" in issue, issue

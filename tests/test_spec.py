@@ -12,6 +12,8 @@ import pytest
 from flows.specs.spec import SpecError, load_spec
 from flows.storage import render_key
 
+ROOT = Path(__file__).resolve().parent.parent
+
 GOOD = """\
 version: 1
 name: shots
@@ -215,6 +217,18 @@ def test_run_overrides_are_typed_with_a_spec_escape_hatch() -> None:
     assert RunOverrides.model_validate({}).spec_overrides() == {}
     with pytest.raises(ValidationError):
         RunOverrides.model_validate({"max_parallel": 0})
+
+
+@pytest.mark.parametrize("overrides, said", [
+    ({"run": {"max_paralel": 3}}, "run.max_paralel: unknown key (did you mean max_parallel?)"),
+    ({"reviw": {"min_stddev": 2}}, "reviw: unknown key (did you mean review?)"),
+    ({"run": {"max_parallel": 0}}, "run.max_parallel: Input should be greater than or equal to 1"),
+])
+def test_a_mistake_in_a_run_s_overrides_is_told_as_the_overrides(overrides: dict, said: str) -> None:
+    """It was told at demo.yaml:1:1, a line that has no such thing."""
+    with pytest.raises(SpecError) as refused:
+        load_spec(ROOT / "pipelines" / "demo.yaml", overrides)
+    assert str(refused.value) == f"{ROOT / 'pipelines' / 'demo.yaml'}, in this run's overrides: {said}"
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "catalogue-demo.yaml"])

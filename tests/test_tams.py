@@ -125,6 +125,18 @@ def test_validation_names_the_field(overrides: dict, field: str) -> None:
         TamsProvider.validate(request(**overrides))
 
 
+
+@pytest.mark.parametrize(("width", "said"), [
+    (100000, "100000 is not a multiple of 64 and is above 1536; give a multiple of 64 up to 1536, such as 1536"),
+    (2048, "2048 is above 1536; give a multiple of 64 up to 1536, such as 1536"),
+    (500, "500 is not a multiple of 64; give a multiple of 64 up to 1536, such as 512"),
+])
+def test_a_side_tams_refuses_says_all_that_is_wrong_and_a_side_it_takes(width: int, said: str) -> None:
+    """A huge width was "not a multiple of 64" alone: fixed that way, it was refused again."""
+    with pytest.raises(BadRequest) as refused:
+        TamsProvider.validate(request(width=width, height=512))
+    assert str(refused.value).endswith(f"generate.width: {said}"), str(refused.value)
+
 # --- against the emulator process ------------------------------------------------------------
 
 def sandbox_provider(sandbox, **overrides) -> TamsProvider:

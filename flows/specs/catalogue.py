@@ -79,6 +79,7 @@ def max_items() -> int:
     return int(text) if text.isdigit() and int(text) > 0 else MAX_ITEMS
 
 
+MAX_SEED = 4_294_967_295  # the spec's: every provider takes it
 MAX_ID = 63  # an item id's length (the spec's SLUG): a longer rendered id keeps its first 63 characters
 
 
@@ -244,7 +245,10 @@ def catalogue_path(path: Any, base_dir: Path | None) -> Path:
     except confine.InputRefused as exc:
         raise CatalogueError([("", 0, 0, "items_from.path", str(exc).replace("input image", "catalogue"))]) from None
     if not full.is_file():
-        raise CatalogueError([("", 0, 0, "items_from.path", f"no catalogue file {path!r} beside the spec")])
+        what = ("is a folder" if full.is_dir() else "is no regular file (a pipe or a device is not read)"
+                if full.exists() else "does not exist")
+        raise CatalogueError([("", 0, 0, "items_from.path", f"the catalogue {path!r} {what}: give a CSV or JSON "
+                               "Lines file beside the spec")])
     return full
 
 
@@ -366,7 +370,7 @@ def _item(parsed: dict[str, Template], values: dict[str, str]) -> tuple[dict[str
         if key in parsed and (text := parsed[key].render(values).strip()):
             item[key] = text
     if "seed" in parsed and (text := parsed["seed"].render(values).strip()):
-        if not text.isdigit():
-            return {}, f"seed {text!r} is not a whole number"
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_SEED:
+            return {}, f"seed {text!r} is not a whole number from 0 to {MAX_SEED}"
         item["seed"] = int(text)
     return item, None

@@ -54,8 +54,10 @@ def spec_roots(pipelines_dir: Path) -> list[Path]:
 def check_local_input(path: Path, spec_dir: Path | None) -> None:
     roots = ([spec_dir.resolve()] if spec_dir is not None else []) + _paths(INPUT_ROOTS)
     if not inside(path, roots):
-        raise InputRefused(f"input image {path} is outside the spec's folder; move it there or add its folder "
-                           f"to {INPUT_ROOTS}")
+        target = path.resolve()
+        link = f" (a link to {target})" if target != Path(os.path.normpath(path.absolute())) else ""
+        raise InputRefused(f"input image {path}{link} is outside the spec's folder; move it there or add "
+                           f"{target.parent} to {INPUT_ROOTS}")
 
 
 def check_s3_input(uri: str, archive_bucket: str) -> None:

@@ -16,7 +16,7 @@ import pickle
 import re
 import string
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -431,7 +431,7 @@ class SpecIssue:
     snippet: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file  # no line: not in a file
         what = f"{self.field}: " if self.field else ""  # the whole file's, or a catalogue row's
         return f"{where}: {what}{self.message}" + (f"\n{self.snippet}" if self.snippet else "")
 
@@ -487,6 +487,15 @@ def resolve_spec_path(spec: str | Path, *, confined: bool = False) -> Path:
         if candidate.is_file():
             return candidate
     return path
+
+
+def leaf_paths(tree: dict[str, Any], prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The path of each value in `tree` that is not a mapping (`("run", "max_parallel")`)."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaf_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
 
 
 def merge(base: Any, overrides: Any) -> Any:
@@ -594,7 +603,7 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
                                    f"{MAX_ITEMS:,} (split it into several specs)", snippet(text, pos))])
     if overrides:
         data = merge(data, overrides)
-    where = Where(name, text, positions)
+    where = Where(name, text, positions, overridden=tuple(leaf_paths(overrides or {})))
     if "items_from" in data or "matrix" in data:
         data, where.rows = _with_catalogue_items(data, positions, text, name, base_dir)
     try:
@@ -653,10 +662,13 @@ class Where:
     text: str
     positions: dict
     rows: CatalogueRows | None = None
+    overridden: tuple[tuple[Any, ...], ...] = ()  # the paths this run's overrides set
 
     def issue(self, loc: tuple[Any, ...], message: str, *, value: bool = True) -> SpecIssue:
         if self.rows is not None and (at_row := self.rows.issue(loc, message)) is not None:
             return at_row
+        if any(loc[:len(path)] == path or path[:len(loc)] == loc for path in self.overridden):
+            return SpecIssue(f"{self.name}, in this run's overrides", 0, 0, location_name(loc), message, "")
         pos = closest_position(loc, self.positions, value=value)
         return SpecIssue(self.name, pos.line, pos.column, location_name(loc), message, snippet(self.text, pos))
 
