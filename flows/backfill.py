@@ -26,10 +26,11 @@ from prefect.futures import PrefectFuture
 from prefect.states import Failed
 
 from blocks.errors import BlockMissing
+from flows.models import ItemPlan
 from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
 from flows.paying.spent import Earlier, earlier_spend
-from flows.pipeline import archived_before, estimate_plans, pipeline_name, plan_items, run_pipeline
+from flows.pipeline import estimate_plans, pipeline_name, plan_items, reusable, run_pipeline
 from flows.running.tasks import ledger_of
 from flows.running.progress import RunProgress, credits_text, each_in_its_unit, final_state
 from flows.running.report import artifact_key
@@ -97,13 +98,19 @@ def estimate_dates(spec: PipelineSpec, dates: list[date]) -> tuple[dict[date, di
     out, earlier, cache = {}, {}, {}
     for run_date in dates:
         plans = plan_items(spec, "", run_date, "")
-        reused = {plan.item_id: found for plan in plans if (found := archived_before(plan)) is not None}
-        spent = earlier_spend(ledger_of(plans[0]), plans, reused) if plans else Earlier()
-        per_provider, _ = estimate_plans([p for p in plans if p.item_id not in reused and p.item_id not in spent.paid],
-                                         cache)
+        paid, spent = paid_before(plans)
+        per_provider, _ = estimate_plans([p for p in plans if p.item_id not in paid], cache)
         out[run_date] = {provider: float(credits) for provider, credits in per_provider.items()}
         earlier[run_date] = dict(spent.spent)
     return out, earlier
+
+
+def paid_before(plans: list[ItemPlan]) -> tuple[set[str], Earlier]:
+    """The items of one date's `plans` its run does not pay for (archived by an earlier run, or
+    paid for and to be collected), and what the date's earlier runs spent."""
+    reused = reusable(plans)
+    spent = earlier_spend(ledger_of(plans[0]), plans, reused) if plans else Earlier()
+    return set(reused) | spent.paid, spent
 
 
 class Pool:

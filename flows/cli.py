@@ -114,20 +114,29 @@ INTERRUPTED_DONE = "Ctrl-C came after every item was paid for: the run completed
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    """Credits (and money where published) per provider and in total, before any paid call."""
-    from blocks import PROVIDERS
+    """Credits (and money where published) per provider and in total, before any paid call: of
+    the items a run of the date would pay for (not those an earlier run archived or paid)."""
     from flows.pipeline import estimate_plans, plan_items, preflight
 
     path = resolve_spec_path(args.spec)
+    run_date = args.run_date or utc_today()
     try:
         spec = load_spec(path)
-        plans = plan_items(spec, "", args.run_date or utc_today(), "")
+        plans = plan_items(spec, "", run_date, "")
         notes = preflight(plans, path)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    paid, spent = _paid_before(plans, run_date)
+    if paid:
+        print(f"{len(paid)} of {len(plans)} item(s) archived or paid for by an earlier run of {run_date}: not paid "
+              "again, not priced")
+        plans = [plan for plan in plans if plan.item_id not in paid]
+        if not plans:
+            print(f"nothing to pay: a run of {run_date} sends no paid call")
+            return 0
     offline: dict[str, str] = {}
     _, rejected = estimate_plans(plans, offline=offline)
     for item, error in rejected.items():
@@ -137,6 +146,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         how = ("it publishes no formula, so its items are not priced" if provider in unpriced else
                "priced by its published formula instead")
         print(f"{provider}: could not ask the provider ({why}); {how}", file=sys.stderr)
+    rows = _priced_rows(plans)
+    over = _print_rows(rows, spec.budget(), spent)
+    return 1 if over or unpriced else 0
+
+
+def _priced_rows(plans: list) -> dict[str, dict]:  # noqa: ANN001 - ItemPlans
+    """Per provider: its priced items, credits (with a separate paid upscale), money, the
+    estimates' sources and notes."""
     rows: dict[str, dict] = {}
     for plan in plans:
         est = plan.estimate
@@ -145,30 +162,62 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         row = rows.setdefault(plan.provider, {"items": 0, "credits": 0.0, "money": 0.0, "currency": est.currency,
                                               "sources": set()})
         row["items"] += 1
-        row["credits"] += est.credits + plan.refine_credits  # with a separate paid upscale
+        row["credits"] += est.credits + plan.refine_credits
         row["money"] += est.money or 0.0
         row["sources"].add(est.source)
         if est.note:
             row.setdefault("notes", set()).add(est.note)
-    budget = spec.budget()
-    over = bool(unpriced)
+    return rows
+
+
+def _print_rows(rows: dict[str, dict], budget: dict[str, float], spent: dict[str, float]) -> bool:
+    """Print each provider's row, and the total where there is one provider; True when a
+    provider's cap is passed (by its estimate and what earlier runs of the date spent)."""
+    from blocks import PROVIDERS
+
+    over = False
     for provider, row in sorted(rows.items()):
         money = f", {row['money']:.4f} {row['currency']}" if row["currency"] else ""
-        cap = budget.get(provider)
-        over = over or (cap is not None and row["credits"] > cap)
-        verdict = f"; run.max_credits {cap}: {'OVER' if row['credits'] > cap else 'within'}" if cap is not None else ""
+        passed, verdict = _against_cap(budget.get(provider), row["credits"], spent.get(provider, 0.0))
+        over = over or passed
         print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} {PROVIDERS[provider].credit_unit}{money} "
-              f"(from the provider's {'/'.join(sorted(row['sources']))} estimate{verdict})")
+              f"(from the provider's {'/'.join(sorted(row['sources']))} estimate{'; ' + verdict if verdict else ''})")
         for note in sorted(row.get("notes", ())):
             print(f"  note: {note}")
     if len(rows) == 1:
         (provider, row), = rows.items()
-        cap = budget.get(provider)
-        print(f"total: {row['credits']:.2f} {PROVIDERS[provider].credit_unit}"
-              + (f" (run.max_credits {cap}: {'OVER' if row['credits'] > cap else 'within'})" if cap is not None else ""))
+        verdict = _against_cap(budget.get(provider), row["credits"], spent.get(provider, 0.0))[1]
+        print(f"total: {row['credits']:.2f} {PROVIDERS[provider].credit_unit}" + (f" ({verdict})" if verdict else ""))
     elif rows:
         print("no total: each provider counts in its own unit")
-    return 1 if over else 0
+    return over
+
+
+def _against_cap(cap: float | None, credits: float, before: float) -> tuple[bool, str]:
+    """Whether `credits` to pay, after `before` spent by earlier runs of the date, pass `cap`
+    (as the run counts them), and the words for it ("" with no cap)."""
+    if cap is None:
+        return False, ""
+    over = credits + before > cap
+    earlier = f", {before:.2f} of it spent by earlier runs of this date" if before else ""
+    return over, f"run.max_credits {cap}{earlier}: {'OVER' if over else 'within'}"
+
+
+def _paid_before(plans: list, run_date: date) -> tuple[set[str], dict[str, float]]:  # noqa: ANN001 - ItemPlans
+    """The items a run of `run_date` would not pay for, and what earlier runs of the date spent
+    per provider, which the run's cap counts too (`flows.backfill.paid_before`); nothing, said
+    so, where the archive or the ledger cannot be read: every item is then priced."""
+    from flows.backfill import paid_before
+    from flows.cli_errors import storage_fix
+
+    try:
+        paid, earlier = paid_before(plans)
+    except Exception as exc:  # noqa: BLE001 - pricing goes on without what the archive would say
+        why = storage_fix(exc) or f"{type(exc).__name__}: {exc}"
+        print(f"note: what earlier runs of {run_date} archived is not known ({why}); every item is priced",
+              file=sys.stderr)
+        return set(), {}
+    return paid, {provider: credits for provider, credits in earlier.spent.items() if credits}
 
 
 def first_ids(spec: PipelineSpec) -> str:

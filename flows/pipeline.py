@@ -458,7 +458,7 @@ def _log() -> Any:
         return get_logger("imagegen.archive")
 
 
-def _reusable(plans: Sequence[ItemPlan], rebuild: bool) -> dict[str, ArchivedItem]:
+def reusable(plans: Sequence[ItemPlan], rebuild: bool = False) -> dict[str, ArchivedItem]:
     """The items archived before and still in the bucket (one ledger listing, one bucket listing
     a folder)."""
     if not plans:
@@ -828,7 +828,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     if len(plans) >= MANY_ITEMS:  # minutes of reading for tens of thousands: said, not silent
         logger.info("%s %s: looking for the %d item(s) in the archive, then pricing the rest, before anything is "
                     "paid", parsed.name, run_date, len(plans))
-    reused = _reusable(plans, rebuild=not dry_run)  # what the bucket holds is paid for, whatever the ledger says
+    reused = reusable(plans, rebuild=not dry_run)  # what the bucket holds is paid for, whatever the ledger says
     left_out = {p.item_id: {"step": "not submitted", "error": NOT_SELECTED,
                             "message": "not among this run's overrides.items"}
                 for p in plans if selected is not None and p.item_id not in selected and p.item_id not in reused}

@@ -210,6 +210,31 @@ def test_estimate_command(emulator, tmp_path) -> None:
     assert "total: 4.00 credits (run.max_credits 3.0: OVER)" in out.stdout and out.returncode == 1
 
 
+def test_estimate_of_a_date_prices_what_its_run_would_pay_and_counts_what_earlier_runs_spent(emulator, tmp_path) -> None:
+    """An estimate of a date already run priced every item, though the run paid for none of
+    them; and its verdict on the cap left out what earlier runs of the date spent, which the
+    run counts."""
+    day, path = date(2026, 2, 5), tmp_path / "estimate-date.yaml"
+    assert run_spec(tmp_path, spec_text("estimate-date", 2), day, path).is_completed()
+
+    def estimate() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "estimate", str(path), "--run-date", day.isoformat()],
+                              capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120)
+
+    done = estimate()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"2 of 2 item(s) archived or paid for by an earlier run of {day}: not paid "
+                                        "again, not priced", f"nothing to pay: a run of {day} sends no paid call"]
+    path.write_text(spec_text("estimate-date", 4, extra_run=", max_credits: 3"))
+    more = estimate()
+    assert more.returncode == 1, more.stderr
+    assert ("tams: 2 item(s), 2.00 credits, 0.0060 USD (from the provider's api estimate; run.max_credits 3.0, "
+            "2.00 of it spent by earlier runs of this date: OVER)") in more.stdout, more.stdout
+    before = tams_stats(emulator)
+    assert run_spec(tmp_path, spec_text("estimate-date", 4, extra_run=", max_credits: 3"), day, path).is_failed()
+    assert tams_stats(emulator)["charges"] == before["charges"]  # the run agrees: over its cap, nothing paid
+
+
 def test_an_outage_at_run_start_is_retried_and_a_fatal_error_still_leaves_a_true_manifest(emulator, tmp_path) -> None:
     import json
 
