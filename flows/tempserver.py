@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -68,14 +69,23 @@ def server_command(fd: int, parent: int) -> list[str]:
             "--log-level", "error", "--lifespan", "on"]
 
 
-def listener(port: int | None = None) -> socket.socket:
-    """A listening socket on loopback: on `port` where it is free, else on one the kernel picks."""
+PORTS = range(8000, 9000)
+"""Where a temporary server listens, as Prefect's do: out of the kernel's range for ports it
+picks itself, so a port another program chose that way and will bind soon is never taken."""
+
+
+def listener() -> socket.socket:
+    """A listening socket on a free loopback port of `PORTS` (the kernel's pick when none is)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port or 0))
-    except OSError:
-        sock.bind(("127.0.0.1", 0))
+    for candidate in [*random.sample(PORTS, 50), 0]:
+        try:
+            sock.bind(("127.0.0.1", candidate))
+            break
+        except OSError:
+            if candidate == 0:
+                sock.close()
+                raise
     sock.listen(2048)
     return sock
 
@@ -124,7 +134,7 @@ def server_class() -> type:
             if self.running:
                 return
             waited = timeout or get_current_settings().server.ephemeral.startup_timeout_seconds
-            self.socket = listener(self.port)
+            self.socket = listener()  # a port asked for (the test harness's) is free now, maybe not for long
             self.port = self.socket.getsockname()[1]
             if self.note:
                 print(f"{self.note}; its API: {self.api_url}, its log: {log_path()}", file=sys.stderr, flush=True)
