@@ -170,7 +170,7 @@ def _priced_rows(plans: list) -> dict[str, dict]:  # noqa: ANN001 - ItemPlans
     return rows
 
 
-def _print_rows(rows: dict[str, dict], budget: dict[str, float], spent: dict[str, float]) -> bool:
+def _print_rows(rows: dict[str, dict], budget: dict[str, float], spent: dict[str, float] | None) -> bool:
     """Print each provider's row, and the total where there is one provider; True when a
     provider's cap is passed (by its estimate and what earlier runs of the date spent)."""
     from blocks import PROVIDERS
@@ -178,7 +178,7 @@ def _print_rows(rows: dict[str, dict], budget: dict[str, float], spent: dict[str
     over = False
     for provider, row in sorted(rows.items()):
         money = f", {row['money']:.4f} {row['currency']}" if row["currency"] else ""
-        passed, verdict = _against_cap(budget.get(provider), row["credits"], spent.get(provider, 0.0))
+        passed, verdict = _against_cap(budget.get(provider), row["credits"], _of(spent, provider))
         over = over or passed
         print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} {PROVIDERS[provider].credit_unit}{money} "
               f"(from the provider's {'/'.join(sorted(row['sources']))} estimate{'; ' + verdict if verdict else ''})")
@@ -186,27 +186,34 @@ def _print_rows(rows: dict[str, dict], budget: dict[str, float], spent: dict[str
             print(f"  note: {note}")
     if len(rows) == 1:
         (provider, row), = rows.items()
-        verdict = _against_cap(budget.get(provider), row["credits"], spent.get(provider, 0.0))[1]
+        verdict = _against_cap(budget.get(provider), row["credits"], _of(spent, provider))[1]
         print(f"total: {row['credits']:.2f} {PROVIDERS[provider].credit_unit}" + (f" ({verdict})" if verdict else ""))
     elif rows:
         print("no total: each provider counts in its own unit")
     return over
 
 
-def _against_cap(cap: float | None, credits: float, before: float) -> tuple[bool, str]:
-    """Whether `credits` to pay, after `before` spent by earlier runs of the date, pass `cap`
-    (as the run counts them), and the words for it ("" with no cap)."""
+def _of(spent: dict[str, float] | None, provider: str) -> float | None:
+    return None if spent is None else spent.get(provider, 0.0)
+
+
+def _against_cap(cap: float | None, credits: float, before: float | None) -> tuple[bool, str]:
+    """Whether `credits` to pay, after `before` spent by earlier runs of the date (None: not
+    known), pass `cap` (as the run counts them), and the words for it ("" with no cap)."""
     if cap is None:
         return False, ""
-    over = credits + before > cap
+    over = credits + (before or 0.0) > cap
+    if before is None:
+        return over, (f"run.max_credits {cap}: {'OVER' if over else 'within'} for these items alone; what earlier runs "
+                      "of this date spent, which the run counts too, is not known")
     earlier = f", {before:.2f} of it spent by earlier runs of this date" if before else ""
     return over, f"run.max_credits {cap}{earlier}: {'OVER' if over else 'within'}"
 
 
-def _paid_before(plans: list, run_date: date) -> tuple[set[str], dict[str, float]]:  # noqa: ANN001 - ItemPlans
-    """The items a run of `run_date` would not pay for, and what earlier runs of the date spent
-    per provider, which the run's cap counts too (`flows.backfill.paid_before`); nothing, said
-    so, where the archive or the ledger cannot be read: every item is then priced."""
+def _paid_before(plans: list, run_date: date) -> tuple[set[str], dict[str, float] | None]:  # noqa: ANN001
+    """The items of `plans` a run of `run_date` would not pay for, and what earlier runs of the
+    date spent per provider, which the run's cap counts too (`flows.backfill.paid_before`); no
+    item and None, said so, where the archive or the ledger cannot be read."""
     from flows.backfill import paid_before
     from flows.cli_errors import storage_fix
 
@@ -216,7 +223,7 @@ def _paid_before(plans: list, run_date: date) -> tuple[set[str], dict[str, float
         why = storage_fix(exc) or f"{type(exc).__name__}: {exc}"
         print(f"note: what earlier runs of {run_date} archived is not known ({why}); every item is priced",
               file=sys.stderr)
-        return set(), {}
+        return set(), None
     return paid, {provider: credits for provider, credits in earlier.spent.items() if credits}
 
 
@@ -884,15 +891,15 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = top.parse_known_args(argv)
     if unknown:  # told with the command's own usage, not the list of commands
         _command_parser(top, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
-        print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
-        return 1
-    if (wrong := wrong_api(args)) is not None:
-        print(f"imagegen {args.command}: {wrong}", file=sys.stderr)
-        return 1
-    if args.command not in SPEC_FIRST:
-        shield_server(args)
-    try:
+    try:  # a Ctrl-C while the command loads what it needs is "interrupted" too, not a traceback
+        if args.command in ("run", "backfill") and (refused := _refused_before_start(args)) is not None:
+            print(f"{args.command} not started: {refused}", file=sys.stderr)  # before any server starts
+            return 1
+        if (wrong := wrong_api(args)) is not None:
+            print(f"imagegen {args.command}: {wrong}", file=sys.stderr)
+            return 1
+        if args.command not in SPEC_FIRST:
+            shield_server(args)
         return args.func(args)
     except BlockMissing as exc:  # one line naming the Block and how to save it, not a traceback
         print(exc, file=sys.stderr)

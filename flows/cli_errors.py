@@ -26,6 +26,11 @@ def _unreachable(exc: BaseException) -> str | None:
         if os.environ.get("PREFECT_API_URL"):
             return (f"cannot reach the Prefect API at {_api_url()} ({type(exc).__name__}: {exc}): start that server "
                     "(`imagegen server up`), or unset PREFECT_API_URL to let each command start a temporary one")
+        from flows import tempserver
+
+        if tempserver.given_up():
+            return (f"this command's temporary Prefect server kept stopping and was left stopped ({type(exc).__name__}: "
+                    f"{exc}); its log says why: {tempserver.log_path()}")
         return f"a service did not answer ({type(exc).__name__}: {exc}); is the sandbox up (`imagegen sandbox status`)?"
     return None
 

@@ -23,7 +23,10 @@ to it. `start()` starts the same server, the same way, with two differences:
   lets the server bind it after creating its database, up to a minute later: another temporary
   server took the same port meanwhile, this one could not bind it, and the command's calls went
   to the other server (its Blocks, its limits, its leases). A restarted server gets the same
-  socket, so nothing takes its port while it starts again either.
+  socket, so nothing takes its port while it starts again either;
+- commands started at once on one `PREFECT_HOME` start their servers one after the other
+  (`starting_alone`): each server creates or upgrades the home's database as it starts, and two
+  at once failed.
 
 The server is registered where Prefect looks for it (`SubprocessASGIServer()`, keyed by no
 port), so every client of the process uses it, and it starts when the first of them needs it
@@ -35,13 +38,16 @@ the process; otherwise the server is stopped at exit only, as Prefect's is.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +133,7 @@ def server_class() -> type:
         note = ""
         log_mode = "wb"  # a restart appends: the log says why the last one stopped
         stopping = False
+        gave_up = False  # stopped too often: left stopped (`flows.cli_errors` says so)
 
         socket: Any = None  # the listening socket the server serves, held by the command
 
@@ -140,10 +147,11 @@ def server_class() -> type:
                 print(f"{self.note}; its API: {self.api_url}, its log: {log_path()}", file=sys.stderr, flush=True)
             self.running, self.stopping = True, False
             try:
-                self.server_process = self._run_uvicorn_command()
-                atexit.register(self.stop)
-                if not answering(self.api_url, self.server_process, waited):
-                    raise RuntimeError(f"the temporary Prefect server did not answer in {waited} s.")
+                with starting_alone(waited):
+                    self.server_process = self._run_uvicorn_command()
+                    atexit.register(self.stop)
+                    if not answering(self.api_url, self.server_process, waited):
+                        raise RuntimeError(f"the temporary Prefect server did not answer in {waited} s.")
             except RuntimeError as exc:  # what it said is in its log
                 self._abandon()
                 longer = "" if isinstance(exc, ServerExited) else (
@@ -187,9 +195,10 @@ def server_class() -> type:
                           f"minute: it is not started again, and this command's Prefect calls fail. Its log: "
                           f"{log_path()}", file=sys.stderr, flush=True)
                     self._let_go()
+                    self.gave_up = True
                     return
                 print(f"the temporary Prefect server stopped (exit {code}); starting it again on {self.api_url}, "
-                      f"on the same database: the run goes on. Its log: {log_path()}", file=sys.stderr, flush=True)
+                      f"on the same database: the command goes on. Its log: {log_path()}", file=sys.stderr, flush=True)
                 self.log_mode = "ab"
                 if self.stopping or self.socket is None:  # the command stopped it meanwhile
                     return
@@ -212,6 +221,7 @@ def server_class() -> type:
 
 
 LOG_NAME = "temporary-server.log"
+LOCK_NAME = "temporary-server.lock"  # held while one of the home's temporary servers starts
 WATCHDOG = "imagegen-temporary-server-watchdog"  # the thread that starts a stopped server again
 MAX_RESTARTS = 3  # in a minute: a server that keeps stopping is left stopped
 TAIL_CHARACTERS = 600
@@ -225,12 +235,58 @@ def log_path() -> Path:
 
 
 def log_tail() -> str:
-    """The end of the server's log, on one line."""
+    """The end of the server's log, on one line, after the last error it names (a traceback's
+    end is often frames or SQL only)."""
     try:
-        text = log_path().read_bytes()[-TAIL_CHARACTERS:].decode(errors="replace")
+        text = log_path().read_bytes().decode(errors="replace")
     except OSError:
         return "(no log)"
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or "(empty)"
+    errors = ERROR_LINE.findall(text)
+    tail = " | ".join(line.strip() for line in text[-TAIL_CHARACTERS:].splitlines() if line.strip()) or "(empty)"
+    return f"{errors[-1].strip()[:TAIL_CHARACTERS]} ... {tail}" if errors and errors[-1].strip() not in tail else tail
+
+
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b.*$", re.MULTILINE)
+"""A traceback's last line: `sqlalchemy.exc.OperationalError: (...) duplicate column name`."""
+
+
+@contextlib.contextmanager
+def starting_alone(seconds: float) -> Iterator[None]:
+    """Hold `PREFECT_HOME`'s start lock while a temporary server starts: one of a home at a time.
+    Two commands started at once on a new home each started a server, and both created the
+    database (`duplicate column name`, `table worker already exists`): one command failed."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    path = log_path().with_name(LOCK_NAME)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline, said = time.monotonic() + seconds, False
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"another command's temporary Prefect server in {path.parent} did not start "
+                                       f"in {seconds} s.") from None
+                if not said:
+                    print(f"waiting for another command's temporary Prefect server in {path.parent} to start",
+                          file=sys.stderr, flush=True)
+                    said = True
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def given_up() -> bool:
+    """True when this process's temporary server kept stopping and was left stopped."""
+    module = sys.modules.get("prefect.server.api.server")  # not imported: no temporary server started
+    return module is not None and bool(getattr(module.SubprocessASGIServer._instances.get(None), "gave_up", False))
 
 
 def register(note: str = "") -> Any:

@@ -235,6 +235,18 @@ def test_estimate_of_a_date_prices_what_its_run_would_pay_and_counts_what_earlie
     assert tams_stats(emulator)["charges"] == before["charges"]  # the run agrees: over its cap, nothing paid
 
 
+def test_an_estimate_s_cap_verdict_says_when_what_earlier_runs_spent_is_not_known() -> None:
+    """With S3 down an estimate said "within" the cap that the run, counting earlier spend, passed."""
+    from flows.cli import _against_cap
+
+    assert _against_cap(8.0, 1.5, None) == (False, "run.max_credits 8.0: within for these items alone; what earlier "
+                                                   "runs of this date spent, which the run counts too, is not known")
+    assert _against_cap(8.0, 1.5, 7.5) == (True, "run.max_credits 8.0, 7.50 of it spent by earlier runs of this date: "
+                                                 "OVER")
+    assert _against_cap(8.0, 1.5, 0.0) == (False, "run.max_credits 8.0: within")
+    assert _against_cap(None, 1.5, None) == (False, "")
+
+
 def test_an_outage_at_run_start_is_retried_and_a_fatal_error_still_leaves_a_true_manifest(emulator, tmp_path) -> None:
     import json
 
