@@ -11,7 +11,6 @@ date. Idempotent.
 from __future__ import annotations
 
 import os
-
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit

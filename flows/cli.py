@@ -179,14 +179,14 @@ def _print_rows(rows: dict[str, dict], budget: dict[str, float], spent: dict[str
     for provider, row in sorted(rows.items()):
         money = f", {row['money']:.4f} {row['currency']}" if row["currency"] else ""
         passed, verdict = _against_cap(budget.get(provider), row["credits"], _of(spent, provider))
-        over = over or passed
+        over, row["verdict"] = over or passed, verdict  # the total's line says it again
         print(f"{provider}: {row['items']} item(s), {row['credits']:.2f} {PROVIDERS[provider].credit_unit}{money} "
               f"(from the provider's {'/'.join(sorted(row['sources']))} estimate{'; ' + verdict if verdict else ''})")
         for note in sorted(row.get("notes", ())):
             print(f"  note: {note}")
     if len(rows) == 1:
         (provider, row), = rows.items()
-        verdict = _against_cap(budget.get(provider), row["credits"], _of(spent, provider))[1]
+        verdict = row["verdict"]
         print(f"total: {row['credits']:.2f} {PROVIDERS[provider].credit_unit}" + (f" ({verdict})" if verdict else ""))
     elif rows:
         print("no total: each provider counts in its own unit")
@@ -385,8 +385,6 @@ def _not_this_items_job(ledger: Any, args: argparse.Namespace, found: Any) -> st
 def account_mistake(pair: str) -> str | None:
     """Why `--account PROVIDER=BLOCK` names no account limits can be applied for (else None):
     it created nothing for an unknown provider, and `imagegen:tams::rate:api` for a missing Block."""
-    import re
-
     from blocks import PROVIDERS
 
     provider, equals, block = pair.partition("=")

@@ -79,7 +79,7 @@ def max_items() -> int:
     return int(text) if text.isdigit() and int(text) > 0 else MAX_ITEMS
 
 
-MAX_SEED = 4_294_967_295  # the spec's: every provider takes it
+MAX_SEED = 4_294_967_295  # an item's seed, in a catalogue or a spec: every provider takes it
 MAX_ID = 63  # an item id's length (the spec's SLUG): a longer rendered id keeps its first 63 characters
 
 

@@ -29,7 +29,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from flows.specs import confine
 from flows.storage import KEY_FIELDS, OWNER_KEY, KeyLayout, check_template, key_problem, render_key, sidecar_key
-from flows.specs.catalogue import CatalogueError, Made, expand
+from flows.specs.catalogue import MAX_SEED, CatalogueError, Made, expand
 from flows.specs.yamlpos import Position, YamlRefused, closest_position, load_with_positions, snippet
 
 PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
@@ -321,7 +321,7 @@ class Item(_Strict):
     input_image: str | None = Field(
         None, description="Local path (relative to the spec), s3://bucket/key or http(s) URL."
     )
-    seed: int | None = Field(None, ge=0, le=4294967295)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     count: int = Field(1, ge=1, le=4, description="Images to generate for this item.")
     provider: ProviderName | None = None
     generate: GenerateOverride | None = Field(
