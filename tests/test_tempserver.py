@@ -64,14 +64,23 @@ def test_the_start_lock_lets_one_server_of_a_home_start_at_a_time(home: Path, ca
 @pytest.mark.slow  # three temporary servers on a new Prefect home (its database is created)
 def test_commands_started_at_once_on_a_new_home_all_work(tmp_path) -> None:
     """Each command's server created the home's database at the same time: one failed with
-    `duplicate column name` or `table worker already exists` (three at once: every time)."""
+    `duplicate column name` or `table worker already exists` (three at once: every time). The
+    test holds the home's start lock until all three wait for it, so they do start together."""
+    import fcntl
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    commands = [subprocess.Popen([sys.executable, "-m", "flows.cli", "limits", "show"], env=env, cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    (tmp_path / "home").mkdir()
+    with (tmp_path / "home" / tempserver.LOCK_NAME).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        commands = [subprocess.Popen([sys.executable, "-m", "flows.cli", "limits", "show"], env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for command in commands:  # each said it starts a server, then that it waits for the lock
+            said = [command.stderr.readline() for _ in range(2)]
+            assert "waiting for another command's temporary Prefect server" in said[1], said
     ended = [(command.wait(300), command.stderr.read()) for command in commands]
     assert [code for code, _ in ended] == [0, 0, 0], ended
-    assert sum("waiting for another command's temporary Prefect server" in said for _, said in ended) >= 1, ended
+
 
 
 def test_a_server_left_stopped_is_what_the_command_s_error_names(monkeypatch) -> None:
