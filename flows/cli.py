@@ -129,6 +129,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return 1
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    if (refusal := _run_refusal(spec, path)) is not None:
+        print(f"note: a run would not start: {refusal}. Priced as a run with --take-over-name would pay",
+              file=sys.stderr)
     paid, spent = _paid_before(plans, run_date)
     if paid:
         print(f"{len(paid)} of {len(plans)} item(s) archived or paid for by an earlier run of {run_date}: not paid "
@@ -149,6 +152,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     rows = _priced_rows(plans)
     over = _print_rows(rows, spec.budget(), spent)
     return 1 if over or unpriced else 0
+
+
+def _run_refusal(spec: PipelineSpec, path: Path) -> str | None:
+    """Why `imagegen run` would refuse this spec's `name:` (another spec file's, or its ledgers
+    moved), or None; None too where the archive cannot be read (`_paid_before` says so)."""
+    from flows.paying.owner import name_taken
+
+    try:
+        return name_taken(spec, path)
+    except Exception:  # noqa: BLE001 - unreadable archive: told once, by _paid_before
+        return None
 
 
 def _priced_rows(plans: list) -> dict[str, dict]:  # noqa: ANN001 - ItemPlans

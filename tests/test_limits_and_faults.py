@@ -217,14 +217,20 @@ def test_estimate_of_a_date_prices_what_its_run_would_pay_and_counts_what_earlie
     day, path = date(2026, 2, 5), tmp_path / "estimate-date.yaml"
     assert run_spec(tmp_path, spec_text("estimate-date", 2), day, path).is_completed()
 
-    def estimate() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", "estimate", str(path), "--run-date", day.isoformat()],
+    def estimate(spec: Path = path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "estimate", str(spec), "--run-date", day.isoformat()],
                               capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120)
 
     done = estimate()
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"2 of 2 item(s) archived or paid for by an earlier run of {day}: not paid "
                                         "again, not priced", f"nothing to pay: a run of {day} sends no paid call"]
+    copy = tmp_path / "copy-of-estimate-date.yaml"  # the same name: a run refuses it, as its estimate says
+    copy.write_text(path.read_text())
+    copied = estimate(copy)
+    assert copied.stdout == done.stdout and (f"note: a run would not start: pipeline name 'estimate-date' in "
+                                             "s3://") in copied.stderr, copied.stderr
+    assert "belongs to spec" in copied.stderr and "Priced as a run with --take-over-name would pay" in copied.stderr
     path.write_text(spec_text("estimate-date", 4, extra_run=", max_credits: 3"))
     more = estimate()
     assert more.returncode == 1, more.stderr
