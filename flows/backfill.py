@@ -31,6 +31,7 @@ from flows.storage import archive_bucket, read_json
 from flows.paying import paidcalls
 from flows.paying.spent import Earlier, earlier_spend
 from flows.pipeline import estimate_plans, pipeline_name, plan_items, reusable, run_pipeline
+from flows.running import oneline
 from flows.running.tasks import ledger_of
 from flows.running.progress import RunProgress, credits_text, each_in_its_unit, final_state
 from flows.running.report import artifact_key
@@ -459,7 +460,7 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
         return _backfill(spec, start, end, max_parallel, max_credits, deployment)
     except (BackfillFailed, BackfillRefused, SpecError, BlockMissing) as exc:
         get_run_logger().error("%s: %s", type(exc).__name__, exc)
-        return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)  # type: ignore[return-value]
+        return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=oneline.told(exc))  # type: ignore[return-value]
 
 
 def _backfill(spec: str, start: date, end: date, max_parallel: int, max_credits: float | dict[str, float] | None,

@@ -61,6 +61,8 @@ from flows.running.tasks import (archive, attempt_of, generate, keep_for_reentry
                          upload, upscale)
 from flows.specs.yamlpos import closest_position, load_with_positions, snippet
 
+oneline.install()  # from here, not the flow: a deployment's engine refuses the parameters before it runs
+
 Chain = list[tuple[str, PrefectFuture]]  # an item's steps, in order, with their task runs' futures
 Outcome = tuple[Any, dict[str, str] | None]  # an item's last result, or its failed step and why
 
@@ -644,7 +646,7 @@ def run_pipeline(spec: str, run_date: date | None = None, overrides: RunOverride
             AccountStop) as exc:
         # A person's to act on, said in one line: the run ends Failed with it, no traceback.
         get_run_logger().error("%s: %s", type(exc).__name__, exc)
-        return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)
+        return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=oneline.told(exc))
 
 
 def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | dict | None, dry_run: bool,

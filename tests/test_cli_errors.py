@@ -195,6 +195,30 @@ def test_a_failed_task_run_is_one_line_for_a_told_error_and_keeps_its_traceback_
     assert "LedgerUnavailable('ledger read" in seen[0] and "Could not connect" in seen[1]
 
 
+def test_the_engine_raising_a_run_s_told_outcome_again_adds_no_traceback() -> None:
+    """A deployment's engine raises a Failed run's exception again and logs it with its
+    traceback: dropped where the flow said it in one line, one line where the engine refused
+    the flow's parameters, kept for a bug."""
+    import logging
+
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.running import oneline
+    from flows.specs.spec import SpecError
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(oneline.FLOW_RUNS, logging.ERROR, __file__, 1, oneline.ENGINE_EXIT, (),
+                                 (type(exc), exc, None))
+
+    keep = oneline.OneLine()
+    assert not keep.filter(record(oneline.told(SpecError("demo.yaml:3:1: run.max_paralel: unknown key"))))
+    refused = record(ParameterTypeError("Flow run received invalid parameters:\n - overrides.max_credits: x"))
+    assert keep.filter(refused) and refused.exc_info is None
+    assert refused.getMessage().startswith("ParameterTypeError: Flow run received invalid parameters:")
+    bug = record(ValueError("a bug"))
+    assert keep.filter(bug) and bug.exc_info is not None and bug.getMessage() == oneline.ENGINE_EXIT
+
+
 def test_the_ledger_away_is_one_line_naming_the_fix_and_read_once_for_the_manifest(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """S3 killed mid-run: the run's end read each failed item's ledger record, waiting out the

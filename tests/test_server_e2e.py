@@ -182,6 +182,53 @@ def test_a_spec_parameter_outside_the_spec_roots_is_refused_and_never_echoed(dep
     assert not any("hostile-secret" in line or "root:" in line for line in logs + [f.state.message for f in finals])
 
 
+def _exited(client, flow_run_id, timeout: float = 90) -> None:  # noqa: ANN001
+    """Wait until the worker's process of the run has exited: it sends its last log records as it
+    exits, after the run's final state is set."""
+    pid = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        where = client.read_flow_run(flow_run_id).infrastructure_pid or ""
+        pid = int(where.rpartition(":")[2]) if where.rpartition(":")[2].isdigit() else pid
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"the process of flow run {flow_run_id} ({pid}) has not exited")
+
+
+def test_a_refused_deployment_run_says_why_in_one_line_without_a_traceback(deployed) -> None:
+    """Every deployment run that ended Failed on a person's mistake logged Prefect's "Engine
+    execution exited with unexpected exception" and the whole traceback after its one line,
+    in the run's logs and the worker's terminal; a cap named for no provider was told in
+    pydantic's terms, once for each form the field takes."""
+    env, spec = deployed
+    typo = Path(spec).with_name("typo.yaml")
+    typo.write_text(Path(spec).read_text().replace("run: {", "run: {max_paralel: 3, "))
+    with client_for(env) as client:
+        run_pipeline = client.read_deployment_by_name("run-pipeline/run-pipeline").id
+        runs = [client.create_flow_run_from_deployment(run_pipeline, parameters={"spec": str(typo)}),
+                client.create_flow_run_from_deployment(run_pipeline, parameters={
+                    "spec": spec, "overrides": {"max_credits": {"bogus": 5}}}),
+                client.create_flow_run_from_deployment(client.read_deployment_by_name("backfill/backfill").id,
+                                                       parameters={"spec": spec, "start": "2026-03-10",
+                                                                   "end": "2026-03-01"})]
+        finals = [wait_final(client, run.id) for run in runs]
+        for run in runs:
+            _exited(client, run.id)
+        logs = logs_of(client, [run.id for run in runs], "BackfillRefused")
+    assert all(final.state.is_failed() for final in finals), [f.state for f in finals]
+    messages = [final.state.message for final in finals]
+    assert "typo.yaml:7:" in messages[0] and "run.max_paralel: unknown key (did you mean max_parallel?)" in messages[0]
+    assert "overrides.max_credits: Value error, 'bogus' is no provider: it should be" in messages[1], messages
+    assert "constrained-float" not in messages[1] and "BackfillRefused: the end 2026-03-01 is before" in messages[2]
+    assert any("max_paralel" in line for line in logs), logs
+    assert any(line.startswith("ParameterTypeError: ") and "'bogus' is no provider" in line for line in logs), logs
+    assert not [line for line in logs if "Traceback" in line or "Engine execution exited" in line], logs
+
+
 def test_a_schedule_produces_a_run_by_itself(deployed) -> None:
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import IntervalSchedule

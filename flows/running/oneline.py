@@ -8,7 +8,14 @@ INFO for every task run, three to five lines an item that buried the lines a per
 job accepted, the progress, the manifest) and cost about 2 ms of CPU each (the console's
 formatting and the record's trip to the API); the task runs' states show in the UI, and the
 progress line counts the items. `IMAGEGEN_DEBUG=1` keeps every record, and an error of any other
-type (a bug) keeps its traceback."""
+type (a bug) keeps its traceback.
+
+A flow that ends Failed on an error a person acts on (a refused spec, a budget, a backfill's
+dates) says it in one line and marks it `told`; Prefect's engine then raised it again in a
+deployment's run and logged "Engine execution exited with unexpected exception" with its
+traceback, in the run's logs and the worker's terminal. That record is dropped; where the
+engine refused the flow's parameters, which nothing told in the run's logs, it becomes the
+refusal's one line."""
 
 from __future__ import annotations
 
@@ -20,6 +27,14 @@ TASK_RUNS = "prefect.task_runs"  # the logger of Prefect's task run engine
 FLOW_RUNS = "prefect.flow_runs"  # and of its flow run engine
 NOT_READY = "Finished in state NotReady("  # how it tells a task whose upstream task failed
 COMPLETED = "Finished in state Completed("  # and a task run that completed
+ENGINE_EXIT = "Engine execution exited with unexpected exception"  # a flow run's outcome raised again
+TOLD = "_imagegen_told_in_one_line"  # the mark `told()` leaves on an exception
+
+
+def told(exc: BaseException) -> BaseException:
+    """`exc`, marked as said in one line in the flow run's log (its Failed state's data)."""
+    setattr(exc, TOLD, True)
+    return exc
 
 
 def _told() -> tuple[type[BaseException], ...]:
@@ -31,13 +46,15 @@ def _told() -> tuple[type[BaseException], ...]:
     from flows.paying.ledger import LedgerConflict, LedgerUnavailable
     from flows.paying.owned import KeyTaken
     from flows.paying.paidcalls import PaidCallRefused
+    from prefect.exceptions import ParameterTypeError
 
     return (ProviderError, LimiterError, BlockMissing, LedgerUnavailable, LedgerConflict, PaidCallRefused,
-            BudgetReached, ArchivedImagesLost, KeyTaken, BotoCoreError, ClientError)
+            BudgetReached, ArchivedImagesLost, KeyTaken, BotoCoreError, ClientError, ParameterTypeError)
 
 
 class OneLine(logging.Filter):
-    """Drops the traceback of a record whose exception is one of `_told()`'s types, the records
+    """Drops the traceback of a record whose exception is one of `_told()`'s types or marked
+    `told`, the engine's record of such an exception raised again (`ENGINE_EXIT`), the records
     of steps never started (`NOT_READY`) and those of task runs completed (`COMPLETED`)."""
 
     def __init__(self) -> None:
@@ -45,7 +62,12 @@ class OneLine(logging.Filter):
         self.told = _told()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], self.told):
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (isinstance(exc, self.told) or getattr(exc, TOLD, False)):
+            if isinstance(record.msg, str) and record.msg.startswith(ENGINE_EXIT):
+                if getattr(exc, TOLD, False):
+                    return False  # the flow said it in one line already
+                record.msg, record.args = f"{type(exc).__name__}: {exc}", ()  # its parameters, refused
             record.exc_info, record.exc_text = None, None
         if not isinstance(record.msg, str):
             return True

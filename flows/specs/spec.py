@@ -285,7 +285,7 @@ class RunOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_credits: PositiveFloat | dict[ProviderName, PositiveFloat] | None = Field(
+    max_credits: CreditCap = Field(  # each mistake in one line, not one for each form (the run's log shows it)
         None, description="This run's credit cap, over run.max_credits: one number (a one-provider spec) "
                           "or per provider, in each provider's own unit (those named replace theirs).")
     max_parallel: int | None = Field(None, ge=1, le=256, description="Items processed at the same time.")
