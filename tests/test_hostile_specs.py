@@ -177,6 +177,9 @@ def test_a_deployment_spec_is_a_pipelines_name_or_under_a_spec_root(tmp_path, mo
         resolve_spec_path("demoo", confined=True)  # was "must be a name in pipelines/", which it is
     monkeypatch.setenv("IMAGEGEN_SPEC_ROOTS", str(tmp_path))
     assert resolve_spec_path(str(outside), confined=True) == outside
+    with pytest.raises(SpecRefused, match=r"no such spec on this worker's machine; give a name in pipelines/ or a "
+                                          r"spec file under IMAGEGEN_SPEC_ROOTS there"):  # was "no such spec"
+        resolve_spec_path(str(tmp_path / "nope.yaml"), confined=True)
     assert resolve_spec_path(str(outside)) == outside  # the CLI: a person's own path
 
 

@@ -49,6 +49,8 @@ def test_good_spec_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "line", "field", "message"), [
     pytest.param(GOOD.replace("  - id: one\n", "  - id: [one\n"), 11, "", "invalid YAML", id="bad-yaml"),
+    pytest.param(GOOD.replace("    prompt: a cat\n", '    prompt: "a cat\n'), 11, "",  # not the file's end, as PyYAML says
+                 "invalid YAML: a quoted value opened here is never closed", id="quote-never-closed"),
     pytest.param(GOOD.replace("  width: 512\n", "  widht: 512\n"), 5, "generate.widht",
                  "unknown key (did you mean width?)", id="unknown-key"),
     pytest.param(GOOD.replace("  width: 512\n", "  zzzz: 512\n"), 5, "generate.zzzz", "unknown key", id="unknown-key-far"),

@@ -479,7 +479,8 @@ def resolve_spec_path(spec: str | Path, *, confined: bool = False) -> Path:
                                     "`imagegen backfill --local` or `imagegen run` read it where it is")
         path = path if path.is_absolute() else PIPELINES_DIR.parent / path
         if not path.is_file():
-            raise SpecRefused(text, "no such spec")
+            raise SpecRefused(text, f"no such spec on this worker's machine{_did_you_mean(path)}; give a name "
+                                    f"in pipelines/ or a spec file under {confine.SPEC_ROOTS} there")
         return path
     if path.is_file():
         return path
@@ -518,6 +519,24 @@ def _did_you_mean(path: Path) -> str:
     if len(path.parts) == 1 and shipped:  # a bare name: say where names are looked for
         return f"; a name is looked for in {PIPELINES_DIR}/, which has: {', '.join(shipped)}"
     return ""
+
+
+def yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[Position, str]:
+    """Where a YAML error is and what it says. A file that ends inside something never closed
+    (a quote) is told where that was opened: PyYAML's own mark is the end of the file."""
+    problem_mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    problem, context = getattr(exc, "problem", None) or str(exc), getattr(exc, "context", None)
+    if problem_mark is not None and context_mark is not None and context and \
+            problem_mark.index >= len(text.rstrip()):
+        opened = context.removeprefix("while scanning ").removeprefix("while parsing ").replace("scalar", "value")
+        return (Position(context_mark.line + 1, context_mark.column + 1),
+                f"invalid YAML: {opened} opened here is never closed ({problem})")
+    mark = problem_mark or context_mark
+    if mark is None:
+        return Position(1, 1), f"invalid YAML: {problem}"
+    where = (f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+             if context and context_mark is not None and context_mark is not mark else "")
+    return Position(mark.line + 1, mark.column + 1), f"invalid YAML: {problem}{where}"
 
 
 def read_spec_text(path: Path) -> str:
@@ -589,10 +608,8 @@ def parse_spec(text: str, *, name: str = "<spec>", base_dir: Path | None = None,
         raise SpecError([SpecIssue(name, exc.position.line, exc.position.column, location_name(exc.path),
                                    exc.message, snippet(text, exc.position))]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        pos = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([SpecIssue(name, pos.line, pos.column, "", f"invalid YAML: {problem}", snippet(text, pos))]) from None
+        pos, said = yaml_problem(exc, text)
+        raise SpecError([SpecIssue(name, pos.line, pos.column, "", said, snippet(text, pos))]) from None
     if not isinstance(data, dict):
         pos = Position(1, 1)
         raise SpecError([SpecIssue(name, 1, 1, "", "a spec must be a YAML mapping", snippet(text, pos))])
