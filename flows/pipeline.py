@@ -45,7 +45,7 @@ from flows.running.report import (Charge, PipelineIncomplete, archived_hashes, a
 from flows.imaging.images import MissingDependency, _realesrgan
 from flows.imaging.review import REVIEW_EXTRA, require, ask_a_person, load_moderation, field_name, form_intro, mark_duplicates, review_markdown, stage
 from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, input_digest, location_name, load_spec,
-                        read_spec_text, resolve_spec_path)
+                              read_spec_text, resolve_spec_path, shown)
 from flows.paying.claim import run_claim
 from flows.paying.journal import ANSWER_PATIENCE
 from flows.paying.owner import NameTaken, own_name
@@ -147,7 +147,7 @@ def preflight(plans: Sequence[ItemPlan], spec_file: Path) -> list[str]:
                 continue
             overridden.add(loc)
             pos = closest_position(loc, located.positions)
-            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, location_name(loc),
+            issues.append(SpecIssue(shown(spec_file), pos.line, pos.column, location_name(loc),
                                     f"{plan.provider} takes {option!r} from {field}, which the spec checks; "
                                     "options may not override it", snippet(located.text, pos)))
         if overridden:
@@ -155,7 +155,7 @@ def preflight(plans: Sequence[ItemPlan], spec_file: Path) -> list[str]:
         for note in provider.notes(plan.request):
             pos = closest_position(_option_location(note, plan.provider, located.positions, index)
                                    or ("items", index), located.positions)
-            notes.append(f"{spec_file}:{pos.line}:{pos.column}: items[{index}] ({plan.item_id}): {plan.provider}: {note}")
+            notes.append(f"{shown(spec_file)}:{pos.line}:{pos.column}: items[{index}] ({plan.item_id}): {plan.provider}: {note}")
         try:
             provider.validate(plan.request)
             if plan.provider_refines:
@@ -204,7 +204,7 @@ def _refusal(spec_file: Path, located: _Located, loc: tuple[Any, ...], provider:
     (index, item_id), more = items[0], len(items) - 1
     who = f"items[{index}] ({item_id})" if not more else (
         f"{len(items)} items ({', '.join(i for _, i in items[:3])}{', ...' if more > 2 else ''})")
-    return SpecIssue(str(spec_file), pos.line, pos.column, who, f"{provider} would refuse it: {message}",
+    return SpecIssue(shown(spec_file), pos.line, pos.column, who, f"{provider} would refuse it: {message}",
                      snippet(located.text, pos))
 
 
@@ -242,7 +242,7 @@ def _missing_dependencies(plans: Sequence[ItemPlan], spec_file: Path, located: _
             check()
         except MissingDependency as exc:
             pos = closest_position(path, located.positions, value=True)
-            issues.append(SpecIssue(str(spec_file), pos.line, pos.column, ".".join(path), str(exc),
+            issues.append(SpecIssue(shown(spec_file), pos.line, pos.column, ".".join(path), str(exc),
                                     snippet(located.text, pos)))
     return issues
 
@@ -663,7 +663,7 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
     spec_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     work_dir = tempfile.mkdtemp(prefix=f"imagegen-{parsed.name}-")
     try:
-        plans = plan_items(parsed, spec_sha256, run_date, work_dir, str(path))
+        plans = plan_items(parsed, spec_sha256, run_date, work_dir, shown(path))
         selected = _selected(plans, overrides.items if overrides else None)
         for note in preflight(plans, path):
             logger.warning("note: %s", note)
@@ -810,7 +810,7 @@ def _publish_what_is_known(parsed: PipelineSpec, path: Path, spec_sha256: str, r
         refused = isinstance(error, BudgetExceeded)  # before any paid call: what archived is earlier runs'
         earlier = frozenset(plan.item_id for plan, (archived, _) in zip(plans, outcomes, strict=True)
                             if archived) if refused else frozenset()
-        manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans, outcomes, started,
+        manifest = build_manifest(parsed, shown(path), spec_sha256, run_date, plans, outcomes, started,
                                   reused=earlier, charges=_Charges())
         if (spend := for_run(str(flow_run.id))) is not None:  # it paid: what it may have been charged
             with_spend(manifest, spend.summary())
@@ -877,7 +877,7 @@ def _run(parsed: PipelineSpec, path: Path, spec_sha256: str, run_date: date, pla
     charges = _Charges()
     outcomes = _outcomes(plans, reused, skipped, (settled, done))
     del chains, settled, done  # each ended item is read once, as its manifest entry is made
-    manifest = build_manifest(parsed, str(path), spec_sha256, run_date, plans,  # only what the bucket holds
+    manifest = build_manifest(parsed, shown(path), spec_sha256, run_date, plans,  # only what the bucket holds
                               _confirmed(parsed, outcomes, charges), started, frozenset(reused), charges=charges)
     manifest["estimated_credits"] = estimated
     with_spend(manifest, spend.summary())  # per provider: cap, charged, reserved (maybe charged)

@@ -214,7 +214,9 @@ def test_a_refused_deployment_run_says_why_in_one_line_without_a_traceback(deplo
                     "spec": spec, "overrides": {"max_credits": {"bogus": 5}}}),
                 client.create_flow_run_from_deployment(client.read_deployment_by_name("backfill/backfill").id,
                                                        parameters={"spec": spec, "start": "2026-03-10",
-                                                                   "end": "2026-03-01"})]
+                                                                   "end": "2026-03-01"}),
+                client.create_flow_run_from_deployment(run_pipeline, parameters={  # the clone's path, gone when read
+                    "spec": CLONE_ONLY_SPEC, "overrides": {"spec": {"run": {"max_parallel": 0}}}})]
         finals = [wait_final(client, run.id) for run in runs]
         for run in runs:
             _exited(client, run.id)
@@ -224,6 +226,8 @@ def test_a_refused_deployment_run_says_why_in_one_line_without_a_traceback(deplo
     assert "typo.yaml:7:" in messages[0] and "run.max_paralel: unknown key (did you mean max_parallel?)" in messages[0]
     assert "overrides.max_credits: Value error, 'bogus' is no provider: it should be" in messages[1], messages
     assert "constrained-float" not in messages[1] and "BackfillRefused: the end 2026-03-01 is before" in messages[2]
+    assert messages[3].startswith(f"SpecError: pipelines/{CLONE_ONLY_SPEC}.yaml, in this run's overrides: "
+                                  "run.max_parallel: "), messages
     assert any("max_paralel" in line for line in logs), logs
     assert any(line.startswith("ParameterTypeError: ") and "'bogus' is no provider" in line for line in logs), logs
     assert not [line for line in logs if "Traceback" in line or "Engine execution exited" in line], logs

@@ -230,7 +230,8 @@ def test_a_mistake_in_a_run_s_overrides_is_told_as_the_overrides(overrides: dict
     """It was told at demo.yaml:1:1, a line that has no such thing."""
     with pytest.raises(SpecError) as refused:
         load_spec(ROOT / "pipelines" / "demo.yaml", overrides)
-    assert str(refused.value) == f"{ROOT / 'pipelines' / 'demo.yaml'}, in this run's overrides: {said}"
+    shown = "pipelines/demo.yaml" if Path.cwd().resolve() == ROOT.resolve() else ROOT / "pipelines" / "demo.yaml"
+    assert str(refused.value) == f"{shown}, in this run's overrides: {said}"
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "catalogue-demo.yaml"])

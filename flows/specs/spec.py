@@ -560,12 +560,25 @@ def read_spec_text(path: Path) -> str:
                                    f"{exc.start}; save the file as UTF-8", "")]) from None
 
 
+def shown(path: Path | str) -> str:
+    """How messages name a spec file: a file of `pipelines/` as `pipelines/...` where the process
+    runs in that checkout (a deployment's run, whose checkout is a temporary clone gone by the
+    time a person reads the message; `imagegen run demo` from the project's folder), else as given."""
+    try:
+        checkout, resolved = PIPELINES_DIR.parent, Path(path).resolve()
+        if Path.cwd().resolve() == checkout and resolved.is_relative_to(PIPELINES_DIR):
+            return str(resolved.relative_to(checkout))
+    except OSError:  # no working directory (removed under the process)
+        pass
+    return str(path)
+
+
 def load_spec(spec: str | Path, overrides: dict[str, Any] | None = None, *, confined: bool = False) -> PipelineSpec:
     """Read and validate a spec file, with `overrides` merged over it; raise `SpecError`
     naming file, line and field."""
     path = resolve_spec_path(spec, confined=confined)
     text = read_spec_text(path)
-    return packed(parse_spec(text, name=str(path), base_dir=path.resolve().parent, overrides=overrides))
+    return packed(parse_spec(text, name=shown(path), base_dir=path.resolve().parent, overrides=overrides))
 
 
 PACK_FROM = 1000  # items; below, what a parse leaves is small beside the full collection `packed` makes
