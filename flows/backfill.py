@@ -22,6 +22,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.states import Failed
 
@@ -437,6 +438,11 @@ def backfill_name() -> str:
     return f"{pipeline_name('backfill')}-backfill-{params.get('start')}-to-{params.get('end')}"
 
 
+TERMINATED = ("told to stop (SIGTERM or a cancel): no date starts from now; a date running in this process starts no "
+              "more paid calls and collects the jobs already paid for, then the backfill ends. Run the same backfill "
+              "again to finish: complete dates are skipped, and nothing is paid twice")
+
+
 @flow(name="backfill", log_prints=True, flow_run_name=backfill_name)
 def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
              max_credits: float | dict[str, float] | None = None,
@@ -458,6 +464,10 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
     """
     try:
         return _backfill(spec, start, end, max_parallel, max_credits, deployment)
+    except TerminationSignal:  # SIGTERM (`kill`, a service manager), or cancelled from the UI
+        paidcalls.request_stop("the backfill was told to stop (SIGTERM or a cancel)")
+        get_run_logger().warning(TERMINATED)
+        raise
     except (BackfillFailed, BackfillRefused, SpecError, BlockMissing) as exc:
         get_run_logger().error("%s: %s", type(exc).__name__, exc)
         return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=oneline.told(exc))  # type: ignore[return-value]

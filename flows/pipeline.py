@@ -684,6 +684,8 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
                 manifest = _run(parsed, path, spec_sha256, run_date, plans, dry_run=False, selected=selected)
             except (Exception, TerminationSignal) as exc:  # an error, or cancelled from the UI
                 paidcalls.end_run(flow_run.id, f"the run stopped on {type(exc).__name__}")  # tasks still running
+                if isinstance(exc, TerminationSignal):
+                    logger.warning(TERMINATED)
                 _let_sent_be_recorded(exc)
                 if isinstance(exc, Exception):
                     _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
@@ -697,6 +699,8 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
     return manifest
 
 
+TERMINATED = ("told to stop (SIGTERM or a cancel): no paid call starts from now. Every paid call is in the ledger: "
+              "a run of this date again collects what was paid without paying again, and runs the rest")
 MANY_ITEMS = 1000  # a run of this many items says what it reads before its first paid call
 STOPPING_PATIENCE = ANSWER_PATIENCE + 120.0  # a provider's answer on its way, then its record written
 

@@ -197,6 +197,38 @@ def test_a_second_ctrl_c_in_a_backfill_marks_its_dates_runs_crashed_too(emulator
     assert runs and {run.state.name for run in runs} == {"Crashed"}, [(r.name, r.state.name) for r in runs]
 
 
+@pytest.mark.slow  # an `imagegen backfill` process
+def test_sigterm_stops_a_local_backfill_between_paid_calls_and_the_rerun_pays_for_the_rest(emulators, tmp_path) -> None:  # noqa: F811
+    """SIGTERM (`kill`, a service manager) reached the backfill's own thread only: the date in
+    flight, a run in a thread of its own, went on paying for every item it had left, and
+    nothing was said until the process ended."""
+    name, day, n = "sigterm-backfill", date(2026, 8, 15), 4
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+    configure(emulators, "tencent", latency=1.5)
+    term = Terminal(["backfill", str(path), "--start", day.isoformat(), "--end", day.isoformat(), "--local"],
+                    {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"})
+    try:
+        term.until("accepted request", 120)
+        os.kill(term.pid, signal.SIGTERM)
+        term.read(120)
+    finally:
+        configure(emulators, "tencent", latency=0.6)
+        term.kill()
+    text = term.text
+    assert term.status is not None and term.status != 0, text[-3000:]
+    assert "told to stop (SIGTERM or a cancel): no date starts from now" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    states = ledger_states(path, day)
+    done = sorted(item for item, state in states.items() if state == "archived")
+    assert set(states.values()) <= {"archived", "refused"} and 1 <= len(done) < n, states  # nothing left sending
+    assert charges(emulators, "tencent", name) == {f"item {item[1:]} of {name}": 1 for item in done}
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "backfill", str(path), "--start", day.isoformat(),
+                            "--end", day.isoformat(), "--local"], env=cli_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert charges(emulators, "tencent", name) == once_each(name, n)
+
+
 GUARDED = """
 import signal, sys, time
 from flows import tempserver
