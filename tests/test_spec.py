@@ -275,3 +275,17 @@ def test_a_large_spec_keeps_little_of_its_parse(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(spec)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.strip()) <= 12  # 1 MiB arenas: 5 here, 25 without packing
+
+
+def test_a_spec_named_as_messages_name_it_is_found_from_any_folder(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages name a spec of pipelines/ as `pipelines/NAME.yaml` (a deployment's run, whose
+    checkout is gone when read): the command they suggest works outside the project's folder too,
+    and in it names the spec the same way."""
+    from flows.specs.spec import PIPELINES_DIR, resolve_spec_path, shown
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_spec_path("pipelines/demo.yaml") == PIPELINES_DIR / "demo.yaml"
+    assert shown(PIPELINES_DIR / "demo.yaml") == str(PIPELINES_DIR / "demo.yaml")  # elsewhere: the whole path
+    monkeypatch.chdir(PIPELINES_DIR.parent)
+    assert shown(PIPELINES_DIR / "demo.yaml") == "pipelines/demo.yaml"

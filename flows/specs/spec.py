@@ -484,7 +484,10 @@ def resolve_spec_path(spec: str | Path, *, confined: bool = False) -> Path:
         return path
     if path.is_file():
         return path
-    for candidate in (PIPELINES_DIR / f"{spec}.yaml", PIPELINES_DIR / f"{spec}.yml", PIPELINES_DIR / str(spec)):
+    named = not path.is_absolute() and path.parts[:1] == (PIPELINES_DIR.name,)
+    checkout = [PIPELINES_DIR.parent / path] if named else []
+    for candidate in (PIPELINES_DIR / f"{spec}.yaml", PIPELINES_DIR / f"{spec}.yml", PIPELINES_DIR / str(spec),
+                      *checkout):  # `pipelines/NAME.yaml` as messages name it (`shown`), from any folder
         if candidate.is_file():
             return candidate
     return path
@@ -521,22 +524,25 @@ def _did_you_mean(path: Path) -> str:
     return ""
 
 
+OPENERS = {"while scanning a quoted scalar": "a quoted value", "while parsing a flow mapping": "the {",
+           "while parsing a flow sequence": "the ["}
+"""PyYAML's contexts that name something opened and not closed, as a person names it."""
+
+
 def yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[Position, str]:
-    """Where a YAML error is and what it says. A file that ends inside something never closed
-    (a quote) is told where that was opened: PyYAML's own mark is the end of the file."""
+    """Where a YAML error is and what it says. A quote never closed is told where it opened
+    (PyYAML's own mark is the end of the file); a `{` or `[` not closed where expected, where
+    that was found, naming where it opened."""
     problem_mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
-    problem, context = getattr(exc, "problem", None) or str(exc), getattr(exc, "context", None)
-    if problem_mark is not None and context_mark is not None and context and \
-            problem_mark.index >= len(text.rstrip()):
-        opened = context.removeprefix("while scanning ").removeprefix("while parsing ").replace("scalar", "value")
+    problem, opened = getattr(exc, "problem", None) or str(exc), OPENERS.get(getattr(exc, "context", None) or "")
+    if opened and context_mark is not None and (problem_mark is None or problem_mark.index >= len(text.rstrip())):
         return (Position(context_mark.line + 1, context_mark.column + 1),
                 f"invalid YAML: {opened} opened here is never closed ({problem})")
     mark = problem_mark or context_mark
-    if mark is None:
-        return Position(1, 1), f"invalid YAML: {problem}"
-    where = (f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-             if context and context_mark is not None and context_mark is not mark else "")
-    return Position(mark.line + 1, mark.column + 1), f"invalid YAML: {problem}{where}"
+    pos = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
+    if opened and context_mark is not None:
+        problem += f" (in {opened} opened at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return pos, f"invalid YAML: {problem}"
 
 
 def read_spec_text(path: Path) -> str:
