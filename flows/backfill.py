@@ -29,9 +29,9 @@ from prefect.states import Failed
 from blocks.errors import BlockMissing
 from flows.models import ItemPlan
 from flows.storage import archive_bucket, read_json
-from flows.paying import paidcalls
+from flows.paying import detach, paidcalls
 from flows.paying.spent import Earlier, earlier_spend
-from flows.pipeline import estimate_plans, pipeline_name, plan_items, reusable, run_pipeline
+from flows.pipeline import STOPPING_PATIENCE, estimate_plans, pipeline_name, plan_items, reusable, run_pipeline
 from flows.running import oneline
 from flows.running.tasks import ledger_of
 from flows.running.progress import RunProgress, credits_text, each_in_its_unit, final_state
@@ -466,7 +466,12 @@ def backfill(spec: str, start: date, end: date, max_parallel: int = 2,
         return _backfill(spec, start, end, max_parallel, max_credits, deployment)
     except TerminationSignal:  # SIGTERM (`kill`, a service manager), or cancelled from the UI
         paidcalls.request_stop("the backfill was told to stop (SIGTERM or a cancel)")
-        get_run_logger().warning(TERMINATED)
+        logger = get_run_logger()
+        logger.warning(TERMINATED)
+        with detach.sigterm_held(STOPPING_PATIENCE):  # the dates' calls on the wire: answered, recorded
+            if left := paidcalls.wait_all_recorded(STOPPING_PATIENCE):
+                logger.error("%d paid call(s) still unrecorded after %.0f s: the next run of their date finds them "
+                             "`sending` and leaves them for a person (`imagegen ledger show`)", left, STOPPING_PATIENCE)
         raise
     except (BackfillFailed, BackfillRefused, SpecError, BlockMissing) as exc:
         get_run_logger().error("%s: %s", type(exc).__name__, exc)

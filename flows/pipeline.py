@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from datetime import date, datetime, timezone
@@ -49,7 +50,7 @@ from flows.specs.spec import (PipelineSpec, RunOverrides, SpecError, SpecIssue, 
 from flows.paying.claim import run_claim
 from flows.paying.journal import ANSWER_PATIENCE
 from flows.paying.owner import NameTaken, own_name
-from flows.paying import faults, paidcalls
+from flows.paying import detach, faults, paidcalls
 from flows.paying.paidcalls import PaidCallRefused
 from flows.running import oneline
 from flows.running.progress import RunProgress, count_when_done, credits_text, future_result
@@ -686,7 +687,8 @@ def _run_pipeline(spec: str, run_date: date | None, overrides: RunOverrides | di
                 paidcalls.end_run(flow_run.id, f"the run stopped on {type(exc).__name__}")  # tasks still running
                 if isinstance(exc, TerminationSignal):
                     logger.warning(TERMINATED)
-                _let_sent_be_recorded(exc)
+                with detach.sigterm_held(STOPPING_PATIENCE) if isinstance(exc, TerminationSignal) else nullcontext():
+                    _let_sent_be_recorded(exc)
                 if isinstance(exc, Exception):
                     _publish_what_is_known(parsed, path, spec_sha256, run_date, plans, started, exc)
                 raise

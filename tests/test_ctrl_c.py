@@ -33,8 +33,8 @@ import pytest
 
 from tests.test_fail_closed import run_logs_named, wait_for
 from tests.test_limits_and_faults import cli_env
-from tests.test_pay_once import (charges, configure, emulators, ledger_states, once_each,  # noqa: F401 - a fixture
-                                 spec_text, write_spec)
+from tests.test_pay_once import (charges, configure, emulators, inject, ledger_states, once_each,  # noqa: F401
+                                 spec_text, url, write_spec)
 
 ROOT = Path(__file__).parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -222,6 +222,35 @@ def test_sigterm_stops_a_local_backfill_between_paid_calls_and_the_rerun_pays_fo
     done = sorted(item for item, state in states.items() if state == "archived")
     assert set(states.values()) <= {"archived", "refused"} and 1 <= len(done) < n, states  # nothing left sending
     assert charges(emulators, "tencent", name) == {f"item {item[1:]} of {name}": 1 for item in done}
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "backfill", str(path), "--start", day.isoformat(),
+                            "--end", day.isoformat(), "--local"], env=cli_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert charges(emulators, "tencent", name) == once_each(name, n)
+
+
+@pytest.mark.slow  # an `imagegen backfill` process
+def test_a_second_sigterm_while_a_paid_call_is_on_the_wire_waits_for_its_answer(emulators, tmp_path) -> None:  # noqa: F811
+    """A second SIGTERM while a date's submit was on the wire ended the process at once: the
+    provider charged it and its record stayed `sending`, for a person to settle."""
+    name, day, n = "sigterm-twice", date(2026, 8, 16), 3
+    path = write_spec(tmp_path, spec_text("tencent", name, n, ", max_parallel: 1"), name)
+    inject(emulators, "tencent", kind="slow", action="SubmitTextToImageJob", delay=4, count=n)
+    term = Terminal(["backfill", str(path), "--start", day.isoformat(), "--end", day.isoformat(), "--local"],
+                    {**cli_env(), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm", "COLUMNS": "200"})
+    try:
+        wait_for("a submit on the wire", lambda: "sending" in ledger_states(path, day).values(), 120)
+        os.kill(term.pid, signal.SIGTERM)
+        term.until("told to stop (SIGTERM or a cancel)", 30)
+        os.kill(term.pid, signal.SIGTERM)
+        term.read(120)
+    finally:
+        term.kill()
+        httpx.delete(f"{url(emulators, 'tencent')}/_sandbox/faults")
+    text = term.text
+    assert "SIGTERM again: still waiting" in text and "Traceback" not in text, text[-3000:]
+    states = ledger_states(path, day)
+    assert "sending" not in states.values() and states.get("i0") in ("submitted", "archived"), states
     rerun = subprocess.run([sys.executable, "-m", "flows.cli", "backfill", str(path), "--start", day.isoformat(),
                             "--end", day.isoformat(), "--local"], env=cli_env(), cwd=ROOT, capture_output=True,
                            text=True, timeout=300)

@@ -200,6 +200,26 @@ def _interrupt(signum: int, frame: Any) -> None:
     os._exit(INTERRUPTED)
 
 
+TERM_AGAIN = ("\nSIGTERM again: still waiting, at most {patience:.0f} s, for the answers of paid calls already sent "
+              "to be recorded; SIGKILL leaves at once, leaving them for a person to settle (`imagegen ledger show`)\n")
+
+
+@contextlib.contextmanager
+def sigterm_held(patience: float) -> Iterator[None]:
+    """For the block, in the main thread (elsewhere nothing changes), a SIGTERM is told, not
+    acted on: a run told to stop waits there for the answers of its paid calls already sent,
+    which a second SIGTERM left `sending` (Prefect's handler ends the process). SIGKILL still
+    ends it at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _say(TERM_AGAIN.format(patience=patience)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def interrupted() -> bool:
     """True once a Ctrl-C stopped this process's run (`stop_on_interrupt`)."""
     return bool(_interrupted)

@@ -226,6 +226,15 @@ def wait_recorded(run_id: Any, patience: float, tell: Any = None) -> int:
         return left
 
 
+def wait_all_recorded(patience: float, tell: Any = None) -> int:
+    """`wait_recorded` for every flow run of this process (a backfill's dates), `patience`
+    seconds in all; how many paid calls are left between `sending` and the next record."""
+    deadline = time.monotonic() + patience
+    with _in_flight_changed:
+        runs = list(_in_flight)
+    return sum(wait_recorded(run, max(0.0, deadline - time.monotonic()), tell) for run in runs)
+
+
 def end() -> None:
     """The paid call was answered (or never sent): its requests are no longer checked."""
     _local.armed = None
